@@ -1,0 +1,351 @@
+//! `kms.v1.KeyManagement`, the admin plane.
+
+use kms_proto::v1 as pb;
+use kms_proto::v1::key_management_server::KeyManagement;
+use tonic::{Code, Request, Response, Status};
+
+use super::{Shared, key_ref, optional_key_ref, status};
+use crate::audit::{AuditEvent, Outcome};
+use crate::domain::ids::{AliasName, KeyId, KeyRef};
+use crate::domain::lifecycle::{
+    DEFAULT_PENDING_DAYS, KeyState, KeyTransition, MAX_PENDING_DAYS, MIN_PENDING_DAYS, VersionState, VersionTransition,
+};
+use crate::error::Error;
+use crate::service::{Caller, KeyView, Kms, VersionView};
+
+/// The admin plane's gRPC service.
+#[derive(Debug, Clone)]
+pub struct AdminService(pub Shared);
+
+/// The longest key description (the AWS KMS limit is 8,192 characters; 1,024 is plenty for a
+/// human-readable note and keeps listings small).
+const MAX_DESCRIPTION: usize = 1024;
+/// Automatic rotation: at least daily, at most every 100 years (Google Cloud KMS accepts one day
+/// and up; AWS KMS 90 to 2,560 days).
+const MIN_ROTATION_SECS: u64 = 86_400;
+const MAX_ROTATION_SECS: u64 = 100 * 365 * 86_400;
+/// ListKeys page sizes (the AWS KMS `Limit` range is 1 to 1,000, default 100).
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 1000;
+
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        _ => "INTERNAL",
+    }
+}
+
+impl Shared {
+    /// `respond` for admin calls, auditing every refusal and failure on its own (successful
+    /// changes are audited in their own transaction by the service).
+    async fn respond_audited<T: Send + 'static>(
+        &self,
+        operation: &'static str,
+        f: impl FnOnce(&Kms, &Caller) -> Result<T, Error> + Send + 'static,
+    ) -> Result<Response<T>, Status> {
+        match self.run(operation, f).await {
+            Ok((v, _)) => Ok(Response::new(v)),
+            Err((e, caller)) => {
+                let st = status(&e, &caller.request_id);
+                let outcome = match st.code() {
+                    Code::Unavailable | Code::Internal | Code::DeadlineExceeded => Outcome::Failed,
+                    _ => Outcome::Denied,
+                };
+                let event = AuditEvent {
+                    request_id: caller.request_id.clone(),
+                    principal: caller.principal.clone(),
+                    operation,
+                    key_id: None,
+                    key_version: None,
+                    context: None,
+                    outcome,
+                    status: code_name(st.code()),
+                    detail: st.message().to_string(),
+                };
+                let kms = self.kms.clone();
+                match tokio::task::spawn_blocking(move || kms.record(&event)).await {
+                    Ok(Ok(())) => Err(st),
+                    // Fail closed: a refusal that cannot be audited is answered as unavailable.
+                    _ => Err(Status::unavailable(format!(
+                        "the audit trail could not be written; retry later (request id {})",
+                        caller.request_id
+                    ))),
+                }
+            }
+        }
+    }
+}
+
+fn key_state(s: KeyState) -> pb::KeyState {
+    match s {
+        KeyState::Enabled => pb::KeyState::Enabled,
+        KeyState::Disabled => pb::KeyState::Disabled,
+        KeyState::Compromised => pb::KeyState::Compromised,
+        KeyState::PendingDestruction => pb::KeyState::PendingDestruction,
+        KeyState::Destroyed => pb::KeyState::Destroyed,
+    }
+}
+
+fn version_state(s: VersionState) -> pb::KeyVersionState {
+    match s {
+        VersionState::Enabled => pb::KeyVersionState::VersionEnabled,
+        VersionState::Disabled => pb::KeyVersionState::VersionDisabled,
+        VersionState::PendingDestruction => pb::KeyVersionState::VersionPendingDestruction,
+        VersionState::Destroyed => pb::KeyVersionState::VersionDestroyed,
+    }
+}
+
+fn metadata(v: &KeyView) -> pb::KeyMetadata {
+    let r = &v.record;
+    pb::KeyMetadata {
+        key_id: r.key_id.to_string(),
+        description: r.description.clone(),
+        state: key_state(r.state).into(),
+        key_spec: "AES_256".into(),
+        primary_version: r.primary_version,
+        creation_time: r.created_at,
+        rotation_period_seconds: r.rotation_period_secs,
+        next_rotation_time: r.next_rotation_at.unwrap_or(0),
+        destruction_time: r.destruction_at.unwrap_or(0),
+        aliases: v.aliases.iter().map(ToString::to_string).collect(),
+        material_missing: v.material_missing,
+    }
+}
+
+fn version(v: &VersionView) -> pb::KeyVersion {
+    pb::KeyVersion {
+        version: v.record.version,
+        state: version_state(v.record.state).into(),
+        primary: v.primary,
+        creation_time: v.record.created_at,
+        encryptions: v.encryptions,
+        rotation_threshold: v.limits.rotation_threshold,
+        encryption_limit: v.limits.encryption_limit,
+        destruction_time: v.record.destruction_at.unwrap_or(0),
+        material_missing: v.material_missing,
+    }
+}
+
+fn pending_days(days: u32) -> Result<u32, Error> {
+    match days {
+        0 => Ok(DEFAULT_PENDING_DAYS),
+        MIN_PENDING_DAYS..=MAX_PENDING_DAYS => Ok(days),
+        _ => Err(Error::invalid(
+            "pending_window_days",
+            format!("is {days}; it must be {MIN_PENDING_DAYS} to {MAX_PENDING_DAYS} (or 0 for {DEFAULT_PENDING_DAYS})"),
+        )),
+    }
+}
+
+fn version_number(n: u32) -> Result<u32, Error> {
+    if n == 0 { Err(Error::invalid("key_version", "is required (versions start at 1)")) } else { Ok(n) }
+}
+
+fn key_view_response(v: KeyView) -> pb::KeyMetadataResponse {
+    pb::KeyMetadataResponse { key: Some(metadata(&v)) }
+}
+
+fn version_response(v: KeyView, n: u32) -> Result<pb::KeyVersionResponse, Error> {
+    let ver = v.version(n).ok_or_else(|| Error::NotFound { what: format!("version {n}") })?;
+    Ok(pb::KeyVersionResponse { key_id: v.record.key_id.to_string(), version: Some(version(ver)) })
+}
+
+impl AdminService {
+    async fn key_transition(&self, operation: &'static str, key_id: String, t: KeyTransition, days: u32) -> Result<Response<pb::KeyMetadataResponse>, Status> {
+        self.0
+            .respond_audited(operation, move |kms, caller| {
+                let key = key_ref("key_id", &key_id)?;
+                let days = if t == KeyTransition::ScheduleDestruction { pending_days(days)? } else { 0 };
+                kms.transition_key(caller, &key, t, days).map(key_view_response)
+            })
+            .await
+    }
+
+    async fn version_transition(&self, operation: &'static str, key_id: String, n: u32, t: VersionTransition, days: u32) -> Result<Response<pb::KeyVersionResponse>, Status> {
+        self.0
+            .respond_audited(operation, move |kms, caller| {
+                let key = key_ref("key_id", &key_id)?;
+                let n = version_number(n)?;
+                let days = if t == VersionTransition::ScheduleDestruction { pending_days(days)? } else { 0 };
+                version_response(kms.transition_version(caller, &key, n, t, days)?, n)
+            })
+            .await
+    }
+}
+
+#[tonic::async_trait]
+impl KeyManagement for AdminService {
+    async fn create_key(&self, request: Request<pb::CreateKeyRequest>) -> Result<Response<pb::CreateKeyResponse>, Status> {
+        let r = request.into_inner();
+        self.0
+            .respond_audited("CreateKey", move |kms, caller| {
+                if r.description.chars().count() > MAX_DESCRIPTION {
+                    return Err(Error::invalid("description", format!("is longer than {MAX_DESCRIPTION} characters")));
+                }
+                let alias = if r.alias.is_empty() {
+                    None
+                } else {
+                    Some(AliasName::parse(&r.alias).map_err(|e| Error::invalid("alias", e))?)
+                };
+                let period = r.rotation_period_seconds;
+                if period != 0 && !(MIN_ROTATION_SECS..=MAX_ROTATION_SECS).contains(&period) {
+                    return Err(Error::invalid(
+                        "rotation_period_seconds",
+                        format!("is {period}; it must be 0 (none) or {MIN_ROTATION_SECS} to {MAX_ROTATION_SECS}"),
+                    ));
+                }
+                let view = kms.create_key(caller, r.description, alias, period)?;
+                Ok(pb::CreateKeyResponse { key: Some(metadata(&view)) })
+            })
+            .await
+    }
+
+    async fn describe_key(&self, request: Request<pb::DescribeKeyRequest>) -> Result<Response<pb::DescribeKeyResponse>, Status> {
+        let r = request.into_inner();
+        self.0
+            .respond_audited("DescribeKey", move |kms, _| {
+                let view = kms.describe_key(&key_ref("key_id", &r.key_id)?)?;
+                Ok(pb::DescribeKeyResponse { key: Some(metadata(&view)), versions: view.versions.iter().map(version).collect() })
+            })
+            .await
+    }
+
+    async fn list_keys(&self, request: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let r = request.into_inner();
+        self.0
+            .respond_audited("ListKeys", move |kms, _| {
+                let size = match r.page_size {
+                    0 => DEFAULT_PAGE,
+                    n if n <= MAX_PAGE => n,
+                    n => return Err(Error::invalid("page_size", format!("is {n}; at most {MAX_PAGE}"))),
+                };
+                let after = if r.page_token.is_empty() {
+                    None
+                } else {
+                    Some(r.page_token.parse::<KeyId>().map_err(|_| Error::invalid("page_token", "is not a token from ListKeys"))?)
+                };
+                let (views, next) = kms.list_keys(after, size as usize);
+                Ok(pb::ListKeysResponse {
+                    keys: views.iter().map(metadata).collect(),
+                    next_page_token: next.map(|k| k.to_string()).unwrap_or_default(),
+                })
+            })
+            .await
+    }
+
+    async fn list_key_versions(&self, request: Request<pb::ListKeyVersionsRequest>) -> Result<Response<pb::ListKeyVersionsResponse>, Status> {
+        let r = request.into_inner();
+        self.0
+            .respond_audited("ListKeyVersions", move |kms, _| {
+                let view = kms.describe_key(&key_ref("key_id", &r.key_id)?)?;
+                Ok(pb::ListKeyVersionsResponse {
+                    key_id: view.record.key_id.to_string(),
+                    versions: view.versions.iter().map(version).collect(),
+                })
+            })
+            .await
+    }
+
+    async fn rotate_key(&self, request: Request<pb::RotateKeyRequest>) -> Result<Response<pb::RotateKeyResponse>, Status> {
+        let r = request.into_inner();
+        self.0
+            .respond_audited("RotateKey", move |kms, caller| {
+                let view = kms.rotate_key(caller, &key_ref("key_id", &r.key_id)?)?;
+                let primary = view.version(view.record.primary_version).map(version);
+                Ok(pb::RotateKeyResponse { key: Some(metadata(&view)), version: primary })
+            })
+            .await
+    }
+
+    async fn enable_key(&self, request: Request<pb::EnableKeyRequest>) -> Result<Response<pb::KeyMetadataResponse>, Status> {
+        self.key_transition("EnableKey", request.into_inner().key_id, KeyTransition::Enable, 0).await
+    }
+
+    async fn disable_key(&self, request: Request<pb::DisableKeyRequest>) -> Result<Response<pb::KeyMetadataResponse>, Status> {
+        self.key_transition("DisableKey", request.into_inner().key_id, KeyTransition::Disable, 0).await
+    }
+
+    async fn mark_key_compromised(&self, request: Request<pb::MarkKeyCompromisedRequest>) -> Result<Response<pb::KeyMetadataResponse>, Status> {
+        self.key_transition("MarkKeyCompromised", request.into_inner().key_id, KeyTransition::Compromise, 0).await
+    }
+
+    async fn schedule_key_destruction(&self, request: Request<pb::ScheduleKeyDestructionRequest>) -> Result<Response<pb::KeyMetadataResponse>, Status> {
+        let r = request.into_inner();
+        self.key_transition("ScheduleKeyDestruction", r.key_id, KeyTransition::ScheduleDestruction, r.pending_window_days).await
+    }
+
+    async fn cancel_key_destruction(&self, request: Request<pb::CancelKeyDestructionRequest>) -> Result<Response<pb::KeyMetadataResponse>, Status> {
+        self.key_transition("CancelKeyDestruction", request.into_inner().key_id, KeyTransition::CancelDestruction, 0).await
+    }
+
+    async fn enable_key_version(&self, request: Request<pb::KeyVersionRequest>) -> Result<Response<pb::KeyVersionResponse>, Status> {
+        let r = request.into_inner();
+        self.version_transition("EnableKeyVersion", r.key_id, r.key_version, VersionTransition::Enable, 0).await
+    }
+
+    async fn disable_key_version(&self, request: Request<pb::KeyVersionRequest>) -> Result<Response<pb::KeyVersionResponse>, Status> {
+        let r = request.into_inner();
+        self.version_transition("DisableKeyVersion", r.key_id, r.key_version, VersionTransition::Disable, 0).await
+    }
+
+    async fn schedule_key_version_destruction(&self, request: Request<pb::ScheduleKeyVersionDestructionRequest>) -> Result<Response<pb::KeyVersionResponse>, Status> {
+        let r = request.into_inner();
+        self.version_transition("ScheduleKeyVersionDestruction", r.key_id, r.key_version, VersionTransition::ScheduleDestruction, r.pending_window_days).await
+    }
+
+    async fn cancel_key_version_destruction(&self, request: Request<pb::KeyVersionRequest>) -> Result<Response<pb::KeyVersionResponse>, Status> {
+        let r = request.into_inner();
+        self.version_transition("CancelKeyVersionDestruction", r.key_id, r.key_version, VersionTransition::CancelDestruction, 0).await
+    }
+
+    async fn create_alias(&self, request: Request<pb::CreateAliasRequest>) -> Result<Response<pb::CreateAliasResponse>, Status> {
+        let r = request.into_inner();
+        self.0
+            .respond_audited("CreateAlias", move |kms, caller| {
+                let alias = AliasName::parse(&r.alias).map_err(|e| Error::invalid("alias", e))?;
+                let key_id = match key_ref("key_id", &r.key_id)? {
+                    KeyRef::Id(id) => id,
+                    KeyRef::Alias(_) => return Err(Error::invalid("key_id", "must be a key id, not an alias")),
+                };
+                let rec = kms.create_alias(caller, alias, key_id)?;
+                Ok(pb::CreateAliasResponse { alias: rec.alias.to_string(), key_id: rec.key_id.to_string() })
+            })
+            .await
+    }
+
+    async fn delete_alias(&self, request: Request<pb::DeleteAliasRequest>) -> Result<Response<pb::DeleteAliasResponse>, Status> {
+        let r = request.into_inner();
+        self.0
+            .respond_audited("DeleteAlias", move |kms, caller| {
+                let alias = AliasName::parse(&r.alias).map_err(|e| Error::invalid("alias", e))?;
+                kms.delete_alias(caller, &alias)?;
+                Ok(pb::DeleteAliasResponse {})
+            })
+            .await
+    }
+
+    async fn list_aliases(&self, request: Request<pb::ListAliasesRequest>) -> Result<Response<pb::ListAliasesResponse>, Status> {
+        let r = request.into_inner();
+        self.0
+            .respond_audited("ListAliases", move |kms, _| {
+                let key = optional_key_ref("key_id", &r.key_id)?;
+                let aliases = kms.list_aliases(key.as_ref())?;
+                Ok(pb::ListAliasesResponse {
+                    aliases: aliases
+                        .into_iter()
+                        .map(|a| pb::Alias { alias: a.alias.to_string(), key_id: a.key_id.to_string(), creation_time: a.created_at })
+                        .collect(),
+                })
+            })
+            .await
+    }
+}

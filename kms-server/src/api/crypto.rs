@@ -1,0 +1,175 @@
+//! `kms.v1.Crypto`, the data plane.
+
+use kms_proto::v1 as pb;
+use kms_proto::v1::crypto_server::Crypto;
+use tonic::{Request, Response, Status};
+
+use super::{Shared, context, key_ref, optional_key_ref};
+use crate::domain::blob::MAX_BLOB;
+use crate::error::Error;
+
+/// The data plane's gRPC service.
+#[derive(Debug, Clone)]
+pub struct CryptoService(pub Shared);
+
+/// Data key sizes: 16 (AES-128) or 32 (AES-256) bytes, as AWS KMS's `KeySpec` offers.
+fn data_key_len(spec: i32, number_of_bytes: u32) -> Result<usize, Error> {
+    let spec = pb::DataKeySpec::try_from(spec).map_err(|_| Error::invalid("key_spec", "is not a known DataKeySpec"))?;
+    match (spec, number_of_bytes) {
+        (pb::DataKeySpec::Unspecified, 0) => Err(Error::invalid("key_spec", "or number_of_bytes is required")),
+        (pb::DataKeySpec::Unspecified, 16 | 32) => Ok(number_of_bytes as usize),
+        (pb::DataKeySpec::Unspecified, n) => Err(Error::invalid("number_of_bytes", format!("is {n}; it must be 16 or 32"))),
+        (_, n) if n != 0 => Err(Error::invalid("number_of_bytes", "must not be set together with key_spec")),
+        (pb::DataKeySpec::Aes256, _) => Ok(32),
+        (pb::DataKeySpec::Aes128, _) => Ok(16),
+    }
+}
+
+fn blob_field(field: &'static str, blob: &[u8]) -> Result<(), Error> {
+    if blob.is_empty() {
+        return Err(Error::invalid(field, "is required"));
+    }
+    if blob.len() > MAX_BLOB {
+        return Err(Error::invalid(field, format!("is {} bytes; at most {MAX_BLOB} are allowed", blob.len())));
+    }
+    Ok(())
+}
+
+/// The most random bytes one GenerateRandom call returns (the AWS KMS limit).
+const MAX_RANDOM: u32 = 1024;
+
+#[tonic::async_trait]
+impl Crypto for CryptoService {
+    async fn generate_data_key(
+        &self,
+        request: Request<pb::GenerateDataKeyRequest>,
+    ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
+        let r = request.into_inner();
+        self.0
+            .respond("GenerateDataKey", move |kms, _| {
+                let key = key_ref("key_id", &r.key_id)?;
+                let len = data_key_len(r.key_spec, r.number_of_bytes)?;
+                let ctx = context("encryption_context", r.encryption_context)?;
+                let (enc, data_key) = kms.generate_data_key(&key, len, &ctx)?;
+                Ok(pb::GenerateDataKeyResponse {
+                    key_id: enc.key_id.to_string(),
+                    key_version: enc.key_version,
+                    plaintext: data_key.into_exposed_vec(),
+                    ciphertext_blob: enc.blob,
+                })
+            })
+            .await
+    }
+
+    async fn generate_data_key_without_plaintext(
+        &self,
+        request: Request<pb::GenerateDataKeyWithoutPlaintextRequest>,
+    ) -> Result<Response<pb::GenerateDataKeyWithoutPlaintextResponse>, Status> {
+        let r = request.into_inner();
+        self.0
+            .respond("GenerateDataKeyWithoutPlaintext", move |kms, _| {
+                let key = key_ref("key_id", &r.key_id)?;
+                let len = data_key_len(r.key_spec, r.number_of_bytes)?;
+                let ctx = context("encryption_context", r.encryption_context)?;
+                let (enc, _data_key) = kms.generate_data_key(&key, len, &ctx)?;
+                Ok(pb::GenerateDataKeyWithoutPlaintextResponse {
+                    key_id: enc.key_id.to_string(),
+                    key_version: enc.key_version,
+                    ciphertext_blob: enc.blob,
+                })
+            })
+            .await
+    }
+
+    async fn encrypt(&self, request: Request<pb::EncryptRequest>) -> Result<Response<pb::EncryptResponse>, Status> {
+        let mut r = request.into_inner();
+        let plaintext = crate::secret::SecretBytes::new(std::mem::take(&mut r.plaintext));
+        self.0
+            .respond("Encrypt", move |kms, _| {
+                let key = key_ref("key_id", &r.key_id)?;
+                let ctx = context("encryption_context", std::mem::take(&mut r.encryption_context))?;
+                let enc = kms.encrypt(&key, plaintext.expose_secret(), &ctx)?;
+                Ok(pb::EncryptResponse { key_id: enc.key_id.to_string(), key_version: enc.key_version, ciphertext_blob: enc.blob })
+            })
+            .await
+    }
+
+    async fn decrypt(&self, request: Request<pb::DecryptRequest>) -> Result<Response<pb::DecryptResponse>, Status> {
+        let r = request.into_inner();
+        self.0
+            .respond("Decrypt", move |kms, _| {
+                blob_field("ciphertext_blob", &r.ciphertext_blob)?;
+                let expected = optional_key_ref("key_id", &r.key_id)?;
+                let ctx = context("encryption_context", r.encryption_context)?;
+                let dec = kms.decrypt(&r.ciphertext_blob, &ctx, expected.as_ref())?;
+                Ok(pb::DecryptResponse {
+                    key_id: dec.key_id.to_string(),
+                    key_version: dec.key_version,
+                    plaintext: dec.plaintext.into_exposed_vec(),
+                })
+            })
+            .await
+    }
+
+    async fn re_encrypt(&self, request: Request<pb::ReEncryptRequest>) -> Result<Response<pb::ReEncryptResponse>, Status> {
+        let r = request.into_inner();
+        self.0
+            .respond("ReEncrypt", move |kms, _| {
+                blob_field("ciphertext_blob", &r.ciphertext_blob)?;
+                let source = optional_key_ref("source_key_id", &r.source_key_id)?;
+                let destination = key_ref("destination_key_id", &r.destination_key_id)?;
+                let source_ctx = context("source_encryption_context", r.source_encryption_context)?;
+                let dest_ctx = context("destination_encryption_context", r.destination_encryption_context)?;
+                let (dec, enc) = kms.re_encrypt(&r.ciphertext_blob, &source_ctx, source.as_ref(), &destination, &dest_ctx)?;
+                Ok(pb::ReEncryptResponse {
+                    source_key_id: dec.key_id.to_string(),
+                    source_key_version: dec.key_version,
+                    key_id: enc.key_id.to_string(),
+                    key_version: enc.key_version,
+                    ciphertext_blob: enc.blob,
+                })
+            })
+            .await
+    }
+
+    async fn generate_random(
+        &self,
+        request: Request<pb::GenerateRandomRequest>,
+    ) -> Result<Response<pb::GenerateRandomResponse>, Status> {
+        let n = request.into_inner().number_of_bytes;
+        self.0
+            .respond("GenerateRandom", move |kms, _| {
+                if n == 0 || n > MAX_RANDOM {
+                    return Err(Error::invalid("number_of_bytes", format!("is {n}; it must be 1 to {MAX_RANDOM}")));
+                }
+                Ok(pb::GenerateRandomResponse { plaintext: kms.generate_random(n as usize)?.into_exposed_vec() })
+            })
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_key_lengths() {
+        let cases: &[(i32, u32, Result<usize, &str>)] = &[
+            (1, 0, Ok(32)),
+            (2, 0, Ok(16)),
+            (0, 16, Ok(16)),
+            (0, 32, Ok(32)),
+            (0, 0, Err("key_spec")),
+            (0, 24, Err("number_of_bytes")),
+            (1, 32, Err("number_of_bytes")),
+            (9, 0, Err("key_spec")),
+        ];
+        for (spec, n, want) in cases {
+            let got = data_key_len(*spec, *n).map_err(|e| match e {
+                Error::InvalidArgument { field, .. } => field,
+                _ => "other",
+            });
+            assert_eq!(got, *want, "spec {spec} n {n}");
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! Typed configuration. The service refuses to start on anything missing or unsafe, and says
+//! which setting is at fault.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::domain::budget::{
+    DEFAULT_ENCRYPTION_LIMIT, DEFAULT_RESERVATION_BLOCK, DEFAULT_ROTATION_THRESHOLD, UsageLimits,
+};
+use crate::secret::Pin;
+
+/// The whole configuration file (`kms-server run --config kms.toml`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Holds the SQLite database (`kms.db`).
+    pub data_dir: PathBuf,
+    pub hsm: HsmConfig,
+    pub listen: ListenConfig,
+    #[serde(default)]
+    pub keys: KeysConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HsmConfig {
+    /// The PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so.
+    pub module: PathBuf,
+    /// The label of the token holding the keys.
+    pub token_label: String,
+    /// A file holding the user PIN (mode 0600 or stricter). Exactly one of pin_file and pin_env.
+    pub pin_file: Option<PathBuf>,
+    /// The name of an environment variable holding the user PIN.
+    pub pin_env: Option<String>,
+    /// Worker sessions in the pool. SoftHSM2's throughput does not grow past the core count
+    /// (SOFTHSM-NOTES.md); a network HSM may want more.
+    #[serde(default = "default_sessions")]
+    pub sessions: usize,
+}
+
+fn default_sessions() -> usize {
+    4
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    /// The data plane (kms.v1.Crypto).
+    pub data: SocketAddr,
+    /// The admin plane (kms.v1.KeyManagement).
+    pub admin: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysConfig {
+    /// Primary-version encryptions that trigger an automatic rotation (default 2^30).
+    pub rotation_threshold: u64,
+    /// Encryptions after which a version refuses to encrypt (default and maximum 0.9 * 2^32,
+    /// NIST SP 800-38D section 8.3).
+    pub encryption_limit: u64,
+    /// Encryptions reserved per database write (default 4,096).
+    pub usage_reservation_block: u64,
+    /// How often due destructions and rotations are carried out (default 60 s).
+    pub sweep_interval_seconds: u64,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        KeysConfig {
+            rotation_threshold: DEFAULT_ROTATION_THRESHOLD,
+            encryption_limit: DEFAULT_ENCRYPTION_LIMIT,
+            usage_reservation_block: DEFAULT_RESERVATION_BLOCK,
+            sweep_interval_seconds: 60,
+        }
+    }
+}
+
+impl KeysConfig {
+    pub fn limits(&self) -> UsageLimits {
+        UsageLimits {
+            rotation_threshold: self.rotation_threshold,
+            encryption_limit: self.encryption_limit,
+            reservation_block: self.usage_reservation_block,
+        }
+    }
+}
+
+/// A configuration the service refuses, naming the setting.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub setting: &'static str,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.setting, self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn refuse(setting: &'static str, reason: impl fmt::Display) -> ConfigError {
+    ConfigError { setting, reason: reason.to_string() }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| refuse("config", format!("{}: {e}", path.display())))?;
+        let config: Config = toml::from_str(&text).map_err(|e| refuse("config", format!("{}: {e}", path.display())))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Every check that does not need the HSM.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.hsm.module.is_file() {
+            return Err(refuse("hsm.module", format!("{} is not a file", self.hsm.module.display())));
+        }
+        if self.hsm.token_label.is_empty() {
+            return Err(refuse("hsm.token_label", "is empty"));
+        }
+        if self.hsm.pin_file.is_some() == self.hsm.pin_env.is_some() {
+            return Err(refuse("hsm.pin_file", "exactly one of hsm.pin_file and hsm.pin_env must be set"));
+        }
+        if let Some(path) = &self.hsm.pin_file {
+            let meta = std::fs::metadata(path).map_err(|e| refuse("hsm.pin_file", format!("{}: {e}", path.display())))?;
+            if meta.permissions().mode() & 0o077 != 0 {
+                return Err(refuse("hsm.pin_file", format!("{} is readable or writable by others; chmod 600 it", path.display())));
+            }
+        }
+        if self.hsm.sessions == 0 || self.hsm.sessions > 256 {
+            return Err(refuse("hsm.sessions", "must be 1 to 256"));
+        }
+        if self.listen.data == self.listen.admin {
+            return Err(refuse("listen.admin", "the data and admin planes need separate listeners"));
+        }
+        // Until TLS lands, the planes are plaintext, so they may only listen on loopback.
+        for (setting, addr) in [("listen.data", self.listen.data), ("listen.admin", self.listen.admin)] {
+            if !addr.ip().is_loopback() {
+                return Err(refuse(setting, format!("{addr} is not a loopback address, and this build serves without TLS")));
+            }
+        }
+        self.keys.limits().validate().map_err(|e| refuse("keys", e))?;
+        if self.keys.sweep_interval_seconds == 0 {
+            return Err(refuse("keys.sweep_interval_seconds", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// Reads the PIN from its file or environment variable.
+    pub fn pin(&self) -> Result<Pin, ConfigError> {
+        let pin = match (&self.hsm.pin_file, &self.hsm.pin_env) {
+            (Some(path), _) => Pin::new(
+                std::fs::read_to_string(path).map_err(|e| refuse("hsm.pin_file", format!("{}: {e}", path.display())))?,
+            ),
+            (None, Some(var)) => Pin::new(
+                std::env::var(var).map_err(|_| refuse("hsm.pin_env", format!("environment variable {var} is not set")))?,
+            ),
+            (None, None) => return Err(refuse("hsm.pin_file", "no PIN source configured")),
+        };
+        if pin.is_empty() {
+            return Err(refuse("hsm.pin_file", "the PIN is empty"));
+        }
+        Ok(pin)
+    }
+}

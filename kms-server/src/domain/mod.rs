@@ -1,0 +1,8 @@
+//! The domain: no I/O. Key ids and aliases, the encryption context, the wrapped-blob format, the
+//! key state machine and the AES-GCM usage budget.
+
+pub mod blob;
+pub mod budget;
+pub mod context;
+pub mod ids;
+pub mod lifecycle;

@@ -1,0 +1,74 @@
+//! The service's one error enum. `api::status` is the only place it becomes a gRPC status.
+
+use std::fmt;
+
+use crate::domain::ids::KeyId;
+use crate::hsm::HsmError;
+use crate::store::StoreError;
+
+#[derive(Debug)]
+pub enum Error {
+    /// A malformed request; `field` is the request field at fault.
+    InvalidArgument { field: &'static str, reason: String },
+    /// The named key or alias does not exist.
+    NotFound { what: String },
+    /// An alias that is already taken.
+    AlreadyExists { what: String },
+    /// The key or version does not allow the operation in its current state.
+    FailedPrecondition { reason: String },
+    /// A blob could not be decrypted. Deliberately without detail: every cause (bad tag, wrong
+    /// context, unknown key or version, destroyed version, truncation, bad header) is this one
+    /// variant, so the caller cannot learn which.
+    DecryptFailed,
+    /// The version reached its AES-GCM usage limit (NIST SP 800-38D) and no rotation was possible.
+    UsageExhausted { key_id: KeyId, version: u32 },
+    Hsm(HsmError),
+    Store(StoreError),
+}
+
+impl Error {
+    pub fn invalid(field: &'static str, reason: impl fmt::Display) -> Error {
+        Error::InvalidArgument { field, reason: reason.to_string() }
+    }
+
+    pub fn precondition(reason: impl fmt::Display) -> Error {
+        Error::FailedPrecondition { reason: reason.to_string() }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidArgument { field, reason } => write!(f, "{field} {reason}"),
+            Error::NotFound { what } => write!(f, "{what} not found"),
+            Error::AlreadyExists { what } => write!(f, "{what} already exists"),
+            Error::FailedPrecondition { reason } => f.write_str(reason),
+            Error::DecryptFailed => f.write_str("the ciphertext blob could not be decrypted"),
+            Error::UsageExhausted { key_id, version } => write!(
+                f,
+                "version {version} of key {key_id} reached its encryption limit and the key could not be rotated"
+            ),
+            Error::Hsm(e) => e.fmt(f),
+            Error::Store(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<HsmError> for Error {
+    fn from(e: HsmError) -> Self {
+        match e {
+            HsmError::DecryptFailed => Error::DecryptFailed,
+            other => Error::Hsm(other),
+        }
+    }
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        Error::Store(e)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,90 @@
+//! The HSM, seen through a narrow trait in domain words.
+//!
+//! One implementation, [`pkcs11::Pkcs11Hsm`], talks to any PKCS#11 module (SoftHSM2 in
+//! development and tests). The trait is synchronous: callers run it on tokio's blocking pool,
+//! never on an async worker thread. Fault injection for tests happens *below* this trait, in a
+//! PKCS#11 module that wraps the real one (`hsm-sim`), so that the code under test is the code
+//! that runs in production.
+
+pub mod pkcs11;
+pub mod templates;
+
+use std::fmt;
+
+use cryptoki::error::RvError;
+
+use crate::domain::blob::Iv;
+use crate::secret::SecretBytes;
+pub use templates::ObjectName;
+
+/// A handle to a key object, resolved once (at startup or creation) and cached: the hot path
+/// never searches the token (`C_FindObjects` is linear in the number of objects).
+pub type KeyHandle = cryptoki::object::ObjectHandle;
+
+/// What went wrong in the HSM, in the terms the service acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HsmError {
+    /// The device, the token or the session failed or went away: the operation did not happen
+    /// and may be retried later.
+    Unavailable { function: &'static str, code: RvError },
+    /// A ciphertext failed its authentication check. SoftHSM2 reports a forged tag as
+    /// `CKR_GENERAL_ERROR`, like a device fault (SOFTHSM-NOTES.md); the caller sees one uniform
+    /// error either way.
+    DecryptFailed,
+    /// The HSM refused the request (a template or mechanism it does not support): a
+    /// configuration or programming error, not a transient fault.
+    Refused { function: &'static str, code: RvError },
+    /// The module could not be loaded, the token was not found, or the login failed.
+    Setup { reason: String },
+}
+
+impl fmt::Display for HsmError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HsmError::Unavailable { function, code } => {
+                write!(f, "HSM unavailable: {function} returned {code:?}")
+            }
+            HsmError::DecryptFailed => f.write_str("ciphertext authentication failed"),
+            HsmError::Refused { function, code } => {
+                write!(f, "HSM refused the request: {function} returned {code:?}")
+            }
+            HsmError::Setup { reason } => write!(f, "HSM setup failed: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for HsmError {}
+
+/// Facts about the token, for status reports.
+#[derive(Debug, Clone)]
+pub struct TokenInfo {
+    pub label: String,
+    pub manufacturer: String,
+    pub model: String,
+    pub serial_number: String,
+}
+
+/// The operations the service needs from an HSM.
+pub trait Hsm: Send + Sync {
+    /// Creates the token object of a new key version (template in `templates::key_version`).
+    fn generate_key(&self, name: &ObjectName) -> Result<KeyHandle, HsmError>;
+
+    /// Every key object on the token that this service created (startup reconciliation only).
+    fn find_keys(&self) -> Result<Vec<(ObjectName, KeyHandle)>, HsmError>;
+
+    /// AES-GCM encryption inside the HSM; returns the ciphertext followed by the 16-byte tag.
+    fn encrypt(&self, key: KeyHandle, iv: &Iv, aad: &[u8], plaintext: &[u8])
+    -> Result<Vec<u8>, HsmError>;
+
+    /// AES-GCM decryption inside the HSM of a ciphertext followed by its tag.
+    fn decrypt(&self, key: KeyHandle, iv: &Iv, aad: &[u8], ciphertext: &[u8])
+    -> Result<SecretBytes, HsmError>;
+
+    /// Fills `out` from the HSM's random generator.
+    fn random(&self, out: &mut [u8]) -> Result<(), HsmError>;
+
+    /// Destroys a key object (`C_DestroyObject`).
+    fn destroy(&self, key: KeyHandle) -> Result<(), HsmError>;
+
+    fn token_info(&self) -> Result<TokenInfo, HsmError>;
+}

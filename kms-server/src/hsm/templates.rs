@@ -1,0 +1,102 @@
+//! Every PKCS#11 attribute template the service uses, in one place (STYLE.md habit 4).
+//!
+//! A customer key version is an AES-256 token object that:
+//! * is private and sensitive: its value can never be read (`CKA_PRIVATE`, `CKA_SENSITIVE`);
+//! * encrypts and decrypts with AES-GCM only (`CKA_ALLOWED_MECHANISMS`), and can neither wrap,
+//!   unwrap, sign, verify nor derive — so no object can both wrap and decrypt, or unwrap and
+//!   encrypt;
+//! * can leave the HSM only wrapped under a key the security officer marked trusted
+//!   (`CKA_EXTRACTABLE` with `CKA_WRAP_WITH_TRUSTED`), for backups. SoftHSM2 and the standard
+//!   refuse any other wrapping (`CKR_KEY_NOT_WRAPPABLE`). `CKA_EXTRACTABLE` can only ever go from
+//!   true to false, so a key made non-extractable could never be backed up: the template is
+//!   decided with backups in mind from the first key (SOFTHSM-NOTES.md);
+//! * cannot be modified (`CKA_MODIFIABLE=false`), so none of the above can be switched off.
+//!
+//! Objects are named `kms:<key id>:<version>` (`CKA_LABEL`) with `CKA_ID` = the key id's 16 bytes
+//! and the version as a big-endian u32, so that startup reconciliation can map every object back
+//! to its row without a database lookup.
+
+use cryptoki::mechanism::MechanismType;
+use cryptoki::object::{Attribute, KeyType, ObjectClass};
+
+use crate::domain::ids::KeyId;
+
+/// The prefix of every object label this service creates. Objects without it (a backup key, the
+/// audit HMAC key, other applications' keys) are never touched by reconciliation.
+pub const LABEL_PREFIX: &str = "kms:";
+
+/// The HSM object of one key version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectName {
+    pub key_id: KeyId,
+    pub version: u32,
+}
+
+impl ObjectName {
+    pub fn label(&self) -> String {
+        format!("{LABEL_PREFIX}{}:{}", self.key_id, self.version)
+    }
+
+    pub fn id(&self) -> [u8; 20] {
+        let mut id = [0u8; 20];
+        id[..16].copy_from_slice(self.key_id.as_bytes());
+        id[16..].copy_from_slice(&self.version.to_be_bytes());
+        id
+    }
+
+    /// Reads a label back; `None` for objects that are not ours.
+    pub fn from_label(label: &str) -> Option<ObjectName> {
+        let rest = label.strip_prefix(LABEL_PREFIX)?;
+        let (id, version) = rest.split_once(':')?;
+        Some(ObjectName { key_id: id.parse().ok()?, version: version.parse().ok()? })
+    }
+}
+
+/// AES-256: 32 bytes.
+const AES_256_LEN: u64 = 32;
+
+/// The template of a new key version (`C_GenerateKey` with `CKM_AES_KEY_GEN`).
+pub fn key_version(name: &ObjectName) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(AES_256_LEN.into()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(true),
+        Attribute::WrapWithTrusted(true),
+        Attribute::Modifiable(false),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+        Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM]),
+        Attribute::Label(name.label().into_bytes()),
+        Attribute::Id(name.id().to_vec()),
+    ]
+}
+
+/// The template that finds every AES secret key on the token (at startup only: `C_FindObjects`
+/// is linear in the number of objects and touches the disk for each, SOFTHSM-NOTES.md).
+pub fn all_aes_keys() -> Vec<Attribute> {
+    vec![Attribute::Class(ObjectClass::SECRET_KEY), Attribute::KeyType(KeyType::AES)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_round_trip_and_foreign_labels_are_ignored() {
+        let name = ObjectName { key_id: KeyId::from_bytes([1; 16]), version: 12 };
+        assert_eq!(ObjectName::from_label(&name.label()), Some(name));
+        for foreign in ["backup-key", "kms:", "kms:abc:1", "kms:01010101-0101-0101-0101-010101010101:x"] {
+            assert_eq!(ObjectName::from_label(foreign), None, "{foreign}");
+        }
+        assert_eq!(&name.id()[16..], &[0, 0, 0, 12]);
+    }
+}

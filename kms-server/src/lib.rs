@@ -1,0 +1,25 @@
+//! The client-held key management service.
+//!
+//! A gRPC service in front of the customer's HSM (PKCS#11): customer keys are born, used and
+//! destroyed inside the HSM; cloud workloads get data keys wrapped under them (envelope
+//! encryption) over the data plane, and security officers manage the keys' lifecycle over the
+//! admin plane. See ARCHITECTURE.md for the map and the invariants.
+//!
+//! * [`domain`]: no I/O — ids, the encryption context, the blob format, the state machine, the
+//!   AES-GCM usage budget.
+//! * [`hsm`]: the narrow HSM trait and its PKCS#11 implementation; all attribute templates.
+//! * [`store`]: SQLite, every SQL statement.
+//! * [`audit`]: audit records and their hash chain.
+//! * [`service`]: the operations, startup recovery and background work.
+//! * [`api`]: the gRPC boundary.
+
+pub mod api;
+pub mod audit;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod hsm;
+pub mod secret;
+pub mod server;
+pub mod service;
+pub mod store;

@@ -1,0 +1,89 @@
+//! `kms-server`: thin — parse the command line, set up logging, run.
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use kms_server::config::{Config, HsmConfig, KeysConfig, ListenConfig};
+
+#[derive(Parser)]
+#[command(name = "kms-server", version, about = "Client-held key management service")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Development mode: provisions a SoftHSM2 token and a database under DIR and serves on
+    /// loopback.
+    Dev {
+        #[arg(long, default_value = ".kms-dev")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        data_listen: std::net::SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:7401")]
+        admin_listen: std::net::SocketAddr,
+        /// Seconds between destruction and rotation sweeps.
+        #[arg(long, default_value_t = 60)]
+        sweep_interval: u64,
+    },
+    /// Serves with a configuration file (real HSM module, token, PIN source, listeners).
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Validates a configuration file without starting.
+    CheckConfig { config: PathBuf },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KMS_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let (config, hint) = match cli.command {
+        Command::Run { config } => (Config::load(&config)?, false),
+        Command::CheckConfig { config } => {
+            Config::load(&config)?;
+            println!("{}: ok", config.display());
+            return Ok(());
+        }
+        Command::Dev { data_dir, data_listen, admin_listen, sweep_interval } => {
+            std::fs::create_dir_all(&data_dir)?;
+            let data_dir = data_dir.canonicalize()?;
+            let token = hsm_sim::Token::open_or_provision(&data_dir.join("softhsm"), "kms-dev")?;
+            // SoftHSM2 reads SOFTHSM2_CONF when the module initialises; setting it in a running
+            // (multi-threaded) process is unsound, so re-execute with it set instead.
+            if std::env::var_os(hsm_sim::SOFTHSM2_CONF).as_deref() != Some(token.conf.as_os_str()) {
+                let err = std::process::Command::new(std::env::current_exe()?)
+                    .args(std::env::args_os().skip(1))
+                    .env(hsm_sim::SOFTHSM2_CONF, &token.conf)
+                    .exec();
+                return Err(err.into());
+            }
+            let config = Config {
+                data_dir: data_dir.clone(),
+                hsm: HsmConfig {
+                    module: token.module.clone(),
+                    token_label: token.label.clone(),
+                    pin_file: Some(token.pin_file.clone()),
+                    pin_env: None,
+                    sessions: 4,
+                },
+                listen: ListenConfig { data: data_listen, admin: admin_listen },
+                keys: KeysConfig { sweep_interval_seconds: sweep_interval, ..KeysConfig::default() },
+            };
+            config.validate()?;
+            println!("development mode: token, PIN and database under {}", data_dir.display());
+            (config, true)
+        }
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(kms_server::server::serve(config, hint))
+}

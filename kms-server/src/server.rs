@@ -1,0 +1,117 @@
+//! Wiring: open the HSM and the store, recover, and serve both planes until a signal.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kms_proto::v1::crypto_server::CryptoServer;
+use kms_proto::v1::key_management_server::KeyManagementServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::api::admin::AdminService;
+use crate::api::crypto::CryptoService;
+use crate::api::{MAX_MESSAGE_BYTES, RequestIds, Shared};
+use crate::config::Config;
+use crate::hsm::pkcs11::Pkcs11Hsm;
+use crate::service::{Kms, Settings};
+use crate::store::Store;
+
+/// Opens everything and serves until SIGINT or SIGTERM. Prints one line per plane with its
+/// address (tests and scripts read them) before serving.
+pub async fn serve(config: Config, hint_kmsctl: bool) -> anyhow::Result<()> {
+    let pin = config.pin()?;
+    let hsm_config = config.hsm.clone();
+    let hsm = tokio::task::spawn_blocking(move || {
+        Pkcs11Hsm::open(&hsm_config.module, &hsm_config.token_label, &pin, hsm_config.sessions)
+    })
+    .await??;
+    std::fs::create_dir_all(&config.data_dir)?;
+    let db = config.data_dir.join("kms.db");
+    let settings = Settings { limits: config.keys.limits() };
+    let kms = tokio::task::spawn_blocking(move || -> anyhow::Result<Kms> {
+        let store = Arc::new(Store::open(&db)?);
+        Ok(Kms::open(Arc::new(hsm), store, settings)?)
+    })
+    .await??;
+    let kms = Arc::new(kms);
+    let shared = Shared { kms: kms.clone(), ids: Arc::new(RequestIds::default()) };
+
+    let data = TcpListener::bind(config.listen.data).await?;
+    let admin = TcpListener::bind(config.listen.admin).await?;
+    let (data_addr, admin_addr) = (data.local_addr()?, admin.local_addr()?);
+    println!("data plane (kms.v1.Crypto) listening on {data_addr}");
+    println!("admin plane (kms.v1.KeyManagement) listening on {admin_addr}");
+    if hint_kmsctl {
+        println!("try: kmsctl --endpoint http://{admin_addr} key create --alias demo");
+    }
+
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let sweeper = tokio::spawn(sweep_loop(kms.clone(), Duration::from_secs(config.keys.sweep_interval_seconds), shutdown_rx.clone()));
+
+    let crypto = CryptoServer::new(CryptoService(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let keymgmt = KeyManagementServer::new(AdminService(shared)).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let data_server = plane(data, data_addr, shutdown_rx.clone(), |router| router.add_service(crypto), "kms.v1.Crypto");
+    let admin_server = plane(admin, admin_addr, shutdown_rx, |router| router.add_service(keymgmt), "kms.v1.KeyManagement");
+
+    let signals = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        let _ = shutdown_tx.send(true);
+        Ok::<(), std::io::Error>(())
+    };
+    let (d, a, s) = tokio::join!(data_server, admin_server, signals);
+    d?;
+    a?;
+    s?;
+    sweeper.abort();
+    Ok(())
+}
+
+async fn plane(
+    listener: TcpListener,
+    addr: SocketAddr,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    add: impl FnOnce(&mut Server) -> tonic::transport::server::Router,
+    service_name: &'static str,
+) -> anyhow::Result<()> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_service_status(service_name, tonic_health::ServingStatus::Serving).await;
+    health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kms_proto::v1::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let mut server = Server::builder()
+        .timeout(Duration::from_secs(30))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)));
+    let router = add(&mut server).add_service(health).add_service(reflection);
+    tracing::info!(%addr, service_name, "serving");
+    router
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .await?;
+    Ok(())
+}
+
+async fn sweep_loop(kms: Arc<Kms>, every: Duration, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        let kms = kms.clone();
+        match tokio::task::spawn_blocking(move || kms.sweep()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(actions = n, "sweep done"),
+            Ok(Err(e)) => tracing::error!(error = %e, "sweep failed; will retry"),
+            Err(e) => tracing::error!(error = %e, "sweep task failed"),
+        }
+    }
+}

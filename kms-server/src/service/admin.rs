@@ -1,0 +1,507 @@
+//! The key lifecycle: create, rotate, state transitions, version transitions, aliases,
+//! destruction and periodic rotation. Every change follows one of two patterns:
+//!
+//! * state only (enable, disable, ...): under the registry's write lock, commit the new row and
+//!   its audit record in one transaction, then swap the registry entry;
+//! * touching the HSM (create, rotate, destroy): write an *intent*, do the HSM call, then commit
+//!   the new rows, the audit record and the intent's removal in one transaction. Startup
+//!   recovery finishes or undoes whatever an interrupted operation left (`recovery.rs`).
+
+use std::sync::MutexGuard;
+
+use super::registry::KeyEntry;
+use super::{Caller, Kms, now};
+use crate::audit::{AuditEvent, Outcome};
+use crate::domain::budget::UsageLimits;
+use crate::domain::ids::{AliasName, KeyId, KeyRef};
+use crate::domain::lifecycle::{
+    KeyState, KeyTransition, VersionState, VersionTransition, next_key_state, next_version_state,
+};
+use crate::error::{Error, Result};
+use crate::hsm::{KeyHandle, ObjectName};
+use crate::store::{AliasRecord, IntentKind, KeyRecord, VersionRecord};
+
+const DAY: i64 = 86_400;
+
+/// A key as the admin plane shows it.
+#[derive(Debug, Clone)]
+pub struct KeyView {
+    pub record: KeyRecord,
+    pub aliases: Vec<AliasName>,
+    pub material_missing: bool,
+    pub versions: Vec<VersionView>,
+}
+
+/// A version as the admin plane shows it.
+#[derive(Debug, Clone)]
+pub struct VersionView {
+    pub record: VersionRecord,
+    pub primary: bool,
+    /// Encryptions counted (reserved, so at least the number performed).
+    pub encryptions: u64,
+    pub limits: UsageLimits,
+    pub material_missing: bool,
+}
+
+impl KeyView {
+    fn of(entry: &KeyEntry, limits: UsageLimits) -> KeyView {
+        KeyView {
+            record: entry.record.clone(),
+            aliases: entry.aliases.clone(),
+            material_missing: entry.material_missing(),
+            versions: entry
+                .versions
+                .values()
+                .map(|v| VersionView {
+                    record: v.record.clone(),
+                    primary: v.record.version == entry.record.primary_version,
+                    encryptions: v.usage.reserved(),
+                    limits,
+                    material_missing: v.record.state.has_material() && v.handle.is_none(),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn version(&self, version: u32) -> Option<&VersionView> {
+        self.versions.iter().find(|v| v.record.version == version)
+    }
+}
+
+fn event(caller: &Caller, operation: &'static str, key_id: KeyId, version: Option<u32>, detail: String) -> AuditEvent {
+    AuditEvent {
+        request_id: caller.request_id.clone(),
+        principal: caller.principal.clone(),
+        operation,
+        key_id: Some(key_id),
+        key_version: version,
+        context: None,
+        outcome: Outcome::Allowed,
+        status: "OK",
+        detail,
+    }
+}
+
+fn system() -> Caller {
+    Caller { request_id: String::new(), principal: "system".into() }
+}
+
+impl Kms {
+    fn admin_lock(&self) -> MutexGuard<'_, ()> {
+        self.admin.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn view(&self, entry: &KeyEntry) -> KeyView {
+        KeyView::of(entry, self.settings.limits)
+    }
+
+    /// Records an audit event on its own (refusals and failures; successful changes are audited
+    /// in their own transaction).
+    pub fn record(&self, event: &AuditEvent) -> Result<()> {
+        self.store.write(|tx| tx.append_audit(event, now()))?;
+        Ok(())
+    }
+
+    // ----- reads -----
+
+    pub fn describe_key(&self, key: &KeyRef) -> Result<KeyView> {
+        let entry = self.registry.entry(key)?;
+        Ok(self.view(&entry))
+    }
+
+    /// Keys in id order, `page_size` at a time after `after`.
+    pub fn list_keys(&self, after: Option<KeyId>, page_size: usize) -> (Vec<KeyView>, Option<KeyId>) {
+        let state = self.registry.read();
+        let mut ids: Vec<KeyId> = state.keys.keys().copied().filter(|id| after.is_none_or(|a| *id > a)).collect();
+        ids.sort();
+        let more = ids.len() > page_size;
+        ids.truncate(page_size);
+        let next = if more { ids.last().copied() } else { None };
+        (ids.iter().filter_map(|id| state.keys.get(id)).map(|e| self.view(e)).collect(), next)
+    }
+
+    pub fn list_aliases(&self, key: Option<&KeyRef>) -> Result<Vec<AliasRecord>> {
+        let filter = key.map(|k| self.registry.entry(k).map(|e| e.record.key_id)).transpose()?;
+        let state = self.registry.read();
+        let mut out: Vec<AliasRecord> =
+            state.aliases.values().filter(|a| filter.is_none_or(|k| a.key_id == k)).cloned().collect();
+        out.sort_by(|a, b| a.alias.cmp(&b.alias));
+        Ok(out)
+    }
+
+    // ----- create and rotate -----
+
+    /// Writes the intent and creates the version's HSM object.
+    fn create_version_object(&self, key_id: KeyId, version: u32) -> Result<(i64, KeyHandle)> {
+        let intent = self.store.write(|tx| tx.insert_intent(IntentKind::Create, key_id, version, now()))?;
+        match self.hsm.generate_key(&ObjectName { key_id, version }) {
+            Ok(handle) => Ok((intent, handle)),
+            Err(e) => {
+                if let Err(cleanup) = self.store.write(|tx| tx.delete_intent(intent)) {
+                    tracing::warn!(error = %cleanup, "could not remove a create intent; recovery will");
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Undoes `create_version_object` after a failed commit. If this fails too, the intent
+    /// stays and startup recovery destroys the object.
+    fn abandon_object(&self, intent: i64, handle: KeyHandle) {
+        let undone = self.hsm.destroy(handle).map_err(Error::from).and_then(|()| {
+            self.store.write(|tx| tx.delete_intent(intent)).map_err(Error::from)
+        });
+        if let Err(e) = undone {
+            tracing::error!(error = %e, "could not undo an uncommitted key object; recovery will on restart");
+        }
+    }
+
+    pub fn create_key(
+        &self,
+        caller: &Caller,
+        description: String,
+        alias: Option<AliasName>,
+        rotation_period_secs: u64,
+    ) -> Result<KeyView> {
+        let _admin = self.admin_lock();
+        if let Some(alias) = &alias {
+            if self.registry.read().aliases.contains_key(alias) {
+                return Err(Error::AlreadyExists { what: alias.to_string() });
+            }
+        }
+        let mut id = [0u8; 16];
+        self.hsm.random(&mut id)?;
+        let key_id = KeyId::from_random(id);
+        let (intent, handle) = self.create_version_object(key_id, 1)?;
+        let created_at = now();
+        let record = KeyRecord {
+            key_id,
+            description,
+            state: KeyState::Enabled,
+            compromised: false,
+            created_at,
+            rotation_period_secs,
+            next_rotation_at: (rotation_period_secs > 0).then(|| created_at + rotation_period_secs as i64),
+            destruction_at: None,
+            primary_version: 1,
+        };
+        let version = VersionRecord {
+            key_id,
+            version: 1,
+            state: VersionState::Enabled,
+            created_at,
+            reserved: 0,
+            destruction_at: None,
+        };
+        let alias_record = alias.map(|alias| AliasRecord { alias, key_id, created_at });
+        let mut state = self.registry.write();
+        let committed = self.store.write(|tx| {
+            tx.insert_key(&record)?;
+            tx.insert_version(&version)?;
+            if let Some(a) = &alias_record {
+                tx.insert_alias(a)?;
+            }
+            tx.delete_intent(intent)?;
+            tx.append_audit(&event(caller, "CreateKey", key_id, Some(1), "created Enabled".into()), created_at)
+        });
+        if let Err(e) = committed {
+            drop(state);
+            self.abandon_object(intent, handle);
+            return Err(e.into());
+        }
+        if let Some(a) = alias_record {
+            state.aliases.insert(a.alias.clone(), a);
+        }
+        state.put(record, vec![(version, Some(handle))]);
+        let entry = state.keys.get(&key_id).cloned().ok_or_else(|| Error::NotFound { what: format!("key {key_id}") })?;
+        tracing::info!(%key_id, "key created");
+        Ok(self.view(&entry))
+    }
+
+    pub fn rotate_key(&self, caller: &Caller, key: &KeyRef) -> Result<KeyView> {
+        let _admin = self.admin_lock();
+        let entry = self.registry.entry(key)?;
+        next_key_state(entry.record.state, KeyTransition::Rotate, entry.record.compromised).map_err(Error::precondition)?;
+        self.rotate_locked(&entry, caller, "rotated by an officer")
+    }
+
+    /// Rotates a key whose `version` reached its usage threshold or limit, unless another
+    /// request already did.
+    pub(super) fn rotate_exhausted(&self, key_id: KeyId, version: u32) -> Result<()> {
+        let _admin = self.admin_lock();
+        let entry = self.registry.entry(&KeyRef::Id(key_id))?;
+        if entry.record.primary_version != version {
+            return Ok(());
+        }
+        if entry.record.state != KeyState::Enabled {
+            return Err(Error::UsageExhausted { key_id, version });
+        }
+        self.rotate_locked(&entry, &system(), "usage threshold reached (NIST SP 800-38D budget)").map(|_| ())
+    }
+
+    /// Adds a version and makes it primary. Caller holds the admin lock.
+    fn rotate_locked(&self, entry: &KeyEntry, caller: &Caller, why: &str) -> Result<KeyView> {
+        let key_id = entry.record.key_id;
+        let next = entry.versions.keys().next_back().copied().unwrap_or(0) + 1;
+        let (intent, handle) = self.create_version_object(key_id, next)?;
+        let at = now();
+        let mut record = entry.record.clone();
+        record.primary_version = next;
+        if record.rotation_period_secs > 0 {
+            record.next_rotation_at = Some(at + record.rotation_period_secs as i64);
+        }
+        let version =
+            VersionRecord { key_id, version: next, state: VersionState::Enabled, created_at: at, reserved: 0, destruction_at: None };
+        let mut state = self.registry.write();
+        let committed = self.store.write(|tx| {
+            tx.insert_version(&version)?;
+            tx.update_key(&record)?;
+            tx.delete_intent(intent)?;
+            tx.append_audit(&event(caller, "RotateKey", key_id, Some(next), why.to_string()), at)
+        });
+        if let Err(e) = committed {
+            drop(state);
+            self.abandon_object(intent, handle);
+            return Err(e.into());
+        }
+        let mut versions = state.versions_of(key_id);
+        versions.push((version, Some(handle)));
+        state.put(record, versions);
+        let entry = state.resolve(&KeyRef::Id(key_id))?.clone();
+        tracing::info!(%key_id, version = next, why, "key rotated");
+        Ok(self.view(&entry))
+    }
+
+    // ----- state transitions -----
+
+    /// Enable, disable, compromise, schedule or cancel destruction. `pending_days` is used by
+    /// `ScheduleDestruction` only (already validated to 7..=30 by the API layer).
+    pub fn transition_key(
+        &self,
+        caller: &Caller,
+        key: &KeyRef,
+        transition: KeyTransition,
+        pending_days: u32,
+    ) -> Result<KeyView> {
+        let _admin = self.admin_lock();
+        let entry = self.registry.entry(key)?;
+        let key_id = entry.record.key_id;
+        let next = next_key_state(entry.record.state, transition, entry.record.compromised).map_err(Error::precondition)?;
+        let at = now();
+        let mut record = entry.record.clone();
+        record.state = next;
+        let operation = match transition {
+            KeyTransition::Enable => "EnableKey",
+            KeyTransition::Disable => "DisableKey",
+            KeyTransition::Compromise => {
+                record.compromised = true;
+                "MarkKeyCompromised"
+            }
+            KeyTransition::ScheduleDestruction => {
+                record.destruction_at = Some(at + i64::from(pending_days) * DAY);
+                "ScheduleKeyDestruction"
+            }
+            KeyTransition::CancelDestruction => {
+                record.destruction_at = None;
+                "CancelKeyDestruction"
+            }
+            KeyTransition::Destroy | KeyTransition::Rotate => {
+                return Err(Error::precondition("not a state transition an officer can request directly"));
+            }
+        };
+        let mut state = self.registry.write();
+        self.store.write(|tx| {
+            tx.update_key(&record)?;
+            tx.append_audit(&event(caller, operation, key_id, None, format!("{} -> {next}", entry.record.state)), at)
+        })?;
+        state.put_record(record);
+        let entry = state.resolve(&KeyRef::Id(key_id))?.clone();
+        tracing::info!(%key_id, state = %next, "key state changed");
+        Ok(self.view(&entry))
+    }
+
+    pub fn transition_version(
+        &self,
+        caller: &Caller,
+        key: &KeyRef,
+        version: u32,
+        transition: VersionTransition,
+        pending_days: u32,
+    ) -> Result<KeyView> {
+        let _admin = self.admin_lock();
+        let entry = self.registry.entry(key)?;
+        let key_id = entry.record.key_id;
+        let current = entry
+            .versions
+            .get(&version)
+            .ok_or_else(|| Error::NotFound { what: format!("version {version} of key {key_id}") })?;
+        let next = next_version_state(
+            entry.record.state,
+            current.record.state,
+            version == entry.record.primary_version,
+            transition,
+        )
+        .map_err(Error::precondition)?;
+        let at = now();
+        let mut record = current.record.clone();
+        record.state = next;
+        let operation = match transition {
+            VersionTransition::Enable => "EnableKeyVersion",
+            VersionTransition::Disable => "DisableKeyVersion",
+            VersionTransition::ScheduleDestruction => {
+                record.destruction_at = Some(at + i64::from(pending_days) * DAY);
+                "ScheduleKeyVersionDestruction"
+            }
+            VersionTransition::CancelDestruction => {
+                record.destruction_at = None;
+                "CancelKeyVersionDestruction"
+            }
+            VersionTransition::Destroy => {
+                return Err(Error::precondition("versions are destroyed by the sweeper when their window ends"));
+            }
+        };
+        let mut state = self.registry.write();
+        self.store.write(|tx| {
+            tx.update_version_state(&record)?;
+            tx.append_audit(
+                &event(caller, operation, key_id, Some(version), format!("{} -> {next}", current.record.state)),
+                at,
+            )
+        })?;
+        state.put_version(record, current.handle);
+        let entry = state.resolve(&KeyRef::Id(key_id))?.clone();
+        Ok(self.view(&entry))
+    }
+
+    // ----- aliases -----
+
+    pub fn create_alias(&self, caller: &Caller, alias: AliasName, key_id: KeyId) -> Result<AliasRecord> {
+        let _admin = self.admin_lock();
+        let entry = self.registry.entry(&KeyRef::Id(key_id))?;
+        if entry.record.state == KeyState::Destroyed {
+            return Err(Error::precondition(format!("key {key_id} is Destroyed")));
+        }
+        let mut state = self.registry.write();
+        if state.aliases.contains_key(&alias) {
+            return Err(Error::AlreadyExists { what: alias.to_string() });
+        }
+        let record = AliasRecord { alias, key_id, created_at: now() };
+        self.store.write(|tx| {
+            tx.insert_alias(&record)?;
+            tx.append_audit(&event(caller, "CreateAlias", key_id, None, record.alias.to_string()), record.created_at)
+        })?;
+        state.aliases.insert(record.alias.clone(), record.clone());
+        state.refresh_aliases(key_id);
+        Ok(record)
+    }
+
+    pub fn delete_alias(&self, caller: &Caller, alias: &AliasName) -> Result<()> {
+        let _admin = self.admin_lock();
+        let mut state = self.registry.write();
+        let record = state.aliases.get(alias).cloned().ok_or_else(|| Error::NotFound { what: alias.to_string() })?;
+        self.store.write(|tx| {
+            tx.delete_alias(alias)?;
+            tx.append_audit(&event(caller, "DeleteAlias", record.key_id, None, alias.to_string()), now())
+        })?;
+        state.aliases.remove(alias);
+        state.refresh_aliases(record.key_id);
+        Ok(())
+    }
+
+    // ----- background work -----
+
+    /// Destroys what is due and rotates what is due. Returns how many actions it took.
+    pub fn sweep(&self) -> Result<usize> {
+        let _admin = self.admin_lock();
+        let at = now();
+        let entries: Vec<_> = self.registry.read().keys.values().cloned().collect();
+        let mut actions = 0;
+        for entry in entries {
+            let r = &entry.record;
+            if r.state == KeyState::PendingDestruction && r.destruction_at.is_some_and(|t| t <= at) {
+                self.destroy_key(&entry)?;
+                actions += 1;
+                continue;
+            }
+            for v in entry.versions.values() {
+                if v.record.state == VersionState::PendingDestruction && v.record.destruction_at.is_some_and(|t| t <= at) {
+                    self.destroy_version(&entry, v.record.version)?;
+                    actions += 1;
+                }
+            }
+            if r.state == KeyState::Enabled && r.next_rotation_at.is_some_and(|t| t <= at) {
+                let entry = self.registry.entry(&KeyRef::Id(r.key_id))?;
+                self.rotate_locked(&entry, &system(), "rotation period elapsed")?;
+                actions += 1;
+            }
+        }
+        Ok(actions)
+    }
+
+    /// Destroys one version's HSM object under a destroy intent; returns the intent.
+    fn destroy_object(&self, key_id: KeyId, version: u32, handle: Option<KeyHandle>) -> Result<Option<i64>> {
+        let Some(handle) = handle else { return Ok(None) };
+        let intent = self.store.write(|tx| tx.insert_intent(IntentKind::Destroy, key_id, version, now()))?;
+        self.hsm.destroy(handle)?;
+        Ok(Some(intent))
+    }
+
+    fn destroy_version(&self, entry: &KeyEntry, version: u32) -> Result<()> {
+        let key_id = entry.record.key_id;
+        let Some(v) = entry.versions.get(&version) else { return Ok(()) };
+        let intent = self.destroy_object(key_id, version, v.handle)?;
+        let at = now();
+        let mut record = v.record.clone();
+        record.state = VersionState::Destroyed;
+        record.destruction_at = Some(at);
+        let mut state = self.registry.write();
+        self.store.write(|tx| {
+            tx.update_version_state(&record)?;
+            if let Some(i) = intent {
+                tx.delete_intent(i)?;
+            }
+            tx.append_audit(&AuditEvent::system("DestroyKeyVersion", Some(key_id), Some(version), "HSM object destroyed".into()), at)
+        })?;
+        state.put_version(record, None);
+        tracing::info!(%key_id, version, "key version destroyed");
+        Ok(())
+    }
+
+    fn destroy_key(&self, entry: &KeyEntry) -> Result<()> {
+        let key_id = entry.record.key_id;
+        let mut intents = Vec::new();
+        for v in entry.versions.values().filter(|v| v.record.state.has_material()) {
+            intents.extend(self.destroy_object(key_id, v.record.version, v.handle)?);
+        }
+        let at = now();
+        let mut record = entry.record.clone();
+        record.state = KeyState::Destroyed;
+        record.destruction_at = Some(at);
+        let versions: Vec<(VersionRecord, Option<KeyHandle>)> = entry
+            .versions
+            .values()
+            .map(|v| {
+                let mut r = v.record.clone();
+                if r.state.has_material() {
+                    r.state = VersionState::Destroyed;
+                    r.destruction_at = Some(at);
+                }
+                (r, None)
+            })
+            .collect();
+        let mut state = self.registry.write();
+        self.store.write(|tx| {
+            tx.update_key(&record)?;
+            for (v, _) in &versions {
+                tx.update_version_state(v)?;
+            }
+            for i in &intents {
+                tx.delete_intent(*i)?;
+            }
+            tx.append_audit(&AuditEvent::system("DestroyKey", Some(key_id), None, "HSM objects destroyed; tombstone kept".into()), at)
+        })?;
+        state.put(record, versions);
+        tracing::info!(%key_id, "key destroyed");
+        Ok(())
+    }
+}

@@ -1,0 +1,227 @@
+//! The service: the data-plane operations, the key lifecycle, startup recovery and background
+//! work, over the HSM trait, the store and the in-memory registry.
+//!
+//! Every method here is synchronous and may block on the HSM or SQLite: the gRPC layer calls it
+//! from tokio's blocking pool.
+
+mod admin;
+mod recovery;
+pub mod registry;
+
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::domain::blob::{Blob, BlobHeader, IV_LEN, Iv, MAX_PLAINTEXT};
+use crate::domain::budget::UsageLimits;
+use crate::domain::context::EncryptionContext;
+use crate::domain::ids::{KeyId, KeyRef};
+use crate::domain::lifecycle::{KeyState, Use, VersionState, key_allows};
+use crate::error::{Error, Result};
+use crate::hsm::Hsm;
+use crate::secret::SecretBytes;
+use crate::store::Store;
+pub use admin::{KeyView, VersionView};
+use registry::{KeyEntry, Registry, VersionEntry};
+
+/// Seconds since the Unix epoch.
+pub fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Who is calling, for the audit. (Authenticated identities come with mTLS and officer login.)
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub request_id: String,
+    pub principal: String,
+}
+
+/// The result of an encryption: which key and version, and the blob.
+#[derive(Debug)]
+pub struct Encrypted {
+    pub key_id: KeyId,
+    pub key_version: u32,
+    pub blob: Vec<u8>,
+}
+
+/// The result of a decryption.
+#[derive(Debug)]
+pub struct Decrypted {
+    pub key_id: KeyId,
+    pub key_version: u32,
+    pub plaintext: SecretBytes,
+}
+
+/// Tunables of the service, from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub limits: UsageLimits,
+}
+
+pub struct Kms {
+    hsm: Arc<dyn Hsm>,
+    store: Arc<Store>,
+    registry: Registry,
+    settings: Settings,
+    /// Serialises lifecycle changes (they are rare; the data plane never takes it).
+    admin: Mutex<()>,
+}
+
+impl std::fmt::Debug for Kms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kms").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+impl Kms {
+    /// Opens the service: reconciles the store with the HSM (see `recovery`) and loads the
+    /// registry.
+    pub fn open(hsm: Arc<dyn Hsm>, store: Arc<Store>, settings: Settings) -> Result<Kms> {
+        let kms = Kms { hsm, store, registry: Registry::default(), settings, admin: Mutex::new(()) };
+        kms.recover()?;
+        Ok(kms)
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn hsm(&self) -> &dyn Hsm {
+        &*self.hsm
+    }
+
+    // ----- data plane -----
+
+    /// A fresh data key of `len` bytes from the HSM's generator, and its blob.
+    pub fn generate_data_key(
+        &self,
+        key: &KeyRef,
+        len: usize,
+        context: &EncryptionContext,
+    ) -> Result<(Encrypted, SecretBytes)> {
+        let mut data_key = SecretBytes::zeroed(len);
+        self.hsm.random(data_key.expose_secret_mut())?;
+        let encrypted = self.encrypt(key, data_key.expose_secret(), context)?;
+        Ok((encrypted, data_key))
+    }
+
+    /// Encrypts under the key's primary version.
+    pub fn encrypt(&self, key: &KeyRef, plaintext: &[u8], context: &EncryptionContext) -> Result<Encrypted> {
+        if plaintext.len() > MAX_PLAINTEXT {
+            return Err(Error::invalid("plaintext", format!("is {} bytes; at most {MAX_PLAINTEXT} are allowed", plaintext.len())));
+        }
+        let entry = self.registry.entry(key)?;
+        match self.encrypt_with(&entry, plaintext, context) {
+            Err(Error::UsageExhausted { key_id, version }) => {
+                // The primary is spent: rotate now (if nobody did yet) and try once more.
+                self.rotate_exhausted(key_id, version)?;
+                let entry = self.registry.entry(&KeyRef::Id(key_id))?;
+                self.encrypt_with(&entry, plaintext, context)
+            }
+            other => other,
+        }
+    }
+
+    fn encrypt_with(&self, entry: &KeyEntry, plaintext: &[u8], context: &EncryptionContext) -> Result<Encrypted> {
+        let key_id = entry.record.key_id;
+        key_allows(entry.record.state, Use::Encrypt).map_err(|s| state_error(key_id, s))?;
+        let version = entry.primary().ok_or_else(|| Error::precondition(format!("key {key_id} has no primary version")))?;
+        let handle = usable_handle(key_id, version)?;
+        let limits = &self.settings.limits;
+        let n = version
+            .usage
+            .take(key_id, version.record.version, limits, &self.store)?
+            .ok_or(Error::UsageExhausted { key_id, version: version.record.version })?;
+        if n == limits.rotation_threshold {
+            // This request crossed the threshold: rotate now, so that later requests use a
+            // fresh version long before the hard limit. A failure here does not fail the
+            // request (its own encryption is within the limit); the next request at the limit
+            // retries.
+            if let Err(e) = self.rotate_exhausted(key_id, version.record.version) {
+                tracing::error!(key_id = %key_id, error = %e, "automatic rotation at the usage threshold failed");
+            }
+        }
+        let mut iv = [0u8; IV_LEN];
+        self.hsm.random(&mut iv)?;
+        let header = BlobHeader { key_id, version: version.record.version, iv: Iv(iv) };
+        let ciphertext = self.hsm.encrypt(handle, &header.iv, &header.aad(context), plaintext)?;
+        Ok(Encrypted { key_id, key_version: version.record.version, blob: Blob::encode(&header, &ciphertext) })
+    }
+
+    /// Decrypts a blob with exactly the version it names.
+    pub fn decrypt(&self, blob: &[u8], context: &EncryptionContext, expected: Option<&KeyRef>) -> Result<Decrypted> {
+        self.decrypt_for(blob, context, expected, Use::Decrypt)
+    }
+
+    fn decrypt_for(&self, blob: &[u8], context: &EncryptionContext, expected: Option<&KeyRef>, use_: Use) -> Result<Decrypted> {
+        let parsed = Blob::parse(blob).map_err(|reason| {
+            tracing::debug!(%reason, "blob refused");
+            Error::DecryptFailed
+        })?;
+        let key_id = parsed.header.key_id;
+        if let Some(expected) = expected {
+            let expected_id = self.registry.entry(expected).map_err(|_| Error::DecryptFailed)?.record.key_id;
+            if expected_id != key_id {
+                return Err(Error::DecryptFailed);
+            }
+        }
+        let entry = self.registry.entry(&KeyRef::Id(key_id)).map_err(|_| Error::DecryptFailed)?;
+        match key_allows(entry.record.state, use_) {
+            Ok(()) => {}
+            // A destroyed key is indistinguishable from an unknown one.
+            Err(KeyState::Destroyed) => return Err(Error::DecryptFailed),
+            Err(state) => return Err(state_error(key_id, state)),
+        }
+        let version = entry.versions.get(&parsed.header.version).ok_or(Error::DecryptFailed)?;
+        match version.record.state {
+            VersionState::Enabled => {}
+            VersionState::Destroyed => return Err(Error::DecryptFailed),
+            state => {
+                return Err(Error::precondition(format!(
+                    "version {} of key {key_id} is {state}",
+                    version.record.version
+                )));
+            }
+        }
+        let handle = usable_handle(key_id, version)?;
+        let plaintext =
+            self.hsm.decrypt(handle, &parsed.header.iv, &parsed.header.aad(context), parsed.ciphertext)?;
+        Ok(Decrypted { key_id, key_version: parsed.header.version, plaintext })
+    }
+
+    /// Decrypts under the source key and encrypts under the destination, the plaintext never
+    /// leaving the service. Works from a Compromised source key.
+    pub fn re_encrypt(
+        &self,
+        blob: &[u8],
+        source_context: &EncryptionContext,
+        source_key: Option<&KeyRef>,
+        destination: &KeyRef,
+        destination_context: &EncryptionContext,
+    ) -> Result<(Decrypted, Encrypted)> {
+        // Check the destination first, so that a refused destination costs no HSM decryption.
+        let dest = self.registry.entry(destination)?;
+        key_allows(dest.record.state, Use::Encrypt).map_err(|s| state_error(dest.record.key_id, s))?;
+        let decrypted = self.decrypt_for(blob, source_context, source_key, Use::DecryptForReEncrypt)?;
+        let encrypted = self.encrypt(destination, decrypted.plaintext.expose_secret(), destination_context)?;
+        Ok((decrypted, encrypted))
+    }
+
+    pub fn generate_random(&self, len: usize) -> Result<SecretBytes> {
+        let mut out = SecretBytes::zeroed(len);
+        self.hsm.random(out.expose_secret_mut())?;
+        Ok(out)
+    }
+}
+
+fn state_error(key_id: KeyId, state: KeyState) -> Error {
+    Error::precondition(format!("key {key_id} is {state}"))
+}
+
+fn usable_handle(key_id: KeyId, version: &VersionEntry) -> Result<crate::hsm::KeyHandle> {
+    version.handle.ok_or_else(|| {
+        Error::precondition(format!(
+            "the HSM object of version {} of key {key_id} is missing; see the server log",
+            version.record.version
+        ))
+    })
+}

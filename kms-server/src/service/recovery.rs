@@ -1,0 +1,107 @@
+//! Startup reconciliation of the store with the HSM, in both directions.
+//!
+//! 1. Intents left by an interrupted operation are settled: an interrupted *create* (CreateKey,
+//!    RotateKey) is rolled back — its object, if the HSM made one, is destroyed — so the
+//!    operation is wholly absent; an interrupted *destroy* is rolled forward — the object is
+//!    destroyed if still there and the version recorded as Destroyed — because destruction was
+//!    already decided.
+//! 2. Every live version row is matched with its object. A missing object is reported (log and
+//!    audit) and the version marked unusable in memory, never silently dropped: the HSM may be
+//!    the wrong one and come back.
+//! 3. An object of a version recorded as Destroyed is destroyed. Objects in our namespace with no
+//!    row and no intent are reported and left alone: destroying key material we cannot explain
+//!    is not a decision to take automatically.
+
+use std::collections::HashMap;
+
+use super::Kms;
+use super::now;
+use crate::audit::AuditEvent;
+use crate::domain::lifecycle::VersionState;
+use crate::error::Result;
+use crate::hsm::{KeyHandle, ObjectName};
+use crate::store::{IntentKind, VersionRecord};
+
+impl Kms {
+    pub(super) fn recover(&self) -> Result<()> {
+        let mut objects: HashMap<ObjectName, KeyHandle> = self.hsm.find_keys()?.into_iter().collect();
+        let intents = self.store.read(|tx| tx.intents())?;
+        for intent in intents {
+            let name = ObjectName { key_id: intent.key_id, version: intent.version };
+            let row = self.version_row(&name)?;
+            let detail = match intent.kind {
+                IntentKind::Create if row.is_some() => "create intent of a committed version removed".to_string(),
+                IntentKind::Create => {
+                    if let Some(handle) = objects.remove(&name) {
+                        self.hsm.destroy(handle)?;
+                        "interrupted creation rolled back: HSM object destroyed".to_string()
+                    } else {
+                        "interrupted creation rolled back: no HSM object had been made".to_string()
+                    }
+                }
+                IntentKind::Destroy => {
+                    if let Some(handle) = objects.remove(&name) {
+                        self.hsm.destroy(handle)?;
+                    }
+                    "interrupted destruction completed".to_string()
+                }
+            };
+            let at = now();
+            self.store.write(|tx| {
+                if let (IntentKind::Destroy, Some(mut v)) = (intent.kind, row.clone()) {
+                    if v.state.has_material() {
+                        v.state = VersionState::Destroyed;
+                        v.destruction_at = Some(at);
+                        tx.update_version_state(&v)?;
+                    }
+                }
+                tx.delete_intent(intent.id)?;
+                tx.append_audit(&AuditEvent::system("Recovery", Some(name.key_id), Some(name.version), detail.clone()), at)
+            })?;
+            tracing::warn!(key_id = %name.key_id, version = name.version, "recovery: {detail}");
+        }
+
+        let (keys, versions, aliases) = self.store.read(|tx| Ok((tx.keys()?, tx.versions()?, tx.aliases()?)))?;
+        let mut by_key: HashMap<_, Vec<(VersionRecord, Option<KeyHandle>)>> = HashMap::new();
+        for v in versions {
+            let name = ObjectName { key_id: v.key_id, version: v.version };
+            let handle = objects.remove(&name);
+            match (v.state.has_material(), handle) {
+                (true, None) => {
+                    let detail = "HSM object missing: version unusable until the HSM is repaired".to_string();
+                    tracing::error!(key_id = %v.key_id, version = v.version, "recovery: {detail}");
+                    self.record(&AuditEvent::system("Recovery", Some(v.key_id), Some(v.version), detail))?;
+                }
+                (false, Some(handle)) => {
+                    self.hsm.destroy(handle)?;
+                    let detail = "object of a destroyed version found and destroyed".to_string();
+                    tracing::warn!(key_id = %v.key_id, version = v.version, "recovery: {detail}");
+                    self.record(&AuditEvent::system("Recovery", Some(v.key_id), Some(v.version), detail))?;
+                }
+                _ => {}
+            }
+            let handle = if v.state.has_material() { handle } else { None };
+            by_key.entry(v.key_id).or_default().push((v, handle));
+        }
+        for name in objects.keys() {
+            tracing::warn!(label = %name.label(), "recovery: HSM object with no row and no intent left in place");
+        }
+
+        let mut state = self.registry.write();
+        for a in aliases {
+            state.aliases.insert(a.alias.clone(), a);
+        }
+        for k in keys {
+            let versions = by_key.remove(&k.key_id).unwrap_or_default();
+            state.put(k, versions);
+        }
+        tracing::info!(keys = state.keys.len(), "registry loaded");
+        Ok(())
+    }
+
+    fn version_row(&self, name: &ObjectName) -> Result<Option<VersionRecord>> {
+        // Startup only: a full read is fine, and keeps the store's interface small.
+        let versions = self.store.read(|tx| tx.versions())?;
+        Ok(versions.into_iter().find(|v| v.key_id == name.key_id && v.version == name.version))
+    }
+}

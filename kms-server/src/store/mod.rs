@@ -1,0 +1,545 @@
+//! The metadata and audit store: SQLite, one file, every SQL statement of the service.
+//!
+//! Durability: WAL with `synchronous=FULL`, so a transaction is on disk when `COMMIT` returns.
+//! Every state change commits with its audit record in one transaction ([`Store::write`]).
+//! Nothing outside this module knows the schema; the narrow interface below is what a future
+//! PostgreSQL store for several nodes would implement.
+
+mod schema;
+
+use std::fmt;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+
+use crate::audit::{AuditEvent, GENESIS, StoredRecord};
+use crate::domain::ids::{AliasName, KeyId};
+use crate::domain::lifecycle::{KeyState, VersionState};
+
+/// A store failure. The detail is for the log; callers answer a generic error.
+#[derive(Debug)]
+pub enum StoreError {
+    Sqlite(rusqlite::Error),
+    /// A row that this version of the service cannot read (an unknown state name, a bad id).
+    Corrupt { table: &'static str, detail: String },
+    /// The database was written by a newer version of the service.
+    TooNew { found: i64, supported: i64 },
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Sqlite(e) => write!(f, "SQLite: {e}"),
+            StoreError::Corrupt { table, detail } => write!(f, "unreadable row in {table}: {detail}"),
+            StoreError::TooNew { found, supported } => write!(
+                f,
+                "database schema version {found} is newer than this build supports ({supported})"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Sqlite(e)
+    }
+}
+
+impl StoreError {
+    /// Whether the failure is the disk's (full, read-only, locked) rather than the data's.
+    pub fn is_unavailable(&self) -> bool {
+        use rusqlite::ErrorCode::*;
+        matches!(self, StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _))
+            if matches!(e.code, DiskFull | ReadOnly | DatabaseBusy | DatabaseLocked | CannotOpen | SystemIoFailure))
+    }
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// A key's row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub key_id: KeyId,
+    pub description: String,
+    pub state: KeyState,
+    /// Set once the key was marked compromised; never cleared.
+    pub compromised: bool,
+    pub created_at: i64,
+    /// 0 for no automatic rotation.
+    pub rotation_period_secs: u64,
+    pub next_rotation_at: Option<i64>,
+    pub destruction_at: Option<i64>,
+    pub primary_version: u32,
+}
+
+/// A key version's row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionRecord {
+    pub key_id: KeyId,
+    pub version: u32,
+    pub state: VersionState,
+    pub created_at: i64,
+    /// Encryptions reserved (persisted before use): at least the number performed.
+    pub reserved: u64,
+    pub destruction_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AliasRecord {
+    pub alias: AliasName,
+    pub key_id: KeyId,
+    pub created_at: i64,
+}
+
+/// What an interrupted multi-step HSM operation was doing (intent → HSM → commit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntentKind {
+    /// A key version object is being created (CreateKey, RotateKey). Rolled back on recovery.
+    Create,
+    /// A key version object is being destroyed. Rolled forward on recovery.
+    Destroy,
+}
+
+impl IntentKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            IntentKind::Create => "create",
+            IntentKind::Destroy => "destroy",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Intent {
+    pub id: i64,
+    pub kind: IntentKind,
+    pub key_id: KeyId,
+    pub version: u32,
+}
+
+/// The SQLite store. One connection behind a mutex: writes are serialised by SQLite anyway, and
+/// the data plane never reads the database (it reads the in-memory registry).
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store> {
+        let mut conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        schema::migrate(&mut conn)?;
+        Ok(Store { conn: Mutex::new(conn) })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // rusqlite rolls back an unfinished transaction when it is dropped during a panic, so
+        // the connection is consistent even if the lock was poisoned.
+        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `f` in one immediate (write-locked) transaction; commits if it returns `Ok`.
+    pub fn write<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let out = f(&Tx(&tx))?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Runs `f` in a read transaction (a consistent snapshot).
+    pub fn read<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
+        f(&Tx(&tx))
+    }
+}
+
+/// A transaction, with the service's queries as methods.
+pub struct Tx<'a>(&'a rusqlite::Transaction<'a>);
+
+impl fmt::Debug for Tx<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Tx")
+    }
+}
+
+fn corrupt(table: &'static str, detail: impl fmt::Display) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        0,
+        rusqlite::types::Type::Text,
+        Box::new(StoreError::Corrupt { table, detail: detail.to_string() }),
+    )
+}
+
+fn key_id_col(row: &Row<'_>, idx: usize, table: &'static str) -> rusqlite::Result<KeyId> {
+    let text: String = row.get(idx)?;
+    text.parse().map_err(|_| corrupt(table, format!("bad key id {text:?}")))
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+impl Tx<'_> {
+    // ----- keys -----
+
+    pub fn insert_key(&self, k: &KeyRecord) -> Result<()> {
+        self.0.execute(
+            "INSERT INTO keys (key_id, description, state, compromised, created_at,
+                rotation_period_secs, next_rotation_at, destruction_at, primary_version)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                k.key_id.to_string(),
+                k.description,
+                k.state.as_str(),
+                k.compromised,
+                k.created_at,
+                to_i64(k.rotation_period_secs),
+                k.next_rotation_at,
+                k.destruction_at,
+                k.primary_version
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn update_key(&self, k: &KeyRecord) -> Result<()> {
+        self.0.execute(
+            "UPDATE keys SET description = ?2, state = ?3, compromised = ?4,
+                rotation_period_secs = ?5, next_rotation_at = ?6, destruction_at = ?7,
+                primary_version = ?8
+             WHERE key_id = ?1",
+            params![
+                k.key_id.to_string(),
+                k.description,
+                k.state.as_str(),
+                k.compromised,
+                to_i64(k.rotation_period_secs),
+                k.next_rotation_at,
+                k.destruction_at,
+                k.primary_version
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn keys(&self) -> Result<Vec<KeyRecord>> {
+        let mut stmt = self.0.prepare(
+            "SELECT key_id, description, state, compromised, created_at, rotation_period_secs,
+                    next_rotation_at, destruction_at, primary_version
+             FROM keys ORDER BY created_at, key_id",
+        )?;
+        let rows = stmt.query_map([], |row| {
+            let state: String = row.get(2)?;
+            Ok(KeyRecord {
+                key_id: key_id_col(row, 0, "keys")?,
+                description: row.get(1)?,
+                state: KeyState::parse(&state).ok_or_else(|| corrupt("keys", format!("state {state:?}")))?,
+                compromised: row.get(3)?,
+                created_at: row.get(4)?,
+                rotation_period_secs: to_u64(row.get(5)?),
+                next_rotation_at: row.get(6)?,
+                destruction_at: row.get(7)?,
+                primary_version: row.get(8)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    // ----- versions -----
+
+    pub fn insert_version(&self, v: &VersionRecord) -> Result<()> {
+        self.0.execute(
+            "INSERT INTO key_versions (key_id, version, state, created_at, reserved, destruction_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![v.key_id.to_string(), v.version, v.state.as_str(), v.created_at, to_i64(v.reserved), v.destruction_at],
+        )?;
+        Ok(())
+    }
+
+    pub fn update_version_state(&self, v: &VersionRecord) -> Result<()> {
+        self.0.execute(
+            "UPDATE key_versions SET state = ?3, destruction_at = ?4 WHERE key_id = ?1 AND version = ?2",
+            params![v.key_id.to_string(), v.version, v.state.as_str(), v.destruction_at],
+        )?;
+        Ok(())
+    }
+
+    /// Raises a version's reserved count (never lowers it).
+    pub fn reserve_usage(&self, key_id: KeyId, version: u32, reserved: u64) -> Result<()> {
+        self.0.execute(
+            "UPDATE key_versions SET reserved = MAX(reserved, ?3) WHERE key_id = ?1 AND version = ?2",
+            params![key_id.to_string(), version, to_i64(reserved)],
+        )?;
+        Ok(())
+    }
+
+    pub fn versions(&self) -> Result<Vec<VersionRecord>> {
+        let mut stmt = self.0.prepare(
+            "SELECT key_id, version, state, created_at, reserved, destruction_at
+             FROM key_versions ORDER BY key_id, version",
+        )?;
+        let rows = stmt.query_map([], |row| {
+            let state: String = row.get(2)?;
+            Ok(VersionRecord {
+                key_id: key_id_col(row, 0, "key_versions")?,
+                version: row.get(1)?,
+                state: VersionState::parse(&state)
+                    .ok_or_else(|| corrupt("key_versions", format!("state {state:?}")))?,
+                created_at: row.get(3)?,
+                reserved: to_u64(row.get(4)?),
+                destruction_at: row.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    // ----- aliases -----
+
+    /// Inserts an alias; `Ok(false)` if the name is taken.
+    pub fn insert_alias(&self, a: &AliasRecord) -> Result<bool> {
+        let n = self.0.execute(
+            "INSERT INTO aliases (alias, key_id, created_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (alias) DO NOTHING",
+            params![a.alias.name(), a.key_id.to_string(), a.created_at],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Deletes an alias; `Ok(false)` if there was none.
+    pub fn delete_alias(&self, alias: &AliasName) -> Result<bool> {
+        Ok(self.0.execute("DELETE FROM aliases WHERE alias = ?1", params![alias.name()])? == 1)
+    }
+
+    pub fn aliases(&self) -> Result<Vec<AliasRecord>> {
+        let mut stmt = self.0.prepare("SELECT alias, key_id, created_at FROM aliases ORDER BY alias")?;
+        let rows = stmt.query_map([], |row| {
+            let name: String = row.get(0)?;
+            Ok(AliasRecord {
+                alias: AliasName::parse(&name).map_err(|_| corrupt("aliases", format!("alias {name:?}")))?,
+                key_id: key_id_col(row, 1, "aliases")?,
+                created_at: row.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    // ----- intents -----
+
+    pub fn insert_intent(&self, kind: IntentKind, key_id: KeyId, version: u32, now: i64) -> Result<i64> {
+        self.0.execute(
+            "INSERT INTO intents (kind, key_id, version, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![kind.as_str(), key_id.to_string(), version, now],
+        )?;
+        Ok(self.0.last_insert_rowid())
+    }
+
+    pub fn delete_intent(&self, id: i64) -> Result<()> {
+        self.0.execute("DELETE FROM intents WHERE id = ?1", params![id])?;
+        Ok(())
+    }
+
+    pub fn intents(&self) -> Result<Vec<Intent>> {
+        let mut stmt = self.0.prepare("SELECT id, kind, key_id, version FROM intents ORDER BY id")?;
+        let rows = stmt.query_map([], |row| {
+            let kind: String = row.get(1)?;
+            Ok(Intent {
+                id: row.get(0)?,
+                kind: match kind.as_str() {
+                    "create" => IntentKind::Create,
+                    "destroy" => IntentKind::Destroy,
+                    other => return Err(corrupt("intents", format!("kind {other:?}"))),
+                },
+                key_id: key_id_col(row, 2, "intents")?,
+                version: row.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    // ----- audit -----
+
+    /// Appends one audit record, chained to the last one.
+    pub fn append_audit(&self, event: &AuditEvent, now: i64) -> Result<()> {
+        let last: Option<(i64, Vec<u8>)> = self
+            .0
+            .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let (seq, prev) = match last {
+            Some((seq, hash)) => {
+                let prev: [u8; 32] =
+                    hash.try_into().map_err(|_| StoreError::Corrupt { table: "audit", detail: "hash length".into() })?;
+                (seq + 1, prev)
+            }
+            None => (1, GENESIS),
+        };
+        let record = StoredRecord {
+            seq,
+            time: now,
+            request_id: event.request_id.clone(),
+            principal: event.principal.clone(),
+            operation: event.operation.to_string(),
+            key_id: event.key_id.map(|k| k.to_string()),
+            key_version: event.key_version.map(i64::from),
+            context: event.context_json(),
+            outcome: event.outcome.as_str().to_string(),
+            status: event.status.to_string(),
+            detail: event.detail.clone(),
+        };
+        let hash = record.chain_hash(&prev);
+        self.0.execute(
+            "INSERT INTO audit (seq, time, request_id, principal, operation, key_id, key_version,
+                context, outcome, status, detail, hash)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![
+                record.seq,
+                record.time,
+                record.request_id,
+                record.principal,
+                record.operation,
+                record.key_id,
+                record.key_version,
+                record.context,
+                record.outcome,
+                record.status,
+                record.detail,
+                hash.to_vec()
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The audit records in order, with their stored hashes.
+    pub fn audit_records(&self) -> Result<Vec<(StoredRecord, Vec<u8>)>> {
+        let mut stmt = self.0.prepare(
+            "SELECT seq, time, request_id, principal, operation, key_id, key_version, context,
+                    outcome, status, detail, hash
+             FROM audit ORDER BY seq",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                StoredRecord {
+                    seq: r.get(0)?,
+                    time: r.get(1)?,
+                    request_id: r.get(2)?,
+                    principal: r.get(3)?,
+                    operation: r.get(4)?,
+                    key_id: r.get(5)?,
+                    key_version: r.get(6)?,
+                    context: r.get(7)?,
+                    outcome: r.get(8)?,
+                    status: r.get(9)?,
+                    detail: r.get(10)?,
+                },
+                r.get(11)?,
+            ))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(id: u8) -> KeyRecord {
+        KeyRecord {
+            key_id: KeyId::from_bytes([id; 16]),
+            description: "d".into(),
+            state: KeyState::Enabled,
+            compromised: false,
+            created_at: 10,
+            rotation_period_secs: 0,
+            next_rotation_at: None,
+            destruction_at: None,
+            primary_version: 1,
+        }
+    }
+
+    #[test]
+    fn keys_versions_aliases_and_intents_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("kms.db")).unwrap();
+        let k = key(1);
+        let v = VersionRecord {
+            key_id: k.key_id,
+            version: 1,
+            state: VersionState::Enabled,
+            created_at: 10,
+            reserved: 0,
+            destruction_at: None,
+        };
+        let alias = AliasRecord { alias: AliasName::parse("app").unwrap(), key_id: k.key_id, created_at: 10 };
+        let intent = store
+            .write(|tx| {
+                tx.insert_key(&k)?;
+                tx.insert_version(&v)?;
+                assert!(tx.insert_alias(&alias)?);
+                assert!(!tx.insert_alias(&alias)?);
+                tx.reserve_usage(k.key_id, 1, 4096)?;
+                tx.reserve_usage(k.key_id, 1, 100)?;
+                tx.insert_intent(IntentKind::Destroy, k.key_id, 1, 10)
+            })
+            .unwrap();
+        drop(store);
+        let store = Store::open(&dir.path().join("kms.db")).unwrap();
+        store
+            .read(|tx| {
+                assert_eq!(tx.keys()?, vec![k.clone()]);
+                assert_eq!(tx.versions()?[0].reserved, 4096);
+                assert_eq!(tx.aliases()?, vec![alias.clone()]);
+                assert_eq!(tx.intents()?, vec![Intent { id: intent, kind: IntentKind::Destroy, key_id: k.key_id, version: 1 }]);
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn a_failed_transaction_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("kms.db")).unwrap();
+        let r: Result<()> = store.write(|tx| {
+            tx.insert_key(&key(1))?;
+            tx.insert_key(&key(1)) // duplicate primary key
+        });
+        assert!(r.is_err());
+        assert!(store.read(|tx| tx.keys()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn audit_records_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("kms.db")).unwrap();
+        store
+            .write(|tx| {
+                for _ in 0..3 {
+                    tx.append_audit(&AuditEvent::system("Test", None, None, "d".into()), 5)?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        let records = store.read(|tx| tx.audit_records()).unwrap();
+        let mut prev = GENESIS;
+        for (i, (rec, hash)) in records.iter().enumerate() {
+            assert_eq!(rec.seq, i as i64 + 1);
+            assert_eq!(rec.chain_hash(&prev).to_vec(), *hash);
+            prev = rec.chain_hash(&prev);
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! Schema and migrations, versioned with SQLite's `user_version`.
+//!
+//! Each migration runs once, in a transaction that also bumps `user_version`. A database newer
+//! than this build is refused rather than guessed at.
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: keys, versions, aliases, intents, audit.
+    "CREATE TABLE keys (
+        key_id               TEXT PRIMARY KEY,
+        description          TEXT NOT NULL,
+        state                TEXT NOT NULL,
+        compromised          INTEGER NOT NULL,
+        created_at           INTEGER NOT NULL,
+        rotation_period_secs INTEGER NOT NULL,
+        next_rotation_at     INTEGER,
+        destruction_at       INTEGER,
+        primary_version      INTEGER NOT NULL
+    );
+    CREATE TABLE key_versions (
+        key_id         TEXT NOT NULL REFERENCES keys (key_id),
+        version        INTEGER NOT NULL,
+        state          TEXT NOT NULL,
+        created_at     INTEGER NOT NULL,
+        reserved       INTEGER NOT NULL,
+        destruction_at INTEGER,
+        PRIMARY KEY (key_id, version)
+    );
+    CREATE TABLE aliases (
+        alias      TEXT PRIMARY KEY,
+        key_id     TEXT NOT NULL REFERENCES keys (key_id),
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE intents (
+        id         INTEGER PRIMARY KEY,
+        kind       TEXT NOT NULL,
+        key_id     TEXT NOT NULL,
+        version    INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE audit (
+        seq         INTEGER PRIMARY KEY,
+        time        INTEGER NOT NULL,
+        request_id  TEXT NOT NULL,
+        principal   TEXT NOT NULL,
+        operation   TEXT NOT NULL,
+        key_id      TEXT,
+        key_version INTEGER,
+        context     TEXT,
+        outcome     TEXT NOT NULL,
+        status      TEXT NOT NULL,
+        detail      TEXT NOT NULL,
+        hash        BLOB NOT NULL
+    );",
+];
+
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let supported = MIGRATIONS.len() as i64;
+    if current > supported {
+        return Err(StoreError::TooNew { found: current, supported });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
