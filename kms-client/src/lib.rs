@@ -1,1 +1,168 @@
+//! A typed Rust client for the key management service, and envelope-encryption helpers.
+//!
+//! The data plane ([`DataClient`]) gives workloads data keys and small-secret encryption; the
+//! admin plane (`kms_proto::v1::key_management_client`) is what `kmsctl` drives. Data keys come
+//! back in [`DataKey`], which wipes itself when dropped.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use kms_client::DataClient;
+//! let mut kms = DataClient::connect("http://127.0.0.1:7400").await?;
+//! let ctx = [("tenant".to_string(), "acme".to_string())].into();
+//! let (data_key, wrapped) = kms.generate_data_key("alias/app", &ctx).await?;
+//! // ... encrypt with data_key.expose_secret(), store `wrapped` beside the ciphertext ...
+//! let again = kms.decrypt_data_key(&wrapped, &ctx).await?;
+//! assert_eq!(again.expose_secret(), data_key.expose_secret());
+//! # Ok(()) }
+//! ```
 
+pub mod envelope;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::io::{BufRead, Write};
+
+pub use kms_proto::v1 as pb;
+use kms_proto::v1::crypto_client::CryptoClient;
+use tonic::transport::{Channel, Endpoint};
+use zeroize::Zeroizing;
+
+/// A data key in clear, wiped on drop; `Debug` shows only its length.
+pub struct DataKey(Zeroizing<Vec<u8>>);
+
+impl DataKey {
+    pub fn expose_secret(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DataKey(<{} bytes>)", self.0.len())
+    }
+}
+
+/// A client error: a transport failure, a gRPC status, or a bad envelope.
+#[derive(Debug)]
+pub enum Error {
+    Transport(tonic::transport::Error),
+    Status(tonic::Status),
+    Envelope(envelope::EnvelopeError),
+    /// `--context` pairs that the envelope does not carry.
+    ContextMismatch,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Transport(e) => write!(f, "cannot reach the service: {e}"),
+            Error::Status(s) => write!(f, "{:?}: {}", s.code(), s.message()),
+            Error::Envelope(e) => e.fmt(f),
+            Error::ContextMismatch => f.write_str("the envelope's encryption context does not contain the expected pairs"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<tonic::Status> for Error {
+    fn from(s: tonic::Status) -> Self {
+        Error::Status(s)
+    }
+}
+
+impl From<tonic::transport::Error> for Error {
+    fn from(e: tonic::transport::Error) -> Self {
+        Error::Transport(e)
+    }
+}
+
+impl From<envelope::EnvelopeError> for Error {
+    fn from(e: envelope::EnvelopeError) -> Self {
+        Error::Envelope(e)
+    }
+}
+
+/// Opens a channel to one plane.
+pub async fn channel(endpoint: &str) -> Result<Channel, Error> {
+    Ok(Endpoint::from_shared(endpoint.to_string())?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect()
+        .await?)
+}
+
+/// The data-plane client.
+#[derive(Debug, Clone)]
+pub struct DataClient {
+    pub raw: CryptoClient<Channel>,
+}
+
+fn to_map(ctx: &BTreeMap<String, String>) -> HashMap<String, String> {
+    ctx.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+impl DataClient {
+    pub async fn connect(endpoint: &str) -> Result<DataClient, Error> {
+        Ok(DataClient { raw: CryptoClient::new(channel(endpoint).await?) })
+    }
+
+    /// A fresh AES-256 data key and its wrapped form.
+    pub async fn generate_data_key(&mut self, key_id: &str, ctx: &BTreeMap<String, String>) -> Result<(DataKey, Vec<u8>), Error> {
+        let mut resp = self
+            .raw
+            .generate_data_key(pb::GenerateDataKeyRequest {
+                key_id: key_id.to_string(),
+                key_spec: pb::DataKeySpec::Aes256.into(),
+                number_of_bytes: 0,
+                encryption_context: to_map(ctx),
+            })
+            .await?
+            .into_inner();
+        let key = DataKey(Zeroizing::new(std::mem::take(&mut resp.plaintext)));
+        Ok((key, std::mem::take(&mut resp.ciphertext_blob)))
+    }
+
+    /// Unwraps a data key made by `generate_data_key`.
+    pub async fn decrypt_data_key(&mut self, wrapped: &[u8], ctx: &BTreeMap<String, String>) -> Result<DataKey, Error> {
+        let mut resp = self
+            .raw
+            .decrypt(pb::DecryptRequest {
+                ciphertext_blob: wrapped.to_vec(),
+                encryption_context: to_map(ctx),
+                key_id: String::new(),
+            })
+            .await?
+            .into_inner();
+        Ok(DataKey(Zeroizing::new(std::mem::take(&mut resp.plaintext))))
+    }
+
+    /// Envelope-encrypts `input` to `output` under a fresh data key (docs/file-format.md).
+    pub async fn encrypt_stream(
+        &mut self,
+        key_id: &str,
+        ctx: &BTreeMap<String, String>,
+        input: &mut impl BufRead,
+        output: &mut impl Write,
+    ) -> Result<u64, Error> {
+        let (data_key, wrapped) = self.generate_data_key(key_id, ctx).await?;
+        let mut prefix = [0u8; 7];
+        aes_gcm::aead::rand_core::RngCore::fill_bytes(&mut aes_gcm::aead::OsRng, &mut prefix);
+        let header = envelope::Header::new(ctx.clone(), wrapped, prefix);
+        Ok(envelope::seal(&header, data_key.expose_secret(), input, output)?)
+    }
+
+    /// Decrypts an envelope. `expected` pairs, if any, must all be in the envelope's context.
+    pub async fn decrypt_stream(
+        &mut self,
+        expected: &BTreeMap<String, String>,
+        input: &mut impl BufRead,
+        output: &mut impl Write,
+    ) -> Result<u64, Error> {
+        let header = envelope::Header::read(input)?;
+        if expected.iter().any(|(k, v)| header.context.get(k) != Some(v)) {
+            return Err(Error::ContextMismatch);
+        }
+        let data_key = self.decrypt_data_key(&header.wrapped_key, &header.context).await?;
+        Ok(envelope::open(&header, data_key.expose_secret(), input, output)?)
+    }
+}

@@ -1,1 +1,274 @@
+//! The end-to-end harness: each test gets its own SoftHSM2 token, SQLite file and loopback
+//! ports, and talks to the real `kms-server` binary over gRPC and through `kmsctl`.
+//!
+//! Binaries are found beside the test executable (`target/<profile>/`); `cargo xtask test`
+//! builds them before running the suite. Token inspection runs in a child process
+//! (`token-inspect`), so each process initialises PKCS#11 once and `SOFTHSM2_CONF` is never
+//! changed in a running process.
 
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use hsm_sim::Token;
+use kms_proto::v1 as pb;
+use kms_proto::v1::crypto_client::CryptoClient;
+use kms_proto::v1::key_management_client::KeyManagementClient;
+use tonic::transport::Channel;
+
+/// Where the workspace's binaries are: the directory above the test executable's `deps/`.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: build the binaries first (`cargo xtask test` does)", path.display());
+    path
+}
+
+/// Settings a test may change; the rest of the configuration is fixed.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub rotation_threshold: u64,
+    pub encryption_limit: u64,
+    pub usage_reservation_block: u64,
+    pub sweep_interval_seconds: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            rotation_threshold: 1 << 30,
+            encryption_limit: 3_865_470_566,
+            usage_reservation_block: 4096,
+            sweep_interval_seconds: 1,
+        }
+    }
+}
+
+/// A running server with its own token and database.
+#[derive(Debug)]
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub token: Token,
+    pub options: Options,
+    child: Option<Child>,
+    pub data_addr: String,
+    pub admin_addr: String,
+}
+
+impl Server {
+    pub fn start() -> Server {
+        Server::start_with(Options::default())
+    }
+
+    pub fn start_with(options: Options) -> Server {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let token = Token::open_or_provision(&dir.path().join("softhsm"), "kms-test").expect("token provisioned");
+        Server::start_in(dir, token, options)
+    }
+
+    /// Starts on an existing directory (token and database), e.g. a committed fixture.
+    pub fn start_in(dir: tempfile::TempDir, token: Token, options: Options) -> Server {
+        let mut server = Server { dir, token, options, child: None, data_addr: String::new(), admin_addr: String::new() };
+        server.spawn().expect("server started");
+        server
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("kms.toml")
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("kms.db")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
+    fn write_config(&self) -> Result<()> {
+        let o = &self.options;
+        let config = format!(
+            "data_dir = {:?}\n\
+             [hsm]\nmodule = {:?}\ntoken_label = {:?}\npin_file = {:?}\nsessions = 4\n\
+             [listen]\ndata = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+             [keys]\nrotation_threshold = {}\nencryption_limit = {}\nusage_reservation_block = {}\nsweep_interval_seconds = {}\n",
+            self.dir.path(),
+            self.token.module,
+            self.token.label,
+            self.token.pin_file,
+            o.rotation_threshold,
+            o.encryption_limit,
+            o.usage_reservation_block,
+            o.sweep_interval_seconds,
+        );
+        std::fs::write(self.config_path(), config)?;
+        Ok(())
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        self.write_config()?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
+        let mut child = Command::new(bin("kms-server"))
+            .args(["run", "--config"])
+            .arg(self.config_path())
+            .env(hsm_sim::SOFTHSM2_CONF, &self.token.conf)
+            .env("KMS_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .context("spawning kms-server")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        // Read the two "listening on" lines on a thread, so a server that hangs cannot hang the
+        // test past the deadline.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(std::io::Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (mut data, mut admin) = (None, None);
+        while data.is_none() || admin.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(line) => line,
+                Err(_) => {
+                    let _ = child.kill();
+                    let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+                    bail!("kms-server did not start; its log:\n{log}");
+                }
+            };
+            let addr = line.rsplit(' ').next().unwrap_or_default().to_string();
+            if line.starts_with("data plane") {
+                data = Some(addr);
+            } else if line.starts_with("admin plane") {
+                admin = Some(addr);
+            }
+        }
+        self.data_addr = data.unwrap_or_default();
+        self.admin_addr = admin.unwrap_or_default();
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    _ if Instant::now() > deadline => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn().expect("server restarted");
+    }
+
+    pub fn restart_after_kill9(&mut self) {
+        self.kill9();
+        self.spawn().expect("server restarted");
+    }
+
+    pub async fn data(&self) -> CryptoClient<Channel> {
+        CryptoClient::connect(format!("http://{}", self.data_addr)).await.expect("data plane reachable")
+    }
+
+    pub async fn admin(&self) -> KeyManagementClient<Channel> {
+        KeyManagementClient::connect(format!("http://{}", self.admin_addr)).await.expect("admin plane reachable")
+    }
+
+    /// Runs `kmsctl` against this server.
+    pub fn kmsctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("kmsctl"))
+            .arg("--endpoint")
+            .arg(format!("http://{}", self.admin_addr))
+            .arg("--data-endpoint")
+            .arg(format!("http://{}", self.data_addr))
+            .args(args)
+            .env_remove("KMS_ENDPOINT")
+            .env_remove("KMS_DATA_ENDPOINT")
+            .output()
+            .expect("kmsctl ran")
+    }
+
+    /// A read-only connection to the server's database.
+    pub fn db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open_with_flags(self.db_path(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("database opens")
+    }
+
+    /// Every key object on the token, as `token-inspect` sees it from a second process.
+    pub fn token_objects(&self) -> Vec<serde_json::Value> {
+        let out = self.inspect("list");
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out).expect("token-inspect prints JSON")
+    }
+
+    /// Runs `token-inspect ACTION` against this server's token and returns its stdout.
+    pub fn inspect(&self, action: &str) -> Vec<u8> {
+        let out = Command::new(bin("token-inspect"))
+            .arg(action)
+            .arg(&self.token.module)
+            .arg(&self.token.label)
+            .arg(&self.token.pin_file)
+            .env(hsm_sim::SOFTHSM2_CONF, &self.token.conf)
+            .output()
+            .expect("token-inspect ran");
+        assert!(out.status.success(), "token-inspect failed: {}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Builds an encryption context.
+pub fn ctx(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// Creates a key over gRPC and returns its id.
+pub async fn create_key(admin: &mut KeyManagementClient<Channel>, alias: &str) -> String {
+    let r = admin
+        .create_key(pb::CreateKeyRequest { description: "test".into(), alias: alias.into(), rotation_period_seconds: 0 })
+        .await
+        .expect("key created")
+        .into_inner();
+    r.key.expect("metadata").key_id
+}
+
+/// Waits for `check` to hold, polling until a deadline (tests never sleep to synchronise).
+pub fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,1 +1,546 @@
-fn main(){}
+//! `kmsctl`: the security officer's command line.
+//!
+//! Every command prints a short human-readable answer, or JSON with `--json`, and fails with one
+//! line on stderr and a non-zero exit status.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use clap::{Args, Parser, Subcommand};
+use kms_client::pb;
+use kms_client::pb::key_management_client::KeyManagementClient;
+use kms_client::{DataClient, Error, channel};
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(name = "kmsctl", version, about = "Manage keys of the client-held key management service")]
+struct Cli {
+    /// The admin plane.
+    #[arg(long, global = true, env = "KMS_ENDPOINT", default_value = "http://127.0.0.1:7401")]
+    endpoint: String,
+    /// The data plane (data-key, encrypt, decrypt).
+    #[arg(long, global = true, env = "KMS_DATA_ENDPOINT", default_value = "http://127.0.0.1:7400")]
+    data_endpoint: String,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Keys and their lifecycle.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Aliases (alias/NAME) that name keys.
+    #[command(subcommand)]
+    Alias(AliasCommand),
+    /// Data keys for envelope encryption.
+    #[command(subcommand)]
+    DataKey(DataKeyCommand),
+    /// Envelope-encrypts a file of any size under a fresh data key (docs/file-format.md).
+    Encrypt {
+        #[arg(long)]
+        key: String,
+        #[arg(long = "in")]
+        input: PathBuf,
+        #[arg(long = "out")]
+        output: PathBuf,
+        #[command(flatten)]
+        context: ContextArgs,
+    },
+    /// Decrypts a file made by `kmsctl encrypt`.
+    Decrypt {
+        #[arg(long = "in")]
+        input: PathBuf,
+        #[arg(long = "out")]
+        output: PathBuf,
+        /// Pairs the envelope's context must contain.
+        #[command(flatten)]
+        context: ContextArgs,
+    },
+}
+
+#[derive(Args)]
+struct ContextArgs {
+    /// An encryption context pair, KEY=VALUE; repeat for more.
+    #[arg(long = "context", value_parser = parse_pair)]
+    pairs: Vec<(String, String)>,
+}
+
+impl ContextArgs {
+    fn map(&self) -> Result<BTreeMap<String, String>, String> {
+        let mut map = BTreeMap::new();
+        for (k, v) in &self.pairs {
+            if map.insert(k.clone(), v.clone()).is_some() {
+                return Err(format!("--context: the key {k:?} is given twice"));
+            }
+        }
+        Ok(map)
+    }
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE with a non-empty KEY")),
+    }
+}
+
+/// "365d", "12h", "30m", "90s" or plain seconds.
+fn parse_period(s: &str) -> Result<u64, String> {
+    let (num, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c),
+        _ => (s, 's'),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a period like 365d, 12h, 30m or 90s"))?;
+    let unit = match unit {
+        'd' => 86_400,
+        'h' => 3_600,
+        'm' => 60,
+        's' => 1,
+        _ => return Err(format!("{s:?}: the unit must be d, h, m or s")),
+    };
+    n.checked_mul(unit).ok_or_else(|| format!("{s:?} is too long"))
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Creates a key (Enabled, version 1 primary) in the HSM.
+    Create {
+        #[arg(long)]
+        alias: Option<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Automatic rotation period: 365d, 90d, ... (none by default).
+        #[arg(long, value_parser = parse_period)]
+        rotation_period: Option<u64>,
+    },
+    /// Shows a key and its versions.
+    Describe { key: String },
+    /// Lists keys.
+    List {
+        #[arg(long, default_value_t = 100)]
+        page_size: u32,
+    },
+    /// Lists a key's versions with their usage counts.
+    Versions { key: String },
+    /// Adds a new primary version; older versions only decrypt.
+    Rotate { key: String },
+    /// Disabled -> Enabled.
+    Enable { key: String },
+    /// Enabled -> Disabled: every operation refused from the next call on (reversible).
+    Disable { key: String },
+    /// Marks a key compromised: irreversible; data under it can only be re-encrypted elsewhere.
+    Compromise {
+        key: String,
+        /// Confirms the irreversible change.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Schedules destruction after a pending window of 7 to 30 days.
+    ScheduleDestruction {
+        key: String,
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(7..=30))]
+        pending_days: u32,
+    },
+    /// Cancels a scheduled destruction (the key becomes Disabled).
+    CancelDestruction { key: String },
+    /// One version of a key.
+    #[command(subcommand)]
+    Version(VersionCommand),
+}
+
+#[derive(Subcommand)]
+enum VersionCommand {
+    Enable { key: String, version: u32 },
+    Disable { key: String, version: u32 },
+    ScheduleDestruction {
+        key: String,
+        version: u32,
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(7..=30))]
+        pending_days: u32,
+    },
+    CancelDestruction { key: String, version: u32 },
+}
+
+#[derive(Subcommand)]
+enum AliasCommand {
+    /// Points alias/NAME at a key id.
+    Create { alias: String, key: String },
+    Delete { alias: String },
+    List {
+        #[arg(long)]
+        key: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataKeyCommand {
+    /// Generates a data key: prints it (base64) and its wrapped blob (base64).
+    Generate {
+        #[arg(long)]
+        key: String,
+        /// 16 (AES-128) or 32 (AES-256).
+        #[arg(long, default_value_t = 32)]
+        bytes: u32,
+        /// Return only the wrapped blob.
+        #[arg(long)]
+        without_plaintext: bool,
+        #[command(flatten)]
+        context: ContextArgs,
+    },
+}
+
+fn key_state_name(n: i32) -> &'static str {
+    pb::KeyState::try_from(n).map(|s| s.as_str_name()).unwrap_or("UNKNOWN")
+}
+
+fn version_state_name(n: i32) -> &'static str {
+    pb::KeyVersionState::try_from(n).map(|s| s.as_str_name().trim_start_matches("VERSION_")).unwrap_or("UNKNOWN")
+}
+
+fn key_json(k: &pb::KeyMetadata) -> Value {
+    json!({
+        "key_id": k.key_id,
+        "description": k.description,
+        "state": key_state_name(k.state),
+        "key_spec": k.key_spec,
+        "primary_version": k.primary_version,
+        "creation_time": k.creation_time,
+        "rotation_period_seconds": k.rotation_period_seconds,
+        "next_rotation_time": k.next_rotation_time,
+        "destruction_time": k.destruction_time,
+        "aliases": k.aliases,
+        "material_missing": k.material_missing,
+    })
+}
+
+fn version_json(v: &pb::KeyVersion) -> Value {
+    json!({
+        "version": v.version,
+        "state": version_state_name(v.state),
+        "primary": v.primary,
+        "creation_time": v.creation_time,
+        "encryptions": v.encryptions,
+        "rotation_threshold": v.rotation_threshold,
+        "encryption_limit": v.encryption_limit,
+        "destruction_time": v.destruction_time,
+        "material_missing": v.material_missing,
+    })
+}
+
+fn key_text(k: &pb::KeyMetadata) -> String {
+    let mut s = format!("{}  {}  primary v{}", k.key_id, key_state_name(k.state), k.primary_version);
+    if !k.aliases.is_empty() {
+        s.push_str(&format!("  {}", k.aliases.join(",")));
+    }
+    if k.destruction_time != 0 {
+        s.push_str(&format!("  destruction at {}", k.destruction_time));
+    }
+    if k.material_missing {
+        s.push_str("  MATERIAL MISSING");
+    }
+    s
+}
+
+fn version_text(v: &pb::KeyVersion) -> String {
+    format!(
+        "  v{}{}  {}  encryptions {} / {}",
+        v.version,
+        if v.primary { " (primary)" } else { "" },
+        version_state_name(v.state),
+        v.encryptions,
+        v.encryption_limit
+    )
+}
+
+struct Out {
+    json: bool,
+}
+
+impl Out {
+    fn print(&self, json: Value, text: impl FnOnce() -> String) {
+        if self.json {
+            println!("{json}");
+        } else {
+            println!("{}", text());
+        }
+    }
+
+    fn key(&self, k: Option<pb::KeyMetadata>) -> Result<(), Error> {
+        let k = k.unwrap_or_default();
+        self.print(key_json(&k), || key_text(&k));
+        Ok(())
+    }
+
+    fn version(&self, r: pb::KeyVersionResponse) -> Result<(), Error> {
+        let v = r.version.unwrap_or_default();
+        let mut j = version_json(&v);
+        j["key_id"] = json!(r.key_id);
+        self.print(j, || format!("{}\n{}", r.key_id, version_text(&v)));
+        Ok(())
+    }
+}
+
+/// Writes to `path` through a temporary file renamed into place only on success, so a failed
+/// decryption never leaves partial plaintext under the requested name.
+async fn write_atomically(
+    path: &Path,
+    f: impl AsyncFnOnce(&mut BufWriter<File>) -> Result<u64, Error>,
+) -> Result<u64, Error> {
+    let io = |e: std::io::Error| Error::Envelope(e.into());
+    let tmp = path.with_extension("kmsctl-partial");
+    let mut w = BufWriter::new(File::create(&tmp).map_err(io)?);
+    let result = f(&mut w).await.and_then(|n| w.flush().map(|()| n).map_err(io));
+    match result {
+        Ok(n) => std::fs::rename(&tmp, path).map(|()| n).map_err(io),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+fn open_input(path: &Path) -> Result<BufReader<File>, Error> {
+    File::open(path).map(BufReader::new).map_err(|e| Error::Envelope(e.into()))
+}
+
+async fn admin(endpoint: &str) -> Result<KeyManagementClient<Channel>, Error> {
+    Ok(KeyManagementClient::new(channel(endpoint).await?))
+}
+
+async fn run(cli: Cli) -> Result<(), Error> {
+    let out = Out { json: cli.json };
+    match cli.command {
+        Command::Key(cmd) => {
+            let mut c = admin(&cli.endpoint).await?;
+            match cmd {
+                KeyCommand::Create { alias, description, rotation_period } => {
+                    let r = c
+                        .create_key(pb::CreateKeyRequest {
+                            description,
+                            alias: alias.unwrap_or_default(),
+                            rotation_period_seconds: rotation_period.unwrap_or(0),
+                        })
+                        .await?;
+                    out.key(r.into_inner().key)
+                }
+                KeyCommand::Describe { key } => {
+                    let r = c.describe_key(pb::DescribeKeyRequest { key_id: key }).await?.into_inner();
+                    let k = r.key.unwrap_or_default();
+                    let mut j = key_json(&k);
+                    j["versions"] = Value::Array(r.versions.iter().map(version_json).collect());
+                    out.print(j, || {
+                        let mut s = key_text(&k);
+                        if !k.description.is_empty() {
+                            s.push_str(&format!("\n  description: {}", k.description));
+                        }
+                        for v in &r.versions {
+                            s.push('\n');
+                            s.push_str(&version_text(v));
+                        }
+                        s
+                    });
+                    Ok(())
+                }
+                KeyCommand::List { page_size } => {
+                    let mut all = Vec::new();
+                    let mut token = String::new();
+                    loop {
+                        let r = c.list_keys(pb::ListKeysRequest { page_size, page_token: token }).await?.into_inner();
+                        all.extend(r.keys);
+                        if r.next_page_token.is_empty() {
+                            break;
+                        }
+                        token = r.next_page_token;
+                    }
+                    out.print(Value::Array(all.iter().map(key_json).collect()), || {
+                        all.iter().map(key_text).collect::<Vec<_>>().join("\n")
+                    });
+                    Ok(())
+                }
+                KeyCommand::Versions { key } => {
+                    let r = c.list_key_versions(pb::ListKeyVersionsRequest { key_id: key }).await?.into_inner();
+                    out.print(json!({"key_id": r.key_id, "versions": r.versions.iter().map(version_json).collect::<Vec<_>>()}), || {
+                        std::iter::once(r.key_id.clone()).chain(r.versions.iter().map(version_text)).collect::<Vec<_>>().join("\n")
+                    });
+                    Ok(())
+                }
+                KeyCommand::Rotate { key } => {
+                    let r = c.rotate_key(pb::RotateKeyRequest { key_id: key }).await?.into_inner();
+                    out.key(r.key)
+                }
+                KeyCommand::Enable { key } => out.key(c.enable_key(pb::EnableKeyRequest { key_id: key }).await?.into_inner().key),
+                KeyCommand::Disable { key } => out.key(c.disable_key(pb::DisableKeyRequest { key_id: key }).await?.into_inner().key),
+                KeyCommand::Compromise { key, yes } => {
+                    if !yes {
+                        return Err(Error::Status(tonic::Status::invalid_argument(
+                            "marking a key compromised is irreversible; add --yes to confirm",
+                        )));
+                    }
+                    out.key(c.mark_key_compromised(pb::MarkKeyCompromisedRequest { key_id: key }).await?.into_inner().key)
+                }
+                KeyCommand::ScheduleDestruction { key, pending_days } => out.key(
+                    c.schedule_key_destruction(pb::ScheduleKeyDestructionRequest { key_id: key, pending_window_days: pending_days })
+                        .await?
+                        .into_inner()
+                        .key,
+                ),
+                KeyCommand::CancelDestruction { key } => {
+                    out.key(c.cancel_key_destruction(pb::CancelKeyDestructionRequest { key_id: key }).await?.into_inner().key)
+                }
+                KeyCommand::Version(v) => match v {
+                    VersionCommand::Enable { key, version } => out.version(
+                        c.enable_key_version(pb::KeyVersionRequest { key_id: key, key_version: version }).await?.into_inner(),
+                    ),
+                    VersionCommand::Disable { key, version } => out.version(
+                        c.disable_key_version(pb::KeyVersionRequest { key_id: key, key_version: version }).await?.into_inner(),
+                    ),
+                    VersionCommand::ScheduleDestruction { key, version, pending_days } => out.version(
+                        c.schedule_key_version_destruction(pb::ScheduleKeyVersionDestructionRequest {
+                            key_id: key,
+                            key_version: version,
+                            pending_window_days: pending_days,
+                        })
+                        .await?
+                        .into_inner(),
+                    ),
+                    VersionCommand::CancelDestruction { key, version } => out.version(
+                        c.cancel_key_version_destruction(pb::KeyVersionRequest { key_id: key, key_version: version })
+                            .await?
+                            .into_inner(),
+                    ),
+                },
+            }
+        }
+        Command::Alias(cmd) => {
+            let mut c = admin(&cli.endpoint).await?;
+            match cmd {
+                AliasCommand::Create { alias, key } => {
+                    let r = c.create_alias(pb::CreateAliasRequest { alias, key_id: key }).await?.into_inner();
+                    out.print(json!({"alias": r.alias, "key_id": r.key_id}), || format!("{} -> {}", r.alias, r.key_id));
+                    Ok(())
+                }
+                AliasCommand::Delete { alias } => {
+                    c.delete_alias(pb::DeleteAliasRequest { alias: alias.clone() }).await?;
+                    out.print(json!({"deleted": alias}), || format!("deleted {alias}"));
+                    Ok(())
+                }
+                AliasCommand::List { key } => {
+                    let r = c.list_aliases(pb::ListAliasesRequest { key_id: key.unwrap_or_default() }).await?.into_inner();
+                    out.print(
+                        Value::Array(r.aliases.iter().map(|a| json!({"alias": a.alias, "key_id": a.key_id, "creation_time": a.creation_time})).collect()),
+                        || r.aliases.iter().map(|a| format!("{} -> {}", a.alias, a.key_id)).collect::<Vec<_>>().join("\n"),
+                    );
+                    Ok(())
+                }
+            }
+        }
+        Command::DataKey(DataKeyCommand::Generate { key, bytes, without_plaintext, context }) => {
+            let ctx = context.map().map_err(|e| Error::Status(tonic::Status::invalid_argument(e)))?;
+            let mut c = DataClient::connect(&cli.data_endpoint).await?;
+            let map = ctx.into_iter().collect();
+            if without_plaintext {
+                let r = c
+                    .raw
+                    .generate_data_key_without_plaintext(pb::GenerateDataKeyWithoutPlaintextRequest {
+                        key_id: key,
+                        key_spec: 0,
+                        number_of_bytes: bytes,
+                        encryption_context: map,
+                    })
+                    .await?
+                    .into_inner();
+                let blob = B64.encode(&r.ciphertext_blob);
+                out.print(json!({"key_id": r.key_id, "key_version": r.key_version, "ciphertext_blob": blob}), || {
+                    format!("key {} version {}\nciphertext_blob {blob}", r.key_id, r.key_version)
+                });
+            } else {
+                let mut r = c
+                    .raw
+                    .generate_data_key(pb::GenerateDataKeyRequest { key_id: key, key_spec: 0, number_of_bytes: bytes, encryption_context: map })
+                    .await?
+                    .into_inner();
+                let plaintext = zeroize::Zeroizing::new(B64.encode(std::mem::take(&mut r.plaintext)));
+                let blob = B64.encode(&r.ciphertext_blob);
+                out.print(
+                    json!({"key_id": r.key_id, "key_version": r.key_version, "plaintext": plaintext.as_str(), "ciphertext_blob": blob}),
+                    || format!("key {} version {}\nplaintext {}\nciphertext_blob {blob}", r.key_id, r.key_version, plaintext.as_str()),
+                );
+            }
+            Ok(())
+        }
+        Command::Encrypt { key, input, output, context } => {
+            let ctx = context.map().map_err(|e| Error::Status(tonic::Status::invalid_argument(e)))?;
+            let mut client = DataClient::connect(&cli.data_endpoint).await?;
+            let n = write_atomically(&output, async |w| {
+                client.encrypt_stream(&key, &ctx, &mut open_input(&input)?, w).await
+            })
+            .await?;
+            out.print(json!({"bytes": n, "out": output}), || format!("encrypted {n} bytes to {}", output.display()));
+            Ok(())
+        }
+        Command::Decrypt { input, output, context } => {
+            let ctx = context.map().map_err(|e| Error::Status(tonic::Status::invalid_argument(e)))?;
+            let mut client = DataClient::connect(&cli.data_endpoint).await?;
+            let n = write_atomically(&output, async |w| client.decrypt_stream(&ctx, &mut open_input(&input)?, w).await).await?;
+            out.print(json!({"bytes": n, "out": output}), || format!("decrypted {n} bytes to {}", output.display()));
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kmsctl: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kmsctl: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periods() {
+        assert_eq!(parse_period("365d"), Ok(365 * 86_400));
+        assert_eq!(parse_period("12h"), Ok(12 * 3600));
+        assert_eq!(parse_period("90"), Ok(90));
+        assert!(parse_period("1y").is_err());
+        assert!(parse_period("d").is_err());
+        assert!(parse_period("").is_err());
+        assert!(parse_period("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn pairs() {
+        assert_eq!(parse_pair("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert!(parse_pair("=b").is_err());
+        assert!(parse_pair("ab").is_err());
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -37,7 +37,7 @@ pub struct KeyView {
 pub struct VersionView {
     pub record: VersionRecord,
     pub primary: bool,
-    /// Encryptions counted (reserved, so at least the number performed).
+    /// Encryptions counted (at least the number performed).
     pub encryptions: u64,
     pub limits: UsageLimits,
     pub material_missing: bool,
@@ -55,7 +55,7 @@ impl KeyView {
                 .map(|v| VersionView {
                     record: v.record.clone(),
                     primary: v.record.version == entry.record.primary_version,
-                    encryptions: v.usage.reserved(),
+                    encryptions: v.usage.used(&limits),
                     limits,
                     material_missing: v.record.state.has_material() && v.handle.is_none(),
                 })

@@ -32,9 +32,10 @@ impl Usage {
         Usage { used: AtomicU64::new(reserved), reserved: AtomicU64::new(reserved), reserving: Mutex::new(()) }
     }
 
-    /// The count that is at least the number of encryptions performed.
-    pub fn reserved(&self) -> u64 {
-        self.reserved.load(Ordering::SeqCst)
+    /// Encryptions counted so far: every invocation handed out since startup plus everything
+    /// reserved before it, so at least the number performed, and never above the limit.
+    pub fn used(&self, limits: &UsageLimits) -> u64 {
+        self.used.load(Ordering::SeqCst).min(limits.encryption_limit)
     }
 
     /// Takes the number of the next invocation, reserving a new block in the store first when

@@ -1,0 +1,156 @@
+//! `token-inspect ACTION MODULE TOKEN_LABEL PIN_FILE`: looks at a token from a second process,
+//! logged in as the user, the way an attacker with the PIN would (TESTPLAN R8).
+//!
+//! * `list`: every AES secret key with its security attributes, as JSON.
+//! * `create-orphan:KEY_ID`: creates a service-named object with no database row.
+//! * `attack`: for every service key object, tries to read its value, to make it extractable
+//!   or not sensitive, to copy it into a readable object and to wrap it with a key that is not
+//!   trusted; prints what the HSM allowed, as JSON.
+
+use anyhow::{Context, Result};
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::types::AuthPin;
+use serde_json::{Value, json};
+
+const FLAGS: &[(AttributeType, &str)] = &[
+    (AttributeType::Token, "token"),
+    (AttributeType::Private, "private"),
+    (AttributeType::Sensitive, "sensitive"),
+    (AttributeType::Extractable, "extractable"),
+    (AttributeType::Modifiable, "modifiable"),
+    (AttributeType::Encrypt, "encrypt"),
+    (AttributeType::Decrypt, "decrypt"),
+    (AttributeType::Wrap, "wrap"),
+    (AttributeType::Unwrap, "unwrap"),
+    (AttributeType::Sign, "sign"),
+    (AttributeType::Verify, "verify"),
+    (AttributeType::Derive, "derive"),
+    (AttributeType::WrapWithTrusted, "wrap_with_trusted"),
+    (AttributeType::AlwaysSensitive, "always_sensitive"),
+    (AttributeType::NeverExtractable, "never_extractable"),
+];
+
+fn describe(s: &Session, h: ObjectHandle) -> Result<Value> {
+    let mut types: Vec<AttributeType> = FLAGS.iter().map(|(t, _)| *t).collect();
+    types.extend([AttributeType::Label, AttributeType::Id, AttributeType::AllowedMechanisms, AttributeType::ValueLen]);
+    let attrs = s.get_attributes(h, &types)?;
+    let mut out = serde_json::Map::new();
+    for a in attrs {
+        let (name, value) = match a {
+            Attribute::Label(l) => ("label".to_string(), json!(String::from_utf8_lossy(&l))),
+            Attribute::Id(id) => ("id".to_string(), json!(id.iter().map(|b| format!("{b:02x}")).collect::<String>())),
+            Attribute::AllowedMechanisms(m) => {
+                ("allowed_mechanisms".to_string(), json!(m.iter().map(|m| m.to_string()).collect::<Vec<_>>()))
+            }
+            Attribute::ValueLen(n) => ("value_len".to_string(), json!(u64::from(n))),
+            other => {
+                let t = other.attribute_type();
+                let Some((_, name)) = FLAGS.iter().find(|(f, _)| *f == t) else { continue };
+                let flag = match other {
+                    Attribute::Token(b) | Attribute::Private(b) | Attribute::Sensitive(b) | Attribute::Extractable(b)
+                    | Attribute::Modifiable(b) | Attribute::Encrypt(b) | Attribute::Decrypt(b) | Attribute::Wrap(b)
+                    | Attribute::Unwrap(b) | Attribute::Sign(b) | Attribute::Verify(b) | Attribute::Derive(b)
+                    | Attribute::WrapWithTrusted(b) | Attribute::AlwaysSensitive(b) | Attribute::NeverExtractable(b) => b,
+                    _ => continue,
+                };
+                (name.to_string(), json!(flag))
+            }
+        };
+        out.insert(name, value);
+    }
+    Ok(Value::Object(out))
+}
+
+fn attack(s: &Session, h: ObjectHandle) -> Result<Value> {
+    // Reading CKA_VALUE: cryptoki leaves out attributes the token refuses, so "readable" means
+    // the value actually came back.
+    let value_readable = s
+        .get_attributes(h, &[AttributeType::Value])
+        .map(|attrs| attrs.iter().any(|a| matches!(a, Attribute::Value(_))))
+        .unwrap_or(false);
+    let set_extractable = s.update_attributes(h, &[Attribute::Extractable(true)]).is_ok();
+    let set_not_sensitive = s.update_attributes(h, &[Attribute::Sensitive(false)]).is_ok();
+    let set_wrap = s.update_attributes(h, &[Attribute::Wrap(true)]).is_ok();
+    let copy_readable = match s.copy_object(h, &[Attribute::Token(false), Attribute::Sensitive(false)]) {
+        Ok(copy) => {
+            let _ = s.destroy_object(copy);
+            true
+        }
+        Err(_) => false,
+    };
+    let wrapping = s.generate_key(
+        &Mechanism::AesKeyGen,
+        &[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(32.into()),
+            Attribute::Token(false),
+            Attribute::Wrap(true),
+            Attribute::Unwrap(true),
+        ],
+    )?;
+    let wrapped_by_untrusted = s.wrap_key(&Mechanism::AesKeyWrapPad, wrapping, h).is_ok();
+    let _ = s.destroy_object(wrapping);
+    Ok(json!({
+        "value_readable": value_readable,
+        "set_extractable": set_extractable,
+        "set_not_sensitive": set_not_sensitive,
+        "set_wrap": set_wrap,
+        "copy_readable": copy_readable,
+        "wrapped_by_untrusted": wrapped_by_untrusted,
+    }))
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, action, module, label, pin_file] = args.as_slice() else {
+        anyhow::bail!("usage: token-inspect list|attack MODULE TOKEN_LABEL PIN_FILE");
+    };
+    let pkcs11 = Pkcs11::new(module)?;
+    pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))?;
+    let slot = pkcs11
+        .get_slots_with_initialized_token()?
+        .into_iter()
+        .find(|s| pkcs11.get_token_info(*s).is_ok_and(|t| t.label() == label))
+        .context("token not found")?;
+    let session = pkcs11.open_rw_session(slot)?;
+    let pin = std::fs::read_to_string(pin_file)?;
+    session.login(UserType::User, Some(&AuthPin::from(pin.trim())))?;
+    if let Some(key_id) = action.strip_prefix("create-orphan:") {
+        // An object as an interrupted CreateKey would leave it: named like a service key, with
+        // no row in the database.
+        session.generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::ValueLen(32.into()),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Encrypt(true),
+                Attribute::Decrypt(true),
+                Attribute::Label(format!("kms:{key_id}:1").into_bytes()),
+            ],
+        )?;
+        println!("created");
+        return Ok(());
+    }
+    let objects = session.find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::KeyType(KeyType::AES)])?;
+    let mut out = Vec::new();
+    for h in objects {
+        let mut v = describe(&session, h)?;
+        if action == "attack" {
+            if !v["label"].as_str().unwrap_or_default().starts_with("kms:") {
+                continue;
+            }
+            v["attack"] = attack(&session, h)?;
+        }
+        out.push(v);
+    }
+    println!("{}", Value::Array(out));
+    Ok(())
+}

@@ -1,0 +1,53 @@
+//! TESTPLAN R8: the PKCS#11 attributes of every key object, and extraction attempts from a
+//! second process logged in as the user.
+
+use kms_proto::v1 as pb;
+use kms_tests::{Server, create_key};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_key_object_is_sensitive_pinned_and_cannot_be_extracted() {
+    let server = Server::start();
+    let mut admin = server.admin().await;
+    let a = create_key(&mut admin, "").await;
+    create_key(&mut admin, "").await;
+    admin.rotate_key(pb::RotateKeyRequest { key_id: a }).await.unwrap();
+
+    let objects = server.token_objects();
+    assert_eq!(objects.len(), 3);
+    for o in &objects {
+        let label = o["label"].as_str().unwrap();
+        assert!(label.starts_with("kms:"), "{label}");
+        let expect = [
+            ("token", true),
+            ("private", true),
+            ("sensitive", true),
+            ("always_sensitive", true),
+            ("modifiable", false),
+            ("encrypt", true),
+            ("decrypt", true),
+            ("wrap", false),
+            ("unwrap", false),
+            ("sign", false),
+            ("verify", false),
+            ("derive", false),
+            // Extractable only under a trusted wrapping key, for backups (templates.rs).
+            ("extractable", true),
+            ("wrap_with_trusted", true),
+        ];
+        for (attr, want) in expect {
+            assert_eq!(o[attr].as_bool(), Some(want), "{label}: {attr} in {o}");
+        }
+        assert_eq!(o["value_len"].as_u64(), Some(32), "{label}: AES-256");
+        assert_eq!(o["allowed_mechanisms"], serde_json::json!(["CKM_AES_GCM"]), "{label}");
+        assert_eq!(o["id"].as_str().unwrap().len(), 40, "CKA_ID is the key id and version");
+    }
+
+    let attacked: Vec<serde_json::Value> = serde_json::from_slice(&server.inspect("attack")).unwrap();
+    assert_eq!(attacked.len(), 3);
+    for o in attacked {
+        let a = &o["attack"];
+        for attempt in ["value_readable", "set_extractable", "set_not_sensitive", "set_wrap", "copy_readable", "wrapped_by_untrusted"] {
+            assert_eq!(a[attempt].as_bool(), Some(false), "{}: {attempt} was allowed", o["label"]);
+        }
+    }
+}

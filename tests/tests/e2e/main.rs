@@ -1,0 +1,11 @@
+//! End-to-end tests: the real server binary, SoftHSM2, a SQLite file, gRPC on loopback and
+//! `kmsctl`. One test binary with a module per capability, to keep link time down.
+
+mod envelope;
+mod hsm_objects;
+mod kmsctl;
+mod lifecycle;
+mod limits;
+mod persistence;
+mod tamper;
+mod usage;
