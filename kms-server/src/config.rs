@@ -137,7 +137,7 @@ impl Config {
         if self.hsm.sessions == 0 || self.hsm.sessions > 256 {
             return Err(refuse("hsm.sessions", "must be 1 to 256"));
         }
-        if self.listen.data == self.listen.admin {
+        if self.listen.data == self.listen.admin && self.listen.data.port() != 0 {
             return Err(refuse("listen.admin", "the data and admin planes need separate listeners"));
         }
         // Until TLS lands, the planes are plaintext, so they may only listen on loopback.
