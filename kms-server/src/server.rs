@@ -44,7 +44,13 @@ pub async fn serve(config: Config, hint_kmsctl: bool) -> anyhow::Result<()> {
     println!("data plane (kms.v1.Crypto) listening on {data_addr}");
     println!("admin plane (kms.v1.KeyManagement) listening on {admin_addr}");
     if hint_kmsctl {
-        println!("try: kmsctl --endpoint http://{admin_addr} key create --alias demo");
+        // Name the kmsctl built beside this binary when there is one, so the line works as is.
+        let kmsctl = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|dir| dir.join("kmsctl")))
+            .filter(|path| path.exists())
+            .map_or_else(|| "kmsctl".to_string(), |path| path.display().to_string());
+        println!("try: {kmsctl} --endpoint http://{admin_addr} --data-endpoint http://{data_addr} key create --alias demo");
     }
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);

@@ -1,1 +1,88 @@
-fn main() {}
+//! Project automation, std only (the rust-analyzer convention):
+//!
+//! * `cargo xtask dev [ARGS]`: installs what is missing (SoftHSM2, from the distribution's
+//!   packages), builds, and starts `kms-server dev` (token, PIN and database under `.kms-dev/`).
+//! * `cargo xtask test`: installs what is missing, builds every binary the end-to-end tests
+//!   spawn, and runs the whole suite. `.ci/run` calls exactly this.
+
+use std::path::Path;
+use std::process::{Command, ExitCode};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("dev") => dev(&args[1..]),
+        Some("test") => test(&args[1..]),
+        _ => Err("usage: cargo xtask dev [kms-server dev options] | cargo xtask test [test filter]".to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd.status().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if status.success() { Ok(()) } else { Err(format!("{cmd:?} failed: {status}")) }
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
+/// SoftHSM2 from Debian/Ubuntu's own packages; nothing is downloaded from anywhere else.
+fn ensure_softhsm() -> Result<(), String> {
+    let module_present = ["/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so"]
+        .iter()
+        .any(|p| Path::new(p).exists());
+    if on_path("softhsm2-util") && module_present {
+        return Ok(());
+    }
+    if !on_path("apt-get") {
+        return Err("SoftHSM2 is missing and this is not a Debian/Ubuntu system: install softhsm2 with your package manager".into());
+    }
+    eprintln!("xtask: installing SoftHSM2 from the distribution's packages");
+    let is_root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0"));
+    let apt = |args: &[&str]| {
+        let mut cmd = if is_root { Command::new("apt-get") } else { Command::new("sudo") };
+        if !is_root {
+            cmd.args(["-n", "apt-get"]);
+        }
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    run(&mut apt(&["update", "-qq"]))?;
+    run(&mut apt(&["install", "-y", "-qq", "--no-install-recommends", "softhsm2"]))
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn dev(args: &[String]) -> Result<(), String> {
+    ensure_softhsm()?;
+    run(cargo().args(["build", "--bins", "-p", "kms-server", "-p", "kms-client"]))?;
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    run(Command::new(Path::new(&target).join("debug/kms-server")).arg("dev").args(args))
+}
+
+fn test(args: &[String]) -> Result<(), String> {
+    ensure_softhsm()?;
+    // The end-to-end tests spawn kms-server, kmsctl and token-inspect: build them first.
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    let nextest = cargo().args(["nextest", "--version"]).output().is_ok_and(|o| o.status.success());
+    if nextest {
+        run(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]).args(args))?;
+        // nextest does not run doctests.
+        run(cargo().args(["test", "--workspace", "--doc"]))?;
+    } else {
+        run(cargo().args(["test", "--workspace", "--no-fail-fast"]).args(args))?;
+    }
+    // The benches compile and each runs once (criterion's test mode): no timing is asserted.
+    run(cargo().args(["bench", "-p", "kms-benches", "--", "--test"]))
+}

@@ -2,6 +2,7 @@
 //! `kmsctl`. One test binary with a module per capability, to keep link time down.
 
 mod envelope;
+mod golden;
 mod hsm_objects;
 mod kmsctl;
 mod lifecycle;
