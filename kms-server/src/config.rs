@@ -23,6 +23,22 @@ pub struct Config {
     pub listen: ListenConfig,
     #[serde(default)]
     pub keys: KeysConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Seconds between HSM probes (an encryption under the canary key). The health status is
+    /// never older than this; AWS's external key store contract allows at most 60 s.
+    pub probe_interval_seconds: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig { probe_interval_seconds: 10 }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -147,6 +163,9 @@ impl Config {
             }
         }
         self.keys.limits().validate().map_err(|e| refuse("keys", e))?;
+        if !(1..=60).contains(&self.health.probe_interval_seconds) {
+            return Err(refuse("health.probe_interval_seconds", "must be 1 to 60"));
+        }
         if self.keys.sweep_interval_seconds == 0 {
             return Err(refuse("keys.sweep_interval_seconds", "must be at least 1"));
         }

@@ -4,7 +4,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use kms_server::config::{Config, HsmConfig, KeysConfig, ListenConfig};
+use kms_server::config::{Config, HealthConfig, HsmConfig, KeysConfig, ListenConfig};
 
 #[derive(Parser)]
 #[command(name = "kms-server", version, about = "Client-held key management service")]
@@ -76,6 +76,7 @@ fn main() -> anyhow::Result<()> {
                 },
                 listen: ListenConfig { data: data_listen, admin: admin_listen },
                 keys: KeysConfig { sweep_interval_seconds: sweep_interval, ..KeysConfig::default() },
+                health: HealthConfig::default(),
             };
             config.validate()?;
             println!("development mode: token, PIN and database under {}", data_dir.display());

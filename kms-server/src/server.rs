@@ -56,10 +56,23 @@ pub async fn serve(config: Config, hint_kmsctl: bool) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let sweeper = tokio::spawn(sweep_loop(kms.clone(), Duration::from_secs(config.keys.sweep_interval_seconds), shutdown_rx.clone()));
 
+    let (data_health, data_health_service) = tonic_health::server::health_reporter();
+    let (admin_health, admin_health_service) = tonic_health::server::health_reporter();
+    let health = Health { planes: vec![(data_health, "kms.v1.Crypto"), (admin_health, "kms.v1.KeyManagement")] };
+    health.set(probe(&kms).await).await;
+    let prober = tokio::spawn(probe_loop(
+        kms.clone(),
+        health,
+        Duration::from_secs(config.health.probe_interval_seconds),
+        shutdown_rx.clone(),
+    ));
+
     let crypto = CryptoServer::new(CryptoService(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let keymgmt = KeyManagementServer::new(AdminService(shared)).max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let data_server = plane(data, data_addr, shutdown_rx.clone(), |router| router.add_service(crypto), "kms.v1.Crypto");
-    let admin_server = plane(admin, admin_addr, shutdown_rx, |router| router.add_service(keymgmt), "kms.v1.KeyManagement");
+    let data_server =
+        plane(data, data_addr, shutdown_rx.clone(), |server| server.add_service(crypto).add_service(data_health_service));
+    let admin_server =
+        plane(admin, admin_addr, shutdown_rx, |server| server.add_service(keymgmt).add_service(admin_health_service));
 
     let signals = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -76,27 +89,69 @@ pub async fn serve(config: Config, hint_kmsctl: bool) -> anyhow::Result<()> {
     a?;
     s?;
     sweeper.abort();
+    prober.abort();
     Ok(())
 }
 
+/// The health reporters of both planes.
+struct Health {
+    planes: Vec<(tonic_health::server::HealthReporter, &'static str)>,
+}
+
+impl Health {
+    /// NOT_SERVING while the HSM probe fails: load balancers stop sending traffic, and
+    /// `grpc-health-probe` / Kubernetes see it.
+    async fn set(&self, probe: Result<(), String>) {
+        let status = match &probe {
+            Ok(()) => tonic_health::ServingStatus::Serving,
+            Err(e) => {
+                tracing::error!(error = %e, "HSM health probe failed: NOT_SERVING");
+                tonic_health::ServingStatus::NotServing
+            }
+        };
+        for (reporter, service) in &self.planes {
+            reporter.set_service_status(*service, status).await;
+            reporter.set_service_status("", status).await;
+        }
+    }
+}
+
+async fn probe_loop(kms: Arc<Kms>, health: Health, every: Duration, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        health.set(probe(&kms).await).await;
+    }
+}
+
+/// `Kms::probe_hsm` on the blocking pool.
+async fn probe(kms: &Arc<Kms>) -> Result<(), String> {
+    let kms = kms.clone();
+    match tokio::task::spawn_blocking(move || kms.probe_hsm()).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Serves one plane: its service and health (added by `add`), plus reflection.
 async fn plane(
     listener: TcpListener,
     addr: SocketAddr,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
     add: impl FnOnce(&mut Server) -> tonic::transport::server::Router,
-    service_name: &'static str,
 ) -> anyhow::Result<()> {
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_service_status(service_name, tonic_health::ServingStatus::Serving).await;
-    health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(kms_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let mut server = Server::builder()
         .timeout(Duration::from_secs(30))
         .http2_keepalive_interval(Some(Duration::from_secs(30)));
-    let router = add(&mut server).add_service(health).add_service(reflection);
-    tracing::info!(%addr, service_name, "serving");
+    let router = add(&mut server).add_service(reflection);
+    tracing::info!(%addr, "serving");
     router
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             let _ = shutdown.wait_for(|stop| *stop).await;

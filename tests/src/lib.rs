@@ -95,7 +95,8 @@ impl Server {
             "data_dir = {:?}\n\
              [hsm]\nmodule = {:?}\ntoken_label = {:?}\npin_file = {:?}\nsessions = 4\n\
              [listen]\ndata = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
-             [keys]\nrotation_threshold = {}\nencryption_limit = {}\nusage_reservation_block = {}\nsweep_interval_seconds = {}\n",
+             [keys]\nrotation_threshold = {}\nencryption_limit = {}\nusage_reservation_block = {}\nsweep_interval_seconds = {}\n\
+             [health]\nprobe_interval_seconds = 1\n",
             self.dir.path(),
             self.token.module,
             self.token.label,

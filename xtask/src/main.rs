@@ -75,15 +75,16 @@ fn test(args: &[String]) -> Result<(), String> {
     ensure_softhsm()?;
     // The end-to-end tests spawn kms-server, kmsctl and token-inspect: build them first.
     run(cargo().args(["build", "--workspace", "--bins"]))?;
-    let nextest = cargo().args(["nextest", "--version"]).output().is_ok_and(|o| o.status.success());
-    if nextest {
-        run(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]).args(args))?;
-        // nextest does not run doctests.
-        run(cargo().args(["test", "--workspace", "--doc"]))?;
-    } else {
-        run(cargo().args(["test", "--workspace", "--no-fail-fast"]).args(args))?;
-    }
     // The benches compile and each runs once (criterion's test mode, in the test profile so
     // nothing is compiled twice): no timing is asserted.
-    run(cargo().args(["test", "-p", "kms-benches", "--benches"]))
+    run(cargo().args(["test", "-p", "kms-benches", "--benches"]))?;
+    // The suite runs last, so that its summary closes the output.
+    let nextest = cargo().args(["nextest", "--version"]).output().is_ok_and(|o| o.status.success());
+    if nextest {
+        // nextest does not run doctests.
+        run(cargo().args(["test", "--workspace", "--doc"]))?;
+        run(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]).args(args))
+    } else {
+        run(cargo().args(["test", "--workspace", "--no-fail-fast"]).args(args))
+    }
 }

@@ -87,4 +87,7 @@ pub trait Hsm: Send + Sync {
     fn destroy(&self, key: KeyHandle) -> Result<(), HsmError>;
 
     fn token_info(&self) -> Result<TokenInfo, HsmError>;
+
+    /// The health canary's handle, creating the canary on first use (startup only).
+    fn canary(&self) -> Result<KeyHandle, HsmError>;
 }

@@ -112,6 +112,10 @@ fn classify(function: &'static str, e: CkError) -> HsmError {
             | RvError::SessionClosed
             | RvError::SessionCount
             | RvError::UserNotLoggedIn
+            // A handle that went stale (the token was reset or its objects reloaded): the object
+            // may still exist under a new handle; `Kms::repair_handles` finds it again.
+            | RvError::ObjectHandleInvalid
+            | RvError::KeyHandleInvalid
             | RvError::GeneralError
             | RvError::FunctionFailed
             | RvError::HostMemory
@@ -177,6 +181,13 @@ impl Hsm for Pkcs11Hsm {
 
     fn destroy(&self, key: KeyHandle) -> Result<(), HsmError> {
         self.with_session("C_DestroyObject", |s| s.destroy_object(key))
+    }
+
+    fn canary(&self) -> Result<KeyHandle, HsmError> {
+        self.with_session("C_FindObjects", |s| match s.find_objects(&templates::canary_search())?.first() {
+            Some(handle) => Ok(*handle),
+            None => s.generate_key(&Mechanism::AesKeyGen, &templates::canary()),
+        })
     }
 
     fn token_info(&self) -> Result<TokenInfo, HsmError> {

@@ -80,6 +80,40 @@ pub fn key_version(name: &ObjectName) -> Vec<Attribute> {
     ]
 }
 
+/// The label of the health canary: a key that only ever encrypts a fixed probe, so that health
+/// is a real HSM operation on a real key object (as AWS's external key store health check does).
+/// It does not start with `LABEL_PREFIX`, so reconciliation never touches it.
+pub const CANARY_LABEL: &str = "kms-health-canary";
+
+/// The template of the health canary: like a key version, but encrypt-only and never
+/// extractable (it protects nothing and is never backed up).
+pub fn canary() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(AES_256_LEN.into()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Modifiable(false),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+        Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM]),
+        Attribute::Label(CANARY_LABEL.as_bytes().to_vec()),
+    ]
+}
+
+/// Finds the canary by its label.
+pub fn canary_search() -> Vec<Attribute> {
+    vec![Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(CANARY_LABEL.as_bytes().to_vec())]
+}
+
 /// The template that finds every AES secret key on the token (at startup only: `C_FindObjects`
 /// is linear in the number of objects and touches the disk for each, SOFTHSM-NOTES.md).
 pub fn all_aes_keys() -> Vec<Attribute> {

@@ -59,6 +59,8 @@ pub struct Settings {
 
 pub struct Kms {
     hsm: Arc<dyn Hsm>,
+    /// The health canary's object (see `hsm::templates::canary`); replaced by `repair_handles`.
+    canary: std::sync::RwLock<crate::hsm::KeyHandle>,
     store: Arc<Store>,
     registry: Registry,
     settings: Settings,
@@ -76,7 +78,8 @@ impl Kms {
     /// Opens the service: reconciles the store with the HSM (see `recovery`) and loads the
     /// registry.
     pub fn open(hsm: Arc<dyn Hsm>, store: Arc<Store>, settings: Settings) -> Result<Kms> {
-        let kms = Kms { hsm, store, registry: Registry::default(), settings, admin: Mutex::new(()) };
+        let canary = std::sync::RwLock::new(hsm.canary()?);
+        let kms = Kms { hsm, canary, store, registry: Registry::default(), settings, admin: Mutex::new(()) };
         kms.recover()?;
         Ok(kms)
     }
@@ -87,6 +90,25 @@ impl Kms {
 
     pub fn hsm(&self) -> &dyn Hsm {
         &*self.hsm
+    }
+
+    /// The health probe: one real AES-GCM encryption under the canary key, through the same
+    /// session pool as every request. When it fails, the object handles may have gone stale (an
+    /// HSM that restarted or reloaded its objects hands out new ones): they are looked up again
+    /// and the probe tried once more.
+    pub fn probe_hsm(&self) -> Result<()> {
+        let probe = || -> Result<()> {
+            let canary = *self.canary.read().unwrap_or_else(|p| p.into_inner());
+            let mut iv = [0u8; IV_LEN];
+            self.hsm.random(&mut iv)?;
+            self.hsm.encrypt(canary, &Iv(iv), b"kms-health-probe", &[0u8; 16])?;
+            Ok(())
+        };
+        probe().or_else(|first| {
+            tracing::warn!(error = %first, "HSM probe failed; looking the key objects up again");
+            self.repair_handles()?;
+            probe()
+        })
     }
 
     // ----- data plane -----

@@ -99,6 +99,32 @@ impl Kms {
         Ok(())
     }
 
+    /// Looks every key object up again and replaces the cached handles (and the canary's). The
+    /// registry keeps its states and usage counters; a version whose object is gone becomes
+    /// `material_missing`.
+    pub(super) fn repair_handles(&self) -> Result<()> {
+        let _admin = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let canary = self.hsm.canary()?;
+        let objects: HashMap<ObjectName, KeyHandle> = self.hsm.find_keys()?.into_iter().collect();
+        *self.canary.write().unwrap_or_else(|p| p.into_inner()) = canary;
+        let mut state = self.registry.write();
+        let entries: Vec<_> = state.keys.values().cloned().collect();
+        for entry in entries {
+            let versions = entry
+                .versions
+                .values()
+                .map(|v| {
+                    let name = ObjectName { key_id: v.record.key_id, version: v.record.version };
+                    let handle = if v.record.state.has_material() { objects.get(&name).copied() } else { None };
+                    (v.record.clone(), handle)
+                })
+                .collect();
+            state.put(entry.record.clone(), versions);
+        }
+        tracing::info!(objects = objects.len(), "key object handles looked up again");
+        Ok(())
+    }
+
     fn version_row(&self, name: &ObjectName) -> Result<Option<VersionRecord>> {
         // Startup only: a full read is fine, and keeps the store's interface small.
         let versions = self.store.read(|tx| tx.versions())?;

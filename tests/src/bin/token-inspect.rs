@@ -3,6 +3,7 @@
 //!
 //! * `list`: every AES secret key with its security attributes, as JSON.
 //! * `create-orphan:KEY_ID`: creates a service-named object with no database row.
+//! * `destroy:LABEL`: destroys an object behind the service's back.
 //! * `attack`: for every service key object, tries to read its value, to make it extractable
 //!   or not sensitive, to copy it into a readable object and to wrap it with a key that is not
 //!   trusted; prints what the HSM allowed, as JSON.
@@ -137,6 +138,15 @@ fn main() -> Result<()> {
             ],
         )?;
         println!("created");
+        return Ok(());
+    }
+    if let Some(label) = action.strip_prefix("destroy:") {
+        // An object lost behind the service's back (a power cut, an HSM restored from an older
+        // state).
+        let found = session.find_objects(&[Attribute::Label(label.as_bytes().to_vec())])?;
+        let handle = found.first().context("no object with that label")?;
+        session.destroy_object(*handle)?;
+        println!("destroyed");
         return Ok(());
     }
     let objects = session.find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::KeyType(KeyType::AES)])?;

@@ -3,6 +3,7 @@
 
 mod envelope;
 mod golden;
+mod health;
 mod hsm_objects;
 mod kmsctl;
 mod lifecycle;

@@ -145,3 +145,78 @@ async fn an_interrupted_create_is_rolled_back_at_startup() {
     let recovery: String = db.query_row("SELECT detail FROM audit WHERE operation = 'Recovery'", [], |r| r.get(0)).unwrap();
     assert!(recovery.contains("rolled back"), "{recovery}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_rotates_when_its_rotation_period_is_due() {
+    let mut server = Server::start();
+    let key = {
+        let mut admin = server.admin().await;
+        let r = admin
+            .create_key(pb::CreateKeyRequest { description: String::new(), alias: String::new(), rotation_period_seconds: 86_400 })
+            .await
+            .unwrap()
+            .into_inner();
+        let meta = r.key.unwrap();
+        assert!(meta.next_rotation_time >= meta.creation_time + 86_400);
+        meta.key_id
+    };
+    // A day passes.
+    server.stop();
+    rusqlite::Connection::open(server.db_path()).unwrap().execute("UPDATE keys SET next_rotation_at = 1", []).unwrap();
+    server.restart();
+    let mut admin = server.admin().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = admin.describe_key(pb::DescribeKeyRequest { key_id: key.clone() }).await.unwrap().into_inner();
+        let meta = d.key.unwrap();
+        if meta.primary_version == 2 {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+            assert!(meta.next_rotation_time > now, "the next rotation is a period away");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no automatic rotation");
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_hsm_object_is_reported_and_its_version_refused_not_dropped() {
+    let mut server = Server::start();
+    let (key, blob) = {
+        let mut admin = server.admin().await;
+        let mut data = server.data().await;
+        let key = create_key(&mut admin, "").await;
+        let blob = data
+            .encrypt(pb::EncryptRequest { key_id: key.clone(), plaintext: b"x".to_vec(), encryption_context: Default::default() })
+            .await
+            .unwrap()
+            .into_inner()
+            .ciphertext_blob;
+        (key, blob)
+    };
+    server.stop();
+    server.inspect(&format!("destroy:kms:{key}:1"));
+    server.restart();
+    let mut admin = server.admin().await;
+    let d = admin.describe_key(pb::DescribeKeyRequest { key_id: key.clone() }).await.unwrap().into_inner();
+    assert!(d.key.unwrap().material_missing, "the key is reported");
+    assert!(d.versions[0].material_missing);
+    assert_eq!(d.versions[0].state, pb::KeyVersionState::VersionEnabled as i32, "the row is kept as it was");
+    let mut data = server.data().await;
+    let e = data
+        .encrypt(pb::EncryptRequest { key_id: key.clone(), plaintext: b"x".to_vec(), encryption_context: Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("missing"), "{}", e.message());
+    let e = data
+        .decrypt(pb::DecryptRequest { ciphertext_blob: blob, encryption_context: Default::default(), key_id: String::new() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    let reported: i64 = server
+        .db()
+        .query_row("SELECT COUNT(*) FROM audit WHERE operation = 'Recovery' AND detail LIKE '%missing%'", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(reported, 1);
+}
