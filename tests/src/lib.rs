@@ -223,10 +223,12 @@ impl Server {
             .expect("database opens")
     }
 
-    /// Every key object on the token, as `token-inspect` sees it from a second process.
+    /// Every customer key object on the token (label `kms:…`), as `token-inspect` sees it from
+    /// a second process. The health canary (`kms-health-canary`) is left out.
     pub fn token_objects(&self) -> Vec<serde_json::Value> {
         let out = self.inspect("list");
-        serde_json::from_slice::<Vec<serde_json::Value>>(&out).expect("token-inspect prints JSON")
+        let all = serde_json::from_slice::<Vec<serde_json::Value>>(&out).expect("token-inspect prints JSON");
+        all.into_iter().filter(|o| o["label"].as_str().is_some_and(|l| l.starts_with("kms:"))).collect()
     }
 
     /// Runs `token-inspect ACTION` against this server's token and returns its stdout.
