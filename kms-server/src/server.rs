@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kms_proto::v1::audit_log_server::AuditLogServer;
 use kms_proto::v1::crypto_server::CryptoServer;
 use kms_proto::v1::key_management_server::KeyManagementServer;
 use tokio::net::TcpListener;
@@ -11,8 +12,10 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
 use crate::api::admin::AdminService;
+use crate::api::audit::AuditService;
 use crate::api::crypto::CryptoService;
 use crate::api::{MAX_MESSAGE_BYTES, RequestIds, Shared};
+use crate::audit::writer::AuditWriter;
 use crate::config::Config;
 use crate::hsm::pkcs11::Pkcs11Hsm;
 use crate::service::{Kms, Settings};
@@ -30,13 +33,13 @@ pub async fn serve(config: Config, hint_kmsctl: bool) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)?;
     let db = config.data_dir.join("kms.db");
     let settings = Settings { limits: config.keys.limits() };
-    let kms = tokio::task::spawn_blocking(move || -> anyhow::Result<Kms> {
+    let (kms, store) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Kms, Arc<Store>)> {
         let store = Arc::new(Store::open(&db)?);
-        Ok(Kms::open(Arc::new(hsm), store, settings)?)
+        Ok((Kms::open(Arc::new(hsm), store.clone(), settings)?, store))
     })
     .await??;
     let kms = Arc::new(kms);
-    let shared = Shared { kms: kms.clone(), ids: Arc::new(RequestIds::default()) };
+    let shared = Shared { kms: kms.clone(), ids: Arc::new(RequestIds::default()), audit: AuditWriter::start(store)? };
 
     let data = TcpListener::bind(config.listen.data).await?;
     let admin = TcpListener::bind(config.listen.admin).await?;
@@ -68,11 +71,14 @@ pub async fn serve(config: Config, hint_kmsctl: bool) -> anyhow::Result<()> {
     ));
 
     let crypto = CryptoServer::new(CryptoService(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let keymgmt = KeyManagementServer::new(AdminService(shared)).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let keymgmt = KeyManagementServer::new(AdminService(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let audit = AuditLogServer::new(AuditService(shared)).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let data_server =
         plane(data, data_addr, shutdown_rx.clone(), |server| server.add_service(crypto).add_service(data_health_service));
     let admin_server =
-        plane(admin, admin_addr, shutdown_rx, |server| server.add_service(keymgmt).add_service(admin_health_service));
+        plane(admin, admin_addr, shutdown_rx, |server| {
+        server.add_service(keymgmt).add_service(audit).add_service(admin_health_service)
+    });
 
     let signals = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

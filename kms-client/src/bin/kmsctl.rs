@@ -13,6 +13,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use clap::{Args, Parser, Subcommand};
 use kms_client::pb;
+use kms_client::pb::audit_log_client::AuditLogClient;
 use kms_client::pb::key_management_client::KeyManagementClient;
 use kms_client::{DataClient, Error, channel};
 use serde_json::{Value, json};
@@ -45,6 +46,9 @@ enum Command {
     /// Data keys for envelope encryption.
     #[command(subcommand)]
     DataKey(DataKeyCommand),
+    /// The audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Envelope-encrypts a file of any size under a fresh data key (docs/file-format.md).
     Encrypt {
         #[arg(long)]
@@ -179,6 +183,20 @@ enum AliasCommand {
     List {
         #[arg(long)]
         key: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verifies the hash chain; exits non-zero and names the first bad record if it is broken.
+    Verify,
+    /// Prints records in order.
+    List {
+        /// Records after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
     },
 }
 
@@ -440,6 +458,46 @@ async fn run(cli: Cli) -> Result<(), Error> {
                         Value::Array(r.aliases.iter().map(|a| json!({"alias": a.alias, "key_id": a.key_id, "creation_time": a.creation_time})).collect()),
                         || r.aliases.iter().map(|a| format!("{} -> {}", a.alias, a.key_id)).collect::<Vec<_>>().join("\n"),
                     );
+                    Ok(())
+                }
+            }
+        }
+        Command::Audit(cmd) => {
+            let mut c = AuditLogClient::new(channel(&cli.endpoint).await?);
+            match cmd {
+                AuditCommand::Verify => {
+                    let r = c.verify_audit(pb::VerifyAuditRequest {}).await?.into_inner();
+                    out.print(
+                        json!({"ok": r.ok, "records": r.records, "first_bad_index": r.first_bad_index, "problem": r.problem}),
+                        || if r.ok { format!("audit chain ok: {} records", r.records) } else { format!("audit chain BROKEN at record {}: {}", r.first_bad_index, r.problem) },
+                    );
+                    if r.ok {
+                        Ok(())
+                    } else {
+                        Err(Error::Status(tonic::Status::data_loss(format!("the audit chain is broken at record {}", r.first_bad_index))))
+                    }
+                }
+                AuditCommand::List { after, limit } => {
+                    let r = c.list_audit_records(pb::ListAuditRecordsRequest { after_seq: after, page_size: limit }).await?.into_inner();
+                    let rows: Vec<Value> = r
+                        .records
+                        .iter()
+                        .map(|a| {
+                            json!({
+                                "seq": a.seq, "time": a.time, "request_id": a.request_id, "principal": a.principal,
+                                "operation": a.operation, "key_id": a.key_id, "key_version": a.key_version,
+                                "encryption_context": a.encryption_context, "outcome": a.outcome, "status": a.status,
+                                "detail": a.detail,
+                            })
+                        })
+                        .collect();
+                    out.print(Value::Array(rows), || {
+                        r.records
+                            .iter()
+                            .map(|a| format!("{} {} {} {} {} {} {}", a.seq, a.time, a.principal, a.operation, a.key_id, a.outcome, a.status))
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    });
                     Ok(())
                 }
             }

@@ -2,16 +2,15 @@
 
 use kms_proto::v1 as pb;
 use kms_proto::v1::key_management_server::KeyManagement;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
-use super::{Shared, key_ref, optional_key_ref, status};
-use crate::audit::{AuditEvent, Outcome};
+use super::{Audit, Shared, key_ref, optional_key_ref};
 use crate::domain::ids::{AliasName, KeyId, KeyRef};
 use crate::domain::lifecycle::{
     DEFAULT_PENDING_DAYS, KeyState, KeyTransition, MAX_PENDING_DAYS, MIN_PENDING_DAYS, VersionState, VersionTransition,
 };
 use crate::error::Error;
-use crate::service::{Caller, KeyView, Kms, VersionView};
+use crate::service::{KeyView, VersionView};
 
 /// The admin plane's gRPC service.
 #[derive(Debug, Clone)]
@@ -27,63 +26,6 @@ const MAX_ROTATION_SECS: u64 = 100 * 365 * 86_400;
 /// ListKeys page sizes (the AWS KMS `Limit` range is 1 to 1,000, default 100).
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
-
-fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        _ => "INTERNAL",
-    }
-}
-
-impl Shared {
-    /// `respond` for admin calls, auditing every refusal and failure on its own (successful
-    /// changes are audited in their own transaction by the service).
-    async fn respond_audited<T: Send + 'static>(
-        &self,
-        operation: &'static str,
-        f: impl FnOnce(&Kms, &Caller) -> Result<T, Error> + Send + 'static,
-    ) -> Result<Response<T>, Status> {
-        match self.run(operation, f).await {
-            Ok((v, _)) => Ok(Response::new(v)),
-            Err((e, caller)) => {
-                let st = status(&e, &caller.request_id);
-                let outcome = match st.code() {
-                    Code::Unavailable | Code::Internal | Code::DeadlineExceeded => Outcome::Failed,
-                    _ => Outcome::Denied,
-                };
-                let event = AuditEvent {
-                    request_id: caller.request_id.clone(),
-                    principal: caller.principal.clone(),
-                    operation,
-                    key_id: None,
-                    key_version: None,
-                    context: None,
-                    outcome,
-                    status: code_name(st.code()),
-                    detail: st.message().to_string(),
-                };
-                let kms = self.kms.clone();
-                match tokio::task::spawn_blocking(move || kms.record(&event)).await {
-                    Ok(Ok(())) => Err(st),
-                    // Fail closed: a refusal that cannot be audited is answered as unavailable.
-                    _ => Err(Status::unavailable(format!(
-                        "the audit trail could not be written; retry later (request id {})",
-                        caller.request_id
-                    ))),
-                }
-            }
-        }
-    }
-}
 
 fn key_state(s: KeyState) -> pb::KeyState {
     match s {
@@ -162,7 +104,7 @@ fn version_response(v: KeyView, n: u32) -> Result<pb::KeyVersionResponse, Error>
 impl AdminService {
     async fn key_transition(&self, operation: &'static str, key_id: String, t: KeyTransition, days: u32) -> Result<Response<pb::KeyMetadataResponse>, Status> {
         self.0
-            .respond_audited(operation, move |kms, caller| {
+            .call(operation, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let key = key_ref("key_id", &key_id)?;
                 let days = if t == KeyTransition::ScheduleDestruction { pending_days(days)? } else { 0 };
                 kms.transition_key(caller, &key, t, days).map(key_view_response)
@@ -172,7 +114,7 @@ impl AdminService {
 
     async fn version_transition(&self, operation: &'static str, key_id: String, n: u32, t: VersionTransition, days: u32) -> Result<Response<pb::KeyVersionResponse>, Status> {
         self.0
-            .respond_audited(operation, move |kms, caller| {
+            .call(operation, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let key = key_ref("key_id", &key_id)?;
                 let n = version_number(n)?;
                 let days = if t == VersionTransition::ScheduleDestruction { pending_days(days)? } else { 0 };
@@ -187,7 +129,7 @@ impl KeyManagement for AdminService {
     async fn create_key(&self, request: Request<pb::CreateKeyRequest>) -> Result<Response<pb::CreateKeyResponse>, Status> {
         let r = request.into_inner();
         self.0
-            .respond_audited("CreateKey", move |kms, caller| {
+            .call("CreateKey", Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 if r.description.chars().count() > MAX_DESCRIPTION {
                     return Err(Error::invalid("description", format!("is longer than {MAX_DESCRIPTION} characters")));
                 }
@@ -212,7 +154,7 @@ impl KeyManagement for AdminService {
     async fn describe_key(&self, request: Request<pb::DescribeKeyRequest>) -> Result<Response<pb::DescribeKeyResponse>, Status> {
         let r = request.into_inner();
         self.0
-            .respond_audited("DescribeKey", move |kms, _| {
+            .call("DescribeKey", Audit::EveryOutcome, move |kms, _, _| {
                 let view = kms.describe_key(&key_ref("key_id", &r.key_id)?)?;
                 Ok(pb::DescribeKeyResponse { key: Some(metadata(&view)), versions: view.versions.iter().map(version).collect() })
             })
@@ -222,7 +164,7 @@ impl KeyManagement for AdminService {
     async fn list_keys(&self, request: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
         let r = request.into_inner();
         self.0
-            .respond_audited("ListKeys", move |kms, _| {
+            .call("ListKeys", Audit::EveryOutcome, move |kms, _, _| {
                 let size = match r.page_size {
                     0 => DEFAULT_PAGE,
                     n if n <= MAX_PAGE => n,
@@ -245,7 +187,7 @@ impl KeyManagement for AdminService {
     async fn list_key_versions(&self, request: Request<pb::ListKeyVersionsRequest>) -> Result<Response<pb::ListKeyVersionsResponse>, Status> {
         let r = request.into_inner();
         self.0
-            .respond_audited("ListKeyVersions", move |kms, _| {
+            .call("ListKeyVersions", Audit::EveryOutcome, move |kms, _, _| {
                 let view = kms.describe_key(&key_ref("key_id", &r.key_id)?)?;
                 Ok(pb::ListKeyVersionsResponse {
                     key_id: view.record.key_id.to_string(),
@@ -258,7 +200,7 @@ impl KeyManagement for AdminService {
     async fn rotate_key(&self, request: Request<pb::RotateKeyRequest>) -> Result<Response<pb::RotateKeyResponse>, Status> {
         let r = request.into_inner();
         self.0
-            .respond_audited("RotateKey", move |kms, caller| {
+            .call("RotateKey", Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let view = kms.rotate_key(caller, &key_ref("key_id", &r.key_id)?)?;
                 let primary = view.version(view.record.primary_version).map(version);
                 Ok(pb::RotateKeyResponse { key: Some(metadata(&view)), version: primary })
@@ -310,7 +252,7 @@ impl KeyManagement for AdminService {
     async fn create_alias(&self, request: Request<pb::CreateAliasRequest>) -> Result<Response<pb::CreateAliasResponse>, Status> {
         let r = request.into_inner();
         self.0
-            .respond_audited("CreateAlias", move |kms, caller| {
+            .call("CreateAlias", Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let alias = AliasName::parse(&r.alias).map_err(|e| Error::invalid("alias", e))?;
                 let key_id = match key_ref("key_id", &r.key_id)? {
                     KeyRef::Id(id) => id,
@@ -325,7 +267,7 @@ impl KeyManagement for AdminService {
     async fn delete_alias(&self, request: Request<pb::DeleteAliasRequest>) -> Result<Response<pb::DeleteAliasResponse>, Status> {
         let r = request.into_inner();
         self.0
-            .respond_audited("DeleteAlias", move |kms, caller| {
+            .call("DeleteAlias", Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let alias = AliasName::parse(&r.alias).map_err(|e| Error::invalid("alias", e))?;
                 kms.delete_alias(caller, &alias)?;
                 Ok(pb::DeleteAliasResponse {})
@@ -336,7 +278,7 @@ impl KeyManagement for AdminService {
     async fn list_aliases(&self, request: Request<pb::ListAliasesRequest>) -> Result<Response<pb::ListAliasesResponse>, Status> {
         let r = request.into_inner();
         self.0
-            .respond_audited("ListAliases", move |kms, _| {
+            .call("ListAliases", Audit::EveryOutcome, move |kms, _, _| {
                 let key = optional_key_ref("key_id", &r.key_id)?;
                 let aliases = kms.list_aliases(key.as_ref())?;
                 Ok(pb::ListAliasesResponse {

@@ -4,7 +4,8 @@ use kms_proto::v1 as pb;
 use kms_proto::v1::crypto_server::Crypto;
 use tonic::{Request, Response, Status};
 
-use super::{Shared, context, key_ref, optional_key_ref};
+use super::{Audit, Facts, Shared, context, key_ref, optional_key_ref};
+use crate::domain::blob::Blob;
 use crate::domain::blob::MAX_BLOB;
 use crate::error::Error;
 
@@ -35,6 +36,14 @@ fn blob_field(field: &'static str, blob: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
+/// The key and version a blob claims, for the audit record (whether or not it decrypts).
+fn blob_facts(blob: &[u8], facts: &mut Facts) {
+    if let Ok(parsed) = Blob::parse(blob) {
+        facts.key_id = Some(parsed.header.key_id);
+        facts.key_version = Some(parsed.header.version);
+    }
+}
+
 /// The most random bytes one GenerateRandom call returns (the AWS KMS limit).
 const MAX_RANDOM: u32 = 1024;
 
@@ -46,11 +55,14 @@ impl Crypto for CryptoService {
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
         let r = request.into_inner();
         self.0
-            .respond("GenerateDataKey", move |kms, _| {
+            .call("GenerateDataKey", Audit::EveryOutcome, move |kms, _, facts| {
                 let key = key_ref("key_id", &r.key_id)?;
+                facts.key_id = kms.key_id_of(&key);
                 let len = data_key_len(r.key_spec, r.number_of_bytes)?;
                 let ctx = context("encryption_context", r.encryption_context)?;
+                facts.context = Some(ctx.clone());
                 let (enc, data_key) = kms.generate_data_key(&key, len, &ctx)?;
+                facts.key_version = Some(enc.key_version);
                 Ok(pb::GenerateDataKeyResponse {
                     key_id: enc.key_id.to_string(),
                     key_version: enc.key_version,
@@ -67,11 +79,14 @@ impl Crypto for CryptoService {
     ) -> Result<Response<pb::GenerateDataKeyWithoutPlaintextResponse>, Status> {
         let r = request.into_inner();
         self.0
-            .respond("GenerateDataKeyWithoutPlaintext", move |kms, _| {
+            .call("GenerateDataKeyWithoutPlaintext", Audit::EveryOutcome, move |kms, _, facts| {
                 let key = key_ref("key_id", &r.key_id)?;
+                facts.key_id = kms.key_id_of(&key);
                 let len = data_key_len(r.key_spec, r.number_of_bytes)?;
                 let ctx = context("encryption_context", r.encryption_context)?;
+                facts.context = Some(ctx.clone());
                 let (enc, _data_key) = kms.generate_data_key(&key, len, &ctx)?;
+                facts.key_version = Some(enc.key_version);
                 Ok(pb::GenerateDataKeyWithoutPlaintextResponse {
                     key_id: enc.key_id.to_string(),
                     key_version: enc.key_version,
@@ -85,10 +100,13 @@ impl Crypto for CryptoService {
         let mut r = request.into_inner();
         let plaintext = crate::secret::SecretBytes::new(std::mem::take(&mut r.plaintext));
         self.0
-            .respond("Encrypt", move |kms, _| {
+            .call("Encrypt", Audit::EveryOutcome, move |kms, _, facts| {
                 let key = key_ref("key_id", &r.key_id)?;
+                facts.key_id = kms.key_id_of(&key);
                 let ctx = context("encryption_context", std::mem::take(&mut r.encryption_context))?;
+                facts.context = Some(ctx.clone());
                 let enc = kms.encrypt(&key, plaintext.expose_secret(), &ctx)?;
+                facts.key_version = Some(enc.key_version);
                 Ok(pb::EncryptResponse { key_id: enc.key_id.to_string(), key_version: enc.key_version, ciphertext_blob: enc.blob })
             })
             .await
@@ -97,10 +115,12 @@ impl Crypto for CryptoService {
     async fn decrypt(&self, request: Request<pb::DecryptRequest>) -> Result<Response<pb::DecryptResponse>, Status> {
         let r = request.into_inner();
         self.0
-            .respond("Decrypt", move |kms, _| {
+            .call("Decrypt", Audit::EveryOutcome, move |kms, _, facts| {
                 blob_field("ciphertext_blob", &r.ciphertext_blob)?;
+                blob_facts(&r.ciphertext_blob, facts);
                 let expected = optional_key_ref("key_id", &r.key_id)?;
                 let ctx = context("encryption_context", r.encryption_context)?;
+                facts.context = Some(ctx.clone());
                 let dec = kms.decrypt(&r.ciphertext_blob, &ctx, expected.as_ref())?;
                 Ok(pb::DecryptResponse {
                     key_id: dec.key_id.to_string(),
@@ -114,13 +134,16 @@ impl Crypto for CryptoService {
     async fn re_encrypt(&self, request: Request<pb::ReEncryptRequest>) -> Result<Response<pb::ReEncryptResponse>, Status> {
         let r = request.into_inner();
         self.0
-            .respond("ReEncrypt", move |kms, _| {
+            .call("ReEncrypt", Audit::EveryOutcome, move |kms, _, facts| {
                 blob_field("ciphertext_blob", &r.ciphertext_blob)?;
+                blob_facts(&r.ciphertext_blob, facts);
                 let source = optional_key_ref("source_key_id", &r.source_key_id)?;
                 let destination = key_ref("destination_key_id", &r.destination_key_id)?;
                 let source_ctx = context("source_encryption_context", r.source_encryption_context)?;
+                facts.context = Some(source_ctx.clone());
                 let dest_ctx = context("destination_encryption_context", r.destination_encryption_context)?;
                 let (dec, enc) = kms.re_encrypt(&r.ciphertext_blob, &source_ctx, source.as_ref(), &destination, &dest_ctx)?;
+                facts.detail = format!("to key {} version {}", enc.key_id, enc.key_version);
                 Ok(pb::ReEncryptResponse {
                     source_key_id: dec.key_id.to_string(),
                     source_key_version: dec.key_version,
@@ -138,7 +161,7 @@ impl Crypto for CryptoService {
     ) -> Result<Response<pb::GenerateRandomResponse>, Status> {
         let n = request.into_inner().number_of_bytes;
         self.0
-            .respond("GenerateRandom", move |kms, _| {
+            .call("GenerateRandom", Audit::EveryOutcome, move |kms, _, _| {
                 if n == 0 || n > MAX_RANDOM {
                     return Err(Error::invalid("number_of_bytes", format!("is {n}; it must be 1 to {MAX_RANDOM}")));
                 }

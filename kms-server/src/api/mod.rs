@@ -3,6 +3,7 @@
 //! below never sees a raw string id or an unchecked map.
 
 pub mod admin;
+pub mod audit;
 pub mod crypto;
 
 use std::collections::HashMap;
@@ -11,8 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tonic::Status;
 
+use crate::audit::writer::AuditWriter;
+use crate::audit::{AuditEvent, Outcome};
 use crate::domain::context::EncryptionContext;
-use crate::domain::ids::KeyRef;
+use crate::domain::ids::{KeyId, KeyRef};
 use crate::error::Error;
 use crate::hsm::HsmError;
 use crate::service::{Caller, Kms};
@@ -77,48 +80,111 @@ impl RequestIds {
 pub struct Shared {
     pub kms: Arc<Kms>,
     pub ids: Arc<RequestIds>,
+    pub audit: AuditWriter,
 }
 
-impl Shared {
-    /// Runs a service call on the blocking pool (it may wait on the HSM or SQLite) and maps its
-    /// error. The span carries the request id and the operation, never a value.
-    async fn run<T: Send + 'static>(
-        &self,
-        operation: &'static str,
-        f: impl FnOnce(&Kms, &Caller) -> Result<T, Error> + Send + 'static,
-    ) -> Result<(T, Caller), (Error, Caller)> {
-        let caller = Caller { request_id: self.ids.next(), principal: "anonymous".into() };
-        let kms = self.kms.clone();
-        let span = tracing::info_span!("rpc", request_id = %caller.request_id, operation);
-        let joined = tokio::task::spawn_blocking(move || {
-            let _entered = span.enter();
-            let out = f(&kms, &caller);
-            (out, caller)
-        })
-        .await;
-        match joined {
-            Ok((Ok(v), caller)) => Ok((v, caller)),
-            Ok((Err(e), caller)) => Err((e, caller)),
-            Err(join) => {
-                // A panic on a request path is a bug; the caller gets a generic error.
-                tracing::error!(error = %join, operation, "request task failed");
-                Err((
-                    Error::Hsm(HsmError::Setup { reason: "request task failed".into() }),
-                    Caller { request_id: "-".into(), principal: "anonymous".into() },
-                ))
-            }
-        }
+/// What a call's audit record says about its key, filled in by the handler as it learns it
+/// (a call refused before the key was known has none).
+#[derive(Debug, Default)]
+pub struct Facts {
+    pub key_id: Option<KeyId>,
+    pub key_version: Option<u32>,
+    pub context: Option<EncryptionContext>,
+    pub detail: String,
+}
+
+/// Which outcomes of a call the API layer audits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audit {
+    /// Every outcome (data-plane calls, admin reads).
+    EveryOutcome,
+    /// Refusals and failures only: the success is a state change, audited by the service in the
+    /// same transaction as the change itself.
+    FailuresInTransactionSuccesses,
+}
+
+/// The status code's name, as the audit records it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        _ => "INTERNAL",
     }
 }
 
 impl Shared {
-    /// `run`, answering the gRPC way.
-    async fn respond<T: Send + 'static>(
+    /// Runs one call: the service work on the blocking pool (it may wait on the HSM or SQLite),
+    /// then its audit record, durable before the answer leaves (group commit). If the record
+    /// cannot be written the call fails closed with UNAVAILABLE, whatever its result was; a
+    /// result holding a secret is dropped, and so wiped.
+    async fn call<T: Send + 'static>(
         &self,
         operation: &'static str,
-        f: impl FnOnce(&Kms, &Caller) -> Result<T, Error> + Send + 'static,
+        audit: Audit,
+        f: impl FnOnce(&Kms, &Caller, &mut Facts) -> Result<T, Error> + Send + 'static,
     ) -> Result<tonic::Response<T>, Status> {
-        self.run(operation, f).await.map(|(v, _)| tonic::Response::new(v)).map_err(|(e, c)| status(&e, &c.request_id))
+        let caller = Caller { request_id: self.ids.next(), principal: "anonymous".into() };
+        let kms = self.kms.clone();
+        let span = tracing::info_span!("rpc", request_id = %caller.request_id, operation);
+        let task_caller = caller.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            let mut facts = Facts::default();
+            let out = f(&kms, &task_caller, &mut facts);
+            (out, facts)
+        })
+        .await;
+        let (result, facts) = match joined {
+            Ok((out, facts)) => (out.map_err(|e| status(&e, &caller.request_id)), facts),
+            Err(join) => {
+                // A panic on a request path is a bug; the caller gets a generic error.
+                tracing::error!(error = %join, operation, "request task failed");
+                (Err(Status::internal(format!("internal error (request id {})", caller.request_id))), Facts::default())
+            }
+        };
+        let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
+        if code == tonic::Code::Ok && audit == Audit::FailuresInTransactionSuccesses {
+            return result.map(tonic::Response::new);
+        }
+        let outcome = match code {
+            tonic::Code::Ok => Outcome::Allowed,
+            tonic::Code::Unavailable | tonic::Code::Internal | tonic::Code::DeadlineExceeded => Outcome::Failed,
+            _ => Outcome::Denied,
+        };
+        let detail = match &result {
+            Err(st) => st.message().to_string(),
+            Ok(_) => facts.detail,
+        };
+        let event = AuditEvent {
+            request_id: caller.request_id.clone(),
+            principal: caller.principal.clone(),
+            operation,
+            key_id: facts.key_id,
+            key_version: facts.key_version,
+            context: facts.context,
+            outcome,
+            status: code_name(code),
+            detail,
+        };
+        match self.audit.record(event).await {
+            Ok(()) => result.map(tonic::Response::new),
+            Err(e) => {
+                tracing::error!(request_id = %caller.request_id, error = %e, "failing the call closed");
+                Err(Status::unavailable(format!(
+                    "the audit trail could not be written; retry later (request id {})",
+                    caller.request_id
+                )))
+            }
+        }
     }
 }
 

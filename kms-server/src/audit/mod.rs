@@ -5,6 +5,8 @@
 //! and data-plane group commit come with the identity-and-audit work.) The SQL lives in
 //! `store/`; this module only defines records and hashes.
 
+pub mod writer;
+
 use sha2::{Digest, Sha256};
 
 use crate::domain::context::EncryptionContext;
@@ -123,6 +125,37 @@ impl StoredRecord {
 /// The hash that precedes the first record.
 pub const GENESIS: [u8; 32] = [0; 32];
 
+/// Where and how a chain stops verifying.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainBreak {
+    /// 1-based position of the first record that does not verify.
+    pub index: u64,
+    pub problem: String,
+}
+
+/// Walks the chain: sequence numbers must run 1, 2, 3, ... and each stored hash must be the
+/// hash of its record and the previous hash. A modified record breaks at its own index; a
+/// deleted, inserted or moved record breaks the sequence (or the chain) at the first place it
+/// touches.
+pub fn verify_chain(records: &[(StoredRecord, Vec<u8>)]) -> Result<u64, ChainBreak> {
+    let mut prev = GENESIS;
+    for (i, (record, stored)) in records.iter().enumerate() {
+        let index = i as u64 + 1;
+        if record.seq != index as i64 {
+            return Err(ChainBreak {
+                index,
+                problem: format!("sequence number {} where {index} was expected (a record deleted, inserted or moved)", record.seq),
+            });
+        }
+        let hash = record.chain_hash(&prev);
+        if stored.as_slice() != hash {
+            return Err(ChainBreak { index, problem: "the record or the one before it was modified".into() });
+        }
+        prev = hash;
+    }
+    Ok(records.len() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +188,42 @@ mod tests {
         moved.request_id = "rp".into();
         moved.principal = String::new();
         assert_ne!(moved.chain_hash(&GENESIS), base);
+    }
+
+    fn chain(n: i64) -> Vec<(StoredRecord, Vec<u8>)> {
+        let mut prev = GENESIS;
+        (1..=n)
+            .map(|seq| {
+                let r = record(seq);
+                let h = r.chain_hash(&prev);
+                prev = h;
+                (r, h.to_vec())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn verify_finds_each_kind_of_tampering_at_its_index() {
+        assert_eq!(verify_chain(&chain(10)), Ok(10));
+        let mut modified = chain(10);
+        modified[4].0.detail = "edited".into();
+        assert_eq!(verify_chain(&modified).unwrap_err().index, 5);
+        let mut deleted = chain(10);
+        deleted.remove(6);
+        assert_eq!(verify_chain(&deleted).unwrap_err().index, 7);
+        let mut reordered = chain(10);
+        reordered.swap(2, 3);
+        assert_eq!(verify_chain(&reordered).unwrap_err().index, 3);
+        let mut inserted = chain(10);
+        inserted.insert(8, (record(9), vec![0; 32]));
+        assert_eq!(verify_chain(&inserted).unwrap_err().index, 9);
+        // Renumbering after a deletion does not help: the chain breaks there.
+        let mut renumbered = chain(10);
+        renumbered.remove(6);
+        for (i, (r, _)) in renumbered.iter_mut().enumerate() {
+            r.seq = i as i64 + 1;
+        }
+        assert_eq!(verify_chain(&renumbered).unwrap_err().index, 7);
     }
 
     #[test]

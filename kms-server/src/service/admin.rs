@@ -104,6 +104,19 @@ impl Kms {
 
     // ----- reads -----
 
+    /// Verifies the whole audit chain.
+    pub fn verify_audit(&self) -> Result<std::result::Result<u64, crate::audit::ChainBreak>> {
+        let records = self.store.read(|tx| tx.audit_records())?;
+        Ok(crate::audit::verify_chain(&records))
+    }
+
+    /// A page of audit records after `after_seq`.
+    pub fn audit_page(&self, after_seq: u64, limit: u32) -> Result<Vec<crate::audit::StoredRecord>> {
+        let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
+        let page = self.store.read(|tx| tx.audit_page(after, i64::from(limit)))?;
+        Ok(page.into_iter().map(|(record, _)| record).collect())
+    }
+
     pub fn describe_key(&self, key: &KeyRef) -> Result<KeyView> {
         let entry = self.registry.entry(key)?;
         Ok(self.view(&entry))

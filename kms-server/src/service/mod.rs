@@ -111,6 +111,11 @@ impl Kms {
         })
     }
 
+    /// The id a key reference names now, if any (for audit records of refused calls).
+    pub fn key_id_of(&self, key: &KeyRef) -> Option<KeyId> {
+        self.registry.entry(key).ok().map(|e| e.record.key_id)
+    }
+
     // ----- data plane -----
 
     /// A fresh data key of `len` bytes from the HSM's generator, and its blob.

@@ -377,37 +377,46 @@ impl Tx<'_> {
 
     /// Appends one audit record, chained to the last one.
     pub fn append_audit(&self, event: &AuditEvent, now: i64) -> Result<()> {
+        self.append_audits(std::iter::once(event), now)
+    }
+
+    /// Appends audit records in order, each chained to the one before (a group commit writes a
+    /// whole batch in one transaction).
+    pub fn append_audits<'e>(&self, events: impl IntoIterator<Item = &'e AuditEvent>, now: i64) -> Result<()> {
         let last: Option<(i64, Vec<u8>)> = self
             .0
             .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
-        let (seq, prev) = match last {
+        let (mut seq, mut prev) = match last {
             Some((seq, hash)) => {
                 let prev: [u8; 32] =
                     hash.try_into().map_err(|_| StoreError::Corrupt { table: "audit", detail: "hash length".into() })?;
-                (seq + 1, prev)
+                (seq, prev)
             }
-            None => (1, GENESIS),
+            None => (0, GENESIS),
         };
-        let record = StoredRecord {
-            seq,
-            time: now,
-            request_id: event.request_id.clone(),
-            principal: event.principal.clone(),
-            operation: event.operation.to_string(),
-            key_id: event.key_id.map(|k| k.to_string()),
-            key_version: event.key_version.map(i64::from),
-            context: event.context_json(),
-            outcome: event.outcome.as_str().to_string(),
-            status: event.status.to_string(),
-            detail: event.detail.clone(),
-        };
-        let hash = record.chain_hash(&prev);
-        self.0.execute(
+        let mut insert = self.0.prepare_cached(
             "INSERT INTO audit (seq, time, request_id, principal, operation, key_id, key_version,
                 context, outcome, status, detail, hash)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            params![
+        )?;
+        for event in events {
+            seq += 1;
+            let record = StoredRecord {
+                seq,
+                time: now,
+                request_id: event.request_id.clone(),
+                principal: event.principal.clone(),
+                operation: event.operation.to_string(),
+                key_id: event.key_id.map(|k| k.to_string()),
+                key_version: event.key_version.map(i64::from),
+                context: event.context_json(),
+                outcome: event.outcome.as_str().to_string(),
+                status: event.status.to_string(),
+                detail: event.detail.clone(),
+            };
+            let hash = record.chain_hash(&prev);
+            insert.execute(params![
                 record.seq,
                 record.time,
                 record.request_id,
@@ -420,19 +429,25 @@ impl Tx<'_> {
                 record.status,
                 record.detail,
                 hash.to_vec()
-            ],
-        )?;
+            ])?;
+            prev = hash;
+        }
         Ok(())
     }
 
     /// The audit records in order, with their stored hashes.
     pub fn audit_records(&self) -> Result<Vec<(StoredRecord, Vec<u8>)>> {
+        self.audit_page(0, i64::MAX)
+    }
+
+    /// Up to `limit` audit records with a sequence number above `after`, in order.
+    pub fn audit_page(&self, after: i64, limit: i64) -> Result<Vec<(StoredRecord, Vec<u8>)>> {
         let mut stmt = self.0.prepare(
             "SELECT seq, time, request_id, principal, operation, key_id, key_version, context,
                     outcome, status, detail, hash
-             FROM audit ORDER BY seq",
+             FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
-        let rows = stmt.query_map([], |r| {
+        let rows = stmt.query_map(params![after, limit], |r| {
             Ok((
                 StoredRecord {
                     seq: r.get(0)?,

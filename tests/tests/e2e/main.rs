@@ -1,6 +1,7 @@
 //! End-to-end tests: the real server binary, SoftHSM2, a SQLite file, gRPC on loopback and
 //! `kmsctl`. One test binary with a module per capability, to keep link time down.
 
+mod audit;
 mod envelope;
 mod golden;
 mod health;

@@ -1,0 +1,70 @@
+//! `kms.v1.AuditLog`, on the admin listener.
+
+use kms_proto::v1 as pb;
+use kms_proto::v1::audit_log_server::AuditLog;
+use tonic::{Request, Response, Status};
+
+use super::{Audit, Shared};
+use crate::error::Error;
+
+/// The audit service.
+#[derive(Debug, Clone)]
+pub struct AuditService(pub Shared);
+
+/// Page sizes for ListAuditRecords.
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 1000;
+
+#[tonic::async_trait]
+impl AuditLog for AuditService {
+    async fn verify_audit(&self, _request: Request<pb::VerifyAuditRequest>) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        self.0
+            .call("VerifyAudit", Audit::EveryOutcome, move |kms, _, facts| {
+                let response = match kms.verify_audit()? {
+                    Ok(records) => pb::VerifyAuditResponse { ok: true, records, first_bad_index: 0, problem: String::new() },
+                    Err(b) => pb::VerifyAuditResponse { ok: false, records: b.index - 1, first_bad_index: b.index, problem: b.problem },
+                };
+                facts.detail = if response.ok {
+                    format!("{} records verified", response.records)
+                } else {
+                    format!("chain broken at record {}", response.first_bad_index)
+                };
+                Ok(response)
+            })
+            .await
+    }
+
+    async fn list_audit_records(
+        &self,
+        request: Request<pb::ListAuditRecordsRequest>,
+    ) -> Result<Response<pb::ListAuditRecordsResponse>, Status> {
+        let r = request.into_inner();
+        self.0
+            .call("ListAuditRecords", Audit::EveryOutcome, move |kms, _, _| {
+                let size = match r.page_size {
+                    0 => DEFAULT_PAGE,
+                    n if n <= MAX_PAGE => n,
+                    n => return Err(Error::invalid("page_size", format!("is {n}; at most {MAX_PAGE}"))),
+                };
+                let records = kms
+                    .audit_page(r.after_seq, size)?
+                    .into_iter()
+                    .map(|a| pb::AuditRecord {
+                        seq: a.seq as u64,
+                        time: a.time,
+                        request_id: a.request_id,
+                        principal: a.principal,
+                        operation: a.operation,
+                        key_id: a.key_id.unwrap_or_default(),
+                        key_version: a.key_version.and_then(|v| u32::try_from(v).ok()).unwrap_or(0),
+                        encryption_context: a.context.unwrap_or_default(),
+                        outcome: a.outcome,
+                        status: a.status,
+                        detail: a.detail,
+                    })
+                    .collect();
+                Ok(pb::ListAuditRecordsResponse { records })
+            })
+            .await
+    }
+}

@@ -1,0 +1,116 @@
+//! The audit trail: every call on both planes, allowed or denied, durable before the answer;
+//! tampering found at its index; a failing audit write fails the call (fail closed).
+
+use kms_proto::v1 as pb;
+use kms_tests::{Server, create_key, ctx};
+
+fn count(server: &Server, sql: &str) -> i64 {
+    server.db().query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_call_is_audited_with_its_outcome_key_and_context() {
+    let server = Server::start();
+    let mut admin = server.admin().await;
+    let mut data = server.data().await;
+    let key = create_key(&mut admin, "audited").await;
+    let blob = data
+        .encrypt(pb::EncryptRequest { key_id: "alias/audited".into(), plaintext: b"secret-plaintext".to_vec(), encryption_context: ctx(&[("tenant", "acme")]) })
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext_blob;
+    let _ = data.decrypt(pb::DecryptRequest { ciphertext_blob: blob.clone(), encryption_context: ctx(&[("tenant", "other")]), key_id: String::new() }).await;
+    admin.describe_key(pb::DescribeKeyRequest { key_id: key.clone() }).await.unwrap();
+    let _ = admin.enable_key(pb::EnableKeyRequest { key_id: "alias/missing".into() }).await;
+
+    let db = server.db();
+    let rows: Vec<(String, String, String, Option<String>, Option<String>)> = db
+        .prepare("SELECT operation, outcome, status, key_id, context FROM audit ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let ops: Vec<(&str, &str, &str)> = rows.iter().map(|(o, out, st, _, _)| (o.as_str(), out.as_str(), st.as_str())).collect();
+    assert_eq!(
+        ops,
+        [
+            ("CreateKey", "allowed", "OK"),
+            ("Encrypt", "allowed", "OK"),
+            ("Decrypt", "denied", "INVALID_ARGUMENT"),
+            ("DescribeKey", "allowed", "OK"),
+            ("EnableKey", "denied", "NOT_FOUND"),
+        ]
+    );
+    for (op, _, _, key_id, context) in &rows[1..3] {
+        assert_eq!(key_id.as_deref(), Some(key.as_str()), "{op} names its key");
+        assert!(context.as_deref().unwrap().contains("tenant"), "{op} records its context");
+    }
+    // Never a plaintext.
+    let dump: String = db
+        .prepare("SELECT request_id || principal || operation || IFNULL(context, '') || detail FROM audit")
+        .unwrap()
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(!dump.contains("secret-plaintext"));
+
+    let out = server.kmsctl(&["--json", "audit", "verify"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["records"], 5);
+    let listed: serde_json::Value = serde_json::from_slice(&server.kmsctl(&["--json", "audit", "list", "--after", "1", "--limit", "2"]).stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().iter().map(|r| r["seq"].as_u64().unwrap()).collect::<Vec<_>>(), [2, 3]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_finds_a_modified_deleted_or_reordered_record_at_its_index() {
+    let mut server = Server::start();
+    {
+        let mut data = server.data().await;
+        for _ in 0..20 {
+            data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 8 }).await.unwrap();
+        }
+    }
+    let tamperings = [
+        ("UPDATE audit SET detail = 'forged' WHERE seq = 7", 7),
+        ("DELETE FROM audit WHERE seq = 12", 12),
+        ("UPDATE audit SET seq = -seq WHERE seq IN (4, 5); UPDATE audit SET seq = 5 WHERE seq = -4; UPDATE audit SET seq = 4 WHERE seq = -5", 4),
+    ];
+    // A clean stop checkpoints the WAL into the database file.
+    server.stop();
+    let pristine = std::fs::read(server.db_path()).unwrap();
+    for (sql, index) in tamperings {
+        server.stop();
+        std::fs::write(server.db_path(), &pristine).unwrap();
+        rusqlite::Connection::open(server.db_path()).unwrap().execute_batch(sql).unwrap();
+        server.restart();
+        let out = server.kmsctl(&["--json", "audit", "verify"]);
+        assert!(!out.status.success(), "{sql}: verify passed");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["ok"], false);
+        assert_eq!(v["first_bad_index"], index, "{sql}: {v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_whose_audit_record_cannot_be_written_fails_closed() {
+    let server = Server::start();
+    let mut data = server.data().await;
+    data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 8 }).await.unwrap();
+    let before = count(&server, "SELECT COUNT(*) FROM audit");
+    // Another process holds the database's write lock past the server's busy timeout.
+    let blocker = rusqlite::Connection::open(server.db_path()).unwrap();
+    blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let e = data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 8 }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    assert!(e.message().contains("audit"), "{}", e.message());
+    blocker.execute_batch("COMMIT").unwrap();
+    drop(blocker);
+    // The service stayed up and recovers as soon as the audit can be written again.
+    data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 8 }).await.unwrap();
+    assert_eq!(count(&server, "SELECT COUNT(*) FROM audit"), before + 1, "the failed call left no record, the next one did");
+}
