@@ -6,8 +6,9 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use kms_client::DataClient;
-//! let mut kms = DataClient::connect("http://127.0.0.1:7400").await?;
+//! use kms_client::{DataClient, Tls};
+//! let tls = Tls::dev(std::path::Path::new(".kms-dev/pki"));
+//! let mut kms = DataClient::connect("https://127.0.0.1:7400", &tls).await?;
 //! let ctx = [("tenant".to_string(), "acme".to_string())].into();
 //! let (data_key, wrapped) = kms.generate_data_key("alias/app", &ctx).await?;
 //! // ... encrypt with data_key.expose_secret(), store `wrapped` beside the ciphertext ...
@@ -24,7 +25,9 @@ use std::io::{BufRead, Write};
 
 pub use kms_proto::v1 as pb;
 use kms_proto::v1::crypto_client::CryptoClient;
-use tonic::transport::{Channel, Endpoint};
+use std::path::{Path, PathBuf};
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use zeroize::Zeroizing;
 
 /// A data key in clear, wiped on drop; `Debug` shows only its length.
@@ -50,6 +53,8 @@ pub enum Error {
     Envelope(envelope::EnvelopeError),
     /// `--context` pairs that the envelope does not carry.
     ContextMismatch,
+    /// A client setting that cannot be used (a missing certificate file, ...).
+    Config(String),
 }
 
 impl fmt::Display for Error {
@@ -59,6 +64,7 @@ impl fmt::Display for Error {
             Error::Status(s) => write!(f, "{:?}: {}", s.code(), s.message()),
             Error::Envelope(e) => e.fmt(f),
             Error::ContextMismatch => f.write_str("the envelope's encryption context does not contain the expected pairs"),
+            Error::Config(e) => f.write_str(e),
         }
     }
 }
@@ -83,12 +89,45 @@ impl From<envelope::EnvelopeError> for Error {
     }
 }
 
-/// Opens a channel to one plane.
-pub async fn channel(endpoint: &str) -> Result<Channel, Error> {
-    Ok(Endpoint::from_shared(endpoint.to_string())?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .connect()
-        .await?)
+/// TLS settings of a client: the CA that issued the server's certificate, and for the data plane
+/// the workload's own certificate and key (mutual TLS).
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl Tls {
+    /// The development PKI that `kms-server dev` writes to `DATA_DIR/pki`.
+    pub fn dev(pki_dir: &Path) -> Tls {
+        Tls {
+            ca: Some(pki_dir.join("ca.pem")),
+            cert: Some(pki_dir.join("workload.pem")),
+            key: Some(pki_dir.join("workload.key")),
+        }
+    }
+
+    fn config(&self) -> Result<ClientTlsConfig, Error> {
+        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| Error::Config(format!("{}: {e}", p.display())));
+        let ca = self.ca.as_ref().ok_or_else(|| Error::Config("an https endpoint needs the CA certificate (--ca or --pki)".into()))?;
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => config = config.identity(Identity::from_pem(read(cert)?, read(key)?)),
+            (None, None) => {}
+            _ => return Err(Error::Config("a client certificate needs its key, and a key its certificate".into())),
+        }
+        Ok(config)
+    }
+}
+
+/// Opens a channel to one plane (`https://` endpoints use `tls`).
+pub async fn channel(endpoint: &str, tls: &Tls) -> Result<Channel, Error> {
+    let mut ep = Endpoint::from_shared(endpoint.to_string())?.connect_timeout(std::time::Duration::from_secs(5));
+    if endpoint.starts_with("https://") {
+        ep = ep.tls_config(tls.config()?)?;
+    }
+    Ok(ep.connect().await?)
 }
 
 /// The data-plane client.
@@ -102,8 +141,8 @@ fn to_map(ctx: &BTreeMap<String, String>) -> HashMap<String, String> {
 }
 
 impl DataClient {
-    pub async fn connect(endpoint: &str) -> Result<DataClient, Error> {
-        Ok(DataClient { raw: CryptoClient::new(channel(endpoint).await?) })
+    pub async fn connect(endpoint: &str, tls: &Tls) -> Result<DataClient, Error> {
+        Ok(DataClient { raw: CryptoClient::new(channel(endpoint, tls).await?) })
     }
 
     /// A fresh AES-256 data key and its wrapped form.

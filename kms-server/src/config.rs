@@ -21,6 +21,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub hsm: HsmConfig,
     pub listen: ListenConfig,
+    pub tls: TlsConfig,
     #[serde(default)]
     pub keys: KeysConfig,
     #[serde(default)]
@@ -69,6 +70,19 @@ pub struct ListenConfig {
     pub data: SocketAddr,
     /// The admin plane (kms.v1.KeyManagement).
     pub admin: SocketAddr,
+}
+
+/// TLS for both listeners; there is no plaintext mode.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain (PEM), presented on both listeners.
+    pub cert_file: PathBuf,
+    /// Its private key (PEM, mode 0600 or stricter).
+    pub key_file: PathBuf,
+    /// The customer's CA (PEM) that issues workload client certificates. The data plane accepts
+    /// only certificates it issued; the system's public roots are never trusted.
+    pub client_ca_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -156,12 +170,15 @@ impl Config {
         if self.listen.data == self.listen.admin && self.listen.data.port() != 0 {
             return Err(refuse("listen.admin", "the data and admin planes need separate listeners"));
         }
-        // Until TLS lands, the planes are plaintext, so they may only listen on loopback.
-        for (setting, addr) in [("listen.data", self.listen.data), ("listen.admin", self.listen.admin)] {
-            if !addr.ip().is_loopback() {
-                return Err(refuse(setting, format!("{addr} is not a loopback address, and this build serves without TLS")));
-            }
+        // Officers do not authenticate yet in this build, so the admin plane stays on loopback.
+        if !self.listen.admin.ip().is_loopback() {
+            return Err(refuse(
+                "listen.admin",
+                format!("{} is not a loopback address; this build has no officer authentication yet", self.listen.admin),
+            ));
         }
+        crate::tls::ServerTls::load(&self.tls.cert_file, &self.tls.key_file, &self.tls.client_ca_file)
+            .map_err(|e| refuse("tls", e))?;
         self.keys.limits().validate().map_err(|e| refuse("keys", e))?;
         if !(1..=60).contains(&self.health.probe_interval_seconds) {
             return Err(refuse("health.probe_interval_seconds", "must be 1 to 60"));

@@ -23,3 +23,4 @@ pub mod secret;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod tls;

@@ -4,7 +4,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use kms_server::config::{Config, HealthConfig, HsmConfig, KeysConfig, ListenConfig};
+use kms_server::config::{Config, HealthConfig, HsmConfig, KeysConfig, ListenConfig, TlsConfig};
 
 #[derive(Parser)]
 #[command(name = "kms-server", version, about = "Client-held key management service")]
@@ -65,6 +65,7 @@ fn main() -> anyhow::Result<()> {
                     .exec();
                 return Err(err.into());
             }
+            let pki = kms_server::tls::DevPki::ensure(&data_dir.join("pki")).map_err(|e| anyhow::anyhow!("{e}"))?;
             let config = Config {
                 data_dir: data_dir.clone(),
                 hsm: HsmConfig {
@@ -75,11 +76,12 @@ fn main() -> anyhow::Result<()> {
                     sessions: 4,
                 },
                 listen: ListenConfig { data: data_listen, admin: admin_listen },
+                tls: TlsConfig { cert_file: pki.server_cert, key_file: pki.server_key, client_ca_file: pki.ca_cert },
                 keys: KeysConfig { sweep_interval_seconds: sweep_interval, ..KeysConfig::default() },
                 health: HealthConfig::default(),
             };
             config.validate()?;
-            println!("development mode: token, PIN and database under {}", data_dir.display());
+            println!("development mode: token, PIN, database and TLS certificates under {}", data_dir.display());
             (config, true)
         }
     };

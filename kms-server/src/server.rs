@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::hsm::pkcs11::Pkcs11Hsm;
 use crate::service::{Kms, Settings};
 use crate::store::Store;
+use crate::tls::ServerTls;
 
 /// Opens everything and serves until SIGINT or SIGTERM. Prints one line per plane with its
 /// address (tests and scripts read them) before serving.
@@ -53,7 +54,7 @@ pub async fn serve(config: Config, hint_kmsctl: bool) -> anyhow::Result<()> {
             .and_then(|exe| exe.parent().map(|dir| dir.join("kmsctl")))
             .filter(|path| path.exists())
             .map_or_else(|| "kmsctl".to_string(), |path| path.display().to_string());
-        println!("try: {kmsctl} --endpoint http://{admin_addr} --data-endpoint http://{data_addr} key create --alias demo");
+        println!("try: {kmsctl} --endpoint https://{admin_addr} --data-endpoint https://{data_addr} key create --alias demo");
     }
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
@@ -73,10 +74,11 @@ pub async fn serve(config: Config, hint_kmsctl: bool) -> anyhow::Result<()> {
     let crypto = CryptoServer::new(CryptoService(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let keymgmt = KeyManagementServer::new(AdminService(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let audit = AuditLogServer::new(AuditService(shared)).max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let data_server =
-        plane(data, data_addr, shutdown_rx.clone(), |server| server.add_service(crypto).add_service(data_health_service));
-    let admin_server =
-        plane(admin, admin_addr, shutdown_rx, |server| {
+    let tls = ServerTls::load(&config.tls.cert_file, &config.tls.key_file, &config.tls.client_ca_file)?;
+    let data_server = plane(data, data_addr, tls.data_plane(), shutdown_rx.clone(), |server| {
+        server.add_service(crypto).add_service(data_health_service)
+    });
+    let admin_server = plane(admin, admin_addr, tls.admin_plane(), shutdown_rx, |server| {
         server.add_service(keymgmt).add_service(audit).add_service(admin_health_service)
     });
 
@@ -146,6 +148,7 @@ async fn probe(kms: &Arc<Kms>) -> Result<(), String> {
 async fn plane(
     listener: TcpListener,
     addr: SocketAddr,
+    tls: tonic::transport::ServerTlsConfig,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
     add: impl FnOnce(&mut Server) -> tonic::transport::server::Router,
 ) -> anyhow::Result<()> {
@@ -154,6 +157,7 @@ async fn plane(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let mut server = Server::builder()
+        .tls_config(tls)?
         .timeout(Duration::from_secs(30))
         .http2_keepalive_interval(Some(Duration::from_secs(30)));
     let router = add(&mut server).add_service(reflection);

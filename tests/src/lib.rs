@@ -89,18 +89,43 @@ impl Server {
         self.dir.path().join("server.log")
     }
 
+    /// The development PKI of this server (a CA, its server certificate, one workload's).
+    pub fn pki_dir(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+
+    /// TLS settings of a workload holding the development certificate.
+    pub fn tls(&self) -> kms_client::Tls {
+        kms_client::Tls::dev(&self.pki_dir())
+    }
+
+    /// A TLS channel to one of this server's listeners, with the given client settings.
+    pub async fn channel_with(&self, addr: &str, tls: &kms_client::Tls) -> Result<Channel, kms_client::Error> {
+        kms_client::channel(&format!("https://{addr}"), tls).await
+    }
+
+    /// A TLS channel with the development workload certificate.
+    pub async fn channel(&self, addr: &str) -> Channel {
+        self.channel_with(addr, &self.tls()).await.expect("listener reachable over TLS")
+    }
+
     fn write_config(&self) -> Result<()> {
+        let pki = kms_server::tls::DevPki::ensure(&self.pki_dir()).map_err(|e| anyhow::anyhow!("{e}"))?;
         let o = &self.options;
         let config = format!(
             "data_dir = {:?}\n\
              [hsm]\nmodule = {:?}\ntoken_label = {:?}\npin_file = {:?}\nsessions = 4\n\
              [listen]\ndata = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+             [tls]\ncert_file = {:?}\nkey_file = {:?}\nclient_ca_file = {:?}\n\
              [keys]\nrotation_threshold = {}\nencryption_limit = {}\nusage_reservation_block = {}\nsweep_interval_seconds = {}\n\
              [health]\nprobe_interval_seconds = 1\n",
             self.dir.path(),
             self.token.module,
             self.token.label,
             self.token.pin_file,
+            pki.server_cert,
+            pki.server_key,
+            pki.ca_cert,
             o.rotation_threshold,
             o.encryption_limit,
             o.usage_reservation_block,
@@ -196,23 +221,28 @@ impl Server {
     }
 
     pub async fn data(&self) -> CryptoClient<Channel> {
-        CryptoClient::connect(format!("http://{}", self.data_addr)).await.expect("data plane reachable")
+        CryptoClient::new(self.channel(&self.data_addr).await)
     }
 
     pub async fn admin(&self) -> KeyManagementClient<Channel> {
-        KeyManagementClient::connect(format!("http://{}", self.admin_addr)).await.expect("admin plane reachable")
+        KeyManagementClient::new(self.channel(&self.admin_addr).await)
     }
 
     /// Runs `kmsctl` against this server.
     pub fn kmsctl(&self, args: &[&str]) -> Output {
         Command::new(bin("kmsctl"))
             .arg("--endpoint")
-            .arg(format!("http://{}", self.admin_addr))
+            .arg(format!("https://{}", self.admin_addr))
             .arg("--data-endpoint")
-            .arg(format!("http://{}", self.data_addr))
+            .arg(format!("https://{}", self.data_addr))
+            .arg("--pki")
+            .arg(self.pki_dir())
             .args(args)
             .env_remove("KMS_ENDPOINT")
             .env_remove("KMS_DATA_ENDPOINT")
+            .env_remove("KMS_CA")
+            .env_remove("KMS_TLS_CERT")
+            .env_remove("KMS_TLS_KEY")
             .output()
             .expect("kmsctl ran")
     }

@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use kms_client::pb;
 use kms_client::pb::audit_log_client::AuditLogClient;
 use kms_client::pb::key_management_client::KeyManagementClient;
-use kms_client::{DataClient, Error, channel};
+use kms_client::{DataClient, Error, Tls, channel};
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
@@ -23,11 +23,24 @@ use tonic::transport::Channel;
 #[command(name = "kmsctl", version, about = "Manage keys of the client-held key management service")]
 struct Cli {
     /// The admin plane.
-    #[arg(long, global = true, env = "KMS_ENDPOINT", default_value = "http://127.0.0.1:7401")]
+    #[arg(long, global = true, env = "KMS_ENDPOINT", default_value = "https://127.0.0.1:7401")]
     endpoint: String,
     /// The data plane (data-key, encrypt, decrypt).
-    #[arg(long, global = true, env = "KMS_DATA_ENDPOINT", default_value = "http://127.0.0.1:7400")]
+    #[arg(long, global = true, env = "KMS_DATA_ENDPOINT", default_value = "https://127.0.0.1:7400")]
     data_endpoint: String,
+    /// A directory with ca.pem, workload.pem and workload.key (what `kms-server dev` writes to
+    /// DATA_DIR/pki). Default: .kms-dev/pki when it exists.
+    #[arg(long, global = true, env = "KMS_PKI")]
+    pki: Option<PathBuf>,
+    /// The CA certificate that issued the server's certificate (PEM).
+    #[arg(long, global = true, env = "KMS_CA")]
+    ca: Option<PathBuf>,
+    /// The client certificate for the data plane's mutual TLS (PEM).
+    #[arg(long, global = true, env = "KMS_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, env = "KMS_TLS_KEY")]
+    tls_key: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -331,15 +344,33 @@ fn open_input(path: &Path) -> Result<BufReader<File>, Error> {
     File::open(path).map(BufReader::new).map_err(|e| Error::Envelope(e.into()))
 }
 
-async fn admin(endpoint: &str) -> Result<KeyManagementClient<Channel>, Error> {
-    Ok(KeyManagementClient::new(channel(endpoint).await?))
+async fn admin(endpoint: &str, tls: &Tls) -> Result<KeyManagementClient<Channel>, Error> {
+    Ok(KeyManagementClient::new(channel(endpoint, tls).await?))
+}
+
+impl Cli {
+    /// Explicit files win over --pki, which wins over the development default.
+    fn tls(&self) -> Tls {
+        let dev = PathBuf::from(".kms-dev/pki");
+        let base = match &self.pki {
+            Some(dir) => Tls::dev(dir),
+            None if dev.join("ca.pem").exists() => Tls::dev(&dev),
+            None => Tls::default(),
+        };
+        Tls {
+            ca: self.ca.clone().or(base.ca),
+            cert: self.tls_cert.clone().or(base.cert),
+            key: self.tls_key.clone().or(base.key),
+        }
+    }
 }
 
 async fn run(cli: Cli) -> Result<(), Error> {
     let out = Out { json: cli.json };
+    let tls = cli.tls();
     match cli.command {
         Command::Key(cmd) => {
-            let mut c = admin(&cli.endpoint).await?;
+            let mut c = admin(&cli.endpoint, &tls).await?;
             match cmd {
                 KeyCommand::Create { alias, description, rotation_period } => {
                     let r = c
@@ -440,7 +471,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
         }
         Command::Alias(cmd) => {
-            let mut c = admin(&cli.endpoint).await?;
+            let mut c = admin(&cli.endpoint, &tls).await?;
             match cmd {
                 AliasCommand::Create { alias, key } => {
                     let r = c.create_alias(pb::CreateAliasRequest { alias, key_id: key }).await?.into_inner();
@@ -463,7 +494,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
         }
         Command::Audit(cmd) => {
-            let mut c = AuditLogClient::new(channel(&cli.endpoint).await?);
+            let mut c = AuditLogClient::new(channel(&cli.endpoint, &tls).await?);
             match cmd {
                 AuditCommand::Verify => {
                     let r = c.verify_audit(pb::VerifyAuditRequest {}).await?.into_inner();
@@ -504,7 +535,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
         }
         Command::DataKey(DataKeyCommand::Generate { key, bytes, without_plaintext, context }) => {
             let ctx = context.map().map_err(|e| Error::Status(tonic::Status::invalid_argument(e)))?;
-            let mut c = DataClient::connect(&cli.data_endpoint).await?;
+            let mut c = DataClient::connect(&cli.data_endpoint, &tls).await?;
             let map = ctx.into_iter().collect();
             if without_plaintext {
                 let r = c
@@ -538,7 +569,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
         }
         Command::Encrypt { key, input, output, context } => {
             let ctx = context.map().map_err(|e| Error::Status(tonic::Status::invalid_argument(e)))?;
-            let mut client = DataClient::connect(&cli.data_endpoint).await?;
+            let mut client = DataClient::connect(&cli.data_endpoint, &tls).await?;
             let n = write_atomically(&output, async |w| {
                 client.encrypt_stream(&key, &ctx, &mut open_input(&input)?, w).await
             })
@@ -548,7 +579,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
         }
         Command::Decrypt { input, output, context } => {
             let ctx = context.map().map_err(|e| Error::Status(tonic::Status::invalid_argument(e)))?;
-            let mut client = DataClient::connect(&cli.data_endpoint).await?;
+            let mut client = DataClient::connect(&cli.data_endpoint, &tls).await?;
             let n = write_atomically(&output, async |w| client.decrypt_stream(&ctx, &mut open_input(&input)?, w).await).await?;
             out.print(json!({"bytes": n, "out": output}), || format!("decrypted {n} bytes to {}", output.display()));
             Ok(())
@@ -598,7 +629,23 @@ mod tests {
 
     #[test]
     fn the_command_line_is_consistent() {
-        use clap::CommandFactory;
+        use clap::{CommandFactory, FromArgMatches};
         Cli::command().debug_assert();
+        // Global options must not clash with any subcommand's arguments (clap only finds out
+        // when the values are read).
+        let lines: &[&[&str]] = &[
+            &["key", "describe", "k"],
+            &["key", "create", "--alias", "a", "--rotation-period", "30d"],
+            &["key", "version", "schedule-destruction", "k", "2", "--pending-days", "7"],
+            &["alias", "list", "--key", "k"],
+            &["data-key", "generate", "--key", "k", "--context", "a=b"],
+            &["encrypt", "--key", "k", "--in", "a", "--out", "b"],
+            &["audit", "list", "--after", "3"],
+            &["--pki", "/p", "--tls-cert", "/c", "--tls-key", "/k", "--ca", "/ca", "key", "list"],
+        ];
+        for line in lines {
+            let matches = Cli::command().try_get_matches_from(std::iter::once(&"kmsctl").chain(line.iter())).unwrap();
+            Cli::from_arg_matches(&matches).unwrap();
+        }
     }
 }

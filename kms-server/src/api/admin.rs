@@ -4,7 +4,7 @@ use kms_proto::v1 as pb;
 use kms_proto::v1::key_management_server::KeyManagement;
 use tonic::{Request, Response, Status};
 
-use super::{Audit, Shared, key_ref, optional_key_ref};
+use super::{Audit, Shared, key_ref, local_admin, optional_key_ref};
 use crate::domain::ids::{AliasName, KeyId, KeyRef};
 use crate::domain::lifecycle::{
     DEFAULT_PENDING_DAYS, KeyState, KeyTransition, MAX_PENDING_DAYS, MIN_PENDING_DAYS, VersionState, VersionTransition,
@@ -104,7 +104,7 @@ fn version_response(v: KeyView, n: u32) -> Result<pb::KeyVersionResponse, Error>
 impl AdminService {
     async fn key_transition(&self, operation: &'static str, key_id: String, t: KeyTransition, days: u32) -> Result<Response<pb::KeyMetadataResponse>, Status> {
         self.0
-            .call(operation, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+            .call(operation, local_admin(), Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let key = key_ref("key_id", &key_id)?;
                 let days = if t == KeyTransition::ScheduleDestruction { pending_days(days)? } else { 0 };
                 kms.transition_key(caller, &key, t, days).map(key_view_response)
@@ -114,7 +114,7 @@ impl AdminService {
 
     async fn version_transition(&self, operation: &'static str, key_id: String, n: u32, t: VersionTransition, days: u32) -> Result<Response<pb::KeyVersionResponse>, Status> {
         self.0
-            .call(operation, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+            .call(operation, local_admin(), Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let key = key_ref("key_id", &key_id)?;
                 let n = version_number(n)?;
                 let days = if t == VersionTransition::ScheduleDestruction { pending_days(days)? } else { 0 };
@@ -129,7 +129,7 @@ impl KeyManagement for AdminService {
     async fn create_key(&self, request: Request<pb::CreateKeyRequest>) -> Result<Response<pb::CreateKeyResponse>, Status> {
         let r = request.into_inner();
         self.0
-            .call("CreateKey", Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+            .call("CreateKey", local_admin(), Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 if r.description.chars().count() > MAX_DESCRIPTION {
                     return Err(Error::invalid("description", format!("is longer than {MAX_DESCRIPTION} characters")));
                 }
@@ -154,7 +154,7 @@ impl KeyManagement for AdminService {
     async fn describe_key(&self, request: Request<pb::DescribeKeyRequest>) -> Result<Response<pb::DescribeKeyResponse>, Status> {
         let r = request.into_inner();
         self.0
-            .call("DescribeKey", Audit::EveryOutcome, move |kms, _, _| {
+            .call("DescribeKey", local_admin(), Audit::EveryOutcome, move |kms, _, _| {
                 let view = kms.describe_key(&key_ref("key_id", &r.key_id)?)?;
                 Ok(pb::DescribeKeyResponse { key: Some(metadata(&view)), versions: view.versions.iter().map(version).collect() })
             })
@@ -164,7 +164,7 @@ impl KeyManagement for AdminService {
     async fn list_keys(&self, request: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
         let r = request.into_inner();
         self.0
-            .call("ListKeys", Audit::EveryOutcome, move |kms, _, _| {
+            .call("ListKeys", local_admin(), Audit::EveryOutcome, move |kms, _, _| {
                 let size = match r.page_size {
                     0 => DEFAULT_PAGE,
                     n if n <= MAX_PAGE => n,
@@ -187,7 +187,7 @@ impl KeyManagement for AdminService {
     async fn list_key_versions(&self, request: Request<pb::ListKeyVersionsRequest>) -> Result<Response<pb::ListKeyVersionsResponse>, Status> {
         let r = request.into_inner();
         self.0
-            .call("ListKeyVersions", Audit::EveryOutcome, move |kms, _, _| {
+            .call("ListKeyVersions", local_admin(), Audit::EveryOutcome, move |kms, _, _| {
                 let view = kms.describe_key(&key_ref("key_id", &r.key_id)?)?;
                 Ok(pb::ListKeyVersionsResponse {
                     key_id: view.record.key_id.to_string(),
@@ -200,7 +200,7 @@ impl KeyManagement for AdminService {
     async fn rotate_key(&self, request: Request<pb::RotateKeyRequest>) -> Result<Response<pb::RotateKeyResponse>, Status> {
         let r = request.into_inner();
         self.0
-            .call("RotateKey", Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+            .call("RotateKey", local_admin(), Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let view = kms.rotate_key(caller, &key_ref("key_id", &r.key_id)?)?;
                 let primary = view.version(view.record.primary_version).map(version);
                 Ok(pb::RotateKeyResponse { key: Some(metadata(&view)), version: primary })
@@ -252,7 +252,7 @@ impl KeyManagement for AdminService {
     async fn create_alias(&self, request: Request<pb::CreateAliasRequest>) -> Result<Response<pb::CreateAliasResponse>, Status> {
         let r = request.into_inner();
         self.0
-            .call("CreateAlias", Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+            .call("CreateAlias", local_admin(), Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let alias = AliasName::parse(&r.alias).map_err(|e| Error::invalid("alias", e))?;
                 let key_id = match key_ref("key_id", &r.key_id)? {
                     KeyRef::Id(id) => id,
@@ -267,7 +267,7 @@ impl KeyManagement for AdminService {
     async fn delete_alias(&self, request: Request<pb::DeleteAliasRequest>) -> Result<Response<pb::DeleteAliasResponse>, Status> {
         let r = request.into_inner();
         self.0
-            .call("DeleteAlias", Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+            .call("DeleteAlias", local_admin(), Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let alias = AliasName::parse(&r.alias).map_err(|e| Error::invalid("alias", e))?;
                 kms.delete_alias(caller, &alias)?;
                 Ok(pb::DeleteAliasResponse {})
@@ -278,7 +278,7 @@ impl KeyManagement for AdminService {
     async fn list_aliases(&self, request: Request<pb::ListAliasesRequest>) -> Result<Response<pb::ListAliasesResponse>, Status> {
         let r = request.into_inner();
         self.0
-            .call("ListAliases", Audit::EveryOutcome, move |kms, _, _| {
+            .call("ListAliases", local_admin(), Audit::EveryOutcome, move |kms, _, _| {
                 let key = optional_key_ref("key_id", &r.key_id)?;
                 let aliases = kms.list_aliases(key.as_ref())?;
                 Ok(pb::ListAliasesResponse {

@@ -4,7 +4,7 @@ use kms_proto::v1 as pb;
 use kms_proto::v1::audit_log_server::AuditLog;
 use tonic::{Request, Response, Status};
 
-use super::{Audit, Shared};
+use super::{Audit, Shared, local_admin};
 use crate::error::Error;
 
 /// The audit service.
@@ -19,7 +19,7 @@ const MAX_PAGE: u32 = 1000;
 impl AuditLog for AuditService {
     async fn verify_audit(&self, _request: Request<pb::VerifyAuditRequest>) -> Result<Response<pb::VerifyAuditResponse>, Status> {
         self.0
-            .call("VerifyAudit", Audit::EveryOutcome, move |kms, _, facts| {
+            .call("VerifyAudit", local_admin(), Audit::EveryOutcome, move |kms, _, facts| {
                 let response = match kms.verify_audit()? {
                     Ok(records) => pb::VerifyAuditResponse { ok: true, records, first_bad_index: 0, problem: String::new() },
                     Err(b) => pb::VerifyAuditResponse { ok: false, records: b.index - 1, first_bad_index: b.index, problem: b.problem },
@@ -40,7 +40,7 @@ impl AuditLog for AuditService {
     ) -> Result<Response<pb::ListAuditRecordsResponse>, Status> {
         let r = request.into_inner();
         self.0
-            .call("ListAuditRecords", Audit::EveryOutcome, move |kms, _, _| {
+            .call("ListAuditRecords", local_admin(), Audit::EveryOutcome, move |kms, _, _| {
                 let size = match r.page_size {
                     0 => DEFAULT_PAGE,
                     n if n <= MAX_PAGE => n,

@@ -4,7 +4,7 @@ use kms_proto::v1 as pb;
 use kms_proto::v1::crypto_server::Crypto;
 use tonic::{Request, Response, Status};
 
-use super::{Audit, Facts, Shared, context, key_ref, optional_key_ref};
+use super::{Audit, Facts, Shared, context, key_ref, optional_key_ref, workload};
 use crate::domain::blob::Blob;
 use crate::domain::blob::MAX_BLOB;
 use crate::error::Error;
@@ -53,9 +53,10 @@ impl Crypto for CryptoService {
         &self,
         request: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
+        let who = workload(&request);
         let r = request.into_inner();
         self.0
-            .call("GenerateDataKey", Audit::EveryOutcome, move |kms, _, facts| {
+            .call("GenerateDataKey", who, Audit::EveryOutcome, move |kms, _, facts| {
                 let key = key_ref("key_id", &r.key_id)?;
                 facts.key_id = kms.key_id_of(&key);
                 let len = data_key_len(r.key_spec, r.number_of_bytes)?;
@@ -77,9 +78,10 @@ impl Crypto for CryptoService {
         &self,
         request: Request<pb::GenerateDataKeyWithoutPlaintextRequest>,
     ) -> Result<Response<pb::GenerateDataKeyWithoutPlaintextResponse>, Status> {
+        let who = workload(&request);
         let r = request.into_inner();
         self.0
-            .call("GenerateDataKeyWithoutPlaintext", Audit::EveryOutcome, move |kms, _, facts| {
+            .call("GenerateDataKeyWithoutPlaintext", who, Audit::EveryOutcome, move |kms, _, facts| {
                 let key = key_ref("key_id", &r.key_id)?;
                 facts.key_id = kms.key_id_of(&key);
                 let len = data_key_len(r.key_spec, r.number_of_bytes)?;
@@ -97,10 +99,11 @@ impl Crypto for CryptoService {
     }
 
     async fn encrypt(&self, request: Request<pb::EncryptRequest>) -> Result<Response<pb::EncryptResponse>, Status> {
+        let who = workload(&request);
         let mut r = request.into_inner();
         let plaintext = crate::secret::SecretBytes::new(std::mem::take(&mut r.plaintext));
         self.0
-            .call("Encrypt", Audit::EveryOutcome, move |kms, _, facts| {
+            .call("Encrypt", who, Audit::EveryOutcome, move |kms, _, facts| {
                 let key = key_ref("key_id", &r.key_id)?;
                 facts.key_id = kms.key_id_of(&key);
                 let ctx = context("encryption_context", std::mem::take(&mut r.encryption_context))?;
@@ -113,9 +116,10 @@ impl Crypto for CryptoService {
     }
 
     async fn decrypt(&self, request: Request<pb::DecryptRequest>) -> Result<Response<pb::DecryptResponse>, Status> {
+        let who = workload(&request);
         let r = request.into_inner();
         self.0
-            .call("Decrypt", Audit::EveryOutcome, move |kms, _, facts| {
+            .call("Decrypt", who, Audit::EveryOutcome, move |kms, _, facts| {
                 blob_field("ciphertext_blob", &r.ciphertext_blob)?;
                 blob_facts(&r.ciphertext_blob, facts);
                 let expected = optional_key_ref("key_id", &r.key_id)?;
@@ -132,9 +136,10 @@ impl Crypto for CryptoService {
     }
 
     async fn re_encrypt(&self, request: Request<pb::ReEncryptRequest>) -> Result<Response<pb::ReEncryptResponse>, Status> {
+        let who = workload(&request);
         let r = request.into_inner();
         self.0
-            .call("ReEncrypt", Audit::EveryOutcome, move |kms, _, facts| {
+            .call("ReEncrypt", who, Audit::EveryOutcome, move |kms, _, facts| {
                 blob_field("ciphertext_blob", &r.ciphertext_blob)?;
                 blob_facts(&r.ciphertext_blob, facts);
                 let source = optional_key_ref("source_key_id", &r.source_key_id)?;
@@ -159,9 +164,10 @@ impl Crypto for CryptoService {
         &self,
         request: Request<pb::GenerateRandomRequest>,
     ) -> Result<Response<pb::GenerateRandomResponse>, Status> {
+        let who = workload(&request);
         let n = request.into_inner().number_of_bytes;
         self.0
-            .call("GenerateRandom", Audit::EveryOutcome, move |kms, _, _| {
+            .call("GenerateRandom", who, Audit::EveryOutcome, move |kms, _, _| {
                 if n == 0 || n > MAX_RANDOM {
                     return Err(Error::invalid("number_of_bytes", format!("is {n}; it must be 1 to {MAX_RANDOM}")));
                 }

@@ -129,10 +129,31 @@ impl Shared {
     async fn call<T: Send + 'static>(
         &self,
         operation: &'static str,
+        principal: Option<String>,
         audit: Audit,
         f: impl FnOnce(&Kms, &Caller, &mut Facts) -> Result<T, Error> + Send + 'static,
     ) -> Result<tonic::Response<T>, Status> {
-        let caller = Caller { request_id: self.ids.next(), principal: "anonymous".into() };
+        let Some(principal) = principal else {
+            let request_id = self.ids.next();
+            let event = AuditEvent {
+                request_id: request_id.clone(),
+                principal: "unidentified".into(),
+                operation,
+                key_id: None,
+                key_version: None,
+                context: None,
+                outcome: Outcome::Denied,
+                status: code_name(tonic::Code::Unauthenticated),
+                detail: "no identity in the client certificate".into(),
+            };
+            return match self.audit.record(event).await {
+                Ok(()) => Err(Status::unauthenticated(format!(
+                    "the client certificate names no workload (URI SAN or CN) (request id {request_id})"
+                ))),
+                Err(_) => Err(Status::unavailable(format!("the audit trail could not be written; retry later (request id {request_id})"))),
+            };
+        };
+        let caller = Caller { request_id: self.ids.next(), principal };
         let kms = self.kms.clone();
         let span = tracing::info_span!("rpc", request_id = %caller.request_id, operation);
         let task_caller = caller.clone();
@@ -186,6 +207,18 @@ impl Shared {
             }
         }
     }
+}
+
+/// The workload identity the data plane's mutual TLS proved: the client certificate's URI SAN
+/// or common name (`tls::workload_identity`). `None` if the certificate names nobody.
+pub fn workload<T>(request: &tonic::Request<T>) -> Option<String> {
+    request.peer_certs().and_then(|certs| certs.first().and_then(|der| crate::tls::workload_identity(der)))
+}
+
+/// The admin plane's caller. Officers do not log in yet in this build, and the admin listener is
+/// restricted to loopback (config.rs); the audit names the caller for what it is.
+pub fn local_admin() -> Option<String> {
+    Some("local-admin".into())
 }
 
 // ----- request parsing -----

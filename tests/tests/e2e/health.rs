@@ -4,25 +4,22 @@ use kms_tests::Server;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
 
-async fn channel(addr: &str) -> tonic::transport::Channel {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn both_planes_report_serving_for_their_own_service() {
     let server = Server::start();
     for (addr, service) in [(&server.data_addr, "kms.v1.Crypto"), (&server.admin_addr, "kms.v1.KeyManagement")] {
-        let mut health = HealthClient::new(channel(addr).await);
+        let mut health = HealthClient::new(server.channel(addr).await);
         for name in [service, ""] {
             let r = health.check(HealthCheckRequest { service: name.into() }).await.unwrap().into_inner();
             assert_eq!(r.status, ServingStatus::Serving as i32, "{addr} {name:?}");
         }
     }
     // The data plane does not serve the admin service, and the other way round.
-    let mut data_admin = kms_proto::v1::key_management_client::KeyManagementClient::connect(format!("http://{}", server.data_addr)).await.unwrap();
+    let mut data_admin = kms_proto::v1::key_management_client::KeyManagementClient::new(server.channel(&server.data_addr).await);
     let e = data_admin.list_keys(kms_proto::v1::ListKeysRequest::default()).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unimplemented);
-    let mut admin_data = kms_proto::v1::crypto_client::CryptoClient::connect(format!("http://{}", server.admin_addr)).await.unwrap();
+    let mut admin_data = kms_proto::v1::crypto_client::CryptoClient::new(server.channel(&server.admin_addr).await);
     let e = admin_data.generate_random(kms_proto::v1::GenerateRandomRequest { number_of_bytes: 8 }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unimplemented);
 }
@@ -32,7 +29,7 @@ async fn health_goes_not_serving_and_requests_unavailable_when_the_hsm_loses_its
     let server = Server::start();
     let mut admin = server.admin().await;
     let key = kms_tests::create_key(&mut admin, "").await;
-    let mut health = HealthClient::new(channel(&server.data_addr).await);
+    let mut health = HealthClient::new(server.channel(&server.data_addr).await);
     // Take the token's objects away from SoftHSM2 (it re-reads them on every use of a token key).
     std::fs::rename(server.token.dir.join("tokens"), server.token.dir.join("tokens-gone")).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -62,7 +59,7 @@ async fn reflection_lists_each_planes_services() {
 
     let server = Server::start();
     for (addr, service) in [(&server.data_addr, "kms.v1.Crypto"), (&server.admin_addr, "kms.v1.KeyManagement")] {
-        let mut client = ServerReflectionClient::new(channel(addr).await);
+        let mut client = ServerReflectionClient::new(server.channel(addr).await);
         let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
         let mut responses = client.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
         let response = responses.message().await.unwrap().expect("one response");

@@ -6,6 +6,7 @@ mod envelope;
 mod golden;
 mod health;
 mod hsm_objects;
+mod identity;
 mod kmsctl;
 mod lifecycle;
 mod limits;
