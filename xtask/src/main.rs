@@ -66,7 +66,8 @@ fn cargo() -> Command {
 
 fn dev(args: &[String]) -> Result<(), String> {
     ensure_softhsm()?;
-    run(cargo().args(["build", "--bins", "-p", "kms-server", "-p", "kms-client"]))?;
+    // The same build as `cargo xtask test`, so the two share every artifact.
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
     run(Command::new(Path::new(&target).join("debug/kms-server")).arg("dev").args(args))
 }
