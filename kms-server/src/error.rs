@@ -14,6 +14,9 @@ pub enum Error {
     NotFound { what: String },
     /// An alias that is already taken.
     AlreadyExists { what: String },
+    /// The caller may not do this: an unknown or disabled principal, or no grant (also for a key
+    /// that does not exist, so that keys cannot be probed for).
+    PermissionDenied { reason: String },
     /// The key or version does not allow the operation in its current state.
     FailedPrecondition { reason: String },
     /// A blob could not be decrypted. Deliberately without detail: every cause (bad tag, wrong
@@ -42,7 +45,7 @@ impl fmt::Display for Error {
             Error::InvalidArgument { field, reason } => write!(f, "{field} {reason}"),
             Error::NotFound { what } => write!(f, "{what} not found"),
             Error::AlreadyExists { what } => write!(f, "{what} already exists"),
-            Error::FailedPrecondition { reason } => f.write_str(reason),
+            Error::FailedPrecondition { reason } | Error::PermissionDenied { reason } => f.write_str(reason),
             Error::DecryptFailed => f.write_str("the ciphertext blob could not be decrypted"),
             Error::UsageExhausted { key_id, version } => write!(
                 f,

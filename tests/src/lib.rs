@@ -287,14 +287,48 @@ pub fn ctx(pairs: &[(&str, &str)]) -> HashMap<String, String> {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
-/// Creates a key over gRPC and returns its id.
+/// The identity of the development workload certificate every test client presents.
+pub const WORKLOAD: &str = kms_server::tls::DEV_WORKLOAD_ID;
+
+/// Registers the development workload as a principal (once; later calls change nothing).
+pub async fn register_workload(admin: &mut KeyManagementClient<Channel>) {
+    match admin.create_principal(pb::PrincipalRequest { name: WORKLOAD.into() }).await {
+        Ok(_) => {}
+        Err(e) if e.code() == tonic::Code::AlreadyExists => {}
+        Err(e) => panic!("registering the workload: {e}"),
+    }
+}
+
+/// Grants the development workload every operation on `key`.
+pub async fn grant_all(admin: &mut KeyManagementClient<Channel>, key: &str) -> String {
+    register_workload(admin).await;
+    let operations = ["GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "Encrypt", "Decrypt", "ReEncryptFrom", "ReEncryptTo"];
+    admin
+        .create_grant(pb::CreateGrantRequest {
+            principal: WORKLOAD.into(),
+            key_id: key.into(),
+            operations: operations.iter().map(|o| o.to_string()).collect(),
+            ..Default::default()
+        })
+        .await
+        .expect("grant created")
+        .into_inner()
+        .grant
+        .expect("grant")
+        .grant_id
+}
+
+/// Creates a key over gRPC, grants the development workload every operation on it, and
+/// returns its id.
 pub async fn create_key(admin: &mut KeyManagementClient<Channel>, alias: &str) -> String {
     let r = admin
         .create_key(pb::CreateKeyRequest { description: "test".into(), alias: alias.into(), rotation_period_seconds: 0 })
         .await
         .expect("key created")
         .into_inner();
-    r.key.expect("metadata").key_id
+    let key_id = r.key.expect("metadata").key_id;
+    grant_all(admin, &key_id).await;
+    key_id
 }
 
 /// Waits for `check` to hold, polling until a deadline (tests never sleep to synchronise).

@@ -62,6 +62,12 @@ enum Command {
     /// The audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Workload principals (certificate identities) that may hold grants.
+    #[command(subcommand)]
+    Principal(PrincipalCommand),
+    /// Grants: what a principal may do with a key (nothing is allowed without one).
+    #[command(subcommand)]
+    Grant(GrantCommand),
     /// Envelope-encrypts a file of any size under a fresh data key (docs/file-format.md).
     Encrypt {
         #[arg(long)]
@@ -197,6 +203,69 @@ enum AliasCommand {
         #[arg(long)]
         key: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum PrincipalCommand {
+    /// Registers a workload identity (a SPIFFE ID or certificate CN).
+    Add { name: String },
+    List,
+    /// Cuts a workload off from its next call on.
+    Disable { name: String },
+    Enable { name: String },
+}
+
+#[derive(Subcommand)]
+enum GrantCommand {
+    /// Allows a principal some operations on a key.
+    Create {
+        #[arg(long)]
+        principal: String,
+        #[arg(long)]
+        key: String,
+        /// Comma-separated: GenerateDataKey, GenerateDataKeyWithoutPlaintext, Encrypt, Decrypt,
+        /// ReEncryptFrom, ReEncryptTo; or `all`.
+        #[arg(long, value_delimiter = ',', required = true)]
+        operations: Vec<String>,
+        /// A pair the encryption context must contain, KEY=VALUE; repeat for more.
+        #[arg(long = "require", value_parser = parse_pair)]
+        require: Vec<(String, String)>,
+        /// A key the encryption context must contain; repeat for more.
+        #[arg(long = "require-key")]
+        require_keys: Vec<String>,
+        /// Expiry after this period (30d, 12h, ...); none by default.
+        #[arg(long, value_parser = parse_period)]
+        expires_in: Option<u64>,
+    },
+    List {
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        principal: Option<String>,
+    },
+    /// Revokes a grant: it allows nothing from the next call on.
+    Revoke { grant_id: String },
+}
+
+/// Every grant operation, for `--operations all`.
+const ALL_OPERATIONS: [&str; 6] =
+    ["GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "Encrypt", "Decrypt", "ReEncryptFrom", "ReEncryptTo"];
+
+fn principal_json(p: &pb::Principal) -> Value {
+    json!({"name": p.name, "state": p.state, "creation_time": p.creation_time})
+}
+
+fn grant_json(g: &pb::Grant) -> Value {
+    json!({
+        "grant_id": g.grant_id, "principal": g.principal, "key_id": g.key_id, "operations": g.operations,
+        "required_encryption_context": g.required_encryption_context,
+        "required_encryption_context_keys": g.required_encryption_context_keys,
+        "expiration_time": g.expiration_time, "creation_time": g.creation_time,
+    })
+}
+
+fn grant_text(g: &pb::Grant) -> String {
+    format!("{}  {}  {}  {}", g.grant_id, g.principal, g.key_id, g.operations.join(","))
 }
 
 #[derive(Subcommand)]
@@ -493,6 +562,68 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 }
             }
         }
+        Command::Principal(cmd) => {
+            let mut c = admin(&cli.endpoint, &tls).await?;
+            let one = |p: Option<pb::Principal>| {
+                let p = p.unwrap_or_default();
+                out.print(principal_json(&p), || format!("{}  {}", p.name, p.state));
+                Ok(())
+            };
+            match cmd {
+                PrincipalCommand::Add { name } => one(c.create_principal(pb::PrincipalRequest { name }).await?.into_inner().principal),
+                PrincipalCommand::Disable { name } => one(c.disable_principal(pb::PrincipalRequest { name }).await?.into_inner().principal),
+                PrincipalCommand::Enable { name } => one(c.enable_principal(pb::PrincipalRequest { name }).await?.into_inner().principal),
+                PrincipalCommand::List => {
+                    let r = c.list_principals(pb::ListPrincipalsRequest {}).await?.into_inner();
+                    out.print(Value::Array(r.principals.iter().map(principal_json).collect()), || {
+                        r.principals.iter().map(|p| format!("{}  {}", p.name, p.state)).collect::<Vec<_>>().join("\n")
+                    });
+                    Ok(())
+                }
+            }
+        }
+        Command::Grant(cmd) => {
+            let mut c = admin(&cli.endpoint, &tls).await?;
+            match cmd {
+                GrantCommand::Create { principal, key, operations, require, require_keys, expires_in } => {
+                    let operations = if operations.iter().any(|o| o == "all") {
+                        ALL_OPERATIONS.iter().map(|o| o.to_string()).collect()
+                    } else {
+                        operations
+                    };
+                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                    let r = c
+                        .create_grant(pb::CreateGrantRequest {
+                            principal,
+                            key_id: key,
+                            operations,
+                            required_encryption_context: require.into_iter().collect(),
+                            required_encryption_context_keys: require_keys,
+                            expiration_time: expires_in.map_or(0, |p| (now + p) as i64),
+                        })
+                        .await?
+                        .into_inner();
+                    let g = r.grant.unwrap_or_default();
+                    out.print(grant_json(&g), || grant_text(&g));
+                    Ok(())
+                }
+                GrantCommand::List { key, principal } => {
+                    let r = c
+                        .list_grants(pb::ListGrantsRequest { key_id: key.unwrap_or_default(), principal: principal.unwrap_or_default() })
+                        .await?
+                        .into_inner();
+                    out.print(Value::Array(r.grants.iter().map(grant_json).collect()), || {
+                        r.grants.iter().map(grant_text).collect::<Vec<_>>().join("\n")
+                    });
+                    Ok(())
+                }
+                GrantCommand::Revoke { grant_id } => {
+                    c.revoke_grant(pb::RevokeGrantRequest { grant_id: grant_id.clone() }).await?;
+                    out.print(json!({"revoked": grant_id}), || format!("revoked {grant_id}"));
+                    Ok(())
+                }
+            }
+        }
         Command::Audit(cmd) => {
             let mut c = AuditLogClient::new(channel(&cli.endpoint, &tls).await?);
             match cmd {
@@ -641,6 +772,8 @@ mod tests {
             &["data-key", "generate", "--key", "k", "--context", "a=b"],
             &["encrypt", "--key", "k", "--in", "a", "--out", "b"],
             &["audit", "list", "--after", "3"],
+            &["grant", "create", "--principal", "p", "--key", "k", "--operations", "Encrypt,Decrypt", "--require", "a=b"],
+            &["principal", "disable", "p"],
             &["--pki", "/p", "--tls-cert", "/c", "--tls-key", "/k", "--ca", "/ca", "key", "list"],
         ];
         for line in lines {

@@ -4,7 +4,9 @@ use kms_proto::v1 as pb;
 use kms_proto::v1::key_management_server::KeyManagement;
 use tonic::{Request, Response, Status};
 
-use super::{Audit, Shared, key_ref, local_admin, optional_key_ref};
+use super::{Audit, Shared, context, key_ref, local_admin, optional_key_ref};
+use crate::domain::policy::{Grant, Operation, PrincipalState, valid_principal};
+use crate::store::PrincipalRecord;
 use crate::domain::ids::{AliasName, KeyId, KeyRef};
 use crate::domain::lifecycle::{
     DEFAULT_PENDING_DAYS, KeyState, KeyTransition, MAX_PENDING_DAYS, MIN_PENDING_DAYS, VersionState, VersionTransition,
@@ -101,7 +103,41 @@ fn version_response(v: KeyView, n: u32) -> Result<pb::KeyVersionResponse, Error>
     Ok(pb::KeyVersionResponse { key_id: v.record.key_id.to_string(), version: Some(version(ver)) })
 }
 
+fn principal_name<'a>(field: &'static str, name: &'a str) -> Result<&'a str, Error> {
+    if valid_principal(name) {
+        Ok(name)
+    } else {
+        Err(Error::invalid(field, "must be 1 to 512 bytes without control characters"))
+    }
+}
+
+fn principal(p: PrincipalRecord) -> pb::Principal {
+    pb::Principal { name: p.name, state: p.state.as_str().to_string(), creation_time: p.created_at }
+}
+
+fn grant(g: Grant) -> pb::Grant {
+    pb::Grant {
+        grant_id: g.grant_id,
+        principal: g.principal,
+        key_id: g.key_id.to_string(),
+        operations: g.operations.iter().map(|o| o.as_str().to_string()).collect(),
+        required_encryption_context: g.required_pairs.into_iter().collect(),
+        required_encryption_context_keys: g.required_keys.into_iter().collect(),
+        expiration_time: g.expires_at.unwrap_or(0),
+        creation_time: g.created_at,
+    }
+}
+
 impl AdminService {
+    async fn principal_state(&self, operation: &'static str, name: String, to: PrincipalState) -> Result<Response<pb::PrincipalResponse>, Status> {
+        self.0
+            .call(operation, local_admin(), Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                let name = principal_name("name", &name)?;
+                Ok(pb::PrincipalResponse { principal: Some(principal(kms.set_principal_state(caller, name, to)?)) })
+            })
+            .await
+    }
+
     async fn key_transition(&self, operation: &'static str, key_id: String, t: KeyTransition, days: u32) -> Result<Response<pb::KeyMetadataResponse>, Status> {
         self.0
             .call(operation, local_admin(), Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
@@ -287,6 +323,98 @@ impl KeyManagement for AdminService {
                         .map(|a| pb::Alias { alias: a.alias.to_string(), key_id: a.key_id.to_string(), creation_time: a.created_at })
                         .collect(),
                 })
+            })
+            .await
+    }
+
+    async fn create_principal(&self, request: Request<pb::PrincipalRequest>) -> Result<Response<pb::PrincipalResponse>, Status> {
+        let r = request.into_inner();
+        self.0
+            .call("CreatePrincipal", local_admin(), Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                let name = principal_name("name", &r.name)?;
+                Ok(pb::PrincipalResponse { principal: Some(principal(kms.create_principal(caller, name)?)) })
+            })
+            .await
+    }
+
+    async fn list_principals(&self, _request: Request<pb::ListPrincipalsRequest>) -> Result<Response<pb::ListPrincipalsResponse>, Status> {
+        self.0
+            .call("ListPrincipals", local_admin(), Audit::EveryOutcome, move |kms, _, _| {
+                Ok(pb::ListPrincipalsResponse { principals: kms.list_principals().into_iter().map(principal).collect() })
+            })
+            .await
+    }
+
+    async fn disable_principal(&self, request: Request<pb::PrincipalRequest>) -> Result<Response<pb::PrincipalResponse>, Status> {
+        self.principal_state("DisablePrincipal", request.into_inner().name, PrincipalState::Disabled).await
+    }
+
+    async fn enable_principal(&self, request: Request<pb::PrincipalRequest>) -> Result<Response<pb::PrincipalResponse>, Status> {
+        self.principal_state("EnablePrincipal", request.into_inner().name, PrincipalState::Enabled).await
+    }
+
+    async fn create_grant(&self, request: Request<pb::CreateGrantRequest>) -> Result<Response<pb::CreateGrantResponse>, Status> {
+        let r = request.into_inner();
+        self.0
+            .call("CreateGrant", local_admin(), Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                let principal = principal_name("principal", &r.principal)?.to_string();
+                let key = key_ref("key_id", &r.key_id)?;
+                if r.operations.is_empty() {
+                    return Err(Error::invalid("operations", "must name at least one operation"));
+                }
+                let operations = r
+                    .operations
+                    .iter()
+                    .map(|o| {
+                        Operation::parse(o).ok_or_else(|| {
+                            let known: Vec<&str> = Operation::ALL.iter().map(|o| o.as_str()).collect();
+                            Error::invalid("operations", format!("{o:?} is not one of {}", known.join(", ")))
+                        })
+                    })
+                    .collect::<Result<_, _>>()?;
+                let required = context("required_encryption_context", r.required_encryption_context)?;
+                let required_keys: std::collections::BTreeSet<String> = r.required_encryption_context_keys.into_iter().collect();
+                if required_keys.len() > crate::domain::context::MAX_PAIRS || required_keys.iter().any(String::is_empty) {
+                    return Err(Error::invalid("required_encryption_context_keys", "must be at most 64 non-empty keys"));
+                }
+                if r.expiration_time < 0 || (r.expiration_time > 0 && r.expiration_time <= crate::service::now()) {
+                    return Err(Error::invalid("expiration_time", "must be 0 (none) or in the future"));
+                }
+                let draft = Grant {
+                    grant_id: String::new(),
+                    principal,
+                    key_id: KeyId::from_bytes([0; 16]),
+                    operations,
+                    required_pairs: required.pairs().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                    required_keys,
+                    expires_at: (r.expiration_time > 0).then_some(r.expiration_time),
+                    created_at: 0,
+                };
+                Ok(pb::CreateGrantResponse { grant: Some(grant(kms.create_grant(caller, draft, &key)?)) })
+            })
+            .await
+    }
+
+    async fn list_grants(&self, request: Request<pb::ListGrantsRequest>) -> Result<Response<pb::ListGrantsResponse>, Status> {
+        let r = request.into_inner();
+        self.0
+            .call("ListGrants", local_admin(), Audit::EveryOutcome, move |kms, _, _| {
+                let key = optional_key_ref("key_id", &r.key_id)?;
+                let principal = (!r.principal.is_empty()).then_some(r.principal.as_str());
+                Ok(pb::ListGrantsResponse { grants: kms.list_grants(key.as_ref(), principal)?.into_iter().map(grant).collect() })
+            })
+            .await
+    }
+
+    async fn revoke_grant(&self, request: Request<pb::RevokeGrantRequest>) -> Result<Response<pb::RevokeGrantResponse>, Status> {
+        let r = request.into_inner();
+        self.0
+            .call("RevokeGrant", local_admin(), Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                if r.grant_id.is_empty() {
+                    return Err(Error::invalid("grant_id", "is required"));
+                }
+                kms.revoke_grant(caller, &r.grant_id)?;
+                Ok(pb::RevokeGrantResponse {})
             })
             .await
     }

@@ -6,6 +6,7 @@ use tonic::{Request, Response, Status};
 
 use super::{Audit, Facts, Shared, context, key_ref, optional_key_ref, workload};
 use crate::domain::blob::Blob;
+use crate::domain::policy::Operation;
 use crate::domain::blob::MAX_BLOB;
 use crate::error::Error;
 
@@ -56,13 +57,14 @@ impl Crypto for CryptoService {
         let who = workload(&request);
         let r = request.into_inner();
         self.0
-            .call("GenerateDataKey", who, Audit::EveryOutcome, move |kms, _, facts| {
+            .call("GenerateDataKey", who, Audit::EveryOutcome, move |kms, caller, facts| {
                 let key = key_ref("key_id", &r.key_id)?;
                 facts.key_id = kms.key_id_of(&key);
                 let len = data_key_len(r.key_spec, r.number_of_bytes)?;
                 let ctx = context("encryption_context", r.encryption_context)?;
                 facts.context = Some(ctx.clone());
-                let (enc, data_key) = kms.generate_data_key(&key, len, &ctx)?;
+                let proof = kms.authorize(caller, &key, Operation::GenerateDataKey, &ctx)?;
+                let (enc, data_key) = kms.generate_data_key(&proof, len, &ctx)?;
                 facts.key_version = Some(enc.key_version);
                 Ok(pb::GenerateDataKeyResponse {
                     key_id: enc.key_id.to_string(),
@@ -81,13 +83,14 @@ impl Crypto for CryptoService {
         let who = workload(&request);
         let r = request.into_inner();
         self.0
-            .call("GenerateDataKeyWithoutPlaintext", who, Audit::EveryOutcome, move |kms, _, facts| {
+            .call("GenerateDataKeyWithoutPlaintext", who, Audit::EveryOutcome, move |kms, caller, facts| {
                 let key = key_ref("key_id", &r.key_id)?;
                 facts.key_id = kms.key_id_of(&key);
                 let len = data_key_len(r.key_spec, r.number_of_bytes)?;
                 let ctx = context("encryption_context", r.encryption_context)?;
                 facts.context = Some(ctx.clone());
-                let (enc, _data_key) = kms.generate_data_key(&key, len, &ctx)?;
+                let proof = kms.authorize(caller, &key, Operation::GenerateDataKeyWithoutPlaintext, &ctx)?;
+                let (enc, _data_key) = kms.generate_data_key(&proof, len, &ctx)?;
                 facts.key_version = Some(enc.key_version);
                 Ok(pb::GenerateDataKeyWithoutPlaintextResponse {
                     key_id: enc.key_id.to_string(),
@@ -103,12 +106,13 @@ impl Crypto for CryptoService {
         let mut r = request.into_inner();
         let plaintext = crate::secret::SecretBytes::new(std::mem::take(&mut r.plaintext));
         self.0
-            .call("Encrypt", who, Audit::EveryOutcome, move |kms, _, facts| {
+            .call("Encrypt", who, Audit::EveryOutcome, move |kms, caller, facts| {
                 let key = key_ref("key_id", &r.key_id)?;
                 facts.key_id = kms.key_id_of(&key);
                 let ctx = context("encryption_context", std::mem::take(&mut r.encryption_context))?;
                 facts.context = Some(ctx.clone());
-                let enc = kms.encrypt(&key, plaintext.expose_secret(), &ctx)?;
+                let proof = kms.authorize(caller, &key, Operation::Encrypt, &ctx)?;
+                let enc = kms.encrypt(&proof, plaintext.expose_secret(), &ctx)?;
                 facts.key_version = Some(enc.key_version);
                 Ok(pb::EncryptResponse { key_id: enc.key_id.to_string(), key_version: enc.key_version, ciphertext_blob: enc.blob })
             })
@@ -119,13 +123,13 @@ impl Crypto for CryptoService {
         let who = workload(&request);
         let r = request.into_inner();
         self.0
-            .call("Decrypt", who, Audit::EveryOutcome, move |kms, _, facts| {
+            .call("Decrypt", who, Audit::EveryOutcome, move |kms, caller, facts| {
                 blob_field("ciphertext_blob", &r.ciphertext_blob)?;
                 blob_facts(&r.ciphertext_blob, facts);
                 let expected = optional_key_ref("key_id", &r.key_id)?;
                 let ctx = context("encryption_context", r.encryption_context)?;
                 facts.context = Some(ctx.clone());
-                let dec = kms.decrypt(&r.ciphertext_blob, &ctx, expected.as_ref())?;
+                let dec = kms.decrypt(caller, &r.ciphertext_blob, &ctx, expected.as_ref())?;
                 Ok(pb::DecryptResponse {
                     key_id: dec.key_id.to_string(),
                     key_version: dec.key_version,
@@ -139,7 +143,7 @@ impl Crypto for CryptoService {
         let who = workload(&request);
         let r = request.into_inner();
         self.0
-            .call("ReEncrypt", who, Audit::EveryOutcome, move |kms, _, facts| {
+            .call("ReEncrypt", who, Audit::EveryOutcome, move |kms, caller, facts| {
                 blob_field("ciphertext_blob", &r.ciphertext_blob)?;
                 blob_facts(&r.ciphertext_blob, facts);
                 let source = optional_key_ref("source_key_id", &r.source_key_id)?;
@@ -147,7 +151,7 @@ impl Crypto for CryptoService {
                 let source_ctx = context("source_encryption_context", r.source_encryption_context)?;
                 facts.context = Some(source_ctx.clone());
                 let dest_ctx = context("destination_encryption_context", r.destination_encryption_context)?;
-                let (dec, enc) = kms.re_encrypt(&r.ciphertext_blob, &source_ctx, source.as_ref(), &destination, &dest_ctx)?;
+                let (dec, enc) = kms.re_encrypt(caller, &r.ciphertext_blob, &source_ctx, source.as_ref(), &destination, &dest_ctx)?;
                 facts.detail = format!("to key {} version {}", enc.key_id, enc.key_version);
                 Ok(pb::ReEncryptResponse {
                     source_key_id: dec.key_id.to_string(),
@@ -167,11 +171,11 @@ impl Crypto for CryptoService {
         let who = workload(&request);
         let n = request.into_inner().number_of_bytes;
         self.0
-            .call("GenerateRandom", who, Audit::EveryOutcome, move |kms, _, _| {
+            .call("GenerateRandom", who, Audit::EveryOutcome, move |kms, caller, _| {
                 if n == 0 || n > MAX_RANDOM {
                     return Err(Error::invalid("number_of_bytes", format!("is {n}; it must be 1 to {MAX_RANDOM}")));
                 }
-                Ok(pb::GenerateRandomResponse { plaintext: kms.generate_random(n as usize)?.into_exposed_vec() })
+                Ok(pb::GenerateRandomResponse { plaintext: kms.generate_random(caller, n as usize)?.into_exposed_vec() })
             })
             .await
     }

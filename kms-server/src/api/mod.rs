@@ -34,6 +34,7 @@ pub fn status(e: &Error, request_id: &str) -> Status {
         Error::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
         Error::NotFound { .. } => Status::not_found(e.to_string()),
         Error::AlreadyExists { .. } => Status::already_exists(e.to_string()),
+        Error::PermissionDenied { .. } => Status::permission_denied(e.to_string()),
         Error::FailedPrecondition { .. } | Error::UsageExhausted { .. } => Status::failed_precondition(e.to_string()),
         Error::DecryptFailed => Status::invalid_argument(DECRYPT_FAILED),
         Error::Hsm(HsmError::Unavailable { .. }) => {

@@ -19,7 +19,8 @@ use crate::domain::lifecycle::{
 };
 use crate::error::{Error, Result};
 use crate::hsm::{KeyHandle, ObjectName};
-use crate::store::{AliasRecord, IntentKind, KeyRecord, VersionRecord};
+use crate::domain::policy::{Grant, PrincipalState};
+use crate::store::{AliasRecord, IntentKind, KeyRecord, PrincipalRecord, VersionRecord};
 
 const DAY: i64 = 86_400;
 
@@ -79,6 +80,20 @@ fn event(caller: &Caller, operation: &'static str, key_id: KeyId, version: Optio
         outcome: Outcome::Allowed,
         status: "OK",
         detail,
+    }
+}
+
+fn principal_event(caller: &Caller, operation: &'static str, name: &str) -> AuditEvent {
+    AuditEvent {
+        request_id: caller.request_id.clone(),
+        principal: caller.principal.clone(),
+        operation,
+        key_id: None,
+        key_version: None,
+        context: None,
+        outcome: Outcome::Allowed,
+        status: "OK",
+        detail: format!("principal {name}"),
     }
 }
 
@@ -418,6 +433,107 @@ impl Kms {
         })?;
         state.aliases.remove(alias);
         state.refresh_aliases(record.key_id);
+        Ok(())
+    }
+
+    // ----- principals and grants -----
+
+    pub fn list_principals(&self) -> Vec<PrincipalRecord> {
+        let mut out: Vec<PrincipalRecord> = self.registry.read().principals.values().cloned().collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    pub fn create_principal(&self, caller: &Caller, name: &str) -> Result<PrincipalRecord> {
+        let _admin = self.admin_lock();
+        let mut state = self.registry.write();
+        if state.principals.contains_key(name) {
+            return Err(Error::AlreadyExists { what: format!("principal {name}") });
+        }
+        let record = PrincipalRecord { name: name.to_string(), state: PrincipalState::Enabled, created_at: now() };
+        self.store.write(|tx| {
+            tx.insert_principal(name, PrincipalState::Enabled, record.created_at)?;
+            tx.append_audit(&principal_event(caller, "CreatePrincipal", name), record.created_at)
+        })?;
+        state.principals.insert(name.to_string(), record.clone());
+        Ok(record)
+    }
+
+    /// Enables or disables a principal; a disabled one is refused from its next call on.
+    pub fn set_principal_state(&self, caller: &Caller, name: &str, to: PrincipalState) -> Result<PrincipalRecord> {
+        let _admin = self.admin_lock();
+        let mut state = self.registry.write();
+        let mut record =
+            state.principals.get(name).cloned().ok_or_else(|| Error::NotFound { what: format!("principal {name}") })?;
+        record.state = to;
+        let operation = match to {
+            PrincipalState::Enabled => "EnablePrincipal",
+            PrincipalState::Disabled => "DisablePrincipal",
+        };
+        self.store.write(|tx| {
+            tx.set_principal_state(name, to)?;
+            tx.append_audit(&principal_event(caller, operation, name), now())
+        })?;
+        state.principals.insert(name.to_string(), record.clone());
+        Ok(record)
+    }
+
+    pub fn list_grants(&self, key: Option<&KeyRef>, principal: Option<&str>) -> Result<Vec<Grant>> {
+        let key_id = key.map(|k| self.registry.entry(k).map(|e| e.record.key_id)).transpose()?;
+        let state = self.registry.read();
+        let mut out: Vec<Grant> = state
+            .grants
+            .values()
+            .flatten()
+            .filter(|g| key_id.is_none_or(|k| g.key_id == k) && principal.is_none_or(|p| g.principal == p))
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| (a.created_at, &a.grant_id).cmp(&(b.created_at, &b.grant_id)));
+        Ok(out)
+    }
+
+    /// Creates a grant. The principal must be registered and the key must not be destroyed;
+    /// the grant binds the key id an alias names now.
+    pub fn create_grant(&self, caller: &Caller, mut grant: Grant, key: &KeyRef) -> Result<Grant> {
+        let _admin = self.admin_lock();
+        let entry = self.registry.entry(key)?;
+        if entry.record.state == KeyState::Destroyed {
+            return Err(Error::precondition(format!("key {} is Destroyed", entry.record.key_id)));
+        }
+        let mut id = [0u8; 16];
+        self.hsm.random(&mut id)?;
+        grant.grant_id = KeyId::from_random(id).to_string();
+        grant.key_id = entry.record.key_id;
+        grant.created_at = now();
+        let mut state = self.registry.write();
+        if !state.principals.contains_key(&grant.principal) {
+            return Err(Error::NotFound { what: format!("principal {}", grant.principal) });
+        }
+        let ops: Vec<&str> = grant.operations.iter().map(|o| o.as_str()).collect();
+        self.store.write(|tx| {
+            tx.insert_grant(&grant)?;
+            tx.append_audit(
+                &event(caller, "CreateGrant", grant.key_id, None, format!("grant {} to {}: {}", grant.grant_id, grant.principal, ops.join(","))),
+                grant.created_at,
+            )
+        })?;
+        state.grants.entry(grant.key_id).or_default().push(grant.clone());
+        Ok(grant)
+    }
+
+    /// Revokes a grant: it allows nothing from the next call on.
+    pub fn revoke_grant(&self, caller: &Caller, grant_id: &str) -> Result<()> {
+        let _admin = self.admin_lock();
+        let mut state = self.registry.write();
+        let grant = state.grant(grant_id).cloned().ok_or_else(|| Error::NotFound { what: format!("grant {grant_id}") })?;
+        let at = now();
+        self.store.write(|tx| {
+            tx.revoke_grant(grant_id, at)?;
+            tx.append_audit(&event(caller, "RevokeGrant", grant.key_id, None, format!("grant {grant_id} of {}", grant.principal)), at)
+        })?;
+        if let Some(list) = state.grants.get_mut(&grant.key_id) {
+            list.retain(|g| g.grant_id != grant_id);
+        }
         Ok(())
     }
 

@@ -16,6 +16,7 @@ use crate::domain::budget::UsageLimits;
 use crate::domain::context::EncryptionContext;
 use crate::domain::ids::{KeyId, KeyRef};
 use crate::domain::lifecycle::{KeyState, Use, VersionState, key_allows};
+use crate::domain::policy::{self, Authorized, Denied, Operation, PrincipalState};
 use crate::error::{Error, Result};
 use crate::hsm::Hsm;
 use crate::secret::SecretBytes;
@@ -118,30 +119,54 @@ impl Kms {
 
     // ----- data plane -----
 
+    /// The policy check: is `caller` allowed to do `operation` on `key` with `context`, now?
+    /// An unknown key is refused exactly like a key without a grant.
+    pub fn authorize(&self, caller: &Caller, key: &KeyRef, operation: Operation, context: &EncryptionContext) -> Result<Authorized> {
+        let state = self.registry.read();
+        let principal_state = state.principals.get(&caller.principal).map(|p| p.state);
+        let denied = |why: Denied| {
+            let reason = match why {
+                Denied::UnknownPrincipal => format!("principal {} is not registered", caller.principal),
+                Denied::DisabledPrincipal => format!("principal {} is disabled", caller.principal),
+                Denied::NoGrant => format!(
+                    "principal {} has no grant for {operation} on {key} with this encryption context",
+                    caller.principal
+                ),
+            };
+            Error::PermissionDenied { reason }
+        };
+        let Ok(entry) = state.resolve(key) else {
+            return Err(denied(match principal_state {
+                None => Denied::UnknownPrincipal,
+                Some(PrincipalState::Disabled) => Denied::DisabledPrincipal,
+                Some(PrincipalState::Enabled) => Denied::NoGrant,
+            }));
+        };
+        let key_id = entry.record.key_id;
+        let grants = state.grants.get(&key_id).into_iter().flatten();
+        policy::authorize(&caller.principal, principal_state, grants, key_id, operation, context, now()).map_err(denied)
+    }
+
     /// A fresh data key of `len` bytes from the HSM's generator, and its blob.
-    pub fn generate_data_key(
-        &self,
-        key: &KeyRef,
-        len: usize,
-        context: &EncryptionContext,
-    ) -> Result<(Encrypted, SecretBytes)> {
+    pub fn generate_data_key(&self, proof: &Authorized, len: usize, context: &EncryptionContext) -> Result<(Encrypted, SecretBytes)> {
         let mut data_key = SecretBytes::zeroed(len);
         self.hsm.random(data_key.expose_secret_mut())?;
-        let encrypted = self.encrypt(key, data_key.expose_secret(), context)?;
+        let encrypted = self.encrypt(proof, data_key.expose_secret(), context)?;
         Ok((encrypted, data_key))
     }
 
-    /// Encrypts under the key's primary version.
-    pub fn encrypt(&self, key: &KeyRef, plaintext: &[u8], context: &EncryptionContext) -> Result<Encrypted> {
+    /// Encrypts under the primary version of the key the proof names.
+    pub fn encrypt(&self, proof: &Authorized, plaintext: &[u8], context: &EncryptionContext) -> Result<Encrypted> {
         if plaintext.len() > MAX_PLAINTEXT {
             return Err(Error::invalid("plaintext", format!("is {} bytes; at most {MAX_PLAINTEXT} are allowed", plaintext.len())));
         }
-        let entry = self.registry.entry(key)?;
+        let key = KeyRef::Id(proof.key_id());
+        let entry = self.registry.entry(&key)?;
         match self.encrypt_with(&entry, plaintext, context) {
             Err(Error::UsageExhausted { key_id, version }) => {
                 // The primary is spent: rotate now (if nobody did yet) and try once more.
                 self.rotate_exhausted(key_id, version)?;
-                let entry = self.registry.entry(&KeyRef::Id(key_id))?;
+                let entry = self.registry.entry(&key)?;
                 self.encrypt_with(&entry, plaintext, context)
             }
             other => other,
@@ -174,24 +199,38 @@ impl Kms {
         Ok(Encrypted { key_id, key_version: version.record.version, blob: Blob::encode(&header, &ciphertext) })
     }
 
-    /// Decrypts a blob with exactly the version it names.
-    pub fn decrypt(&self, blob: &[u8], context: &EncryptionContext, expected: Option<&KeyRef>) -> Result<Decrypted> {
-        self.decrypt_for(blob, context, expected, Use::Decrypt)
+    /// Decrypts a blob with exactly the version it names, if `caller` holds a Decrypt grant on
+    /// its key.
+    pub fn decrypt(&self, caller: &Caller, blob: &[u8], context: &EncryptionContext, expected: Option<&KeyRef>) -> Result<Decrypted> {
+        self.decrypt_for(caller, blob, context, expected, Operation::Decrypt)
     }
 
-    fn decrypt_for(&self, blob: &[u8], context: &EncryptionContext, expected: Option<&KeyRef>, use_: Use) -> Result<Decrypted> {
+    fn decrypt_for(
+        &self,
+        caller: &Caller,
+        blob: &[u8],
+        context: &EncryptionContext,
+        expected: Option<&KeyRef>,
+        operation: Operation,
+    ) -> Result<Decrypted> {
         let parsed = Blob::parse(blob).map_err(|reason| {
             tracing::debug!(%reason, "blob refused");
             Error::DecryptFailed
         })?;
         let key_id = parsed.header.key_id;
         if let Some(expected) = expected {
-            let expected_id = self.registry.entry(expected).map_err(|_| Error::DecryptFailed)?.record.key_id;
-            if expected_id != key_id {
+            if self.key_id_of(expected) != Some(key_id) {
                 return Err(Error::DecryptFailed);
             }
         }
+        // A blob naming no live key gets the uniform answer, like any other bad blob (R3); only
+        // for a key that exists does a missing grant show as PERMISSION_DENIED.
         let entry = self.registry.entry(&KeyRef::Id(key_id)).map_err(|_| Error::DecryptFailed)?;
+        if entry.record.state == KeyState::Destroyed {
+            return Err(Error::DecryptFailed);
+        }
+        let _proof = self.authorize(caller, &KeyRef::Id(key_id), operation, context)?;
+        let use_ = if operation == Operation::ReEncryptFrom { Use::DecryptForReEncrypt } else { Use::Decrypt };
         match key_allows(entry.record.state, use_) {
             Ok(()) => {}
             // A destroyed key is indistinguishable from an unknown one.
@@ -216,9 +255,11 @@ impl Kms {
     }
 
     /// Decrypts under the source key and encrypts under the destination, the plaintext never
-    /// leaving the service. Works from a Compromised source key.
+    /// leaving the service. Needs ReEncryptFrom on the source and ReEncryptTo on the destination;
+    /// works from a Compromised source key.
     pub fn re_encrypt(
         &self,
+        caller: &Caller,
         blob: &[u8],
         source_context: &EncryptionContext,
         source_key: Option<&KeyRef>,
@@ -226,14 +267,25 @@ impl Kms {
         destination_context: &EncryptionContext,
     ) -> Result<(Decrypted, Encrypted)> {
         // Check the destination first, so that a refused destination costs no HSM decryption.
-        let dest = self.registry.entry(destination)?;
+        let to = self.authorize(caller, destination, Operation::ReEncryptTo, destination_context)?;
+        let dest = self.registry.entry(&KeyRef::Id(to.key_id()))?;
         key_allows(dest.record.state, Use::Encrypt).map_err(|s| state_error(dest.record.key_id, s))?;
-        let decrypted = self.decrypt_for(blob, source_context, source_key, Use::DecryptForReEncrypt)?;
-        let encrypted = self.encrypt(destination, decrypted.plaintext.expose_secret(), destination_context)?;
+        let decrypted = self.decrypt_for(caller, blob, source_context, source_key, Operation::ReEncryptFrom)?;
+        let encrypted = self.encrypt(&to, decrypted.plaintext.expose_secret(), destination_context)?;
         Ok((decrypted, encrypted))
     }
 
-    pub fn generate_random(&self, len: usize) -> Result<SecretBytes> {
+    /// Random bytes for any enabled principal (no key is involved).
+    pub fn generate_random(&self, caller: &Caller, len: usize) -> Result<SecretBytes> {
+        match self.registry.read().principals.get(&caller.principal).map(|p| p.state) {
+            Some(PrincipalState::Enabled) => {}
+            Some(PrincipalState::Disabled) => {
+                return Err(Error::PermissionDenied { reason: format!("principal {} is disabled", caller.principal) });
+            }
+            None => {
+                return Err(Error::PermissionDenied { reason: format!("principal {} is not registered", caller.principal) });
+            }
+        }
         let mut out = SecretBytes::zeroed(len);
         self.hsm.random(out.expose_secret_mut())?;
         Ok(out)

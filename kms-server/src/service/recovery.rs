@@ -61,7 +61,8 @@ impl Kms {
             tracing::warn!(key_id = %name.key_id, version = name.version, "recovery: {detail}");
         }
 
-        let (keys, versions, aliases) = self.store.read(|tx| Ok((tx.keys()?, tx.versions()?, tx.aliases()?)))?;
+        let (keys, versions, aliases, principals, grants) =
+            self.store.read(|tx| Ok((tx.keys()?, tx.versions()?, tx.aliases()?, tx.principals()?, tx.grants()?)))?;
         let mut by_key: HashMap<_, Vec<(VersionRecord, Option<KeyHandle>)>> = HashMap::new();
         for v in versions {
             let name = ObjectName { key_id: v.key_id, version: v.version };
@@ -90,6 +91,12 @@ impl Kms {
         let mut state = self.registry.write();
         for a in aliases {
             state.aliases.insert(a.alias.clone(), a);
+        }
+        for p in principals {
+            state.principals.insert(p.name.clone(), p);
+        }
+        for g in grants {
+            state.grants.entry(g.key_id).or_default().push(g);
         }
         for k in keys {
             let versions = by_key.remove(&k.key_id).unwrap_or_default();

@@ -12,7 +12,8 @@ use crate::domain::budget::UsageLimits;
 use crate::domain::ids::{AliasName, KeyId, KeyRef};
 use crate::error::{Error, Result};
 use crate::hsm::KeyHandle;
-use crate::store::{AliasRecord, KeyRecord, Store, VersionRecord};
+use crate::domain::policy::Grant;
+use crate::store::{AliasRecord, KeyRecord, PrincipalRecord, Store, VersionRecord};
 
 /// The AES-GCM invocation count of one version (see `domain::budget`).
 #[derive(Debug)]
@@ -92,6 +93,9 @@ impl KeyEntry {
 pub struct State {
     pub keys: HashMap<KeyId, Arc<KeyEntry>>,
     pub aliases: HashMap<AliasName, AliasRecord>,
+    pub principals: HashMap<String, PrincipalRecord>,
+    /// Live grants, by key.
+    pub grants: HashMap<KeyId, Vec<Grant>>,
 }
 
 impl State {
@@ -103,6 +107,11 @@ impl State {
             }
         };
         self.keys.get(&id).ok_or_else(|| Error::NotFound { what: format!("key {id}") })
+    }
+
+    /// The grant with this id, wherever it is.
+    pub fn grant(&self, grant_id: &str) -> Option<&Grant> {
+        self.grants.values().flatten().find(|g| g.grant_id == grant_id)
     }
 
     /// Rebuilds a key's entry after its row, versions or aliases changed, keeping the handles

@@ -16,6 +16,7 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use crate::audit::{AuditEvent, GENESIS, StoredRecord};
 use crate::domain::ids::{AliasName, KeyId};
 use crate::domain::lifecycle::{KeyState, VersionState};
+use crate::domain::policy::{Grant, Operation, PrincipalState};
 
 /// A store failure. The detail is for the log; callers answer a generic error.
 #[derive(Debug)]
@@ -85,6 +86,13 @@ pub struct VersionRecord {
     /// Encryptions reserved (persisted before use): at least the number performed.
     pub reserved: u64,
     pub destruction_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrincipalRecord {
+    pub name: String,
+    pub state: PrincipalState,
+    pub created_at: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -335,6 +343,93 @@ impl Tx<'_> {
                 alias: AliasName::parse(&name).map_err(|_| corrupt("aliases", format!("alias {name:?}")))?,
                 key_id: key_id_col(row, 1, "aliases")?,
                 created_at: row.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    // ----- principals and grants -----
+
+    /// Inserts a principal; `Ok(false)` if the name is taken.
+    pub fn insert_principal(&self, name: &str, state: PrincipalState, now: i64) -> Result<bool> {
+        let n = self.0.execute(
+            "INSERT INTO principals (name, state, created_at) VALUES (?1, ?2, ?3) ON CONFLICT (name) DO NOTHING",
+            params![name, state.as_str(), now],
+        )?;
+        Ok(n == 1)
+    }
+
+    pub fn set_principal_state(&self, name: &str, state: PrincipalState) -> Result<()> {
+        self.0.execute("UPDATE principals SET state = ?2 WHERE name = ?1", params![name, state.as_str()])?;
+        Ok(())
+    }
+
+    pub fn principals(&self) -> Result<Vec<PrincipalRecord>> {
+        let mut stmt = self.0.prepare("SELECT name, state, created_at FROM principals ORDER BY name")?;
+        let rows = stmt.query_map([], |r| {
+            let state: String = r.get(1)?;
+            Ok(PrincipalRecord {
+                name: r.get(0)?,
+                state: PrincipalState::parse(&state).ok_or_else(|| corrupt("principals", format!("state {state:?}")))?,
+                created_at: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn insert_grant(&self, g: &Grant) -> Result<()> {
+        let ops: Vec<&str> = g.operations.iter().map(|o| o.as_str()).collect();
+        self.0.execute(
+            "INSERT INTO grants (grant_id, principal, key_id, operations, required_context,
+                required_context_keys, expires_at, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                g.grant_id,
+                g.principal,
+                g.key_id.to_string(),
+                ops.join(","),
+                serde_json::to_string(&g.required_pairs).unwrap_or_default(),
+                serde_json::to_string(&g.required_keys).unwrap_or_default(),
+                g.expires_at,
+                g.created_at
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Marks a grant revoked; `Ok(false)` if there was no live grant with that id.
+    pub fn revoke_grant(&self, grant_id: &str, now: i64) -> Result<bool> {
+        let n = self.0.execute(
+            "UPDATE grants SET revoked_at = ?2 WHERE grant_id = ?1 AND revoked_at IS NULL",
+            params![grant_id, now],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Every grant not revoked (expired ones included: they stay visible until revoked).
+    pub fn grants(&self) -> Result<Vec<Grant>> {
+        let mut stmt = self.0.prepare(
+            "SELECT grant_id, principal, key_id, operations, required_context, required_context_keys,
+                    expires_at, created_at
+             FROM grants WHERE revoked_at IS NULL ORDER BY created_at, grant_id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let ops: String = r.get(3)?;
+            let operations = ops
+                .split(',')
+                .map(|o| Operation::parse(o).ok_or_else(|| corrupt("grants", format!("operation {o:?}"))))
+                .collect::<rusqlite::Result<_>>()?;
+            let pairs: String = r.get(4)?;
+            let keys: String = r.get(5)?;
+            Ok(Grant {
+                grant_id: r.get(0)?,
+                principal: r.get(1)?,
+                key_id: key_id_col(r, 2, "grants")?,
+                operations,
+                required_pairs: serde_json::from_str(&pairs).map_err(|e| corrupt("grants", e))?,
+                required_keys: serde_json::from_str(&keys).map_err(|e| corrupt("grants", e))?,
+                expires_at: r.get(6)?,
+                created_at: r.get(7)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)

@@ -55,6 +55,23 @@ const MIGRATIONS: &[&str] = &[
         detail      TEXT NOT NULL,
         hash        BLOB NOT NULL
     );",
+    // 2: workload principals and grants.
+    "CREATE TABLE principals (
+        name       TEXT PRIMARY KEY,
+        state      TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE grants (
+        grant_id              TEXT PRIMARY KEY,
+        principal             TEXT NOT NULL REFERENCES principals (name),
+        key_id                TEXT NOT NULL REFERENCES keys (key_id),
+        operations            TEXT NOT NULL,
+        required_context      TEXT NOT NULL,
+        required_context_keys TEXT NOT NULL,
+        expires_at            INTEGER,
+        created_at            INTEGER NOT NULL,
+        revoked_at            INTEGER
+    );",
 ];
 
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

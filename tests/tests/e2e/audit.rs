@@ -37,13 +37,15 @@ async fn every_call_is_audited_with_its_outcome_key_and_context() {
         ops,
         [
             ("CreateKey", "allowed", "OK"),
+            ("CreatePrincipal", "allowed", "OK"),
+            ("CreateGrant", "allowed", "OK"),
             ("Encrypt", "allowed", "OK"),
             ("Decrypt", "denied", "INVALID_ARGUMENT"),
             ("DescribeKey", "allowed", "OK"),
             ("EnableKey", "denied", "NOT_FOUND"),
         ]
     );
-    for (op, _, _, key_id, context) in &rows[1..3] {
+    for (op, _, _, key_id, context) in &rows[3..5] {
         assert_eq!(key_id.as_deref(), Some(key.as_str()), "{op} names its key");
         assert!(context.as_deref().unwrap().contains("tenant"), "{op} records its context");
     }
@@ -61,7 +63,7 @@ async fn every_call_is_audited_with_its_outcome_key_and_context() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["ok"], true);
-    assert_eq!(v["records"], 5);
+    assert_eq!(v["records"], 7);
     let listed: serde_json::Value = serde_json::from_slice(&server.kmsctl(&["--json", "audit", "list", "--after", "1", "--limit", "2"]).stdout).unwrap();
     assert_eq!(listed.as_array().unwrap().iter().map(|r| r["seq"].as_u64().unwrap()).collect::<Vec<_>>(), [2, 3]);
 }
@@ -69,6 +71,7 @@ async fn every_call_is_audited_with_its_outcome_key_and_context() {
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_finds_a_modified_deleted_or_reordered_record_at_its_index() {
     let mut server = Server::start();
+    kms_tests::register_workload(&mut server.admin().await).await;
     {
         let mut data = server.data().await;
         for _ in 0..20 {
@@ -99,6 +102,7 @@ async fn verify_finds_a_modified_deleted_or_reordered_record_at_its_index() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_call_whose_audit_record_cannot_be_written_fails_closed() {
     let server = Server::start();
+    kms_tests::register_workload(&mut server.admin().await).await;
     let mut data = server.data().await;
     data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 8 }).await.unwrap();
     let before = count(&server, "SELECT COUNT(*) FROM audit");

@@ -50,6 +50,9 @@ fn start_on_fixture() -> (Server, serde_json::Value) {
 #[tokio::test(flavor = "multi_thread")]
 async fn golden_blobs_from_release_0_1_0_still_decrypt() {
     let (server, golden) = start_on_fixture();
+    // Release 0.1.0 had no grants: the database migrates, and an officer grants the workload.
+    let mut admin = server.admin().await;
+    kms_tests::grant_all(&mut admin, golden["alias"].as_str().unwrap()).await;
     let mut data = server.data().await;
     for v in golden["vectors"].as_array().unwrap() {
         let context = v["encryption_context"]
@@ -73,7 +76,6 @@ async fn golden_blobs_from_release_0_1_0_still_decrypt() {
     }
 
     // The database fixture opens: the alias, both versions and their counts are there.
-    let mut admin = server.admin().await;
     let described = admin.describe_key(pb::DescribeKeyRequest { key_id: golden["alias"].as_str().unwrap().into() }).await.unwrap().into_inner();
     assert_eq!(described.key.unwrap().primary_version, 2);
     assert_eq!(described.versions.len(), 2);

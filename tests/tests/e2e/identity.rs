@@ -17,6 +17,7 @@ async fn data_plane_answers(server: &Server, tls: &Tls) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_data_plane_admits_only_certificates_from_the_customer_ca() {
     let server = Server::start();
+    kms_tests::register_workload(&mut server.admin().await).await;
     let ca = server.pki_dir().join("ca.pem");
     assert!(data_plane_answers(&server, &server.tls()).await, "the customer's workload gets in");
 

@@ -50,6 +50,19 @@ fn officer_workflow_through_kmsctl() {
     ok_json(&server, &["alias", "delete", "alias/second"]);
     assert_eq!(ok_json(&server, &["key", "list"]).as_array().unwrap().len(), 1);
 
+    // Least privilege: the workload may do nothing until granted.
+    let denied = fails(&server, &["data-key", "generate", "--key", "alias/payroll", "--context", "app=hr"]);
+    assert!(denied.contains("PermissionDenied"), "{denied}");
+    assert_eq!(ok_json(&server, &["principal", "add", kms_tests::WORKLOAD])["state"], "Enabled");
+    let grant = ok_json(&server, &[
+        "grant", "create", "--principal", kms_tests::WORKLOAD, "--key", "alias/payroll", "--operations", "GenerateDataKey,Decrypt",
+        "--require", "app=hr",
+    ]);
+    assert_eq!(grant["operations"], serde_json::json!(["GenerateDataKey", "Decrypt"]));
+    assert_eq!(ok_json(&server, &["grant", "list", "--key", "alias/payroll"]).as_array().unwrap().len(), 1);
+    let denied = fails(&server, &["data-key", "generate", "--key", "alias/payroll", "--context", "app=other"]);
+    assert!(denied.contains("PermissionDenied"), "the grant's context condition holds: {denied}");
+
     // A data key and a file of any size, encrypted and decrypted through the envelope format.
     let dk = ok_json(&server, &["data-key", "generate", "--key", "alias/payroll", "--context", "app=hr"]);
     assert_eq!(dk["key_version"], 2);
@@ -68,12 +81,25 @@ fn officer_workflow_through_kmsctl() {
     let err = fails(&server, &["decrypt", "--in", &p(&sealed), "--out", &p(&opened), "--context", "app=other"]);
     assert!(err.contains("encryption context"), "{err}");
 
+    // Disabling the principal cuts it off from the next call; enabling restores it.
+    ok_json(&server, &["principal", "disable", kms_tests::WORKLOAD]);
+    let err = fails(&server, &["decrypt", "--in", &p(&sealed), "--out", &p(&opened)]);
+    assert!(err.contains("disabled"), "{err}");
+    ok_json(&server, &["principal", "enable", kms_tests::WORKLOAD]);
+    assert_eq!(ok_json(&server, &["principal", "list"])[0]["state"], "Enabled");
+
     // Disabling the key cuts the file off; enabling restores it.
     ok_json(&server, &["key", "disable", "alias/payroll"]);
     let err = fails(&server, &["decrypt", "--in", &p(&sealed), "--out", &p(&dir.path().join("x"))]);
     assert!(err.contains("Disabled"), "{err}");
     assert!(!dir.path().join("x").exists(), "no partial output is left behind");
     ok_json(&server, &["key", "enable", "alias/payroll"]);
+
+    // Revoking the grant cuts the workload off from the next call.
+    let grant_id = grant["grant_id"].as_str().unwrap();
+    ok_json(&server, &["grant", "revoke", grant_id]);
+    let err = fails(&server, &["decrypt", "--in", &p(&sealed), "--out", &p(&opened)]);
+    assert!(err.contains("PermissionDenied"), "{err}");
 
     // Errors are one line.
     let err = fails(&server, &["key", "compromise", &id]);

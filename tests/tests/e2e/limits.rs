@@ -50,7 +50,7 @@ async fn oversized_and_malformed_inputs_name_their_field() {
         })
         .await
         .unwrap_err();
-    assert_eq!(unknown.code(), Code::NotFound);
+    assert_eq!(unknown.code(), Code::PermissionDenied, "an unknown key looks like a key without a grant");
 
     let long = "d".repeat(1025);
     expect_invalid(

@@ -4,6 +4,7 @@
 mod audit;
 mod envelope;
 mod golden;
+mod grants;
 mod health;
 mod hsm_objects;
 mod identity;
