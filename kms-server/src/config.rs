@@ -26,6 +26,23 @@ pub struct Config {
     pub keys: KeysConfig,
     #[serde(default)]
     pub health: HealthConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// A signed checkpoint every this many records (default 1,000)...
+    pub checkpoint_every_records: i64,
+    /// ...or every this many seconds, whichever comes first (default 60).
+    pub checkpoint_every_seconds: i64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig { checkpoint_every_records: 1000, checkpoint_every_seconds: 60 }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -180,6 +197,9 @@ impl Config {
         crate::tls::ServerTls::load(&self.tls.cert_file, &self.tls.key_file, &self.tls.client_ca_file)
             .map_err(|e| refuse("tls", e))?;
         self.keys.limits().validate().map_err(|e| refuse("keys", e))?;
+        if self.audit.checkpoint_every_records < 1 || self.audit.checkpoint_every_seconds < 1 {
+            return Err(refuse("audit", "checkpoint_every_records and checkpoint_every_seconds must be at least 1"));
+        }
         if !(1..=60).contains(&self.health.probe_interval_seconds) {
             return Err(refuse("health.probe_interval_seconds", "must be 1 to 60"));
         }

@@ -4,7 +4,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use kms_server::config::{Config, HealthConfig, HsmConfig, KeysConfig, ListenConfig, TlsConfig};
+use kms_server::config::{AuditConfig, Config, HealthConfig, HsmConfig, KeysConfig, ListenConfig, TlsConfig};
 
 #[derive(Parser)]
 #[command(name = "kms-server", version, about = "Client-held key management service")]
@@ -79,6 +79,7 @@ fn main() -> anyhow::Result<()> {
                 tls: TlsConfig { cert_file: pki.server_cert, key_file: pki.server_key, client_ca_file: pki.ca_cert },
                 keys: KeysConfig { sweep_interval_seconds: sweep_interval, ..KeysConfig::default() },
                 health: HealthConfig::default(),
+                audit: AuditConfig::default(),
             };
             config.validate()?;
             println!("development mode: token, PIN, database and TLS certificates under {}", data_dir.display());

@@ -40,7 +40,11 @@ pub async fn serve(config: Config, hint_kmsctl: bool) -> anyhow::Result<()> {
     })
     .await??;
     let kms = Arc::new(kms);
-    let shared = Shared { kms: kms.clone(), ids: Arc::new(RequestIds::default()), audit: AuditWriter::start(store)? };
+    let (audit_writer, audit_thread) = AuditWriter::start(
+        store,
+        kms.checkpointer(config.audit.checkpoint_every_records, config.audit.checkpoint_every_seconds),
+    )?;
+    let shared = Shared { kms: kms.clone(), ids: Arc::new(RequestIds::default()), audit: audit_writer };
 
     let data = TcpListener::bind(config.listen.data).await?;
     let admin = TcpListener::bind(config.listen.admin).await?;
@@ -98,6 +102,10 @@ pub async fn serve(config: Config, hint_kmsctl: bool) -> anyhow::Result<()> {
     s?;
     sweeper.abort();
     prober.abort();
+    // The services (and with them every audit writer handle) are gone: let the writer finish
+    // what is queued and sign its last checkpoint before the process exits.
+    tokio::task::spawn_blocking(move || audit_thread.join()).await?;
+    tracing::info!("stopped");
     Ok(())
 }
 

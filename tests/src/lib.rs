@@ -35,6 +35,7 @@ pub struct Options {
     pub encryption_limit: u64,
     pub usage_reservation_block: u64,
     pub sweep_interval_seconds: u64,
+    pub checkpoint_every_records: u64,
 }
 
 impl Default for Options {
@@ -44,6 +45,7 @@ impl Default for Options {
             encryption_limit: 3_865_470_566,
             usage_reservation_block: 4096,
             sweep_interval_seconds: 1,
+            checkpoint_every_records: 1000,
         }
     }
 }
@@ -118,7 +120,8 @@ impl Server {
              [listen]\ndata = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
              [tls]\ncert_file = {:?}\nkey_file = {:?}\nclient_ca_file = {:?}\n\
              [keys]\nrotation_threshold = {}\nencryption_limit = {}\nusage_reservation_block = {}\nsweep_interval_seconds = {}\n\
-             [health]\nprobe_interval_seconds = 1\n",
+             [health]\nprobe_interval_seconds = 1\n\
+             [audit]\ncheckpoint_every_records = {}\n",
             self.dir.path(),
             self.token.module,
             self.token.label,
@@ -130,6 +133,7 @@ impl Server {
             o.encryption_limit,
             o.usage_reservation_block,
             o.sweep_interval_seconds,
+            o.checkpoint_every_records,
         );
         std::fs::write(self.config_path(), config)?;
         Ok(())

@@ -630,8 +630,20 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 AuditCommand::Verify => {
                     let r = c.verify_audit(pb::VerifyAuditRequest {}).await?.into_inner();
                     out.print(
-                        json!({"ok": r.ok, "records": r.records, "first_bad_index": r.first_bad_index, "problem": r.problem}),
-                        || if r.ok { format!("audit chain ok: {} records", r.records) } else { format!("audit chain BROKEN at record {}: {}", r.first_bad_index, r.problem) },
+                        json!({
+                            "ok": r.ok, "records": r.records, "first_bad_index": r.first_bad_index, "problem": r.problem,
+                            "checkpoints": r.checkpoints, "last_checkpoint_seq": r.last_checkpoint_seq,
+                        }),
+                        || {
+                            if r.ok {
+                                format!(
+                                    "audit trail ok: {} records, {} signed checkpoints (the last covers record {})",
+                                    r.records, r.checkpoints, r.last_checkpoint_seq
+                                )
+                            } else {
+                                format!("audit trail BROKEN at record {}: {}", r.first_bad_index, r.problem)
+                            }
+                        },
                     );
                     if r.ok {
                         Ok(())

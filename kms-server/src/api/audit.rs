@@ -20,9 +20,14 @@ impl AuditLog for AuditService {
     async fn verify_audit(&self, _request: Request<pb::VerifyAuditRequest>) -> Result<Response<pb::VerifyAuditResponse>, Status> {
         self.0
             .call("VerifyAudit", local_admin(), Audit::EveryOutcome, move |kms, _, facts| {
-                let response = match kms.verify_audit()? {
-                    Ok(records) => pb::VerifyAuditResponse { ok: true, records, first_bad_index: 0, problem: String::new() },
-                    Err(b) => pb::VerifyAuditResponse { ok: false, records: b.index - 1, first_bad_index: b.index, problem: b.problem },
+                let v = kms.verify_audit()?;
+                let response = pb::VerifyAuditResponse {
+                    ok: v.problem.is_none(),
+                    records: v.records,
+                    first_bad_index: v.problem.as_ref().map_or(0, |p| p.index),
+                    problem: v.problem.map(|p| p.problem).unwrap_or_default(),
+                    checkpoints: v.checkpoints,
+                    last_checkpoint_seq: v.last_checkpoint,
                 };
                 facts.detail = if response.ok {
                     format!("{} records verified", response.records)

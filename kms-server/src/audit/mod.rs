@@ -125,6 +125,26 @@ impl StoredRecord {
 /// The hash that precedes the first record.
 pub const GENESIS: [u8; 32] = [0; 32];
 
+/// A signed checkpoint: the sequence number and hash of the record it covers, with an
+/// HMAC-SHA-256 made inside the HSM by a key that never leaves it. Truncating the tail of the
+/// trail past the last checkpoint, or rewriting the chain and its hashes, is caught by them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub seq: i64,
+    pub time: i64,
+    pub hash: Vec<u8>,
+    pub mac: Vec<u8>,
+}
+
+/// The bytes a checkpoint's MAC covers.
+pub fn checkpoint_message(seq: i64, time: i64, hash: &[u8]) -> Vec<u8> {
+    let mut m = b"kms-audit-checkpoint-v1".to_vec();
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(&time.to_be_bytes());
+    m.extend_from_slice(hash);
+    m
+}
+
 /// Where and how a chain stops verifying.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainBreak {

@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::AuditEvent;
+use super::{AuditEvent, Checkpoint, checkpoint_message};
+use crate::hsm::{Hsm, KeyHandle};
 use crate::service::now;
 use crate::store::Store;
 
@@ -28,6 +29,19 @@ pub struct AuditUnavailable;
 impl std::fmt::Display for AuditUnavailable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("the audit trail could not be written")
+    }
+}
+
+/// The writer thread, to wait for at shutdown: it finishes once every `AuditWriter` is gone,
+/// after writing what was queued and signing a last checkpoint.
+#[derive(Debug)]
+pub struct WriterThread(std::thread::JoinHandle<()>);
+
+impl WriterThread {
+    pub fn join(self) {
+        if self.0.join().is_err() {
+            tracing::error!("the audit writer thread panicked");
+        }
     }
 }
 
@@ -48,11 +62,57 @@ impl std::fmt::Debug for Pending {
     }
 }
 
+/// Makes signed checkpoints every `every_records` records or `every_seconds` seconds (whichever
+/// comes first, and only when there are new records).
+pub struct Checkpointer {
+    pub hsm: Arc<dyn Hsm>,
+    pub key: KeyHandle,
+    pub every_records: i64,
+    pub every_seconds: i64,
+}
+
+impl std::fmt::Debug for Checkpointer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpointer").field("every_records", &self.every_records).finish_non_exhaustive()
+    }
+}
+
+impl Checkpointer {
+    /// Signs the last record if a checkpoint is due. A failure is logged and retried after the
+    /// next batch: the records themselves are already durable and chained.
+    fn maybe_checkpoint(&self, store: &Store, last: &mut (i64, i64)) {
+        let (last_seq, last_time) = *last;
+        let at = now();
+        let result = (|| -> Result<(), String> {
+            let Some((seq, hash)) = store.read(|tx| tx.last_audit()).map_err(|e| e.to_string())? else { return Ok(()) };
+            if seq == last_seq || (seq - last_seq < self.every_records && at - last_time < self.every_seconds) {
+                return Ok(());
+            }
+            let mac = self.hsm.mac(self.key, &checkpoint_message(seq, at, &hash)).map_err(|e| e.to_string())?;
+            store
+                .write(|tx| tx.insert_checkpoint(&Checkpoint { seq, time: at, hash, mac }))
+                .map_err(|e| e.to_string())?;
+            *last = (seq, at);
+            tracing::debug!(seq, "audit checkpoint signed");
+            Ok(())
+        })();
+        if let Err(e) = result {
+            tracing::error!(error = %e, "audit checkpoint failed; retrying after the next batch");
+        }
+    }
+}
+
 impl AuditWriter {
-    /// Starts the writer thread. It stops when every `AuditWriter` clone is dropped.
-    pub fn start(store: Arc<Store>) -> std::io::Result<AuditWriter> {
+    /// Starts the writer thread. It stops when every `AuditWriter` clone is dropped, signing a
+    /// last checkpoint on its way out.
+    pub fn start(store: Arc<Store>, checkpointer: Checkpointer) -> std::io::Result<(AuditWriter, WriterThread)> {
+        let mut last = store
+            .read(|tx| tx.checkpoints())
+            .ok()
+            .and_then(|c| c.last().map(|c| (c.seq, c.time)))
+            .unwrap_or((0, now()));
         let (queue, mut rx) = mpsc::channel::<Pending>(QUEUE);
-        std::thread::Builder::new().name("audit-writer".into()).spawn(move || {
+        let thread = std::thread::Builder::new().name("audit-writer".into()).spawn(move || {
             while let Some(first) = rx.blocking_recv() {
                 let mut batch = vec![first];
                 while batch.len() < MAX_BATCH {
@@ -74,9 +134,12 @@ impl AuditWriter {
                     // A caller that went away no longer needs the answer.
                     let _ = p.done.send(outcome);
                 }
+                checkpointer.maybe_checkpoint(&store, &mut last);
             }
+            let final_checkpoint = Checkpointer { every_records: 1, every_seconds: 0, ..checkpointer };
+            final_checkpoint.maybe_checkpoint(&store, &mut last);
         })?;
-        Ok(AuditWriter { queue })
+        Ok((AuditWriter { queue }, WriterThread(thread)))
     }
 
     /// Records `event` and returns once it is durable.

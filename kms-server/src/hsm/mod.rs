@@ -90,4 +90,13 @@ pub trait Hsm: Send + Sync {
 
     /// The health canary's handle, creating the canary on first use (startup only).
     fn canary(&self) -> Result<KeyHandle, HsmError>;
+
+    /// The audit checkpoint key's handle, creating the key on first use (startup only).
+    fn audit_mac_key(&self) -> Result<KeyHandle, HsmError>;
+
+    /// HMAC-SHA-256 inside the HSM.
+    fn mac(&self, key: KeyHandle, data: &[u8]) -> Result<Vec<u8>, HsmError>;
+
+    /// Checks an HMAC-SHA-256 inside the HSM; `Ok(false)` for a wrong MAC.
+    fn verify_mac(&self, key: KeyHandle, data: &[u8], mac: &[u8]) -> Result<bool, HsmError>;
 }

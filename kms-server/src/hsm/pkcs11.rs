@@ -184,10 +184,29 @@ impl Hsm for Pkcs11Hsm {
     }
 
     fn canary(&self) -> Result<KeyHandle, HsmError> {
-        self.with_session("C_FindObjects", |s| match s.find_objects(&templates::canary_search())?.first() {
+        self.with_session("C_FindObjects", |s| match s.find_objects(&templates::by_label(templates::CANARY_LABEL))?.first() {
             Some(handle) => Ok(*handle),
             None => s.generate_key(&Mechanism::AesKeyGen, &templates::canary()),
         })
+    }
+
+    fn audit_mac_key(&self) -> Result<KeyHandle, HsmError> {
+        self.with_session("C_FindObjects", |s| match s.find_objects(&templates::by_label(templates::AUDIT_MAC_LABEL))?.first() {
+            Some(handle) => Ok(*handle),
+            None => s.generate_key(&Mechanism::GenericSecretKeyGen, &templates::audit_mac_key()),
+        })
+    }
+
+    fn mac(&self, key: KeyHandle, data: &[u8]) -> Result<Vec<u8>, HsmError> {
+        self.with_session("C_Sign", |s| s.sign(&Mechanism::Sha256Hmac, key, data))
+    }
+
+    fn verify_mac(&self, key: KeyHandle, data: &[u8], mac: &[u8]) -> Result<bool, HsmError> {
+        match self.with_session("C_Verify", |s| s.verify(&Mechanism::Sha256Hmac, key, data, mac)) {
+            Ok(()) => Ok(true),
+            Err(HsmError::Refused { code: RvError::SignatureInvalid | RvError::SignatureLenRange, .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     fn token_info(&self) -> Result<TokenInfo, HsmError> {

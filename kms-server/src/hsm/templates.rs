@@ -109,9 +109,38 @@ pub fn canary() -> Vec<Attribute> {
     ]
 }
 
-/// Finds the canary by its label.
-pub fn canary_search() -> Vec<Attribute> {
-    vec![Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(CANARY_LABEL.as_bytes().to_vec())]
+/// The label of the audit checkpoint key.
+pub const AUDIT_MAC_LABEL: &str = "kms-audit-hmac";
+
+/// The template of the audit checkpoint key: an HMAC-SHA-256 key that only signs and verifies,
+/// never readable in clear, and — like key versions — extractable only under a trusted wrapping
+/// key, so that backups can carry it and restored audit trails still verify.
+pub fn audit_mac_key() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::ValueLen(AES_256_LEN.into()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(true),
+        Attribute::WrapWithTrusted(true),
+        Attribute::Modifiable(false),
+        Attribute::Sign(true),
+        Attribute::Verify(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+        Attribute::AllowedMechanisms(vec![MechanismType::SHA256_HMAC]),
+        Attribute::Label(AUDIT_MAC_LABEL.as_bytes().to_vec()),
+    ]
+}
+
+/// Finds an object by its label (startup only).
+pub fn by_label(label: &str) -> Vec<Attribute> {
+    vec![Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(label.as_bytes().to_vec())]
 }
 
 /// The template that finds every AES secret key on the token (at startup only: `C_FindObjects`

@@ -11,7 +11,7 @@ use std::sync::MutexGuard;
 
 use super::registry::KeyEntry;
 use super::{Caller, Kms, now};
-use crate::audit::{AuditEvent, Outcome};
+use crate::audit::{AuditEvent, ChainBreak, Outcome};
 use crate::domain::budget::UsageLimits;
 use crate::domain::ids::{AliasName, KeyId, KeyRef};
 use crate::domain::lifecycle::{
@@ -23,6 +23,16 @@ use crate::domain::policy::{Grant, PrincipalState};
 use crate::store::{AliasRecord, IntentKind, KeyRecord, PrincipalRecord, VersionRecord};
 
 const DAY: i64 = 86_400;
+
+/// The result of verifying the audit trail.
+#[derive(Debug, Clone)]
+pub struct AuditVerification {
+    pub records: u64,
+    pub checkpoints: u64,
+    pub last_checkpoint: u64,
+    /// The first problem, by record index; `None` when everything verifies.
+    pub problem: Option<ChainBreak>,
+}
 
 /// A key as the admin plane shows it.
 #[derive(Debug, Clone)]
@@ -119,10 +129,39 @@ impl Kms {
 
     // ----- reads -----
 
-    /// Verifies the whole audit chain.
-    pub fn verify_audit(&self) -> Result<std::result::Result<u64, crate::audit::ChainBreak>> {
-        let records = self.store.read(|tx| tx.audit_records())?;
-        Ok(crate::audit::verify_chain(&records))
+    /// Verifies the whole audit chain, then every signed checkpoint against it: a checkpoint
+    /// past the last record means the tail was truncated; a checkpoint whose hash differs from
+    /// its record's, or whose MAC the HSM rejects, means the chain was rewritten.
+    pub fn verify_audit(&self) -> Result<AuditVerification> {
+        let (records, checkpoints) = self.store.read(|tx| Ok((tx.audit_records()?, tx.checkpoints()?)))?;
+        let chain = crate::audit::verify_chain(&records);
+        let count = records.len() as i64;
+        let mut problem = chain.err();
+        for c in &checkpoints {
+            let found = if c.seq > count {
+                Some(ChainBreak {
+                    index: count as u64 + 1,
+                    problem: format!("the trail ends at record {count} but a signed checkpoint covers record {}: the tail was truncated", c.seq),
+                })
+            } else if records[(c.seq - 1) as usize].1 != c.hash {
+                Some(ChainBreak { index: c.seq as u64, problem: format!("record {} differs from its signed checkpoint", c.seq) })
+            } else if !self.hsm.verify_mac(self.audit_mac, &crate::audit::checkpoint_message(c.seq, c.time, &c.hash), &c.mac)? {
+                Some(ChainBreak { index: c.seq as u64, problem: format!("the checkpoint of record {} has a bad MAC", c.seq) })
+            } else {
+                None
+            };
+            if let Some(f) = found {
+                if problem.as_ref().is_none_or(|p| f.index < p.index) {
+                    problem = Some(f);
+                }
+            }
+        }
+        Ok(AuditVerification {
+            records: count as u64,
+            checkpoints: checkpoints.len() as u64,
+            last_checkpoint: checkpoints.last().map_or(0, |c| c.seq as u64),
+            problem,
+        })
     }
 
     /// A page of audit records after `after_seq`.

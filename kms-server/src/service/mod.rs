@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::hsm::Hsm;
 use crate::secret::SecretBytes;
 use crate::store::Store;
-pub use admin::{KeyView, VersionView};
+pub use admin::{AuditVerification, KeyView, VersionView};
 use registry::{KeyEntry, Registry, VersionEntry};
 
 /// Seconds since the Unix epoch.
@@ -60,6 +60,8 @@ pub struct Settings {
 
 pub struct Kms {
     hsm: Arc<dyn Hsm>,
+    /// The audit checkpoint key (see `hsm::templates::audit_mac_key`).
+    audit_mac: crate::hsm::KeyHandle,
     /// The health canary's object (see `hsm::templates::canary`); replaced by `repair_handles`.
     canary: std::sync::RwLock<crate::hsm::KeyHandle>,
     store: Arc<Store>,
@@ -80,7 +82,8 @@ impl Kms {
     /// registry.
     pub fn open(hsm: Arc<dyn Hsm>, store: Arc<Store>, settings: Settings) -> Result<Kms> {
         let canary = std::sync::RwLock::new(hsm.canary()?);
-        let kms = Kms { hsm, canary, store, registry: Registry::default(), settings, admin: Mutex::new(()) };
+        let audit_mac = hsm.audit_mac_key()?;
+        let kms = Kms { hsm, audit_mac, canary, store, registry: Registry::default(), settings, admin: Mutex::new(()) };
         kms.recover()?;
         Ok(kms)
     }
@@ -91,6 +94,11 @@ impl Kms {
 
     pub fn hsm(&self) -> &dyn Hsm {
         &*self.hsm
+    }
+
+    /// What the audit writer needs to sign checkpoints.
+    pub fn checkpointer(&self, every_records: i64, every_seconds: i64) -> crate::audit::writer::Checkpointer {
+        crate::audit::writer::Checkpointer { hsm: self.hsm.clone(), key: self.audit_mac, every_records, every_seconds }
     }
 
     /// The health probe: one real AES-GCM encryption under the canary key, through the same

@@ -13,7 +13,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
-use crate::audit::{AuditEvent, GENESIS, StoredRecord};
+use crate::audit::{AuditEvent, Checkpoint, GENESIS, StoredRecord};
 use crate::domain::ids::{AliasName, KeyId};
 use crate::domain::lifecycle::{KeyState, VersionState};
 use crate::domain::policy::{Grant, Operation, PrincipalState};
@@ -528,6 +528,28 @@ impl Tx<'_> {
             prev = hash;
         }
         Ok(())
+    }
+
+    /// The last audit record's sequence number and hash.
+    pub fn last_audit(&self) -> Result<Option<(i64, Vec<u8>)>> {
+        Ok(self
+            .0
+            .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?)
+    }
+
+    pub fn insert_checkpoint(&self, c: &Checkpoint) -> Result<()> {
+        self.0.execute(
+            "INSERT INTO audit_checkpoints (seq, time, hash, mac) VALUES (?1, ?2, ?3, ?4)",
+            params![c.seq, c.time, c.hash, c.mac],
+        )?;
+        Ok(())
+    }
+
+    pub fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
+        let mut stmt = self.0.prepare("SELECT seq, time, hash, mac FROM audit_checkpoints ORDER BY seq")?;
+        let rows = stmt.query_map([], |r| Ok(Checkpoint { seq: r.get(0)?, time: r.get(1)?, hash: r.get(2)?, mac: r.get(3)? }))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// The audit records in order, with their stored hashes.

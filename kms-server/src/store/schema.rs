@@ -72,6 +72,13 @@ const MIGRATIONS: &[&str] = &[
         created_at            INTEGER NOT NULL,
         revoked_at            INTEGER
     );",
+    // 3: signed audit checkpoints.
+    "CREATE TABLE audit_checkpoints (
+        seq  INTEGER PRIMARY KEY,
+        time INTEGER NOT NULL,
+        hash BLOB NOT NULL,
+        mac  BLOB NOT NULL
+    );",
 ];
 
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

@@ -1,7 +1,7 @@
 //! `token-inspect ACTION MODULE TOKEN_LABEL PIN_FILE`: looks at a token from a second process,
 //! logged in as the user, the way an attacker with the PIN would (TESTPLAN R8).
 //!
-//! * `list`: every AES secret key with its security attributes, as JSON.
+//! * `list`: every secret key with its security attributes, as JSON.
 //! * `create-orphan:KEY_ID`: creates a service-named object with no database row.
 //! * `destroy:LABEL`: destroys an object behind the service's back.
 //! * `attack`: for every service key object, tries to read its value, to make it extractable
@@ -149,7 +149,7 @@ fn main() -> Result<()> {
         println!("destroyed");
         return Ok(());
     }
-    let objects = session.find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::KeyType(KeyType::AES)])?;
+    let objects = session.find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])?;
     let mut out = Vec::new();
     for h in objects {
         let mut v = describe(&session, h)?;

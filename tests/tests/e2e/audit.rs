@@ -118,3 +118,106 @@ async fn a_call_whose_audit_record_cannot_be_written_fails_closed() {
     data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 8 }).await.unwrap();
     assert_eq!(count(&server, "SELECT COUNT(*) FROM audit"), before + 1, "the failed call left no record, the next one did");
 }
+
+/// Recomputes every hash from `from_seq` on, as an attacker who knows the (public) chain
+/// construction but not the HSM's checkpoint key would after editing a record.
+fn rechain(db: &rusqlite::Connection, from_seq: i64) {
+    use kms_server::audit::StoredRecord;
+    let mut stmt = db
+        .prepare("SELECT seq, time, request_id, principal, operation, key_id, key_version, context, outcome, status, detail, hash FROM audit ORDER BY seq")
+        .unwrap();
+    let rows: Vec<(StoredRecord, Vec<u8>)> = stmt
+        .query_map([], |r| {
+            Ok((
+                StoredRecord {
+                    seq: r.get(0)?,
+                    time: r.get(1)?,
+                    request_id: r.get(2)?,
+                    principal: r.get(3)?,
+                    operation: r.get(4)?,
+                    key_id: r.get(5)?,
+                    key_version: r.get(6)?,
+                    context: r.get(7)?,
+                    outcome: r.get(8)?,
+                    status: r.get(9)?,
+                    detail: r.get(10)?,
+                },
+                r.get(11)?,
+            ))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let mut prev: [u8; 32] = if from_seq == 1 { kms_server::audit::GENESIS } else { rows[(from_seq - 2) as usize].1.clone().try_into().unwrap() };
+    for (record, _) in &rows[(from_seq - 1) as usize..] {
+        let hash = record.chain_hash(&prev);
+        db.execute("UPDATE audit SET hash = ?1 WHERE seq = ?2", rusqlite::params![hash.to_vec(), record.seq]).unwrap();
+        prev = hash;
+    }
+}
+
+fn verify(server: &Server) -> serde_json::Value {
+    let out = server.kmsctl(&["--json", "audit", "verify"]);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signed_checkpoints_catch_truncation_and_a_rewritten_chain_over_ten_thousand_records() {
+    let mut server = Server::start_with(kms_tests::Options { checkpoint_every_records: 500, ..Default::default() });
+    kms_tests::register_workload(&mut server.admin().await).await;
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let mut data = server.data().await;
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..625 {
+                data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 4 }).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let v = verify(&server);
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(v["records"].as_u64().unwrap() >= 10_001);
+    // One checkpoint per 500 records, at the end of the group-commit batch that reaches them.
+    assert!(v["checkpoints"].as_u64().unwrap() >= 10, "{v}");
+    assert!(v["last_checkpoint_seq"].as_u64().unwrap() + 1000 >= v["records"].as_u64().unwrap(), "{v}");
+
+    server.stop(); // signs a last checkpoint on the way out
+    let pristine = std::fs::read(server.db_path()).unwrap();
+    let last: i64 = server.db().query_row("SELECT MAX(seq) FROM audit_checkpoints", [], |r| r.get(0)).unwrap();
+    // A consistently re-hashed chain is caught at the first signed checkpoint after the edit.
+    let covering: i64 = server.db().query_row("SELECT MIN(seq) FROM audit_checkpoints WHERE seq >= 5000", [], |r| r.get(0)).unwrap();
+    let records: i64 = server.db().query_row("SELECT COUNT(*) FROM audit", [], |r| r.get(0)).unwrap();
+    assert_eq!(last, records, "the shutdown checkpoint covers the last record");
+
+    let cases: Vec<(Box<dyn Fn(&rusqlite::Connection)>, i64, &str)> = vec![
+        (Box::new(move |db| { db.execute("DELETE FROM audit WHERE seq > ?1", [last - 10]).unwrap(); }), last - 9, "truncated"),
+        (
+            Box::new(|db| {
+                db.execute("UPDATE audit SET detail = 'forged' WHERE seq = 5000", []).unwrap();
+                rechain(db, 5000);
+            }),
+            covering,
+            "signed checkpoint",
+        ),
+        (
+            Box::new(|db| { db.execute("UPDATE audit_checkpoints SET mac = zeroblob(32) WHERE seq = (SELECT MIN(seq) FROM audit_checkpoints)", []).unwrap(); }),
+            0,
+            "bad MAC",
+        ),
+    ];
+    for (tamper, index, problem) in cases {
+        std::fs::write(server.db_path(), &pristine).unwrap();
+        tamper(&rusqlite::Connection::open(server.db_path()).unwrap());
+        server.restart();
+        let v = verify(&server);
+        assert_eq!(v["ok"], false, "{problem}: {v}");
+        assert!(v["problem"].as_str().unwrap().contains(problem), "{v}");
+        if index > 0 {
+            assert_eq!(v["first_bad_index"], index, "{v}");
+        }
+        server.stop();
+    }
+}

@@ -42,6 +42,20 @@ async fn every_key_object_is_sensitive_pinned_and_cannot_be_extracted() {
         assert_eq!(o["id"].as_str().unwrap().len(), 40, "CKA_ID is the key id and version");
     }
 
+    // The service's own keys: the audit checkpoint key signs and verifies only; the health
+    // canary only encrypts; neither is readable.
+    let all: Vec<serde_json::Value> = serde_json::from_slice(&server.inspect("list")).unwrap();
+    let by_label = |label: &str| all.iter().find(|o| o["label"] == label).unwrap_or_else(|| panic!("no {label}")).clone();
+    let mac = by_label("kms-audit-hmac");
+    for (attr, want) in [("sensitive", true), ("modifiable", false), ("sign", true), ("verify", true), ("encrypt", false), ("decrypt", false), ("wrap", false), ("wrap_with_trusted", true)] {
+        assert_eq!(mac[attr].as_bool(), Some(want), "audit key: {attr}");
+    }
+    assert_eq!(mac["allowed_mechanisms"], serde_json::json!(["CKM_SHA256_HMAC"]));
+    let canary = by_label("kms-health-canary");
+    for (attr, want) in [("sensitive", true), ("extractable", false), ("encrypt", true), ("decrypt", false)] {
+        assert_eq!(canary[attr].as_bool(), Some(want), "canary: {attr}");
+    }
+
     let attacked: Vec<serde_json::Value> = serde_json::from_slice(&server.inspect("attack")).unwrap();
     assert_eq!(attacked.len(), 3);
     for o in attacked {
