@@ -117,6 +117,48 @@ fn parse_pair(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// A point in time, as Unix seconds: `YYYY-MM-DD` (midnight UTC), `YYYY-MM-DDTHH:MM:SSZ`, or
+/// plain seconds.
+fn parse_time(s: &str) -> Result<i64, String> {
+    if let Ok(n) = s.parse::<i64>() {
+        return Ok(n);
+    }
+    let bad = || format!("{s:?} is not YYYY-MM-DD, YYYY-MM-DDTHH:MM:SSZ or Unix seconds");
+    let (date, time) = match s.split_once('T') {
+        Some((d, t)) => (d, Some(t.strip_suffix('Z').ok_or_else(bad)?)),
+        None => (s, None),
+    };
+    let num = |p: &str, lo: i64, hi: i64| p.parse::<i64>().ok().filter(|n| (lo..=hi).contains(n));
+    let d: Vec<&str> = date.split('-').collect();
+    let [y, m, day] = d.as_slice() else { return Err(bad()) };
+    let (y, m, day) = (num(y, 1970, 9999).ok_or_else(bad)?, num(m, 1, 12).ok_or_else(bad)?, num(day, 1, 31).ok_or_else(bad)?);
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let yy = if m <= 2 { y - 1 } else { y };
+    let era = yy.div_euclid(400);
+    let yoe = yy - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = match time {
+        None => 0,
+        Some(t) => {
+            let parts: Vec<&str> = t.split(':').collect();
+            let [h, mi, se] = parts.as_slice() else { return Err(bad()) };
+            num(h, 0, 23).ok_or_else(bad)? * 3600 + num(mi, 0, 59).ok_or_else(bad)? * 60 + num(se, 0, 60).ok_or_else(bad)?
+        }
+    };
+    Ok(days * 86_400 + secs)
+}
+
+fn record_json(a: &pb::AuditRecord) -> Value {
+    json!({
+        "seq": a.seq, "time": a.time, "request_id": a.request_id, "principal": a.principal,
+        "operation": a.operation, "key_id": a.key_id, "key_version": a.key_version,
+        "encryption_context": a.encryption_context, "outcome": a.outcome, "status": a.status,
+        "detail": a.detail,
+    })
+}
+
 /// "365d", "12h", "30m", "90s" or plain seconds.
 fn parse_period(s: &str) -> Result<u64, String> {
     let (num, unit) = match s.char_indices().last() {
@@ -272,6 +314,27 @@ fn grant_text(g: &pb::Grant) -> String {
 enum AuditCommand {
     /// Verifies the hash chain; exits non-zero and names the first bad record if it is broken.
     Verify,
+    /// Writes records as JSON lines (for a SIEM), optionally within a time window.
+    Export {
+        /// From this time on: YYYY-MM-DD, YYYY-MM-DDTHH:MM:SSZ (UTC) or Unix seconds.
+        #[arg(long, value_parser = parse_time)]
+        since: Option<i64>,
+        /// Before this time.
+        #[arg(long, value_parser = parse_time)]
+        until: Option<i64>,
+        /// The file to write (standard output by default).
+        #[arg(long = "out")]
+        output: Option<PathBuf>,
+    },
+    /// Follows the trail: prints records as they are written, as JSON lines.
+    Tail {
+        /// Start after this sequence number (default: the current end of the trail).
+        #[arg(long)]
+        after: Option<u64>,
+        /// Stop after this many records (default: run until interrupted).
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Prints records in order.
     List {
         /// Records after this sequence number.
@@ -651,20 +714,68 @@ async fn run(cli: Cli) -> Result<(), Error> {
                         Err(Error::Status(tonic::Status::data_loss(format!("the audit chain is broken at record {}", r.first_bad_index))))
                     }
                 }
-                AuditCommand::List { after, limit } => {
-                    let r = c.list_audit_records(pb::ListAuditRecordsRequest { after_seq: after, page_size: limit }).await?.into_inner();
-                    let rows: Vec<Value> = r
-                        .records
-                        .iter()
-                        .map(|a| {
-                            json!({
-                                "seq": a.seq, "time": a.time, "request_id": a.request_id, "principal": a.principal,
-                                "operation": a.operation, "key_id": a.key_id, "key_version": a.key_version,
-                                "encryption_context": a.encryption_context, "outcome": a.outcome, "status": a.status,
-                                "detail": a.detail,
+                AuditCommand::Export { since, until, output } => {
+                    let mut sink: Box<dyn Write> = match &output {
+                        Some(path) => Box::new(BufWriter::new(File::create(path).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?)),
+                        None => Box::new(std::io::stdout().lock()),
+                    };
+                    let io = |e: std::io::Error| Error::Config(e.to_string());
+                    let (mut after, mut written) = (0, 0u64);
+                    loop {
+                        let r = c
+                            .list_audit_records(pb::ListAuditRecordsRequest {
+                                after_seq: after,
+                                page_size: 1000,
+                                since: since.unwrap_or(0),
+                                until: until.unwrap_or(0),
                             })
-                        })
-                        .collect();
+                            .await?
+                            .into_inner();
+                        for a in &r.records {
+                            writeln!(sink, "{}", record_json(a)).map_err(io)?;
+                            written += 1;
+                        }
+                        if r.next_after_seq == 0 {
+                            break;
+                        }
+                        after = r.next_after_seq;
+                    }
+                    sink.flush().map_err(io)?;
+                    if output.is_some() {
+                        out.print(json!({"records": written}), || format!("exported {written} records"));
+                    }
+                    Ok(())
+                }
+                AuditCommand::Tail { after, count } => {
+                    let mut after = match after {
+                        Some(seq) => seq,
+                        None => c.verify_audit(pb::VerifyAuditRequest {}).await?.into_inner().records,
+                    };
+                    let mut printed = 0u64;
+                    loop {
+                        let r = c
+                            .list_audit_records(pb::ListAuditRecordsRequest { after_seq: after, page_size: 1000, since: 0, until: 0 })
+                            .await?
+                            .into_inner();
+                        for a in &r.records {
+                            println!("{}", record_json(a));
+                            after = a.seq;
+                            printed += 1;
+                            if count.is_some_and(|n| printed >= n) {
+                                return Ok(());
+                            }
+                        }
+                        if r.records.is_empty() {
+                            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                        }
+                    }
+                }
+                AuditCommand::List { after, limit } => {
+                    let r = c
+                        .list_audit_records(pb::ListAuditRecordsRequest { after_seq: after, page_size: limit, since: 0, until: 0 })
+                        .await?
+                        .into_inner();
+                    let rows: Vec<Value> = r.records.iter().map(record_json).collect();
                     out.print(Value::Array(rows), || {
                         r.records
                             .iter()
@@ -764,6 +875,17 @@ mod tests {
     }
 
     #[test]
+    fn times() {
+        assert_eq!(parse_time("1970-01-01"), Ok(0));
+        assert_eq!(parse_time("2026-11-25"), Ok(1_795_564_800));
+        assert_eq!(parse_time("2000-03-01T12:30:05Z"), Ok(951_913_805));
+        assert_eq!(parse_time("1700000000"), Ok(1_700_000_000));
+        for bad in ["2026-13-01", "2026-11", "2026-11-25T10:00:00", "yesterday", "2026-11-25T25:00:00Z"] {
+            assert!(parse_time(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn pairs() {
         assert_eq!(parse_pair("a=b=c"), Ok(("a".into(), "b=c".into())));
         assert!(parse_pair("=b").is_err());
@@ -784,6 +906,8 @@ mod tests {
             &["data-key", "generate", "--key", "k", "--context", "a=b"],
             &["encrypt", "--key", "k", "--in", "a", "--out", "b"],
             &["audit", "list", "--after", "3"],
+            &["audit", "export", "--since", "2026-11-01", "--until", "2026-11-02T10:00:00Z"],
+            &["audit", "tail", "--count", "2"],
             &["grant", "create", "--principal", "p", "--key", "k", "--operations", "Encrypt,Decrypt", "--require", "a=b"],
             &["principal", "disable", "p"],
             &["--pki", "/p", "--tls-cert", "/c", "--tls-key", "/k", "--ca", "/ca", "key", "list"],

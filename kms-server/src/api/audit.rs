@@ -51,9 +51,12 @@ impl AuditLog for AuditService {
                     n if n <= MAX_PAGE => n,
                     n => return Err(Error::invalid("page_size", format!("is {n}; at most {MAX_PAGE}"))),
                 };
-                let records = kms
-                    .audit_page(r.after_seq, size)?
+                let page = kms.audit_page(r.after_seq, size)?;
+                let next_after_seq = if page.len() == size as usize { page.last().map_or(0, |a| a.seq as u64) } else { 0 };
+                let in_window = |t: i64| (r.since == 0 || t >= r.since) && (r.until == 0 || t < r.until);
+                let records = page
                     .into_iter()
+                    .filter(|a| in_window(a.time))
                     .map(|a| pb::AuditRecord {
                         seq: a.seq as u64,
                         time: a.time,
@@ -68,7 +71,7 @@ impl AuditLog for AuditService {
                         detail: a.detail,
                     })
                     .collect();
-                Ok(pb::ListAuditRecordsResponse { records })
+                Ok(pb::ListAuditRecordsResponse { records, next_after_seq })
             })
             .await
     }

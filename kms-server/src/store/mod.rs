@@ -559,7 +559,7 @@ impl Tx<'_> {
 
     /// Up to `limit` audit records with a sequence number above `after`, in order.
     pub fn audit_page(&self, after: i64, limit: i64) -> Result<Vec<(StoredRecord, Vec<u8>)>> {
-        let mut stmt = self.0.prepare(
+        let mut stmt = self.0.prepare_cached(
             "SELECT seq, time, request_id, principal, operation, key_id, key_version, context,
                     outcome, status, detail, hash
              FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",

@@ -66,6 +66,25 @@ async fn every_call_is_audited_with_its_outcome_key_and_context() {
     assert_eq!(v["records"], 7);
     let listed: serde_json::Value = serde_json::from_slice(&server.kmsctl(&["--json", "audit", "list", "--after", "1", "--limit", "2"]).stdout).unwrap();
     assert_eq!(listed.as_array().unwrap().iter().map(|r| r["seq"].as_u64().unwrap()).collect::<Vec<_>>(), [2, 3]);
+
+    // Export for a SIEM: JSON lines, within a time window.
+    let file = server.dir.path().join("audit.jsonl");
+    let out = server.kmsctl(&["audit", "export", "--since", "2020-01-01", "--out", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&file).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(lines.len() >= 8, "{} lines", lines.len());
+    assert_eq!(lines[0]["operation"], "CreateKey");
+    let future = server.kmsctl(&["audit", "export", "--since", "2999-01-01"]);
+    assert!(future.status.success() && future.stdout.is_empty(), "nothing after 2999");
+    // Tail from the start, bounded.
+    let tail = server.kmsctl(&["audit", "tail", "--after", "0", "--count", "3"]);
+    assert!(tail.status.success());
+    let seqs: Vec<u64> = String::from_utf8_lossy(&tail.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [1, 2, 3]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
