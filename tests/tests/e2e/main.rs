@@ -11,6 +11,7 @@ mod identity;
 mod kmsctl;
 mod lifecycle;
 mod limits;
+mod load;
 mod persistence;
 mod tamper;
 mod usage;

@@ -1,0 +1,376 @@
+//! `kms-load`: a load generator for the data plane, for what criterion does poorly — many
+//! concurrent clients, an operation mix, open-loop rates — always bounded by a duration.
+//!
+//! It reports throughput, latency percentiles and errors by status per operation, the server's
+//! RSS and CPU time over the run (with `--server-pid`), and, with `--hsm-*`, the raw rate of the
+//! same HSM work measured in the same run, so the service's rate reads as a fraction of the
+//! HSM's. Output is a table, or JSON with `--json`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use kms_client::{Tls, channel};
+use kms_proto::v1 as pb;
+use kms_proto::v1::crypto_client::CryptoClient;
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+#[derive(Parser, Clone)]
+#[command(name = "kms-load", about = "Load generator for the key management service's data plane")]
+struct Args {
+    #[arg(long, default_value = "https://127.0.0.1:7400")]
+    data_endpoint: String,
+    /// ca.pem, workload.pem and workload.key (what `kms-server dev` writes to DATA_DIR/pki).
+    #[arg(long, default_value = ".kms-dev/pki")]
+    pki: PathBuf,
+    /// The key to use; the workload needs GenerateDataKey, Decrypt, ReEncryptFrom and ReEncryptTo.
+    #[arg(long)]
+    key: String,
+    /// Concurrent clients (calls in flight, closed loop).
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// HTTP/2 connections shared by the clients.
+    #[arg(long, default_value_t = 4)]
+    channels: usize,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Operation mix in percent: decrypt, generate (GenerateDataKey), reencrypt, encrypt.
+    #[arg(long, default_value = "decrypt=70,generate=20,reencrypt=10")]
+    mix: String,
+    /// Open loop: offer this many requests per second in total (latency is measured from the
+    /// scheduled start, so a stalled server shows up instead of slowing the offer).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// The server's process id, to report its RSS and CPU time.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Measure the raw HSM rate in the same run: the PKCS#11 module, token label and PIN file of
+    /// the server's token (run with the server's SOFTHSM2_CONF for SoftHSM2).
+    #[arg(long, requires_all = ["hsm_token", "hsm_pin_file"])]
+    hsm_module: Option<PathBuf>,
+    #[arg(long)]
+    hsm_token: Option<String>,
+    #[arg(long)]
+    hsm_pin_file: Option<PathBuf>,
+    /// Threads for the raw HSM measurement.
+    #[arg(long, default_value_t = 2)]
+    hsm_threads: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Op {
+    Decrypt,
+    Generate,
+    ReEncrypt,
+    Encrypt,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Decrypt => "Decrypt",
+            Op::Generate => "GenerateDataKey",
+            Op::ReEncrypt => "ReEncrypt",
+            Op::Encrypt => "Encrypt",
+        }
+    }
+}
+
+fn parse_mix(s: &str) -> Result<Vec<(Op, u32)>> {
+    let mut mix = Vec::new();
+    for part in s.split(',') {
+        let (name, pct) = part.split_once('=').context("--mix: NAME=PERCENT,...")?;
+        let op = match name {
+            "decrypt" => Op::Decrypt,
+            "generate" => Op::Generate,
+            "reencrypt" => Op::ReEncrypt,
+            "encrypt" => Op::Encrypt,
+            other => bail!("--mix: unknown operation {other:?}"),
+        };
+        mix.push((op, pct.parse()?));
+    }
+    if mix.iter().map(|(_, p)| p).sum::<u32>() != 100 {
+        bail!("--mix: the percentages must add up to 100");
+    }
+    Ok(mix)
+}
+
+/// A small deterministic generator (xorshift64*) to pick operations.
+struct Picker(u64);
+
+impl Picker {
+    fn pick(&mut self, mix: &[(Op, u32)]) -> Op {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let mut roll = (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) % 100;
+        for (op, pct) in mix {
+            if roll < u64::from(*pct) {
+                return *op;
+            }
+            roll -= u64::from(*pct);
+        }
+        mix[0].0
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    latencies: BTreeMap<Op, Vec<u32>>,
+    errors: BTreeMap<String, u64>,
+}
+
+async fn call(client: &mut CryptoClient<Channel>, op: Op, key: &str, blob: &[u8]) -> Result<(), tonic::Code> {
+    let r = match op {
+        Op::Decrypt => client
+            .decrypt(pb::DecryptRequest { ciphertext_blob: blob.to_vec(), encryption_context: Default::default(), key_id: String::new() })
+            .await
+            .map(|_| ()),
+        Op::Generate => client
+            .generate_data_key(pb::GenerateDataKeyRequest { key_id: key.into(), key_spec: 1, number_of_bytes: 0, encryption_context: Default::default() })
+            .await
+            .map(|_| ()),
+        Op::ReEncrypt => client
+            .re_encrypt(pb::ReEncryptRequest {
+                ciphertext_blob: blob.to_vec(),
+                source_encryption_context: Default::default(),
+                source_key_id: String::new(),
+                destination_key_id: key.into(),
+                destination_encryption_context: Default::default(),
+            })
+            .await
+            .map(|_| ()),
+        Op::Encrypt => client
+            .encrypt(pb::EncryptRequest { key_id: key.into(), plaintext: vec![0; 32], encryption_context: Default::default() })
+            .await
+            .map(|_| ()),
+    };
+    r.map_err(|s| s.code())
+}
+
+/// The server's resident memory (KiB) and CPU time (clock ticks) from /proc.
+fn process_usage(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some((rss, ticks))
+}
+
+fn percentile(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() as f64 * p).ceil() as usize).saturating_sub(1).min(sorted.len() - 1)]
+}
+
+/// The raw HSM rate of the data plane's work (random IV and data key, then AES-GCM under the
+/// key's primary version), on `threads` threads for `secs` seconds.
+fn raw_hsm_rate(args: &Args, key_label_prefix: &str, secs: u64) -> Result<Value> {
+    use kms_server::domain::blob::Iv;
+    use kms_server::hsm::Hsm;
+    use kms_server::hsm::pkcs11::Pkcs11Hsm;
+    let (Some(module), Some(token), Some(pin)) = (&args.hsm_module, &args.hsm_token, &args.hsm_pin_file) else {
+        return Ok(Value::Null);
+    };
+    let pin = kms_server::secret::Pin::new(std::fs::read_to_string(pin)?);
+    let hsm = Arc::new(Pkcs11Hsm::open(module, token, &pin, args.hsm_threads).map_err(|e| anyhow::anyhow!("{e}"))?);
+    let (_, handle) = hsm
+        .find_keys()
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .into_iter()
+        .filter(|(name, _)| name.label().starts_with(key_label_prefix))
+        .max_by_key(|(name, _)| name.version)
+        .context("the key's HSM object was not found on the token")?;
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let threads: Vec<_> = (0..args.hsm_threads)
+        .map(|_| {
+            let hsm = hsm.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                let mut buf = [0u8; 44];
+                while Instant::now() < deadline {
+                    if hsm.random(&mut buf).is_err() {
+                        break;
+                    }
+                    let iv = Iv(buf[..12].try_into().unwrap_or([0; 12]));
+                    if hsm.encrypt(handle, &iv, b"aad", &buf[12..]).is_err() {
+                        break;
+                    }
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let total: u64 = threads.into_iter().map(|t| t.join().unwrap_or(0)).sum();
+    Ok(json!({"operation": "C_GenerateRandom(44) + C_Encrypt(AES-GCM, 32 B)", "threads": args.hsm_threads, "ops_per_second": total as f64 / secs as f64}))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let mix = parse_mix(&args.mix)?;
+    let tls = Tls::dev(&args.pki);
+    let mut channels = Vec::new();
+    for _ in 0..args.channels.max(1) {
+        channels.push(channel(&args.data_endpoint, &tls).await.map_err(|e| anyhow::anyhow!("{e}"))?);
+    }
+    // One data key to decrypt and re-encrypt throughout.
+    let mut setup = CryptoClient::new(channels[0].clone());
+    let gdk = setup
+        .generate_data_key(pb::GenerateDataKeyRequest { key_id: args.key.clone(), key_spec: 1, number_of_bytes: 0, encryption_context: Default::default() })
+        .await
+        .context("GenerateDataKey for the setup (does the workload have a grant on the key?)")?
+        .into_inner();
+    let key_id = gdk.key_id.clone();
+    let blob = Arc::new(gdk.ciphertext_blob.clone());
+    drop(gdk);
+
+    let before = args.server_pid.and_then(process_usage);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.duration);
+    let tallies: Vec<Tally> = match args.rate {
+        None => {
+            let mut tasks = Vec::new();
+            for i in 0..args.clients {
+                let mut client = CryptoClient::new(channels[i % channels.len()].clone());
+                let (mix, key, blob) = (mix.clone(), key_id.clone(), blob.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut tally = Tally::default();
+                    let mut picker = Picker(0x9E37_79B9_7F4A_7C15 ^ (i as u64 + 1));
+                    while Instant::now() < deadline {
+                        let op = picker.pick(&mix);
+                        let t = Instant::now();
+                        match call(&mut client, op, &key, &blob).await {
+                            Ok(()) => tally.latencies.entry(op).or_default().push(t.elapsed().as_micros() as u32),
+                            Err(code) => *tally.errors.entry(format!("{}: {code:?}", op.name())).or_default() += 1,
+                        }
+                    }
+                    tally
+                }));
+            }
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await?);
+            }
+            out
+        }
+        Some(rate) => {
+            // Open loop: one task per scheduled request, at most 4,096 in flight.
+            let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+            let limit = Arc::new(tokio::sync::Semaphore::new(4096));
+            let mut picker = Picker(0x9E37_79B9_7F4A_7C15);
+            let mut tasks = Vec::new();
+            let mut next = Instant::now();
+            let mut i = 0usize;
+            while next < deadline {
+                tokio::time::sleep_until(next.into()).await;
+                let permit = limit.clone().acquire_owned().await?;
+                let mut client = CryptoClient::new(channels[i % channels.len()].clone());
+                let (op, key, blob, scheduled) = (picker.pick(&mix), key_id.clone(), blob.clone(), next);
+                tasks.push(tokio::spawn(async move {
+                    let r = call(&mut client, op, &key, &blob).await;
+                    drop(permit);
+                    (op, scheduled.elapsed().as_micros() as u32, r)
+                }));
+                next += interval;
+                i += 1;
+            }
+            let mut tally = Tally::default();
+            for t in tasks {
+                let (op, micros, r) = t.await?;
+                match r {
+                    Ok(()) => tally.latencies.entry(op).or_default().push(micros),
+                    Err(code) => *tally.errors.entry(format!("{}: {code:?}", op.name())).or_default() += 1,
+                }
+            }
+            vec![tally]
+        }
+    };
+    let elapsed = started.elapsed().as_secs_f64();
+    let after = args.server_pid.and_then(process_usage);
+
+    let mut per_op: BTreeMap<Op, Vec<u32>> = BTreeMap::new();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    for t in tallies {
+        for (op, l) in t.latencies {
+            per_op.entry(op).or_default().extend(l);
+        }
+        for (e, n) in t.errors {
+            *errors.entry(e).or_default() += n;
+        }
+    }
+    let mut all: Vec<u32> = per_op.values().flatten().copied().collect();
+    all.sort_unstable();
+    let row = |name: &str, l: &mut Vec<u32>| {
+        l.sort_unstable();
+        json!({
+            "operation": name, "ok": l.len(), "per_second": l.len() as f64 / elapsed,
+            "p50_us": percentile(l, 0.5), "p90_us": percentile(l, 0.9), "p99_us": percentile(l, 0.99), "p999_us": percentile(l, 0.999),
+        })
+    };
+    let mut rows: Vec<Value> = per_op.iter_mut().map(|(op, l)| row(op.name(), l)).collect();
+    rows.push(row("all", &mut all));
+    let server = match (before, after) {
+        (Some((_, t0)), Some((rss, t1))) => json!({"rss_kib": rss, "cpu_seconds": (t1 - t0) as f64 / 100.0}),
+        _ => Value::Null,
+    };
+    let label_prefix = format!("kms:{key_id}:");
+    let hsm = tokio::task::spawn_blocking({
+        let args = args.clone();
+        move || raw_hsm_rate(&args, &label_prefix, 3)
+    })
+    .await??;
+    let report = json!({
+        "clients": args.clients, "channels": args.channels, "seconds": elapsed, "mix": args.mix,
+        "offered_rate": args.rate, "results": rows, "errors": errors, "server": server, "raw_hsm": hsm,
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!("{:<18} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8}", "operation", "ok", "per_s", "p50_us", "p90_us", "p99_us", "p999_us");
+        for r in report["results"].as_array().into_iter().flatten() {
+            println!(
+                "{:<18} {:>9} {:>10.0} {:>8} {:>8} {:>8} {:>8}",
+                r["operation"].as_str().unwrap_or(""),
+                r["ok"],
+                r["per_second"].as_f64().unwrap_or(0.0),
+                r["p50_us"],
+                r["p90_us"],
+                r["p99_us"],
+                r["p999_us"]
+            );
+        }
+        println!("errors: {}", report["errors"]);
+        println!("server: {}", report["server"]);
+        println!("raw HSM: {}", report["raw_hsm"]);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mixes_and_percentiles() {
+        assert!(parse_mix("decrypt=70,generate=20,reencrypt=10").is_ok());
+        assert!(parse_mix("decrypt=70").is_err());
+        assert!(parse_mix("sign=100").is_err());
+        let mix = parse_mix("decrypt=50,generate=50").unwrap();
+        let mut p = Picker(7);
+        let decrypts = (0..10_000).filter(|_| p.pick(&mix) == Op::Decrypt).count();
+        assert!((4000..6000).contains(&decrypts), "{decrypts}");
+        let v: Vec<u32> = (1..=1000).collect();
+        assert_eq!((percentile(&v, 0.5), percentile(&v, 0.99), percentile(&v, 0.999)), (500, 990, 999));
+    }
+}

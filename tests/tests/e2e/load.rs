@@ -1,0 +1,42 @@
+//! The load generator works against a real server (a short, bounded run; no timing asserted).
+
+use kms_tests::{Server, create_key};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kms_load_reports_every_operation_and_the_raw_hsm_rate() {
+    let server = Server::start();
+    let mut admin = server.admin().await;
+    create_key(&mut admin, "load").await;
+    let pid = server.pid().to_string();
+    let out = tokio::task::spawn_blocking({
+        let (data, pki, token) = (server.data_addr.clone(), server.pki_dir(), server.token.clone());
+        move || {
+            std::process::Command::new(kms_tests::bin("kms-load"))
+                .args(["--data-endpoint", &format!("https://{data}"), "--key", "alias/load", "--clients", "4", "--channels", "2"])
+                .args(["--duration", "1", "--mix", "decrypt=40,generate=30,reencrypt=20,encrypt=10", "--json", "--server-pid", &pid])
+                .arg("--pki")
+                .arg(&pki)
+                .arg("--hsm-module")
+                .arg(&token.module)
+                .args(["--hsm-token", &token.label, "--hsm-threads", "1"])
+                .arg("--hsm-pin-file")
+                .arg(&token.pin_file)
+                .env(hsm_sim::SOFTHSM2_CONF, &token.conf)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 5, "four operations and the total: {report}");
+    for r in results {
+        assert!(r["ok"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["p50_us"].as_u64().unwrap() <= r["p99_us"].as_u64().unwrap());
+    }
+    assert_eq!(report["errors"], serde_json::json!({}));
+    assert!(report["server"]["rss_kib"].as_u64().unwrap() > 0);
+    assert!(report["raw_hsm"]["ops_per_second"].as_f64().unwrap() > 0.0);
+}
