@@ -6,4 +6,5 @@ pub mod budget;
 pub mod context;
 pub mod ids;
 pub mod lifecycle;
+pub mod officer;
 pub mod policy;

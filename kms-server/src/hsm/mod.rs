@@ -15,7 +15,7 @@ use cryptoki::error::RvError;
 
 use crate::domain::blob::Iv;
 use crate::secret::SecretBytes;
-pub use templates::ObjectName;
+pub use templates::{ObjectName, ServiceKey};
 
 /// A handle to a key object, resolved once (at startup or creation) and cached: the hot path
 /// never searches the token (`C_FindObjects` is linear in the number of objects).
@@ -88,11 +88,8 @@ pub trait Hsm: Send + Sync {
 
     fn token_info(&self) -> Result<TokenInfo, HsmError>;
 
-    /// The health canary's handle, creating the canary on first use (startup only).
-    fn canary(&self) -> Result<KeyHandle, HsmError>;
-
-    /// The audit checkpoint key's handle, creating the key on first use (startup only).
-    fn audit_mac_key(&self) -> Result<KeyHandle, HsmError>;
+    /// One of the service's own keys, made on first use (startup only).
+    fn service_key(&self, which: ServiceKey) -> Result<KeyHandle, HsmError>;
 
     /// HMAC-SHA-256 inside the HSM.
     fn mac(&self, key: KeyHandle, data: &[u8]) -> Result<Vec<u8>, HsmError>;

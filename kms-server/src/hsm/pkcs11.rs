@@ -21,7 +21,7 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
-use super::{Hsm, HsmError, KeyHandle, ObjectName, TokenInfo, templates};
+use super::{Hsm, HsmError, KeyHandle, ObjectName, ServiceKey, TokenInfo, templates};
 use crate::domain::blob::{Iv, TAG_LEN};
 use crate::secret::{Pin, SecretBytes};
 
@@ -183,17 +183,13 @@ impl Hsm for Pkcs11Hsm {
         self.with_session("C_DestroyObject", |s| s.destroy_object(key))
     }
 
-    fn canary(&self) -> Result<KeyHandle, HsmError> {
-        self.with_session("C_FindObjects", |s| match s.find_objects(&templates::by_label(templates::CANARY_LABEL))?.first() {
+    fn service_key(&self, which: ServiceKey) -> Result<KeyHandle, HsmError> {
+        self.with_session("C_FindObjects", |s| match s.find_objects(&templates::by_label(which.label()))?.first() {
             Some(handle) => Ok(*handle),
-            None => s.generate_key(&Mechanism::AesKeyGen, &templates::canary()),
-        })
-    }
-
-    fn audit_mac_key(&self) -> Result<KeyHandle, HsmError> {
-        self.with_session("C_FindObjects", |s| match s.find_objects(&templates::by_label(templates::AUDIT_MAC_LABEL))?.first() {
-            Some(handle) => Ok(*handle),
-            None => s.generate_key(&Mechanism::GenericSecretKeyGen, &templates::audit_mac_key()),
+            None => {
+                let (mechanism, template) = which.template();
+                s.generate_key(&mechanism, &template)
+            }
         })
     }
 

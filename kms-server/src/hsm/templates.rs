@@ -16,7 +16,7 @@
 //! and the version as a big-endian u32, so that startup reconciliation can map every object back
 //! to its row without a database lookup.
 
-use cryptoki::mechanism::MechanismType;
+use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, KeyType, ObjectClass};
 
 use crate::domain::ids::KeyId;
@@ -80,62 +80,87 @@ pub fn key_version(name: &ObjectName) -> Vec<Attribute> {
     ]
 }
 
-/// The label of the health canary: a key that only ever encrypts a fixed probe, so that health
-/// is a real HSM operation on a real key object (as AWS's external key store health check does).
-/// It does not start with `LABEL_PREFIX`, so reconciliation never touches it.
-pub const CANARY_LABEL: &str = "kms-health-canary";
-
-/// The template of the health canary: like a key version, but encrypt-only and never
-/// extractable (it protects nothing and is never backed up).
-pub fn canary() -> Vec<Attribute> {
-    vec![
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(KeyType::AES),
-        Attribute::ValueLen(AES_256_LEN.into()),
-        Attribute::Token(true),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(false),
-        Attribute::Modifiable(false),
-        Attribute::Encrypt(true),
-        Attribute::Decrypt(false),
-        Attribute::Wrap(false),
-        Attribute::Unwrap(false),
-        Attribute::Sign(false),
-        Attribute::Verify(false),
-        Attribute::Derive(false),
-        Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM]),
-        Attribute::Label(CANARY_LABEL.as_bytes().to_vec()),
-    ]
+/// The service's own keys, each found by its label or made on first use. Their labels do not
+/// start with `LABEL_PREFIX`, so reconciliation never touches them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceKey {
+    /// Encrypts a fixed probe for the health check, so health is a real operation on a real key
+    /// object (as AWS's external key store health check is). Encrypt-only, never extractable.
+    Canary,
+    /// Signs audit checkpoints (HMAC-SHA-256).
+    AuditMac,
+    /// Seals officers' TOTP secrets in the database (AES-GCM).
+    OfficerSecrets,
 }
 
-/// The label of the audit checkpoint key.
-pub const AUDIT_MAC_LABEL: &str = "kms-audit-hmac";
+impl ServiceKey {
+    pub fn label(self) -> &'static str {
+        match self {
+            ServiceKey::Canary => "kms-health-canary",
+            ServiceKey::AuditMac => "kms-audit-hmac",
+            ServiceKey::OfficerSecrets => "kms-officer-secrets",
+        }
+    }
 
-/// The template of the audit checkpoint key: an HMAC-SHA-256 key that only signs and verifies,
-/// never readable in clear, and — like key versions — extractable only under a trusted wrapping
-/// key, so that backups can carry it and restored audit trails still verify.
-pub fn audit_mac_key() -> Vec<Attribute> {
-    vec![
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(KeyType::GENERIC_SECRET),
-        Attribute::ValueLen(AES_256_LEN.into()),
-        Attribute::Token(true),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(true),
-        Attribute::WrapWithTrusted(true),
-        Attribute::Modifiable(false),
-        Attribute::Sign(true),
-        Attribute::Verify(true),
-        Attribute::Encrypt(false),
-        Attribute::Decrypt(false),
-        Attribute::Wrap(false),
-        Attribute::Unwrap(false),
-        Attribute::Derive(false),
-        Attribute::AllowedMechanisms(vec![MechanismType::SHA256_HMAC]),
-        Attribute::Label(AUDIT_MAC_LABEL.as_bytes().to_vec()),
-    ]
+    /// The key generation mechanism and template. The audit and officer keys are extractable
+    /// only under a trusted wrapping key, like key versions, so that backups carry them and a
+    /// restored service still verifies its audit trail and logs its officers in.
+    pub fn template(self) -> (Mechanism<'static>, Vec<Attribute>) {
+        let mut t = vec![
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::ValueLen(AES_256_LEN.into()),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Modifiable(false),
+            Attribute::Wrap(false),
+            Attribute::Unwrap(false),
+            Attribute::Derive(false),
+            Attribute::Label(self.label().as_bytes().to_vec()),
+        ];
+        let (mechanism, specific) = match self {
+            ServiceKey::Canary => (
+                Mechanism::AesKeyGen,
+                vec![
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::Extractable(false),
+                    Attribute::Encrypt(true),
+                    Attribute::Decrypt(false),
+                    Attribute::Sign(false),
+                    Attribute::Verify(false),
+                    Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM]),
+                ],
+            ),
+            ServiceKey::AuditMac => (
+                Mechanism::GenericSecretKeyGen,
+                vec![
+                    Attribute::KeyType(KeyType::GENERIC_SECRET),
+                    Attribute::Extractable(true),
+                    Attribute::WrapWithTrusted(true),
+                    Attribute::Encrypt(false),
+                    Attribute::Decrypt(false),
+                    Attribute::Sign(true),
+                    Attribute::Verify(true),
+                    Attribute::AllowedMechanisms(vec![MechanismType::SHA256_HMAC]),
+                ],
+            ),
+            ServiceKey::OfficerSecrets => (
+                Mechanism::AesKeyGen,
+                vec![
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::Extractable(true),
+                    Attribute::WrapWithTrusted(true),
+                    Attribute::Encrypt(true),
+                    Attribute::Decrypt(true),
+                    Attribute::Sign(false),
+                    Attribute::Verify(false),
+                    Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM]),
+                ],
+            ),
+        };
+        t.extend(specific);
+        (mechanism, t)
+    }
 }
 
 /// Finds an object by its label (startup only).

@@ -18,7 +18,7 @@ use crate::domain::ids::{KeyId, KeyRef};
 use crate::domain::lifecycle::{KeyState, Use, VersionState, key_allows};
 use crate::domain::policy::{self, Authorized, Denied, Operation, PrincipalState};
 use crate::error::{Error, Result};
-use crate::hsm::Hsm;
+use crate::hsm::{Hsm, ServiceKey};
 use crate::secret::SecretBytes;
 use crate::store::Store;
 pub use admin::{AuditVerification, KeyView, VersionView};
@@ -81,8 +81,8 @@ impl Kms {
     /// Opens the service: reconciles the store with the HSM (see `recovery`) and loads the
     /// registry.
     pub fn open(hsm: Arc<dyn Hsm>, store: Arc<Store>, settings: Settings) -> Result<Kms> {
-        let canary = std::sync::RwLock::new(hsm.canary()?);
-        let audit_mac = hsm.audit_mac_key()?;
+        let canary = std::sync::RwLock::new(hsm.service_key(ServiceKey::Canary)?);
+        let audit_mac = hsm.service_key(ServiceKey::AuditMac)?;
         let kms = Kms { hsm, audit_mac, canary, store, registry: Registry::default(), settings, admin: Mutex::new(()) };
         kms.recover()?;
         Ok(kms)

@@ -111,7 +111,7 @@ impl Kms {
     /// `material_missing`.
     pub(super) fn repair_handles(&self) -> Result<()> {
         let _admin = self.admin.lock().unwrap_or_else(|p| p.into_inner());
-        let canary = self.hsm.canary()?;
+        let canary = self.hsm.service_key(crate::hsm::ServiceKey::Canary)?;
         let objects: HashMap<ObjectName, KeyHandle> = self.hsm.find_keys()?.into_iter().collect();
         *self.canary.write().unwrap_or_else(|p| p.into_inner()) = canary;
         let mut state = self.registry.write();
