@@ -4,12 +4,19 @@
 
 use prost::Message;
 
-/// Messages with a `plaintext` field; their `Debug` is written by hand in `src/lib.rs`.
+/// Messages with a secret field (a plaintext, a passphrase, a session token, a TOTP enrolment);
+/// their `Debug` is written by hand in `src/lib.rs`.
 const REDACTED: &[&str] = &[
     "kms.v1.GenerateDataKeyResponse",
     "kms.v1.EncryptRequest",
     "kms.v1.DecryptResponse",
     "kms.v1.GenerateRandomResponse",
+    "kms.v1.LoginRequest",
+    "kms.v1.LoginResponse",
+    "kms.v1.CreateOfficerRequest",
+    "kms.v1.CreateOfficerResponse",
+    "kms.v1.ChangePassphraseRequest",
+    "kms.v1.ReenrollTotpResponse",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

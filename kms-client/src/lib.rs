@@ -18,6 +18,7 @@
 //! ```
 
 pub mod envelope;
+pub mod totp;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -120,6 +121,38 @@ impl Tls {
         Ok(config)
     }
 }
+
+/// Adds an officer's session token (`authorization: Bearer TOKEN`) to every admin-plane call.
+#[derive(Clone, Default)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    /// `None` (no session) sends no header; the service then answers UNAUTHENTICATED.
+    pub fn new(token: Option<&str>) -> Result<Bearer, Error> {
+        token
+            .map(|t| format!("Bearer {}", t.trim()).parse().map_err(|_| Error::Config("the session token is not valid text".into())))
+            .transpose()
+            .map(Bearer)
+    }
+}
+
+impl fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Bearer(<redacted>)")
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// An admin-plane channel that carries the officer's session.
+pub type AdminChannel = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
 
 /// Opens a channel to one plane (`https://` endpoints use `tls`).
 pub async fn channel(endpoint: &str, tls: &Tls) -> Result<Channel, Error> {

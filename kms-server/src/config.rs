@@ -28,6 +28,21 @@ pub struct Config {
     pub health: HealthConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    #[serde(default)]
+    pub officers: OfficersConfig,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OfficersConfig {
+    /// Minutes an officer's session lasts after login (default 15, at most 720).
+    pub session_minutes: i64,
+}
+
+impl Default for OfficersConfig {
+    fn default() -> Self {
+        OfficersConfig { session_minutes: 15 }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -187,16 +202,12 @@ impl Config {
         if self.listen.data == self.listen.admin && self.listen.data.port() != 0 {
             return Err(refuse("listen.admin", "the data and admin planes need separate listeners"));
         }
-        // Officers do not authenticate yet in this build, so the admin plane stays on loopback.
-        if !self.listen.admin.ip().is_loopback() {
-            return Err(refuse(
-                "listen.admin",
-                format!("{} is not a loopback address; this build has no officer authentication yet", self.listen.admin),
-            ));
-        }
         crate::tls::ServerTls::load(&self.tls.cert_file, &self.tls.key_file, &self.tls.client_ca_file)
             .map_err(|e| refuse("tls", e))?;
         self.keys.limits().validate().map_err(|e| refuse("keys", e))?;
+        if !(1..=720).contains(&self.officers.session_minutes) {
+            return Err(refuse("officers.session_minutes", "must be 1 to 720"));
+        }
         if self.audit.checkpoint_every_records < 1 || self.audit.checkpoint_every_seconds < 1 {
             return Err(refuse("audit", "checkpoint_every_records and checkpoint_every_seconds must be at least 1"));
         }

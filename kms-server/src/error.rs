@@ -14,6 +14,8 @@ pub enum Error {
     NotFound { what: String },
     /// An alias that is already taken.
     AlreadyExists { what: String },
+    /// The caller did not prove who they are (no or a bad session, failed login).
+    Unauthenticated { reason: String },
     /// The caller may not do this: an unknown or disabled principal, or no grant (also for a key
     /// that does not exist, so that keys cannot be probed for).
     PermissionDenied { reason: String },
@@ -45,7 +47,9 @@ impl fmt::Display for Error {
             Error::InvalidArgument { field, reason } => write!(f, "{field} {reason}"),
             Error::NotFound { what } => write!(f, "{what} not found"),
             Error::AlreadyExists { what } => write!(f, "{what} already exists"),
-            Error::FailedPrecondition { reason } | Error::PermissionDenied { reason } => f.write_str(reason),
+            Error::FailedPrecondition { reason } | Error::PermissionDenied { reason } | Error::Unauthenticated { reason } => {
+                f.write_str(reason)
+            }
             Error::DecryptFailed => f.write_str("the ciphertext blob could not be decrypted"),
             Error::UsageExhausted { key_id, version } => write!(
                 f,

@@ -4,7 +4,8 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use kms_server::config::{AuditConfig, Config, HealthConfig, HsmConfig, KeysConfig, ListenConfig, TlsConfig};
+use kms_server::domain::officer::Passphrase;
+use kms_server::config::{AuditConfig, Config, OfficersConfig, HealthConfig, HsmConfig, KeysConfig, ListenConfig, TlsConfig};
 
 #[derive(Parser)]
 #[command(name = "kms-server", version, about = "Client-held key management service")]
@@ -35,6 +36,17 @@ enum Command {
     },
     /// Validates a configuration file without starting.
     CheckConfig { config: PathBuf },
+    /// Creates the first officer, on the server's host (refused once any officer exists), and
+    /// prints the TOTP enrolment URI once. The passphrase is read from --passphrase-file, or
+    /// from the first line of standard input.
+    BootstrapOfficer {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,8 +57,20 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let (config, hint) = match cli.command {
+    let (config, dev) = match cli.command {
         Command::Run { config } => (Config::load(&config)?, false),
+        Command::BootstrapOfficer { config, name, passphrase_file } => {
+            let config = Config::load(&config)?;
+            let text = match passphrase_file {
+                Some(path) => std::fs::read_to_string(path)?,
+                None => std::io::stdin().lines().next().transpose()?.unwrap_or_default(),
+            };
+            let passphrase = Passphrase::new(text.trim_end_matches(['\r', '\n']).to_string());
+            let enrolment = kms_server::server::bootstrap_officer(&config, &name, &passphrase)?;
+            println!("officer {name} created; add this to an authenticator app (shown once):");
+            println!("{}", enrolment.0.as_str());
+            return Ok(());
+        }
         Command::CheckConfig { config } => {
             Config::load(&config)?;
             println!("{}: ok", config.display());
@@ -80,6 +104,7 @@ fn main() -> anyhow::Result<()> {
                 keys: KeysConfig { sweep_interval_seconds: sweep_interval, ..KeysConfig::default() },
                 health: HealthConfig::default(),
                 audit: AuditConfig::default(),
+                officers: OfficersConfig::default(),
             };
             config.validate()?;
             println!("development mode: token, PIN, database and TLS certificates under {}", data_dir.display());
@@ -89,5 +114,5 @@ fn main() -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(kms_server::server::serve(config, hint))
+        .block_on(kms_server::server::serve(config, dev))
 }

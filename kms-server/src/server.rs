@@ -7,24 +7,68 @@ use std::time::Duration;
 use kms_proto::v1::audit_log_server::AuditLogServer;
 use kms_proto::v1::crypto_server::CryptoServer;
 use kms_proto::v1::key_management_server::KeyManagementServer;
+use kms_proto::v1::session_server::SessionServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
 use crate::api::admin::AdminService;
 use crate::api::audit::AuditService;
+use crate::api::session::SessionService;
 use crate::api::crypto::CryptoService;
 use crate::api::{MAX_MESSAGE_BYTES, RequestIds, Shared};
 use crate::audit::writer::AuditWriter;
 use crate::config::Config;
 use crate::hsm::pkcs11::Pkcs11Hsm;
 use crate::service::{Kms, Settings};
+use crate::domain::officer::Passphrase;
+use crate::hsm::{Hsm, ServiceKey};
+use crate::service::officers::{Enrolment, Officers};
 use crate::store::Store;
 use crate::tls::ServerTls;
 
+/// Opens the HSM and the store without recovery or serving, and creates the first officer.
+/// Safe while the server runs: it touches only the officers table and the service keys.
+pub fn bootstrap_officer(config: &Config, name: &str, passphrase: &Passphrase) -> anyhow::Result<Enrolment> {
+    let hsm = Pkcs11Hsm::open(&config.hsm.module, &config.hsm.token_label, &config.pin()?, 1)?;
+    std::fs::create_dir_all(&config.data_dir)?;
+    let store = Store::open(&config.data_dir.join("kms.db"))?;
+    let officers = Officers {
+        hsm: &hsm,
+        store: &store,
+        secrets: hsm.service_key(ServiceKey::OfficerSecrets)?,
+        session_seconds: config.officers.session_minutes * 60,
+    };
+    Ok(officers.bootstrap(name, passphrase)?)
+}
+
+/// In development mode the first start makes an officer `dev-officer` with a random passphrase
+/// and writes its passphrase and TOTP secret under the data directory (mode 0600), so that
+/// `kmsctl login --dev` works at once. Never outside development mode: there the first officer
+/// is made with `kms-server bootstrap-officer`.
+fn dev_officer(kms: &Kms, data_dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if !kms.officers().list()?.is_empty() {
+        return Ok(());
+    }
+    let mut raw = crate::secret::SecretBytes::zeroed(18);
+    kms.hsm().random(raw.expose_secret_mut())?;
+    let passphrase = Passphrase::new(crate::domain::officer::base32(raw.expose_secret()));
+    let enrolment = kms.officers().bootstrap("dev-officer", &passphrase)?;
+    let secret = enrolment.0.split("secret=").nth(1).and_then(|s| s.split('&').next()).unwrap_or_default();
+    for (file, contents) in [("dev-officer.passphrase", passphrase.expose_secret()), ("dev-officer.totp", secret)] {
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(data_dir.join(file))?;
+        f.write_all(contents.as_bytes())?;
+    }
+    println!("development officer: dev-officer (log in with: kmsctl login --dev)");
+    Ok(())
+}
+
 /// Opens everything and serves until SIGINT or SIGTERM. Prints one line per plane with its
-/// address (tests and scripts read them) before serving.
-pub async fn serve(config: Config, hint_kmsctl: bool) -> anyhow::Result<()> {
+/// address (tests and scripts read them) before serving. `dev` adds the development officer and
+/// a kmsctl hint.
+pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     let pin = config.pin()?;
     let hsm_config = config.hsm.clone();
     let hsm = tokio::task::spawn_blocking(move || {
@@ -33,13 +77,17 @@ pub async fn serve(config: Config, hint_kmsctl: bool) -> anyhow::Result<()> {
     .await??;
     std::fs::create_dir_all(&config.data_dir)?;
     let db = config.data_dir.join("kms.db");
-    let settings = Settings { limits: config.keys.limits() };
+    let settings = Settings { limits: config.keys.limits(), session_seconds: config.officers.session_minutes * 60 };
     let (kms, store) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Kms, Arc<Store>)> {
         let store = Arc::new(Store::open(&db)?);
         Ok((Kms::open(Arc::new(hsm), store.clone(), settings)?, store))
     })
     .await??;
     let kms = Arc::new(kms);
+    if dev {
+        let (kms, dir) = (kms.clone(), config.data_dir.clone());
+        tokio::task::spawn_blocking(move || dev_officer(&kms, &dir)).await??;
+    }
     let (audit_writer, audit_thread) = AuditWriter::start(
         store,
         kms.checkpointer(config.audit.checkpoint_every_records, config.audit.checkpoint_every_seconds),
@@ -51,14 +99,14 @@ pub async fn serve(config: Config, hint_kmsctl: bool) -> anyhow::Result<()> {
     let (data_addr, admin_addr) = (data.local_addr()?, admin.local_addr()?);
     println!("data plane (kms.v1.Crypto) listening on {data_addr}");
     println!("admin plane (kms.v1.KeyManagement) listening on {admin_addr}");
-    if hint_kmsctl {
+    if dev {
         // Name the kmsctl built beside this binary when there is one, so the line works as is.
         let kmsctl = std::env::current_exe()
             .ok()
             .and_then(|exe| exe.parent().map(|dir| dir.join("kmsctl")))
             .filter(|path| path.exists())
             .map_or_else(|| "kmsctl".to_string(), |path| path.display().to_string());
-        println!("try: {kmsctl} --endpoint https://{admin_addr} --data-endpoint https://{data_addr} key create --alias demo");
+        println!("try: {kmsctl} login --dev && {kmsctl} key create --alias demo");
     }
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
@@ -77,13 +125,14 @@ pub async fn serve(config: Config, hint_kmsctl: bool) -> anyhow::Result<()> {
 
     let crypto = CryptoServer::new(CryptoService(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let keymgmt = KeyManagementServer::new(AdminService(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let audit = AuditLogServer::new(AuditService(shared)).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let audit = AuditLogServer::new(AuditService(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let session = SessionServer::new(SessionService(shared)).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let tls = ServerTls::load(&config.tls.cert_file, &config.tls.key_file, &config.tls.client_ca_file)?;
     let data_server = plane(data, data_addr, tls.data_plane(), shutdown_rx.clone(), |server| {
         server.add_service(crypto).add_service(data_health_service)
     });
     let admin_server = plane(admin, admin_addr, tls.admin_plane(), shutdown_rx, |server| {
-        server.add_service(keymgmt).add_service(audit).add_service(admin_health_service)
+        server.add_service(keymgmt).add_service(audit).add_service(session).add_service(admin_health_service)
     });
 
     let signals = async {

@@ -63,21 +63,83 @@ pub mod v1 {
         }
     }
 
-    /// Messages that carry a plaintext wipe it when dropped, on both sides of the wire, so a
-    /// data key does not linger in freed memory. (The copy in the HTTP/2 buffers that gRPC
+    impl fmt::Debug for LoginRequest {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("LoginRequest")
+                .field("name", &self.name)
+                .field("passphrase", &Redacted(self.passphrase.len()))
+                .field("totp_code", &Redacted(self.totp_code.len()))
+                .finish()
+        }
+    }
+
+    impl fmt::Debug for LoginResponse {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("LoginResponse")
+                .field("session_token", &Redacted(self.session_token.len()))
+                .field("expiration_time", &self.expiration_time)
+                .field("role", &self.role)
+                .finish()
+        }
+    }
+
+    impl fmt::Debug for CreateOfficerRequest {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("CreateOfficerRequest")
+                .field("name", &self.name)
+                .field("role", &self.role)
+                .field("passphrase", &Redacted(self.passphrase.len()))
+                .finish()
+        }
+    }
+
+    impl fmt::Debug for CreateOfficerResponse {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("CreateOfficerResponse").field("otpauth_uri", &Redacted(self.otpauth_uri.len())).finish()
+        }
+    }
+
+    impl fmt::Debug for ChangePassphraseRequest {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("ChangePassphraseRequest")
+                .field("current_passphrase", &Redacted(self.current_passphrase.len()))
+                .field("new_passphrase", &Redacted(self.new_passphrase.len()))
+                .finish()
+        }
+    }
+
+    impl fmt::Debug for ReenrollTotpResponse {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("ReenrollTotpResponse").field("otpauth_uri", &Redacted(self.otpauth_uri.len())).finish()
+        }
+    }
+
+    /// Messages that carry a secret wipe it when dropped, on both sides of the wire, so a data
+    /// key, a passphrase or a session token does not linger in freed memory. (The copy in the HTTP/2 buffers that gRPC
     /// encodes into is outside our reach; ARCHITECTURE.md lists it.) Because of this `Drop`,
     /// take the plaintext out with `std::mem::take(&mut response.plaintext)`.
-    macro_rules! wipe_plaintext_on_drop {
-        ($($message:ty),*) => {$(
+    macro_rules! wipe_on_drop {
+        ($($message:ty => $($field:ident),+;)*) => {$(
             impl Drop for $message {
                 fn drop(&mut self) {
-                    zeroize::Zeroize::zeroize(&mut self.plaintext);
+                    $(zeroize::Zeroize::zeroize(&mut self.$field);)+
                 }
             }
         )*};
     }
 
-    wipe_plaintext_on_drop!(GenerateDataKeyResponse, EncryptRequest, DecryptResponse, GenerateRandomResponse);
+    wipe_on_drop! {
+        GenerateDataKeyResponse => plaintext;
+        EncryptRequest => plaintext;
+        DecryptResponse => plaintext;
+        GenerateRandomResponse => plaintext;
+        LoginRequest => passphrase, totp_code;
+        LoginResponse => session_token;
+        CreateOfficerRequest => passphrase;
+        CreateOfficerResponse => otpauth_uri;
+        ChangePassphraseRequest => current_passphrase, new_passphrase;
+        ReenrollTotpResponse => otpauth_uri;
+    }
 
     /// The encoded `FileDescriptorSet` of `kms.v1`, for gRPC server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
@@ -107,5 +169,14 @@ mod tests {
             assert!(text.contains("<32 bytes redacted>"), "{text}");
             assert!(!text.contains("165"), "a byte value leaked: {text}");
         }
+        let mut login = LoginRequest::default();
+        login.name = "ana".into();
+        login.passphrase = "hunter2-hunter2".into();
+        login.totp_code = "123456".into();
+        let text = format!("{login:?}");
+        assert!(text.contains("ana") && !text.contains("hunter2") && !text.contains("123456"), "{text}");
+        let mut session = LoginResponse::default();
+        session.session_token = "tok-secret".into();
+        assert!(!format!("{session:?}").contains("tok-secret"));
     }
 }

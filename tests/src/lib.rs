@@ -50,6 +50,14 @@ impl Default for Options {
     }
 }
 
+/// The admin-plane client type: a TLS channel that carries the officer's session token.
+pub type Admin = KeyManagementClient<kms_client::AdminChannel>;
+
+/// The officer every test server is bootstrapped with.
+pub const OFFICER: &str = "test-officer";
+/// Its passphrase (test servers only).
+pub const OFFICER_PASSPHRASE: &str = "correct horse battery staple";
+
 /// A running server with its own token and database.
 #[derive(Debug)]
 pub struct Server {
@@ -59,6 +67,23 @@ pub struct Server {
     child: Option<Child>,
     pub data_addr: String,
     pub admin_addr: String,
+    /// The bootstrap officer's TOTP secret (base32), from its enrolment URI.
+    pub officer_totp: String,
+    /// The bootstrap officer's session token.
+    pub session: String,
+}
+
+/// The current TOTP code of a base32 secret, one step ahead of `step_offset` steps.
+pub fn totp_now(base32_secret: &str, step_offset: i64) -> String {
+    use kms_server::domain::officer::{base32_decode, totp_code, totp_step};
+    let secret = base32_decode(base32_secret).expect("a base32 secret");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_secs() as i64;
+    format!("{:06}", totp_code(&secret, (totp_step(now) as i64 + step_offset) as u64))
+}
+
+/// The base32 secret in an otpauth:// URI.
+pub fn otpauth_secret(uri: &str) -> String {
+    uri.split("secret=").nth(1).and_then(|s| s.split('&').next()).unwrap_or_default().to_string()
 }
 
 impl Server {
@@ -74,9 +99,67 @@ impl Server {
 
     /// Starts on an existing directory (token and database), e.g. a committed fixture.
     pub fn start_in(dir: tempfile::TempDir, token: Token, options: Options) -> Server {
-        let mut server = Server { dir, token, options, child: None, data_addr: String::new(), admin_addr: String::new() };
+        let mut server = Server {
+            dir,
+            token,
+            options,
+            child: None,
+            data_addr: String::new(),
+            admin_addr: String::new(),
+            officer_totp: String::new(),
+            session: String::new(),
+        };
+        server.bootstrap_officer().expect("officer bootstrapped");
         server.spawn().expect("server started");
+        server.login().expect("officer logged in");
         server
+    }
+
+    /// `kms-server bootstrap-officer` on the server's host, before it starts.
+    fn bootstrap_officer(&mut self) -> Result<()> {
+        self.write_config()?;
+        let pass = self.dir.path().join("officer.passphrase");
+        std::fs::write(&pass, OFFICER_PASSPHRASE)?;
+        let out = Command::new(bin("kms-server"))
+            .args(["bootstrap-officer", "--name", OFFICER, "--config"])
+            .arg(self.config_path())
+            .arg("--passphrase-file")
+            .arg(&pass)
+            .env(hsm_sim::SOFTHSM2_CONF, &self.token.conf)
+            .output()?;
+        if !out.status.success() {
+            bail!("bootstrap-officer failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let uri = stdout.lines().find(|l| l.starts_with("otpauth://")).context("no enrolment URI printed")?;
+        self.officer_totp = otpauth_secret(uri);
+        Ok(())
+    }
+
+    /// Logs the bootstrap officer in over gRPC, and leaves the session where kmsctl finds it.
+    fn login(&mut self) -> Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (addr, tls, code) = (self.admin_addr.clone(), self.tls(), totp_now(&self.officer_totp, 0));
+        let token = std::thread::spawn(move || {
+            rt.block_on(async move {
+                let channel = kms_client::channel(&format!("https://{addr}"), &tls).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                let mut r = kms_proto::v1::session_client::SessionClient::new(channel)
+                    .login(pb::LoginRequest { name: OFFICER.into(), passphrase: OFFICER_PASSPHRASE.into(), totp_code: code })
+                    .await?
+                    .into_inner();
+                Ok::<String, anyhow::Error>(std::mem::take(&mut r.session_token))
+            })
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("login thread panicked"))??;
+        std::fs::write(self.session_path(), &token)?;
+        self.session = token;
+        Ok(())
+    }
+
+    /// Where kmsctl keeps this server's officer session.
+    pub fn session_path(&self) -> PathBuf {
+        self.dir.path().join("kmsctl.session")
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -233,8 +316,15 @@ impl Server {
         CryptoClient::new(self.channel(&self.data_addr).await)
     }
 
-    pub async fn admin(&self) -> KeyManagementClient<Channel> {
-        KeyManagementClient::new(self.channel(&self.admin_addr).await)
+    /// The admin plane, as the bootstrap officer.
+    pub async fn admin(&self) -> Admin {
+        self.admin_as(Some(&self.session)).await
+    }
+
+    /// The admin plane with a given session token (or none).
+    pub async fn admin_as(&self, token: Option<&str>) -> Admin {
+        let channel = self.channel(&self.admin_addr).await;
+        KeyManagementClient::new(kms_client::AdminChannel::new(channel, kms_client::Bearer::new(token).expect("a valid token")))
     }
 
     /// Runs `kmsctl` against this server.
@@ -246,12 +336,15 @@ impl Server {
             .arg(format!("https://{}", self.data_addr))
             .arg("--pki")
             .arg(self.pki_dir())
+            .arg("--session-file")
+            .arg(self.session_path())
             .args(args)
             .env_remove("KMS_ENDPOINT")
             .env_remove("KMS_DATA_ENDPOINT")
             .env_remove("KMS_CA")
             .env_remove("KMS_TLS_CERT")
             .env_remove("KMS_TLS_KEY")
+            .env_remove("KMS_SESSION_FILE")
             .output()
             .expect("kmsctl ran")
     }
@@ -300,7 +393,7 @@ pub fn ctx(pairs: &[(&str, &str)]) -> HashMap<String, String> {
 pub const WORKLOAD: &str = kms_server::tls::DEV_WORKLOAD_ID;
 
 /// Registers the development workload as a principal (once; later calls change nothing).
-pub async fn register_workload(admin: &mut KeyManagementClient<Channel>) {
+pub async fn register_workload(admin: &mut Admin) {
     match admin.create_principal(pb::PrincipalRequest { name: WORKLOAD.into() }).await {
         Ok(_) => {}
         Err(e) if e.code() == tonic::Code::AlreadyExists => {}
@@ -309,7 +402,7 @@ pub async fn register_workload(admin: &mut KeyManagementClient<Channel>) {
 }
 
 /// Grants the development workload every operation on `key`.
-pub async fn grant_all(admin: &mut KeyManagementClient<Channel>, key: &str) -> String {
+pub async fn grant_all(admin: &mut Admin, key: &str) -> String {
     register_workload(admin).await;
     let operations = ["GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "Encrypt", "Decrypt", "ReEncryptFrom", "ReEncryptTo"];
     admin
@@ -329,7 +422,7 @@ pub async fn grant_all(admin: &mut KeyManagementClient<Channel>, key: &str) -> S
 
 /// Creates a key over gRPC, grants the development workload every operation on it, and
 /// returns its id.
-pub async fn create_key(admin: &mut KeyManagementClient<Channel>, alias: &str) -> String {
+pub async fn create_key(admin: &mut Admin, alias: &str) -> String {
     let r = admin
         .create_key(pb::CreateKeyRequest { description: "test".into(), alias: alias.into(), rotation_period_seconds: 0 })
         .await

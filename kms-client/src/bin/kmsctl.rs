@@ -15,9 +15,9 @@ use clap::{Args, Parser, Subcommand};
 use kms_client::pb;
 use kms_client::pb::audit_log_client::AuditLogClient;
 use kms_client::pb::key_management_client::KeyManagementClient;
-use kms_client::{DataClient, Error, Tls, channel};
+use kms_client::{AdminChannel, Bearer, DataClient, Error, Tls, channel};
+use kms_client::pb::session_client::SessionClient;
 use serde_json::{Value, json};
-use tonic::transport::Channel;
 
 #[derive(Parser)]
 #[command(name = "kmsctl", version, about = "Manage keys of the client-held key management service")]
@@ -41,6 +41,10 @@ struct Cli {
     /// The client certificate's private key (PEM).
     #[arg(long, global = true, env = "KMS_TLS_KEY")]
     tls_key: Option<PathBuf>,
+    /// Where `kmsctl login` keeps the officer's session token (mode 0600).
+    /// Default: $HOME/.config/kmsctl/session.
+    #[arg(long, global = true, env = "KMS_SESSION_FILE")]
+    session_file: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -59,6 +63,27 @@ enum Command {
     /// Data keys for envelope encryption.
     #[command(subcommand)]
     DataKey(DataKeyCommand),
+    /// Logs an officer in (passphrase and TOTP code) and keeps the session for later commands.
+    Login {
+        /// The officer's name.
+        #[arg(long, required_unless_present = "dev")]
+        name: Option<String>,
+        /// A file holding the passphrase (default: the first line of standard input).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+        /// The six-digit code from the authenticator app (default: the next line of standard input).
+        #[arg(long)]
+        totp: Option<String>,
+        /// Development mode only: log in as dev-officer with the credentials `kms-server dev`
+        /// wrote to .kms-dev/.
+        #[arg(long, conflicts_with_all = ["name", "passphrase_file", "totp"])]
+        dev: bool,
+    },
+    /// Ends the session.
+    Logout,
+    /// Officers and auditors.
+    #[command(subcommand)]
+    Officer(OfficerCommand),
     /// The audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -245,6 +270,49 @@ enum AliasCommand {
         #[arg(long)]
         key: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum OfficerCommand {
+    /// Adds an officer or an auditor; prints the TOTP enrolment URI (shown once).
+    Add {
+        name: String,
+        #[arg(long, value_parser = ["officer", "auditor"])]
+        role: String,
+        /// A file holding the new officer's passphrase (default: the first line of standard input).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+    },
+    List,
+    /// Disables an officer and ends their sessions.
+    Disable { name: String },
+    /// Changes your own passphrase (both read from files, or from two lines of standard input).
+    Passphrase {
+        #[arg(long)]
+        current_file: Option<PathBuf>,
+        #[arg(long)]
+        new_file: Option<PathBuf>,
+    },
+    /// A new TOTP secret for yourself; prints the new enrolment URI.
+    ReenrollTotp,
+}
+
+/// A secret from a file, or the next line of standard input.
+fn secret_input(file: &Option<PathBuf>) -> Result<zeroize::Zeroizing<String>, Error> {
+    let text = match file {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?,
+        None => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).map_err(|e| Error::Config(e.to_string()))?;
+            line
+        }
+    };
+    Ok(zeroize::Zeroizing::new(text.trim_end_matches(['\r', '\n']).to_string()))
+}
+
+fn officer_json(o: &pb::Officer) -> Value {
+    json!({"name": o.name, "role": o.role, "enabled": o.enabled, "creation_time": o.creation_time,
+           "last_login_time": o.last_login_time, "locked_until": o.locked_until})
 }
 
 #[derive(Subcommand)]
@@ -453,6 +521,18 @@ impl Out {
     }
 }
 
+/// Writes a file only its owner can read (the session token).
+fn write_private(path: &Path, contents: &[u8]) -> Result<(), Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |e: std::io::Error| Error::Config(format!("{}: {e}", path.display()));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io)?;
+    f.write_all(contents).map_err(io)
+}
+
 /// Writes to `path` through a temporary file renamed into place only on success, so a failed
 /// decryption never leaves partial plaintext under the requested name.
 async fn write_atomically(
@@ -476,11 +556,19 @@ fn open_input(path: &Path) -> Result<BufReader<File>, Error> {
     File::open(path).map(BufReader::new).map_err(|e| Error::Envelope(e.into()))
 }
 
-async fn admin(endpoint: &str, tls: &Tls) -> Result<KeyManagementClient<Channel>, Error> {
-    Ok(KeyManagementClient::new(channel(endpoint, tls).await?))
+/// An admin-plane channel carrying the session `kmsctl login` saved, if any.
+async fn admin_channel(endpoint: &str, tls: &Tls, session: &Path) -> Result<AdminChannel, Error> {
+    let token = std::fs::read_to_string(session).ok().map(zeroize::Zeroizing::new);
+    Ok(tonic::service::interceptor::InterceptedService::new(channel(endpoint, tls).await?, Bearer::new(token.as_deref().map(String::as_str))?))
 }
 
 impl Cli {
+    fn session_path(&self) -> PathBuf {
+        self.session_file.clone().unwrap_or_else(|| {
+            std::env::var_os("HOME").map_or_else(|| PathBuf::from(".kmsctl-session"), |h| PathBuf::from(h).join(".config/kmsctl/session"))
+        })
+    }
+
     /// Explicit files win over --pki, which wins over the development default.
     fn tls(&self) -> Tls {
         let dev = PathBuf::from(".kms-dev/pki");
@@ -500,9 +588,10 @@ impl Cli {
 async fn run(cli: Cli) -> Result<(), Error> {
     let out = Out { json: cli.json };
     let tls = cli.tls();
+    let session = cli.session_path();
     match cli.command {
         Command::Key(cmd) => {
-            let mut c = admin(&cli.endpoint, &tls).await?;
+            let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session).await?);
             match cmd {
                 KeyCommand::Create { alias, description, rotation_period } => {
                     let r = c
@@ -603,7 +692,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
         }
         Command::Alias(cmd) => {
-            let mut c = admin(&cli.endpoint, &tls).await?;
+            let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session).await?);
             match cmd {
                 AliasCommand::Create { alias, key } => {
                     let r = c.create_alias(pb::CreateAliasRequest { alias, key_id: key }).await?.into_inner();
@@ -625,8 +714,95 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 }
             }
         }
+        Command::Login { name, passphrase_file, totp, dev } => {
+            let (name, passphrase, code) = if dev {
+                let dir = PathBuf::from(".kms-dev");
+                let read = |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| Error::Config(format!(".kms-dev/{f}: {e} (is `cargo xtask dev` running from here?)")));
+                let secret = read("dev-officer.totp")?;
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                let code = kms_client::totp::code(&secret, now).ok_or_else(|| Error::Config("bad development TOTP secret".into()))?;
+                ("dev-officer".to_string(), zeroize::Zeroizing::new(read("dev-officer.passphrase")?), zeroize::Zeroizing::new(code))
+            } else {
+                let passphrase = secret_input(&passphrase_file)?;
+                let code = match totp {
+                    Some(code) => zeroize::Zeroizing::new(code),
+                    None => secret_input(&None)?,
+                };
+                (name.unwrap_or_default(), passphrase, code)
+            };
+            let mut c = SessionClient::new(channel(&cli.endpoint, &tls).await?);
+            let mut r = c
+                .login(pb::LoginRequest { name: name.clone(), passphrase: passphrase.to_string(), totp_code: code.to_string() })
+                .await?
+                .into_inner();
+            let token = zeroize::Zeroizing::new(std::mem::take(&mut r.session_token));
+            write_private(&session, token.as_bytes())?;
+            out.print(json!({"officer": name, "role": r.role, "expiration_time": r.expiration_time}), || {
+                format!("logged in as {name} ({}) until {}", r.role, r.expiration_time)
+            });
+            Ok(())
+        }
+        Command::Logout => {
+            let mut c = SessionClient::new(admin_channel(&cli.endpoint, &tls, &session).await?);
+            let ended = c.logout(pb::LogoutRequest {}).await;
+            let _ = std::fs::remove_file(&session);
+            ended?;
+            out.print(json!({"logged_out": true}), || "logged out".to_string());
+            Ok(())
+        }
+        Command::Officer(cmd) => {
+            let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session).await?);
+            match cmd {
+                OfficerCommand::Add { name, role, passphrase_file } => {
+                    let passphrase = secret_input(&passphrase_file)?;
+                    let mut r = c
+                        .create_officer(pb::CreateOfficerRequest { name: name.clone(), role, passphrase: passphrase.to_string() })
+                        .await?
+                        .into_inner();
+                    let uri = zeroize::Zeroizing::new(std::mem::take(&mut r.otpauth_uri));
+                    out.print(json!({"officer": name, "otpauth_uri": uri.as_str()}), || {
+                        format!("officer {name} added; add this to their authenticator app (shown once):\n{}", uri.as_str())
+                    });
+                    Ok(())
+                }
+                OfficerCommand::List => {
+                    let r = c.list_officers(pb::ListOfficersRequest {}).await?.into_inner();
+                    out.print(Value::Array(r.officers.iter().map(officer_json).collect()), || {
+                        r.officers
+                            .iter()
+                            .map(|o| format!("{}  {}  {}", o.name, o.role, if o.enabled { "enabled" } else { "disabled" }))
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    });
+                    Ok(())
+                }
+                OfficerCommand::Disable { name } => {
+                    let r = c.disable_officer(pb::DisableOfficerRequest { name }).await?.into_inner();
+                    let o = r.officer.unwrap_or_default();
+                    out.print(officer_json(&o), || format!("{} disabled", o.name));
+                    Ok(())
+                }
+                OfficerCommand::Passphrase { current_file, new_file } => {
+                    let current = secret_input(&current_file)?;
+                    let new = secret_input(&new_file)?;
+                    c.change_passphrase(pb::ChangePassphraseRequest {
+                        current_passphrase: current.to_string(),
+                        new_passphrase: new.to_string(),
+                    })
+                    .await?;
+                    out.print(json!({"changed": true}), || "passphrase changed".to_string());
+                    Ok(())
+                }
+                OfficerCommand::ReenrollTotp => {
+                    let mut r = c.reenroll_totp(pb::ReenrollTotpRequest {}).await?.into_inner();
+                    let uri = zeroize::Zeroizing::new(std::mem::take(&mut r.otpauth_uri));
+                    out.print(json!({"otpauth_uri": uri.as_str()}), || format!("new enrolment (shown once):\n{}", uri.as_str()));
+                    Ok(())
+                }
+            }
+        }
         Command::Principal(cmd) => {
-            let mut c = admin(&cli.endpoint, &tls).await?;
+            let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session).await?);
             let one = |p: Option<pb::Principal>| {
                 let p = p.unwrap_or_default();
                 out.print(principal_json(&p), || format!("{}  {}", p.name, p.state));
@@ -646,7 +822,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
         }
         Command::Grant(cmd) => {
-            let mut c = admin(&cli.endpoint, &tls).await?;
+            let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session).await?);
             match cmd {
                 GrantCommand::Create { principal, key, operations, require, require_keys, expires_in } => {
                     let operations = if operations.iter().any(|o| o == "all") {
@@ -688,7 +864,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
         }
         Command::Audit(cmd) => {
-            let mut c = AuditLogClient::new(channel(&cli.endpoint, &tls).await?);
+            let mut c = AuditLogClient::new(admin_channel(&cli.endpoint, &tls, &session).await?);
             match cmd {
                 AuditCommand::Verify => {
                     let r = c.verify_audit(pb::VerifyAuditRequest {}).await?.into_inner();
@@ -910,6 +1086,9 @@ mod tests {
             &["audit", "tail", "--count", "2"],
             &["grant", "create", "--principal", "p", "--key", "k", "--operations", "Encrypt,Decrypt", "--require", "a=b"],
             &["principal", "disable", "p"],
+            &["login", "--name", "ana", "--passphrase-file", "/f", "--totp", "123456"],
+            &["login", "--dev"],
+            &["officer", "add", "bo", "--role", "auditor", "--passphrase-file", "/f"],
             &["--pki", "/p", "--tls-cert", "/c", "--tls-key", "/k", "--ca", "/ca", "key", "list"],
         ];
         for line in lines {

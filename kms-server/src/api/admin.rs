@@ -4,7 +4,8 @@ use kms_proto::v1 as pb;
 use kms_proto::v1::key_management_server::KeyManagement;
 use tonic::{Request, Response, Status};
 
-use super::{Audit, Shared, context, key_ref, local_admin, optional_key_ref};
+use super::{Audit, Shared, Who, context, key_ref, officer, optional_key_ref};
+use crate::domain::officer::{Passphrase, Role};
 use crate::domain::policy::{Grant, Operation, PrincipalState, valid_principal};
 use crate::store::PrincipalRecord;
 use crate::domain::ids::{AliasName, KeyId, KeyRef};
@@ -129,18 +130,18 @@ fn grant(g: Grant) -> pb::Grant {
 }
 
 impl AdminService {
-    async fn principal_state(&self, operation: &'static str, name: String, to: PrincipalState) -> Result<Response<pb::PrincipalResponse>, Status> {
+    async fn principal_state(&self, who: Who, operation: &'static str, name: String, to: PrincipalState) -> Result<Response<pb::PrincipalResponse>, Status> {
         self.0
-            .call(operation, local_admin(), Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+            .call(operation, who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let name = principal_name("name", &name)?;
                 Ok(pb::PrincipalResponse { principal: Some(principal(kms.set_principal_state(caller, name, to)?)) })
             })
             .await
     }
 
-    async fn key_transition(&self, operation: &'static str, key_id: String, t: KeyTransition, days: u32) -> Result<Response<pb::KeyMetadataResponse>, Status> {
+    async fn key_transition(&self, who: Who, operation: &'static str, key_id: String, t: KeyTransition, days: u32) -> Result<Response<pb::KeyMetadataResponse>, Status> {
         self.0
-            .call(operation, local_admin(), Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+            .call(operation, who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let key = key_ref("key_id", &key_id)?;
                 let days = if t == KeyTransition::ScheduleDestruction { pending_days(days)? } else { 0 };
                 kms.transition_key(caller, &key, t, days).map(key_view_response)
@@ -148,9 +149,9 @@ impl AdminService {
             .await
     }
 
-    async fn version_transition(&self, operation: &'static str, key_id: String, n: u32, t: VersionTransition, days: u32) -> Result<Response<pb::KeyVersionResponse>, Status> {
+    async fn version_transition(&self, who: Who, operation: &'static str, key_id: String, n: u32, t: VersionTransition, days: u32) -> Result<Response<pb::KeyVersionResponse>, Status> {
         self.0
-            .call(operation, local_admin(), Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+            .call(operation, who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let key = key_ref("key_id", &key_id)?;
                 let n = version_number(n)?;
                 let days = if t == VersionTransition::ScheduleDestruction { pending_days(days)? } else { 0 };
@@ -163,9 +164,10 @@ impl AdminService {
 #[tonic::async_trait]
 impl KeyManagement for AdminService {
     async fn create_key(&self, request: Request<pb::CreateKeyRequest>) -> Result<Response<pb::CreateKeyResponse>, Status> {
+        let who = officer(&request, Role::Officer);
         let r = request.into_inner();
         self.0
-            .call("CreateKey", local_admin(), Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+            .call("CreateKey", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 if r.description.chars().count() > MAX_DESCRIPTION {
                     return Err(Error::invalid("description", format!("is longer than {MAX_DESCRIPTION} characters")));
                 }
@@ -188,9 +190,10 @@ impl KeyManagement for AdminService {
     }
 
     async fn describe_key(&self, request: Request<pb::DescribeKeyRequest>) -> Result<Response<pb::DescribeKeyResponse>, Status> {
+        let who = officer(&request, Role::Auditor);
         let r = request.into_inner();
         self.0
-            .call("DescribeKey", local_admin(), Audit::EveryOutcome, move |kms, _, _| {
+            .call("DescribeKey", who, Audit::EveryOutcome, move |kms, _, _| {
                 let view = kms.describe_key(&key_ref("key_id", &r.key_id)?)?;
                 Ok(pb::DescribeKeyResponse { key: Some(metadata(&view)), versions: view.versions.iter().map(version).collect() })
             })
@@ -198,9 +201,10 @@ impl KeyManagement for AdminService {
     }
 
     async fn list_keys(&self, request: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let who = officer(&request, Role::Auditor);
         let r = request.into_inner();
         self.0
-            .call("ListKeys", local_admin(), Audit::EveryOutcome, move |kms, _, _| {
+            .call("ListKeys", who, Audit::EveryOutcome, move |kms, _, _| {
                 let size = match r.page_size {
                     0 => DEFAULT_PAGE,
                     n if n <= MAX_PAGE => n,
@@ -221,9 +225,10 @@ impl KeyManagement for AdminService {
     }
 
     async fn list_key_versions(&self, request: Request<pb::ListKeyVersionsRequest>) -> Result<Response<pb::ListKeyVersionsResponse>, Status> {
+        let who = officer(&request, Role::Auditor);
         let r = request.into_inner();
         self.0
-            .call("ListKeyVersions", local_admin(), Audit::EveryOutcome, move |kms, _, _| {
+            .call("ListKeyVersions", who, Audit::EveryOutcome, move |kms, _, _| {
                 let view = kms.describe_key(&key_ref("key_id", &r.key_id)?)?;
                 Ok(pb::ListKeyVersionsResponse {
                     key_id: view.record.key_id.to_string(),
@@ -234,9 +239,10 @@ impl KeyManagement for AdminService {
     }
 
     async fn rotate_key(&self, request: Request<pb::RotateKeyRequest>) -> Result<Response<pb::RotateKeyResponse>, Status> {
+        let who = officer(&request, Role::Officer);
         let r = request.into_inner();
         self.0
-            .call("RotateKey", local_admin(), Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+            .call("RotateKey", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let view = kms.rotate_key(caller, &key_ref("key_id", &r.key_id)?)?;
                 let primary = view.version(view.record.primary_version).map(version);
                 Ok(pb::RotateKeyResponse { key: Some(metadata(&view)), version: primary })
@@ -245,50 +251,60 @@ impl KeyManagement for AdminService {
     }
 
     async fn enable_key(&self, request: Request<pb::EnableKeyRequest>) -> Result<Response<pb::KeyMetadataResponse>, Status> {
-        self.key_transition("EnableKey", request.into_inner().key_id, KeyTransition::Enable, 0).await
+        let who = officer(&request, Role::Officer);
+        self.key_transition(who, "EnableKey", request.into_inner().key_id, KeyTransition::Enable, 0).await
     }
 
     async fn disable_key(&self, request: Request<pb::DisableKeyRequest>) -> Result<Response<pb::KeyMetadataResponse>, Status> {
-        self.key_transition("DisableKey", request.into_inner().key_id, KeyTransition::Disable, 0).await
+        let who = officer(&request, Role::Officer);
+        self.key_transition(who, "DisableKey", request.into_inner().key_id, KeyTransition::Disable, 0).await
     }
 
     async fn mark_key_compromised(&self, request: Request<pb::MarkKeyCompromisedRequest>) -> Result<Response<pb::KeyMetadataResponse>, Status> {
-        self.key_transition("MarkKeyCompromised", request.into_inner().key_id, KeyTransition::Compromise, 0).await
+        let who = officer(&request, Role::Officer);
+        self.key_transition(who, "MarkKeyCompromised", request.into_inner().key_id, KeyTransition::Compromise, 0).await
     }
 
     async fn schedule_key_destruction(&self, request: Request<pb::ScheduleKeyDestructionRequest>) -> Result<Response<pb::KeyMetadataResponse>, Status> {
+        let who = officer(&request, Role::Officer);
         let r = request.into_inner();
-        self.key_transition("ScheduleKeyDestruction", r.key_id, KeyTransition::ScheduleDestruction, r.pending_window_days).await
+        self.key_transition(who, "ScheduleKeyDestruction", r.key_id, KeyTransition::ScheduleDestruction, r.pending_window_days).await
     }
 
     async fn cancel_key_destruction(&self, request: Request<pb::CancelKeyDestructionRequest>) -> Result<Response<pb::KeyMetadataResponse>, Status> {
-        self.key_transition("CancelKeyDestruction", request.into_inner().key_id, KeyTransition::CancelDestruction, 0).await
+        let who = officer(&request, Role::Officer);
+        self.key_transition(who, "CancelKeyDestruction", request.into_inner().key_id, KeyTransition::CancelDestruction, 0).await
     }
 
     async fn enable_key_version(&self, request: Request<pb::KeyVersionRequest>) -> Result<Response<pb::KeyVersionResponse>, Status> {
+        let who = officer(&request, Role::Officer);
         let r = request.into_inner();
-        self.version_transition("EnableKeyVersion", r.key_id, r.key_version, VersionTransition::Enable, 0).await
+        self.version_transition(who, "EnableKeyVersion", r.key_id, r.key_version, VersionTransition::Enable, 0).await
     }
 
     async fn disable_key_version(&self, request: Request<pb::KeyVersionRequest>) -> Result<Response<pb::KeyVersionResponse>, Status> {
+        let who = officer(&request, Role::Officer);
         let r = request.into_inner();
-        self.version_transition("DisableKeyVersion", r.key_id, r.key_version, VersionTransition::Disable, 0).await
+        self.version_transition(who, "DisableKeyVersion", r.key_id, r.key_version, VersionTransition::Disable, 0).await
     }
 
     async fn schedule_key_version_destruction(&self, request: Request<pb::ScheduleKeyVersionDestructionRequest>) -> Result<Response<pb::KeyVersionResponse>, Status> {
+        let who = officer(&request, Role::Officer);
         let r = request.into_inner();
-        self.version_transition("ScheduleKeyVersionDestruction", r.key_id, r.key_version, VersionTransition::ScheduleDestruction, r.pending_window_days).await
+        self.version_transition(who, "ScheduleKeyVersionDestruction", r.key_id, r.key_version, VersionTransition::ScheduleDestruction, r.pending_window_days).await
     }
 
     async fn cancel_key_version_destruction(&self, request: Request<pb::KeyVersionRequest>) -> Result<Response<pb::KeyVersionResponse>, Status> {
+        let who = officer(&request, Role::Officer);
         let r = request.into_inner();
-        self.version_transition("CancelKeyVersionDestruction", r.key_id, r.key_version, VersionTransition::CancelDestruction, 0).await
+        self.version_transition(who, "CancelKeyVersionDestruction", r.key_id, r.key_version, VersionTransition::CancelDestruction, 0).await
     }
 
     async fn create_alias(&self, request: Request<pb::CreateAliasRequest>) -> Result<Response<pb::CreateAliasResponse>, Status> {
+        let who = officer(&request, Role::Officer);
         let r = request.into_inner();
         self.0
-            .call("CreateAlias", local_admin(), Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+            .call("CreateAlias", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let alias = AliasName::parse(&r.alias).map_err(|e| Error::invalid("alias", e))?;
                 let key_id = match key_ref("key_id", &r.key_id)? {
                     KeyRef::Id(id) => id,
@@ -301,9 +317,10 @@ impl KeyManagement for AdminService {
     }
 
     async fn delete_alias(&self, request: Request<pb::DeleteAliasRequest>) -> Result<Response<pb::DeleteAliasResponse>, Status> {
+        let who = officer(&request, Role::Officer);
         let r = request.into_inner();
         self.0
-            .call("DeleteAlias", local_admin(), Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+            .call("DeleteAlias", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let alias = AliasName::parse(&r.alias).map_err(|e| Error::invalid("alias", e))?;
                 kms.delete_alias(caller, &alias)?;
                 Ok(pb::DeleteAliasResponse {})
@@ -312,9 +329,10 @@ impl KeyManagement for AdminService {
     }
 
     async fn list_aliases(&self, request: Request<pb::ListAliasesRequest>) -> Result<Response<pb::ListAliasesResponse>, Status> {
+        let who = officer(&request, Role::Auditor);
         let r = request.into_inner();
         self.0
-            .call("ListAliases", local_admin(), Audit::EveryOutcome, move |kms, _, _| {
+            .call("ListAliases", who, Audit::EveryOutcome, move |kms, _, _| {
                 let key = optional_key_ref("key_id", &r.key_id)?;
                 let aliases = kms.list_aliases(key.as_ref())?;
                 Ok(pb::ListAliasesResponse {
@@ -328,9 +346,10 @@ impl KeyManagement for AdminService {
     }
 
     async fn create_principal(&self, request: Request<pb::PrincipalRequest>) -> Result<Response<pb::PrincipalResponse>, Status> {
+        let who = officer(&request, Role::Officer);
         let r = request.into_inner();
         self.0
-            .call("CreatePrincipal", local_admin(), Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+            .call("CreatePrincipal", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let name = principal_name("name", &r.name)?;
                 Ok(pb::PrincipalResponse { principal: Some(principal(kms.create_principal(caller, name)?)) })
             })
@@ -338,25 +357,29 @@ impl KeyManagement for AdminService {
     }
 
     async fn list_principals(&self, _request: Request<pb::ListPrincipalsRequest>) -> Result<Response<pb::ListPrincipalsResponse>, Status> {
+        let who = officer(&_request, Role::Auditor);
         self.0
-            .call("ListPrincipals", local_admin(), Audit::EveryOutcome, move |kms, _, _| {
+            .call("ListPrincipals", who, Audit::EveryOutcome, move |kms, _, _| {
                 Ok(pb::ListPrincipalsResponse { principals: kms.list_principals().into_iter().map(principal).collect() })
             })
             .await
     }
 
     async fn disable_principal(&self, request: Request<pb::PrincipalRequest>) -> Result<Response<pb::PrincipalResponse>, Status> {
-        self.principal_state("DisablePrincipal", request.into_inner().name, PrincipalState::Disabled).await
+        let who = officer(&request, Role::Officer);
+        self.principal_state(who, "DisablePrincipal", request.into_inner().name, PrincipalState::Disabled).await
     }
 
     async fn enable_principal(&self, request: Request<pb::PrincipalRequest>) -> Result<Response<pb::PrincipalResponse>, Status> {
-        self.principal_state("EnablePrincipal", request.into_inner().name, PrincipalState::Enabled).await
+        let who = officer(&request, Role::Officer);
+        self.principal_state(who, "EnablePrincipal", request.into_inner().name, PrincipalState::Enabled).await
     }
 
     async fn create_grant(&self, request: Request<pb::CreateGrantRequest>) -> Result<Response<pb::CreateGrantResponse>, Status> {
+        let who = officer(&request, Role::Officer);
         let r = request.into_inner();
         self.0
-            .call("CreateGrant", local_admin(), Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+            .call("CreateGrant", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let principal = principal_name("principal", &r.principal)?.to_string();
                 let key = key_ref("key_id", &r.key_id)?;
                 if r.operations.is_empty() {
@@ -396,9 +419,10 @@ impl KeyManagement for AdminService {
     }
 
     async fn list_grants(&self, request: Request<pb::ListGrantsRequest>) -> Result<Response<pb::ListGrantsResponse>, Status> {
+        let who = officer(&request, Role::Auditor);
         let r = request.into_inner();
         self.0
-            .call("ListGrants", local_admin(), Audit::EveryOutcome, move |kms, _, _| {
+            .call("ListGrants", who, Audit::EveryOutcome, move |kms, _, _| {
                 let key = optional_key_ref("key_id", &r.key_id)?;
                 let principal = (!r.principal.is_empty()).then_some(r.principal.as_str());
                 Ok(pb::ListGrantsResponse { grants: kms.list_grants(key.as_ref(), principal)?.into_iter().map(grant).collect() })
@@ -407,9 +431,10 @@ impl KeyManagement for AdminService {
     }
 
     async fn revoke_grant(&self, request: Request<pb::RevokeGrantRequest>) -> Result<Response<pb::RevokeGrantResponse>, Status> {
+        let who = officer(&request, Role::Officer);
         let r = request.into_inner();
         self.0
-            .call("RevokeGrant", local_admin(), Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+            .call("RevokeGrant", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 if r.grant_id.is_empty() {
                     return Err(Error::invalid("grant_id", "is required"));
                 }
@@ -417,5 +442,71 @@ impl KeyManagement for AdminService {
                 Ok(pb::RevokeGrantResponse {})
             })
             .await
+    }
+
+    async fn create_officer(&self, request: Request<pb::CreateOfficerRequest>) -> Result<Response<pb::CreateOfficerResponse>, Status> {
+        let who = officer(&request, Role::Officer);
+        let mut r = request.into_inner();
+        let passphrase = Passphrase::new(std::mem::take(&mut r.passphrase));
+        self.0
+            .call("CreateOfficer", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                let role = Role::parse(&r.role).ok_or_else(|| Error::invalid("role", "must be officer or auditor"))?;
+                let enrolment = kms.officers().create(caller, &r.name, role, &passphrase)?;
+                Ok(pb::CreateOfficerResponse { otpauth_uri: enrolment.0.to_string() })
+            })
+            .await
+    }
+
+    async fn list_officers(&self, request: Request<pb::ListOfficersRequest>) -> Result<Response<pb::ListOfficersResponse>, Status> {
+        let who = officer(&request, Role::Auditor);
+        self.0
+            .call("ListOfficers", who, Audit::EveryOutcome, move |kms, _, _| {
+                Ok(pb::ListOfficersResponse { officers: kms.officers().list()?.into_iter().map(officer_message).collect() })
+            })
+            .await
+    }
+
+    async fn disable_officer(&self, request: Request<pb::DisableOfficerRequest>) -> Result<Response<pb::DisableOfficerResponse>, Status> {
+        let who = officer(&request, Role::Officer);
+        let r = request.into_inner();
+        self.0
+            .call("DisableOfficer", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                Ok(pb::DisableOfficerResponse { officer: Some(officer_message(kms.officers().disable(caller, &r.name)?)) })
+            })
+            .await
+    }
+
+    async fn change_passphrase(&self, request: Request<pb::ChangePassphraseRequest>) -> Result<Response<pb::ChangePassphraseResponse>, Status> {
+        // Auditors change their own passphrase too.
+        let who = officer(&request, Role::Auditor);
+        let mut r = request.into_inner();
+        let current = Passphrase::new(std::mem::take(&mut r.current_passphrase));
+        let new = Passphrase::new(std::mem::take(&mut r.new_passphrase));
+        self.0
+            .call("ChangePassphrase", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                kms.officers().change_passphrase(caller, &current, &new)?;
+                Ok(pb::ChangePassphraseResponse {})
+            })
+            .await
+    }
+
+    async fn reenroll_totp(&self, request: Request<pb::ReenrollTotpRequest>) -> Result<Response<pb::ReenrollTotpResponse>, Status> {
+        let who = officer(&request, Role::Auditor);
+        self.0
+            .call("ReenrollTotp", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                Ok(pb::ReenrollTotpResponse { otpauth_uri: kms.officers().reenroll_totp(caller)?.0.to_string() })
+            })
+            .await
+    }
+}
+
+fn officer_message(o: crate::store::OfficerRecord) -> pb::Officer {
+    pb::Officer {
+        name: o.name,
+        role: o.role.as_str().to_string(),
+        enabled: o.enabled,
+        creation_time: o.created_at,
+        last_login_time: o.last_login_at.unwrap_or(0),
+        locked_until: o.locked_until.unwrap_or(0),
     }
 }

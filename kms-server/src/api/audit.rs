@@ -4,7 +4,8 @@ use kms_proto::v1 as pb;
 use kms_proto::v1::audit_log_server::AuditLog;
 use tonic::{Request, Response, Status};
 
-use super::{Audit, Shared, local_admin};
+use super::{Audit, Shared, officer};
+use crate::domain::officer::Role;
 use crate::error::Error;
 
 /// The audit service.
@@ -17,9 +18,10 @@ const MAX_PAGE: u32 = 1000;
 
 #[tonic::async_trait]
 impl AuditLog for AuditService {
-    async fn verify_audit(&self, _request: Request<pb::VerifyAuditRequest>) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+    async fn verify_audit(&self, request: Request<pb::VerifyAuditRequest>) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        let who = officer(&request, Role::Auditor);
         self.0
-            .call("VerifyAudit", local_admin(), Audit::EveryOutcome, move |kms, _, facts| {
+            .call("VerifyAudit", who, Audit::EveryOutcome, move |kms, _, facts| {
                 let v = kms.verify_audit()?;
                 let response = pb::VerifyAuditResponse {
                     ok: v.problem.is_none(),
@@ -43,9 +45,10 @@ impl AuditLog for AuditService {
         &self,
         request: Request<pb::ListAuditRecordsRequest>,
     ) -> Result<Response<pb::ListAuditRecordsResponse>, Status> {
+        let who = officer(&request, Role::Auditor);
         let r = request.into_inner();
         self.0
-            .call("ListAuditRecords", local_admin(), Audit::EveryOutcome, move |kms, _, _| {
+            .call("ListAuditRecords", who, Audit::EveryOutcome, move |kms, _, _| {
                 let size = match r.page_size {
                     0 => DEFAULT_PAGE,
                     n if n <= MAX_PAGE => n,

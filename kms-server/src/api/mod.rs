@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod audit;
 pub mod crypto;
+pub mod session;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,6 +19,8 @@ use crate::domain::context::EncryptionContext;
 use crate::domain::ids::{KeyId, KeyRef};
 use crate::error::Error;
 use crate::hsm::HsmError;
+use crate::domain::officer::Role;
+use crate::service::officers::SessionToken;
 use crate::service::{Caller, Kms};
 
 /// The one message every undecryptable blob gets, whatever the cause (an oracle otherwise).
@@ -35,6 +38,7 @@ pub fn status(e: &Error, request_id: &str) -> Status {
         Error::NotFound { .. } => Status::not_found(e.to_string()),
         Error::AlreadyExists { .. } => Status::already_exists(e.to_string()),
         Error::PermissionDenied { .. } => Status::permission_denied(e.to_string()),
+        Error::Unauthenticated { .. } => Status::unauthenticated(e.to_string()),
         Error::FailedPrecondition { .. } | Error::UsageExhausted { .. } => Status::failed_precondition(e.to_string()),
         Error::DecryptFailed => Status::invalid_argument(DECRYPT_FAILED),
         Error::Hsm(HsmError::Unavailable { .. }) => {
@@ -88,6 +92,8 @@ pub struct Shared {
 /// (a call refused before the key was known has none).
 #[derive(Debug, Default)]
 pub struct Facts {
+    /// Who the record names: the authenticated caller, or for a login the name it claimed.
+    pub principal: Option<String>,
     pub key_id: Option<KeyId>,
     pub key_version: Option<u32>,
     pub context: Option<EncryptionContext>,
@@ -130,41 +136,41 @@ impl Shared {
     async fn call<T: Send + 'static>(
         &self,
         operation: &'static str,
-        principal: Option<String>,
+        who: Who,
         audit: Audit,
         f: impl FnOnce(&Kms, &Caller, &mut Facts) -> Result<T, Error> + Send + 'static,
     ) -> Result<tonic::Response<T>, Status> {
-        let Some(principal) = principal else {
-            let request_id = self.ids.next();
-            let event = AuditEvent {
-                request_id: request_id.clone(),
-                principal: "unidentified".into(),
-                operation,
-                key_id: None,
-                key_version: None,
-                context: None,
-                outcome: Outcome::Denied,
-                status: code_name(tonic::Code::Unauthenticated),
-                detail: "no identity in the client certificate".into(),
-            };
-            return match self.audit.record(event).await {
-                Ok(()) => Err(Status::unauthenticated(format!(
-                    "the client certificate names no workload (URI SAN or CN) (request id {request_id})"
-                ))),
-                Err(_) => Err(Status::unavailable(format!("the audit trail could not be written; retry later (request id {request_id})"))),
-            };
-        };
-        let caller = Caller { request_id: self.ids.next(), principal };
+        let request_id = self.ids.next();
         let kms = self.kms.clone();
-        let span = tracing::info_span!("rpc", request_id = %caller.request_id, operation);
-        let task_caller = caller.clone();
+        let span = tracing::info_span!("rpc", request_id = %request_id, operation);
+        let task_request_id = request_id.clone();
         let joined = tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
             let mut facts = Facts::default();
-            let out = f(&kms, &task_caller, &mut facts);
+            let principal = match who {
+                Who::Workload(Some(name)) => Ok(name),
+                Who::Workload(None) => {
+                    Err(Error::Unauthenticated { reason: "the client certificate names no workload (URI SAN or CN)".into() })
+                }
+                Who::Officer { token, needs } => kms.officers().authenticate(token.as_ref(), needs),
+                Who::Anonymous => Ok("anonymous".to_string()),
+            };
+            let out = match principal {
+                Ok(principal) => {
+                    let caller = Caller { request_id: task_request_id, principal };
+                    let out = f(&kms, &caller, &mut facts);
+                    facts.principal.get_or_insert(caller.principal);
+                    out
+                }
+                Err(e) => {
+                    facts.principal = Some("unauthenticated".into());
+                    Err(e)
+                }
+            };
             (out, facts)
         })
         .await;
+        let caller = Caller { request_id, principal: String::new() };
         let (result, facts) = match joined {
             Ok((out, facts)) => (out.map_err(|e| status(&e, &caller.request_id)), facts),
             Err(join) => {
@@ -188,7 +194,7 @@ impl Shared {
         };
         let event = AuditEvent {
             request_id: caller.request_id.clone(),
-            principal: caller.principal.clone(),
+            principal: facts.principal.unwrap_or_else(|| "unknown".into()),
             operation,
             key_id: facts.key_id,
             key_version: facts.key_version,
@@ -210,16 +216,32 @@ impl Shared {
     }
 }
 
-/// The workload identity the data plane's mutual TLS proved: the client certificate's URI SAN
-/// or common name (`tls::workload_identity`). `None` if the certificate names nobody.
-pub fn workload<T>(request: &tonic::Request<T>) -> Option<String> {
-    request.peer_certs().and_then(|certs| certs.first().and_then(|der| crate::tls::workload_identity(der)))
+/// Who a call says it is, before the service checks it (in `Shared::call`, for every call).
+#[derive(Debug)]
+pub enum Who {
+    /// The data plane: the identity mutual TLS proved, `None` if the certificate names nobody.
+    Workload(Option<String>),
+    /// The admin plane: the session token sent, and the role the call needs.
+    Officer { token: Option<SessionToken>, needs: Role },
+    /// Login itself, the one call made before there is a session.
+    Anonymous,
 }
 
-/// The admin plane's caller. Officers do not log in yet in this build, and the admin listener is
-/// restricted to loopback (config.rs); the audit names the caller for what it is.
-pub fn local_admin() -> Option<String> {
-    Some("local-admin".into())
+/// The workload identity the data plane's mutual TLS proved: the client certificate's URI SAN
+/// or common name (`tls::workload_identity`).
+pub fn workload<T>(request: &tonic::Request<T>) -> Who {
+    Who::Workload(request.peer_certs().and_then(|certs| certs.first().and_then(|der| crate::tls::workload_identity(der))))
+}
+
+/// The officer session a call carries (`authorization: Bearer TOKEN`), and the role it needs.
+pub fn officer<T>(request: &tonic::Request<T>, needs: Role) -> Who {
+    let token = request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| SessionToken::new(t.trim().to_string()));
+    Who::Officer { token, needs }
 }
 
 // ----- request parsing -----

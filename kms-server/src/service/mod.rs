@@ -5,6 +5,7 @@
 //! from tokio's blocking pool.
 
 mod admin;
+pub mod officers;
 mod recovery;
 pub mod registry;
 
@@ -56,12 +57,16 @@ pub struct Decrypted {
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
     pub limits: UsageLimits,
+    /// How long an officer's session lasts.
+    pub session_seconds: i64,
 }
 
 pub struct Kms {
     hsm: Arc<dyn Hsm>,
-    /// The audit checkpoint key (see `hsm::templates::audit_mac_key`).
+    /// The audit checkpoint key (`ServiceKey::AuditMac`).
     audit_mac: crate::hsm::KeyHandle,
+    /// The key sealing officers' TOTP secrets (`ServiceKey::OfficerSecrets`).
+    officer_secrets: crate::hsm::KeyHandle,
     /// The health canary's object (see `hsm::templates::canary`); replaced by `repair_handles`.
     canary: std::sync::RwLock<crate::hsm::KeyHandle>,
     store: Arc<Store>,
@@ -83,7 +88,8 @@ impl Kms {
     pub fn open(hsm: Arc<dyn Hsm>, store: Arc<Store>, settings: Settings) -> Result<Kms> {
         let canary = std::sync::RwLock::new(hsm.service_key(ServiceKey::Canary)?);
         let audit_mac = hsm.service_key(ServiceKey::AuditMac)?;
-        let kms = Kms { hsm, audit_mac, canary, store, registry: Registry::default(), settings, admin: Mutex::new(()) };
+        let officer_secrets = hsm.service_key(ServiceKey::OfficerSecrets)?;
+        let kms = Kms { hsm, audit_mac, officer_secrets, canary, store, registry: Registry::default(), settings, admin: Mutex::new(()) };
         kms.recover()?;
         Ok(kms)
     }
@@ -94,6 +100,16 @@ impl Kms {
 
     pub fn hsm(&self) -> &dyn Hsm {
         &*self.hsm
+    }
+
+    /// Officer login, sessions and management.
+    pub fn officers(&self) -> officers::Officers<'_> {
+        officers::Officers {
+            hsm: &*self.hsm,
+            store: &self.store,
+            secrets: self.officer_secrets,
+            session_seconds: self.settings.session_seconds,
+        }
     }
 
     /// What the audit writer needs to sign checkpoints.

@@ -16,6 +16,7 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use crate::audit::{AuditEvent, Checkpoint, GENESIS, StoredRecord};
 use crate::domain::ids::{AliasName, KeyId};
 use crate::domain::lifecycle::{KeyState, VersionState};
+use crate::domain::officer::Role;
 use crate::domain::policy::{Grant, Operation, PrincipalState};
 
 /// A store failure. The detail is for the log; callers answer a generic error.
@@ -93,6 +94,30 @@ pub struct PrincipalRecord {
     pub name: String,
     pub state: PrincipalState,
     pub created_at: i64,
+}
+
+/// An officer's row. The passphrase hash and sealed TOTP secret are not secrets in clear, but
+/// are still left out of `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct OfficerRecord {
+    pub name: String,
+    pub role: Role,
+    pub enabled: bool,
+    /// argon2id PHC string.
+    pub passphrase_hash: String,
+    /// IV and AES-GCM ciphertext of the TOTP secret under the HSM's officer-secrets key.
+    pub sealed_totp: Vec<u8>,
+    pub last_totp_step: u64,
+    pub failed_attempts: u32,
+    pub locked_until: Option<i64>,
+    pub created_at: i64,
+    pub last_login_at: Option<i64>,
+}
+
+impl fmt::Debug for OfficerRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OfficerRecord").field("name", &self.name).field("role", &self.role).field("enabled", &self.enabled).finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -433,6 +458,107 @@ impl Tx<'_> {
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    // ----- officers and sessions -----
+
+    pub fn insert_officer(&self, o: &OfficerRecord) -> Result<bool> {
+        let n = self.0.execute(
+            "INSERT INTO officers (name, role, state, passphrase_hash, totp_secret, last_totp_step,
+                failed_attempts, locked_until, created_at, last_login_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (name) DO NOTHING",
+            params![
+                o.name,
+                o.role.as_str(),
+                if o.enabled { "Enabled" } else { "Disabled" },
+                o.passphrase_hash,
+                o.sealed_totp,
+                to_i64(o.last_totp_step),
+                o.failed_attempts,
+                o.locked_until,
+                o.created_at,
+                o.last_login_at
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Writes back everything that changes after creation.
+    pub fn update_officer(&self, o: &OfficerRecord) -> Result<()> {
+        self.0.execute(
+            "UPDATE officers SET state = ?2, passphrase_hash = ?3, totp_secret = ?4, last_totp_step = ?5,
+                failed_attempts = ?6, locked_until = ?7, last_login_at = ?8
+             WHERE name = ?1",
+            params![
+                o.name,
+                if o.enabled { "Enabled" } else { "Disabled" },
+                o.passphrase_hash,
+                o.sealed_totp,
+                to_i64(o.last_totp_step),
+                o.failed_attempts,
+                o.locked_until,
+                o.last_login_at
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn officers(&self) -> Result<Vec<OfficerRecord>> {
+        let mut stmt = self.0.prepare(
+            "SELECT name, role, state, passphrase_hash, totp_secret, last_totp_step, failed_attempts,
+                    locked_until, created_at, last_login_at
+             FROM officers ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let role: String = r.get(1)?;
+            let state: String = r.get(2)?;
+            Ok(OfficerRecord {
+                name: r.get(0)?,
+                role: Role::parse(&role).ok_or_else(|| corrupt("officers", format!("role {role:?}")))?,
+                enabled: state == "Enabled",
+                passphrase_hash: r.get(3)?,
+                sealed_totp: r.get(4)?,
+                last_totp_step: to_u64(r.get(5)?),
+                failed_attempts: r.get(6)?,
+                locked_until: r.get(7)?,
+                created_at: r.get(8)?,
+                last_login_at: r.get(9)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn officer(&self, name: &str) -> Result<Option<OfficerRecord>> {
+        Ok(self.officers()?.into_iter().find(|o| o.name == name))
+    }
+
+    pub fn insert_session(&self, token_hash: &[u8], officer: &str, now: i64, expires_at: i64) -> Result<()> {
+        self.0.execute(
+            "INSERT INTO sessions (token_hash, officer, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+            params![token_hash, officer, now, expires_at],
+        )?;
+        Ok(())
+    }
+
+    /// The officer and expiry of a session.
+    pub fn session(&self, token_hash: &[u8]) -> Result<Option<(String, i64)>> {
+        Ok(self
+            .0
+            .query_row("SELECT officer, expires_at FROM sessions WHERE token_hash = ?1", params![token_hash], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?)
+    }
+
+    pub fn delete_session(&self, token_hash: &[u8]) -> Result<()> {
+        self.0.execute("DELETE FROM sessions WHERE token_hash = ?1", params![token_hash])?;
+        Ok(())
+    }
+
+    /// Ends every session of an officer, and every expired one.
+    pub fn delete_sessions(&self, officer: &str, now: i64) -> Result<()> {
+        self.0.execute("DELETE FROM sessions WHERE officer = ?1 OR expires_at <= ?2", params![officer, now])?;
+        Ok(())
     }
 
     // ----- intents -----

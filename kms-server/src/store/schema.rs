@@ -79,6 +79,25 @@ const MIGRATIONS: &[&str] = &[
         hash BLOB NOT NULL,
         mac  BLOB NOT NULL
     );",
+    // 4: officers (argon2id passphrase, sealed TOTP secret) and their sessions.
+    "CREATE TABLE officers (
+        name            TEXT PRIMARY KEY,
+        role            TEXT NOT NULL,
+        state           TEXT NOT NULL,
+        passphrase_hash TEXT NOT NULL,
+        totp_secret     BLOB NOT NULL,
+        last_totp_step  INTEGER NOT NULL,
+        failed_attempts INTEGER NOT NULL,
+        locked_until    INTEGER,
+        created_at      INTEGER NOT NULL,
+        last_login_at   INTEGER
+    );
+    CREATE TABLE sessions (
+        token_hash BLOB PRIMARY KEY,
+        officer    TEXT NOT NULL REFERENCES officers (name),
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL
+    );",
 ];
 
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

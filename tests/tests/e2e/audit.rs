@@ -36,6 +36,8 @@ async fn every_call_is_audited_with_its_outcome_key_and_context() {
     assert_eq!(
         ops,
         [
+            ("CreateOfficer", "allowed", "OK"),
+            ("Login", "allowed", "OK"),
             ("CreateKey", "allowed", "OK"),
             ("CreatePrincipal", "allowed", "OK"),
             ("CreateGrant", "allowed", "OK"),
@@ -45,7 +47,7 @@ async fn every_call_is_audited_with_its_outcome_key_and_context() {
             ("EnableKey", "denied", "NOT_FOUND"),
         ]
     );
-    for (op, _, _, key_id, context) in &rows[3..5] {
+    for (op, _, _, key_id, context) in &rows[5..7] {
         assert_eq!(key_id.as_deref(), Some(key.as_str()), "{op} names its key");
         assert!(context.as_deref().unwrap().contains("tenant"), "{op} records its context");
     }
@@ -63,7 +65,7 @@ async fn every_call_is_audited_with_its_outcome_key_and_context() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["ok"], true);
-    assert_eq!(v["records"], 7);
+    assert_eq!(v["records"], 9);
     let listed: serde_json::Value = serde_json::from_slice(&server.kmsctl(&["--json", "audit", "list", "--after", "1", "--limit", "2"]).stdout).unwrap();
     assert_eq!(listed.as_array().unwrap().iter().map(|r| r["seq"].as_u64().unwrap()).collect::<Vec<_>>(), [2, 3]);
 
@@ -74,7 +76,8 @@ async fn every_call_is_audited_with_its_outcome_key_and_context() {
     let lines: Vec<serde_json::Value> =
         std::fs::read_to_string(&file).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert!(lines.len() >= 8, "{} lines", lines.len());
-    assert_eq!(lines[0]["operation"], "CreateKey");
+    assert_eq!(lines[0]["operation"], "CreateOfficer");
+    assert_eq!(lines[2]["principal"], kms_tests::OFFICER, "admin calls name the officer");
     let future = server.kmsctl(&["audit", "export", "--since", "2999-01-01"]);
     assert!(future.status.success() && future.stdout.is_empty(), "nothing after 2999");
     // Tail from the start, bounded.

@@ -35,10 +35,11 @@ async fn the_data_plane_admits_only_certificates_from_the_customer_ca() {
         assert!(CryptoClient::new(channel).generate_random(pb::GenerateRandomRequest { number_of_bytes: 4 }).await.is_err());
     }
 
-    // The admin plane is TLS without client certificates (officers log in instead).
+    // The admin plane is TLS without client certificates: officers log in instead.
     let admin_only_ca = Tls { ca: Some(ca), cert: None, key: None };
     let channel = server.channel_with(&server.admin_addr, &admin_only_ca).await.unwrap();
-    kms_proto::v1::key_management_client::KeyManagementClient::new(channel)
+    let bearer = kms_client::Bearer::new(Some(&server.session)).unwrap();
+    kms_proto::v1::key_management_client::KeyManagementClient::new(kms_client::AdminChannel::new(channel, bearer))
         .list_keys(pb::ListKeysRequest::default())
         .await
         .unwrap();

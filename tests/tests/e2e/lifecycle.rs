@@ -1,10 +1,8 @@
 //! Every key transition over gRPC, legal and illegal, and state enforcement on the data plane.
 
 use kms_proto::v1 as pb;
-use kms_proto::v1::key_management_client::KeyManagementClient;
-use kms_tests::{Server, create_key, ctx};
+use kms_tests::{Admin, Server, create_key, ctx};
 use tonic::Code;
-use tonic::transport::Channel;
 
 #[derive(Debug, Clone, Copy)]
 enum Op {
@@ -16,7 +14,7 @@ enum Op {
     Rotate,
 }
 
-async fn apply(admin: &mut KeyManagementClient<Channel>, key: &str, op: Op) -> Result<i32, tonic::Status> {
+async fn apply(admin: &mut Admin, key: &str, op: Op) -> Result<i32, tonic::Status> {
     let key_id = key.to_string();
     let meta = match op {
         Op::Enable => admin.enable_key(pb::EnableKeyRequest { key_id }).await?.into_inner().key,
@@ -35,7 +33,7 @@ async fn apply(admin: &mut KeyManagementClient<Channel>, key: &str, op: Op) -> R
     Ok(meta.expect("metadata").state)
 }
 
-async fn state_of(admin: &mut KeyManagementClient<Channel>, key: &str) -> pb::KeyState {
+async fn state_of(admin: &mut Admin, key: &str) -> pb::KeyState {
     let d = admin.describe_key(pb::DescribeKeyRequest { key_id: key.into() }).await.unwrap().into_inner();
     pb::KeyState::try_from(d.key.unwrap().state).unwrap()
 }
