@@ -327,8 +327,13 @@ impl Server {
         KeyManagementClient::new(kms_client::AdminChannel::new(channel, kms_client::Bearer::new(token).expect("a valid token")))
     }
 
-    /// Runs `kmsctl` against this server.
+    /// Runs `kmsctl` against this server, as the bootstrap officer.
     pub fn kmsctl(&self, args: &[&str]) -> Output {
+        self.kmsctl_with_session(&self.session_path(), args)
+    }
+
+    /// Runs `kmsctl` against this server with the session kept in `session`.
+    pub fn kmsctl_with_session(&self, session: &Path, args: &[&str]) -> Output {
         Command::new(bin("kmsctl"))
             .arg("--endpoint")
             .arg(format!("https://{}", self.admin_addr))
@@ -337,7 +342,7 @@ impl Server {
             .arg("--pki")
             .arg(self.pki_dir())
             .arg("--session-file")
-            .arg(self.session_path())
+            .arg(session)
             .args(args)
             .env_remove("KMS_ENDPOINT")
             .env_remove("KMS_DATA_ENDPOINT")

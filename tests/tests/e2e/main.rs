@@ -10,6 +10,7 @@ mod hsm_objects;
 mod identity;
 mod kmsctl;
 mod lifecycle;
+mod officers;
 mod limits;
 mod load;
 mod persistence;
