@@ -11,7 +11,7 @@ use std::sync::MutexGuard;
 
 use super::registry::KeyEntry;
 use super::{Caller, Kms, now};
-use crate::audit::{AuditEvent, ChainBreak, Outcome};
+use crate::audit::{AuditEvent, ChainBreak};
 use crate::domain::budget::UsageLimits;
 use crate::domain::ids::{AliasName, KeyId, KeyRef};
 use crate::domain::lifecycle::{
@@ -76,34 +76,6 @@ impl KeyView {
 
     pub fn version(&self, version: u32) -> Option<&VersionView> {
         self.versions.iter().find(|v| v.record.version == version)
-    }
-}
-
-fn event(caller: &Caller, operation: &'static str, key_id: KeyId, version: Option<u32>, detail: String) -> AuditEvent {
-    AuditEvent {
-        request_id: caller.request_id.clone(),
-        principal: caller.principal.clone(),
-        operation,
-        key_id: Some(key_id),
-        key_version: version,
-        context: None,
-        outcome: Outcome::Allowed,
-        status: "OK",
-        detail,
-    }
-}
-
-fn principal_event(caller: &Caller, operation: &'static str, name: &str) -> AuditEvent {
-    AuditEvent {
-        request_id: caller.request_id.clone(),
-        principal: caller.principal.clone(),
-        operation,
-        key_id: None,
-        key_version: None,
-        context: None,
-        outcome: Outcome::Allowed,
-        status: "OK",
-        detail: format!("principal {name}"),
     }
 }
 
@@ -269,7 +241,7 @@ impl Kms {
                 tx.insert_alias(a)?;
             }
             tx.delete_intent(intent)?;
-            tx.append_audit(&event(caller, "CreateKey", key_id, Some(1), "created Enabled".into()), created_at)
+            tx.append_audit(&caller.audit("CreateKey", Some(key_id), Some(1), "created Enabled".into()), created_at)
         });
         if let Err(e) = committed {
             drop(state);
@@ -324,7 +296,7 @@ impl Kms {
             tx.insert_version(&version)?;
             tx.update_key(&record)?;
             tx.delete_intent(intent)?;
-            tx.append_audit(&event(caller, "RotateKey", key_id, Some(next), why.to_string()), at)
+            tx.append_audit(&caller.audit("RotateKey", Some(key_id), Some(next), why.to_string()), at)
         });
         if let Err(e) = committed {
             drop(state);
@@ -379,7 +351,7 @@ impl Kms {
         let mut state = self.registry.write();
         self.store.write(|tx| {
             tx.update_key(&record)?;
-            tx.append_audit(&event(caller, operation, key_id, None, format!("{} -> {next}", entry.record.state)), at)
+            tx.append_audit(&caller.audit(operation, Some(key_id), None, format!("{} -> {next}", entry.record.state)), at)
         })?;
         state.put_record(record);
         let entry = state.resolve(&KeyRef::Id(key_id))?.clone();
@@ -431,7 +403,7 @@ impl Kms {
         self.store.write(|tx| {
             tx.update_version_state(&record)?;
             tx.append_audit(
-                &event(caller, operation, key_id, Some(version), format!("{} -> {next}", current.record.state)),
+                &caller.audit(operation, Some(key_id), Some(version), format!("{} -> {next}", current.record.state)),
                 at,
             )
         })?;
@@ -455,7 +427,7 @@ impl Kms {
         let record = AliasRecord { alias, key_id, created_at: now() };
         self.store.write(|tx| {
             tx.insert_alias(&record)?;
-            tx.append_audit(&event(caller, "CreateAlias", key_id, None, record.alias.to_string()), record.created_at)
+            tx.append_audit(&caller.audit("CreateAlias", Some(key_id), None, record.alias.to_string()), record.created_at)
         })?;
         state.aliases.insert(record.alias.clone(), record.clone());
         state.refresh_aliases(key_id);
@@ -468,7 +440,7 @@ impl Kms {
         let record = state.aliases.get(alias).cloned().ok_or_else(|| Error::NotFound { what: alias.to_string() })?;
         self.store.write(|tx| {
             tx.delete_alias(alias)?;
-            tx.append_audit(&event(caller, "DeleteAlias", record.key_id, None, alias.to_string()), now())
+            tx.append_audit(&caller.audit("DeleteAlias", Some(record.key_id), None, alias.to_string()), now())
         })?;
         state.aliases.remove(alias);
         state.refresh_aliases(record.key_id);
@@ -492,7 +464,7 @@ impl Kms {
         let record = PrincipalRecord { name: name.to_string(), state: PrincipalState::Enabled, created_at: now() };
         self.store.write(|tx| {
             tx.insert_principal(name, PrincipalState::Enabled, record.created_at)?;
-            tx.append_audit(&principal_event(caller, "CreatePrincipal", name), record.created_at)
+            tx.append_audit(&caller.audit("CreatePrincipal", None, None, format!("principal {name}")), record.created_at)
         })?;
         state.principals.insert(name.to_string(), record.clone());
         Ok(record)
@@ -511,7 +483,7 @@ impl Kms {
         };
         self.store.write(|tx| {
             tx.set_principal_state(name, to)?;
-            tx.append_audit(&principal_event(caller, operation, name), now())
+            tx.append_audit(&caller.audit(operation, None, None, format!("principal {name}")), now())
         })?;
         state.principals.insert(name.to_string(), record.clone());
         Ok(record)
@@ -552,7 +524,7 @@ impl Kms {
         self.store.write(|tx| {
             tx.insert_grant(&grant)?;
             tx.append_audit(
-                &event(caller, "CreateGrant", grant.key_id, None, format!("grant {} to {}: {}", grant.grant_id, grant.principal, ops.join(","))),
+                &caller.audit("CreateGrant", Some(grant.key_id), None, format!("grant {} to {}: {}", grant.grant_id, grant.principal, ops.join(","))),
                 grant.created_at,
             )
         })?;
@@ -568,7 +540,7 @@ impl Kms {
         let at = now();
         self.store.write(|tx| {
             tx.revoke_grant(grant_id, at)?;
-            tx.append_audit(&event(caller, "RevokeGrant", grant.key_id, None, format!("grant {grant_id} of {}", grant.principal)), at)
+            tx.append_audit(&caller.audit("RevokeGrant", Some(grant.key_id), None, format!("grant {grant_id} of {}", grant.principal)), at)
         })?;
         if let Some(list) = state.grants.get_mut(&grant.key_id) {
             list.retain(|g| g.grant_id != grant_id);

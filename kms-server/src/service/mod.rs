@@ -30,11 +30,29 @@ pub fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
-/// Who is calling, for the audit. (Authenticated identities come with mTLS and officer login.)
+/// Who is calling: the request id and the authenticated principal (a workload identity or an
+/// officer's name), for the audit.
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub request_id: String,
     pub principal: String,
+}
+
+impl Caller {
+    /// The audit record of a change this caller made, written in the change's own transaction.
+    pub fn audit(&self, operation: &'static str, key_id: Option<KeyId>, key_version: Option<u32>, detail: String) -> crate::audit::AuditEvent {
+        crate::audit::AuditEvent {
+            request_id: self.request_id.clone(),
+            principal: self.principal.clone(),
+            operation,
+            key_id,
+            key_version,
+            context: None,
+            outcome: crate::audit::Outcome::Allowed,
+            status: "OK",
+            detail,
+        }
+    }
 }
 
 /// The result of an encryption: which key and version, and the blob.

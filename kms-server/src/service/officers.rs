@@ -12,7 +12,6 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use super::{Caller, now};
-use crate::audit::{AuditEvent, Outcome};
 use crate::domain::blob::{IV_LEN, Iv};
 use crate::domain::officer::{
     Passphrase, Role, TOTP_SECRET_LEN, hash_passphrase, otpauth_uri, verify_passphrase, verify_totp,
@@ -94,20 +93,6 @@ fn aad(name: &str) -> Vec<u8> {
     format!("kms-officer-totp:{name}").into_bytes()
 }
 
-fn officer_event(caller: &Caller, operation: &'static str, detail: String) -> AuditEvent {
-    AuditEvent {
-        request_id: caller.request_id.clone(),
-        principal: caller.principal.clone(),
-        operation,
-        key_id: None,
-        key_version: None,
-        context: None,
-        outcome: Outcome::Allowed,
-        status: "OK",
-        detail,
-    }
-}
-
 impl Officers<'_> {
     fn seal(&self, name: &str, secret: &[u8]) -> Result<Vec<u8>> {
         let mut iv = [0u8; IV_LEN];
@@ -156,7 +141,7 @@ impl Officers<'_> {
         let inserted = self.store.write(|tx| {
             let inserted = tx.insert_officer(&record)?;
             if inserted {
-                tx.append_audit(&officer_event(by, "CreateOfficer", format!("{role} {name}")), at)?;
+                tx.append_audit(&by.audit("CreateOfficer", None, None, format!("{role} {name}")), at)?;
             }
             Ok(inserted)
         })?;
@@ -253,7 +238,7 @@ impl Officers<'_> {
         self.store.write(|tx| {
             tx.update_officer(&officer)?;
             tx.delete_sessions(name, at)?;
-            tx.append_audit(&officer_event(by, "DisableOfficer", name.to_string()), at)
+            tx.append_audit(&by.audit("DisableOfficer", None, None, name.to_string()), at)
         })?;
         Ok(officer)
     }
@@ -270,7 +255,7 @@ impl Officers<'_> {
         officer.passphrase_hash = hash_passphrase(new).ok_or_else(|| Error::invalid("new_passphrase", "could not be hashed"))?;
         self.store.write(|tx| {
             tx.update_officer(&officer)?;
-            tx.append_audit(&officer_event(by, "ChangePassphrase", by.principal.clone()), now())
+            tx.append_audit(&by.audit("ChangePassphrase", None, None, by.principal.clone()), now())
         })?;
         Ok(())
     }
@@ -283,7 +268,7 @@ impl Officers<'_> {
         officer.sealed_totp = self.seal(&officer.name, secret.expose_secret())?;
         self.store.write(|tx| {
             tx.update_officer(&officer)?;
-            tx.append_audit(&officer_event(by, "ReenrollTotp", by.principal.clone()), now())
+            tx.append_audit(&by.audit("ReenrollTotp", None, None, by.principal.clone()), now())
         })?;
         Ok(Enrolment(Zeroizing::new(otpauth_uri(&officer.name, secret.expose_secret()))))
     }
