@@ -151,6 +151,10 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     s?;
     sweeper.abort();
     prober.abort();
+    let flushed = kms.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || flushed.flush_uses()).await? {
+        tracing::warn!(error = %e, "could not record the last uses of principals and grants");
+    }
     // The services (and with them every audit writer handle) are gone: let the writer finish
     // what is queued and sign its last checkpoint before the process exits.
     tokio::task::spawn_blocking(move || audit_thread.join()).await?;

@@ -84,6 +84,12 @@ enum Command {
     /// Officers and auditors.
     #[command(subcommand)]
     Officer(OfficerCommand),
+    /// The yearly access review: every officer, auditor, principal and grant with its last use;
+    /// `review sign-off` records that an officer reviewed it.
+    Review {
+        #[command(subcommand)]
+        action: Option<ReviewCommand>,
+    },
     /// The audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -269,6 +275,15 @@ enum AliasCommand {
     List {
         #[arg(long)]
         key: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReviewCommand {
+    /// Records your sign-off of the access review (audited).
+    SignOff {
+        #[arg(long, default_value = "")]
+        note: String,
     },
 }
 
@@ -801,6 +816,49 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 }
             }
         }
+        Command::Review { action } => {
+            let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session).await?);
+            match action {
+                Some(ReviewCommand::SignOff { note }) => {
+                    let r = c.sign_off_review(pb::SignOffReviewRequest { note }).await?.into_inner();
+                    out.print(json!({"signoff_time": r.signoff_time}), || format!("review signed off at {}", r.signoff_time));
+                }
+                None => {
+                    let r = c.access_review(pb::AccessReviewRequest {}).await?.into_inner();
+                    let rows: Vec<Value> = r
+                        .entries
+                        .iter()
+                        .map(|e| {
+                            json!({"kind": e.kind, "name": e.name, "detail": e.detail, "enabled": e.enabled,
+                                   "creation_time": e.creation_time, "last_used_time": e.last_used_time,
+                                   "unused_90_days": e.unused_90_days})
+                        })
+                        .collect();
+                    out.print(
+                        json!({"entries": rows, "last_signoff_time": r.last_signoff_time, "last_signoff_by": r.last_signoff_by,
+                               "signoff_overdue": r.signoff_overdue}),
+                        || {
+                            let mut lines: Vec<String> = r
+                                .entries
+                                .iter()
+                                .map(|e| {
+                                    let used = if e.last_used_time == 0 { "never used".to_string() } else { format!("last used {}", e.last_used_time) };
+                                    let flag = if e.unused_90_days { "  UNUSED 90 DAYS: remove?" } else { "" };
+                                    format!("{:<9} {}  {}  {used}{flag}", e.kind, e.name, e.detail)
+                                })
+                                .collect();
+                            lines.push(if r.signoff_overdue {
+                                "WARNING: the access review has not been signed off in the last 365 days (kmsctl review sign-off)".to_string()
+                            } else {
+                                format!("last signed off by {} at {}", r.last_signoff_by, r.last_signoff_time)
+                            });
+                            lines.join("\n")
+                        },
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Principal(cmd) => {
             let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session).await?);
             let one = |p: Option<pb::Principal>| {
@@ -1088,6 +1146,8 @@ mod tests {
             &["principal", "disable", "p"],
             &["login", "--name", "ana", "--passphrase-file", "/f", "--totp", "123456"],
             &["login", "--dev"],
+            &["review"],
+            &["review", "sign-off", "--note", "yearly"],
             &["officer", "add", "bo", "--role", "auditor", "--passphrase-file", "/f"],
             &["--pki", "/p", "--tls-cert", "/c", "--tls-key", "/k", "--ca", "/ca", "key", "list"],
         ];

@@ -498,6 +498,47 @@ impl KeyManagement for AdminService {
             })
             .await
     }
+
+    async fn access_review(&self, request: Request<pb::AccessReviewRequest>) -> Result<Response<pb::AccessReviewResponse>, Status> {
+        let who = officer(&request, Role::Auditor);
+        self.0
+            .call("AccessReview", who, Audit::EveryOutcome, move |kms, _, facts| {
+                let review = kms.access_review()?;
+                facts.detail = format!("{} entries, {} unused for 90 days", review.entries.len(), review.entries.iter().filter(|e| e.stale).count());
+                Ok(pb::AccessReviewResponse {
+                    entries: review
+                        .entries
+                        .into_iter()
+                        .map(|e| pb::ReviewEntry {
+                            kind: e.kind.to_string(),
+                            name: e.name,
+                            detail: e.detail,
+                            enabled: e.enabled,
+                            creation_time: e.created_at,
+                            last_used_time: e.last_used_at.unwrap_or(0),
+                            unused_90_days: e.stale,
+                        })
+                        .collect(),
+                    last_signoff_time: review.last_signoff.as_ref().map_or(0, |(_, t)| *t),
+                    last_signoff_by: review.last_signoff.map(|(by, _)| by).unwrap_or_default(),
+                    signoff_overdue: review.signoff_overdue,
+                })
+            })
+            .await
+    }
+
+    async fn sign_off_review(&self, request: Request<pb::SignOffReviewRequest>) -> Result<Response<pb::SignOffReviewResponse>, Status> {
+        let who = officer(&request, Role::Officer);
+        let r = request.into_inner();
+        self.0
+            .call("SignOffReview", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                if r.note.chars().count() > MAX_DESCRIPTION {
+                    return Err(Error::invalid("note", format!("is longer than {MAX_DESCRIPTION} characters")));
+                }
+                Ok(pb::SignOffReviewResponse { signoff_time: kms.sign_off_review(caller, &r.note)? })
+            })
+            .await
+    }
 }
 
 fn officer_message(o: crate::store::OfficerRecord) -> pb::Officer {

@@ -125,6 +125,7 @@ pub struct Authorized {
     principal: String,
     key_id: KeyId,
     operation: Operation,
+    grant_id: String,
 }
 
 impl Authorized {
@@ -138,6 +139,11 @@ impl Authorized {
 
     pub fn principal(&self) -> &str {
         &self.principal
+    }
+
+    /// The grant that allowed the call (for the access review's last-use dates).
+    pub fn grant_id(&self) -> &str {
+        &self.grant_id
     }
 }
 
@@ -166,10 +172,9 @@ pub fn authorize<'g>(
         Some(PrincipalState::Disabled) => return Err(Denied::DisabledPrincipal),
         Some(PrincipalState::Enabled) => {}
     }
-    if grants.into_iter().any(|g| g.permits(principal, key_id, operation, context, now)) {
-        Ok(Authorized { principal: principal.to_string(), key_id, operation })
-    } else {
-        Err(Denied::NoGrant)
+    match grants.into_iter().find(|g| g.permits(principal, key_id, operation, context, now)) {
+        Some(g) => Ok(Authorized { principal: principal.to_string(), key_id, operation, grant_id: g.grant_id.clone() }),
+        None => Err(Denied::NoGrant),
     }
 }
 

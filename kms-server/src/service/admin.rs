@@ -552,6 +552,7 @@ impl Kms {
 
     /// Destroys what is due and rotates what is due. Returns how many actions it took.
     pub fn sweep(&self) -> Result<usize> {
+        self.flush_uses()?;
         let _admin = self.admin_lock();
         let at = now();
         let entries: Vec<_> = self.registry.read().keys.values().cloned().collect();

@@ -7,6 +7,7 @@
 mod admin;
 pub mod officers;
 mod recovery;
+pub mod review;
 pub mod registry;
 
 use std::sync::{Arc, Mutex};
@@ -92,6 +93,8 @@ pub struct Kms {
     settings: Settings,
     /// Serialises lifecycle changes (they are rare; the data plane never takes it).
     admin: Mutex<()>,
+    /// Last uses of principals and grants, for the access review.
+    uses: review::Uses,
 }
 
 impl std::fmt::Debug for Kms {
@@ -107,7 +110,7 @@ impl Kms {
         let canary = std::sync::RwLock::new(hsm.service_key(ServiceKey::Canary)?);
         let audit_mac = hsm.service_key(ServiceKey::AuditMac)?;
         let officer_secrets = hsm.service_key(ServiceKey::OfficerSecrets)?;
-        let kms = Kms { hsm, audit_mac, officer_secrets, canary, store, registry: Registry::default(), settings, admin: Mutex::new(()) };
+        let kms = Kms { hsm, audit_mac, officer_secrets, canary, uses: review::Uses::default(), store, registry: Registry::default(), settings, admin: Mutex::new(()) };
         kms.recover()?;
         Ok(kms)
     }
@@ -186,7 +189,9 @@ impl Kms {
         };
         let key_id = entry.record.key_id;
         let grants = state.grants.get(&key_id).into_iter().flatten();
-        policy::authorize(&caller.principal, principal_state, grants, key_id, operation, context, now()).map_err(denied)
+        let proof = policy::authorize(&caller.principal, principal_state, grants, key_id, operation, context, now()).map_err(denied)?;
+        self.uses.principal(&caller.principal, Some(proof.grant_id()));
+        Ok(proof)
     }
 
     /// A fresh data key of `len` bytes from the HSM's generator, and its blob.
@@ -328,6 +333,7 @@ impl Kms {
                 return Err(Error::PermissionDenied { reason: format!("principal {} is not registered", caller.principal) });
             }
         }
+        self.uses.principal(&caller.principal, None);
         let mut out = SecretBytes::zeroed(len);
         self.hsm.random(out.expose_secret_mut())?;
         Ok(out)

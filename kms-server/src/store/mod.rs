@@ -460,6 +460,49 @@ impl Tx<'_> {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    // ----- access review -----
+
+    /// Records last-use times (never moving one backwards).
+    pub fn record_use(&self, principals: &[(String, i64)], grants: &[(String, i64)]) -> Result<()> {
+        let mut p = self.0.prepare_cached("UPDATE principals SET last_used_at = MAX(IFNULL(last_used_at, 0), ?2) WHERE name = ?1")?;
+        for (name, at) in principals {
+            p.execute(params![name, at])?;
+        }
+        let mut g = self.0.prepare_cached("UPDATE grants SET last_used_at = MAX(IFNULL(last_used_at, 0), ?2) WHERE grant_id = ?1")?;
+        for (id, at) in grants {
+            g.execute(params![id, at])?;
+        }
+        Ok(())
+    }
+
+    /// Last-use times of principals and (live) grants, by name and id.
+    pub fn last_uses(&self) -> Result<(Vec<(String, Option<i64>)>, Vec<(String, Option<i64>)>)> {
+        let principals = self
+            .0
+            .prepare("SELECT name, last_used_at FROM principals")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let grants = self
+            .0
+            .prepare("SELECT grant_id, last_used_at FROM grants WHERE revoked_at IS NULL")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok((principals, grants))
+    }
+
+    pub fn insert_signoff(&self, officer: &str, time: i64, note: &str) -> Result<()> {
+        self.0.execute("INSERT INTO review_signoffs (officer, time, note) VALUES (?1, ?2, ?3)", params![officer, time, note])?;
+        Ok(())
+    }
+
+    /// The last sign-off: who and when.
+    pub fn last_signoff(&self) -> Result<Option<(String, i64)>> {
+        Ok(self
+            .0
+            .query_row("SELECT officer, time FROM review_signoffs ORDER BY time DESC, id DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?)
+    }
+
     // ----- officers and sessions -----
 
     pub fn insert_officer(&self, o: &OfficerRecord) -> Result<bool> {

@@ -98,6 +98,15 @@ const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL,
         expires_at INTEGER NOT NULL
     );",
+    // 5: the access review: when principals and grants were last used, and the sign-offs.
+    "ALTER TABLE principals ADD COLUMN last_used_at INTEGER;
+    ALTER TABLE grants ADD COLUMN last_used_at INTEGER;
+    CREATE TABLE review_signoffs (
+        id      INTEGER PRIMARY KEY,
+        officer TEXT NOT NULL,
+        time    INTEGER NOT NULL,
+        note    TEXT NOT NULL
+    );",
 ];
 
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

@@ -14,5 +14,6 @@ mod officers;
 mod limits;
 mod load;
 mod persistence;
+mod review;
 mod tamper;
 mod usage;
