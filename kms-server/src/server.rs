@@ -88,6 +88,10 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
         let (kms, dir) = (kms.clone(), config.data_dir.clone());
         tokio::task::spawn_blocking(move || dev_officer(&kms, &dir)).await??;
     }
+    let reviewed = kms.clone();
+    if tokio::task::spawn_blocking(move || reviewed.access_review()).await??.signoff_overdue {
+        tracing::warn!("the access review has not been signed off in the last 365 days: run `kmsctl review`");
+    }
     let (audit_writer, audit_thread) = AuditWriter::start(
         store,
         kms.checkpointer(config.audit.checkpoint_every_records, config.audit.checkpoint_every_seconds),

@@ -36,6 +36,8 @@ pub struct Options {
     pub usage_reservation_block: u64,
     pub sweep_interval_seconds: u64,
     pub checkpoint_every_records: u64,
+    /// The server's `KMS_LOG` filter.
+    pub log: &'static str,
 }
 
 impl Default for Options {
@@ -46,6 +48,7 @@ impl Default for Options {
             usage_reservation_block: 4096,
             sweep_interval_seconds: 1,
             checkpoint_every_records: 1000,
+            log: "debug",
         }
     }
 }
@@ -229,7 +232,7 @@ impl Server {
             .args(["run", "--config"])
             .arg(self.config_path())
             .env(hsm_sim::SOFTHSM2_CONF, &self.token.conf)
-            .env("KMS_LOG", "debug")
+            .env("KMS_LOG", self.options.log)
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()

@@ -9,6 +9,7 @@ mod health;
 mod hsm_objects;
 mod identity;
 mod kmsctl;
+mod leaks;
 mod lifecycle;
 mod officers;
 mod limits;
