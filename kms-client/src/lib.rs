@@ -186,7 +186,7 @@ impl DataClient {
                 key_id: key_id.to_string(),
                 key_spec: pb::DataKeySpec::Aes256.into(),
                 number_of_bytes: 0,
-                encryption_context: to_map(ctx),
+                encryption_context: to_map(ctx), caller_context: None
             })
             .await?
             .into_inner();
@@ -201,7 +201,7 @@ impl DataClient {
             .decrypt(pb::DecryptRequest {
                 ciphertext_blob: wrapped.to_vec(),
                 encryption_context: to_map(ctx),
-                key_id: String::new(),
+                key_id: String::new(), caller_context: None
             })
             .await?
             .into_inner();

@@ -130,11 +130,11 @@ struct Tally {
 async fn call(client: &mut CryptoClient<Channel>, op: Op, key: &str, blob: &[u8]) -> Result<(), tonic::Code> {
     let r = match op {
         Op::Decrypt => client
-            .decrypt(pb::DecryptRequest { ciphertext_blob: blob.to_vec(), encryption_context: Default::default(), key_id: String::new() })
+            .decrypt(pb::DecryptRequest { ciphertext_blob: blob.to_vec(), encryption_context: Default::default(), key_id: String::new(), caller_context: None })
             .await
             .map(|_| ()),
         Op::Generate => client
-            .generate_data_key(pb::GenerateDataKeyRequest { key_id: key.into(), key_spec: 1, number_of_bytes: 0, encryption_context: Default::default() })
+            .generate_data_key(pb::GenerateDataKeyRequest { key_id: key.into(), key_spec: 1, number_of_bytes: 0, encryption_context: Default::default(), caller_context: None })
             .await
             .map(|_| ()),
         Op::ReEncrypt => client
@@ -143,12 +143,12 @@ async fn call(client: &mut CryptoClient<Channel>, op: Op, key: &str, blob: &[u8]
                 source_encryption_context: Default::default(),
                 source_key_id: String::new(),
                 destination_key_id: key.into(),
-                destination_encryption_context: Default::default(),
+                destination_encryption_context: Default::default(), caller_context: None
             })
             .await
             .map(|_| ()),
         Op::Encrypt => client
-            .encrypt(pb::EncryptRequest { key_id: key.into(), plaintext: vec![0; 32], encryption_context: Default::default() })
+            .encrypt(pb::EncryptRequest { key_id: key.into(), plaintext: vec![0; 32], encryption_context: Default::default(), caller_context: None })
             .await
             .map(|_| ()),
     };
@@ -227,7 +227,7 @@ async fn main() -> Result<()> {
     // One data key to decrypt and re-encrypt throughout.
     let mut setup = CryptoClient::new(channels[0].clone());
     let gdk = setup
-        .generate_data_key(pb::GenerateDataKeyRequest { key_id: args.key.clone(), key_spec: 1, number_of_bytes: 0, encryption_context: Default::default() })
+        .generate_data_key(pb::GenerateDataKeyRequest { key_id: args.key.clone(), key_spec: 1, number_of_bytes: 0, encryption_context: Default::default(), caller_context: None })
         .await
         .context("GenerateDataKey for the setup (does the workload have a grant on the key?)")?
         .into_inner();

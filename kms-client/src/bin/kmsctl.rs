@@ -186,7 +186,7 @@ fn record_json(a: &pb::AuditRecord) -> Value {
         "seq": a.seq, "time": a.time, "request_id": a.request_id, "principal": a.principal,
         "operation": a.operation, "key_id": a.key_id, "key_version": a.key_version,
         "encryption_context": a.encryption_context, "outcome": a.outcome, "status": a.status,
-        "detail": a.detail,
+        "detail": a.detail, "caller_context": a.caller_context,
     })
 }
 
@@ -1032,7 +1032,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                         key_id: key,
                         key_spec: 0,
                         number_of_bytes: bytes,
-                        encryption_context: map,
+                        encryption_context: map, caller_context: None
                     })
                     .await?
                     .into_inner();
@@ -1043,7 +1043,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             } else {
                 let mut r = c
                     .raw
-                    .generate_data_key(pb::GenerateDataKeyRequest { key_id: key, key_spec: 0, number_of_bytes: bytes, encryption_context: map })
+                    .generate_data_key(pb::GenerateDataKeyRequest { key_id: key, key_spec: 0, number_of_bytes: bytes, encryption_context: map, caller_context: None })
                     .await?
                     .into_inner();
                 let plaintext = zeroize::Zeroizing::new(B64.encode(std::mem::take(&mut r.plaintext)));

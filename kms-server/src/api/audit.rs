@@ -72,6 +72,7 @@ impl AuditLog for AuditService {
                         outcome: a.outcome,
                         status: a.status,
                         detail: a.detail,
+                        caller_context: a.caller_context.unwrap_or_default(),
                     })
                     .collect();
                 Ok(pb::ListAuditRecordsResponse { records, next_after_seq })

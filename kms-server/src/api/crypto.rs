@@ -37,6 +37,30 @@ fn blob_field(field: &'static str, blob: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
+/// Caller-context limits: enough for a user, a reason and a few tags, small enough to keep
+/// audit records small.
+const MAX_CALLER_FIELD: usize = 256;
+const MAX_CALLER_ATTRIBUTES: usize = 8;
+const MAX_CALLER_BYTES: usize = 2048;
+
+/// Validates the optional caller context and renders it as the JSON the audit records.
+fn caller_context(c: Option<pb::CallerContext>) -> Result<Option<String>, Error> {
+    let Some(c) = c else { return Ok(None) };
+    let fields = [c.user.as_str(), c.reason.as_str()].into_iter().chain(c.attributes.iter().flat_map(|(k, v)| [k.as_str(), v.as_str()]));
+    let mut total = 0;
+    for f in fields {
+        if f.len() > MAX_CALLER_FIELD || f.chars().any(char::is_control) {
+            return Err(Error::invalid("caller_context", format!("fields must be at most {MAX_CALLER_FIELD} bytes without control characters")));
+        }
+        total += f.len();
+    }
+    if c.attributes.len() > MAX_CALLER_ATTRIBUTES || total > MAX_CALLER_BYTES {
+        return Err(Error::invalid("caller_context", format!("at most {MAX_CALLER_ATTRIBUTES} attributes and {MAX_CALLER_BYTES} bytes")));
+    }
+    let attributes: std::collections::BTreeMap<_, _> = c.attributes.into_iter().collect();
+    Ok(Some(serde_json::json!({"user": c.user, "reason": c.reason, "attributes": attributes}).to_string()))
+}
+
 /// The key and version a blob claims, for the audit record (whether or not it decrypts).
 fn blob_facts(blob: &[u8], facts: &mut Facts) {
     if let Ok(parsed) = Blob::parse(blob) {
@@ -55,9 +79,10 @@ impl Crypto for CryptoService {
         request: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
         let who = workload(&request);
-        let r = request.into_inner();
+        let mut r = request.into_inner();
         self.0
             .call("GenerateDataKey", who, Audit::EveryOutcome, move |kms, caller, facts| {
+                facts.caller_context = caller_context(r.caller_context.take())?;
                 let key = key_ref("key_id", &r.key_id)?;
                 facts.key_id = kms.key_id_of(&key);
                 let len = data_key_len(r.key_spec, r.number_of_bytes)?;
@@ -81,9 +106,10 @@ impl Crypto for CryptoService {
         request: Request<pb::GenerateDataKeyWithoutPlaintextRequest>,
     ) -> Result<Response<pb::GenerateDataKeyWithoutPlaintextResponse>, Status> {
         let who = workload(&request);
-        let r = request.into_inner();
+        let mut r = request.into_inner();
         self.0
             .call("GenerateDataKeyWithoutPlaintext", who, Audit::EveryOutcome, move |kms, caller, facts| {
+                facts.caller_context = caller_context(r.caller_context.take())?;
                 let key = key_ref("key_id", &r.key_id)?;
                 facts.key_id = kms.key_id_of(&key);
                 let len = data_key_len(r.key_spec, r.number_of_bytes)?;
@@ -107,6 +133,7 @@ impl Crypto for CryptoService {
         let plaintext = crate::secret::SecretBytes::new(std::mem::take(&mut r.plaintext));
         self.0
             .call("Encrypt", who, Audit::EveryOutcome, move |kms, caller, facts| {
+                facts.caller_context = caller_context(r.caller_context.take())?;
                 let key = key_ref("key_id", &r.key_id)?;
                 facts.key_id = kms.key_id_of(&key);
                 let ctx = context("encryption_context", std::mem::take(&mut r.encryption_context))?;
@@ -121,9 +148,10 @@ impl Crypto for CryptoService {
 
     async fn decrypt(&self, request: Request<pb::DecryptRequest>) -> Result<Response<pb::DecryptResponse>, Status> {
         let who = workload(&request);
-        let r = request.into_inner();
+        let mut r = request.into_inner();
         self.0
             .call("Decrypt", who, Audit::EveryOutcome, move |kms, caller, facts| {
+                facts.caller_context = caller_context(r.caller_context.take())?;
                 blob_field("ciphertext_blob", &r.ciphertext_blob)?;
                 blob_facts(&r.ciphertext_blob, facts);
                 let expected = optional_key_ref("key_id", &r.key_id)?;
@@ -141,9 +169,10 @@ impl Crypto for CryptoService {
 
     async fn re_encrypt(&self, request: Request<pb::ReEncryptRequest>) -> Result<Response<pb::ReEncryptResponse>, Status> {
         let who = workload(&request);
-        let r = request.into_inner();
+        let mut r = request.into_inner();
         self.0
             .call("ReEncrypt", who, Audit::EveryOutcome, move |kms, caller, facts| {
+                facts.caller_context = caller_context(r.caller_context.take())?;
                 blob_field("ciphertext_blob", &r.ciphertext_blob)?;
                 blob_facts(&r.ciphertext_blob, facts);
                 let source = optional_key_ref("source_key_id", &r.source_key_id)?;
@@ -169,9 +198,11 @@ impl Crypto for CryptoService {
         request: Request<pb::GenerateRandomRequest>,
     ) -> Result<Response<pb::GenerateRandomResponse>, Status> {
         let who = workload(&request);
-        let n = request.into_inner().number_of_bytes;
+        let r = request.into_inner();
+        let (n, given) = (r.number_of_bytes, r.caller_context);
         self.0
-            .call("GenerateRandom", who, Audit::EveryOutcome, move |kms, caller, _| {
+            .call("GenerateRandom", who, Audit::EveryOutcome, move |kms, caller, facts| {
+                facts.caller_context = caller_context(given)?;
                 if n == 0 || n > MAX_RANDOM {
                     return Err(Error::invalid("number_of_bytes", format!("is {n}; it must be 1 to {MAX_RANDOM}")));
                 }

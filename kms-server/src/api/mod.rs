@@ -98,6 +98,8 @@ pub struct Facts {
     pub key_version: Option<u32>,
     pub context: Option<EncryptionContext>,
     pub detail: String,
+    /// The caller context a data-plane request carried (JSON).
+    pub caller_context: Option<String>,
 }
 
 /// Which outcomes of a call the API layer audits.
@@ -202,6 +204,7 @@ impl Shared {
             outcome,
             status: code_name(code),
             detail,
+            caller_context: facts.caller_context,
         };
         match self.audit.record(event).await {
             Ok(()) => result.map(tonic::Response::new),

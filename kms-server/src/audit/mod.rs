@@ -48,6 +48,8 @@ pub struct AuditEvent {
     pub status: &'static str,
     /// A short, secret-free detail (the state reached, what recovery repaired).
     pub detail: String,
+    /// The caller's own account of who inside the workload asked and why (JSON), if given.
+    pub caller_context: Option<String>,
 }
 
 impl AuditEvent {
@@ -63,6 +65,7 @@ impl AuditEvent {
             outcome: Outcome::Allowed,
             status: "OK",
             detail,
+            caller_context: None,
         }
     }
 
@@ -88,6 +91,7 @@ pub struct StoredRecord {
     pub outcome: String,
     pub status: String,
     pub detail: String,
+    pub caller_context: Option<String>,
 }
 
 impl StoredRecord {
@@ -118,6 +122,13 @@ impl StoredRecord {
             }
         }
         h.update(self.key_version.unwrap_or(-1).to_be_bytes());
+        // Hashed only when present, so that records written before the field existed verify
+        // unchanged.
+        if let Some(c) = &self.caller_context {
+            h.update(b"caller_context");
+            h.update((c.len() as u64).to_be_bytes());
+            h.update(c.as_bytes());
+        }
         h.finalize().into()
     }
 }
@@ -193,6 +204,7 @@ mod tests {
             outcome: "allowed".into(),
             status: "OK".into(),
             detail: String::new(),
+            caller_context: None,
         }
     }
 
@@ -208,6 +220,9 @@ mod tests {
         moved.request_id = "rp".into();
         moved.principal = String::new();
         assert_ne!(moved.chain_hash(&GENESIS), base);
+        let mut with_caller = record(1);
+        with_caller.caller_context = Some("{}".into());
+        assert_ne!(with_caller.chain_hash(&GENESIS), base);
     }
 
     fn chain(n: i64) -> Vec<(StoredRecord, Vec<u8>)> {

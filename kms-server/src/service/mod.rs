@@ -52,6 +52,7 @@ impl Caller {
             outcome: crate::audit::Outcome::Allowed,
             status: "OK",
             detail,
+            caller_context: None,
         }
     }
 }

@@ -661,8 +661,8 @@ impl Tx<'_> {
         };
         let mut insert = self.0.prepare_cached(
             "INSERT INTO audit (seq, time, request_id, principal, operation, key_id, key_version,
-                context, outcome, status, detail, hash)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                context, outcome, status, detail, hash, caller_context)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         )?;
         for event in events {
             seq += 1;
@@ -678,6 +678,7 @@ impl Tx<'_> {
                 outcome: event.outcome.as_str().to_string(),
                 status: event.status.to_string(),
                 detail: event.detail.clone(),
+                caller_context: event.caller_context.clone(),
             };
             let hash = record.chain_hash(&prev);
             insert.execute(params![
@@ -692,7 +693,8 @@ impl Tx<'_> {
                 record.outcome,
                 record.status,
                 record.detail,
-                hash.to_vec()
+                hash.to_vec(),
+                record.caller_context
             ])?;
             prev = hash;
         }
@@ -730,7 +732,7 @@ impl Tx<'_> {
     pub fn audit_page(&self, after: i64, limit: i64) -> Result<Vec<(StoredRecord, Vec<u8>)>> {
         let mut stmt = self.0.prepare_cached(
             "SELECT seq, time, request_id, principal, operation, key_id, key_version, context,
-                    outcome, status, detail, hash
+                    outcome, status, detail, hash, caller_context
              FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![after, limit], |r| {
@@ -747,6 +749,7 @@ impl Tx<'_> {
                     outcome: r.get(8)?,
                     status: r.get(9)?,
                     detail: r.get(10)?,
+                    caller_context: r.get(12)?,
                 },
                 r.get(11)?,
             ))

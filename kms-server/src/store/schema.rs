@@ -107,6 +107,8 @@ const MIGRATIONS: &[&str] = &[
         time    INTEGER NOT NULL,
         note    TEXT NOT NULL
     );",
+    // 6: the caller context of data-plane calls, in the audit.
+    "ALTER TABLE audit ADD COLUMN caller_context TEXT;",
 ];
 
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

@@ -15,12 +15,17 @@ async fn every_call_is_audited_with_its_outcome_key_and_context() {
     let mut data = server.data().await;
     let key = create_key(&mut admin, "audited").await;
     let blob = data
-        .encrypt(pb::EncryptRequest { key_id: "alias/audited".into(), plaintext: b"secret-plaintext".to_vec(), encryption_context: ctx(&[("tenant", "acme")]) })
+        .encrypt(pb::EncryptRequest {
+            key_id: "alias/audited".into(),
+            plaintext: b"secret-plaintext".to_vec(),
+            encryption_context: ctx(&[("tenant", "acme")]),
+            caller_context: Some(pb::CallerContext { user: "jane@acme".into(), reason: "ticket 42".into(), attributes: ctx(&[("job", "nightly")]) }),
+        })
         .await
         .unwrap()
         .into_inner()
         .ciphertext_blob;
-    let _ = data.decrypt(pb::DecryptRequest { ciphertext_blob: blob.clone(), encryption_context: ctx(&[("tenant", "other")]), key_id: String::new() }).await;
+    let _ = data.decrypt(pb::DecryptRequest { ciphertext_blob: blob.clone(), encryption_context: ctx(&[("tenant", "other")]), key_id: String::new(), caller_context: None }).await;
     admin.describe_key(pb::DescribeKeyRequest { key_id: key.clone() }).await.unwrap();
     let _ = admin.enable_key(pb::EnableKeyRequest { key_id: "alias/missing".into() }).await;
 
@@ -51,6 +56,22 @@ async fn every_call_is_audited_with_its_outcome_key_and_context() {
         assert_eq!(key_id.as_deref(), Some(key.as_str()), "{op} names its key");
         assert!(context.as_deref().unwrap().contains("tenant"), "{op} records its context");
     }
+    // The caller context is recorded apart from the encryption context.
+    let caller: String = db.query_row("SELECT caller_context FROM audit WHERE operation = 'Encrypt'", [], |r| r.get(0)).unwrap();
+    let caller: serde_json::Value = serde_json::from_str(&caller).unwrap();
+    assert_eq!(caller, serde_json::json!({"user": "jane@acme", "reason": "ticket 42", "attributes": {"job": "nightly"}}));
+    let bad = data
+        .encrypt(pb::EncryptRequest {
+            key_id: "alias/audited".into(),
+            plaintext: Vec::new(),
+            encryption_context: Default::default(),
+            caller_context: Some(pb::CallerContext { user: "x".repeat(257), ..Default::default() }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().starts_with("caller_context"), "{}", bad.message());
+
     // Never a plaintext.
     let dump: String = db
         .prepare("SELECT request_id || principal || operation || IFNULL(context, '') || detail FROM audit")
@@ -65,7 +86,7 @@ async fn every_call_is_audited_with_its_outcome_key_and_context() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["ok"], true);
-    assert_eq!(v["records"], 9);
+    assert_eq!(v["records"], 10);
     let listed: serde_json::Value = serde_json::from_slice(&server.kmsctl(&["--json", "audit", "list", "--after", "1", "--limit", "2"]).stdout).unwrap();
     assert_eq!(listed.as_array().unwrap().iter().map(|r| r["seq"].as_u64().unwrap()).collect::<Vec<_>>(), [2, 3]);
 
@@ -97,7 +118,7 @@ async fn verify_finds_a_modified_deleted_or_reordered_record_at_its_index() {
     {
         let mut data = server.data().await;
         for _ in 0..20 {
-            data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 8 }).await.unwrap();
+            data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 8, caller_context: None }).await.unwrap();
         }
     }
     let tamperings = [
@@ -126,18 +147,18 @@ async fn a_call_whose_audit_record_cannot_be_written_fails_closed() {
     let server = Server::start();
     kms_tests::register_workload(&mut server.admin().await).await;
     let mut data = server.data().await;
-    data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 8 }).await.unwrap();
+    data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 8, caller_context: None }).await.unwrap();
     let before = count(&server, "SELECT COUNT(*) FROM audit");
     // Another process holds the database's write lock past the server's busy timeout.
     let blocker = rusqlite::Connection::open(server.db_path()).unwrap();
     blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
-    let e = data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 8 }).await.unwrap_err();
+    let e = data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 8, caller_context: None }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
     assert!(e.message().contains("audit"), "{}", e.message());
     blocker.execute_batch("COMMIT").unwrap();
     drop(blocker);
     // The service stayed up and recovers as soon as the audit can be written again.
-    data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 8 }).await.unwrap();
+    data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 8, caller_context: None }).await.unwrap();
     assert_eq!(count(&server, "SELECT COUNT(*) FROM audit"), before + 1, "the failed call left no record, the next one did");
 }
 
@@ -146,7 +167,7 @@ async fn a_call_whose_audit_record_cannot_be_written_fails_closed() {
 fn rechain(db: &rusqlite::Connection, from_seq: i64) {
     use kms_server::audit::StoredRecord;
     let mut stmt = db
-        .prepare("SELECT seq, time, request_id, principal, operation, key_id, key_version, context, outcome, status, detail, hash FROM audit ORDER BY seq")
+        .prepare("SELECT seq, time, request_id, principal, operation, key_id, key_version, context, outcome, status, detail, hash, caller_context FROM audit ORDER BY seq")
         .unwrap();
     let rows: Vec<(StoredRecord, Vec<u8>)> = stmt
         .query_map([], |r| {
@@ -163,6 +184,7 @@ fn rechain(db: &rusqlite::Connection, from_seq: i64) {
                     outcome: r.get(8)?,
                     status: r.get(9)?,
                     detail: r.get(10)?,
+                    caller_context: r.get(12)?,
                 },
                 r.get(11)?,
             ))
@@ -192,7 +214,7 @@ async fn signed_checkpoints_catch_truncation_and_a_rewritten_chain_over_ten_thou
         let mut data = server.data().await;
         tasks.push(tokio::spawn(async move {
             for _ in 0..625 {
-                data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 4 }).await.unwrap();
+                data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 4, caller_context: None }).await.unwrap();
             }
         }));
     }

@@ -18,7 +18,7 @@ async fn data_keys_round_trip_for_both_key_specs_and_work_with_standard_aes_gcm(
                 key_id: "alias/app".into(),
                 key_spec: spec.into(),
                 number_of_bytes: 0,
-                encryption_context: context.clone(),
+                encryption_context: context.clone(), caller_context: None
             })
             .await
             .unwrap()
@@ -40,7 +40,7 @@ async fn data_keys_round_trip_for_both_key_specs_and_work_with_standard_aes_gcm(
             .decrypt(pb::DecryptRequest {
                 ciphertext_blob: gdk.ciphertext_blob.clone(),
                 encryption_context: context.clone(),
-                key_id: String::new(),
+                key_id: String::new(), caller_context: None
             })
             .await
             .unwrap()
@@ -65,7 +65,7 @@ async fn rotation_keeps_old_blobs_decryptable_and_reencrypt_moves_them() {
     let a = create_key(&mut admin, "a").await;
     let b = create_key(&mut admin, "b").await;
     let c1 = ctx(&[("purpose", "test")]);
-    let enc = |key: &str, pt: &[u8]| pb::EncryptRequest { key_id: key.into(), plaintext: pt.to_vec(), encryption_context: c1.clone() };
+    let enc = |key: &str, pt: &[u8]| pb::EncryptRequest { key_id: key.into(), plaintext: pt.to_vec(), encryption_context: c1.clone(), caller_context: None };
     let v1 = data.encrypt(enc(&a, b"secret one")).await.unwrap().into_inner();
     assert_eq!(v1.key_version, 1);
     let rotated = admin.rotate_key(pb::RotateKeyRequest { key_id: a.clone() }).await.unwrap().into_inner();
@@ -74,7 +74,7 @@ async fn rotation_keeps_old_blobs_decryptable_and_reencrypt_moves_them() {
     assert_eq!(v2.key_version, 2);
     for (blob, want, version) in [(&v1, &b"secret one"[..], 1), (&v2, &b"secret two"[..], 2)] {
         let mut d = data
-            .decrypt(pb::DecryptRequest { ciphertext_blob: blob.ciphertext_blob.clone(), encryption_context: c1.clone(), key_id: a.clone() })
+            .decrypt(pb::DecryptRequest { ciphertext_blob: blob.ciphertext_blob.clone(), encryption_context: c1.clone(), key_id: a.clone(), caller_context: None })
             .await
             .unwrap()
             .into_inner();
@@ -89,7 +89,7 @@ async fn rotation_keeps_old_blobs_decryptable_and_reencrypt_moves_them() {
             source_encryption_context: c1.clone(),
             source_key_id: String::new(),
             destination_key_id: a.clone(),
-            destination_encryption_context: c1.clone(),
+            destination_encryption_context: c1.clone(), caller_context: None
         })
         .await
         .unwrap()
@@ -104,21 +104,21 @@ async fn rotation_keeps_old_blobs_decryptable_and_reencrypt_moves_them() {
             source_encryption_context: c1.clone(),
             source_key_id: "alias/a".into(),
             destination_key_id: "alias/b".into(),
-            destination_encryption_context: c2.clone(),
+            destination_encryption_context: c2.clone(), caller_context: None
         })
         .await
         .unwrap()
         .into_inner();
     assert_eq!((moved.source_key_id.as_str(), moved.key_id.as_str()), (a.as_str(), b.as_str()));
     let mut d = data
-        .decrypt(pb::DecryptRequest { ciphertext_blob: moved.ciphertext_blob.clone(), encryption_context: c2, key_id: String::new() })
+        .decrypt(pb::DecryptRequest { ciphertext_blob: moved.ciphertext_blob.clone(), encryption_context: c2, key_id: String::new(), caller_context: None })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(std::mem::take(&mut d.plaintext), b"secret one");
     // The old context no longer opens the moved blob.
     let wrong = data
-        .decrypt(pb::DecryptRequest { ciphertext_blob: moved.ciphertext_blob, encryption_context: c1, key_id: String::new() })
+        .decrypt(pb::DecryptRequest { ciphertext_blob: moved.ciphertext_blob, encryption_context: c1, key_id: String::new(), caller_context: None })
         .await
         .unwrap_err();
     assert_eq!(wrong.code(), tonic::Code::InvalidArgument);
@@ -132,13 +132,13 @@ async fn decrypt_refuses_a_blob_of_another_key_than_expected() {
     let a = create_key(&mut admin, "a").await;
     let _b = create_key(&mut admin, "b").await;
     let blob = data
-        .encrypt(pb::EncryptRequest { key_id: a, plaintext: b"x".to_vec(), encryption_context: Default::default() })
+        .encrypt(pb::EncryptRequest { key_id: a, plaintext: b"x".to_vec(), encryption_context: Default::default(), caller_context: None })
         .await
         .unwrap()
         .into_inner()
         .ciphertext_blob;
     let err = data
-        .decrypt(pb::DecryptRequest { ciphertext_blob: blob, encryption_context: Default::default(), key_id: "alias/b".into() })
+        .decrypt(pb::DecryptRequest { ciphertext_blob: blob, encryption_context: Default::default(), key_id: "alias/b".into(), caller_context: None })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -151,12 +151,12 @@ async fn generate_random_and_without_plaintext() {
     let mut admin = server.admin().await;
     let mut data = server.data().await;
     let key = create_key(&mut admin, "").await;
-    let mut r = data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 1024 }).await.unwrap().into_inner();
+    let mut r = data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 1024, caller_context: None }).await.unwrap().into_inner();
     let bytes = std::mem::take(&mut r.plaintext);
     assert_eq!(bytes.len(), 1024);
     assert!(bytes.iter().any(|b| *b != 0));
     for bad in [0, 1025] {
-        let e = data.generate_random(pb::GenerateRandomRequest { number_of_bytes: bad }).await.unwrap_err();
+        let e = data.generate_random(pb::GenerateRandomRequest { number_of_bytes: bad, caller_context: None }).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.message().contains("number_of_bytes"), "{}", e.message());
     }
@@ -165,13 +165,13 @@ async fn generate_random_and_without_plaintext() {
             key_id: key,
             key_spec: 0,
             number_of_bytes: 16,
-            encryption_context: Default::default(),
+            encryption_context: Default::default(), caller_context: None
         })
         .await
         .unwrap()
         .into_inner();
     let mut d = data
-        .decrypt(pb::DecryptRequest { ciphertext_blob: w.ciphertext_blob, encryption_context: Default::default(), key_id: String::new() })
+        .decrypt(pb::DecryptRequest { ciphertext_blob: w.ciphertext_blob, encryption_context: Default::default(), key_id: String::new(), caller_context: None })
         .await
         .unwrap()
         .into_inner();

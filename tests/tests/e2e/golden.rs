@@ -65,7 +65,7 @@ async fn golden_blobs_from_release_0_1_0_still_decrypt() {
             .decrypt(pb::DecryptRequest {
                 ciphertext_blob: B64.decode(v["ciphertext_blob"].as_str().unwrap()).unwrap(),
                 encryption_context: context,
-                key_id: String::new(),
+                key_id: String::new(), caller_context: None
             })
             .await
             .unwrap_or_else(|e| panic!("golden vector {v} no longer decrypts: {e}"))

@@ -8,7 +8,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 async fn encrypt(data: &mut CryptoClient<Channel>, key: &str, context: &[(&str, &str)]) -> Result<Vec<u8>, Code> {
-    data.encrypt(pb::EncryptRequest { key_id: key.into(), plaintext: b"p".to_vec(), encryption_context: ctx(context) })
+    data.encrypt(pb::EncryptRequest { key_id: key.into(), plaintext: b"p".to_vec(), encryption_context: ctx(context), caller_context: None })
         .await
         .map(|r| r.into_inner().ciphertext_blob)
         .map_err(|e| e.code())
@@ -51,11 +51,11 @@ async fn every_cell_of_the_workload_matrix() {
     let blob = encrypt(&mut data, "alias/mine", &[("tenant", "acme"), ("file", "x")]).await.expect("properly granted");
     // Decrypt is granted without conditions; GenerateDataKey is not granted at all.
     let d = data
-        .decrypt(pb::DecryptRequest { ciphertext_blob: blob.clone(), encryption_context: ctx(&[("tenant", "acme"), ("file", "x")]), key_id: String::new() })
+        .decrypt(pb::DecryptRequest { ciphertext_blob: blob.clone(), encryption_context: ctx(&[("tenant", "acme"), ("file", "x")]), key_id: String::new(), caller_context: None })
         .await;
     assert!(d.is_ok());
     let g = data
-        .generate_data_key(pb::GenerateDataKeyRequest { key_id: key.clone(), key_spec: 1, number_of_bytes: 0, encryption_context: ctx(&[("tenant", "acme"), ("file", "x")]) })
+        .generate_data_key(pb::GenerateDataKeyRequest { key_id: key.clone(), key_spec: 1, number_of_bytes: 0, encryption_context: ctx(&[("tenant", "acme"), ("file", "x")]), caller_context: None })
         .await
         .unwrap_err();
     assert_eq!(g.code(), Code::PermissionDenied);
@@ -65,7 +65,7 @@ async fn every_cell_of_the_workload_matrix() {
         source_encryption_context: ctx(&[("tenant", "acme"), ("file", "x")]),
         source_key_id: String::new(),
         destination_key_id: dest.into(),
-        destination_encryption_context: Default::default(),
+        destination_encryption_context: Default::default(), caller_context: None
     };
     assert_eq!(data.re_encrypt(re(&other)).await.unwrap_err().code(), Code::PermissionDenied);
     admin.create_grant(grant(&other, &["ReEncryptTo"], &[], &[], 0)).await.unwrap();
@@ -80,7 +80,7 @@ async fn every_cell_of_the_workload_matrix() {
         let mut data = data.clone();
         let other = other.clone();
         async move {
-            data.generate_data_key_without_plaintext(pb::GenerateDataKeyWithoutPlaintextRequest { key_id: other, key_spec: 1, number_of_bytes: 0, encryption_context: Default::default() })
+            data.generate_data_key_without_plaintext(pb::GenerateDataKeyWithoutPlaintextRequest { key_id: other, key_spec: 1, number_of_bytes: 0, encryption_context: Default::default(), caller_context: None })
                 .await
                 .map(|_| ())
                 .map_err(|e| e.code())
@@ -97,7 +97,7 @@ async fn every_cell_of_the_workload_matrix() {
     // A disabled principal is cut off from its next call.
     admin.disable_principal(pb::PrincipalRequest { name: WORKLOAD.into() }).await.unwrap();
     assert_eq!(encrypt(&mut data, &key, &[("tenant", "acme"), ("file", "x")]).await, Err(Code::PermissionDenied), "disabled principal");
-    let random = data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 4 }).await.unwrap_err();
+    let random = data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 4, caller_context: None }).await.unwrap_err();
     assert_eq!(random.code(), Code::PermissionDenied);
 
     // Every refusal is audited; none created a key version or a usage count.

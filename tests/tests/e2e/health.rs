@@ -20,7 +20,7 @@ async fn both_planes_report_serving_for_their_own_service() {
     let e = data_admin.list_keys(kms_proto::v1::ListKeysRequest::default()).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unimplemented);
     let mut admin_data = kms_proto::v1::crypto_client::CryptoClient::new(server.channel(&server.admin_addr).await);
-    let e = admin_data.generate_random(kms_proto::v1::GenerateRandomRequest { number_of_bytes: 8 }).await.unwrap_err();
+    let e = admin_data.generate_random(kms_proto::v1::GenerateRandomRequest { number_of_bytes: 8, caller_context: None }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unimplemented);
 }
 
@@ -43,7 +43,7 @@ async fn health_goes_not_serving_and_requests_unavailable_when_the_hsm_loses_its
     }
     let mut data = server.data().await;
     let e = data
-        .encrypt(kms_proto::v1::EncryptRequest { key_id: key, plaintext: b"x".to_vec(), encryption_context: Default::default() })
+        .encrypt(kms_proto::v1::EncryptRequest { key_id: key, plaintext: b"x".to_vec(), encryption_context: Default::default(), caller_context: None })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");

@@ -10,7 +10,7 @@ use kms_tests::Server;
 async fn data_plane_answers(server: &Server, tls: &Tls) -> bool {
     match server.channel_with(&server.data_addr, tls).await {
         Err(_) => false,
-        Ok(channel) => CryptoClient::new(channel).generate_random(pb::GenerateRandomRequest { number_of_bytes: 4 }).await.is_ok(),
+        Ok(channel) => CryptoClient::new(channel).generate_random(pb::GenerateRandomRequest { number_of_bytes: 4, caller_context: None }).await.is_ok(),
     }
 }
 
@@ -32,7 +32,7 @@ async fn the_data_plane_admits_only_certificates_from_the_customer_ca() {
     // Plaintext HTTP/2 to the TLS listener gets nowhere either.
     let plain = tonic::transport::Endpoint::from_shared(format!("http://{}", server.data_addr)).unwrap().connect().await;
     if let Ok(channel) = plain {
-        assert!(CryptoClient::new(channel).generate_random(pb::GenerateRandomRequest { number_of_bytes: 4 }).await.is_err());
+        assert!(CryptoClient::new(channel).generate_random(pb::GenerateRandomRequest { number_of_bytes: 4, caller_context: None }).await.is_err());
     }
 
     // The admin plane is TLS without client certificates: officers log in instead.

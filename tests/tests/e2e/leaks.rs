@@ -26,22 +26,22 @@ async fn no_secret_reaches_logs_database_audit_or_cli_output() {
     let mut secrets: Vec<(String, Vec<u8>)> = Vec::new();
     for i in 0..5 {
         let mut gdk = data
-            .generate_data_key(pb::GenerateDataKeyRequest { key_id: key.clone(), key_spec: 1, number_of_bytes: 0, encryption_context: Default::default() })
+            .generate_data_key(pb::GenerateDataKeyRequest { key_id: key.clone(), key_spec: 1, number_of_bytes: 0, encryption_context: Default::default(), caller_context: None })
             .await
             .unwrap()
             .into_inner();
         let data_key = std::mem::take(&mut gdk.plaintext);
         let mut dec = data
-            .decrypt(pb::DecryptRequest { ciphertext_blob: gdk.ciphertext_blob.clone(), encryption_context: Default::default(), key_id: String::new() })
+            .decrypt(pb::DecryptRequest { ciphertext_blob: gdk.ciphertext_blob.clone(), encryption_context: Default::default(), key_id: String::new(), caller_context: None })
             .await
             .unwrap()
             .into_inner();
         assert_eq!(std::mem::take(&mut dec.plaintext), data_key);
         secrets.push((format!("data key {i}"), data_key));
         let plaintext = format!("plaintext secret number {i} !!").into_bytes();
-        data.encrypt(pb::EncryptRequest { key_id: key.clone(), plaintext: plaintext.clone(), encryption_context: Default::default() }).await.unwrap();
+        data.encrypt(pb::EncryptRequest { key_id: key.clone(), plaintext: plaintext.clone(), encryption_context: Default::default(), caller_context: None }).await.unwrap();
         secrets.push((format!("plaintext {i}"), plaintext));
-        let mut random = data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 32 }).await.unwrap().into_inner();
+        let mut random = data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 32, caller_context: None }).await.unwrap().into_inner();
         secrets.push((format!("random {i}"), std::mem::take(&mut random.plaintext)));
     }
     // An officer with a passphrase, a TOTP secret and a session; a failed login too.

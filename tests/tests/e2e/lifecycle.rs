@@ -136,7 +136,7 @@ async fn state_enforcement_under_concurrent_load() {
     let blob = server
         .data()
         .await
-        .encrypt(pb::EncryptRequest { key_id: key.clone(), plaintext: b"kept".to_vec(), encryption_context: ctx(&[("a", "b")]) })
+        .encrypt(pb::EncryptRequest { key_id: key.clone(), plaintext: b"kept".to_vec(), encryption_context: ctx(&[("a", "b")]), caller_context: None })
         .await
         .unwrap()
         .into_inner()
@@ -158,7 +158,7 @@ async fn state_enforcement_under_concurrent_load() {
                         key_id: key.clone(),
                         key_spec: pb::DataKeySpec::Aes256.into(),
                         number_of_bytes: 0,
-                        encryption_context: Default::default(),
+                        encryption_context: Default::default(), caller_context: None
                     })
                     .await;
                 seen.push((started, r.map(|_| ()).map_err(|e| e.code())));
@@ -202,13 +202,13 @@ async fn state_enforcement_under_concurrent_load() {
     admin.mark_key_compromised(pb::MarkKeyCompromisedRequest { key_id: key.clone() }).await.unwrap();
     let mut data = server.data().await;
     let e = data
-        .encrypt(pb::EncryptRequest { key_id: key.clone(), plaintext: b"x".to_vec(), encryption_context: Default::default() })
+        .encrypt(pb::EncryptRequest { key_id: key.clone(), plaintext: b"x".to_vec(), encryption_context: Default::default(), caller_context: None })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("Compromised"), "{}", e.message());
     let e = data
-        .decrypt(pb::DecryptRequest { ciphertext_blob: blob.clone(), encryption_context: ctx(&[("a", "b")]), key_id: String::new() })
+        .decrypt(pb::DecryptRequest { ciphertext_blob: blob.clone(), encryption_context: ctx(&[("a", "b")]), key_id: String::new(), caller_context: None })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
@@ -218,7 +218,7 @@ async fn state_enforcement_under_concurrent_load() {
             source_encryption_context: ctx(&[("a", "b")]),
             source_key_id: String::new(),
             destination_key_id: other.clone(),
-            destination_encryption_context: Default::default(),
+            destination_encryption_context: Default::default(), caller_context: None
         })
         .await
         .unwrap()
@@ -231,7 +231,7 @@ async fn state_enforcement_under_concurrent_load() {
             source_encryption_context: Default::default(),
             source_key_id: String::new(),
             destination_key_id: key,
-            destination_encryption_context: Default::default(),
+            destination_encryption_context: Default::default(), caller_context: None
         })
         .await
         .unwrap_err();

@@ -18,7 +18,7 @@ async fn oversized_and_malformed_inputs_name_their_field() {
     let key = create_key(&mut admin, "k").await;
     let audit_before: i64 = server.db().query_row("SELECT COUNT(*) FROM key_versions", [], |r| r.get(0)).unwrap();
 
-    let enc = |pt: Vec<u8>, c| pb::EncryptRequest { key_id: key.clone(), plaintext: pt, encryption_context: c };
+    let enc = |pt: Vec<u8>, c| pb::EncryptRequest { key_id: key.clone(), plaintext: pt, encryption_context: c, caller_context: None };
     expect_invalid(data.encrypt(enc(vec![0; 4097], Default::default())).await, "plaintext", "plaintext of 4,097 bytes");
     assert!(data.encrypt(enc(vec![0; 4096], Default::default())).await.is_ok(), "4,096 bytes are fine");
 
@@ -28,25 +28,25 @@ async fn oversized_and_malformed_inputs_name_their_field() {
     expect_invalid(data.encrypt(enc(vec![], ctx(&[("k", &big)]))).await, "encryption_context", "8,193 bytes");
     expect_invalid(data.encrypt(enc(vec![], ctx(&[("", "v")]))).await, "encryption_context", "empty context key");
 
-    let dec = |blob: Vec<u8>| pb::DecryptRequest { ciphertext_blob: blob, encryption_context: Default::default(), key_id: String::new() };
+    let dec = |blob: Vec<u8>| pb::DecryptRequest { ciphertext_blob: blob, encryption_context: Default::default(), key_id: String::new(), caller_context: None };
     expect_invalid(data.decrypt(dec(vec![0; 6145])).await, "ciphertext_blob", "blob of 6,145 bytes");
     expect_invalid(data.decrypt(dec(vec![])).await, "ciphertext_blob", "empty blob");
 
     for (spec, n, field) in [(0, 0, "key_spec"), (0, 24, "number_of_bytes"), (0, 64, "number_of_bytes"), (7, 0, "key_spec")] {
         let r = data
-            .generate_data_key(pb::GenerateDataKeyRequest { key_id: key.clone(), key_spec: spec, number_of_bytes: n, encryption_context: Default::default() })
+            .generate_data_key(pb::GenerateDataKeyRequest { key_id: key.clone(), key_spec: spec, number_of_bytes: n, encryption_context: Default::default(), caller_context: None })
             .await;
         expect_invalid(r, field, &format!("data key spec {spec} bytes {n}"));
     }
     for bad in ["", "not-a-key", "alias/", "alias/has space", "1234"] {
-        let r = data.encrypt(pb::EncryptRequest { key_id: bad.into(), plaintext: vec![], encryption_context: Default::default() }).await;
+        let r = data.encrypt(pb::EncryptRequest { key_id: bad.into(), plaintext: vec![], encryption_context: Default::default(), caller_context: None }).await;
         expect_invalid(r, "key_id", &format!("key id {bad:?}"));
     }
     let unknown = data
         .encrypt(pb::EncryptRequest {
             key_id: "00000000-0000-4000-8000-000000000000".into(),
             plaintext: vec![],
-            encryption_context: Default::default(),
+            encryption_context: Default::default(), caller_context: None
         })
         .await
         .unwrap_err();

@@ -18,7 +18,7 @@ async fn keys_versions_counters_and_states_survive_restart_and_kill9() {
         let mut blob = Vec::new();
         for i in 0..10 {
             blob = data
-                .encrypt(pb::EncryptRequest { key_id: a.clone(), plaintext: vec![i], encryption_context: ctx(&[("n", "1")]) })
+                .encrypt(pb::EncryptRequest { key_id: a.clone(), plaintext: vec![i], encryption_context: ctx(&[("n", "1")]), caller_context: None })
                 .await
                 .unwrap()
                 .into_inner()
@@ -43,7 +43,7 @@ async fn keys_versions_counters_and_states_survive_restart_and_kill9() {
         let b_state = admin.describe_key(pb::DescribeKeyRequest { key_id: b.clone() }).await.unwrap().into_inner().key.unwrap().state;
         assert_eq!(b_state, pb::KeyState::Disabled as i32);
         let mut dec = data
-            .decrypt(pb::DecryptRequest { ciphertext_blob: blob.clone(), encryption_context: ctx(&[("n", "1")]), key_id: String::new() })
+            .decrypt(pb::DecryptRequest { ciphertext_blob: blob.clone(), encryption_context: ctx(&[("n", "1")]), key_id: String::new(), caller_context: None })
             .await
             .unwrap()
             .into_inner();
@@ -62,13 +62,13 @@ async fn destruction_sweep_destroys_hsm_objects_and_keeps_a_tombstone() {
     let kept = create_key(&mut admin, "kept").await;
     admin.rotate_key(pb::RotateKeyRequest { key_id: kept.clone() }).await.unwrap();
     let blob = data
-        .encrypt(pb::EncryptRequest { key_id: doomed.clone(), plaintext: b"gone".to_vec(), encryption_context: Default::default() })
+        .encrypt(pb::EncryptRequest { key_id: doomed.clone(), plaintext: b"gone".to_vec(), encryption_context: Default::default(), caller_context: None })
         .await
         .unwrap()
         .into_inner()
         .ciphertext_blob;
     let kept_v1_blob = data
-        .encrypt(pb::EncryptRequest { key_id: kept.clone(), plaintext: b"v2".to_vec(), encryption_context: Default::default() })
+        .encrypt(pb::EncryptRequest { key_id: kept.clone(), plaintext: b"v2".to_vec(), encryption_context: Default::default(), caller_context: None })
         .await
         .unwrap()
         .into_inner()
@@ -103,12 +103,12 @@ async fn destruction_sweep_destroys_hsm_objects_and_keeps_a_tombstone() {
 
     let mut data = server.data().await;
     let e = data
-        .decrypt(pb::DecryptRequest { ciphertext_blob: blob, encryption_context: Default::default(), key_id: String::new() })
+        .decrypt(pb::DecryptRequest { ciphertext_blob: blob, encryption_context: Default::default(), key_id: String::new(), caller_context: None })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "a destroyed key looks like an unknown one");
     let ok = data
-        .decrypt(pb::DecryptRequest { ciphertext_blob: kept_v1_blob, encryption_context: Default::default(), key_id: String::new() })
+        .decrypt(pb::DecryptRequest { ciphertext_blob: kept_v1_blob, encryption_context: Default::default(), key_id: String::new(), caller_context: None })
         .await;
     assert!(ok.is_ok(), "the surviving primary version still decrypts");
     let e = admin.enable_key(pb::EnableKeyRequest { key_id: doomed }).await.unwrap_err();
@@ -187,7 +187,7 @@ async fn a_missing_hsm_object_is_reported_and_its_version_refused_not_dropped() 
         let mut data = server.data().await;
         let key = create_key(&mut admin, "").await;
         let blob = data
-            .encrypt(pb::EncryptRequest { key_id: key.clone(), plaintext: b"x".to_vec(), encryption_context: Default::default() })
+            .encrypt(pb::EncryptRequest { key_id: key.clone(), plaintext: b"x".to_vec(), encryption_context: Default::default(), caller_context: None })
             .await
             .unwrap()
             .into_inner()
@@ -204,13 +204,13 @@ async fn a_missing_hsm_object_is_reported_and_its_version_refused_not_dropped() 
     assert_eq!(d.versions[0].state, pb::KeyVersionState::VersionEnabled as i32, "the row is kept as it was");
     let mut data = server.data().await;
     let e = data
-        .encrypt(pb::EncryptRequest { key_id: key.clone(), plaintext: b"x".to_vec(), encryption_context: Default::default() })
+        .encrypt(pb::EncryptRequest { key_id: key.clone(), plaintext: b"x".to_vec(), encryption_context: Default::default(), caller_context: None })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
     assert!(e.message().contains("missing"), "{}", e.message());
     let e = data
-        .decrypt(pb::DecryptRequest { ciphertext_blob: blob, encryption_context: Default::default(), key_id: String::new() })
+        .decrypt(pb::DecryptRequest { ciphertext_blob: blob, encryption_context: Default::default(), key_id: String::new(), caller_context: None })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);

@@ -19,7 +19,7 @@ async fn review_lists_last_uses_flags_stale_access_and_records_sign_off() {
     let mut admin = server.admin().await;
     let key = create_key(&mut admin, "reviewed").await;
     let mut data = server.data().await;
-    data.encrypt(kms_proto::v1::EncryptRequest { key_id: key.clone(), plaintext: b"x".to_vec(), encryption_context: Default::default() })
+    data.encrypt(kms_proto::v1::EncryptRequest { key_id: key.clone(), plaintext: b"x".to_vec(), encryption_context: Default::default(), caller_context: None })
         .await
         .unwrap();
 

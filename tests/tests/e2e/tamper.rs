@@ -11,7 +11,7 @@ use tonic::transport::Channel;
 const UNIFORM: &str = "ciphertext_blob could not be decrypted with this encryption context";
 
 async fn expect_uniform_refusal(data: &mut CryptoClient<Channel>, blob: Vec<u8>, context: HashMap<String, String>, what: &str) {
-    match data.decrypt(pb::DecryptRequest { ciphertext_blob: blob, encryption_context: context, key_id: String::new() }).await {
+    match data.decrypt(pb::DecryptRequest { ciphertext_blob: blob, encryption_context: context, key_id: String::new(), caller_context: None }).await {
         Ok(_) => panic!("{what}: decrypted"),
         Err(e) => {
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{what}");
@@ -52,14 +52,14 @@ async fn every_bit_flip_truncation_and_extension_is_refused_identically() {
             key_id: key.clone(),
             key_spec: pb::DataKeySpec::Aes256.into(),
             number_of_bytes: 0,
-            encryption_context: context.clone(),
+            encryption_context: context.clone(), caller_context: None
         })
         .await
         .unwrap()
         .into_inner();
     let _ = std::mem::take(&mut gdk.plaintext);
     let small = data
-        .encrypt(pb::EncryptRequest { key_id: key.clone(), plaintext: b"a small secret".to_vec(), encryption_context: context.clone() })
+        .encrypt(pb::EncryptRequest { key_id: key.clone(), plaintext: b"a small secret".to_vec(), encryption_context: context.clone(), caller_context: None })
         .await
         .unwrap()
         .into_inner()
@@ -97,7 +97,7 @@ async fn context_must_match_exactly_but_order_is_free() {
     let key = create_key(&mut admin, "").await;
     let base = [("Tenant", "acme"), ("file", "caf\u{e9}")];
     let blob = data
-        .encrypt(pb::EncryptRequest { key_id: key, plaintext: b"p".to_vec(), encryption_context: ctx(&base) })
+        .encrypt(pb::EncryptRequest { key_id: key, plaintext: b"p".to_vec(), encryption_context: ctx(&base), caller_context: None })
         .await
         .unwrap()
         .into_inner()
@@ -118,7 +118,7 @@ async fn context_must_match_exactly_but_order_is_free() {
     }
     let reordered: HashMap<String, String> = base.iter().rev().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let mut ok = data
-        .decrypt(pb::DecryptRequest { ciphertext_blob: blob, encryption_context: reordered, key_id: String::new() })
+        .decrypt(pb::DecryptRequest { ciphertext_blob: blob, encryption_context: reordered, key_id: String::new(), caller_context: None })
         .await
         .unwrap()
         .into_inner();
@@ -132,7 +132,7 @@ async fn swapping_key_id_or_version_between_blobs_is_refused() {
     let mut data = server.data().await;
     let a = create_key(&mut admin, "").await;
     let b = create_key(&mut admin, "").await;
-    let enc = |key: &str| pb::EncryptRequest { key_id: key.into(), plaintext: b"same".to_vec(), encryption_context: Default::default() };
+    let enc = |key: &str| pb::EncryptRequest { key_id: key.into(), plaintext: b"same".to_vec(), encryption_context: Default::default(), caller_context: None };
     let blob_a = data.encrypt(enc(&a)).await.unwrap().into_inner().ciphertext_blob;
     let blob_b = data.encrypt(enc(&b)).await.unwrap().into_inner().ciphertext_blob;
     admin.rotate_key(pb::RotateKeyRequest { key_id: a.clone() }).await.unwrap();

@@ -18,7 +18,7 @@ async fn ivs_are_unique_over_a_hundred_thousand_encryptions() {
             let mut ivs = Vec::with_capacity(6250);
             for _ in 0..6250 {
                 let blob = data
-                    .encrypt(pb::EncryptRequest { key_id: key.clone(), plaintext: Vec::new(), encryption_context: Default::default() })
+                    .encrypt(pb::EncryptRequest { key_id: key.clone(), plaintext: Vec::new(), encryption_context: Default::default(), caller_context: None })
                     .await
                     .unwrap()
                     .into_inner()
@@ -58,7 +58,7 @@ async fn the_usage_budget_rotates_at_the_threshold_and_never_passes_the_limit() 
             let mut per_version: HashMap<u32, u64> = HashMap::new();
             for _ in 0..100 {
                 let r = data
-                    .encrypt(pb::EncryptRequest { key_id: key.clone(), plaintext: b"x".to_vec(), encryption_context: Default::default() })
+                    .encrypt(pb::EncryptRequest { key_id: key.clone(), plaintext: b"x".to_vec(), encryption_context: Default::default(), caller_context: None })
                     .await
                     .unwrap()
                     .into_inner();
