@@ -24,8 +24,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(["kms/v1/kms.proto"], ["."])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("kms_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure()
-        .skip_debug(REDACTED.iter().copied())
-        .compile_fds(fds)?;
+    tonic_prost_build::configure().skip_debug(REDACTED.iter().copied()).compile_fds(fds)?;
     Ok(())
 }

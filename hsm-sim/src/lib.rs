@@ -116,8 +116,7 @@ impl Token {
     fn provision(&self) -> Result<(), Error> {
         let tokens = self.dir.join("tokens");
         fs::create_dir_all(&tokens).map_err(io_err(&tokens))?;
-        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))
-            .map_err(io_err(&self.dir))?;
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700)).map_err(io_err(&self.dir))?;
         let conf = format!(
             "# Written by hsm-sim for a development or test token.\n\
              directories.tokendir = {}\n\
@@ -144,10 +143,7 @@ impl Token {
                 _ => Error::Io { path: PathBuf::from("softhsm2-util"), source: e },
             })?;
         if !output.status.success() {
-            return Err(Error::Util {
-                status: output.status.to_string(),
-                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-            });
+            return Err(Error::Util { status: output.status.to_string(), stderr: String::from_utf8_lossy(&output.stderr).into_owned() });
         }
         write_private(&self.pin_file, user_pin.as_bytes())
     }
@@ -157,9 +153,7 @@ impl Token {
 fn random_pin() -> Result<Zeroizing<String>, Error> {
     let path = Path::new("/dev/urandom");
     let mut bytes = Zeroizing::new([0u8; 12]);
-    fs::File::open(path)
-        .and_then(|mut f| f.read_exact(bytes.as_mut()))
-        .map_err(io_err(path))?;
+    fs::File::open(path).and_then(|mut f| f.read_exact(bytes.as_mut())).map_err(io_err(path))?;
     let mut pin = Zeroizing::new(String::with_capacity(24));
     for b in bytes.iter() {
         pin.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
@@ -170,12 +164,7 @@ fn random_pin() -> Result<Zeroizing<String>, Error> {
 
 /// Writes `contents` to a new file that only its owner can read (mode 0600 from creation on).
 fn write_private(path: &Path, contents: &[u8]) -> Result<(), Error> {
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_err(path))?;
+    let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io_err(path))?;
     file.write_all(contents).and_then(|()| file.sync_all()).map_err(io_err(path))
 }
 

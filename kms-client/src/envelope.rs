@@ -195,8 +195,7 @@ pub fn seal(header: &Header, data_key: &[u8], input: &mut impl BufRead, output: 
         let n = fill(input, &mut buf[..header.chunk])?;
         let last = n < header.chunk || input.fill_buf()?.is_empty();
         let mut chunk = buf[..n].to_vec();
-        aead.encrypt_in_place(Nonce::from_slice(&header.nonce(index, last)), &header.bytes, &mut chunk)
-            .map_err(|_| EnvelopeError::Corrupt)?;
+        aead.encrypt_in_place(Nonce::from_slice(&header.nonce(index, last)), &header.bytes, &mut chunk).map_err(|_| EnvelopeError::Corrupt)?;
         output.write_all(&chunk)?;
         total += n as u64;
         if last {
@@ -221,8 +220,7 @@ pub fn open(header: &Header, data_key: &[u8], input: &mut impl BufRead, output: 
         }
         let last = n < buf.len() || input.fill_buf()?.is_empty();
         let mut chunk = Zeroizing::new(buf[..n].to_vec());
-        aead.decrypt_in_place(Nonce::from_slice(&header.nonce(index, last)), &header.bytes, &mut *chunk)
-            .map_err(|_| EnvelopeError::Corrupt)?;
+        aead.decrypt_in_place(Nonce::from_slice(&header.nonce(index, last)), &header.bytes, &mut *chunk).map_err(|_| EnvelopeError::Corrupt)?;
         output.write_all(&chunk)?;
         total += chunk.len() as u64;
         if last {

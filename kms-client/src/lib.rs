@@ -102,11 +102,7 @@ pub struct Tls {
 impl Tls {
     /// The development PKI that `kms-server dev` writes to `DATA_DIR/pki`.
     pub fn dev(pki_dir: &Path) -> Tls {
-        Tls {
-            ca: Some(pki_dir.join("ca.pem")),
-            cert: Some(pki_dir.join("workload.pem")),
-            key: Some(pki_dir.join("workload.key")),
-        }
+        Tls { ca: Some(pki_dir.join("ca.pem")), cert: Some(pki_dir.join("workload.pem")), key: Some(pki_dir.join("workload.key")) }
     }
 
     fn config(&self) -> Result<ClientTlsConfig, Error> {
@@ -186,7 +182,8 @@ impl DataClient {
                 key_id: key_id.to_string(),
                 key_spec: pb::DataKeySpec::Aes256.into(),
                 number_of_bytes: 0,
-                encryption_context: to_map(ctx), caller_context: None
+                encryption_context: to_map(ctx),
+                caller_context: None,
             })
             .await?
             .into_inner();
@@ -201,7 +198,8 @@ impl DataClient {
             .decrypt(pb::DecryptRequest {
                 ciphertext_blob: wrapped.to_vec(),
                 encryption_context: to_map(ctx),
-                key_id: String::new(), caller_context: None
+                key_id: String::new(),
+                caller_context: None,
             })
             .await?
             .into_inner();

@@ -8,9 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::domain::budget::{
-    DEFAULT_ENCRYPTION_LIMIT, DEFAULT_RESERVATION_BLOCK, DEFAULT_ROTATION_THRESHOLD, UsageLimits,
-};
+use crate::domain::budget::{DEFAULT_ENCRYPTION_LIMIT, DEFAULT_RESERVATION_BLOCK, DEFAULT_ROTATION_THRESHOLD, UsageLimits};
 use crate::secret::Pin;
 
 /// The whole configuration file (`kms-server run --config kms.toml`).
@@ -202,8 +200,7 @@ impl Config {
         if self.listen.data == self.listen.admin && self.listen.data.port() != 0 {
             return Err(refuse("listen.admin", "the data and admin planes need separate listeners"));
         }
-        crate::tls::ServerTls::load(&self.tls.cert_file, &self.tls.key_file, &self.tls.client_ca_file)
-            .map_err(|e| refuse("tls", e))?;
+        crate::tls::ServerTls::load(&self.tls.cert_file, &self.tls.key_file, &self.tls.client_ca_file).map_err(|e| refuse("tls", e))?;
         self.keys.limits().validate().map_err(|e| refuse("keys", e))?;
         if !(1..=720).contains(&self.officers.session_minutes) {
             return Err(refuse("officers.session_minutes", "must be 1 to 720"));
@@ -223,12 +220,8 @@ impl Config {
     /// Reads the PIN from its file or environment variable.
     pub fn pin(&self) -> Result<Pin, ConfigError> {
         let pin = match (&self.hsm.pin_file, &self.hsm.pin_env) {
-            (Some(path), _) => Pin::new(
-                std::fs::read_to_string(path).map_err(|e| refuse("hsm.pin_file", format!("{}: {e}", path.display())))?,
-            ),
-            (None, Some(var)) => Pin::new(
-                std::env::var(var).map_err(|_| refuse("hsm.pin_env", format!("environment variable {var} is not set")))?,
-            ),
+            (Some(path), _) => Pin::new(std::fs::read_to_string(path).map_err(|e| refuse("hsm.pin_file", format!("{}: {e}", path.display())))?),
+            (None, Some(var)) => Pin::new(std::env::var(var).map_err(|_| refuse("hsm.pin_env", format!("environment variable {var} is not set")))?),
             (None, None) => return Err(refuse("hsm.pin_file", "no PIN source configured")),
         };
         if pin.is_empty() {

@@ -9,24 +9,40 @@ use crate::store::StoreError;
 #[derive(Debug)]
 pub enum Error {
     /// A malformed request; `field` is the request field at fault.
-    InvalidArgument { field: &'static str, reason: String },
+    InvalidArgument {
+        field: &'static str,
+        reason: String,
+    },
     /// The named key or alias does not exist.
-    NotFound { what: String },
+    NotFound {
+        what: String,
+    },
     /// An alias that is already taken.
-    AlreadyExists { what: String },
+    AlreadyExists {
+        what: String,
+    },
     /// The caller did not prove who they are (no or a bad session, failed login).
-    Unauthenticated { reason: String },
+    Unauthenticated {
+        reason: String,
+    },
     /// The caller may not do this: an unknown or disabled principal, or no grant (also for a key
     /// that does not exist, so that keys cannot be probed for).
-    PermissionDenied { reason: String },
+    PermissionDenied {
+        reason: String,
+    },
     /// The key or version does not allow the operation in its current state.
-    FailedPrecondition { reason: String },
+    FailedPrecondition {
+        reason: String,
+    },
     /// A blob could not be decrypted. Deliberately without detail: every cause (bad tag, wrong
     /// context, unknown key or version, destroyed version, truncation, bad header) is this one
     /// variant, so the caller cannot learn which.
     DecryptFailed,
     /// The version reached its AES-GCM usage limit (NIST SP 800-38D) and no rotation was possible.
-    UsageExhausted { key_id: KeyId, version: u32 },
+    UsageExhausted {
+        key_id: KeyId,
+        version: u32,
+    },
     Hsm(HsmError),
     Store(StoreError),
 }
@@ -47,14 +63,11 @@ impl fmt::Display for Error {
             Error::InvalidArgument { field, reason } => write!(f, "{field} {reason}"),
             Error::NotFound { what } => write!(f, "{what} not found"),
             Error::AlreadyExists { what } => write!(f, "{what} already exists"),
-            Error::FailedPrecondition { reason } | Error::PermissionDenied { reason } | Error::Unauthenticated { reason } => {
-                f.write_str(reason)
-            }
+            Error::FailedPrecondition { reason } | Error::PermissionDenied { reason } | Error::Unauthenticated { reason } => f.write_str(reason),
             Error::DecryptFailed => f.write_str("the ciphertext blob could not be decrypted"),
-            Error::UsageExhausted { key_id, version } => write!(
-                f,
-                "version {version} of key {key_id} reached its encryption limit and the key could not be rotated"
-            ),
+            Error::UsageExhausted { key_id, version } => {
+                write!(f, "version {version} of key {key_id} reached its encryption limit and the key could not be rotated")
+            }
             Error::Hsm(e) => e.fmt(f),
             Error::Store(e) => e.fmt(f),
         }

@@ -4,8 +4,8 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use kms_server::config::{AuditConfig, Config, HealthConfig, HsmConfig, KeysConfig, ListenConfig, OfficersConfig, TlsConfig};
 use kms_server::domain::officer::Passphrase;
-use kms_server::config::{AuditConfig, Config, OfficersConfig, HealthConfig, HsmConfig, KeysConfig, ListenConfig, TlsConfig};
 
 #[derive(Parser)]
 #[command(name = "kms-server", version, about = "Client-held key management service")]
@@ -52,9 +52,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KMS_LOG").unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KMS_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let (config, dev) = match cli.command {
@@ -111,8 +109,5 @@ fn main() -> anyhow::Result<()> {
             (config, true)
         }
     };
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(kms_server::server::serve(config, dev))
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(kms_server::server::serve(config, dev))
 }

@@ -14,16 +14,16 @@ use tonic::transport::Server;
 
 use crate::api::admin::AdminService;
 use crate::api::audit::AuditService;
-use crate::api::session::SessionService;
 use crate::api::crypto::CryptoService;
+use crate::api::session::SessionService;
 use crate::api::{MAX_MESSAGE_BYTES, RequestIds, Shared};
 use crate::audit::writer::AuditWriter;
 use crate::config::Config;
-use crate::hsm::pkcs11::Pkcs11Hsm;
-use crate::service::{Kms, Settings};
 use crate::domain::officer::Passphrase;
+use crate::hsm::pkcs11::Pkcs11Hsm;
 use crate::hsm::{Hsm, ServiceKey};
 use crate::service::officers::{Enrolment, Officers};
+use crate::service::{Kms, Settings};
 use crate::store::Store;
 use crate::tls::ServerTls;
 
@@ -71,10 +71,7 @@ fn dev_officer(kms: &Kms, data_dir: &std::path::Path) -> anyhow::Result<()> {
 pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     let pin = config.pin()?;
     let hsm_config = config.hsm.clone();
-    let hsm = tokio::task::spawn_blocking(move || {
-        Pkcs11Hsm::open(&hsm_config.module, &hsm_config.token_label, &pin, hsm_config.sessions)
-    })
-    .await??;
+    let hsm = tokio::task::spawn_blocking(move || Pkcs11Hsm::open(&hsm_config.module, &hsm_config.token_label, &pin, hsm_config.sessions)).await??;
     std::fs::create_dir_all(&config.data_dir)?;
     let db = config.data_dir.join("kms.db");
     let settings = Settings { limits: config.keys.limits(), session_seconds: config.officers.session_minutes * 60 };
@@ -92,10 +89,8 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     if tokio::task::spawn_blocking(move || reviewed.access_review()).await??.signoff_overdue {
         tracing::warn!("the access review has not been signed off in the last 365 days: run `kmsctl review`");
     }
-    let (audit_writer, audit_thread) = AuditWriter::start(
-        store,
-        kms.checkpointer(config.audit.checkpoint_every_records, config.audit.checkpoint_every_seconds),
-    )?;
+    let (audit_writer, audit_thread) =
+        AuditWriter::start(store, kms.checkpointer(config.audit.checkpoint_every_records, config.audit.checkpoint_every_seconds))?;
     let shared = Shared { kms: kms.clone(), ids: Arc::new(RequestIds::default()), audit: audit_writer };
 
     let data = TcpListener::bind(config.listen.data).await?;
@@ -120,21 +115,15 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     let (admin_health, admin_health_service) = tonic_health::server::health_reporter();
     let health = Health { planes: vec![(data_health, "kms.v1.Crypto"), (admin_health, "kms.v1.KeyManagement")] };
     health.set(probe(&kms).await).await;
-    let prober = tokio::spawn(probe_loop(
-        kms.clone(),
-        health,
-        Duration::from_secs(config.health.probe_interval_seconds),
-        shutdown_rx.clone(),
-    ));
+    let prober = tokio::spawn(probe_loop(kms.clone(), health, Duration::from_secs(config.health.probe_interval_seconds), shutdown_rx.clone()));
 
     let crypto = CryptoServer::new(CryptoService(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let keymgmt = KeyManagementServer::new(AdminService(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let audit = AuditLogServer::new(AuditService(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let session = SessionServer::new(SessionService(shared)).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let tls = ServerTls::load(&config.tls.cert_file, &config.tls.key_file, &config.tls.client_ca_file)?;
-    let data_server = plane(data, data_addr, tls.data_plane(), shutdown_rx.clone(), |server| {
-        server.add_service(crypto).add_service(data_health_service)
-    });
+    let data_server =
+        plane(data, data_addr, tls.data_plane(), shutdown_rx.clone(), |server| server.add_service(crypto).add_service(data_health_service));
     let admin_server = plane(admin, admin_addr, tls.admin_plane(), shutdown_rx, |server| {
         server.add_service(keymgmt).add_service(audit).add_service(session).add_service(admin_health_service)
     });
@@ -221,10 +210,7 @@ async fn plane(
         .register_encoded_file_descriptor_set(kms_proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let mut server = Server::builder()
-        .tls_config(tls)?
-        .timeout(Duration::from_secs(30))
-        .http2_keepalive_interval(Some(Duration::from_secs(30)));
+    let mut server = Server::builder().tls_config(tls)?.timeout(Duration::from_secs(30)).http2_keepalive_interval(Some(Duration::from_secs(30)));
     let router = add(&mut server).add_service(reflection);
     tracing::info!(%addr, "serving");
     router

@@ -57,9 +57,7 @@ pub mod v1 {
 
     impl fmt::Debug for GenerateRandomResponse {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.debug_struct("GenerateRandomResponse")
-                .field("plaintext", &Redacted(self.plaintext.len()))
-                .finish()
+            f.debug_struct("GenerateRandomResponse").field("plaintext", &Redacted(self.plaintext.len())).finish()
         }
     }
 
@@ -142,8 +140,7 @@ pub mod v1 {
     }
 
     /// The encoded `FileDescriptorSet` of `kms.v1`, for gRPC server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/kms_descriptor.bin"));
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kms_descriptor.bin"));
 }
 
 #[cfg(test)]
@@ -159,12 +156,8 @@ mod tests {
         enc.plaintext = secret.clone();
         let mut dec = DecryptResponse::default();
         dec.plaintext = secret.clone();
-        let rendered = [
-            format!("{gdk:?}"),
-            format!("{enc:?}"),
-            format!("{dec:?}"),
-            format!("{:?}", GenerateRandomResponse { plaintext: secret.clone() }),
-        ];
+        let rendered =
+            [format!("{gdk:?}"), format!("{enc:?}"), format!("{dec:?}"), format!("{:?}", GenerateRandomResponse { plaintext: secret.clone() })];
         for text in rendered {
             assert!(text.contains("<32 bytes redacted>"), "{text}");
             assert!(!text.contains("165"), "a byte value leaked: {text}");

@@ -359,8 +359,7 @@ impl Server {
 
     /// A read-only connection to the server's database.
     pub fn db(&self) -> rusqlite::Connection {
-        rusqlite::Connection::open_with_flags(self.db_path(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .expect("database opens")
+        rusqlite::Connection::open_with_flags(self.db_path(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).expect("database opens")
     }
 
     /// Every customer key object on the token (label `kms:…`), as `token-inspect` sees it from

@@ -31,15 +31,13 @@ fn run(cmd: &mut Command) -> Result<(), String> {
 }
 
 fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+    std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
 
 /// SoftHSM2 from Debian/Ubuntu's own packages; nothing is downloaded from anywhere else.
 fn ensure_softhsm() -> Result<(), String> {
-    let module_present = ["/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so"]
-        .iter()
-        .any(|p| Path::new(p).exists());
+    let module_present =
+        ["/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so"].iter().any(|p| Path::new(p).exists());
     if on_path("softhsm2-util") && module_present {
         return Ok(());
     }

@@ -130,11 +130,22 @@ struct Tally {
 async fn call(client: &mut CryptoClient<Channel>, op: Op, key: &str, blob: &[u8]) -> Result<(), tonic::Code> {
     let r = match op {
         Op::Decrypt => client
-            .decrypt(pb::DecryptRequest { ciphertext_blob: blob.to_vec(), encryption_context: Default::default(), key_id: String::new(), caller_context: None })
+            .decrypt(pb::DecryptRequest {
+                ciphertext_blob: blob.to_vec(),
+                encryption_context: Default::default(),
+                key_id: String::new(),
+                caller_context: None,
+            })
             .await
             .map(|_| ()),
         Op::Generate => client
-            .generate_data_key(pb::GenerateDataKeyRequest { key_id: key.into(), key_spec: 1, number_of_bytes: 0, encryption_context: Default::default(), caller_context: None })
+            .generate_data_key(pb::GenerateDataKeyRequest {
+                key_id: key.into(),
+                key_spec: 1,
+                number_of_bytes: 0,
+                encryption_context: Default::default(),
+                caller_context: None,
+            })
             .await
             .map(|_| ()),
         Op::ReEncrypt => client
@@ -143,7 +154,8 @@ async fn call(client: &mut CryptoClient<Channel>, op: Op, key: &str, blob: &[u8]
                 source_encryption_context: Default::default(),
                 source_key_id: String::new(),
                 destination_key_id: key.into(),
-                destination_encryption_context: Default::default(), caller_context: None
+                destination_encryption_context: Default::default(),
+                caller_context: None,
             })
             .await
             .map(|_| ()),
@@ -212,7 +224,9 @@ fn raw_hsm_rate(args: &Args, key_label_prefix: &str, secs: u64) -> Result<Value>
         })
         .collect();
     let total: u64 = threads.into_iter().map(|t| t.join().unwrap_or(0)).sum();
-    Ok(json!({"operation": "C_GenerateRandom(44) + C_Encrypt(AES-GCM, 32 B)", "threads": args.hsm_threads, "ops_per_second": total as f64 / secs as f64}))
+    Ok(
+        json!({"operation": "C_GenerateRandom(44) + C_Encrypt(AES-GCM, 32 B)", "threads": args.hsm_threads, "ops_per_second": total as f64 / secs as f64}),
+    )
 }
 
 #[tokio::main]
@@ -227,7 +241,13 @@ async fn main() -> Result<()> {
     // One data key to decrypt and re-encrypt throughout.
     let mut setup = CryptoClient::new(channels[0].clone());
     let gdk = setup
-        .generate_data_key(pb::GenerateDataKeyRequest { key_id: args.key.clone(), key_spec: 1, number_of_bytes: 0, encryption_context: Default::default(), caller_context: None })
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key_id: args.key.clone(),
+            key_spec: 1,
+            number_of_bytes: 0,
+            encryption_context: Default::default(),
+            caller_context: None,
+        })
         .await
         .context("GenerateDataKey for the setup (does the workload have a grant on the key?)")?
         .into_inner();

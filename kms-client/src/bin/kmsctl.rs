@@ -15,8 +15,8 @@ use clap::{Args, Parser, Subcommand};
 use kms_client::pb;
 use kms_client::pb::audit_log_client::AuditLogClient;
 use kms_client::pb::key_management_client::KeyManagementClient;
-use kms_client::{AdminChannel, Bearer, DataClient, Error, Tls, channel};
 use kms_client::pb::session_client::SessionClient;
+use kms_client::{AdminChannel, Bearer, DataClient, Error, Tls, channel};
 use serde_json::{Value, json};
 
 #[derive(Parser)]
@@ -256,22 +256,36 @@ enum KeyCommand {
 
 #[derive(Subcommand)]
 enum VersionCommand {
-    Enable { key: String, version: u32 },
-    Disable { key: String, version: u32 },
+    Enable {
+        key: String,
+        version: u32,
+    },
+    Disable {
+        key: String,
+        version: u32,
+    },
     ScheduleDestruction {
         key: String,
         version: u32,
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(7..=30))]
         pending_days: u32,
     },
-    CancelDestruction { key: String, version: u32 },
+    CancelDestruction {
+        key: String,
+        version: u32,
+    },
 }
 
 #[derive(Subcommand)]
 enum AliasCommand {
     /// Points alias/NAME at a key id.
-    Create { alias: String, key: String },
-    Delete { alias: String },
+    Create {
+        alias: String,
+        key: String,
+    },
+    Delete {
+        alias: String,
+    },
     List {
         #[arg(long)]
         key: Option<String>,
@@ -300,7 +314,9 @@ enum OfficerCommand {
     },
     List,
     /// Disables an officer and ends their sessions.
-    Disable { name: String },
+    Disable {
+        name: String,
+    },
     /// Changes your own passphrase (both read from files, or from two lines of standard input).
     Passphrase {
         #[arg(long)]
@@ -333,11 +349,17 @@ fn officer_json(o: &pb::Officer) -> Value {
 #[derive(Subcommand)]
 enum PrincipalCommand {
     /// Registers a workload identity (a SPIFFE ID or certificate CN).
-    Add { name: String },
+    Add {
+        name: String,
+    },
     List,
     /// Cuts a workload off from its next call on.
-    Disable { name: String },
-    Enable { name: String },
+    Disable {
+        name: String,
+    },
+    Enable {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -373,8 +395,7 @@ enum GrantCommand {
 }
 
 /// Every grant operation, for `--operations all`.
-const ALL_OPERATIONS: [&str; 6] =
-    ["GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "Encrypt", "Decrypt", "ReEncryptFrom", "ReEncryptTo"];
+const ALL_OPERATIONS: [&str; 6] = ["GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "Encrypt", "Decrypt", "ReEncryptFrom", "ReEncryptTo"];
 
 fn principal_json(p: &pb::Principal) -> Value {
     json!({"name": p.name, "state": p.state, "creation_time": p.creation_time})
@@ -550,10 +571,7 @@ fn write_private(path: &Path, contents: &[u8]) -> Result<(), Error> {
 
 /// Writes to `path` through a temporary file renamed into place only on success, so a failed
 /// decryption never leaves partial plaintext under the requested name.
-async fn write_atomically(
-    path: &Path,
-    f: impl AsyncFnOnce(&mut BufWriter<File>) -> Result<u64, Error>,
-) -> Result<u64, Error> {
+async fn write_atomically(path: &Path, f: impl AsyncFnOnce(&mut BufWriter<File>) -> Result<u64, Error>) -> Result<u64, Error> {
     let io = |e: std::io::Error| Error::Envelope(e.into());
     let tmp = path.with_extension("kmsctl-partial");
     let mut w = BufWriter::new(File::create(&tmp).map_err(io)?);
@@ -592,11 +610,7 @@ impl Cli {
             None if dev.join("ca.pem").exists() => Tls::dev(&dev),
             None => Tls::default(),
         };
-        Tls {
-            ca: self.ca.clone().or(base.ca),
-            cert: self.tls_cert.clone().or(base.cert),
-            key: self.tls_key.clone().or(base.key),
-        }
+        Tls { ca: self.ca.clone().or(base.ca), cert: self.tls_cert.clone().or(base.cert), key: self.tls_key.clone().or(base.key) }
     }
 }
 
@@ -647,9 +661,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                         }
                         token = r.next_page_token;
                     }
-                    out.print(Value::Array(all.iter().map(key_json).collect()), || {
-                        all.iter().map(key_text).collect::<Vec<_>>().join("\n")
-                    });
+                    out.print(Value::Array(all.iter().map(key_json).collect()), || all.iter().map(key_text).collect::<Vec<_>>().join("\n"));
                     Ok(())
                 }
                 KeyCommand::Versions { key } => {
@@ -683,12 +695,12 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     out.key(c.cancel_key_destruction(pb::CancelKeyDestructionRequest { key_id: key }).await?.into_inner().key)
                 }
                 KeyCommand::Version(v) => match v {
-                    VersionCommand::Enable { key, version } => out.version(
-                        c.enable_key_version(pb::KeyVersionRequest { key_id: key, key_version: version }).await?.into_inner(),
-                    ),
-                    VersionCommand::Disable { key, version } => out.version(
-                        c.disable_key_version(pb::KeyVersionRequest { key_id: key, key_version: version }).await?.into_inner(),
-                    ),
+                    VersionCommand::Enable { key, version } => {
+                        out.version(c.enable_key_version(pb::KeyVersionRequest { key_id: key, key_version: version }).await?.into_inner())
+                    }
+                    VersionCommand::Disable { key, version } => {
+                        out.version(c.disable_key_version(pb::KeyVersionRequest { key_id: key, key_version: version }).await?.into_inner())
+                    }
                     VersionCommand::ScheduleDestruction { key, version, pending_days } => out.version(
                         c.schedule_key_version_destruction(pb::ScheduleKeyVersionDestructionRequest {
                             key_id: key,
@@ -698,11 +710,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
                         .await?
                         .into_inner(),
                     ),
-                    VersionCommand::CancelDestruction { key, version } => out.version(
-                        c.cancel_key_version_destruction(pb::KeyVersionRequest { key_id: key, key_version: version })
-                            .await?
-                            .into_inner(),
-                    ),
+                    VersionCommand::CancelDestruction { key, version } => {
+                        out.version(c.cancel_key_version_destruction(pb::KeyVersionRequest { key_id: key, key_version: version }).await?.into_inner())
+                    }
                 },
             }
         }
@@ -722,7 +732,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 AliasCommand::List { key } => {
                     let r = c.list_aliases(pb::ListAliasesRequest { key_id: key.unwrap_or_default() }).await?.into_inner();
                     out.print(
-                        Value::Array(r.aliases.iter().map(|a| json!({"alias": a.alias, "key_id": a.key_id, "creation_time": a.creation_time})).collect()),
+                        Value::Array(
+                            r.aliases.iter().map(|a| json!({"alias": a.alias, "key_id": a.key_id, "creation_time": a.creation_time})).collect(),
+                        ),
                         || r.aliases.iter().map(|a| format!("{} -> {}", a.alias, a.key_id)).collect::<Vec<_>>().join("\n"),
                     );
                     Ok(())
@@ -732,7 +744,10 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::Login { name, passphrase_file, totp, dev } => {
             let (name, passphrase, code) = if dev {
                 let dir = PathBuf::from(".kms-dev");
-                let read = |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| Error::Config(format!(".kms-dev/{f}: {e} (is `cargo xtask dev` running from here?)")));
+                let read = |f: &str| {
+                    std::fs::read_to_string(dir.join(f))
+                        .map_err(|e| Error::Config(format!(".kms-dev/{f}: {e} (is `cargo xtask dev` running from here?)")))
+                };
                 let secret = read("dev-officer.totp")?;
                 let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
                 let code = kms_client::totp::code(&secret, now).ok_or_else(|| Error::Config("bad development TOTP secret".into()))?;
@@ -746,10 +761,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 (name.unwrap_or_default(), passphrase, code)
             };
             let mut c = SessionClient::new(channel(&cli.endpoint, &tls).await?);
-            let mut r = c
-                .login(pb::LoginRequest { name: name.clone(), passphrase: passphrase.to_string(), totp_code: code.to_string() })
-                .await?
-                .into_inner();
+            let mut r =
+                c.login(pb::LoginRequest { name: name.clone(), passphrase: passphrase.to_string(), totp_code: code.to_string() }).await?.into_inner();
             let token = zeroize::Zeroizing::new(std::mem::take(&mut r.session_token));
             write_private(&session, token.as_bytes())?;
             out.print(json!({"officer": name, "role": r.role, "expiration_time": r.expiration_time}), || {
@@ -800,11 +813,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 OfficerCommand::Passphrase { current_file, new_file } => {
                     let current = secret_input(&current_file)?;
                     let new = secret_input(&new_file)?;
-                    c.change_passphrase(pb::ChangePassphraseRequest {
-                        current_passphrase: current.to_string(),
-                        new_passphrase: new.to_string(),
-                    })
-                    .await?;
+                    c.change_passphrase(pb::ChangePassphraseRequest { current_passphrase: current.to_string(), new_passphrase: new.to_string() })
+                        .await?;
                     out.print(json!({"changed": true}), || "passphrase changed".to_string());
                     Ok(())
                 }
@@ -842,7 +852,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
                                 .entries
                                 .iter()
                                 .map(|e| {
-                                    let used = if e.last_used_time == 0 { "never used".to_string() } else { format!("last used {}", e.last_used_time) };
+                                    let used =
+                                        if e.last_used_time == 0 { "never used".to_string() } else { format!("last used {}", e.last_used_time) };
                                     let flag = if e.unused_90_days { "  UNUSED 90 DAYS: remove?" } else { "" };
                                     format!("{:<9} {}  {}  {used}{flag}", e.kind, e.name, e.detail)
                                 })
@@ -883,11 +894,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session).await?);
             match cmd {
                 GrantCommand::Create { principal, key, operations, require, require_keys, expires_in } => {
-                    let operations = if operations.iter().any(|o| o == "all") {
-                        ALL_OPERATIONS.iter().map(|o| o.to_string()).collect()
-                    } else {
-                        operations
-                    };
+                    let operations =
+                        if operations.iter().any(|o| o == "all") { ALL_OPERATIONS.iter().map(|o| o.to_string()).collect() } else { operations };
                     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
                     let r = c
                         .create_grant(pb::CreateGrantRequest {
@@ -1032,7 +1040,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
                         key_id: key,
                         key_spec: 0,
                         number_of_bytes: bytes,
-                        encryption_context: map, caller_context: None
+                        encryption_context: map,
+                        caller_context: None,
                     })
                     .await?
                     .into_inner();
@@ -1043,7 +1052,13 @@ async fn run(cli: Cli) -> Result<(), Error> {
             } else {
                 let mut r = c
                     .raw
-                    .generate_data_key(pb::GenerateDataKeyRequest { key_id: key, key_spec: 0, number_of_bytes: bytes, encryption_context: map, caller_context: None })
+                    .generate_data_key(pb::GenerateDataKeyRequest {
+                        key_id: key,
+                        key_spec: 0,
+                        number_of_bytes: bytes,
+                        encryption_context: map,
+                        caller_context: None,
+                    })
                     .await?
                     .into_inner();
                 let plaintext = zeroize::Zeroizing::new(B64.encode(std::mem::take(&mut r.plaintext)));
@@ -1058,10 +1073,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::Encrypt { key, input, output, context } => {
             let ctx = context.map().map_err(|e| Error::Status(tonic::Status::invalid_argument(e)))?;
             let mut client = DataClient::connect(&cli.data_endpoint, &tls).await?;
-            let n = write_atomically(&output, async |w| {
-                client.encrypt_stream(&key, &ctx, &mut open_input(&input)?, w).await
-            })
-            .await?;
+            let n = write_atomically(&output, async |w| client.encrypt_stream(&key, &ctx, &mut open_input(&input)?, w).await).await?;
             out.print(json!({"bytes": n, "out": output}), || format!("encrypted {n} bytes to {}", output.display()));
             Ok(())
         }

@@ -5,15 +5,13 @@ use kms_proto::v1::key_management_server::KeyManagement;
 use tonic::{Request, Response, Status};
 
 use super::{Audit, Shared, Who, context, key_ref, officer, optional_key_ref};
+use crate::domain::ids::{AliasName, KeyId, KeyRef};
+use crate::domain::lifecycle::{DEFAULT_PENDING_DAYS, KeyState, KeyTransition, MAX_PENDING_DAYS, MIN_PENDING_DAYS, VersionState, VersionTransition};
 use crate::domain::officer::{Passphrase, Role};
 use crate::domain::policy::{Grant, Operation, PrincipalState, valid_principal};
-use crate::store::PrincipalRecord;
-use crate::domain::ids::{AliasName, KeyId, KeyRef};
-use crate::domain::lifecycle::{
-    DEFAULT_PENDING_DAYS, KeyState, KeyTransition, MAX_PENDING_DAYS, MIN_PENDING_DAYS, VersionState, VersionTransition,
-};
 use crate::error::Error;
 use crate::service::{KeyView, VersionView};
+use crate::store::PrincipalRecord;
 
 /// The admin plane's gRPC service.
 #[derive(Debug, Clone)]
@@ -105,11 +103,7 @@ fn version_response(v: KeyView, n: u32) -> Result<pb::KeyVersionResponse, Error>
 }
 
 fn principal_name<'a>(field: &'static str, name: &'a str) -> Result<&'a str, Error> {
-    if valid_principal(name) {
-        Ok(name)
-    } else {
-        Err(Error::invalid(field, "must be 1 to 512 bytes without control characters"))
-    }
+    if valid_principal(name) { Ok(name) } else { Err(Error::invalid(field, "must be 1 to 512 bytes without control characters")) }
 }
 
 fn principal(p: PrincipalRecord) -> pb::Principal {
@@ -130,7 +124,13 @@ fn grant(g: Grant) -> pb::Grant {
 }
 
 impl AdminService {
-    async fn principal_state(&self, who: Who, operation: &'static str, name: String, to: PrincipalState) -> Result<Response<pb::PrincipalResponse>, Status> {
+    async fn principal_state(
+        &self,
+        who: Who,
+        operation: &'static str,
+        name: String,
+        to: PrincipalState,
+    ) -> Result<Response<pb::PrincipalResponse>, Status> {
         self.0
             .call(operation, who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let name = principal_name("name", &name)?;
@@ -139,7 +139,14 @@ impl AdminService {
             .await
     }
 
-    async fn key_transition(&self, who: Who, operation: &'static str, key_id: String, t: KeyTransition, days: u32) -> Result<Response<pb::KeyMetadataResponse>, Status> {
+    async fn key_transition(
+        &self,
+        who: Who,
+        operation: &'static str,
+        key_id: String,
+        t: KeyTransition,
+        days: u32,
+    ) -> Result<Response<pb::KeyMetadataResponse>, Status> {
         self.0
             .call(operation, who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let key = key_ref("key_id", &key_id)?;
@@ -149,7 +156,15 @@ impl AdminService {
             .await
     }
 
-    async fn version_transition(&self, who: Who, operation: &'static str, key_id: String, n: u32, t: VersionTransition, days: u32) -> Result<Response<pb::KeyVersionResponse>, Status> {
+    async fn version_transition(
+        &self,
+        who: Who,
+        operation: &'static str,
+        key_id: String,
+        n: u32,
+        t: VersionTransition,
+        days: u32,
+    ) -> Result<Response<pb::KeyVersionResponse>, Status> {
         self.0
             .call(operation, who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let key = key_ref("key_id", &key_id)?;
@@ -171,11 +186,7 @@ impl KeyManagement for AdminService {
                 if r.description.chars().count() > MAX_DESCRIPTION {
                     return Err(Error::invalid("description", format!("is longer than {MAX_DESCRIPTION} characters")));
                 }
-                let alias = if r.alias.is_empty() {
-                    None
-                } else {
-                    Some(AliasName::parse(&r.alias).map_err(|e| Error::invalid("alias", e))?)
-                };
+                let alias = if r.alias.is_empty() { None } else { Some(AliasName::parse(&r.alias).map_err(|e| Error::invalid("alias", e))?) };
                 let period = r.rotation_period_seconds;
                 if period != 0 && !(MIN_ROTATION_SECS..=MAX_ROTATION_SECS).contains(&period) {
                     return Err(Error::invalid(
@@ -230,10 +241,7 @@ impl KeyManagement for AdminService {
         self.0
             .call("ListKeyVersions", who, Audit::EveryOutcome, move |kms, _, _| {
                 let view = kms.describe_key(&key_ref("key_id", &r.key_id)?)?;
-                Ok(pb::ListKeyVersionsResponse {
-                    key_id: view.record.key_id.to_string(),
-                    versions: view.versions.iter().map(version).collect(),
-                })
+                Ok(pb::ListKeyVersionsResponse { key_id: view.record.key_id.to_string(), versions: view.versions.iter().map(version).collect() })
             })
             .await
     }
@@ -265,7 +273,10 @@ impl KeyManagement for AdminService {
         self.key_transition(who, "MarkKeyCompromised", request.into_inner().key_id, KeyTransition::Compromise, 0).await
     }
 
-    async fn schedule_key_destruction(&self, request: Request<pb::ScheduleKeyDestructionRequest>) -> Result<Response<pb::KeyMetadataResponse>, Status> {
+    async fn schedule_key_destruction(
+        &self,
+        request: Request<pb::ScheduleKeyDestructionRequest>,
+    ) -> Result<Response<pb::KeyMetadataResponse>, Status> {
         let who = officer(&request, Role::Officer);
         let r = request.into_inner();
         self.key_transition(who, "ScheduleKeyDestruction", r.key_id, KeyTransition::ScheduleDestruction, r.pending_window_days).await
@@ -288,10 +299,21 @@ impl KeyManagement for AdminService {
         self.version_transition(who, "DisableKeyVersion", r.key_id, r.key_version, VersionTransition::Disable, 0).await
     }
 
-    async fn schedule_key_version_destruction(&self, request: Request<pb::ScheduleKeyVersionDestructionRequest>) -> Result<Response<pb::KeyVersionResponse>, Status> {
+    async fn schedule_key_version_destruction(
+        &self,
+        request: Request<pb::ScheduleKeyVersionDestructionRequest>,
+    ) -> Result<Response<pb::KeyVersionResponse>, Status> {
         let who = officer(&request, Role::Officer);
         let r = request.into_inner();
-        self.version_transition(who, "ScheduleKeyVersionDestruction", r.key_id, r.key_version, VersionTransition::ScheduleDestruction, r.pending_window_days).await
+        self.version_transition(
+            who,
+            "ScheduleKeyVersionDestruction",
+            r.key_id,
+            r.key_version,
+            VersionTransition::ScheduleDestruction,
+            r.pending_window_days,
+        )
+        .await
     }
 
     async fn cancel_key_version_destruction(&self, request: Request<pb::KeyVersionRequest>) -> Result<Response<pb::KeyVersionResponse>, Status> {

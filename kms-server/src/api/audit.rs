@@ -41,10 +41,7 @@ impl AuditLog for AuditService {
             .await
     }
 
-    async fn list_audit_records(
-        &self,
-        request: Request<pb::ListAuditRecordsRequest>,
-    ) -> Result<Response<pb::ListAuditRecordsResponse>, Status> {
+    async fn list_audit_records(&self, request: Request<pb::ListAuditRecordsRequest>) -> Result<Response<pb::ListAuditRecordsResponse>, Status> {
         let who = officer(&request, Role::Auditor);
         let r = request.into_inner();
         self.0

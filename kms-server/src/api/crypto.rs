@@ -6,8 +6,8 @@ use tonic::{Request, Response, Status};
 
 use super::{Audit, Facts, Shared, context, key_ref, optional_key_ref, workload};
 use crate::domain::blob::Blob;
-use crate::domain::policy::Operation;
 use crate::domain::blob::MAX_BLOB;
+use crate::domain::policy::Operation;
 use crate::error::Error;
 
 /// The data plane's gRPC service.
@@ -74,10 +74,7 @@ const MAX_RANDOM: u32 = 1024;
 
 #[tonic::async_trait]
 impl Crypto for CryptoService {
-    async fn generate_data_key(
-        &self,
-        request: Request<pb::GenerateDataKeyRequest>,
-    ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
+    async fn generate_data_key(&self, request: Request<pb::GenerateDataKeyRequest>) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
         let who = workload(&request);
         let mut r = request.into_inner();
         self.0
@@ -158,11 +155,7 @@ impl Crypto for CryptoService {
                 let ctx = context("encryption_context", r.encryption_context)?;
                 facts.context = Some(ctx.clone());
                 let dec = kms.decrypt(caller, &r.ciphertext_blob, &ctx, expected.as_ref())?;
-                Ok(pb::DecryptResponse {
-                    key_id: dec.key_id.to_string(),
-                    key_version: dec.key_version,
-                    plaintext: dec.plaintext.into_exposed_vec(),
-                })
+                Ok(pb::DecryptResponse { key_id: dec.key_id.to_string(), key_version: dec.key_version, plaintext: dec.plaintext.into_exposed_vec() })
             })
             .await
     }
@@ -193,10 +186,7 @@ impl Crypto for CryptoService {
             .await
     }
 
-    async fn generate_random(
-        &self,
-        request: Request<pb::GenerateRandomRequest>,
-    ) -> Result<Response<pb::GenerateRandomResponse>, Status> {
+    async fn generate_random(&self, request: Request<pb::GenerateRandomRequest>) -> Result<Response<pb::GenerateRandomResponse>, Status> {
         let who = workload(&request);
         let r = request.into_inner();
         let (n, given) = (r.number_of_bytes, r.caller_context);

@@ -17,9 +17,9 @@ use crate::audit::writer::AuditWriter;
 use crate::audit::{AuditEvent, Outcome};
 use crate::domain::context::EncryptionContext;
 use crate::domain::ids::{KeyId, KeyRef};
+use crate::domain::officer::Role;
 use crate::error::Error;
 use crate::hsm::HsmError;
-use crate::domain::officer::Role;
 use crate::service::officers::SessionToken;
 use crate::service::{Caller, Kms};
 
@@ -66,10 +66,7 @@ pub struct RequestIds {
 
 impl Default for RequestIds {
     fn default() -> Self {
-        let boot = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(0);
+        let boot = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0);
         RequestIds { boot, next: AtomicU64::new(1) }
     }
 }
@@ -151,9 +148,7 @@ impl Shared {
             let mut facts = Facts::default();
             let principal = match who {
                 Who::Workload(Some(name)) => Ok(name),
-                Who::Workload(None) => {
-                    Err(Error::Unauthenticated { reason: "the client certificate names no workload (URI SAN or CN)".into() })
-                }
+                Who::Workload(None) => Err(Error::Unauthenticated { reason: "the client certificate names no workload (URI SAN or CN)".into() }),
                 Who::Officer { token, needs } => kms.officers().authenticate(token.as_ref(), needs),
                 Who::Anonymous => Ok("anonymous".to_string()),
             };
@@ -210,10 +205,7 @@ impl Shared {
             Ok(()) => result.map(tonic::Response::new),
             Err(e) => {
                 tracing::error!(request_id = %caller.request_id, error = %e, "failing the call closed");
-                Err(Status::unavailable(format!(
-                    "the audit trail could not be written; retry later (request id {})",
-                    caller.request_id
-                )))
+                Err(Status::unavailable(format!("the audit trail could not be written; retry later (request id {})", caller.request_id)))
             }
         }
     }

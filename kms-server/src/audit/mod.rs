@@ -71,9 +71,7 @@ impl AuditEvent {
 
     /// The context as a JSON object, for storage and export.
     pub fn context_json(&self) -> Option<String> {
-        self.context.as_ref().map(|c| serde_json::Value::from_iter(
-            c.pairs().map(|(k, v)| (k.to_string(), serde_json::Value::from(v))),
-        ).to_string())
+        self.context.as_ref().map(|c| serde_json::Value::from_iter(c.pairs().map(|(k, v)| (k.to_string(), serde_json::Value::from(v)))).to_string())
     }
 }
 

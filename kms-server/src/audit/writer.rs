@@ -89,9 +89,7 @@ impl Checkpointer {
                 return Ok(());
             }
             let mac = self.hsm.mac(self.key, &checkpoint_message(seq, at, &hash)).map_err(|e| e.to_string())?;
-            store
-                .write(|tx| tx.insert_checkpoint(&Checkpoint { seq, time: at, hash, mac }))
-                .map_err(|e| e.to_string())?;
+            store.write(|tx| tx.insert_checkpoint(&Checkpoint { seq, time: at, hash, mac })).map_err(|e| e.to_string())?;
             *last = (seq, at);
             tracing::debug!(seq, "audit checkpoint signed");
             Ok(())
@@ -106,11 +104,7 @@ impl AuditWriter {
     /// Starts the writer thread. It stops when every `AuditWriter` clone is dropped, signing a
     /// last checkpoint on its way out.
     pub fn start(store: Arc<Store>, checkpointer: Checkpointer) -> std::io::Result<(AuditWriter, WriterThread)> {
-        let mut last = store
-            .read(|tx| tx.checkpoints())
-            .ok()
-            .and_then(|c| c.last().map(|c| (c.seq, c.time)))
-            .unwrap_or((0, now()));
+        let mut last = store.read(|tx| tx.checkpoints()).ok().and_then(|c| c.last().map(|c| (c.seq, c.time))).unwrap_or((0, now()));
         let (queue, mut rx) = mpsc::channel::<Pending>(QUEUE);
         let thread = std::thread::Builder::new().name("audit-writer".into()).spawn(move || {
             while let Some(first) = rx.blocking_recv() {

@@ -195,23 +195,35 @@ mod tests {
     #[test]
     fn golden_vector_layout_and_aad() {
         let blob = unhex(concat!(
-            "6b6d73", "01", "01", "fd82eaa232344dfb9c804f2880bb3942", "00000001", "b608588f54b41da84a047032",
-            "03e1f9c93db537280c98a0e7dc68bac7ccdb772d7277adc9db1b8a17f18f2ec3", "5a6dc2ec1c60d0bd0d502f9fc52c5107",
+            "6b6d73",
+            "01",
+            "01",
+            "fd82eaa232344dfb9c804f2880bb3942",
+            "00000001",
+            "b608588f54b41da84a047032",
+            "03e1f9c93db537280c98a0e7dc68bac7ccdb772d7277adc9db1b8a17f18f2ec3",
+            "5a6dc2ec1c60d0bd0d502f9fc52c5107",
         ));
         let parsed = Blob::parse(&blob).unwrap();
         assert_eq!(parsed.header.key_id.to_string(), "fd82eaa2-3234-4dfb-9c80-4f2880bb3942");
         assert_eq!(parsed.header.version, 1);
         assert_eq!(parsed.header.iv, Iv(unhex("b608588f54b41da84a047032").try_into().unwrap()));
         assert_eq!(parsed.ciphertext.len(), 32 + TAG_LEN);
-        let ctx = EncryptionContext::new(
-            [("n".to_string(), "1".to_string()), ("app".to_string(), "golden".to_string())].into_iter().collect(),
-        )
-        .unwrap();
+        let ctx =
+            EncryptionContext::new([("n".to_string(), "1".to_string()), ("app".to_string(), "golden".to_string())].into_iter().collect()).unwrap();
         assert_eq!(
             parsed.header.aad(&ctx),
             unhex(concat!(
                 "6b6d730101fd82eaa232344dfb9c804f2880bb394200000001b608588f54b41da84a047032",
-                "00000002", "00000003", "617070", "00000006", "676f6c64656e", "00000001", "6e", "00000001", "31",
+                "00000002",
+                "00000003",
+                "617070",
+                "00000006",
+                "676f6c64656e",
+                "00000001",
+                "6e",
+                "00000001",
+                "31",
             ))
         );
     }

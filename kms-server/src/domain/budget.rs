@@ -58,9 +58,7 @@ impl fmt::Display for LimitsError {
 impl UsageLimits {
     pub fn validate(&self) -> Result<(), LimitsError> {
         if self.encryption_limit == 0 || self.encryption_limit > DEFAULT_ENCRYPTION_LIMIT {
-            return Err(LimitsError(
-                "encryption_limit must be between 1 and 3865470566 (0.9 * 2^32, NIST SP 800-38D)",
-            ));
+            return Err(LimitsError("encryption_limit must be between 1 and 3865470566 (0.9 * 2^32, NIST SP 800-38D)"));
         }
         if self.rotation_threshold == 0 || self.rotation_threshold > self.encryption_limit {
             return Err(LimitsError("rotation_threshold must be between 1 and encryption_limit"));

@@ -104,8 +104,7 @@ mod tests {
         let c = ctx(&[("b", "2"), ("a", "1")]).unwrap();
         assert_eq!(
             c.canonical_bytes(),
-            [&[0, 0, 0, 2][..], &[0, 0, 0, 1], b"a", &[0, 0, 0, 1], b"1", &[0, 0, 0, 1], b"b", &[0, 0, 0, 1], b"2"]
-                .concat()
+            [&[0, 0, 0, 2][..], &[0, 0, 0, 1], b"a", &[0, 0, 0, 1], b"1", &[0, 0, 0, 1], b"b", &[0, 0, 0, 1], b"2"].concat()
         );
         assert_eq!(EncryptionContext::default().canonical_bytes(), vec![0, 0, 0, 0]);
     }
@@ -120,10 +119,7 @@ mod tests {
     #[test]
     fn limits_are_enforced() {
         let many: Vec<(String, String)> = (0..65).map(|i| (format!("k{i}"), String::new())).collect();
-        assert_eq!(
-            EncryptionContext::new(many.into_iter().collect()),
-            Err(ContextError::TooManyPairs { pairs: 65 })
-        );
+        assert_eq!(EncryptionContext::new(many.into_iter().collect()), Err(ContextError::TooManyPairs { pairs: 65 }));
         let big = "x".repeat(8192);
         assert_eq!(ctx(&[("k", &big)]), Err(ContextError::TooLarge { bytes: 8193 }));
         assert!(ctx(&[("k", &big[1..])]).is_ok());

@@ -112,16 +112,9 @@ impl AliasName {
             return Err(IdError::Empty);
         }
         let name = s.strip_prefix("alias/").unwrap_or(s);
-        let valid_chars = name
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'/' | b'_' | b'-'));
+        let valid_chars = name.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'/' | b'_' | b'-'));
         let lower = name.to_ascii_lowercase();
-        if name.is_empty()
-            || name.len() > Self::MAX_LEN
-            || !valid_chars
-            || lower.starts_with("aws")
-            || lower.starts_with("kms")
-        {
+        if name.is_empty() || name.len() > Self::MAX_LEN || !valid_chars || lower.starts_with("aws") || lower.starts_with("kms") {
             return Err(IdError::BadAlias);
         }
         Ok(AliasName(name.to_string()))

@@ -28,13 +28,7 @@ pub enum KeyState {
 }
 
 impl KeyState {
-    pub const ALL: [KeyState; 5] = [
-        KeyState::Enabled,
-        KeyState::Disabled,
-        KeyState::Compromised,
-        KeyState::PendingDestruction,
-        KeyState::Destroyed,
-    ];
+    pub const ALL: [KeyState; 5] = [KeyState::Enabled, KeyState::Disabled, KeyState::Compromised, KeyState::PendingDestruction, KeyState::Destroyed];
 
     /// The name stored in the database and shown to users.
     pub fn as_str(self) -> &'static str {
@@ -68,12 +62,7 @@ pub enum VersionState {
 }
 
 impl VersionState {
-    pub const ALL: [VersionState; 4] = [
-        VersionState::Enabled,
-        VersionState::Disabled,
-        VersionState::PendingDestruction,
-        VersionState::Destroyed,
-    ];
+    pub const ALL: [VersionState; 4] = [VersionState::Enabled, VersionState::Disabled, VersionState::PendingDestruction, VersionState::Destroyed];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -136,11 +125,7 @@ impl fmt::Display for IllegalTransition {
 
 /// The state a key moves to. `was_compromised` tells where a cancelled destruction returns to,
 /// so that cancelling cannot launder a compromised key back into a usable one.
-pub fn next_key_state(
-    state: KeyState,
-    transition: KeyTransition,
-    was_compromised: bool,
-) -> Result<KeyState, IllegalTransition> {
+pub fn next_key_state(state: KeyState, transition: KeyTransition, was_compromised: bool) -> Result<KeyState, IllegalTransition> {
     use KeyState::*;
     use KeyTransition as T;
     let next = match (transition, state) {
@@ -180,17 +165,19 @@ impl fmt::Display for VersionTransitionError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             VersionTransitionError::Illegal { transition, state } => {
-                write!(f, "a key version in state {state} cannot be {}", match transition {
-                    VersionTransition::Enable => "enabled",
-                    VersionTransition::Disable => "disabled",
-                    VersionTransition::ScheduleDestruction => "scheduled for destruction",
-                    VersionTransition::CancelDestruction => "have its destruction cancelled",
-                    VersionTransition::Destroy => "destroyed",
-                })
+                write!(
+                    f,
+                    "a key version in state {state} cannot be {}",
+                    match transition {
+                        VersionTransition::Enable => "enabled",
+                        VersionTransition::Disable => "disabled",
+                        VersionTransition::ScheduleDestruction => "scheduled for destruction",
+                        VersionTransition::CancelDestruction => "have its destruction cancelled",
+                        VersionTransition::Destroy => "destroyed",
+                    }
+                )
             }
-            VersionTransitionError::Primary => {
-                f.write_str("the primary version cannot be disabled or destroyed; rotate the key first")
-            }
+            VersionTransitionError::Primary => f.write_str("the primary version cannot be disabled or destroyed; rotate the key first"),
             VersionTransitionError::KeyState(s) => {
                 write!(f, "the versions of a key in state {s} cannot be changed")
             }
@@ -206,9 +193,7 @@ pub fn next_version_state(
 ) -> Result<VersionState, VersionTransitionError> {
     use VersionState::*;
     use VersionTransition as T;
-    if matches!(key_state, KeyState::PendingDestruction | KeyState::Destroyed)
-        && transition != T::Destroy
-    {
+    if matches!(key_state, KeyState::PendingDestruction | KeyState::Destroyed) && transition != T::Destroy {
         return Err(VersionTransitionError::KeyState(key_state));
     }
     if is_primary && matches!(transition, T::Disable | T::ScheduleDestruction) {
@@ -287,21 +272,12 @@ mod tests {
     #[test]
     fn primary_version_cannot_be_disabled_or_destroyed() {
         for t in [VersionTransition::Disable, VersionTransition::ScheduleDestruction] {
-            assert_eq!(
-                next_version_state(Enabled, VersionState::Enabled, true, t),
-                Err(VersionTransitionError::Primary)
-            );
+            assert_eq!(next_version_state(Enabled, VersionState::Enabled, true, t), Err(VersionTransitionError::Primary));
         }
-        assert_eq!(
-            next_version_state(Enabled, VersionState::Enabled, false, VersionTransition::Disable),
-            Ok(VersionState::Disabled)
-        );
+        assert_eq!(next_version_state(Enabled, VersionState::Enabled, false, VersionTransition::Disable), Ok(VersionState::Disabled));
         assert_eq!(
             next_version_state(Enabled, VersionState::Destroyed, false, VersionTransition::Enable),
-            Err(VersionTransitionError::Illegal {
-                transition: VersionTransition::Enable,
-                state: VersionState::Destroyed
-            })
+            Err(VersionTransitionError::Illegal { transition: VersionTransition::Enable, state: VersionState::Destroyed })
         );
     }
 

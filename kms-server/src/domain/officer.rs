@@ -130,9 +130,7 @@ pub fn verify_totp(secret: &[u8], code: &str, now: i64, last_used: u64) -> Optio
     }
     let code: u32 = code.parse().ok()?;
     let current = totp_step(now);
-    [current.saturating_sub(1), current, current + 1]
-        .into_iter()
-        .find(|&step| step > last_used && totp_code(secret, step) == code)
+    [current.saturating_sub(1), current, current + 1].into_iter().find(|&step| step > last_used && totp_code(secret, step) == code)
 }
 
 /// RFC 4648 base32 without padding, as `otpauth://` URIs carry secrets.
@@ -177,10 +175,7 @@ pub fn otpauth_uri(officer: &str, secret: &[u8]) -> String {
         .bytes()
         .map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { char::from(b).to_string() } else { format!("%{b:02X}") })
         .collect();
-    format!(
-        "otpauth://totp/KMS:{label}?secret={}&issuer=KMS&algorithm=SHA1&digits={TOTP_DIGITS}&period={TOTP_STEP_SECONDS}",
-        base32(secret)
-    )
+    format!("otpauth://totp/KMS:{label}?secret={}&issuer=KMS&algorithm=SHA1&digits={TOTP_DIGITS}&period={TOTP_STEP_SECONDS}", base32(secret))
 }
 
 #[cfg(test)]
@@ -191,7 +186,14 @@ mod tests {
     #[test]
     fn rfc_6238_vectors() {
         let secret = b"12345678901234567890";
-        for (time, eight) in [(59, 94287082u32), (1_111_111_109, 7081804), (1_111_111_111, 14050471), (1_234_567_890, 89005924), (2_000_000_000, 69279037), (20_000_000_000, 65353130)] {
+        for (time, eight) in [
+            (59, 94287082u32),
+            (1_111_111_109, 7081804),
+            (1_111_111_111, 14050471),
+            (1_234_567_890, 89005924),
+            (2_000_000_000, 69279037),
+            (20_000_000_000, 65353130),
+        ] {
             assert_eq!(totp_code(secret, totp_step(time)), eight % 1_000_000, "T = {time}");
         }
     }

@@ -73,12 +73,10 @@ pub trait Hsm: Send + Sync {
     fn find_keys(&self) -> Result<Vec<(ObjectName, KeyHandle)>, HsmError>;
 
     /// AES-GCM encryption inside the HSM; returns the ciphertext followed by the 16-byte tag.
-    fn encrypt(&self, key: KeyHandle, iv: &Iv, aad: &[u8], plaintext: &[u8])
-    -> Result<Vec<u8>, HsmError>;
+    fn encrypt(&self, key: KeyHandle, iv: &Iv, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, HsmError>;
 
     /// AES-GCM decryption inside the HSM of a ciphertext followed by its tag.
-    fn decrypt(&self, key: KeyHandle, iv: &Iv, aad: &[u8], ciphertext: &[u8])
-    -> Result<SecretBytes, HsmError>;
+    fn decrypt(&self, key: KeyHandle, iv: &Iv, aad: &[u8], ciphertext: &[u8]) -> Result<SecretBytes, HsmError>;
 
     /// Fills `out` from the HSM's random generator.
     fn random(&self, out: &mut [u8]) -> Result<(), HsmError>;

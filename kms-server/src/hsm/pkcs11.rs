@@ -48,18 +48,14 @@ impl Pkcs11Hsm {
     /// Any failure stops the service: there is no fallback.
     pub fn open(module: &Path, token_label: &str, pin: &Pin, sessions: usize) -> Result<Self, HsmError> {
         let setup = |what: &str, e: CkError| HsmError::Setup { reason: format!("{what}: {e}") };
-        let ctx = Pkcs11::new(module)
-            .map_err(|e| setup(&format!("loading PKCS#11 module {}", module.display()), e))?;
-        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-            .map_err(|e| setup("C_Initialize", e))?;
+        let ctx = Pkcs11::new(module).map_err(|e| setup(&format!("loading PKCS#11 module {}", module.display()), e))?;
+        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).map_err(|e| setup("C_Initialize", e))?;
         let slot = ctx
             .get_slots_with_initialized_token()
             .map_err(|e| setup("listing slots", e))?
             .into_iter()
             .find(|slot| ctx.get_token_info(*slot).is_ok_and(|t| t.label() == token_label))
-            .ok_or_else(|| HsmError::Setup {
-                reason: format!("no initialised token labelled {token_label:?}"),
-            })?;
+            .ok_or_else(|| HsmError::Setup { reason: format!("no initialised token labelled {token_label:?}") })?;
         let anchor = ctx.open_rw_session(slot).map_err(|e| setup("opening the anchor session", e))?;
         let auth = AuthPin::from(pin.expose_secret());
         match anchor.login(UserType::User, Some(&auth)) {
@@ -75,11 +71,7 @@ impl Pkcs11Hsm {
     }
 
     /// Runs `op` on a pooled session. Session-level failures retire the session.
-    fn with_session<T>(
-        &self,
-        function: &'static str,
-        op: impl FnOnce(&Session) -> Result<T, CkError>,
-    ) -> Result<T, HsmError> {
+    fn with_session<T>(&self, function: &'static str, op: impl FnOnce(&Session) -> Result<T, CkError>) -> Result<T, HsmError> {
         let session = self.pool.checkout(|| self.ctx.open_rw_session(self.slot)).map_err(|e| classify(function, e))?;
         let result = op(&session);
         let broken = matches!(
@@ -168,9 +160,7 @@ impl Hsm for Pkcs11Hsm {
         match result {
             // A forged tag: SoftHSM2 says CKR_GENERAL_ERROR, the standard CKR_ENCRYPTED_DATA_INVALID.
             Err(HsmError::Unavailable { code: RvError::GeneralError, .. })
-            | Err(HsmError::Refused { code: RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange, .. }) => {
-                Err(HsmError::DecryptFailed)
-            }
+            | Err(HsmError::Refused { code: RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange, .. }) => Err(HsmError::DecryptFailed),
             other => other,
         }
     }

@@ -14,12 +14,10 @@ use super::{Caller, Kms, now};
 use crate::audit::{AuditEvent, ChainBreak};
 use crate::domain::budget::UsageLimits;
 use crate::domain::ids::{AliasName, KeyId, KeyRef};
-use crate::domain::lifecycle::{
-    KeyState, KeyTransition, VersionState, VersionTransition, next_key_state, next_version_state,
-};
+use crate::domain::lifecycle::{KeyState, KeyTransition, VersionState, VersionTransition, next_key_state, next_version_state};
+use crate::domain::policy::{Grant, PrincipalState};
 use crate::error::{Error, Result};
 use crate::hsm::{KeyHandle, ObjectName};
-use crate::domain::policy::{Grant, PrincipalState};
 use crate::store::{AliasRecord, IntentKind, KeyRecord, PrincipalRecord, VersionRecord};
 
 const DAY: i64 = 86_400;
@@ -162,8 +160,7 @@ impl Kms {
     pub fn list_aliases(&self, key: Option<&KeyRef>) -> Result<Vec<AliasRecord>> {
         let filter = key.map(|k| self.registry.entry(k).map(|e| e.record.key_id)).transpose()?;
         let state = self.registry.read();
-        let mut out: Vec<AliasRecord> =
-            state.aliases.values().filter(|a| filter.is_none_or(|k| a.key_id == k)).cloned().collect();
+        let mut out: Vec<AliasRecord> = state.aliases.values().filter(|a| filter.is_none_or(|k| a.key_id == k)).cloned().collect();
         out.sort_by(|a, b| a.alias.cmp(&b.alias));
         Ok(out)
     }
@@ -187,21 +184,14 @@ impl Kms {
     /// Undoes `create_version_object` after a failed commit. If this fails too, the intent
     /// stays and startup recovery destroys the object.
     fn abandon_object(&self, intent: i64, handle: KeyHandle) {
-        let undone = self.hsm.destroy(handle).map_err(Error::from).and_then(|()| {
-            self.store.write(|tx| tx.delete_intent(intent)).map_err(Error::from)
-        });
+        let undone =
+            self.hsm.destroy(handle).map_err(Error::from).and_then(|()| self.store.write(|tx| tx.delete_intent(intent)).map_err(Error::from));
         if let Err(e) = undone {
             tracing::error!(error = %e, "could not undo an uncommitted key object; recovery will on restart");
         }
     }
 
-    pub fn create_key(
-        &self,
-        caller: &Caller,
-        description: String,
-        alias: Option<AliasName>,
-        rotation_period_secs: u64,
-    ) -> Result<KeyView> {
+    pub fn create_key(&self, caller: &Caller, description: String, alias: Option<AliasName>, rotation_period_secs: u64) -> Result<KeyView> {
         let _admin = self.admin_lock();
         if let Some(alias) = &alias {
             if self.registry.read().aliases.contains_key(alias) {
@@ -224,14 +214,7 @@ impl Kms {
             destruction_at: None,
             primary_version: 1,
         };
-        let version = VersionRecord {
-            key_id,
-            version: 1,
-            state: VersionState::Enabled,
-            created_at,
-            reserved: 0,
-            destruction_at: None,
-        };
+        let version = VersionRecord { key_id, version: 1, state: VersionState::Enabled, created_at, reserved: 0, destruction_at: None };
         let alias_record = alias.map(|alias| AliasRecord { alias, key_id, created_at });
         let mut state = self.registry.write();
         let committed = self.store.write(|tx| {
@@ -289,8 +272,7 @@ impl Kms {
         if record.rotation_period_secs > 0 {
             record.next_rotation_at = Some(at + record.rotation_period_secs as i64);
         }
-        let version =
-            VersionRecord { key_id, version: next, state: VersionState::Enabled, created_at: at, reserved: 0, destruction_at: None };
+        let version = VersionRecord { key_id, version: next, state: VersionState::Enabled, created_at: at, reserved: 0, destruction_at: None };
         let mut state = self.registry.write();
         let committed = self.store.write(|tx| {
             tx.insert_version(&version)?;
@@ -315,13 +297,7 @@ impl Kms {
 
     /// Enable, disable, compromise, schedule or cancel destruction. `pending_days` is used by
     /// `ScheduleDestruction` only (already validated to 7..=30 by the API layer).
-    pub fn transition_key(
-        &self,
-        caller: &Caller,
-        key: &KeyRef,
-        transition: KeyTransition,
-        pending_days: u32,
-    ) -> Result<KeyView> {
+    pub fn transition_key(&self, caller: &Caller, key: &KeyRef, transition: KeyTransition, pending_days: u32) -> Result<KeyView> {
         let _admin = self.admin_lock();
         let entry = self.registry.entry(key)?;
         let key_id = entry.record.key_id;
@@ -370,17 +346,9 @@ impl Kms {
         let _admin = self.admin_lock();
         let entry = self.registry.entry(key)?;
         let key_id = entry.record.key_id;
-        let current = entry
-            .versions
-            .get(&version)
-            .ok_or_else(|| Error::NotFound { what: format!("version {version} of key {key_id}") })?;
-        let next = next_version_state(
-            entry.record.state,
-            current.record.state,
-            version == entry.record.primary_version,
-            transition,
-        )
-        .map_err(Error::precondition)?;
+        let current = entry.versions.get(&version).ok_or_else(|| Error::NotFound { what: format!("version {version} of key {key_id}") })?;
+        let next = next_version_state(entry.record.state, current.record.state, version == entry.record.primary_version, transition)
+            .map_err(Error::precondition)?;
         let at = now();
         let mut record = current.record.clone();
         record.state = next;
@@ -402,10 +370,7 @@ impl Kms {
         let mut state = self.registry.write();
         self.store.write(|tx| {
             tx.update_version_state(&record)?;
-            tx.append_audit(
-                &caller.audit(operation, Some(key_id), Some(version), format!("{} -> {next}", current.record.state)),
-                at,
-            )
+            tx.append_audit(&caller.audit(operation, Some(key_id), Some(version), format!("{} -> {next}", current.record.state)), at)
         })?;
         state.put_version(record, current.handle);
         let entry = state.resolve(&KeyRef::Id(key_id))?.clone();
@@ -474,8 +439,7 @@ impl Kms {
     pub fn set_principal_state(&self, caller: &Caller, name: &str, to: PrincipalState) -> Result<PrincipalRecord> {
         let _admin = self.admin_lock();
         let mut state = self.registry.write();
-        let mut record =
-            state.principals.get(name).cloned().ok_or_else(|| Error::NotFound { what: format!("principal {name}") })?;
+        let mut record = state.principals.get(name).cloned().ok_or_else(|| Error::NotFound { what: format!("principal {name}") })?;
         record.state = to;
         let operation = match to {
             PrincipalState::Enabled => "EnablePrincipal",

@@ -7,8 +7,8 @@
 mod admin;
 pub mod officers;
 mod recovery;
-pub mod review;
 pub mod registry;
+pub mod review;
 
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -111,7 +111,17 @@ impl Kms {
         let canary = std::sync::RwLock::new(hsm.service_key(ServiceKey::Canary)?);
         let audit_mac = hsm.service_key(ServiceKey::AuditMac)?;
         let officer_secrets = hsm.service_key(ServiceKey::OfficerSecrets)?;
-        let kms = Kms { hsm, audit_mac, officer_secrets, canary, uses: review::Uses::default(), store, registry: Registry::default(), settings, admin: Mutex::new(()) };
+        let kms = Kms {
+            hsm,
+            audit_mac,
+            officer_secrets,
+            canary,
+            uses: review::Uses::default(),
+            store,
+            registry: Registry::default(),
+            settings,
+            admin: Mutex::new(()),
+        };
         kms.recover()?;
         Ok(kms)
     }
@@ -126,12 +136,7 @@ impl Kms {
 
     /// Officer login, sessions and management.
     pub fn officers(&self) -> officers::Officers<'_> {
-        officers::Officers {
-            hsm: &*self.hsm,
-            store: &self.store,
-            secrets: self.officer_secrets,
-            session_seconds: self.settings.session_seconds,
-        }
+        officers::Officers { hsm: &*self.hsm, store: &self.store, secrets: self.officer_secrets, session_seconds: self.settings.session_seconds }
     }
 
     /// What the audit writer needs to sign checkpoints.
@@ -174,10 +179,7 @@ impl Kms {
             let reason = match why {
                 Denied::UnknownPrincipal => format!("principal {} is not registered", caller.principal),
                 Denied::DisabledPrincipal => format!("principal {} is disabled", caller.principal),
-                Denied::NoGrant => format!(
-                    "principal {} has no grant for {operation} on {key} with this encryption context",
-                    caller.principal
-                ),
+                Denied::NoGrant => format!("principal {} has no grant for {operation} on {key} with this encryption context", caller.principal),
             };
             Error::PermissionDenied { reason }
         };
@@ -290,15 +292,11 @@ impl Kms {
             VersionState::Enabled => {}
             VersionState::Destroyed => return Err(Error::DecryptFailed),
             state => {
-                return Err(Error::precondition(format!(
-                    "version {} of key {key_id} is {state}",
-                    version.record.version
-                )));
+                return Err(Error::precondition(format!("version {} of key {key_id} is {state}", version.record.version)));
             }
         }
         let handle = usable_handle(key_id, version)?;
-        let plaintext =
-            self.hsm.decrypt(handle, &parsed.header.iv, &parsed.header.aad(context), parsed.ciphertext)?;
+        let plaintext = self.hsm.decrypt(handle, &parsed.header.iv, &parsed.header.aad(context), parsed.ciphertext)?;
         Ok(Decrypted { key_id, key_version: parsed.header.version, plaintext })
     }
 
@@ -347,9 +345,6 @@ fn state_error(key_id: KeyId, state: KeyState) -> Error {
 
 fn usable_handle(key_id: KeyId, version: &VersionEntry) -> Result<crate::hsm::KeyHandle> {
     version.handle.ok_or_else(|| {
-        Error::precondition(format!(
-            "the HSM object of version {} of key {key_id} is missing; see the server log",
-            version.record.version
-        ))
+        Error::precondition(format!("the HSM object of version {} of key {key_id} is missing; see the server log", version.record.version))
     })
 }

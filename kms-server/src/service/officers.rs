@@ -13,9 +13,7 @@ use zeroize::Zeroizing;
 
 use super::{Caller, now};
 use crate::domain::blob::{IV_LEN, Iv};
-use crate::domain::officer::{
-    Passphrase, Role, TOTP_SECRET_LEN, hash_passphrase, otpauth_uri, verify_passphrase, verify_totp,
-};
+use crate::domain::officer::{Passphrase, Role, TOTP_SECRET_LEN, hash_passphrase, otpauth_uri, verify_passphrase, verify_totp};
 use crate::domain::policy::valid_principal;
 use crate::error::{Error, Result};
 use crate::hsm::{Hsm, KeyHandle};
@@ -117,10 +115,7 @@ impl Officers<'_> {
             return Err(Error::invalid("name", "must be 1 to 512 bytes without control characters"));
         }
         if !passphrase.acceptable() {
-            return Err(Error::invalid(
-                "passphrase",
-                format!("must be at least {} characters", crate::domain::officer::MIN_PASSPHRASE_CHARS),
-            ));
+            return Err(Error::invalid("passphrase", format!("must be at least {} characters", crate::domain::officer::MIN_PASSPHRASE_CHARS)));
         }
         let hash = hash_passphrase(passphrase).ok_or_else(|| Error::invalid("passphrase", "could not be hashed"))?;
         let mut secret = SecretBytes::zeroed(TOTP_SECRET_LEN);
@@ -206,8 +201,7 @@ impl Officers<'_> {
     pub fn authenticate(&self, token: Option<&SessionToken>, needs: Role) -> Result<String> {
         let token = token.ok_or_else(|| unauthenticated("no session: log in with `kmsctl login`"))?;
         let at = now();
-        let (name, expires_at) =
-            self.store.read(|tx| tx.session(&token.hash()))?.ok_or_else(|| unauthenticated("unknown session: log in again"))?;
+        let (name, expires_at) = self.store.read(|tx| tx.session(&token.hash()))?.ok_or_else(|| unauthenticated("unknown session: log in again"))?;
         if expires_at <= at {
             return Err(unauthenticated("the session expired: log in again"));
         }

@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::domain::budget::UsageLimits;
 use crate::domain::ids::{AliasName, KeyId, KeyRef};
+use crate::domain::policy::Grant;
 use crate::error::{Error, Result};
 use crate::hsm::KeyHandle;
-use crate::domain::policy::Grant;
 use crate::store::{AliasRecord, KeyRecord, PrincipalRecord, Store, VersionRecord};
 
 /// The AES-GCM invocation count of one version (see `domain::budget`).
@@ -102,9 +102,7 @@ impl State {
     pub fn resolve(&self, key: &KeyRef) -> Result<&Arc<KeyEntry>> {
         let id = match key {
             KeyRef::Id(id) => *id,
-            KeyRef::Alias(alias) => {
-                self.aliases.get(alias).ok_or_else(|| Error::NotFound { what: alias.to_string() })?.key_id
-            }
+            KeyRef::Alias(alias) => self.aliases.get(alias).ok_or_else(|| Error::NotFound { what: alias.to_string() })?.key_id,
         };
         self.keys.get(&id).ok_or_else(|| Error::NotFound { what: format!("key {id}") })
     }
@@ -150,15 +148,11 @@ impl State {
     }
 
     pub fn versions_of(&self, key_id: KeyId) -> Vec<(VersionRecord, Option<KeyHandle>)> {
-        self.keys
-            .get(&key_id)
-            .map(|e| e.versions.values().map(|v| (v.record.clone(), v.handle)).collect())
-            .unwrap_or_default()
+        self.keys.get(&key_id).map(|e| e.versions.values().map(|v| (v.record.clone(), v.handle)).collect()).unwrap_or_default()
     }
 
     fn aliases_of(&self, key_id: KeyId) -> Vec<AliasName> {
-        let mut out: Vec<AliasName> =
-            self.aliases.values().filter(|a| a.key_id == key_id).map(|a| a.alias.clone()).collect();
+        let mut out: Vec<AliasName> = self.aliases.values().filter(|a| a.key_id == key_id).map(|a| a.alias.clone()).collect();
         out.sort();
         out
     }

@@ -24,9 +24,15 @@ use crate::domain::policy::{Grant, Operation, PrincipalState};
 pub enum StoreError {
     Sqlite(rusqlite::Error),
     /// A row that this version of the service cannot read (an unknown state name, a bad id).
-    Corrupt { table: &'static str, detail: String },
+    Corrupt {
+        table: &'static str,
+        detail: String,
+    },
     /// The database was written by a newer version of the service.
-    TooNew { found: i64, supported: i64 },
+    TooNew {
+        found: i64,
+        supported: i64,
+    },
 }
 
 impl fmt::Display for StoreError {
@@ -34,10 +40,7 @@ impl fmt::Display for StoreError {
         match self {
             StoreError::Sqlite(e) => write!(f, "SQLite: {e}"),
             StoreError::Corrupt { table, detail } => write!(f, "unreadable row in {table}: {detail}"),
-            StoreError::TooNew { found, supported } => write!(
-                f,
-                "database schema version {found} is newer than this build supports ({supported})"
-            ),
+            StoreError::TooNew { found, supported } => write!(f, "database schema version {found} is newer than this build supports ({supported})"),
         }
     }
 }
@@ -209,11 +212,7 @@ impl fmt::Debug for Tx<'_> {
 }
 
 fn corrupt(table: &'static str, detail: impl fmt::Display) -> rusqlite::Error {
-    rusqlite::Error::FromSqlConversionFailure(
-        0,
-        rusqlite::types::Type::Text,
-        Box::new(StoreError::Corrupt { table, detail: detail.to_string() }),
-    )
+    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(StoreError::Corrupt { table, detail: detail.to_string() }))
 }
 
 fn key_id_col(row: &Row<'_>, idx: usize, table: &'static str) -> rusqlite::Result<KeyId> {
@@ -333,8 +332,7 @@ impl Tx<'_> {
             Ok(VersionRecord {
                 key_id: key_id_col(row, 0, "key_versions")?,
                 version: row.get(1)?,
-                state: VersionState::parse(&state)
-                    .ok_or_else(|| corrupt("key_versions", format!("state {state:?}")))?,
+                state: VersionState::parse(&state).ok_or_else(|| corrupt("key_versions", format!("state {state:?}")))?,
                 created_at: row.get(3)?,
                 reserved: to_u64(row.get(4)?),
                 destruction_at: row.get(5)?,
@@ -424,10 +422,7 @@ impl Tx<'_> {
 
     /// Marks a grant revoked; `Ok(false)` if there was no live grant with that id.
     pub fn revoke_grant(&self, grant_id: &str, now: i64) -> Result<bool> {
-        let n = self.0.execute(
-            "UPDATE grants SET revoked_at = ?2 WHERE grant_id = ?1 AND revoked_at IS NULL",
-            params![grant_id, now],
-        )?;
+        let n = self.0.execute("UPDATE grants SET revoked_at = ?2 WHERE grant_id = ?1 AND revoked_at IS NULL", params![grant_id, now])?;
         Ok(n == 1)
     }
 
@@ -587,9 +582,7 @@ impl Tx<'_> {
     pub fn session(&self, token_hash: &[u8]) -> Result<Option<(String, i64)>> {
         Ok(self
             .0
-            .query_row("SELECT officer, expires_at FROM sessions WHERE token_hash = ?1", params![token_hash], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+            .query_row("SELECT officer, expires_at FROM sessions WHERE token_hash = ?1", params![token_hash], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?)
     }
 
@@ -647,14 +640,11 @@ impl Tx<'_> {
     /// Appends audit records in order, each chained to the one before (a group commit writes a
     /// whole batch in one transaction).
     pub fn append_audits<'e>(&self, events: impl IntoIterator<Item = &'e AuditEvent>, now: i64) -> Result<()> {
-        let last: Option<(i64, Vec<u8>)> = self
-            .0
-            .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
+        let last: Option<(i64, Vec<u8>)> =
+            self.0.query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
         let (mut seq, mut prev) = match last {
             Some((seq, hash)) => {
-                let prev: [u8; 32] =
-                    hash.try_into().map_err(|_| StoreError::Corrupt { table: "audit", detail: "hash length".into() })?;
+                let prev: [u8; 32] = hash.try_into().map_err(|_| StoreError::Corrupt { table: "audit", detail: "hash length".into() })?;
                 (seq, prev)
             }
             None => (0, GENESIS),
@@ -703,17 +693,11 @@ impl Tx<'_> {
 
     /// The last audit record's sequence number and hash.
     pub fn last_audit(&self) -> Result<Option<(i64, Vec<u8>)>> {
-        Ok(self
-            .0
-            .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?)
+        Ok(self.0.query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?))).optional()?)
     }
 
     pub fn insert_checkpoint(&self, c: &Checkpoint) -> Result<()> {
-        self.0.execute(
-            "INSERT INTO audit_checkpoints (seq, time, hash, mac) VALUES (?1, ?2, ?3, ?4)",
-            params![c.seq, c.time, c.hash, c.mac],
-        )?;
+        self.0.execute("INSERT INTO audit_checkpoints (seq, time, hash, mac) VALUES (?1, ?2, ?3, ?4)", params![c.seq, c.time, c.hash, c.mac])?;
         Ok(())
     }
 
@@ -781,14 +765,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("kms.db")).unwrap();
         let k = key(1);
-        let v = VersionRecord {
-            key_id: k.key_id,
-            version: 1,
-            state: VersionState::Enabled,
-            created_at: 10,
-            reserved: 0,
-            destruction_at: None,
-        };
+        let v = VersionRecord { key_id: k.key_id, version: 1, state: VersionState::Enabled, created_at: 10, reserved: 0, destruction_at: None };
         let alias = AliasRecord { alias: AliasName::parse("app").unwrap(), key_id: k.key_id, created_at: 10 };
         let intent = store
             .write(|tx| {

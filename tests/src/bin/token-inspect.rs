@@ -43,18 +43,27 @@ fn describe(s: &Session, h: ObjectHandle) -> Result<Value> {
         let (name, value) = match a {
             Attribute::Label(l) => ("label".to_string(), json!(String::from_utf8_lossy(&l))),
             Attribute::Id(id) => ("id".to_string(), json!(id.iter().map(|b| format!("{b:02x}")).collect::<String>())),
-            Attribute::AllowedMechanisms(m) => {
-                ("allowed_mechanisms".to_string(), json!(m.iter().map(|m| m.to_string()).collect::<Vec<_>>()))
-            }
+            Attribute::AllowedMechanisms(m) => ("allowed_mechanisms".to_string(), json!(m.iter().map(|m| m.to_string()).collect::<Vec<_>>())),
             Attribute::ValueLen(n) => ("value_len".to_string(), json!(u64::from(n))),
             other => {
                 let t = other.attribute_type();
                 let Some((_, name)) = FLAGS.iter().find(|(f, _)| *f == t) else { continue };
                 let flag = match other {
-                    Attribute::Token(b) | Attribute::Private(b) | Attribute::Sensitive(b) | Attribute::Extractable(b)
-                    | Attribute::Modifiable(b) | Attribute::Encrypt(b) | Attribute::Decrypt(b) | Attribute::Wrap(b)
-                    | Attribute::Unwrap(b) | Attribute::Sign(b) | Attribute::Verify(b) | Attribute::Derive(b)
-                    | Attribute::WrapWithTrusted(b) | Attribute::AlwaysSensitive(b) | Attribute::NeverExtractable(b) => b,
+                    Attribute::Token(b)
+                    | Attribute::Private(b)
+                    | Attribute::Sensitive(b)
+                    | Attribute::Extractable(b)
+                    | Attribute::Modifiable(b)
+                    | Attribute::Encrypt(b)
+                    | Attribute::Decrypt(b)
+                    | Attribute::Wrap(b)
+                    | Attribute::Unwrap(b)
+                    | Attribute::Sign(b)
+                    | Attribute::Verify(b)
+                    | Attribute::Derive(b)
+                    | Attribute::WrapWithTrusted(b)
+                    | Attribute::AlwaysSensitive(b)
+                    | Attribute::NeverExtractable(b) => b,
                     _ => continue,
                 };
                 (name.to_string(), json!(flag))
@@ -68,10 +77,8 @@ fn describe(s: &Session, h: ObjectHandle) -> Result<Value> {
 fn attack(s: &Session, h: ObjectHandle) -> Result<Value> {
     // Reading CKA_VALUE: cryptoki leaves out attributes the token refuses, so "readable" means
     // the value actually came back.
-    let value_readable = s
-        .get_attributes(h, &[AttributeType::Value])
-        .map(|attrs| attrs.iter().any(|a| matches!(a, Attribute::Value(_))))
-        .unwrap_or(false);
+    let value_readable =
+        s.get_attributes(h, &[AttributeType::Value]).map(|attrs| attrs.iter().any(|a| matches!(a, Attribute::Value(_)))).unwrap_or(false);
     let set_extractable = s.update_attributes(h, &[Attribute::Extractable(true)]).is_ok();
     let set_not_sensitive = s.update_attributes(h, &[Attribute::Sensitive(false)]).is_ok();
     let set_wrap = s.update_attributes(h, &[Attribute::Wrap(true)]).is_ok();

@@ -25,7 +25,14 @@ async fn every_call_is_audited_with_its_outcome_key_and_context() {
         .unwrap()
         .into_inner()
         .ciphertext_blob;
-    let _ = data.decrypt(pb::DecryptRequest { ciphertext_blob: blob.clone(), encryption_context: ctx(&[("tenant", "other")]), key_id: String::new(), caller_context: None }).await;
+    let _ = data
+        .decrypt(pb::DecryptRequest {
+            ciphertext_blob: blob.clone(),
+            encryption_context: ctx(&[("tenant", "other")]),
+            key_id: String::new(),
+            caller_context: None,
+        })
+        .await;
     admin.describe_key(pb::DescribeKeyRequest { key_id: key.clone() }).await.unwrap();
     let _ = admin.enable_key(pb::EnableKeyRequest { key_id: "alias/missing".into() }).await;
 
@@ -87,15 +94,15 @@ async fn every_call_is_audited_with_its_outcome_key_and_context() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["ok"], true);
     assert_eq!(v["records"], 10);
-    let listed: serde_json::Value = serde_json::from_slice(&server.kmsctl(&["--json", "audit", "list", "--after", "1", "--limit", "2"]).stdout).unwrap();
+    let listed: serde_json::Value =
+        serde_json::from_slice(&server.kmsctl(&["--json", "audit", "list", "--after", "1", "--limit", "2"]).stdout).unwrap();
     assert_eq!(listed.as_array().unwrap().iter().map(|r| r["seq"].as_u64().unwrap()).collect::<Vec<_>>(), [2, 3]);
 
     // Export for a SIEM: JSON lines, within a time window.
     let file = server.dir.path().join("audit.jsonl");
     let out = server.kmsctl(&["audit", "export", "--since", "2020-01-01", "--out", file.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let lines: Vec<serde_json::Value> =
-        std::fs::read_to_string(&file).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&file).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert!(lines.len() >= 8, "{} lines", lines.len());
     assert_eq!(lines[0]["operation"], "CreateOfficer");
     assert_eq!(lines[2]["principal"], kms_tests::OFFICER, "admin calls name the officer");
@@ -237,7 +244,13 @@ async fn signed_checkpoints_catch_truncation_and_a_rewritten_chain_over_ten_thou
     assert_eq!(last, records, "the shutdown checkpoint covers the last record");
 
     let cases: Vec<(Box<dyn Fn(&rusqlite::Connection)>, i64, &str)> = vec![
-        (Box::new(move |db| { db.execute("DELETE FROM audit WHERE seq > ?1", [last - 10]).unwrap(); }), last - 9, "truncated"),
+        (
+            Box::new(move |db| {
+                db.execute("DELETE FROM audit WHERE seq > ?1", [last - 10]).unwrap();
+            }),
+            last - 9,
+            "truncated",
+        ),
         (
             Box::new(|db| {
                 db.execute("UPDATE audit SET detail = 'forged' WHERE seq = 5000", []).unwrap();
@@ -247,7 +260,9 @@ async fn signed_checkpoints_catch_truncation_and_a_rewritten_chain_over_ten_thou
             "signed checkpoint",
         ),
         (
-            Box::new(|db| { db.execute("UPDATE audit_checkpoints SET mac = zeroblob(32) WHERE seq = (SELECT MIN(seq) FROM audit_checkpoints)", []).unwrap(); }),
+            Box::new(|db| {
+                db.execute("UPDATE audit_checkpoints SET mac = zeroblob(32) WHERE seq = (SELECT MIN(seq) FROM audit_checkpoints)", []).unwrap();
+            }),
             0,
             "bad MAC",
         ),

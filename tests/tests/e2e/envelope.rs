@@ -18,7 +18,8 @@ async fn data_keys_round_trip_for_both_key_specs_and_work_with_standard_aes_gcm(
                 key_id: "alias/app".into(),
                 key_spec: spec.into(),
                 number_of_bytes: 0,
-                encryption_context: context.clone(), caller_context: None
+                encryption_context: context.clone(),
+                caller_context: None,
             })
             .await
             .unwrap()
@@ -40,7 +41,8 @@ async fn data_keys_round_trip_for_both_key_specs_and_work_with_standard_aes_gcm(
             .decrypt(pb::DecryptRequest {
                 ciphertext_blob: gdk.ciphertext_blob.clone(),
                 encryption_context: context.clone(),
-                key_id: String::new(), caller_context: None
+                key_id: String::new(),
+                caller_context: None,
             })
             .await
             .unwrap()
@@ -65,7 +67,12 @@ async fn rotation_keeps_old_blobs_decryptable_and_reencrypt_moves_them() {
     let a = create_key(&mut admin, "a").await;
     let b = create_key(&mut admin, "b").await;
     let c1 = ctx(&[("purpose", "test")]);
-    let enc = |key: &str, pt: &[u8]| pb::EncryptRequest { key_id: key.into(), plaintext: pt.to_vec(), encryption_context: c1.clone(), caller_context: None };
+    let enc = |key: &str, pt: &[u8]| pb::EncryptRequest {
+        key_id: key.into(),
+        plaintext: pt.to_vec(),
+        encryption_context: c1.clone(),
+        caller_context: None,
+    };
     let v1 = data.encrypt(enc(&a, b"secret one")).await.unwrap().into_inner();
     assert_eq!(v1.key_version, 1);
     let rotated = admin.rotate_key(pb::RotateKeyRequest { key_id: a.clone() }).await.unwrap().into_inner();
@@ -74,7 +81,12 @@ async fn rotation_keeps_old_blobs_decryptable_and_reencrypt_moves_them() {
     assert_eq!(v2.key_version, 2);
     for (blob, want, version) in [(&v1, &b"secret one"[..], 1), (&v2, &b"secret two"[..], 2)] {
         let mut d = data
-            .decrypt(pb::DecryptRequest { ciphertext_blob: blob.ciphertext_blob.clone(), encryption_context: c1.clone(), key_id: a.clone(), caller_context: None })
+            .decrypt(pb::DecryptRequest {
+                ciphertext_blob: blob.ciphertext_blob.clone(),
+                encryption_context: c1.clone(),
+                key_id: a.clone(),
+                caller_context: None,
+            })
             .await
             .unwrap()
             .into_inner();
@@ -89,7 +101,8 @@ async fn rotation_keeps_old_blobs_decryptable_and_reencrypt_moves_them() {
             source_encryption_context: c1.clone(),
             source_key_id: String::new(),
             destination_key_id: a.clone(),
-            destination_encryption_context: c1.clone(), caller_context: None
+            destination_encryption_context: c1.clone(),
+            caller_context: None,
         })
         .await
         .unwrap()
@@ -104,14 +117,20 @@ async fn rotation_keeps_old_blobs_decryptable_and_reencrypt_moves_them() {
             source_encryption_context: c1.clone(),
             source_key_id: "alias/a".into(),
             destination_key_id: "alias/b".into(),
-            destination_encryption_context: c2.clone(), caller_context: None
+            destination_encryption_context: c2.clone(),
+            caller_context: None,
         })
         .await
         .unwrap()
         .into_inner();
     assert_eq!((moved.source_key_id.as_str(), moved.key_id.as_str()), (a.as_str(), b.as_str()));
     let mut d = data
-        .decrypt(pb::DecryptRequest { ciphertext_blob: moved.ciphertext_blob.clone(), encryption_context: c2, key_id: String::new(), caller_context: None })
+        .decrypt(pb::DecryptRequest {
+            ciphertext_blob: moved.ciphertext_blob.clone(),
+            encryption_context: c2,
+            key_id: String::new(),
+            caller_context: None,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -165,13 +184,19 @@ async fn generate_random_and_without_plaintext() {
             key_id: key,
             key_spec: 0,
             number_of_bytes: 16,
-            encryption_context: Default::default(), caller_context: None
+            encryption_context: Default::default(),
+            caller_context: None,
         })
         .await
         .unwrap()
         .into_inner();
     let mut d = data
-        .decrypt(pb::DecryptRequest { ciphertext_blob: w.ciphertext_blob, encryption_context: Default::default(), key_id: String::new(), caller_context: None })
+        .decrypt(pb::DecryptRequest {
+            ciphertext_blob: w.ciphertext_blob,
+            encryption_context: Default::default(),
+            key_id: String::new(),
+            caller_context: None,
+        })
         .await
         .unwrap()
         .into_inner();

@@ -36,7 +36,8 @@ fn start_on_fixture() -> (Server, serde_json::Value) {
     std::fs::copy(fixture().join("kms.db"), dir.path().join("kms.db")).unwrap();
     let softhsm = dir.path().join("softhsm");
     let conf = softhsm.join("softhsm2.conf");
-    std::fs::write(&conf, format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", softhsm.join("tokens").display())).unwrap();
+    std::fs::write(&conf, format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", softhsm.join("tokens").display()))
+        .unwrap();
     let token = hsm_sim::Token {
         dir: softhsm.clone(),
         conf,
@@ -55,17 +56,13 @@ async fn golden_blobs_from_release_0_1_0_still_decrypt() {
     kms_tests::grant_all(&mut admin, golden["alias"].as_str().unwrap()).await;
     let mut data = server.data().await;
     for v in golden["vectors"].as_array().unwrap() {
-        let context = v["encryption_context"]
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
-            .collect();
+        let context = v["encryption_context"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())).collect();
         let mut d = data
             .decrypt(pb::DecryptRequest {
                 ciphertext_blob: B64.decode(v["ciphertext_blob"].as_str().unwrap()).unwrap(),
                 encryption_context: context,
-                key_id: String::new(), caller_context: None
+                key_id: String::new(),
+                caller_context: None,
             })
             .await
             .unwrap_or_else(|e| panic!("golden vector {v} no longer decrypts: {e}"))
@@ -83,13 +80,7 @@ async fn golden_blobs_from_release_0_1_0_still_decrypt() {
     // The envelope file from release 0.1.0 decrypts through kmsctl.
     let env = &golden["envelope"];
     let out = server.dir.path().join("golden.out");
-    let result = server.kmsctl(&[
-        "decrypt",
-        "--in",
-        fixture().join(env["file"].as_str().unwrap()).to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let result = server.kmsctl(&["decrypt", "--in", fixture().join(env["file"].as_str().unwrap()).to_str().unwrap(), "--out", out.to_str().unwrap()]);
     assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(fixture().join(env["plaintext_file"].as_str().unwrap())).unwrap());
 }

@@ -51,11 +51,22 @@ async fn every_cell_of_the_workload_matrix() {
     let blob = encrypt(&mut data, "alias/mine", &[("tenant", "acme"), ("file", "x")]).await.expect("properly granted");
     // Decrypt is granted without conditions; GenerateDataKey is not granted at all.
     let d = data
-        .decrypt(pb::DecryptRequest { ciphertext_blob: blob.clone(), encryption_context: ctx(&[("tenant", "acme"), ("file", "x")]), key_id: String::new(), caller_context: None })
+        .decrypt(pb::DecryptRequest {
+            ciphertext_blob: blob.clone(),
+            encryption_context: ctx(&[("tenant", "acme"), ("file", "x")]),
+            key_id: String::new(),
+            caller_context: None,
+        })
         .await;
     assert!(d.is_ok());
     let g = data
-        .generate_data_key(pb::GenerateDataKeyRequest { key_id: key.clone(), key_spec: 1, number_of_bytes: 0, encryption_context: ctx(&[("tenant", "acme"), ("file", "x")]), caller_context: None })
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key_id: key.clone(),
+            key_spec: 1,
+            number_of_bytes: 0,
+            encryption_context: ctx(&[("tenant", "acme"), ("file", "x")]),
+            caller_context: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(g.code(), Code::PermissionDenied);
@@ -65,7 +76,8 @@ async fn every_cell_of_the_workload_matrix() {
         source_encryption_context: ctx(&[("tenant", "acme"), ("file", "x")]),
         source_key_id: String::new(),
         destination_key_id: dest.into(),
-        destination_encryption_context: Default::default(), caller_context: None
+        destination_encryption_context: Default::default(),
+        caller_context: None,
     };
     assert_eq!(data.re_encrypt(re(&other)).await.unwrap_err().code(), Code::PermissionDenied);
     admin.create_grant(grant(&other, &["ReEncryptTo"], &[], &[], 0)).await.unwrap();
@@ -80,10 +92,16 @@ async fn every_cell_of_the_workload_matrix() {
         let mut data = data.clone();
         let other = other.clone();
         async move {
-            data.generate_data_key_without_plaintext(pb::GenerateDataKeyWithoutPlaintextRequest { key_id: other, key_spec: 1, number_of_bytes: 0, encryption_context: Default::default(), caller_context: None })
-                .await
-                .map(|_| ())
-                .map_err(|e| e.code())
+            data.generate_data_key_without_plaintext(pb::GenerateDataKeyWithoutPlaintextRequest {
+                key_id: other,
+                key_spec: 1,
+                number_of_bytes: 0,
+                encryption_context: Default::default(),
+                caller_context: None,
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| e.code())
         }
     };
     assert_eq!(gdk(&mut data).await, Ok(()));
@@ -102,7 +120,8 @@ async fn every_cell_of_the_workload_matrix() {
 
     // Every refusal is audited; none created a key version or a usage count.
     let db = server.db();
-    let denials: i64 = db.query_row("SELECT COUNT(*) FROM audit WHERE status = 'PERMISSION_DENIED' AND outcome = 'denied'", [], |r| r.get(0)).unwrap();
+    let denials: i64 =
+        db.query_row("SELECT COUNT(*) FROM audit WHERE status = 'PERMISSION_DENIED' AND outcome = 'denied'", [], |r| r.get(0)).unwrap();
     assert!(denials >= 13, "{denials} denials audited");
     let principal: String = db.query_row("SELECT principal FROM audit WHERE status = 'PERMISSION_DENIED' LIMIT 1", [], |r| r.get(0)).unwrap();
     assert_eq!(principal, WORKLOAD);

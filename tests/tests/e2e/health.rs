@@ -4,7 +4,6 @@ use kms_tests::Server;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
 
-
 #[tokio::test(flavor = "multi_thread")]
 async fn both_planes_report_serving_for_their_own_service() {
     let server = Server::start();
@@ -43,7 +42,12 @@ async fn health_goes_not_serving_and_requests_unavailable_when_the_hsm_loses_its
     }
     let mut data = server.data().await;
     let e = data
-        .encrypt(kms_proto::v1::EncryptRequest { key_id: key, plaintext: b"x".to_vec(), encryption_context: Default::default(), caller_context: None })
+        .encrypt(kms_proto::v1::EncryptRequest {
+            key_id: key,
+            plaintext: b"x".to_vec(),
+            encryption_context: Default::default(),
+            caller_context: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
@@ -52,10 +56,10 @@ async fn health_goes_not_serving_and_requests_unavailable_when_the_hsm_loses_its
 
 #[tokio::test(flavor = "multi_thread")]
 async fn reflection_lists_each_planes_services() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
 
     let server = Server::start();
     for (addr, service) in [(&server.data_addr, "kms.v1.Crypto"), (&server.admin_addr, "kms.v1.KeyManagement")] {

@@ -47,7 +47,16 @@ async fn every_key_object_is_sensitive_pinned_and_cannot_be_extracted() {
     let all: Vec<serde_json::Value> = serde_json::from_slice(&server.inspect("list")).unwrap();
     let by_label = |label: &str| all.iter().find(|o| o["label"] == label).unwrap_or_else(|| panic!("no {label}")).clone();
     let mac = by_label("kms-audit-hmac");
-    for (attr, want) in [("sensitive", true), ("modifiable", false), ("sign", true), ("verify", true), ("encrypt", false), ("decrypt", false), ("wrap", false), ("wrap_with_trusted", true)] {
+    for (attr, want) in [
+        ("sensitive", true),
+        ("modifiable", false),
+        ("sign", true),
+        ("verify", true),
+        ("encrypt", false),
+        ("decrypt", false),
+        ("wrap", false),
+        ("wrap_with_trusted", true),
+    ] {
         assert_eq!(mac[attr].as_bool(), Some(want), "audit key: {attr}");
     }
     assert_eq!(mac["allowed_mechanisms"], serde_json::json!(["CKM_SHA256_HMAC"]));

@@ -10,7 +10,9 @@ use kms_tests::Server;
 async fn data_plane_answers(server: &Server, tls: &Tls) -> bool {
     match server.channel_with(&server.data_addr, tls).await {
         Err(_) => false,
-        Ok(channel) => CryptoClient::new(channel).generate_random(pb::GenerateRandomRequest { number_of_bytes: 4, caller_context: None }).await.is_ok(),
+        Ok(channel) => {
+            CryptoClient::new(channel).generate_random(pb::GenerateRandomRequest { number_of_bytes: 4, caller_context: None }).await.is_ok()
+        }
     }
 }
 
@@ -45,10 +47,8 @@ async fn the_data_plane_admits_only_certificates_from_the_customer_ca() {
         .unwrap();
 
     // The audit names the workload by its certificate's SPIFFE ID.
-    let principal: String = server
-        .db()
-        .query_row("SELECT principal FROM audit WHERE operation = 'GenerateRandom' AND outcome = 'allowed'", [], |r| r.get(0))
-        .unwrap();
+    let principal: String =
+        server.db().query_row("SELECT principal FROM audit WHERE operation = 'GenerateRandom' AND outcome = 'allowed'", [], |r| r.get(0)).unwrap();
     assert_eq!(principal, kms_server::tls::DEV_WORKLOAD_ID);
 }
 

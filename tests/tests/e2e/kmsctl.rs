@@ -54,10 +54,21 @@ fn officer_workflow_through_kmsctl() {
     let denied = fails(&server, &["data-key", "generate", "--key", "alias/payroll", "--context", "app=hr"]);
     assert!(denied.contains("PermissionDenied"), "{denied}");
     assert_eq!(ok_json(&server, &["principal", "add", kms_tests::WORKLOAD])["state"], "Enabled");
-    let grant = ok_json(&server, &[
-        "grant", "create", "--principal", kms_tests::WORKLOAD, "--key", "alias/payroll", "--operations", "GenerateDataKey,Decrypt",
-        "--require", "app=hr",
-    ]);
+    let grant = ok_json(
+        &server,
+        &[
+            "grant",
+            "create",
+            "--principal",
+            kms_tests::WORKLOAD,
+            "--key",
+            "alias/payroll",
+            "--operations",
+            "GenerateDataKey,Decrypt",
+            "--require",
+            "app=hr",
+        ],
+    );
     assert_eq!(grant["operations"], serde_json::json!(["GenerateDataKey", "Decrypt"]));
     assert_eq!(ok_json(&server, &["grant", "list", "--key", "alias/payroll"]).as_array().unwrap().len(), 1);
     let denied = fails(&server, &["data-key", "generate", "--key", "alias/payroll", "--context", "app=other"]);
@@ -116,10 +127,7 @@ fn officer_workflow_through_kmsctl() {
 
 #[test]
 fn an_unreachable_endpoint_is_a_clear_error() {
-    let out = std::process::Command::new(kms_tests::bin("kmsctl"))
-        .args(["--endpoint", "http://127.0.0.1:9", "key", "list"])
-        .output()
-        .unwrap();
+    let out = std::process::Command::new(kms_tests::bin("kmsctl")).args(["--endpoint", "http://127.0.0.1:9", "key", "list"]).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.starts_with("kmsctl: error: cannot reach the service"), "{err}");

@@ -26,20 +26,38 @@ async fn no_secret_reaches_logs_database_audit_or_cli_output() {
     let mut secrets: Vec<(String, Vec<u8>)> = Vec::new();
     for i in 0..5 {
         let mut gdk = data
-            .generate_data_key(pb::GenerateDataKeyRequest { key_id: key.clone(), key_spec: 1, number_of_bytes: 0, encryption_context: Default::default(), caller_context: None })
+            .generate_data_key(pb::GenerateDataKeyRequest {
+                key_id: key.clone(),
+                key_spec: 1,
+                number_of_bytes: 0,
+                encryption_context: Default::default(),
+                caller_context: None,
+            })
             .await
             .unwrap()
             .into_inner();
         let data_key = std::mem::take(&mut gdk.plaintext);
         let mut dec = data
-            .decrypt(pb::DecryptRequest { ciphertext_blob: gdk.ciphertext_blob.clone(), encryption_context: Default::default(), key_id: String::new(), caller_context: None })
+            .decrypt(pb::DecryptRequest {
+                ciphertext_blob: gdk.ciphertext_blob.clone(),
+                encryption_context: Default::default(),
+                key_id: String::new(),
+                caller_context: None,
+            })
             .await
             .unwrap()
             .into_inner();
         assert_eq!(std::mem::take(&mut dec.plaintext), data_key);
         secrets.push((format!("data key {i}"), data_key));
         let plaintext = format!("plaintext secret number {i} !!").into_bytes();
-        data.encrypt(pb::EncryptRequest { key_id: key.clone(), plaintext: plaintext.clone(), encryption_context: Default::default(), caller_context: None }).await.unwrap();
+        data.encrypt(pb::EncryptRequest {
+            key_id: key.clone(),
+            plaintext: plaintext.clone(),
+            encryption_context: Default::default(),
+            caller_context: None,
+        })
+        .await
+        .unwrap();
         secrets.push((format!("plaintext {i}"), plaintext));
         let mut random = data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 32, caller_context: None }).await.unwrap().into_inner();
         secrets.push((format!("random {i}"), std::mem::take(&mut random.plaintext)));
@@ -53,7 +71,8 @@ async fn no_secret_reaches_logs_database_audit_or_cli_output() {
         .into_inner();
     let totp = kms_tests::otpauth_secret(&created.otpauth_uri);
     let mut session = kms_proto::v1::session_client::SessionClient::new(server.channel(&server.admin_addr).await);
-    let _ = session.login(pb::LoginRequest { name: "eve".into(), passphrase: "wrong-but-secret passphrase".into(), totp_code: "000000".into() }).await;
+    let _ =
+        session.login(pb::LoginRequest { name: "eve".into(), passphrase: "wrong-but-secret passphrase".into(), totp_code: "000000".into() }).await;
     let mut ok = session
         .login(pb::LoginRequest { name: "eve".into(), passphrase: pass.into(), totp_code: kms_tests::totp_now(&totp, 0) })
         .await
@@ -72,7 +91,13 @@ async fn no_secret_reaches_logs_database_audit_or_cli_output() {
 
     // Outputs that must hold no secret: kmsctl's listings and the audit export.
     let mut outputs: Vec<(String, Vec<u8>)> = Vec::new();
-    for args in [&["--json", "key", "list"][..], &["--json", "audit", "list", "--limit", "1000"], &["audit", "export"], &["--json", "review"], &["key", "describe", "alias/leaks"]] {
+    for args in [
+        &["--json", "key", "list"][..],
+        &["--json", "audit", "list", "--limit", "1000"],
+        &["audit", "export"],
+        &["--json", "review"],
+        &["key", "describe", "alias/leaks"],
+    ] {
         let out = server.kmsctl(args);
         assert!(out.status.success(), "{args:?}");
         outputs.push((format!("kmsctl {args:?}"), [out.stdout, out.stderr].concat()));

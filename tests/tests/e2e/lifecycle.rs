@@ -20,13 +20,7 @@ async fn apply(admin: &mut Admin, key: &str, op: Op) -> Result<i32, tonic::Statu
         Op::Enable => admin.enable_key(pb::EnableKeyRequest { key_id }).await?.into_inner().key,
         Op::Disable => admin.disable_key(pb::DisableKeyRequest { key_id }).await?.into_inner().key,
         Op::Compromise => admin.mark_key_compromised(pb::MarkKeyCompromisedRequest { key_id }).await?.into_inner().key,
-        Op::Schedule => {
-            admin
-                .schedule_key_destruction(pb::ScheduleKeyDestructionRequest { key_id, pending_window_days: 7 })
-                .await?
-                .into_inner()
-                .key
-        }
+        Op::Schedule => admin.schedule_key_destruction(pb::ScheduleKeyDestructionRequest { key_id, pending_window_days: 7 }).await?.into_inner().key,
         Op::Cancel => admin.cancel_key_destruction(pb::CancelKeyDestructionRequest { key_id }).await?.into_inner().key,
         Op::Rotate => admin.rotate_key(pb::RotateKeyRequest { key_id }).await?.into_inner().key,
     };
@@ -136,7 +130,12 @@ async fn state_enforcement_under_concurrent_load() {
     let blob = server
         .data()
         .await
-        .encrypt(pb::EncryptRequest { key_id: key.clone(), plaintext: b"kept".to_vec(), encryption_context: ctx(&[("a", "b")]), caller_context: None })
+        .encrypt(pb::EncryptRequest {
+            key_id: key.clone(),
+            plaintext: b"kept".to_vec(),
+            encryption_context: ctx(&[("a", "b")]),
+            caller_context: None,
+        })
         .await
         .unwrap()
         .into_inner()
@@ -158,7 +157,8 @@ async fn state_enforcement_under_concurrent_load() {
                         key_id: key.clone(),
                         key_spec: pb::DataKeySpec::Aes256.into(),
                         number_of_bytes: 0,
-                        encryption_context: Default::default(), caller_context: None
+                        encryption_context: Default::default(),
+                        caller_context: None,
                     })
                     .await;
                 seen.push((started, r.map(|_| ()).map_err(|e| e.code())));
@@ -208,7 +208,12 @@ async fn state_enforcement_under_concurrent_load() {
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("Compromised"), "{}", e.message());
     let e = data
-        .decrypt(pb::DecryptRequest { ciphertext_blob: blob.clone(), encryption_context: ctx(&[("a", "b")]), key_id: String::new(), caller_context: None })
+        .decrypt(pb::DecryptRequest {
+            ciphertext_blob: blob.clone(),
+            encryption_context: ctx(&[("a", "b")]),
+            key_id: String::new(),
+            caller_context: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
@@ -218,7 +223,8 @@ async fn state_enforcement_under_concurrent_load() {
             source_encryption_context: ctx(&[("a", "b")]),
             source_key_id: String::new(),
             destination_key_id: other.clone(),
-            destination_encryption_context: Default::default(), caller_context: None
+            destination_encryption_context: Default::default(),
+            caller_context: None,
         })
         .await
         .unwrap()
@@ -231,7 +237,8 @@ async fn state_enforcement_under_concurrent_load() {
             source_encryption_context: Default::default(),
             source_key_id: String::new(),
             destination_key_id: key,
-            destination_encryption_context: Default::default(), caller_context: None
+            destination_encryption_context: Default::default(),
+            caller_context: None,
         })
         .await
         .unwrap_err();

@@ -28,25 +28,39 @@ async fn oversized_and_malformed_inputs_name_their_field() {
     expect_invalid(data.encrypt(enc(vec![], ctx(&[("k", &big)]))).await, "encryption_context", "8,193 bytes");
     expect_invalid(data.encrypt(enc(vec![], ctx(&[("", "v")]))).await, "encryption_context", "empty context key");
 
-    let dec = |blob: Vec<u8>| pb::DecryptRequest { ciphertext_blob: blob, encryption_context: Default::default(), key_id: String::new(), caller_context: None };
+    let dec = |blob: Vec<u8>| pb::DecryptRequest {
+        ciphertext_blob: blob,
+        encryption_context: Default::default(),
+        key_id: String::new(),
+        caller_context: None,
+    };
     expect_invalid(data.decrypt(dec(vec![0; 6145])).await, "ciphertext_blob", "blob of 6,145 bytes");
     expect_invalid(data.decrypt(dec(vec![])).await, "ciphertext_blob", "empty blob");
 
     for (spec, n, field) in [(0, 0, "key_spec"), (0, 24, "number_of_bytes"), (0, 64, "number_of_bytes"), (7, 0, "key_spec")] {
         let r = data
-            .generate_data_key(pb::GenerateDataKeyRequest { key_id: key.clone(), key_spec: spec, number_of_bytes: n, encryption_context: Default::default(), caller_context: None })
+            .generate_data_key(pb::GenerateDataKeyRequest {
+                key_id: key.clone(),
+                key_spec: spec,
+                number_of_bytes: n,
+                encryption_context: Default::default(),
+                caller_context: None,
+            })
             .await;
         expect_invalid(r, field, &format!("data key spec {spec} bytes {n}"));
     }
     for bad in ["", "not-a-key", "alias/", "alias/has space", "1234"] {
-        let r = data.encrypt(pb::EncryptRequest { key_id: bad.into(), plaintext: vec![], encryption_context: Default::default(), caller_context: None }).await;
+        let r = data
+            .encrypt(pb::EncryptRequest { key_id: bad.into(), plaintext: vec![], encryption_context: Default::default(), caller_context: None })
+            .await;
         expect_invalid(r, "key_id", &format!("key id {bad:?}"));
     }
     let unknown = data
         .encrypt(pb::EncryptRequest {
             key_id: "00000000-0000-4000-8000-000000000000".into(),
             plaintext: vec![],
-            encryption_context: Default::default(), caller_context: None
+            encryption_context: Default::default(),
+            caller_context: None,
         })
         .await
         .unwrap_err();
@@ -63,21 +77,9 @@ async fn oversized_and_malformed_inputs_name_their_field() {
         "rotation_period_seconds",
         "a one-minute rotation period",
     );
-    expect_invalid(
-        admin.list_keys(pb::ListKeysRequest { page_size: 1001, page_token: String::new() }).await,
-        "page_size",
-        "page of 1,001",
-    );
-    expect_invalid(
-        admin.list_keys(pb::ListKeysRequest { page_size: 1, page_token: "garbage".into() }).await,
-        "page_token",
-        "bad page token",
-    );
-    expect_invalid(
-        admin.enable_key_version(pb::KeyVersionRequest { key_id: key.clone(), key_version: 0 }).await,
-        "key_version",
-        "version 0",
-    );
+    expect_invalid(admin.list_keys(pb::ListKeysRequest { page_size: 1001, page_token: String::new() }).await, "page_size", "page of 1,001");
+    expect_invalid(admin.list_keys(pb::ListKeysRequest { page_size: 1, page_token: "garbage".into() }).await, "page_token", "bad page token");
+    expect_invalid(admin.enable_key_version(pb::KeyVersionRequest { key_id: key.clone(), key_version: 0 }).await, "key_version", "version 0");
 
     let audit_after: i64 = server.db().query_row("SELECT COUNT(*) FROM key_versions", [], |r| r.get(0)).unwrap();
     assert_eq!(audit_before, audit_after, "no refused request created anything");

@@ -42,9 +42,8 @@ async fn nothing_on_the_admin_plane_works_without_a_session() {
     let db = server.db();
     let keys: i64 = db.query_row("SELECT COUNT(*) FROM keys", [], |r| r.get(0)).unwrap();
     assert_eq!(keys, 0, "no key was created");
-    let denied: i64 = db
-        .query_row("SELECT COUNT(*) FROM audit WHERE status = 'UNAUTHENTICATED' AND principal = 'unauthenticated'", [], |r| r.get(0))
-        .unwrap();
+    let denied: i64 =
+        db.query_row("SELECT COUNT(*) FROM audit WHERE status = 'UNAUTHENTICATED' AND principal = 'unauthenticated'", [], |r| r.get(0)).unwrap();
     assert_eq!(denied, 7, "every refusal is audited");
 }
 
@@ -179,6 +178,7 @@ fn kmsctl_login_officer_add_and_logout() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("Unauthenticated"));
     // The audit names dee for what dee did.
-    let by_dee: i64 = server.db().query_row("SELECT COUNT(*) FROM audit WHERE principal = 'dee' AND operation = 'CreateKey'", [], |r| r.get(0)).unwrap();
+    let by_dee: i64 =
+        server.db().query_row("SELECT COUNT(*) FROM audit WHERE principal = 'dee' AND operation = 'CreateKey'", [], |r| r.get(0)).unwrap();
     assert_eq!(by_dee, 1);
 }

@@ -43,7 +43,12 @@ async fn keys_versions_counters_and_states_survive_restart_and_kill9() {
         let b_state = admin.describe_key(pb::DescribeKeyRequest { key_id: b.clone() }).await.unwrap().into_inner().key.unwrap().state;
         assert_eq!(b_state, pb::KeyState::Disabled as i32);
         let mut dec = data
-            .decrypt(pb::DecryptRequest { ciphertext_blob: blob.clone(), encryption_context: ctx(&[("n", "1")]), key_id: String::new(), caller_context: None })
+            .decrypt(pb::DecryptRequest {
+                ciphertext_blob: blob.clone(),
+                encryption_context: ctx(&[("n", "1")]),
+                key_id: String::new(),
+                caller_context: None,
+            })
             .await
             .unwrap()
             .into_inner();
@@ -62,7 +67,12 @@ async fn destruction_sweep_destroys_hsm_objects_and_keeps_a_tombstone() {
     let kept = create_key(&mut admin, "kept").await;
     admin.rotate_key(pb::RotateKeyRequest { key_id: kept.clone() }).await.unwrap();
     let blob = data
-        .encrypt(pb::EncryptRequest { key_id: doomed.clone(), plaintext: b"gone".to_vec(), encryption_context: Default::default(), caller_context: None })
+        .encrypt(pb::EncryptRequest {
+            key_id: doomed.clone(),
+            plaintext: b"gone".to_vec(),
+            encryption_context: Default::default(),
+            caller_context: None,
+        })
         .await
         .unwrap()
         .into_inner()
@@ -78,9 +88,8 @@ async fn destruction_sweep_destroys_hsm_objects_and_keeps_a_tombstone() {
         .schedule_key_version_destruction(pb::ScheduleKeyVersionDestructionRequest { key_id: kept.clone(), key_version: 1, pending_window_days: 7 })
         .await
         .unwrap();
-    let labels = |server: &Server| -> Vec<String> {
-        server.token_objects().iter().map(|o| o["label"].as_str().unwrap_or_default().to_string()).collect()
-    };
+    let labels =
+        |server: &Server| -> Vec<String> { server.token_objects().iter().map(|o| o["label"].as_str().unwrap_or_default().to_string()).collect() };
     assert_eq!(labels(&server).len(), 3);
 
     // Seven days pass: move the due dates into the past while the server is stopped.
@@ -108,12 +117,18 @@ async fn destruction_sweep_destroys_hsm_objects_and_keeps_a_tombstone() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "a destroyed key looks like an unknown one");
     let ok = data
-        .decrypt(pb::DecryptRequest { ciphertext_blob: kept_v1_blob, encryption_context: Default::default(), key_id: String::new(), caller_context: None })
+        .decrypt(pb::DecryptRequest {
+            ciphertext_blob: kept_v1_blob,
+            encryption_context: Default::default(),
+            key_id: String::new(),
+            caller_context: None,
+        })
         .await;
     assert!(ok.is_ok(), "the surviving primary version still decrypts");
     let e = admin.enable_key(pb::EnableKeyRequest { key_id: doomed }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
-    let sweeps: i64 = server.db().query_row("SELECT COUNT(*) FROM audit WHERE operation IN ('DestroyKey', 'DestroyKeyVersion')", [], |r| r.get(0)).unwrap();
+    let sweeps: i64 =
+        server.db().query_row("SELECT COUNT(*) FROM audit WHERE operation IN ('DestroyKey', 'DestroyKeyVersion')", [], |r| r.get(0)).unwrap();
     assert_eq!(sweeps, 2, "each destruction is audited");
 }
 
@@ -187,7 +202,12 @@ async fn a_missing_hsm_object_is_reported_and_its_version_refused_not_dropped() 
         let mut data = server.data().await;
         let key = create_key(&mut admin, "").await;
         let blob = data
-            .encrypt(pb::EncryptRequest { key_id: key.clone(), plaintext: b"x".to_vec(), encryption_context: Default::default(), caller_context: None })
+            .encrypt(pb::EncryptRequest {
+                key_id: key.clone(),
+                plaintext: b"x".to_vec(),
+                encryption_context: Default::default(),
+                caller_context: None,
+            })
             .await
             .unwrap()
             .into_inner()
@@ -214,9 +234,7 @@ async fn a_missing_hsm_object_is_reported_and_its_version_refused_not_dropped() 
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
-    let reported: i64 = server
-        .db()
-        .query_row("SELECT COUNT(*) FROM audit WHERE operation = 'Recovery' AND detail LIKE '%missing%'", [], |r| r.get(0))
-        .unwrap();
+    let reported: i64 =
+        server.db().query_row("SELECT COUNT(*) FROM audit WHERE operation = 'Recovery' AND detail LIKE '%missing%'", [], |r| r.get(0)).unwrap();
     assert_eq!(reported, 1);
 }

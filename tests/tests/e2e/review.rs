@@ -19,9 +19,14 @@ async fn review_lists_last_uses_flags_stale_access_and_records_sign_off() {
     let mut admin = server.admin().await;
     let key = create_key(&mut admin, "reviewed").await;
     let mut data = server.data().await;
-    data.encrypt(kms_proto::v1::EncryptRequest { key_id: key.clone(), plaintext: b"x".to_vec(), encryption_context: Default::default(), caller_context: None })
-        .await
-        .unwrap();
+    data.encrypt(kms_proto::v1::EncryptRequest {
+        key_id: key.clone(),
+        plaintext: b"x".to_vec(),
+        encryption_context: Default::default(),
+        caller_context: None,
+    })
+    .await
+    .unwrap();
 
     let r = review(&server);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
@@ -41,7 +46,8 @@ async fn review_lists_last_uses_flags_stale_access_and_records_sign_off() {
     let r = review(&server);
     assert_eq!(r["signoff_overdue"], false);
     assert_eq!(r["last_signoff_by"], kms_tests::OFFICER);
-    let audited: i64 = server.db().query_row("SELECT COUNT(*) FROM audit WHERE operation = 'SignOffReview' AND detail = '2026 review'", [], |r| r.get(0)).unwrap();
+    let audited: i64 =
+        server.db().query_row("SELECT COUNT(*) FROM audit WHERE operation = 'SignOffReview' AND detail = '2026 review'", [], |r| r.get(0)).unwrap();
     assert_eq!(audited, 1);
 
     // A hundred days pass without use, and more than a year since the sign-off.

@@ -27,11 +27,7 @@ fn db_snapshot(server: &Server) -> String {
     for table in ["keys", "key_versions", "aliases", "intents"] {
         let mut stmt = db.prepare(&format!("SELECT * FROM {table}")).unwrap();
         let n = stmt.column_count();
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((0..n).map(|i| format!("{:?}", r.get_ref(i).unwrap())).collect::<Vec<_>>().join("|"))
-            })
-            .unwrap();
+        let rows = stmt.query_map([], |r| Ok((0..n).map(|i| format!("{:?}", r.get_ref(i).unwrap())).collect::<Vec<_>>().join("|"))).unwrap();
         for row in rows {
             out.push_str(&row.unwrap());
             out.push('\n');
@@ -52,21 +48,32 @@ async fn every_bit_flip_truncation_and_extension_is_refused_identically() {
             key_id: key.clone(),
             key_spec: pb::DataKeySpec::Aes256.into(),
             number_of_bytes: 0,
-            encryption_context: context.clone(), caller_context: None
+            encryption_context: context.clone(),
+            caller_context: None,
         })
         .await
         .unwrap()
         .into_inner();
     let _ = std::mem::take(&mut gdk.plaintext);
     let small = data
-        .encrypt(pb::EncryptRequest { key_id: key.clone(), plaintext: b"a small secret".to_vec(), encryption_context: context.clone(), caller_context: None })
+        .encrypt(pb::EncryptRequest {
+            key_id: key.clone(),
+            plaintext: b"a small secret".to_vec(),
+            encryption_context: context.clone(),
+            caller_context: None,
+        })
         .await
         .unwrap()
         .into_inner()
         .ciphertext_blob;
     let before = db_snapshot(&server);
     let audited = |server: &Server| -> i64 {
-        server.db().query_row("SELECT COUNT(*) FROM audit WHERE operation = 'Decrypt' AND outcome = 'denied' AND status = 'INVALID_ARGUMENT'", [], |r| r.get(0)).unwrap()
+        server
+            .db()
+            .query_row("SELECT COUNT(*) FROM audit WHERE operation = 'Decrypt' AND outcome = 'denied' AND status = 'INVALID_ARGUMENT'", [], |r| {
+                r.get(0)
+            })
+            .unwrap()
     };
     let mut refused = 0;
     for (kind, blob) in [("data key blob", gdk.ciphertext_blob.clone()), ("ciphertext blob", small)] {
@@ -132,7 +139,12 @@ async fn swapping_key_id_or_version_between_blobs_is_refused() {
     let mut data = server.data().await;
     let a = create_key(&mut admin, "").await;
     let b = create_key(&mut admin, "").await;
-    let enc = |key: &str| pb::EncryptRequest { key_id: key.into(), plaintext: b"same".to_vec(), encryption_context: Default::default(), caller_context: None };
+    let enc = |key: &str| pb::EncryptRequest {
+        key_id: key.into(),
+        plaintext: b"same".to_vec(),
+        encryption_context: Default::default(),
+        caller_context: None,
+    };
     let blob_a = data.encrypt(enc(&a)).await.unwrap().into_inner().ciphertext_blob;
     let blob_b = data.encrypt(enc(&b)).await.unwrap().into_inner().ciphertext_blob;
     admin.rotate_key(pb::RotateKeyRequest { key_id: a.clone() }).await.unwrap();

@@ -18,7 +18,12 @@ async fn ivs_are_unique_over_a_hundred_thousand_encryptions() {
             let mut ivs = Vec::with_capacity(6250);
             for _ in 0..6250 {
                 let blob = data
-                    .encrypt(pb::EncryptRequest { key_id: key.clone(), plaintext: Vec::new(), encryption_context: Default::default(), caller_context: None })
+                    .encrypt(pb::EncryptRequest {
+                        key_id: key.clone(),
+                        plaintext: Vec::new(),
+                        encryption_context: Default::default(),
+                        caller_context: None,
+                    })
                     .await
                     .unwrap()
                     .into_inner()
@@ -42,12 +47,8 @@ async fn ivs_are_unique_over_a_hundred_thousand_encryptions() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_usage_budget_rotates_at_the_threshold_and_never_passes_the_limit() {
-    let mut server = Server::start_with(Options {
-        rotation_threshold: 800,
-        encryption_limit: 1000,
-        usage_reservation_block: 64,
-        ..Options::default()
-    });
+    let mut server =
+        Server::start_with(Options { rotation_threshold: 800, encryption_limit: 1000, usage_reservation_block: 64, ..Options::default() });
     let mut admin = server.admin().await;
     let key = create_key(&mut admin, "budget").await;
     let mut tasks = Vec::new();
@@ -58,7 +59,12 @@ async fn the_usage_budget_rotates_at_the_threshold_and_never_passes_the_limit() 
             let mut per_version: HashMap<u32, u64> = HashMap::new();
             for _ in 0..100 {
                 let r = data
-                    .encrypt(pb::EncryptRequest { key_id: key.clone(), plaintext: b"x".to_vec(), encryption_context: Default::default(), caller_context: None })
+                    .encrypt(pb::EncryptRequest {
+                        key_id: key.clone(),
+                        plaintext: b"x".to_vec(),
+                        encryption_context: Default::default(),
+                        caller_context: None,
+                    })
                     .await
                     .unwrap()
                     .into_inner();
@@ -81,10 +87,8 @@ async fn the_usage_budget_rotates_at_the_threshold_and_never_passes_the_limit() 
     for v in &d.versions {
         assert!(v.encryptions <= 1000, "version {} above its limit", v.version);
     }
-    let rotations: i64 = server
-        .db()
-        .query_row("SELECT COUNT(*) FROM audit WHERE operation = 'RotateKey' AND principal = 'system'", [], |r| r.get(0))
-        .unwrap();
+    let rotations: i64 =
+        server.db().query_row("SELECT COUNT(*) FROM audit WHERE operation = 'RotateKey' AND principal = 'system'", [], |r| r.get(0)).unwrap();
     assert!(rotations >= 1);
 
     // After a kill, each version's persisted count covers what was acknowledged.
