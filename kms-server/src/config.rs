@@ -50,11 +50,19 @@ pub struct AuditConfig {
     pub checkpoint_every_records: i64,
     /// ...or every this many seconds, whichever comes first (default 60).
     pub checkpoint_every_seconds: i64,
+    /// Records older than this many days are removed, up to a signed checkpoint so that the rest
+    /// still verifies. 0 (the default) keeps everything; otherwise at least
+    /// [`MIN_AUDIT_RETENTION_DAYS`].
+    pub retention_days: u32,
 }
+
+/// The shortest audit retention allowed: the framework keeps access logs "at least three months"
+/// (order 3-17-25, Level 2; TESTPLAN R13 uses 90 days).
+pub const MIN_AUDIT_RETENTION_DAYS: u32 = 90;
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        AuditConfig { checkpoint_every_records: 1000, checkpoint_every_seconds: 60 }
+        AuditConfig { checkpoint_every_records: 1000, checkpoint_every_seconds: 60, retention_days: 0 }
     }
 }
 
@@ -207,6 +215,12 @@ impl Config {
         }
         if self.audit.checkpoint_every_records < 1 || self.audit.checkpoint_every_seconds < 1 {
             return Err(refuse("audit", "checkpoint_every_records and checkpoint_every_seconds must be at least 1"));
+        }
+        if self.audit.retention_days != 0 && self.audit.retention_days < MIN_AUDIT_RETENTION_DAYS {
+            return Err(refuse(
+                "audit.retention_days",
+                format!("is {}; it must be 0 (keep everything) or at least {MIN_AUDIT_RETENTION_DAYS} days", self.audit.retention_days),
+            ));
         }
         if !(1..=60).contains(&self.health.probe_interval_seconds) {
             return Err(refuse("health.probe_interval_seconds", "must be 1 to 60"));

@@ -18,6 +18,7 @@ pub mod audit;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod hooks;
 pub mod hsm;
 pub mod secret;
 pub mod server;

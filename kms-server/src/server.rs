@@ -69,12 +69,19 @@ fn dev_officer(kms: &Kms, data_dir: &std::path::Path) -> anyhow::Result<()> {
 /// address (tests and scripts read them) before serving. `dev` adds the development officer and
 /// a kmsctl hint.
 pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
+    if crate::hooks::ENABLED {
+        tracing::warn!("this build carries the end-to-end test hooks (feature test-hooks): build kms-server alone for production");
+    }
     let pin = config.pin()?;
     let hsm_config = config.hsm.clone();
     let hsm = tokio::task::spawn_blocking(move || Pkcs11Hsm::open(&hsm_config.module, &hsm_config.token_label, &pin, hsm_config.sessions)).await??;
     std::fs::create_dir_all(&config.data_dir)?;
     let db = config.data_dir.join("kms.db");
-    let settings = Settings { limits: config.keys.limits(), session_seconds: config.officers.session_minutes * 60 };
+    let settings = Settings {
+        limits: config.keys.limits(),
+        session_seconds: config.officers.session_minutes * 60,
+        audit_retention_days: config.audit.retention_days,
+    };
     let (kms, store) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Kms, Arc<Store>)> {
         let store = Arc::new(Store::open(&db)?);
         Ok((Kms::open(Arc::new(hsm), store.clone(), settings)?, store))

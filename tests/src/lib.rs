@@ -36,6 +36,10 @@ pub struct Options {
     pub usage_reservation_block: u64,
     pub sweep_interval_seconds: u64,
     pub checkpoint_every_records: u64,
+    /// `audit.retention_days` (0: keep everything).
+    pub audit_retention_days: u32,
+    /// Seconds added to the clock audit retention reads (the `test-hooks` build only).
+    pub retention_clock_offset: i64,
     /// The server's `KMS_LOG` filter.
     pub log: &'static str,
 }
@@ -48,6 +52,8 @@ impl Default for Options {
             usage_reservation_block: 4096,
             sweep_interval_seconds: 1,
             checkpoint_every_records: 1000,
+            audit_retention_days: 0,
+            retention_clock_offset: 0,
             log: "debug",
         }
     }
@@ -207,7 +213,7 @@ impl Server {
              [tls]\ncert_file = {:?}\nkey_file = {:?}\nclient_ca_file = {:?}\n\
              [keys]\nrotation_threshold = {}\nencryption_limit = {}\nusage_reservation_block = {}\nsweep_interval_seconds = {}\n\
              [health]\nprobe_interval_seconds = 1\n\
-             [audit]\ncheckpoint_every_records = {}\n",
+             [audit]\ncheckpoint_every_records = {}\nretention_days = {}\n",
             self.dir.path(),
             self.token.module,
             self.token.label,
@@ -220,6 +226,7 @@ impl Server {
             o.usage_reservation_block,
             o.sweep_interval_seconds,
             o.checkpoint_every_records,
+            o.audit_retention_days,
         );
         std::fs::write(self.config_path(), config)?;
         Ok(())
@@ -233,6 +240,7 @@ impl Server {
             .arg(self.config_path())
             .env(hsm_sim::SOFTHSM2_CONF, &self.token.conf)
             .env("KMS_LOG", self.options.log)
+            .env("KMS_TEST_RETENTION_CLOCK_OFFSET", self.options.retention_clock_offset.to_string())
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()

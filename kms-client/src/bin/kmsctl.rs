@@ -938,11 +938,16 @@ async fn run(cli: Cli) -> Result<(), Error> {
                         json!({
                             "ok": r.ok, "records": r.records, "first_bad_index": r.first_bad_index, "problem": r.problem,
                             "checkpoints": r.checkpoints, "last_checkpoint_seq": r.last_checkpoint_seq,
+                            "pruned_through_seq": r.pruned_through_seq,
                         }),
                         || {
                             if r.ok {
+                                let pruned = match r.pruned_through_seq {
+                                    0 => String::new(),
+                                    n => format!("; records 1 to {n} removed by retention, anchored at their signed checkpoint"),
+                                };
                                 format!(
-                                    "audit trail ok: {} records, {} signed checkpoints (the last covers record {})",
+                                    "audit trail ok: {} records, {} signed checkpoints (the last covers record {}){pruned}",
                                     r.records, r.checkpoints, r.last_checkpoint_seq
                                 )
                             } else {

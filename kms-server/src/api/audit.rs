@@ -30,6 +30,7 @@ impl AuditLog for AuditService {
                     problem: v.problem.map(|p| p.problem).unwrap_or_default(),
                     checkpoints: v.checkpoints,
                     last_checkpoint_seq: v.last_checkpoint,
+                    pruned_through_seq: v.pruned_through,
                 };
                 facts.detail = if response.ok {
                     format!("{} records verified", response.records)

@@ -162,18 +162,33 @@ pub struct ChainBreak {
     pub problem: String,
 }
 
-/// Walks the chain: sequence numbers must run 1, 2, 3, ... and each stored hash must be the
-/// hash of its record and the previous hash. A modified record breaks at its own index; a
-/// deleted, inserted or moved record breaks the sequence (or the chain) at the first place it
-/// touches.
-pub fn verify_chain(records: &[(StoredRecord, Vec<u8>)]) -> Result<u64, ChainBreak> {
-    let mut prev = GENESIS;
+/// Where a verified chain starts: the genesis, or (after retention pruned the records before
+/// it) a signed checkpoint whose record is the last one removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Anchor {
+    /// The sequence number of the last record before the chain (0 for the genesis).
+    pub seq: i64,
+    /// That record's hash.
+    pub hash: [u8; 32],
+}
+
+impl Anchor {
+    pub const GENESIS: Anchor = Anchor { seq: 0, hash: GENESIS };
+}
+
+/// Walks the chain from `anchor`: sequence numbers must run anchor+1, anchor+2, ... and each
+/// stored hash must be the hash of its record and the previous hash. A modified record breaks at
+/// its own index; a deleted, inserted or moved record breaks the sequence (or the chain) at the
+/// first place it touches. Returns how many records verified.
+pub fn verify_chain(anchor: Anchor, records: &[(StoredRecord, Vec<u8>)]) -> Result<u64, ChainBreak> {
+    let mut prev = anchor.hash;
     for (i, (record, stored)) in records.iter().enumerate() {
-        let index = i as u64 + 1;
-        if record.seq != index as i64 {
+        let expected = anchor.seq + i as i64 + 1;
+        let index = expected as u64;
+        if record.seq != expected {
             return Err(ChainBreak {
                 index,
-                problem: format!("sequence number {} where {index} was expected (a record deleted, inserted or moved)", record.seq),
+                problem: format!("sequence number {} where {expected} was expected (a record deleted, inserted or moved)", record.seq),
             });
         }
         let hash = record.chain_hash(&prev);
@@ -237,26 +252,40 @@ mod tests {
 
     #[test]
     fn verify_finds_each_kind_of_tampering_at_its_index() {
-        assert_eq!(verify_chain(&chain(10)), Ok(10));
+        assert_eq!(verify_chain(Anchor::GENESIS, &chain(10)), Ok(10));
         let mut modified = chain(10);
         modified[4].0.detail = "edited".into();
-        assert_eq!(verify_chain(&modified).unwrap_err().index, 5);
+        assert_eq!(verify_chain(Anchor::GENESIS, &modified).unwrap_err().index, 5);
         let mut deleted = chain(10);
         deleted.remove(6);
-        assert_eq!(verify_chain(&deleted).unwrap_err().index, 7);
+        assert_eq!(verify_chain(Anchor::GENESIS, &deleted).unwrap_err().index, 7);
         let mut reordered = chain(10);
         reordered.swap(2, 3);
-        assert_eq!(verify_chain(&reordered).unwrap_err().index, 3);
+        assert_eq!(verify_chain(Anchor::GENESIS, &reordered).unwrap_err().index, 3);
         let mut inserted = chain(10);
         inserted.insert(8, (record(9), vec![0; 32]));
-        assert_eq!(verify_chain(&inserted).unwrap_err().index, 9);
+        assert_eq!(verify_chain(Anchor::GENESIS, &inserted).unwrap_err().index, 9);
         // Renumbering after a deletion does not help: the chain breaks there.
         let mut renumbered = chain(10);
         renumbered.remove(6);
         for (i, (r, _)) in renumbered.iter_mut().enumerate() {
             r.seq = i as i64 + 1;
         }
-        assert_eq!(verify_chain(&renumbered).unwrap_err().index, 7);
+        assert_eq!(verify_chain(Anchor::GENESIS, &renumbered).unwrap_err().index, 7);
+    }
+
+    #[test]
+    fn a_pruned_chain_verifies_from_its_anchor_and_nothing_else() {
+        let full = chain(10);
+        let anchor = Anchor { seq: 4, hash: full[3].1.clone().try_into().unwrap() };
+        let kept = &full[4..];
+        assert_eq!(verify_chain(anchor, kept), Ok(6));
+        // From the genesis, or from another record's hash, the same records do not verify.
+        assert_eq!(verify_chain(Anchor::GENESIS, kept).unwrap_err().index, 1);
+        let wrong = Anchor { seq: 4, hash: full[2].1.clone().try_into().unwrap() };
+        assert_eq!(verify_chain(wrong, kept).unwrap_err().index, 5);
+        // One more record removed at the head breaks the sequence at the anchor's next index.
+        assert_eq!(verify_chain(anchor, &full[5..]).unwrap_err().index, 5);
     }
 
     #[test]

@@ -10,8 +10,8 @@
 use std::sync::MutexGuard;
 
 use super::registry::KeyEntry;
+use crate::audit::AuditEvent;
 use super::{Caller, Kms, now};
-use crate::audit::{AuditEvent, ChainBreak};
 use crate::domain::budget::UsageLimits;
 use crate::domain::ids::{AliasName, KeyId, KeyRef};
 use crate::domain::lifecycle::{KeyState, KeyTransition, VersionState, VersionTransition, next_key_state, next_version_state};
@@ -21,16 +21,6 @@ use crate::hsm::{KeyHandle, ObjectName};
 use crate::store::{AliasRecord, IntentKind, KeyRecord, PrincipalRecord, VersionRecord};
 
 const DAY: i64 = 86_400;
-
-/// The result of verifying the audit trail.
-#[derive(Debug, Clone)]
-pub struct AuditVerification {
-    pub records: u64,
-    pub checkpoints: u64,
-    pub last_checkpoint: u64,
-    /// The first problem, by record index; `None` when everything verifies.
-    pub problem: Option<ChainBreak>,
-}
 
 /// A key as the admin plane shows it.
 #[derive(Debug, Clone)]
@@ -77,12 +67,12 @@ impl KeyView {
     }
 }
 
-fn system() -> Caller {
+pub(super) fn system() -> Caller {
     Caller { request_id: String::new(), principal: "system".into() }
 }
 
 impl Kms {
-    fn admin_lock(&self) -> MutexGuard<'_, ()> {
+    pub(super) fn admin_lock(&self) -> MutexGuard<'_, ()> {
         self.admin.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -90,56 +80,7 @@ impl Kms {
         KeyView::of(entry, self.settings.limits)
     }
 
-    /// Records an audit event on its own (refusals and failures; successful changes are audited
-    /// in their own transaction).
-    pub fn record(&self, event: &AuditEvent) -> Result<()> {
-        self.store.write(|tx| tx.append_audit(event, now()))?;
-        Ok(())
-    }
-
     // ----- reads -----
-
-    /// Verifies the whole audit chain, then every signed checkpoint against it: a checkpoint
-    /// past the last record means the tail was truncated; a checkpoint whose hash differs from
-    /// its record's, or whose MAC the HSM rejects, means the chain was rewritten.
-    pub fn verify_audit(&self) -> Result<AuditVerification> {
-        let (records, checkpoints) = self.store.read(|tx| Ok((tx.audit_records()?, tx.checkpoints()?)))?;
-        let chain = crate::audit::verify_chain(&records);
-        let count = records.len() as i64;
-        let mut problem = chain.err();
-        for c in &checkpoints {
-            let found = if c.seq > count {
-                Some(ChainBreak {
-                    index: count as u64 + 1,
-                    problem: format!("the trail ends at record {count} but a signed checkpoint covers record {}: the tail was truncated", c.seq),
-                })
-            } else if records[(c.seq - 1) as usize].1 != c.hash {
-                Some(ChainBreak { index: c.seq as u64, problem: format!("record {} differs from its signed checkpoint", c.seq) })
-            } else if !self.hsm.verify_mac(self.audit_mac, &crate::audit::checkpoint_message(c.seq, c.time, &c.hash), &c.mac)? {
-                Some(ChainBreak { index: c.seq as u64, problem: format!("the checkpoint of record {} has a bad MAC", c.seq) })
-            } else {
-                None
-            };
-            if let Some(f) = found {
-                if problem.as_ref().is_none_or(|p| f.index < p.index) {
-                    problem = Some(f);
-                }
-            }
-        }
-        Ok(AuditVerification {
-            records: count as u64,
-            checkpoints: checkpoints.len() as u64,
-            last_checkpoint: checkpoints.last().map_or(0, |c| c.seq as u64),
-            problem,
-        })
-    }
-
-    /// A page of audit records after `after_seq`.
-    pub fn audit_page(&self, after_seq: u64, limit: u32) -> Result<Vec<crate::audit::StoredRecord>> {
-        let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
-        let page = self.store.read(|tx| tx.audit_page(after, i64::from(limit)))?;
-        Ok(page.into_iter().map(|(record, _)| record).collect())
-    }
 
     pub fn describe_key(&self, key: &KeyRef) -> Result<KeyView> {
         let entry = self.registry.entry(key)?;
@@ -514,13 +455,15 @@ impl Kms {
 
     // ----- background work -----
 
-    /// Destroys what is due and rotates what is due. Returns how many actions it took.
+    /// Destroys what is due, rotates what is due, and removes audit records past retention.
+    /// Returns how many actions it took.
     pub fn sweep(&self) -> Result<usize> {
         self.flush_uses()?;
+        let pruned = self.prune_audit(self.settings.audit_retention_days, now() + crate::hooks::retention_clock_offset())?;
         let _admin = self.admin_lock();
         let at = now();
         let entries: Vec<_> = self.registry.read().keys.values().cloned().collect();
-        let mut actions = 0;
+        let mut actions = usize::from(pruned.is_some());
         for entry in entries {
             let r = &entry.record;
             if r.state == KeyState::PendingDestruction && r.destruction_at.is_some_and(|t| t <= at) {

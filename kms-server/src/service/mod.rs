@@ -5,6 +5,7 @@
 //! from tokio's blocking pool.
 
 mod admin;
+mod audit;
 pub mod officers;
 mod recovery;
 pub mod registry;
@@ -23,7 +24,8 @@ use crate::error::{Error, Result};
 use crate::hsm::{Hsm, ServiceKey};
 use crate::secret::SecretBytes;
 use crate::store::Store;
-pub use admin::{AuditVerification, KeyView, VersionView};
+pub use admin::{KeyView, VersionView};
+pub use audit::AuditVerification;
 use registry::{KeyEntry, Registry, VersionEntry};
 
 /// Seconds since the Unix epoch.
@@ -79,6 +81,8 @@ pub struct Settings {
     pub limits: UsageLimits,
     /// How long an officer's session lasts.
     pub session_seconds: i64,
+    /// Audit records older than this many days are removed by the sweeper (0: never).
+    pub audit_retention_days: u32,
 }
 
 pub struct Kms {

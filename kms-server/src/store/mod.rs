@@ -707,6 +707,32 @@ impl Tx<'_> {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// The newest checkpoint that retention may prune through: its record and every record
+    /// before it are no younger than `cutoff` (a checkpoint already pruned through has no record
+    /// left, so it is not found again). The last record is never pruned: the chain continues
+    /// from it.
+    pub fn prunable_checkpoint(&self, cutoff: i64) -> Result<Option<Checkpoint>> {
+        Ok(self
+            .0
+            .query_row(
+                "SELECT c.seq, c.time, c.hash, c.mac FROM audit_checkpoints c JOIN audit a ON a.seq = c.seq
+                 WHERE c.seq < IFNULL((SELECT MIN(seq) FROM audit WHERE time > ?1), 9223372036854775807)
+                   AND c.seq < (SELECT MAX(seq) FROM audit)
+                 ORDER BY c.seq DESC LIMIT 1",
+                params![cutoff],
+                |r| Ok(Checkpoint { seq: r.get(0)?, time: r.get(1)?, hash: r.get(2)?, mac: r.get(3)? }),
+            )
+            .optional()?)
+    }
+
+    /// Removes the audit records up to and including `through`, and the checkpoints before it
+    /// (the one at `through` stays: it anchors the records kept). Returns how many records went.
+    pub fn prune_audit(&self, through: i64) -> Result<usize> {
+        let removed = self.0.execute("DELETE FROM audit WHERE seq <= ?1", params![through])?;
+        self.0.execute("DELETE FROM audit_checkpoints WHERE seq < ?1", params![through])?;
+        Ok(removed)
+    }
+
     /// The audit records in order, with their stored hashes.
     pub fn audit_records(&self) -> Result<Vec<(StoredRecord, Vec<u8>)>> {
         self.audit_page(0, i64::MAX)

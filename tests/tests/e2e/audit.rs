@@ -280,3 +280,91 @@ async fn signed_checkpoints_catch_truncation_and_a_rewritten_chain_over_ten_thou
         server.stop();
     }
 }
+
+/// Polls `f` every 100 ms until it returns `Some`, for at most `secs` seconds.
+fn poll<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_prunes_only_old_records_up_to_a_checkpoint_and_the_rest_still_verifies() {
+    let options = kms_tests::Options { checkpoint_every_records: 10, audit_retention_days: 90, ..Default::default() };
+    let mut server = Server::start_with(options);
+    kms_tests::register_workload(&mut server.admin().await).await;
+    {
+        let mut data = server.data().await;
+        for _ in 0..25 {
+            data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 4, caller_context: None }).await.unwrap();
+        }
+    }
+    // Nothing is 90 days old yet: a few sweeps later, nothing was removed.
+    let before = count(&server, "SELECT COUNT(*) FROM audit");
+    assert_eq!(count(&server, "SELECT MIN(seq) FROM audit"), 1);
+    assert_eq!(verify(&server)["pruned_through_seq"], 0);
+
+    // A hundred days pass (for retention's clock only): the records before the newest
+    // checkpoint go, the checkpoint stays as the anchor, and the cut is itself audited.
+    server.stop();
+    server.options.retention_clock_offset = 100 * 86_400;
+    server.restart();
+    let through = poll(20, || {
+        let n = count(&server, "SELECT IFNULL(MIN(seq), 1) - 1 FROM audit");
+        (n > 0).then_some(n)
+    })
+    .unwrap_or_else(|| panic!("old records were not pruned; the server log:\n{}", std::fs::read_to_string(server.log_path()).unwrap_or_default()));
+    assert!(through >= 20, "pruned through the checkpoint at or after record 20, not {through}");
+    let anchored = count(&server, &format!("SELECT COUNT(*) FROM audit_checkpoints WHERE seq = {through}"));
+    assert_eq!(anchored, 1, "the anchoring checkpoint is kept");
+    assert_eq!(count(&server, &format!("SELECT COUNT(*) FROM audit_checkpoints WHERE seq < {through}")), 0);
+    let prune_records = count(&server, "SELECT COUNT(*) FROM audit WHERE operation = 'AuditPrune' AND principal = 'system'");
+    assert!(prune_records >= 1);
+    assert!(count(&server, "SELECT COUNT(*) FROM audit") < before + prune_records + 10);
+
+    // Back to the real clock (no more pruning); what is left verifies from its anchor.
+    server.stop();
+    server.options.retention_clock_offset = 0;
+    server.restart();
+    let v = verify(&server);
+    assert_eq!(v["ok"], true, "{v}");
+    let anchor = v["pruned_through_seq"].as_i64().unwrap();
+    assert!(anchor >= through, "{v}");
+    let human = server.kmsctl(&["audit", "verify"]);
+    assert!(String::from_utf8_lossy(&human.stdout).contains("removed by retention"), "{}", String::from_utf8_lossy(&human.stdout));
+
+    // Deleting the first kept record is found at its index, not mistaken for retention.
+    let db = rusqlite::Connection::open(server.db_path()).unwrap();
+    db.execute("DELETE FROM audit WHERE seq = ?1", [anchor + 1]).unwrap();
+    let v = verify(&server);
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["first_bad_index"], anchor + 1, "{v}");
+    // Removing the anchoring checkpoint is found too.
+    db.execute("DELETE FROM audit_checkpoints WHERE seq = ?1", [anchor]).unwrap();
+    let v = verify(&server);
+    assert_eq!(v["ok"], false);
+    assert!(v["problem"].as_str().unwrap().contains("missing"), "{v}");
+}
+
+#[test]
+fn a_retention_under_ninety_days_stops_startup() {
+    let server = Server::start();
+    let config = std::fs::read_to_string(server.config_path()).unwrap();
+    let path = server.dir.path().join("short-retention.toml");
+    for (days, accepted) in [(89, false), (90, true), (0, true)] {
+        std::fs::write(&path, config.replace("retention_days = 0", &format!("retention_days = {days}"))).unwrap();
+        let out = std::process::Command::new(kms_tests::bin("kms-server")).arg("check-config").arg(&path).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.success(), accepted, "{days} days: {err}");
+        if !accepted {
+            assert!(err.contains("audit.retention_days") && err.contains("at least 90"), "{err}");
+        }
+    }
+}
