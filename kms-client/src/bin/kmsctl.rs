@@ -90,6 +90,9 @@ enum Command {
         #[command(subcommand)]
         action: Option<ReviewCommand>,
     },
+    /// The service's state: version, uptime, HSM health and token, keys by state, usage nearest
+    /// the limit, what is due in the next 30 days, and warnings.
+    Status,
     /// The audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -825,6 +828,45 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     Ok(())
                 }
             }
+        }
+        Command::Status => {
+            let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session).await?);
+            let r = c.describe_service(pb::DescribeServiceRequest {}).await?.into_inner();
+            let token = r.token.clone().unwrap_or_default();
+            let usage: Vec<Value> = r
+                .versions_nearest_limit
+                .iter()
+                .map(|u| json!({"key_id": u.key_id, "key_version": u.key_version, "encryptions": u.encryptions, "encryption_limit": u.encryption_limit}))
+                .collect();
+            let due: Vec<Value> = r.due_soon.iter().map(|d| json!({"key_id": d.key_id, "action": d.action, "due_time": d.due_time})).collect();
+            out.print(
+                json!({"version": r.version, "uptime_seconds": r.uptime_seconds, "health": r.health, "health_detail": r.health_detail,
+                       "last_probe_time": r.last_probe_time,
+                       "token": {"label": token.label, "manufacturer": token.manufacturer, "model": token.model, "serial_number": token.serial_number},
+                       "keys_by_state": r.keys_by_state, "versions_nearest_limit": usage, "due_soon": due,
+                       "last_review_signoff_time": r.last_review_signoff_time, "last_review_signoff_by": r.last_review_signoff_by,
+                       "review_overdue": r.review_overdue, "warnings": r.warnings}),
+                || {
+                    let detail = if r.health_detail.is_empty() { String::new() } else { format!(" ({})", r.health_detail) };
+                    let mut lines = vec![
+                        format!("kms-server {}, up {} s", r.version, r.uptime_seconds),
+                        format!("health: {}{detail}", r.health),
+                        format!("HSM token: {} ({} {}, serial {})", token.label, token.manufacturer, token.model, token.serial_number),
+                    ];
+                    let mut states: Vec<_> = r.keys_by_state.iter().map(|(s, n)| format!("{s} {n}")).collect();
+                    states.sort();
+                    lines.push(format!("keys: {}", if states.is_empty() { "none".to_string() } else { states.join(", ") }));
+                    for u in &r.versions_nearest_limit {
+                        lines.push(format!("usage: {} v{}: {} of {} encryptions", u.key_id, u.key_version, u.encryptions, u.encryption_limit));
+                    }
+                    for d in &r.due_soon {
+                        lines.push(format!("due: {} of {} at {}", d.action, d.key_id, d.due_time));
+                    }
+                    lines.extend(r.warnings.iter().map(|w| format!("WARNING: {w}")));
+                    lines.join("\n")
+                },
+            );
+            Ok(())
         }
         Command::Review { action } => {
             let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session).await?);

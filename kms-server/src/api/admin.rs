@@ -561,6 +561,50 @@ impl KeyManagement for AdminService {
             })
             .await
     }
+
+    async fn describe_service(&self, request: Request<pb::DescribeServiceRequest>) -> Result<Response<pb::DescribeServiceResponse>, Status> {
+        let who = officer(&request, Role::Auditor);
+        self.0
+            .call("DescribeService", who, Audit::EveryOutcome, move |kms, _, facts| {
+                let s = kms.status()?;
+                let health = if s.probe.error.is_none() { "ACTIVE" } else { "UNAVAILABLE" };
+                facts.detail = format!("{health}, {} warnings", s.warnings.len());
+                Ok(pb::DescribeServiceResponse {
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    uptime_seconds: s.uptime_seconds,
+                    health: health.into(),
+                    health_detail: s.probe.error.unwrap_or_default(),
+                    last_probe_time: s.probe.at,
+                    token: s.token.map(|t| pb::TokenInfo {
+                        label: t.label,
+                        manufacturer: t.manufacturer,
+                        model: t.model,
+                        serial_number: t.serial_number,
+                    }),
+                    keys_by_state: s.keys_by_state.into_iter().map(|(state, n)| (state.to_string(), n)).collect(),
+                    versions_nearest_limit: s
+                        .nearest_limit
+                        .into_iter()
+                        .map(|u| pb::VersionUsage {
+                            key_id: u.key_id.to_string(),
+                            key_version: u.version,
+                            encryptions: u.encryptions,
+                            encryption_limit: u.limit,
+                        })
+                        .collect(),
+                    due_soon: s
+                        .due_soon
+                        .into_iter()
+                        .map(|(key_id, action, due_time)| pb::DueKey { key_id: key_id.to_string(), action: action.as_str().into(), due_time })
+                        .collect(),
+                    last_review_signoff_time: s.last_signoff.as_ref().map_or(0, |(_, t)| *t),
+                    last_review_signoff_by: s.last_signoff.map(|(by, _)| by).unwrap_or_default(),
+                    review_overdue: s.review_overdue,
+                    warnings: s.warnings,
+                })
+            })
+            .await
+    }
 }
 
 fn officer_message(o: crate::store::OfficerRecord) -> pb::Officer {

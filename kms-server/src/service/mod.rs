@@ -10,6 +10,7 @@ pub mod officers;
 mod recovery;
 pub mod registry;
 pub mod review;
+pub mod status;
 
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -100,6 +101,10 @@ pub struct Kms {
     admin: Mutex<()>,
     /// Last uses of principals and grants, for the access review.
     uses: review::Uses,
+    /// When the service started (Unix seconds), for its status.
+    started_at: i64,
+    /// What the last health probe found.
+    last_probe: status::LastProbe,
 }
 
 impl std::fmt::Debug for Kms {
@@ -121,6 +126,8 @@ impl Kms {
             officer_secrets,
             canary,
             uses: review::Uses::default(),
+            started_at: now(),
+            last_probe: status::LastProbe::default(),
             store,
             registry: Registry::default(),
             settings,
@@ -160,11 +167,13 @@ impl Kms {
             self.hsm.encrypt(canary, &Iv(iv), b"kms-health-probe", &[0u8; 16])?;
             Ok(())
         };
-        probe().or_else(|first| {
+        let result = probe().or_else(|first| {
             tracing::warn!(error = %first, "HSM probe failed; looking the key objects up again");
             self.repair_handles()?;
             probe()
-        })
+        });
+        self.last_probe.set(result.as_ref().err().map(ToString::to_string));
+        result
     }
 
     /// The id a key reference names now, if any (for audit records of refused calls).

@@ -112,9 +112,15 @@ impl Kms {
                 name: g.grant_id,
             });
         }
-        let last_signoff = self.store.read(|tx| tx.last_signoff())?;
-        let signoff_overdue = last_signoff.as_ref().is_none_or(|(_, t)| at - t >= REVIEW_PERIOD_SECONDS);
+        let (last_signoff, signoff_overdue) = self.review_signoff()?;
         Ok(Review { entries, last_signoff, signoff_overdue })
+    }
+
+    /// The last sign-off of the review (who, when), and whether a new one is overdue.
+    pub fn review_signoff(&self) -> Result<(Option<(String, i64)>, bool)> {
+        let last_signoff = self.store.read(|tx| tx.last_signoff())?;
+        let overdue = last_signoff.as_ref().is_none_or(|(_, t)| now() - t >= REVIEW_PERIOD_SECONDS);
+        Ok((last_signoff, overdue))
     }
 
     /// Records an officer's sign-off of the review, with its audit record.

@@ -52,6 +52,12 @@ async fn health_goes_not_serving_and_requests_unavailable_when_the_hsm_loses_its
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
     assert!(e.message().contains("retry later"), "{}", e.message());
+    // The operator's status says so, with the reason.
+    let out = server.kmsctl(&["--json", "status"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["health"], "UNAVAILABLE", "{status}");
+    assert!(!status["health_detail"].as_str().unwrap().is_empty());
+    assert!(status["warnings"].as_array().unwrap().iter().any(|w| w.as_str().unwrap().starts_with("the HSM is unavailable")), "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -16,5 +16,6 @@ mod load;
 mod officers;
 mod persistence;
 mod review;
+mod status;
 mod tamper;
 mod usage;

@@ -1,0 +1,139 @@
+//! The service's own state, for an operator (`kmsctl status`): the HSM's health as the last
+//! probe saw it, keys by state, usage nearest the limit, what is due soon, and warnings.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use super::{Kms, now};
+use crate::domain::ids::KeyId;
+use crate::domain::lifecycle::KeyState;
+use crate::error::Result;
+use crate::hsm::TokenInfo;
+
+/// How far ahead `due_soon` looks: 30 days, the shortest pending-destruction window a key can
+/// have plus margin for a monthly operations review.
+const DUE_WINDOW_SECONDS: i64 = 30 * 86_400;
+/// How many of the most-used versions the status lists.
+const NEAREST_LIMIT: usize = 5;
+/// A version past this share of its encryption limit is worth a warning (its key rotates at the
+/// rotation threshold long before; a version still climbing past it is one that cannot rotate).
+const USAGE_WARNING_SHARE: f64 = 0.5;
+
+/// What the last HSM probe found.
+#[derive(Debug, Clone, Default)]
+pub struct Probe {
+    /// Unix seconds; 0 before the first probe.
+    pub at: i64,
+    /// The probe's error, `None` when it succeeded.
+    pub error: Option<String>,
+}
+
+/// The last probe's result, shared by the probe task and the status reader.
+#[derive(Debug, Default)]
+pub struct LastProbe(Mutex<Probe>);
+
+impl LastProbe {
+    pub fn set(&self, error: Option<String>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Probe { at: now(), error };
+    }
+
+    pub fn get(&self) -> Probe {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// One version's AES-GCM usage.
+#[derive(Debug, Clone)]
+pub struct VersionUsage {
+    pub key_id: KeyId,
+    pub version: u32,
+    pub encryptions: u64,
+    pub limit: u64,
+}
+
+/// Something scheduled for a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DueAction {
+    Rotation,
+    Destruction,
+}
+
+impl DueAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DueAction::Rotation => "rotation",
+            DueAction::Destruction => "destruction",
+        }
+    }
+}
+
+/// The service's state.
+#[derive(Debug, Clone)]
+pub struct ServiceStatus {
+    pub uptime_seconds: u64,
+    pub probe: Probe,
+    /// `None` when the HSM did not answer.
+    pub token: Option<TokenInfo>,
+    pub keys_by_state: BTreeMap<&'static str, u64>,
+    pub nearest_limit: Vec<VersionUsage>,
+    pub due_soon: Vec<(KeyId, DueAction, i64)>,
+    pub last_signoff: Option<(String, i64)>,
+    pub review_overdue: bool,
+    pub warnings: Vec<String>,
+}
+
+impl Kms {
+    pub fn status(&self) -> Result<ServiceStatus> {
+        let at = now();
+        let probe = self.last_probe.get();
+        let token = self.hsm.token_info().ok();
+        let limits = self.settings.limits;
+        let mut keys_by_state = BTreeMap::new();
+        let mut usage = Vec::new();
+        let mut due_soon = Vec::new();
+        for entry in self.registry.read().keys.values() {
+            let r = &entry.record;
+            *keys_by_state.entry(r.state.as_str()).or_insert(0) += 1;
+            for v in entry.versions.values() {
+                if v.record.state.has_material() {
+                    usage.push(VersionUsage { key_id: r.key_id, version: v.record.version, encryptions: v.usage.used(&limits), limit: limits.encryption_limit });
+                }
+            }
+            let soon = |t: Option<i64>| t.filter(|t| *t <= at + DUE_WINDOW_SECONDS);
+            if r.state == KeyState::Enabled {
+                if let Some(t) = soon(r.next_rotation_at) {
+                    due_soon.push((r.key_id, DueAction::Rotation, t));
+                }
+            }
+            if let Some(t) = soon(r.destruction_at) {
+                due_soon.push((r.key_id, DueAction::Destruction, t));
+            }
+        }
+        usage.sort_by(|a, b| b.encryptions.cmp(&a.encryptions));
+        usage.truncate(NEAREST_LIMIT);
+        due_soon.sort_by_key(|d| d.2);
+        let (last_signoff, review_overdue) = self.review_signoff()?;
+
+        let mut warnings = Vec::new();
+        if let Some(e) = &probe.error {
+            warnings.push(format!("the HSM is unavailable: {e}"));
+        }
+        if review_overdue {
+            warnings.push("the access review has not been signed off in the last 365 days: run `kmsctl review`".into());
+        }
+        for u in usage.iter().filter(|u| u.encryptions as f64 >= u.limit as f64 * USAGE_WARNING_SHARE) {
+            warnings.push(format!("version {} of key {} has used {} of its {} encryptions", u.version, u.key_id, u.encryptions, u.limit));
+        }
+        Ok(ServiceStatus {
+            uptime_seconds: u64::try_from(at - self.started_at).unwrap_or(0),
+            probe,
+            token,
+            keys_by_state,
+            nearest_limit: usage,
+            due_soon,
+            last_signoff,
+            review_overdue,
+            warnings,
+        })
+    }
+}
