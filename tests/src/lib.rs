@@ -366,6 +366,25 @@ impl Server {
     }
 
     /// A read-only connection to the server's database.
+    /// Every row of the service's state tables, as text: everything but the audit trail (which
+    /// records each refusal) and last-use times (which the sweeper writes), so that a test can
+    /// show a refused call changed nothing.
+    pub fn state_snapshot(&self) -> String {
+        let db = self.db();
+        let mut out = String::new();
+        for table in ["keys", "key_versions", "aliases", "intents", "principals", "grants", "officers"] {
+            let mut stmt = db.prepare(&format!("SELECT * FROM {table} ORDER BY rowid")).expect("a state table");
+            let columns: Vec<usize> = (0..stmt.column_count()).filter(|i| stmt.column_name(*i).is_ok_and(|n| n != "last_used_at")).collect();
+            let rows =
+                stmt.query_map([], |r| Ok(columns.iter().map(|i| format!("{:?}", r.get_ref(*i))).collect::<Vec<_>>().join("|"))).expect("rows");
+            for row in rows {
+                out.push_str(&row.expect("a row"));
+                out.push('\n');
+            }
+        }
+        out
+    }
+
     pub fn db(&self) -> rusqlite::Connection {
         rusqlite::Connection::open_with_flags(self.db_path(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).expect("database opens")
     }
@@ -406,6 +425,43 @@ pub fn ctx(pairs: &[(&str, &str)]) -> HashMap<String, String> {
 
 /// The identity of the development workload certificate every test client presents.
 pub const WORKLOAD: &str = kms_server::tls::DEV_WORKLOAD_ID;
+
+/// Polls `f` every 100 ms until it returns `Some`, for at most `secs` seconds.
+pub fn poll<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Adds an officer or auditor (as the bootstrap officer) and returns their TOTP secret.
+pub async fn add_officer(server: &Server, name: &str, role: &str, passphrase: &str) -> String {
+    let mut admin = server.admin().await;
+    let r = admin
+        .create_officer(pb::CreateOfficerRequest { name: name.into(), role: role.into(), passphrase: passphrase.into() })
+        .await
+        .expect("officer created")
+        .into_inner();
+    assert!(r.otpauth_uri.starts_with(&format!("otpauth://totp/KMS:{name}?secret=")), "{}", r.otpauth_uri);
+    otpauth_secret(&r.otpauth_uri)
+}
+
+/// Logs an officer in with the current TOTP code and returns the session token.
+pub async fn login_officer(server: &Server, name: &str, passphrase: &str, totp_secret: &str) -> String {
+    let mut session = kms_proto::v1::session_client::SessionClient::new(server.channel(&server.admin_addr).await);
+    let mut r = session
+        .login(pb::LoginRequest { name: name.into(), passphrase: passphrase.into(), totp_code: totp_now(totp_secret, 0) })
+        .await
+        .expect("logged in")
+        .into_inner();
+    std::mem::take(&mut r.session_token)
+}
 
 /// Registers the development workload as a principal (once; later calls change nothing).
 pub async fn register_workload(admin: &mut Admin) {

@@ -96,7 +96,12 @@ impl Kms {
             *keys_by_state.entry(r.state.as_str()).or_insert(0) += 1;
             for v in entry.versions.values() {
                 if v.record.state.has_material() {
-                    usage.push(VersionUsage { key_id: r.key_id, version: v.record.version, encryptions: v.usage.used(&limits), limit: limits.encryption_limit });
+                    usage.push(VersionUsage {
+                        key_id: r.key_id,
+                        version: v.record.version,
+                        encryptions: v.usage.used(&limits),
+                        limit: limits.encryption_limit,
+                    });
                 }
             }
             let soon = |t: Option<i64>| t.filter(|t| *t <= at + DUE_WINDOW_SECONDS);

@@ -281,20 +281,6 @@ async fn signed_checkpoints_catch_truncation_and_a_rewritten_chain_over_ten_thou
     }
 }
 
-/// Polls `f` every 100 ms until it returns `Some`, for at most `secs` seconds.
-fn poll<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if std::time::Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn retention_prunes_only_old_records_up_to_a_checkpoint_and_the_rest_still_verifies() {
     let options = kms_tests::Options { checkpoint_every_records: 10, audit_retention_days: 90, ..Default::default() };
@@ -316,7 +302,7 @@ async fn retention_prunes_only_old_records_up_to_a_checkpoint_and_the_rest_still
     server.stop();
     server.options.retention_clock_offset = 100 * 86_400;
     server.restart();
-    let through = poll(20, || {
+    let through = kms_tests::poll(20, || {
         let n = count(&server, "SELECT IFNULL(MIN(seq), 1) - 1 FROM audit");
         (n > 0).then_some(n)
     })

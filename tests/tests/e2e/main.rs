@@ -13,6 +13,7 @@ mod leaks;
 mod lifecycle;
 mod limits;
 mod load;
+mod matrix;
 mod officers;
 mod persistence;
 mod review;

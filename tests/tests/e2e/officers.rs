@@ -14,18 +14,6 @@ async fn login(server: &Server, name: &str, passphrase: &str, code: &str) -> Res
         .map(tonic::Response::into_inner)
 }
 
-/// Adds an officer or auditor and returns their TOTP secret.
-async fn add(server: &Server, name: &str, role: &str, passphrase: &str) -> String {
-    let mut admin = server.admin().await;
-    let r = admin
-        .create_officer(pb::CreateOfficerRequest { name: name.into(), role: role.into(), passphrase: passphrase.into() })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(r.otpauth_uri.starts_with(&format!("otpauth://totp/KMS:{name}?secret=")), "{}", r.otpauth_uri);
-    otpauth_secret(&r.otpauth_uri)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn nothing_on_the_admin_plane_works_without_a_session() {
     let server = Server::start();
@@ -51,7 +39,7 @@ async fn nothing_on_the_admin_plane_works_without_a_session() {
 async fn login_needs_the_passphrase_and_a_fresh_totp_code() {
     let server = Server::start();
     let pass = "auditor passphrase 1";
-    let secret = add(&server, "ana", "auditor", pass).await;
+    let secret = kms_tests::add_officer(&server, "ana", "auditor", pass).await;
     let stored: String = server.db().query_row("SELECT passphrase_hash FROM officers WHERE name = 'ana'", [], |r| r.get(0)).unwrap();
     assert!(stored.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{stored}");
     assert!(!stored.contains(pass));
@@ -109,7 +97,7 @@ async fn login_needs_the_passphrase_and_a_fresh_totp_code() {
 async fn repeated_failures_lock_the_officer_out() {
     let server = Server::start();
     let pass = "officer passphrase 2";
-    let secret = add(&server, "bo", "officer", pass).await;
+    let secret = kms_tests::add_officer(&server, "bo", "officer", pass).await;
     for _ in 0..5 {
         let e = login(&server, "bo", "not the passphrase", &totp_now(&secret, 0)).await.unwrap_err();
         assert_eq!(e.code(), Code::Unauthenticated);
@@ -126,7 +114,7 @@ async fn repeated_failures_lock_the_officer_out() {
 async fn passphrase_change_and_totp_reenrolment() {
     let server = Server::start();
     let (old, new) = ("first passphrase 3", "second passphrase 3");
-    let secret = add(&server, "cy", "officer", old).await;
+    let secret = kms_tests::add_officer(&server, "cy", "officer", old).await;
     let s = login(&server, "cy", old, &totp_now(&secret, 0)).await.unwrap();
     let mut cy = server.admin_as(Some(&s.session_token)).await;
     let e = cy

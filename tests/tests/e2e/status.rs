@@ -39,7 +39,14 @@ async fn status_shows_health_keys_usage_what_is_due_and_warnings() {
     let rotating = serde_json::from_slice::<Value>(&out.stdout).unwrap()["key_id"].as_str().unwrap().to_string();
     let mut data = server.data().await;
     for _ in 0..60 {
-        data.encrypt(pb::EncryptRequest { key_id: used.clone(), plaintext: b"x".to_vec(), encryption_context: Default::default(), caller_context: None }).await.unwrap();
+        data.encrypt(pb::EncryptRequest {
+            key_id: used.clone(),
+            plaintext: b"x".to_vec(),
+            encryption_context: Default::default(),
+            caller_context: None,
+        })
+        .await
+        .unwrap();
     }
     server.kmsctl(&["review", "sign-off", "--note", "status test"]);
 
