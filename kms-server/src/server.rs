@@ -16,7 +16,7 @@ use crate::api::admin::AdminService;
 use crate::api::audit::AuditService;
 use crate::api::crypto::CryptoService;
 use crate::api::session::SessionService;
-use crate::api::{MAX_MESSAGE_BYTES, RequestIds, Shared};
+use crate::api::{MAX_DATA_MESSAGE_BYTES, MAX_MESSAGE_BYTES, RequestIds, Shared};
 use crate::audit::writer::AuditWriter;
 use crate::config::Config;
 use crate::domain::officer::Passphrase;
@@ -124,7 +124,7 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     health.set(probe(&kms).await).await;
     let prober = tokio::spawn(probe_loop(kms.clone(), health, Duration::from_secs(config.health.probe_interval_seconds), shutdown_rx.clone()));
 
-    let crypto = CryptoServer::new(CryptoService(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let crypto = CryptoServer::new(CryptoService(shared.clone())).max_decoding_message_size(MAX_DATA_MESSAGE_BYTES);
     let keymgmt = KeyManagementServer::new(AdminService(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let audit = AuditLogServer::new(AuditService(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let session = SessionServer::new(SessionService(shared)).max_decoding_message_size(MAX_MESSAGE_BYTES);

@@ -426,20 +426,6 @@ pub fn ctx(pairs: &[(&str, &str)]) -> HashMap<String, String> {
 /// The identity of the development workload certificate every test client presents.
 pub const WORKLOAD: &str = kms_server::tls::DEV_WORKLOAD_ID;
 
-/// Polls `f` every 100 ms until it returns `Some`, for at most `secs` seconds.
-pub fn poll<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Adds an officer or auditor (as the bootstrap officer) and returns their TOTP secret.
 pub async fn add_officer(server: &Server, name: &str, role: &str, passphrase: &str) -> String {
     let mut admin = server.admin().await;

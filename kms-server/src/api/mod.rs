@@ -30,6 +30,11 @@ pub const DECRYPT_FAILED: &str = "ciphertext_blob could not be decrypted with th
 /// context and framing fit with room to spare; anything bigger is refused before decoding.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
+/// The largest data-plane request: a batch of up to 256 items (`GenerateDataKeys`,
+/// `DecryptBatch`). 256 data-key blobs with modest contexts take about 100 KiB; 1 MiB leaves room
+/// for larger contexts while bounding what one request can make the server hold.
+pub const MAX_DATA_MESSAGE_BYTES: usize = 1024 * 1024;
+
 /// The one function that turns a service error into a gRPC status. Internal detail goes to the
 /// log with the request id; the caller gets the id to quote and nothing else.
 pub fn status(e: &Error, request_id: &str) -> Status {
@@ -97,6 +102,9 @@ pub struct Facts {
     pub detail: String,
     /// The caller context a data-plane request carried (JSON).
     pub caller_context: Option<String>,
+    /// The items of a batch call, each audited as a record of its own (with the batch's
+    /// principal and caller context) in place of one record for the batch.
+    pub items: Vec<(Facts, tonic::Code, String)>,
 }
 
 /// Which outcomes of a call the API layer audits.
@@ -168,7 +176,7 @@ impl Shared {
         })
         .await;
         let caller = Caller { request_id, principal: String::new() };
-        let (result, facts) = match joined {
+        let (result, mut facts) = match joined {
             Ok((out, facts)) => (out.map_err(|e| status(&e, &caller.request_id)), facts),
             Err(join) => {
                 // A panic on a request path is a bug; the caller gets a generic error.
@@ -180,28 +188,42 @@ impl Shared {
         if code == tonic::Code::Ok && audit == Audit::FailuresInTransactionSuccesses {
             return result.map(tonic::Response::new);
         }
-        let outcome = match code {
-            tonic::Code::Ok => Outcome::Allowed,
-            tonic::Code::Unavailable | tonic::Code::Internal | tonic::Code::DeadlineExceeded => Outcome::Failed,
-            _ => Outcome::Denied,
-        };
-        let detail = match &result {
-            Err(st) => st.message().to_string(),
-            Ok(_) => facts.detail,
-        };
-        let event = AuditEvent {
+        let principal = facts.principal.clone().unwrap_or_else(|| "unknown".into());
+        let event = |facts: Facts, code: tonic::Code, detail: String| AuditEvent {
             request_id: caller.request_id.clone(),
-            principal: facts.principal.unwrap_or_else(|| "unknown".into()),
+            principal: principal.clone(),
             operation,
             key_id: facts.key_id,
             key_version: facts.key_version,
             context: facts.context,
-            outcome,
+            outcome: match code {
+                tonic::Code::Ok => Outcome::Allowed,
+                tonic::Code::Unavailable | tonic::Code::Internal | tonic::Code::DeadlineExceeded => Outcome::Failed,
+                _ => Outcome::Denied,
+            },
             status: code_name(code),
             detail,
             caller_context: facts.caller_context,
         };
-        match self.audit.record(event).await {
+        let events: Vec<AuditEvent> = match &result {
+            Err(st) => vec![event(facts, code, st.message().to_string())],
+            Ok(_) if facts.items.is_empty() => {
+                let detail = std::mem::take(&mut facts.detail);
+                vec![event(facts, code, detail)]
+            }
+            Ok(_) => {
+                let n = facts.items.len();
+                let caller_context = facts.caller_context.take();
+                (facts.items.drain(..))
+                    .enumerate()
+                    .map(|(i, (item, code, detail))| {
+                        let item = Facts { caller_context: caller_context.clone(), ..item };
+                        event(item, code, format!("item {} of {n}{}{detail}", i + 1, if detail.is_empty() { "" } else { ": " }))
+                    })
+                    .collect()
+            }
+        };
+        match self.audit.record_all(events).await {
             Ok(()) => result.map(tonic::Response::new),
             Err(e) => {
                 tracing::error!(request_id = %caller.request_id, error = %e, "failing the call closed");

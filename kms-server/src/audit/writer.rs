@@ -138,8 +138,21 @@ impl AuditWriter {
 
     /// Records `event` and returns once it is durable.
     pub async fn record(&self, event: AuditEvent) -> Result<(), AuditUnavailable> {
-        let (done, wait) = oneshot::channel();
-        self.queue.send(Pending { event, done }).await.map_err(|_| AuditUnavailable)?;
-        wait.await.map_err(|_| AuditUnavailable)?
+        self.record_all(vec![event]).await
+    }
+
+    /// Records every event (in order; usually in one group commit) and returns once all are
+    /// durable, or fails if any could not be written.
+    pub async fn record_all(&self, events: Vec<AuditEvent>) -> Result<(), AuditUnavailable> {
+        let mut waits = Vec::with_capacity(events.len());
+        for event in events {
+            let (done, wait) = oneshot::channel();
+            self.queue.send(Pending { event, done }).await.map_err(|_| AuditUnavailable)?;
+            waits.push(wait);
+        }
+        for wait in waits {
+            wait.await.map_err(|_| AuditUnavailable)??;
+        }
+        Ok(())
     }
 }
