@@ -17,12 +17,16 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cache;
 pub mod envelope;
 pub mod totp;
+
+pub use cache::{CacheLimits, DataKeyCache};
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io::{BufRead, Write};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 pub use kms_proto::v1 as pb;
 use kms_proto::v1::crypto_client::CryptoClient;
@@ -32,7 +36,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use zeroize::Zeroizing;
 
 /// A data key in clear, wiped on drop; `Debug` shows only its length.
-pub struct DataKey(Zeroizing<Vec<u8>>);
+pub struct DataKey(pub(crate) Zeroizing<Vec<u8>>);
 
 impl DataKey {
     pub fn expose_secret(&self) -> &[u8] {
@@ -163,6 +167,9 @@ pub async fn channel(endpoint: &str, tls: &Tls) -> Result<Channel, Error> {
 #[derive(Debug, Clone)]
 pub struct DataClient {
     pub raw: CryptoClient<Channel>,
+    /// The data-key cache of the envelope helpers, shared by clones; `None` (the default) asks
+    /// the service for every envelope.
+    cache: Option<Arc<Mutex<DataKeyCache>>>,
 }
 
 fn to_map(ctx: &BTreeMap<String, String>) -> HashMap<String, String> {
@@ -171,12 +178,34 @@ fn to_map(ctx: &BTreeMap<String, String>) -> HashMap<String, String> {
 
 impl DataClient {
     pub async fn connect(endpoint: &str, tls: &Tls) -> Result<DataClient, Error> {
-        Ok(DataClient { raw: CryptoClient::new(channel(endpoint, tls).await?) })
+        Ok(DataClient { raw: CryptoClient::new(channel(endpoint, tls).await?), cache: None })
     }
 
-    /// A fresh AES-256 data key and its wrapped form.
+    /// Turns on the data-key cache of `encrypt_stream` and `decrypt_stream` (see [`cache`]).
+    pub fn with_cache(mut self, limits: CacheLimits) -> Self {
+        self.cache = Some(Arc::new(Mutex::new(DataKeyCache::new(limits))));
+        self
+    }
+
+    /// The cache, when on.
+    pub fn cache(&self) -> Option<MutexGuard<'_, DataKeyCache>> {
+        self.cache.as_ref().map(|c| c.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Lets the cache see an answer: its revocation epoch, or a refusal (the key or grant may
+    /// just have been revoked), either of which may drop every cached key.
+    fn observe<T>(&self, result: &Result<T, tonic::Status>, epoch: impl FnOnce(&T) -> u64) {
+        let Some(mut cache) = self.cache() else { return };
+        match result {
+            Ok(answer) => cache.observe_epoch(epoch(answer)),
+            Err(s) if matches!(s.code(), tonic::Code::PermissionDenied | tonic::Code::FailedPrecondition) => cache.purge(),
+            Err(_) => {}
+        }
+    }
+
+    /// A fresh AES-256 data key and its wrapped form (always from the service).
     pub async fn generate_data_key(&mut self, key_id: &str, ctx: &BTreeMap<String, String>) -> Result<(DataKey, Vec<u8>), Error> {
-        let mut resp = self
+        let result = self
             .raw
             .generate_data_key(pb::GenerateDataKeyRequest {
                 key_id: key_id.to_string(),
@@ -185,15 +214,17 @@ impl DataClient {
                 encryption_context: to_map(ctx),
                 caller_context: None,
             })
-            .await?
-            .into_inner();
+            .await
+            .map(tonic::Response::into_inner);
+        self.observe(&result, |r| r.revocation_epoch);
+        let mut resp = result?;
         let key = DataKey(Zeroizing::new(std::mem::take(&mut resp.plaintext)));
         Ok((key, std::mem::take(&mut resp.ciphertext_blob)))
     }
 
-    /// Unwraps a data key made by `generate_data_key`.
+    /// Unwraps a data key made by `generate_data_key` (always with the service).
     pub async fn decrypt_data_key(&mut self, wrapped: &[u8], ctx: &BTreeMap<String, String>) -> Result<DataKey, Error> {
-        let mut resp = self
+        let result = self
             .raw
             .decrypt(pb::DecryptRequest {
                 ciphertext_blob: wrapped.to_vec(),
@@ -201,8 +232,10 @@ impl DataClient {
                 key_id: String::new(),
                 caller_context: None,
             })
-            .await?
-            .into_inner();
+            .await
+            .map(tonic::Response::into_inner);
+        self.observe(&result, |r| r.revocation_epoch);
+        let mut resp = result?;
         Ok(DataKey(Zeroizing::new(std::mem::take(&mut resp.plaintext))))
     }
 
@@ -214,11 +247,31 @@ impl DataClient {
         input: &mut impl BufRead,
         output: &mut impl Write,
     ) -> Result<u64, Error> {
-        let (data_key, wrapped) = self.generate_data_key(key_id, ctx).await?;
+        let now = std::time::Instant::now();
+        let cached = self.cache().and_then(|mut c| c.for_encryption(key_id, ctx, 0, now));
+        let (data_key, wrapped, fresh) = match cached {
+            Some((key, wrapped)) => (key, wrapped, false),
+            None => {
+                let (key, wrapped) = self.generate_data_key(key_id, ctx).await?;
+                (Arc::new(key), wrapped, true)
+            }
+        };
+        // Every envelope gets its own random nonce prefix, so a data key reused from the cache
+        // never repeats an IV (docs/file-format.md).
         let mut prefix = [0u8; 7];
         aes_gcm::aead::rand_core::RngCore::fill_bytes(&mut aes_gcm::aead::OsRng, &mut prefix);
-        let header = envelope::Header::new(ctx.clone(), wrapped, prefix);
-        Ok(envelope::seal(&header, data_key.expose_secret(), input, output)?)
+        let header = envelope::Header::new(ctx.clone(), wrapped.clone(), prefix);
+        let written = envelope::seal(&header, data_key.expose_secret(), input, output)?;
+        // A stream's length is known only once it is sealed: its bytes count against the entry
+        // afterwards (so the byte limit can be passed by at most one envelope).
+        if let Some(mut cache) = self.cache() {
+            if fresh {
+                cache.put_for_encryption(key_id, ctx, data_key, wrapped, written, now);
+            } else {
+                cache.count_bytes(key_id, ctx, written);
+            }
+        }
+        Ok(written)
     }
 
     /// Decrypts an envelope. `expected` pairs, if any, must all be in the envelope's context.
@@ -232,7 +285,18 @@ impl DataClient {
         if expected.iter().any(|(k, v)| header.context.get(k) != Some(v)) {
             return Err(Error::ContextMismatch);
         }
-        let data_key = self.decrypt_data_key(&header.wrapped_key, &header.context).await?;
+        let now = std::time::Instant::now();
+        let cached = self.cache().and_then(|mut c| c.for_decryption(&header.wrapped_key, &header.context, now));
+        let data_key = match cached {
+            Some(key) => key,
+            None => {
+                let key = Arc::new(self.decrypt_data_key(&header.wrapped_key, &header.context).await?);
+                if let Some(mut cache) = self.cache() {
+                    cache.put_for_decryption(&header.wrapped_key, &header.context, key.clone(), now);
+                }
+                key
+            }
+        };
         Ok(envelope::open(&header, data_key.expose_secret(), input, output)?)
     }
 }

@@ -31,6 +31,7 @@ pub mod v1 {
                 .field("key_version", &self.key_version)
                 .field("plaintext", &Redacted(self.plaintext.len()))
                 .field("ciphertext_blob", &self.ciphertext_blob.len())
+                .field("revocation_epoch", &self.revocation_epoch)
                 .finish()
         }
     }
@@ -51,6 +52,7 @@ pub mod v1 {
                 .field("key_id", &self.key_id)
                 .field("key_version", &self.key_version)
                 .field("plaintext", &Redacted(self.plaintext.len()))
+                .field("revocation_epoch", &self.revocation_epoch)
                 .finish()
         }
     }

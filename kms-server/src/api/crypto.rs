@@ -133,6 +133,7 @@ fn generate_one(
     let (enc, data_key) = kms.generate_data_key(&proof, len, &ctx)?;
     facts.key_version = Some(enc.key_version);
     Ok(pb::GenerateDataKeyResponse {
+        revocation_epoch: kms.revocation_epoch(),
         key_id: enc.key_id.to_string(),
         key_version: enc.key_version,
         plaintext: data_key.into_exposed_vec(),
@@ -153,7 +154,12 @@ fn decrypt_one(
     let ctx = context("encryption_context", r.encryption_context)?;
     facts.context = Some(ctx.clone());
     let dec = kms.decrypt(caller, &r.ciphertext_blob, &ctx, expected.as_ref())?;
-    Ok(pb::DecryptResponse { key_id: dec.key_id.to_string(), key_version: dec.key_version, plaintext: dec.plaintext.into_exposed_vec() })
+    Ok(pb::DecryptResponse {
+        key_id: dec.key_id.to_string(),
+        key_version: dec.key_version,
+        plaintext: dec.plaintext.into_exposed_vec(),
+        revocation_epoch: kms.revocation_epoch(),
+    })
 }
 
 /// The key and version a blob claims, for the audit record (whether or not it decrypts).
@@ -196,7 +202,7 @@ impl Crypto for CryptoService {
                         }),
                     })
                     .collect();
-                Ok(pb::GenerateDataKeysResponse { results })
+                Ok(pb::GenerateDataKeysResponse { results, revocation_epoch: kms.revocation_epoch() })
             })
             .await
     }
@@ -217,7 +223,7 @@ impl Crypto for CryptoService {
                         }),
                     })
                     .collect();
-                Ok(pb::DecryptBatchResponse { results })
+                Ok(pb::DecryptBatchResponse { results, revocation_epoch: kms.revocation_epoch() })
             })
             .await
     }
@@ -240,6 +246,7 @@ impl Crypto for CryptoService {
                 let (enc, _data_key) = kms.generate_data_key(&proof, len, &ctx)?;
                 facts.key_version = Some(enc.key_version);
                 Ok(pb::GenerateDataKeyWithoutPlaintextResponse {
+                    revocation_epoch: kms.revocation_epoch(),
                     key_id: enc.key_id.to_string(),
                     key_version: enc.key_version,
                     ciphertext_blob: enc.blob,
@@ -262,7 +269,12 @@ impl Crypto for CryptoService {
                 let proof = kms.authorize(caller, &key, Operation::Encrypt, &ctx)?;
                 let enc = kms.encrypt(&proof, plaintext.expose_secret(), &ctx)?;
                 facts.key_version = Some(enc.key_version);
-                Ok(pb::EncryptResponse { key_id: enc.key_id.to_string(), key_version: enc.key_version, ciphertext_blob: enc.blob })
+                Ok(pb::EncryptResponse {
+                    key_id: enc.key_id.to_string(),
+                    key_version: enc.key_version,
+                    ciphertext_blob: enc.blob,
+                    revocation_epoch: kms.revocation_epoch(),
+                })
             })
             .await
     }
@@ -294,6 +306,7 @@ impl Crypto for CryptoService {
                 let (dec, enc) = kms.re_encrypt(caller, &r.ciphertext_blob, &source_ctx, source.as_ref(), &destination, &dest_ctx)?;
                 facts.detail = format!("to key {} version {}", enc.key_id, enc.key_version);
                 Ok(pb::ReEncryptResponse {
+                    revocation_epoch: kms.revocation_epoch(),
                     source_key_id: dec.key_id.to_string(),
                     source_key_version: dec.key_version,
                     key_id: enc.key_id.to_string(),

@@ -67,6 +67,13 @@ impl KeyView {
     }
 }
 
+/// Raises the revocation epoch in `tx` when the change takes access away (a disable, a
+/// compromise, a scheduled or done destruction, a revoked grant, a disabled principal), so that
+/// clients caching data keys drop them at their next call; returns the new epoch, if raised.
+fn revoked(tx: &crate::store::Tx<'_>, revokes: bool) -> std::result::Result<Option<u64>, crate::store::StoreError> {
+    Ok(if revokes { Some(tx.bump_revocation_epoch()?) } else { None })
+}
+
 pub(super) fn system() -> Caller {
     Caller { request_id: String::new(), principal: "system".into() }
 }
@@ -265,12 +272,15 @@ impl Kms {
                 return Err(Error::precondition("not a state transition an officer can request directly"));
             }
         };
+        let revokes = matches!(transition, KeyTransition::Disable | KeyTransition::Compromise | KeyTransition::ScheduleDestruction);
         let mut state = self.registry.write();
-        self.store.write(|tx| {
+        let epoch = self.store.write(|tx| {
             tx.update_key(&record)?;
-            tx.append_audit(&caller.audit(operation, Some(key_id), None, format!("{} -> {next}", entry.record.state)), at)
+            tx.append_audit(&caller.audit(operation, Some(key_id), None, format!("{} -> {next}", entry.record.state)), at)?;
+            revoked(tx, revokes)
         })?;
         state.put_record(record);
+        state.revocation_epoch = epoch.unwrap_or(state.revocation_epoch);
         let entry = state.resolve(&KeyRef::Id(key_id))?.clone();
         tracing::info!(%key_id, state = %next, "key state changed");
         Ok(self.view(&entry))
@@ -308,12 +318,15 @@ impl Kms {
                 return Err(Error::precondition("versions are destroyed by the sweeper when their window ends"));
             }
         };
+        let revokes = matches!(transition, VersionTransition::Disable | VersionTransition::ScheduleDestruction);
         let mut state = self.registry.write();
-        self.store.write(|tx| {
+        let epoch = self.store.write(|tx| {
             tx.update_version_state(&record)?;
-            tx.append_audit(&caller.audit(operation, Some(key_id), Some(version), format!("{} -> {next}", current.record.state)), at)
+            tx.append_audit(&caller.audit(operation, Some(key_id), Some(version), format!("{} -> {next}", current.record.state)), at)?;
+            revoked(tx, revokes)
         })?;
         state.put_version(record, current.handle);
+        state.revocation_epoch = epoch.unwrap_or(state.revocation_epoch);
         let entry = state.resolve(&KeyRef::Id(key_id))?.clone();
         Ok(self.view(&entry))
     }
@@ -386,11 +399,13 @@ impl Kms {
             PrincipalState::Enabled => "EnablePrincipal",
             PrincipalState::Disabled => "DisablePrincipal",
         };
-        self.store.write(|tx| {
+        let epoch = self.store.write(|tx| {
             tx.set_principal_state(name, to)?;
-            tx.append_audit(&caller.audit(operation, None, None, format!("principal {name}")), now())
+            tx.append_audit(&caller.audit(operation, None, None, format!("principal {name}")), now())?;
+            revoked(tx, to == PrincipalState::Disabled)
         })?;
         state.principals.insert(name.to_string(), record.clone());
+        state.revocation_epoch = epoch.unwrap_or(state.revocation_epoch);
         Ok(record)
     }
 
@@ -443,10 +458,12 @@ impl Kms {
         let mut state = self.registry.write();
         let grant = state.grant(grant_id).cloned().ok_or_else(|| Error::NotFound { what: format!("grant {grant_id}") })?;
         let at = now();
-        self.store.write(|tx| {
+        let epoch = self.store.write(|tx| {
             tx.revoke_grant(grant_id, at)?;
-            tx.append_audit(&caller.audit("RevokeGrant", Some(grant.key_id), None, format!("grant {grant_id} of {}", grant.principal)), at)
+            tx.append_audit(&caller.audit("RevokeGrant", Some(grant.key_id), None, format!("grant {grant_id} of {}", grant.principal)), at)?;
+            revoked(tx, true)
         })?;
+        state.revocation_epoch = epoch.unwrap_or(state.revocation_epoch);
         if let Some(list) = state.grants.get_mut(&grant.key_id) {
             list.retain(|g| g.grant_id != grant_id);
         }
@@ -503,14 +520,16 @@ impl Kms {
         record.state = VersionState::Destroyed;
         record.destruction_at = Some(at);
         let mut state = self.registry.write();
-        self.store.write(|tx| {
+        let epoch = self.store.write(|tx| {
             tx.update_version_state(&record)?;
             if let Some(i) = intent {
                 tx.delete_intent(i)?;
             }
-            tx.append_audit(&AuditEvent::system("DestroyKeyVersion", Some(key_id), Some(version), "HSM object destroyed".into()), at)
+            tx.append_audit(&AuditEvent::system("DestroyKeyVersion", Some(key_id), Some(version), "HSM object destroyed".into()), at)?;
+            revoked(tx, true)
         })?;
         state.put_version(record, None);
+        state.revocation_epoch = epoch.unwrap_or(state.revocation_epoch);
         tracing::info!(%key_id, version, "key version destroyed");
         Ok(())
     }
@@ -538,7 +557,7 @@ impl Kms {
             })
             .collect();
         let mut state = self.registry.write();
-        self.store.write(|tx| {
+        let epoch = self.store.write(|tx| {
             tx.update_key(&record)?;
             for (v, _) in &versions {
                 tx.update_version_state(v)?;
@@ -546,9 +565,11 @@ impl Kms {
             for i in &intents {
                 tx.delete_intent(*i)?;
             }
-            tx.append_audit(&AuditEvent::system("DestroyKey", Some(key_id), None, "HSM objects destroyed; tombstone kept".into()), at)
+            tx.append_audit(&AuditEvent::system("DestroyKey", Some(key_id), None, "HSM objects destroyed; tombstone kept".into()), at)?;
+            revoked(tx, true)
         })?;
         state.put(record, versions);
+        state.revocation_epoch = epoch.unwrap_or(state.revocation_epoch);
         tracing::info!(%key_id, "key destroyed");
         Ok(())
     }

@@ -176,6 +176,12 @@ impl Kms {
         result
     }
 
+    /// The revocation epoch every data-plane answer carries: it rises with every change that
+    /// takes access away, and a client caching data keys drops them all when it sees it change.
+    pub fn revocation_epoch(&self) -> u64 {
+        self.registry.read().revocation_epoch
+    }
+
     /// The id a key reference names now, if any (for audit records of refused calls).
     pub fn key_id_of(&self, key: &KeyRef) -> Option<KeyId> {
         self.registry.entry(key).ok().map(|e| e.record.key_id)

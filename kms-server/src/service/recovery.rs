@@ -61,8 +61,8 @@ impl Kms {
             tracing::warn!(key_id = %name.key_id, version = name.version, "recovery: {detail}");
         }
 
-        let (keys, versions, aliases, principals, grants) =
-            self.store.read(|tx| Ok((tx.keys()?, tx.versions()?, tx.aliases()?, tx.principals()?, tx.grants()?)))?;
+        let (keys, versions, aliases, principals, grants, epoch) =
+            self.store.read(|tx| Ok((tx.keys()?, tx.versions()?, tx.aliases()?, tx.principals()?, tx.grants()?, tx.revocation_epoch()?)))?;
         let mut by_key: HashMap<_, Vec<(VersionRecord, Option<KeyHandle>)>> = HashMap::new();
         for v in versions {
             let name = ObjectName { key_id: v.key_id, version: v.version };
@@ -89,6 +89,7 @@ impl Kms {
         }
 
         let mut state = self.registry.write();
+        state.revocation_epoch = epoch;
         for a in aliases {
             state.aliases.insert(a.alias.clone(), a);
         }

@@ -96,6 +96,8 @@ pub struct State {
     pub principals: HashMap<String, PrincipalRecord>,
     /// Live grants, by key.
     pub grants: HashMap<KeyId, Vec<Grant>>,
+    /// The store's revocation epoch, as of the last change committed (see `Kms::revoked`).
+    pub revocation_epoch: u64,
 }
 
 impl State {

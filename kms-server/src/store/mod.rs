@@ -707,6 +707,17 @@ impl Tx<'_> {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// The revocation epoch: it rises with every change that takes access away.
+    pub fn revocation_epoch(&self) -> Result<u64> {
+        Ok(to_u64(self.0.query_row("SELECT epoch FROM revocation", [], |r| r.get(0))?))
+    }
+
+    /// Raises the revocation epoch, in the transaction of the change that takes access away;
+    /// returns the new one.
+    pub fn bump_revocation_epoch(&self) -> Result<u64> {
+        Ok(to_u64(self.0.query_row("UPDATE revocation SET epoch = epoch + 1 RETURNING epoch", [], |r| r.get(0))?))
+    }
+
     /// The newest checkpoint that retention may prune through: its record and every record
     /// before it are no younger than `cutoff` (a checkpoint already pruned through has no record
     /// left, so it is not found again). The last record is never pruned: the chain continues

@@ -109,6 +109,9 @@ const MIGRATIONS: &[&str] = &[
     );",
     // 6: the caller context of data-plane calls, in the audit.
     "ALTER TABLE audit ADD COLUMN caller_context TEXT;",
+    // 7: the revocation epoch that clients caching data keys watch (one row).
+    "CREATE TABLE revocation (epoch INTEGER NOT NULL);
+    INSERT INTO revocation (epoch) VALUES (1);",
 ];
 
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

@@ -3,6 +3,7 @@
 
 mod audit;
 mod batch;
+mod cache;
 mod envelope;
 mod golden;
 mod grants;
