@@ -1,6 +1,6 @@
-//! The HSM layer alone (`kms_server::hsm::Pkcs11Hsm`) on SoftHSM2: the session copies of the
-//! hot path work like the token objects, never show up as key versions of their own, and die
-//! with their key.
+//! The HSM layer alone (`kms_server::hsm::Pkcs11Hsm`) on SoftHSM2: AES-GCM under a key version
+//! round-trips and binds its associated data, reconciliation finds each version once, and a
+//! destroyed version neither encrypts nor decrypts any more.
 //!
 //! PKCS#11 is initialised once per process and SoftHSM2 reads its configuration from the
 //! environment at that moment, so the test provisions a token and re-runs itself in a child
@@ -15,12 +15,12 @@ use kms_server::secret::Pin;
 const CHILD: &str = "KMS_HSM_LAYER_CHILD";
 
 #[test]
-fn session_copies_encrypt_like_the_token_object_and_die_with_it() {
+fn key_versions_encrypt_decrypt_and_die_on_destroy() {
     if std::env::var_os(CHILD).is_none() {
         let dir = tempfile::tempdir().unwrap();
         let token = hsm_sim::Token::open_or_provision(&dir.path().join("softhsm"), "kms-hsm-layer").unwrap();
         let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "session_copies_encrypt_like_the_token_object_and_die_with_it", "--nocapture"])
+            .args(["--exact", "key_versions_encrypt_decrypt_and_die_on_destroy", "--nocapture"])
             .env(CHILD, &token.module)
             .env("KMS_HSM_LAYER_PIN", &token.pin_file)
             .env(hsm_sim::SOFTHSM2_CONF, &token.conf)
@@ -38,21 +38,18 @@ fn session_copies_encrypt_like_the_token_object_and_die_with_it() {
     let name = ObjectName { key_id: KeyId::from_bytes([7; 16]), version: 1 };
     let key = hsm.generate_key(&name).unwrap();
     let iv = Iv([1; 12]);
-    // The first encryption makes the copy; both give the same AES-GCM output as the token
-    // object would (one key, one IV), and each decrypts the other's.
-    let first = hsm.encrypt(key, &iv, b"aad", b"data key bytes").unwrap();
-    let second = hsm.encrypt(key, &iv, b"aad", b"data key bytes").unwrap();
-    assert_eq!(first, second);
-    assert_eq!(hsm.decrypt(key, &iv, b"aad", &first).unwrap().expose_secret(), b"data key bytes");
-    assert_eq!(hsm.decrypt(key, &iv, b"other", &first).unwrap_err(), HsmError::DecryptFailed);
+    let sealed = hsm.encrypt(key, &iv, b"aad", b"data key bytes").unwrap();
+    assert_eq!(sealed.len(), 14 + 16, "ciphertext and a 128-bit tag");
+    assert_eq!(hsm.decrypt(key, &iv, b"aad", &sealed).unwrap().expose_secret(), b"data key bytes");
+    assert_eq!(hsm.decrypt(key, &iv, b"other", &sealed).unwrap_err(), HsmError::DecryptFailed);
+    assert_eq!(hsm.decrypt(key, &Iv([2; 12]), b"aad", &sealed).unwrap_err(), HsmError::DecryptFailed);
 
-    // Startup reconciliation sees one object per key version, never the copy.
+    // Startup reconciliation sees one object per key version.
     let found = hsm.find_keys().unwrap();
     assert_eq!(found.iter().filter(|(n, _)| *n == name).count(), 1, "{found:?}");
 
-    // Destroying the key destroys the copy: nothing encrypts or decrypts under it any more.
     hsm.destroy(key).unwrap();
     assert!(matches!(hsm.encrypt(key, &iv, b"aad", b"x"), Err(HsmError::Unavailable { .. })));
-    assert!(hsm.decrypt(key, &iv, b"aad", &first).is_err());
+    assert!(hsm.decrypt(key, &iv, b"aad", &sealed).is_err());
     assert!(hsm.find_keys().unwrap().iter().all(|(n, _)| *n != name));
 }

@@ -8,18 +8,9 @@
 //! * A bounded pool of worker sessions. `cryptoki::Session` is `Send` but not `Sync`: a session
 //!   belongs to one caller at a time. A session that fails with a session-level error is thrown
 //!   away and replaced on the next checkout.
-//! * Session copies of key versions for the hot path: SoftHSM2 re-reads a token object's file
-//!   under file locks on every use (29 µs per AES-GCM operation against 10 µs with a session
-//!   copy, SOFTHSM-NOTES.md). The first encryption or decryption under a key version copies it
-//!   (`C_CopyObject` with `CKA_TOKEN=false`, on the anchor session, so the copy lives as long as
-//!   the process); later ones use the copy. The copy is as sensitive and as pinned as the
-//!   original, and is destroyed before the original in `destroy`. Only key versions get copies
-//!   (the handles `generate_key` and `find_keys` hand out); the service's own keys, the health
-//!   canary among them, are used as token objects, so the probe still touches the token.
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
@@ -41,13 +32,9 @@ const TAG_BITS: u64 = (TAG_LEN * 8) as u64;
 pub struct Pkcs11Hsm {
     ctx: Pkcs11,
     slot: Slot,
-    /// Held for the process's life so that the login persists; used only to make session copies
-    /// (which live as long as the session that made them).
-    anchor: Mutex<Session>,
+    /// Held for the process's life so that the login persists; never used for operations.
+    _anchor: Mutex<Session>,
     pool: SessionPool,
-    /// Key-version token objects (by raw handle: `ObjectHandle` is not `Hash`), and their session
-    /// copy once one is made.
-    copies: RwLock<HashMap<std::ffi::c_ulong, Option<KeyHandle>>>,
 }
 
 impl std::fmt::Debug for Pkcs11Hsm {
@@ -80,52 +67,7 @@ impl Pkcs11Hsm {
             Err(e) => return Err(setup("C_Login", e)),
         }
         let pool = SessionPool::new(sessions.max(1));
-        Ok(Pkcs11Hsm { ctx, slot, anchor: Mutex::new(anchor), pool, copies: RwLock::new(HashMap::new()) })
-    }
-
-    /// Records that `key` is a key version, so that it gets a session copy on first use.
-    fn key_version_handle(&self, key: KeyHandle) {
-        self.copies.write().unwrap_or_else(|p| p.into_inner()).entry(key.handle()).or_insert(None);
-    }
-
-    /// The handle to operate with: the session copy of a key version (made now if it has none
-    /// yet), or `key` itself for the service's own keys or when the copy cannot be made.
-    fn working_handle(&self, key: KeyHandle) -> KeyHandle {
-        match self.copies.read().unwrap_or_else(|p| p.into_inner()).get(&key.handle()) {
-            None => return key,
-            Some(Some(copy)) => return *copy,
-            Some(None) => {}
-        }
-        let mut copies = self.copies.write().unwrap_or_else(|p| p.into_inner());
-        match copies.get(&key.handle()) {
-            Some(Some(copy)) => *copy,
-            // Destroyed meanwhile: the operation fails on the token handle as it should.
-            None => key,
-            Some(None) => {
-                let anchor = self.anchor.lock().unwrap_or_else(|p| p.into_inner());
-                match anchor.copy_object(key, &templates::session_copy()) {
-                    Ok(copy) => {
-                        copies.insert(key.handle(), Some(copy));
-                        copy
-                    }
-                    Err(e) => {
-                        // Slower, never wrong: the token object does the same work.
-                        tracing::warn!(error = %e, "C_CopyObject of a key version failed; using the token object");
-                        key
-                    }
-                }
-            }
-        }
-    }
-
-    /// Forgets a session copy that stopped working (the HSM dropped its session objects), so
-    /// that the next operation makes a new one.
-    fn drop_copy(&self, key: KeyHandle, used: KeyHandle, result: &Result<impl Sized, HsmError>) {
-        if used != key && matches!(result, Err(HsmError::Unavailable { .. })) {
-            if let Some(slot) = self.copies.write().unwrap_or_else(|p| p.into_inner()).get_mut(&key.handle()) {
-                *slot = None;
-            }
-        }
+        Ok(Pkcs11Hsm { ctx, slot, _anchor: Mutex::new(anchor), pool })
     }
 
     /// Runs `op` on a pooled session. Session-level failures retire the session.
@@ -181,9 +123,7 @@ fn classify(function: &'static str, e: CkError) -> HsmError {
 impl Hsm for Pkcs11Hsm {
     fn generate_key(&self, name: &ObjectName) -> Result<KeyHandle, HsmError> {
         let template = templates::key_version(name);
-        let handle = self.with_session("C_GenerateKey", |s| s.generate_key(&Mechanism::AesKeyGen, &template))?;
-        self.key_version_handle(handle);
-        Ok(handle)
+        self.with_session("C_GenerateKey", |s| s.generate_key(&Mechanism::AesKeyGen, &template))
     }
 
     fn find_keys(&self) -> Result<Vec<(ObjectName, KeyHandle)>, HsmError> {
@@ -201,28 +141,22 @@ impl Hsm for Pkcs11Hsm {
             }
             Ok(found)
         })
-        .inspect(|found| found.iter().for_each(|(_, handle)| self.key_version_handle(*handle)))
     }
 
     fn encrypt(&self, key: KeyHandle, iv: &Iv, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, HsmError> {
         let mut iv = iv.0;
-        let working = self.working_handle(key);
-        let result = self.with_session("C_Encrypt", |s| {
+        self.with_session("C_Encrypt", |s| {
             let params = GcmParams::new(&mut iv, aad, TAG_BITS.into())?;
-            s.encrypt(&Mechanism::AesGcm(params), working, plaintext)
-        });
-        self.drop_copy(key, working, &result);
-        result
+            s.encrypt(&Mechanism::AesGcm(params), key, plaintext)
+        })
     }
 
     fn decrypt(&self, key: KeyHandle, iv: &Iv, aad: &[u8], ciphertext: &[u8]) -> Result<SecretBytes, HsmError> {
         let mut iv = iv.0;
-        let working = self.working_handle(key);
         let result = self.with_session("C_Decrypt", |s| {
             let params = GcmParams::new(&mut iv, aad, TAG_BITS.into())?;
-            s.decrypt(&Mechanism::AesGcm(params), working, ciphertext).map(SecretBytes::new)
+            s.decrypt(&Mechanism::AesGcm(params), key, ciphertext).map(SecretBytes::new)
         });
-        self.drop_copy(key, working, &result);
         match result {
             // A forged tag: SoftHSM2 says CKR_GENERAL_ERROR, the standard CKR_ENCRYPTED_DATA_INVALID.
             Err(HsmError::Unavailable { code: RvError::GeneralError, .. })
@@ -235,19 +169,7 @@ impl Hsm for Pkcs11Hsm {
         self.with_session("C_GenerateRandom", |s| s.generate_random_slice(out))
     }
 
-    /// Destroys the session copy first, then the token object: a copy never outlives its key.
-    /// If the copy cannot be destroyed, nothing is forgotten and the error goes up, so that the
-    /// destroy intent stays and is retried.
     fn destroy(&self, key: KeyHandle) -> Result<(), HsmError> {
-        let copy = self.copies.read().unwrap_or_else(|p| p.into_inner()).get(&key.handle()).copied().flatten();
-        if let Some(copy) = copy {
-            match self.with_session("C_DestroyObject", |s| s.destroy_object(copy)) {
-                // Already gone with its session: nothing left to destroy.
-                Ok(()) | Err(HsmError::Unavailable { code: RvError::ObjectHandleInvalid, .. }) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        self.copies.write().unwrap_or_else(|p| p.into_inner()).remove(&key.handle());
         self.with_session("C_DestroyObject", |s| s.destroy_object(key))
     }
 

@@ -163,8 +163,8 @@ impl ServiceKey {
     }
 }
 
-/// Finds a token object by its label (startup only). Session copies carry the same label, so
-/// every search names `CKA_TOKEN=true`.
+/// Finds a token object by its label (startup only). Searches name `CKA_TOKEN=true`: a session
+/// object of the same label (one another part of the process made) is never taken for a key.
 pub fn by_label(label: &str) -> Vec<Attribute> {
     vec![Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Token(true), Attribute::Label(label.as_bytes().to_vec())]
 }
@@ -173,15 +173,6 @@ pub fn by_label(label: &str) -> Vec<Attribute> {
 /// is linear in the number of objects and touches the disk for each, SOFTHSM-NOTES.md).
 pub fn all_aes_keys() -> Vec<Attribute> {
     vec![Attribute::Class(ObjectClass::SECRET_KEY), Attribute::KeyType(KeyType::AES), Attribute::Token(true)]
-}
-
-/// What `C_CopyObject` changes in a key version's session copy: only `CKA_TOKEN`, so the copy
-/// lives in the HSM's memory for the life of the session that made it. Every other attribute is
-/// the original's (sensitive, never extractable in clear, AES-GCM only, not modifiable); SoftHSM2
-/// refuses to change `CKA_SENSITIVE`, `CKA_EXTRACTABLE` or `CKA_PRIVATE` in a copy anyway
-/// (SOFTHSM-NOTES.md).
-pub fn session_copy() -> Vec<Attribute> {
-    vec![Attribute::Token(false)]
 }
 
 #[cfg(test)]

@@ -1,0 +1,58 @@
+//! The HSM layer alone, on SoftHSM2 through cryptoki: the physical limit of the service.
+//!
+//! `encrypt_32B` and `decrypt_32B` are AES-GCM under a key version's token object, as the service
+//! uses it; `data_plane_work` is what one GenerateDataKey costs the HSM: a 12-byte IV and a
+//! 32-byte data key from the generator, then AES-GCM of the data key.
+
+use std::hint::black_box;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use kms_benches::{on_threads, softhsm_process};
+use kms_server::domain::blob::Iv;
+use kms_server::domain::ids::KeyId;
+use kms_server::hsm::pkcs11::Pkcs11Hsm;
+use kms_server::hsm::{Hsm, ObjectName};
+use kms_server::secret::Pin;
+
+fn hsm(c: &mut Criterion) {
+    let token = softhsm_process("kms-bench-hsm");
+    let pin = Pin::new(std::fs::read_to_string(&token.pin_file).expect("PIN file").trim().to_string());
+    let hsm = Pkcs11Hsm::open(&token.module, &token.label, &pin, 4).expect("the token opens");
+    let version = hsm.generate_key(&ObjectName { key_id: KeyId::from_bytes([9; 16]), version: 1 }).expect("a key version");
+    let iv = Iv([3; 12]);
+    let blob = hsm.encrypt(version, &iv, b"aad", &[7; 32]).expect("encrypt");
+
+    let mut g = c.benchmark_group("hsm");
+    g.throughput(Throughput::Elements(1));
+    for threads in [1, 2] {
+        g.bench_function(format!("random_32B/{threads}_threads"), |b| {
+            b.iter_custom(|n| {
+                on_threads(threads, n, || {
+                    let mut out = [0u8; 32];
+                    hsm.random(&mut out).expect("random");
+                    black_box(out);
+                })
+            })
+        });
+        g.bench_function(format!("encrypt_32B/{threads}_threads"), |b| {
+            b.iter_custom(|n| on_threads(threads, n, || drop(black_box(hsm.encrypt(version, &iv, b"aad", &[7; 32]).expect("encrypt")))))
+        });
+        g.bench_function(format!("decrypt_32B/{threads}_threads"), |b| {
+            b.iter_custom(|n| on_threads(threads, n, || drop(black_box(hsm.decrypt(version, &iv, b"aad", &blob).expect("decrypt")))))
+        });
+        g.bench_function(format!("data_plane_work/{threads}_threads"), |b| {
+            b.iter_custom(|n| {
+                on_threads(threads, n, || {
+                    let mut fresh = [0u8; 44];
+                    hsm.random(&mut fresh).expect("random");
+                    let iv = Iv(fresh[..12].try_into().expect("12 bytes"));
+                    drop(black_box(hsm.encrypt(version, &iv, b"aad", &fresh[12..]).expect("encrypt")));
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, hsm);
+criterion_main!(benches);
