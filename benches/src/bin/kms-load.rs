@@ -294,9 +294,15 @@ async fn main() -> Result<()> {
             let mut i = 0usize;
             while next < deadline {
                 tokio::time::sleep_until(next.into()).await;
+                // Latency counts from the scheduled start, so a server that holds requests up
+                // shows (no coordinated omission), but not from before the timer could wake this
+                // dispatcher: tokio's timer ticks in whole milliseconds, which at 1,800/s would
+                // add up to a millisecond of the load generator's own to every request. Waiting
+                // for the in-flight limit does count.
+                let started = next.max(Instant::now());
                 let permit = limit.clone().acquire_owned().await?;
                 let mut client = CryptoClient::new(channels[i % channels.len()].clone());
-                let (op, key, blob, scheduled) = (picker.pick(&mix), key_id.clone(), blob.clone(), next);
+                let (op, key, blob, scheduled) = (picker.pick(&mix), key_id.clone(), blob.clone(), started);
                 tasks.push(tokio::spawn(async move {
                     let r = call(&mut client, op, &key, &blob).await;
                     drop(permit);
