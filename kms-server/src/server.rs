@@ -9,7 +9,6 @@ use kms_proto::v1::crypto_server::CryptoServer;
 use kms_proto::v1::key_management_server::KeyManagementServer;
 use kms_proto::v1::session_server::SessionServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
 use crate::api::admin::AdminService;
@@ -221,7 +220,10 @@ async fn plane(
     let router = add(&mut server).add_service(reflection);
     tracing::info!(%addr, "serving");
     router
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        // TCP_NODELAY on every accepted connection: without it Nagle's algorithm holds a small
+        // response back until the client's delayed ACK (40 ms on Linux), which showed as a
+        // p99.9 of 42 ms under load.
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), async move {
             let _ = shutdown.wait_for(|stop| *stop).await;
         })
         .await?;
