@@ -337,6 +337,7 @@ async fn main() -> Result<()> {
     }
     let mut all: Vec<u32> = per_op.values().flatten().copied().collect();
     all.sort_unstable();
+    let service_rate = all.len() as f64 / elapsed;
     let row = |name: &str, l: &mut Vec<u32>| {
         l.sort_unstable();
         json!({
@@ -356,9 +357,12 @@ async fn main() -> Result<()> {
         move || raw_hsm_rate(&args, &label_prefix, 3)
     })
     .await??;
+    // The service's rate as a share of what the HSM alone does of the same work.
+    let share_of_hsm = hsm["ops_per_second"].as_f64().filter(|h| *h > 0.0).map(|h| service_rate / h);
     let report = json!({
         "clients": args.clients, "channels": args.channels, "seconds": elapsed, "mix": args.mix,
         "offered_rate": args.rate, "results": rows, "errors": errors, "server": server, "raw_hsm": hsm,
+        "service_share_of_hsm": share_of_hsm,
     });
     if args.json {
         println!("{report}");
@@ -379,6 +383,9 @@ async fn main() -> Result<()> {
         println!("errors: {}", report["errors"]);
         println!("server: {}", report["server"]);
         println!("raw HSM: {}", report["raw_hsm"]);
+        if let Some(share) = share_of_hsm {
+            println!("service rate / raw HSM rate: {:.0}%", share * 100.0);
+        }
     }
     Ok(())
 }

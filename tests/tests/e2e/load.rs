@@ -39,4 +39,6 @@ async fn kms_load_reports_every_operation_and_the_raw_hsm_rate() {
     assert_eq!(report["errors"], serde_json::json!({}));
     assert!(report["server"]["rss_kib"].as_u64().unwrap() > 0);
     assert!(report["raw_hsm"]["ops_per_second"].as_f64().unwrap() > 0.0);
+    let share = report["service_share_of_hsm"].as_f64().unwrap();
+    assert!(share > 0.0 && share.is_finite(), "{report}");
 }
