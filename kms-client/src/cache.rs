@@ -136,10 +136,10 @@ impl DataKeyCache {
         if self.limits.max_messages <= 1 || bytes >= self.limits.max_bytes {
             return;
         }
-        if self.encryption.len() >= self.limits.capacity {
-            if let Some(oldest) = self.encryption.iter().min_by_key(|(_, e)| e.created).map(|(k, _)| k.clone()) {
-                self.encryption.remove(&oldest);
-            }
+        if self.encryption.len() >= self.limits.capacity
+            && let Some(oldest) = self.encryption.iter().min_by_key(|(_, e)| e.created).map(|(k, _)| k.clone())
+        {
+            self.encryption.remove(&oldest);
         }
         self.encryption.insert((key_id.to_string(), context.clone()), EncryptionEntry { key, wrapped, created: now, messages: 1, bytes });
     }
@@ -151,10 +151,10 @@ impl DataKeyCache {
     }
 
     pub fn put_for_decryption(&mut self, wrapped: &[u8], context: &Context, key: Arc<DataKey>, now: Instant) {
-        if self.decryption.len() >= self.limits.capacity {
-            if let Some(oldest) = self.decryption.iter().min_by_key(|(_, e)| e.created).map(|(k, _)| k.clone()) {
-                self.decryption.remove(&oldest);
-            }
+        if self.decryption.len() >= self.limits.capacity
+            && let Some(oldest) = self.decryption.iter().min_by_key(|(_, e)| e.created).map(|(k, _)| k.clone())
+        {
+            self.decryption.remove(&oldest);
         }
         self.decryption.insert((wrapped.to_vec(), context.clone()), DecryptionEntry { key, created: now });
     }

@@ -102,8 +102,7 @@ mod tests {
 
     #[test]
     fn unsafe_limits_are_refused() {
-        let mut l = UsageLimits::default();
-        l.encryption_limit = NIST_LIMIT;
+        let l = UsageLimits { encryption_limit: NIST_LIMIT, ..UsageLimits::default() };
         assert!(l.validate().is_err());
         let l = UsageLimits { rotation_threshold: 10, encryption_limit: 5, reservation_block: 1 };
         assert!(l.validate().is_err());

@@ -206,7 +206,8 @@ mod tests {
         let good = ctx(&[("tenant", "acme"), ("file", "x"), ("extra", "ok")]);
         let on = Some(PrincipalState::Enabled);
         assert!(authorize("spiffe://a", on, [&g], k, Operation::Encrypt, &good, 99).is_ok());
-        let cases: &[(&str, Option<PrincipalState>, KeyId, Operation, EncryptionContext, i64, Denied)] = &[
+        type Case = (&'static str, Option<PrincipalState>, KeyId, Operation, EncryptionContext, i64, Denied);
+        let cases: &[Case] = &[
             ("spiffe://b", on, k, Operation::Encrypt, good.clone(), 99, Denied::NoGrant),
             ("spiffe://a", None, k, Operation::Encrypt, good.clone(), 99, Denied::UnknownPrincipal),
             ("spiffe://a", Some(PrincipalState::Disabled), k, Operation::Encrypt, good.clone(), 99, Denied::DisabledPrincipal),

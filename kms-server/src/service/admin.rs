@@ -141,10 +141,10 @@ impl Kms {
 
     pub fn create_key(&self, caller: &Caller, description: String, alias: Option<AliasName>, rotation_period_secs: u64) -> Result<KeyView> {
         let _admin = self.admin_lock();
-        if let Some(alias) = &alias {
-            if self.registry.read().aliases.contains_key(alias) {
-                return Err(Error::AlreadyExists { what: alias.to_string() });
-            }
+        if let Some(alias) = &alias
+            && self.registry.read().aliases.contains_key(alias)
+        {
+            return Err(Error::AlreadyExists { what: alias.to_string() });
         }
         let mut id = [0u8; 16];
         self.hsm.random(&mut id)?;

@@ -91,10 +91,10 @@ impl Kms {
             } else {
                 None
             };
-            if let Some(f) = found {
-                if problem.as_ref().is_none_or(|p| f.index < p.index) {
-                    problem = Some(f);
-                }
+            if let Some(f) = found
+                && problem.as_ref().is_none_or(|p| f.index < p.index)
+            {
+                problem = Some(f);
             }
         }
         Ok(AuditVerification {

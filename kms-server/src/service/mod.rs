@@ -287,10 +287,10 @@ impl Kms {
             Error::DecryptFailed
         })?;
         let key_id = parsed.header.key_id;
-        if let Some(expected) = expected {
-            if self.key_id_of(expected) != Some(key_id) {
-                return Err(Error::DecryptFailed);
-            }
+        if let Some(expected) = expected
+            && self.key_id_of(expected) != Some(key_id)
+        {
+            return Err(Error::DecryptFailed);
         }
         // A blob naming no live key gets the uniform answer, like any other bad blob (R3); only
         // for a key that exists does a missing grant show as PERMISSION_DENIED.

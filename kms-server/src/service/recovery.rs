@@ -48,12 +48,12 @@ impl Kms {
             };
             let at = now();
             self.store.write(|tx| {
-                if let (IntentKind::Destroy, Some(mut v)) = (intent.kind, row.clone()) {
-                    if v.state.has_material() {
-                        v.state = VersionState::Destroyed;
-                        v.destruction_at = Some(at);
-                        tx.update_version_state(&v)?;
-                    }
+                if let (IntentKind::Destroy, Some(mut v)) = (intent.kind, row.clone())
+                    && v.state.has_material()
+                {
+                    v.state = VersionState::Destroyed;
+                    v.destruction_at = Some(at);
+                    tx.update_version_state(&v)?;
                 }
                 tx.delete_intent(intent.id)?;
                 tx.append_audit(&AuditEvent::system("Recovery", Some(name.key_id), Some(name.version), detail.clone()), at)

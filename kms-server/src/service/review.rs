@@ -18,6 +18,9 @@ pub const STALE_SECONDS: i64 = 90 * 86_400;
 pub const REVIEW_PERIOD_SECONDS: i64 = 365 * 86_400;
 
 /// Last-use times not yet written to the store.
+/// Last uses as (name, Unix time) pairs.
+type LastUses = Vec<(String, i64)>;
+
 #[derive(Debug, Default)]
 pub struct Uses(Mutex<(HashMap<String, i64>, HashMap<String, i64>)>);
 
@@ -31,7 +34,8 @@ impl Uses {
         }
     }
 
-    fn take(&self) -> (Vec<(String, i64)>, Vec<(String, i64)>) {
+    /// The last uses noted since the previous call: (principals, grants), each (name, time).
+    fn take(&self) -> (LastUses, LastUses) {
         let mut uses = self.0.lock().unwrap_or_else(|p| p.into_inner());
         (uses.0.drain().collect(), uses.1.drain().collect())
     }

@@ -105,16 +105,16 @@ impl Kms {
                 }
             }
             let soon = |t: Option<i64>| t.filter(|t| *t <= at + DUE_WINDOW_SECONDS);
-            if r.state == KeyState::Enabled {
-                if let Some(t) = soon(r.next_rotation_at) {
-                    due_soon.push((r.key_id, DueAction::Rotation, t));
-                }
+            if r.state == KeyState::Enabled
+                && let Some(t) = soon(r.next_rotation_at)
+            {
+                due_soon.push((r.key_id, DueAction::Rotation, t));
             }
             if let Some(t) = soon(r.destruction_at) {
                 due_soon.push((r.key_id, DueAction::Destruction, t));
             }
         }
-        usage.sort_by(|a, b| b.encryptions.cmp(&a.encryptions));
+        usage.sort_by_key(|u| std::cmp::Reverse(u.encryptions));
         usage.truncate(NEAREST_LIMIT);
         due_soon.sort_by_key(|d| d.2);
         let (last_signoff, review_overdue) = self.review_signoff()?;

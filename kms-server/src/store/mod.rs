@@ -156,6 +156,9 @@ pub struct Intent {
     pub version: u32,
 }
 
+/// A principal's name or a grant's id, and when it was last used (never: `None`).
+pub type LastUse = (String, Option<i64>);
+
 /// The SQLite store. One connection behind a mutex: writes are serialised by SQLite anyway, and
 /// the data plane never reads the database (it reads the in-memory registry).
 pub struct Store {
@@ -471,7 +474,7 @@ impl Tx<'_> {
     }
 
     /// Last-use times of principals and (live) grants, by name and id.
-    pub fn last_uses(&self) -> Result<(Vec<(String, Option<i64>)>, Vec<(String, Option<i64>)>)> {
+    pub fn last_uses(&self) -> Result<(Vec<LastUse>, Vec<LastUse>)> {
         let principals = self
             .0
             .prepare("SELECT name, last_used_at FROM principals")?

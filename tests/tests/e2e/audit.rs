@@ -37,7 +37,8 @@ async fn every_call_is_audited_with_its_outcome_key_and_context() {
     let _ = admin.enable_key(pb::EnableKeyRequest { key_id: "alias/missing".into() }).await;
 
     let db = server.db();
-    let rows: Vec<(String, String, String, Option<String>, Option<String>)> = db
+    type Row = (String, String, String, Option<String>, Option<String>);
+    let rows: Vec<Row> = db
         .prepare("SELECT operation, outcome, status, key_id, context FROM audit ORDER BY seq")
         .unwrap()
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
@@ -243,7 +244,8 @@ async fn signed_checkpoints_catch_truncation_and_a_rewritten_chain_over_ten_thou
     let records: i64 = server.db().query_row("SELECT COUNT(*) FROM audit", [], |r| r.get(0)).unwrap();
     assert_eq!(last, records, "the shutdown checkpoint covers the last record");
 
-    let cases: Vec<(Box<dyn Fn(&rusqlite::Connection)>, i64, &str)> = vec![
+    type Tampering = Box<dyn Fn(&rusqlite::Connection)>;
+    let cases: Vec<(Tampering, i64, &str)> = vec![
         (
             Box::new(move |db| {
                 db.execute("DELETE FROM audit WHERE seq > ?1", [last - 10]).unwrap();
