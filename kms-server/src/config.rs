@@ -108,6 +108,10 @@ pub struct ListenConfig {
     pub data: SocketAddr,
     /// The admin plane (kms.v1.KeyManagement).
     pub admin: SocketAddr,
+    /// Prometheus metrics over plain HTTP (`GET /metrics`); loopback only, since it has no TLS
+    /// (scrape it through a local agent). Absent: no metrics listener.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// TLS for both listeners; there is no plaintext mode.
@@ -207,6 +211,11 @@ impl Config {
         }
         if self.listen.data == self.listen.admin && self.listen.data.port() != 0 {
             return Err(refuse("listen.admin", "the data and admin planes need separate listeners"));
+        }
+        if let Some(metrics) = self.listen.metrics
+            && !metrics.ip().is_loopback()
+        {
+            return Err(refuse("listen.metrics", format!("{metrics} is not a loopback address; the metrics listener has no TLS")));
         }
         crate::tls::ServerTls::load(&self.tls.cert_file, &self.tls.key_file, &self.tls.client_ca_file).map_err(|e| refuse("tls", e))?;
         self.keys.limits().validate().map_err(|e| refuse("keys", e))?;

@@ -20,6 +20,7 @@ pub mod domain;
 pub mod error;
 pub mod hooks;
 pub mod hsm;
+pub mod metrics;
 pub mod secret;
 pub mod server;
 pub mod service;

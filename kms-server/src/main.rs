@@ -10,8 +10,18 @@ use kms_server::domain::officer::Passphrase;
 #[derive(Parser)]
 #[command(name = "kms-server", version, about = "Client-held key management service")]
 struct Cli {
+    /// Log lines as text for people, or as JSON lines for a log pipeline (each with its request
+    /// id and key id in its span fields). The level comes from KMS_LOG (default info).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -25,6 +35,9 @@ enum Command {
         data_listen: std::net::SocketAddr,
         #[arg(long, default_value = "127.0.0.1:7401")]
         admin_listen: std::net::SocketAddr,
+        /// Prometheus metrics (plain HTTP, loopback only).
+        #[arg(long, default_value = "127.0.0.1:7402")]
+        metrics_listen: std::net::SocketAddr,
         /// Seconds between destruction and rotation sweeps.
         #[arg(long, default_value_t = 60)]
         sweep_interval: u64,
@@ -51,10 +64,13 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KMS_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().with_current_span(true).with_span_list(false).init(),
+    }
     let (config, dev) = match cli.command {
         Command::Run { config } => (Config::load(&config)?, false),
         Command::BootstrapOfficer { config, name, passphrase_file } => {
@@ -74,7 +90,7 @@ fn main() -> anyhow::Result<()> {
             println!("{}: ok", config.display());
             return Ok(());
         }
-        Command::Dev { data_dir, data_listen, admin_listen, sweep_interval } => {
+        Command::Dev { data_dir, data_listen, admin_listen, metrics_listen, sweep_interval } => {
             std::fs::create_dir_all(&data_dir)?;
             let data_dir = data_dir.canonicalize()?;
             let token = hsm_sim::Token::open_or_provision(&data_dir.join("softhsm"), "kms-dev")?;
@@ -97,7 +113,7 @@ fn main() -> anyhow::Result<()> {
                     pin_env: None,
                     sessions: 4,
                 },
-                listen: ListenConfig { data: data_listen, admin: admin_listen },
+                listen: ListenConfig { data: data_listen, admin: admin_listen, metrics: Some(metrics_listen) },
                 tls: TlsConfig { cert_file: pki.server_cert, key_file: pki.server_key, client_ca_file: pki.ca_cert },
                 keys: KeysConfig { sweep_interval_seconds: sweep_interval, ..KeysConfig::default() },
                 health: HealthConfig::default(),

@@ -104,6 +104,14 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     let (data_addr, admin_addr) = (data.local_addr()?, admin.local_addr()?);
     println!("data plane (kms.v1.Crypto) listening on {data_addr}");
     println!("admin plane (kms.v1.KeyManagement) listening on {admin_addr}");
+    let metrics = match config.listen.metrics {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await?;
+            println!("metrics (Prometheus, GET /metrics) listening on {}", listener.local_addr()?);
+            Some(tokio::spawn(serve_metrics(listener, kms.clone())))
+        }
+        None => None,
+    };
     if dev {
         // Name the kmsctl built beside this binary when there is one, so the line works as is.
         let kmsctl = std::env::current_exe()
@@ -150,6 +158,9 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     s?;
     sweeper.abort();
     prober.abort();
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     let flushed = kms.clone();
     if let Err(e) = tokio::task::spawn_blocking(move || flushed.flush_uses()).await? {
         tracing::warn!(error = %e, "could not record the last uses of principals and grants");
@@ -201,6 +212,37 @@ async fn probe(kms: &Arc<Kms>) -> Result<(), String> {
     match tokio::task::spawn_blocking(move || kms.probe_hsm()).await {
         Ok(result) => result.map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Serves `GET /metrics` (Prometheus text format) on plain HTTP/1.1; anything else is 404.
+async fn serve_metrics(listener: TcpListener, kms: Arc<Kms>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics listener: accept failed");
+                continue;
+            }
+        };
+        let kms = kms.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                let kms = kms.clone();
+                async move {
+                    let response = if request.method() == hyper::Method::GET && request.uri().path() == "/metrics" {
+                        let body = tokio::task::spawn_blocking(move || crate::metrics::exposition(&kms)).await.unwrap_or_default();
+                        hyper::Response::builder().header("content-type", "text/plain; version=0.0.4").body(body)
+                    } else {
+                        hyper::Response::builder().status(hyper::StatusCode::NOT_FOUND).body("not found: try GET /metrics\n".to_string())
+                    };
+                    response.map_err(|e| std::io::Error::other(e.to_string()))
+                }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), service).await {
+                tracing::debug!(error = %e, "metrics connection ended");
+            }
+        });
     }
 }
 

@@ -42,6 +42,8 @@ pub struct Options {
     pub retention_clock_offset: i64,
     /// The server's `KMS_LOG` filter.
     pub log: &'static str,
+    /// `--log-format json` instead of text.
+    pub json_logs: bool,
 }
 
 impl Default for Options {
@@ -55,6 +57,7 @@ impl Default for Options {
             audit_retention_days: 0,
             retention_clock_offset: 0,
             log: "debug",
+            json_logs: false,
         }
     }
 }
@@ -76,6 +79,8 @@ pub struct Server {
     child: Option<Child>,
     pub data_addr: String,
     pub admin_addr: String,
+    /// The Prometheus metrics listener.
+    pub metrics_addr: String,
     /// The bootstrap officer's TOTP secret (base32), from its enrolment URI.
     pub officer_totp: String,
     /// The bootstrap officer's session token.
@@ -115,6 +120,7 @@ impl Server {
             child: None,
             data_addr: String::new(),
             admin_addr: String::new(),
+            metrics_addr: String::new(),
             officer_totp: String::new(),
             session: String::new(),
         };
@@ -209,7 +215,7 @@ impl Server {
         let config = format!(
             "data_dir = {:?}\n\
              [hsm]\nmodule = {:?}\ntoken_label = {:?}\npin_file = {:?}\nsessions = 4\n\
-             [listen]\ndata = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+             [listen]\ndata = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\n\
              [tls]\ncert_file = {:?}\nkey_file = {:?}\nclient_ca_file = {:?}\n\
              [keys]\nrotation_threshold = {}\nencryption_limit = {}\nusage_reservation_block = {}\nsweep_interval_seconds = {}\n\
              [health]\nprobe_interval_seconds = 1\n\
@@ -236,7 +242,7 @@ impl Server {
         self.write_config()?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
         let mut child = Command::new(bin("kms-server"))
-            .args(["run", "--config"])
+            .args(["--log-format", if self.options.json_logs { "json" } else { "text" }, "run", "--config"])
             .arg(self.config_path())
             .env(hsm_sim::SOFTHSM2_CONF, &self.token.conf)
             .env("KMS_LOG", self.options.log)
@@ -257,8 +263,8 @@ impl Server {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(30);
-        let (mut data, mut admin) = (None, None);
-        while data.is_none() || admin.is_none() {
+        let (mut data, mut admin, mut metrics) = (None, None, None);
+        while data.is_none() || admin.is_none() || metrics.is_none() {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = match rx.recv_timeout(left) {
                 Ok(line) => line,
@@ -273,10 +279,13 @@ impl Server {
                 data = Some(addr);
             } else if line.starts_with("admin plane") {
                 admin = Some(addr);
+            } else if line.starts_with("metrics") {
+                metrics = Some(addr);
             }
         }
         self.data_addr = data.unwrap_or_default();
         self.admin_addr = admin.unwrap_or_default();
+        self.metrics_addr = metrics.unwrap_or_default();
         self.child = Some(child);
         Ok(())
     }
@@ -383,6 +392,17 @@ impl Server {
             }
         }
         out
+    }
+
+    /// `GET PATH` on the metrics listener: the status line and the body.
+    pub fn http_get(&self, path: &str) -> (String, String) {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&self.metrics_addr).expect("metrics listener");
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: kms\r\nConnection: close\r\n\r\n").expect("request sent");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("response read");
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        (head.lines().next().unwrap_or_default().to_string(), body.to_string())
     }
 
     pub fn db(&self) -> rusqlite::Connection {

@@ -845,13 +845,18 @@ async fn run(cli: Cli) -> Result<(), Error> {
                        "token": {"label": token.label, "manufacturer": token.manufacturer, "model": token.model, "serial_number": token.serial_number},
                        "keys_by_state": r.keys_by_state, "versions_nearest_limit": usage, "due_soon": due,
                        "last_review_signoff_time": r.last_review_signoff_time, "last_review_signoff_by": r.last_review_signoff_by,
-                       "review_overdue": r.review_overdue, "warnings": r.warnings}),
+                       "review_overdue": r.review_overdue, "warnings": r.warnings,
+                       "hsm_sessions": {"open": r.hsm_sessions_open, "in_use": r.hsm_sessions_in_use, "size": r.hsm_sessions_size}}),
                 || {
                     let detail = if r.health_detail.is_empty() { String::new() } else { format!(" ({})", r.health_detail) };
                     let mut lines = vec![
                         format!("kms-server {}, up {} s", r.version, r.uptime_seconds),
                         format!("health: {}{detail}", r.health),
                         format!("HSM token: {} ({} {}, serial {})", token.label, token.manufacturer, token.model, token.serial_number),
+                        format!(
+                            "HSM sessions: {} in use, {} open, at most {}",
+                            r.hsm_sessions_in_use, r.hsm_sessions_open, r.hsm_sessions_size
+                        ),
                     ];
                     let mut states: Vec<_> = r.keys_by_state.iter().map(|(s, n)| format!("{s} {n}")).collect();
                     states.sort();

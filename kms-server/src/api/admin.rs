@@ -601,6 +601,9 @@ impl KeyManagement for AdminService {
                     last_review_signoff_by: s.last_signoff.map(|(by, _)| by).unwrap_or_default(),
                     review_overdue: s.review_overdue,
                     warnings: s.warnings,
+                    hsm_sessions_open: s.sessions.open as u32,
+                    hsm_sessions_in_use: s.sessions.in_use as u32,
+                    hsm_sessions_size: s.sessions.size as u32,
                 })
             })
             .await

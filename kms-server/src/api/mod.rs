@@ -147,6 +147,7 @@ impl Shared {
         audit: Audit,
         f: impl FnOnce(&Kms, &Caller, &mut Facts) -> Result<T, Error> + Send + 'static,
     ) -> Result<tonic::Response<T>, Status> {
+        let started = std::time::Instant::now();
         let request_id = self.ids.next();
         let kms = self.kms.clone();
         let span = tracing::info_span!("rpc", request_id = %request_id, operation);
@@ -186,6 +187,7 @@ impl Shared {
         };
         let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
         if code == tonic::Code::Ok && audit == Audit::FailuresInTransactionSuccesses {
+            crate::metrics::metrics().request(operation, code_name(code), started.elapsed());
             return result.map(tonic::Response::new);
         }
         let principal = facts.principal.clone().unwrap_or_else(|| "unknown".into());
@@ -223,7 +225,13 @@ impl Shared {
                     .collect()
             }
         };
-        match self.audit.record_all(events).await {
+        let statuses: Vec<&'static str> = events.iter().map(|e| e.status).collect();
+        let audited = self.audit.record_all(events).await;
+        let elapsed = started.elapsed();
+        for status in statuses {
+            crate::metrics::metrics().request(operation, if audited.is_ok() { status } else { "UNAVAILABLE" }, elapsed);
+        }
+        match audited {
             Ok(()) => result.map(tonic::Response::new),
             Err(e) => {
                 tracing::error!(request_id = %caller.request_id, error = %e, "failing the call closed");

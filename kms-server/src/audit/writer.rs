@@ -115,7 +115,9 @@ impl AuditWriter {
                         Err(_) => break,
                     }
                 }
+                let started = std::time::Instant::now();
                 let written = store.write(|tx| tx.append_audits(batch.iter().map(|p| &p.event), now()));
+                crate::metrics::metrics().audit_commit(batch.len(), started.elapsed());
                 let outcome = match written {
                     Ok(()) => Ok(()),
                     Err(e) => {

@@ -64,6 +64,17 @@ pub struct TokenInfo {
     pub serial_number: String,
 }
 
+/// The session pool's use, for status and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionUse {
+    /// Sessions open (in use or idle).
+    pub open: usize,
+    /// Sessions checked out by a caller now.
+    pub in_use: usize,
+    /// The most the pool opens.
+    pub size: usize,
+}
+
 /// The operations the service needs from an HSM.
 pub trait Hsm: Send + Sync {
     /// Creates the token object of a new key version (template in `templates::key_version`).
@@ -85,6 +96,8 @@ pub trait Hsm: Send + Sync {
     fn destroy(&self, key: KeyHandle) -> Result<(), HsmError>;
 
     fn token_info(&self) -> Result<TokenInfo, HsmError>;
+
+    fn sessions(&self) -> SessionUse;
 
     /// One of the service's own keys, made on first use (startup only).
     fn service_key(&self, which: ServiceKey) -> Result<KeyHandle, HsmError>;

@@ -21,7 +21,7 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
-use super::{Hsm, HsmError, KeyHandle, ObjectName, ServiceKey, TokenInfo, templates};
+use super::{Hsm, HsmError, KeyHandle, ObjectName, ServiceKey, SessionUse, TokenInfo, templates};
 use crate::domain::blob::{Iv, TAG_LEN};
 use crate::secret::{Pin, SecretBytes};
 
@@ -72,8 +72,10 @@ impl Pkcs11Hsm {
 
     /// Runs `op` on a pooled session. Session-level failures retire the session.
     fn with_session<T>(&self, function: &'static str, op: impl FnOnce(&Session) -> Result<T, CkError>) -> Result<T, HsmError> {
+        let started = std::time::Instant::now();
         let session = self.pool.checkout(|| self.ctx.open_rw_session(self.slot)).map_err(|e| classify(function, e))?;
         let result = op(&session);
+        crate::metrics::metrics().hsm_call(function, if result.is_ok() { "ok" } else { "error" }, started.elapsed());
         let broken = matches!(
             &result,
             Err(CkError::Pkcs11(
@@ -193,6 +195,11 @@ impl Hsm for Pkcs11Hsm {
             Err(HsmError::Refused { code: RvError::SignatureInvalid | RvError::SignatureLenRange, .. }) => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    fn sessions(&self) -> SessionUse {
+        let state = self.pool.lock();
+        SessionUse { open: state.open, in_use: state.open - state.idle.len(), size: self.pool.size }
     }
 
     fn token_info(&self) -> Result<TokenInfo, HsmError> {

@@ -8,7 +8,7 @@ use super::{Kms, now};
 use crate::domain::ids::KeyId;
 use crate::domain::lifecycle::KeyState;
 use crate::error::Result;
-use crate::hsm::TokenInfo;
+use crate::hsm::{SessionUse, TokenInfo};
 
 /// How far ahead `due_soon` looks: 30 days, the shortest pending-destruction window a key can
 /// have plus margin for a monthly operations review.
@@ -74,6 +74,7 @@ pub struct ServiceStatus {
     pub probe: Probe,
     /// `None` when the HSM did not answer.
     pub token: Option<TokenInfo>,
+    pub sessions: SessionUse,
     pub keys_by_state: BTreeMap<&'static str, u64>,
     pub nearest_limit: Vec<VersionUsage>,
     pub due_soon: Vec<(KeyId, DueAction, i64)>,
@@ -83,27 +84,31 @@ pub struct ServiceStatus {
 }
 
 impl Kms {
+    /// The AES-GCM usage of every version that still has key material.
+    pub fn version_usage(&self) -> Vec<VersionUsage> {
+        let limits = self.settings.limits;
+        let state = self.registry.read();
+        let versions = state.keys.values().flat_map(|entry| entry.versions.values()).filter(|v| v.record.state.has_material());
+        versions
+            .map(|v| VersionUsage {
+                key_id: v.record.key_id,
+                version: v.record.version,
+                encryptions: v.usage.used(&limits),
+                limit: limits.encryption_limit,
+            })
+            .collect()
+    }
+
     pub fn status(&self) -> Result<ServiceStatus> {
         let at = now();
         let probe = self.last_probe.get();
         let token = self.hsm.token_info().ok();
-        let limits = self.settings.limits;
         let mut keys_by_state = BTreeMap::new();
-        let mut usage = Vec::new();
+        let mut usage = self.version_usage();
         let mut due_soon = Vec::new();
         for entry in self.registry.read().keys.values() {
             let r = &entry.record;
             *keys_by_state.entry(r.state.as_str()).or_insert(0) += 1;
-            for v in entry.versions.values() {
-                if v.record.state.has_material() {
-                    usage.push(VersionUsage {
-                        key_id: r.key_id,
-                        version: v.record.version,
-                        encryptions: v.usage.used(&limits),
-                        limit: limits.encryption_limit,
-                    });
-                }
-            }
             let soon = |t: Option<i64>| t.filter(|t| *t <= at + DUE_WINDOW_SECONDS);
             if r.state == KeyState::Enabled
                 && let Some(t) = soon(r.next_rotation_at)
@@ -133,6 +138,7 @@ impl Kms {
             uptime_seconds: u64::try_from(at - self.started_at).unwrap_or(0),
             probe,
             token,
+            sessions: self.hsm.sessions(),
             keys_by_state,
             nearest_limit: usage,
             due_soon,

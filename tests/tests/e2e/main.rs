@@ -16,6 +16,7 @@ mod lifecycle;
 mod limits;
 mod load;
 mod matrix;
+mod metrics;
 mod officers;
 mod persistence;
 mod review;
