@@ -25,6 +25,8 @@ pub struct Config {
     #[serde(default)]
     pub health: HealthConfig,
     #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
     pub audit: AuditConfig,
     #[serde(default)]
     pub officers: OfficersConfig,
@@ -63,6 +65,25 @@ pub const MIN_AUDIT_RETENTION_DAYS: u32 = 90;
 impl Default for AuditConfig {
     fn default() -> Self {
         AuditConfig { checkpoint_every_records: 1000, checkpoint_every_seconds: 60, retention_days: 0 }
+    }
+}
+
+/// Per-principal rate limits (a token bucket each).
+#[derive(Debug, Clone, Copy, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Calls per second each principal (workload or officer) may make, sustained; 0 (the
+    /// default) for no limit. AWS KMS's base quota for cryptographic operations, 5,500 per
+    /// second, is a reasonable start for a busy workload.
+    pub principal_calls_per_second: f64,
+    /// Calls a principal may make at once after a quiet spell (default: one second's worth).
+    pub principal_burst: Option<f64>,
+}
+
+impl LimitsConfig {
+    pub fn rate_limit(&self) -> crate::domain::rate::RateLimit {
+        let per_second = self.principal_calls_per_second;
+        crate::domain::rate::RateLimit { per_second, burst: self.principal_burst.unwrap_or(per_second).max(1.0) }
     }
 }
 
@@ -230,6 +251,10 @@ impl Config {
                 "audit.retention_days",
                 format!("is {}; it must be 0 (keep everything) or at least {MIN_AUDIT_RETENTION_DAYS} days", self.audit.retention_days),
             ));
+        }
+        let rate = self.limits.principal_calls_per_second;
+        if !rate.is_finite() || rate < 0.0 || self.limits.principal_burst.is_some_and(|b| !b.is_finite() || b < 1.0) {
+            return Err(refuse("limits", "principal_calls_per_second must be 0 or more and principal_burst at least 1"));
         }
         if !(1..=60).contains(&self.health.probe_interval_seconds) {
             return Err(refuse("health.probe_interval_seconds", "must be 1 to 60"));

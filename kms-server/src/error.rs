@@ -43,6 +43,11 @@ pub enum Error {
         key_id: KeyId,
         version: u32,
     },
+    /// The caller is over its rate limit; it may call again after `retry_after`.
+    RateLimited {
+        principal: String,
+        retry_after: std::time::Duration,
+    },
     Hsm(HsmError),
     Store(StoreError),
 }
@@ -67,6 +72,9 @@ impl fmt::Display for Error {
             Error::DecryptFailed => f.write_str("the ciphertext blob could not be decrypted"),
             Error::UsageExhausted { key_id, version } => {
                 write!(f, "version {version} of key {key_id} reached its encryption limit and the key could not be rotated")
+            }
+            Error::RateLimited { principal, retry_after } => {
+                write!(f, "principal {principal} is over its rate limit; retry after {} ms", retry_after.as_millis().max(1))
             }
             Error::Hsm(e) => e.fmt(f),
             Error::Store(e) => e.fmt(f),

@@ -117,6 +117,7 @@ fn main() -> anyhow::Result<()> {
                 tls: TlsConfig { cert_file: pki.server_cert, key_file: pki.server_key, client_ca_file: pki.ca_cert },
                 keys: KeysConfig { sweep_interval_seconds: sweep_interval, ..KeysConfig::default() },
                 health: HealthConfig::default(),
+                limits: Default::default(),
                 audit: AuditConfig::default(),
                 officers: OfficersConfig::default(),
             };

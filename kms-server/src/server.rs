@@ -80,6 +80,7 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
         limits: config.keys.limits(),
         session_seconds: config.officers.session_minutes * 60,
         audit_retention_days: config.audit.retention_days,
+        rate_limit: config.limits.rate_limit(),
     };
     let (kms, store) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Kms, Arc<Store>)> {
         let store = Arc::new(Store::open(&db)?);

@@ -44,6 +44,9 @@ pub struct Options {
     pub log: &'static str,
     /// `--log-format json` instead of text.
     pub json_logs: bool,
+    /// `limits.principal_calls_per_second` (0: no limit) and `limits.principal_burst`.
+    pub principal_calls_per_second: f64,
+    pub principal_burst: f64,
 }
 
 impl Default for Options {
@@ -58,6 +61,8 @@ impl Default for Options {
             retention_clock_offset: 0,
             log: "debug",
             json_logs: false,
+            principal_calls_per_second: 0.0,
+            principal_burst: 1.0,
         }
     }
 }
@@ -219,7 +224,8 @@ impl Server {
              [tls]\ncert_file = {:?}\nkey_file = {:?}\nclient_ca_file = {:?}\n\
              [keys]\nrotation_threshold = {}\nencryption_limit = {}\nusage_reservation_block = {}\nsweep_interval_seconds = {}\n\
              [health]\nprobe_interval_seconds = 1\n\
-             [audit]\ncheckpoint_every_records = {}\nretention_days = {}\n",
+             [audit]\ncheckpoint_every_records = {}\nretention_days = {}\n\
+             [limits]\nprincipal_calls_per_second = {:?}\nprincipal_burst = {:?}\n",
             self.dir.path(),
             self.token.module,
             self.token.label,
@@ -233,6 +239,8 @@ impl Server {
             o.sweep_interval_seconds,
             o.checkpoint_every_records,
             o.audit_retention_days,
+            o.principal_calls_per_second,
+            o.principal_burst,
         );
         std::fs::write(self.config_path(), config)?;
         Ok(())

@@ -46,6 +46,14 @@ pub fn status(e: &Error, request_id: &str) -> Status {
         Error::Unauthenticated { .. } => Status::unauthenticated(e.to_string()),
         Error::FailedPrecondition { .. } | Error::UsageExhausted { .. } => Status::failed_precondition(e.to_string()),
         Error::DecryptFailed => Status::invalid_argument(DECRYPT_FAILED),
+        Error::RateLimited { retry_after, .. } => {
+            // The hint also travels as metadata, for clients that back off by it.
+            let mut st = Status::resource_exhausted(e.to_string());
+            if let Ok(ms) = retry_after.as_millis().max(1).to_string().parse() {
+                st.metadata_mut().insert("retry-after-ms", ms);
+            }
+            st
+        }
         Error::Hsm(HsmError::Unavailable { .. }) => {
             tracing::error!(request_id, error = %e, "HSM unavailable");
             Status::unavailable(format!("the HSM is unavailable; retry later (request id {request_id})"))
@@ -164,7 +172,7 @@ impl Shared {
             let out = match principal {
                 Ok(principal) => {
                     let caller = Caller { request_id: task_request_id, principal };
-                    let out = f(&kms, &caller, &mut facts);
+                    let out = kms.admit(&caller.principal).and_then(|()| f(&kms, &caller, &mut facts));
                     facts.principal.get_or_insert(caller.principal);
                     out
                 }

@@ -8,3 +8,4 @@ pub mod ids;
 pub mod lifecycle;
 pub mod officer;
 pub mod policy;
+pub mod rate;

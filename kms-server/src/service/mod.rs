@@ -84,6 +84,8 @@ pub struct Settings {
     pub session_seconds: i64,
     /// Audit records older than this many days are removed by the sweeper (0: never).
     pub audit_retention_days: u32,
+    /// How fast each principal may call.
+    pub rate_limit: crate::domain::rate::RateLimit,
 }
 
 pub struct Kms {
@@ -105,6 +107,8 @@ pub struct Kms {
     started_at: i64,
     /// What the last health probe found.
     last_probe: status::LastProbe,
+    /// Per-principal rate limits.
+    limiter: Mutex<crate::domain::rate::RateLimiter>,
 }
 
 impl std::fmt::Debug for Kms {
@@ -128,6 +132,7 @@ impl Kms {
             uses: review::Uses::default(),
             started_at: now(),
             last_probe: status::LastProbe::default(),
+            limiter: Mutex::new(crate::domain::rate::RateLimiter::new(settings.rate_limit)),
             store,
             registry: Registry::default(),
             settings,
@@ -180,6 +185,13 @@ impl Kms {
     /// takes access away, and a client caching data keys drops them all when it sees it change.
     pub fn revocation_epoch(&self) -> u64 {
         self.registry.read().revocation_epoch
+    }
+
+    /// Lets an authenticated principal's call through, or refuses it with a retry hint when the
+    /// principal is over its rate limit.
+    pub fn admit(&self, principal: &str) -> Result<()> {
+        let mut limiter = self.limiter.lock().unwrap_or_else(|p| p.into_inner());
+        limiter.take(principal, std::time::Instant::now()).map_err(|retry_after| Error::RateLimited { principal: principal.to_string(), retry_after })
     }
 
     /// The id a key reference names now, if any (for audit records of refused calls).

@@ -19,6 +19,7 @@ mod matrix;
 mod metrics;
 mod officers;
 mod persistence;
+mod rate;
 mod review;
 mod status;
 mod tamper;
