@@ -20,3 +20,65 @@ pub fn retention_clock_offset() -> i64 {
 pub fn retention_clock_offset() -> i64 {
     0
 }
+
+/// A step of a multi-step operation where the crash test may kill the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The intent row is committed; the HSM has not been called.
+    AfterIntent,
+    /// The HSM call is done; the database does not show it yet.
+    AfterHsm,
+    /// The change and its audit record are committed.
+    AfterCommit,
+    /// Everything is done and audited; the caller has no answer yet.
+    BeforeReply,
+}
+
+impl Step {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::AfterIntent => "after_intent",
+            Step::AfterHsm => "after_hsm",
+            Step::AfterCommit => "after_commit",
+            Step::BeforeReply => "before_reply",
+        }
+    }
+}
+
+/// Every crash point, as (operation, step): the one list the crash-recovery test (TESTPLAN R2)
+/// walks, one point per run. Operations that touch the HSM have all four steps; state-only
+/// changes have the two after their single transaction.
+pub const CRASH_POINTS: &[(&str, Step)] = &[
+    ("CreateKey", Step::AfterIntent),
+    ("CreateKey", Step::AfterHsm),
+    ("CreateKey", Step::AfterCommit),
+    ("CreateKey", Step::BeforeReply),
+    ("RotateKey", Step::AfterIntent),
+    ("RotateKey", Step::AfterHsm),
+    ("RotateKey", Step::AfterCommit),
+    ("RotateKey", Step::BeforeReply),
+    ("DisableKey", Step::AfterCommit),
+    ("DisableKey", Step::BeforeReply),
+    ("ScheduleKeyDestruction", Step::AfterCommit),
+    ("ScheduleKeyDestruction", Step::BeforeReply),
+    ("DestroyKey", Step::AfterIntent),
+    ("DestroyKey", Step::AfterHsm),
+    ("DestroyKey", Step::AfterCommit),
+];
+
+/// Aborts the process (no unwinding, no cleanup: like `kill -9`) when `KMS_TEST_CRASH_AT` names
+/// this point as `Operation/step`, e.g. `RotateKey/after_hsm`. A constant no-op without the
+/// `test-hooks` feature.
+#[cfg(feature = "test-hooks")]
+pub fn crash_point(operation: &str, step: Step) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let at = AT.get_or_init(|| std::env::var("KMS_TEST_CRASH_AT").ok());
+    if at.as_deref().is_some_and(|at| at.split_once('/') == Some((operation, step.as_str()))) {
+        eprintln!("test hook: crashing at {operation}/{}", step.as_str());
+        std::process::abort();
+    }
+}
+
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub fn crash_point(_operation: &str, _step: Step) {}

@@ -44,6 +44,8 @@ pub struct Options {
     pub log: &'static str,
     /// `--log-format json` instead of text.
     pub json_logs: bool,
+    /// `KMS_TEST_CRASH_AT`: the crash point (`Operation/step`) the server aborts at.
+    pub crash_at: Option<String>,
     /// `limits.principal_calls_per_second` (0: no limit) and `limits.principal_burst`.
     pub principal_calls_per_second: f64,
     pub principal_burst: f64,
@@ -61,6 +63,7 @@ impl Default for Options {
             retention_clock_offset: 0,
             log: "debug",
             json_logs: false,
+            crash_at: None,
             principal_calls_per_second: 0.0,
             principal_burst: 1.0,
         }
@@ -255,6 +258,7 @@ impl Server {
             .env(hsm_sim::SOFTHSM2_CONF, &self.token.conf)
             .env("KMS_LOG", self.options.log)
             .env("KMS_TEST_RETENTION_CLOCK_OFFSET", self.options.retention_clock_offset.to_string())
+            .env("KMS_TEST_CRASH_AT", self.options.crash_at.as_deref().unwrap_or_default())
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -318,6 +322,22 @@ impl Server {
                     }
                     _ => std::thread::sleep(Duration::from_millis(20)),
                 }
+            }
+        }
+    }
+
+    /// Waits (up to `timeout`) for the server to exit on its own; true if it did.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let Some(child) = self.child.as_mut() else { return true };
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => {
+                    self.child = None;
+                    return true;
+                }
+                _ if Instant::now() > deadline => return false,
+                _ => std::thread::sleep(Duration::from_millis(20)),
             }
         }
     }

@@ -196,6 +196,7 @@ impl Shared {
         let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
         if code == tonic::Code::Ok && audit == Audit::FailuresInTransactionSuccesses {
             crate::metrics::metrics().request(operation, code_name(code), started.elapsed());
+            crate::hooks::crash_point(operation, crate::hooks::Step::BeforeReply);
             return result.map(tonic::Response::new);
         }
         let principal = facts.principal.clone().unwrap_or_else(|| "unknown".into());
@@ -238,6 +239,9 @@ impl Shared {
         let elapsed = started.elapsed();
         for status in statuses {
             crate::metrics::metrics().request(operation, if audited.is_ok() { status } else { "UNAVAILABLE" }, elapsed);
+        }
+        if audited.is_ok() && code == tonic::Code::Ok {
+            crate::hooks::crash_point(operation, crate::hooks::Step::BeforeReply);
         }
         match audited {
             Ok(()) => result.map(tonic::Response::new),

@@ -17,6 +17,7 @@ use crate::domain::ids::{AliasName, KeyId, KeyRef};
 use crate::domain::lifecycle::{KeyState, KeyTransition, VersionState, VersionTransition, next_key_state, next_version_state};
 use crate::domain::policy::{Grant, PrincipalState};
 use crate::error::{Error, Result};
+use crate::hooks::{Step, crash_point};
 use crate::hsm::{KeyHandle, ObjectName};
 use crate::store::{AliasRecord, IntentKind, KeyRecord, PrincipalRecord, VersionRecord};
 
@@ -115,11 +116,16 @@ impl Kms {
 
     // ----- create and rotate -----
 
-    /// Writes the intent and creates the version's HSM object.
-    fn create_version_object(&self, key_id: KeyId, version: u32) -> Result<(i64, KeyHandle)> {
+    /// Writes the intent and creates the version's HSM object (for `operation`: CreateKey or
+    /// RotateKey).
+    fn create_version_object(&self, operation: &'static str, key_id: KeyId, version: u32) -> Result<(i64, KeyHandle)> {
         let intent = self.store.write(|tx| tx.insert_intent(IntentKind::Create, key_id, version, now()))?;
+        crash_point(operation, Step::AfterIntent);
         match self.hsm.generate_key(&ObjectName { key_id, version }) {
-            Ok(handle) => Ok((intent, handle)),
+            Ok(handle) => {
+                crash_point(operation, Step::AfterHsm);
+                Ok((intent, handle))
+            }
             Err(e) => {
                 if let Err(cleanup) = self.store.write(|tx| tx.delete_intent(intent)) {
                     tracing::warn!(error = %cleanup, "could not remove a create intent; recovery will");
@@ -149,7 +155,7 @@ impl Kms {
         let mut id = [0u8; 16];
         self.hsm.random(&mut id)?;
         let key_id = KeyId::from_random(id);
-        let (intent, handle) = self.create_version_object(key_id, 1)?;
+        let (intent, handle) = self.create_version_object("CreateKey", key_id, 1)?;
         let created_at = now();
         let record = KeyRecord {
             key_id,
@@ -179,6 +185,7 @@ impl Kms {
             self.abandon_object(intent, handle);
             return Err(e.into());
         }
+        crash_point("CreateKey", Step::AfterCommit);
         if let Some(a) = alias_record {
             state.aliases.insert(a.alias.clone(), a);
         }
@@ -213,7 +220,7 @@ impl Kms {
     fn rotate_locked(&self, entry: &KeyEntry, caller: &Caller, why: &str) -> Result<KeyView> {
         let key_id = entry.record.key_id;
         let next = entry.versions.keys().next_back().copied().unwrap_or(0) + 1;
-        let (intent, handle) = self.create_version_object(key_id, next)?;
+        let (intent, handle) = self.create_version_object("RotateKey", key_id, next)?;
         let at = now();
         let mut record = entry.record.clone();
         record.primary_version = next;
@@ -233,6 +240,7 @@ impl Kms {
             self.abandon_object(intent, handle);
             return Err(e.into());
         }
+        crash_point("RotateKey", Step::AfterCommit);
         let mut versions = state.versions_of(key_id);
         versions.push((version, Some(handle)));
         state.put(record, versions);
@@ -279,6 +287,7 @@ impl Kms {
             tx.append_audit(&caller.audit(operation, Some(key_id), None, format!("{} -> {next}", entry.record.state)), at)?;
             revoked(tx, revokes)
         })?;
+        crash_point(operation, Step::AfterCommit);
         state.put_record(record);
         state.revocation_epoch = epoch.unwrap_or(state.revocation_epoch);
         let entry = state.resolve(&KeyRef::Id(key_id))?.clone();
@@ -505,17 +514,21 @@ impl Kms {
     }
 
     /// Destroys one version's HSM object under a destroy intent; returns the intent.
-    fn destroy_object(&self, key_id: KeyId, version: u32, handle: Option<KeyHandle>) -> Result<Option<i64>> {
+    /// Destroys one version's HSM object under a destroy intent (for `operation`: DestroyKey or
+    /// DestroyKeyVersion); returns the intent.
+    fn destroy_object(&self, operation: &'static str, key_id: KeyId, version: u32, handle: Option<KeyHandle>) -> Result<Option<i64>> {
         let Some(handle) = handle else { return Ok(None) };
         let intent = self.store.write(|tx| tx.insert_intent(IntentKind::Destroy, key_id, version, now()))?;
+        crash_point(operation, Step::AfterIntent);
         self.hsm.destroy(handle)?;
+        crash_point(operation, Step::AfterHsm);
         Ok(Some(intent))
     }
 
     fn destroy_version(&self, entry: &KeyEntry, version: u32) -> Result<()> {
         let key_id = entry.record.key_id;
         let Some(v) = entry.versions.get(&version) else { return Ok(()) };
-        let intent = self.destroy_object(key_id, version, v.handle)?;
+        let intent = self.destroy_object("DestroyKeyVersion", key_id, version, v.handle)?;
         let at = now();
         let mut record = v.record.clone();
         record.state = VersionState::Destroyed;
@@ -539,7 +552,7 @@ impl Kms {
         let key_id = entry.record.key_id;
         let mut intents = Vec::new();
         for v in entry.versions.values().filter(|v| v.record.state.has_material()) {
-            intents.extend(self.destroy_object(key_id, v.record.version, v.handle)?);
+            intents.extend(self.destroy_object("DestroyKey", key_id, v.record.version, v.handle)?);
         }
         let at = now();
         let mut record = entry.record.clone();
@@ -569,6 +582,7 @@ impl Kms {
             tx.append_audit(&AuditEvent::system("DestroyKey", Some(key_id), None, "HSM objects destroyed; tombstone kept".into()), at)?;
             revoked(tx, true)
         })?;
+        crash_point("DestroyKey", Step::AfterCommit);
         state.put(record, versions);
         state.revocation_epoch = epoch.unwrap_or(state.revocation_epoch);
         tracing::info!(%key_id, "key destroyed");

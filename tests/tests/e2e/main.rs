@@ -4,6 +4,7 @@
 mod audit;
 mod batch;
 mod cache;
+mod crash;
 mod envelope;
 mod golden;
 mod grants;

@@ -1,0 +1,114 @@
+//! TESTPLAN R2: the process aborts at each named step of each multi-step operation (the one list
+//! `kms_server::hooks::CRASH_POINTS`), and after a restart the operation is wholly there or
+//! wholly absent: rows and HSM objects agree, the database is intact, the audit verifies, and
+//! what recovery repaired is in its log.
+
+use std::time::Duration;
+
+use kms_proto::v1 as pb;
+use kms_server::hooks::{CRASH_POINTS, Step};
+use kms_tests::{Options, Server, create_key};
+
+/// Live key versions in the database, as HSM labels.
+fn live_versions(server: &Server) -> Vec<String> {
+    let db = server.db();
+    let mut stmt = db.prepare("SELECT key_id, version FROM key_versions WHERE state != 'Destroyed' ORDER BY key_id, version").unwrap();
+    let rows = stmt.query_map([], |r| Ok(format!("kms:{}:{}", r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).unwrap();
+    rows.map(Result::unwrap).collect()
+}
+
+fn objects(server: &Server) -> Vec<String> {
+    let mut labels: Vec<String> = server.token_objects().iter().map(|o| o["label"].as_str().unwrap().to_string()).collect();
+    labels.sort();
+    labels
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_crash_point_leaves_each_operation_wholly_there_or_wholly_absent() {
+    for (operation, step) in CRASH_POINTS {
+        let point = format!("{operation}/{}", step.as_str());
+        let mut server = Server::start_with(Options { crash_at: Some(point.clone()), ..Options::default() });
+        let mut admin = server.admin().await;
+        let key = if *operation == "CreateKey" { None } else { Some(create_key(&mut admin, "").await) };
+        let before = live_versions(&server);
+
+        let answered = match *operation {
+            "CreateKey" => admin.create_key(pb::CreateKeyRequest::default()).await.is_ok(),
+            "RotateKey" => admin.rotate_key(pb::RotateKeyRequest { key_id: key.clone().unwrap() }).await.is_ok(),
+            "DisableKey" => admin.disable_key(pb::DisableKeyRequest { key_id: key.clone().unwrap() }).await.is_ok(),
+            "ScheduleKeyDestruction" => admin
+                .schedule_key_destruction(pb::ScheduleKeyDestructionRequest { key_id: key.clone().unwrap(), pending_window_days: 7 })
+                .await
+                .is_ok(),
+            "DestroyKey" => {
+                // Destruction is the sweeper's: schedule it, let the window pass while the server
+                // is down, and start it again (still set to crash) for the sweeper to run.
+                let request = pb::ScheduleKeyDestructionRequest { key_id: key.clone().unwrap(), pending_window_days: 7 };
+                admin.schedule_key_destruction(request).await.unwrap();
+                server.stop();
+                rusqlite::Connection::open(server.db_path()).unwrap().execute("UPDATE keys SET destruction_at = 1", []).unwrap();
+                server.restart();
+                false
+            }
+            other => panic!("no driver for {other}"),
+        };
+        assert!(!answered, "{point}: the call was answered, so the crash point was never reached");
+        assert!(server.wait_for_exit(Duration::from_secs(20)), "{point}: the server did not abort");
+        let log = std::fs::read_to_string(server.log_path()).unwrap();
+        assert!(log.contains(&format!("test hook: crashing at {point}")), "{point}: aborted elsewhere:\n{log}");
+
+        server.options.crash_at = None;
+        server.restart();
+        let after = live_versions(&server);
+        let destroyed = *operation == "DestroyKey";
+        if destroyed {
+            // Destruction was decided before the crash: recovery or the next sweep finishes it.
+            kms_tests::eventually(&format!("{point}: destruction finished"), Duration::from_secs(20), || live_versions(&server).is_empty());
+        }
+        let after = if destroyed { live_versions(&server) } else { after };
+        assert_eq!(objects(&server), after, "{point}: HSM objects and live rows agree");
+        // Wholly there or wholly absent.
+        match *operation {
+            "CreateKey" | "RotateKey" => {
+                let added = after.len() as i64 - before.len() as i64;
+                assert!(added == 0 || added == 1, "{point}: {before:?} -> {after:?}");
+                if *step == Step::AfterCommit || *step == Step::BeforeReply {
+                    assert_eq!(added, 1, "{point}: a committed change is kept");
+                } else {
+                    assert_eq!(added, 0, "{point}: an uncommitted change is rolled back");
+                }
+            }
+            "DisableKey" | "ScheduleKeyDestruction" => {
+                let state: String = server.db().query_row("SELECT state FROM keys", [], |r| r.get(0)).unwrap();
+                let want = if *operation == "DisableKey" { "Disabled" } else { "PendingDestruction" };
+                assert_eq!(state, want, "{point}: committed before the crash, so kept");
+                assert_eq!(after, before);
+            }
+            _ => {
+                let state: String = server.db().query_row("SELECT state FROM keys", [], |r| r.get(0)).unwrap();
+                assert_eq!(state, "Destroyed", "{point}");
+            }
+        }
+        // The primary version always exists and has its object.
+        let primaries: Vec<String> = {
+            let db = server.db();
+            let mut stmt = db.prepare("SELECT key_id || ':' || primary_version FROM keys WHERE state != 'Destroyed'").unwrap();
+            stmt.query_map([], |r| r.get::<_, String>(0)).unwrap().map(Result::unwrap).collect()
+        };
+        for p in primaries {
+            assert!(after.contains(&format!("kms:{p}")), "{point}: primary {p} has no live row");
+        }
+        let integrity: String = server.db().query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+        assert_eq!(integrity, "ok", "{point}");
+        let verify = server.kmsctl(&["--json", "audit", "verify"]);
+        assert!(verify.status.success(), "{point}: {}", String::from_utf8_lossy(&verify.stdout));
+        // Recovery says what it repaired: an interrupted create's object, or an interrupted destroy.
+        let log = std::fs::read_to_string(server.log_path()).unwrap();
+        if (*operation == "CreateKey" || *operation == "RotateKey") && *step == Step::AfterHsm {
+            assert!(log.contains("recovery:"), "{point}: nothing logged as repaired:\n{log}");
+        }
+        // The service works after the restart.
+        admin = server.admin().await;
+        admin.create_key(pb::CreateKeyRequest::default()).await.unwrap_or_else(|e| panic!("{point}: {e}"));
+    }
+}
