@@ -11,6 +11,7 @@ mod grants;
 mod health;
 mod hsm_objects;
 mod identity;
+mod kill9;
 mod kmsctl;
 mod leaks;
 mod lifecycle;
