@@ -172,7 +172,10 @@ async fn kill9_at_random_instants_under_load_loses_nothing_acknowledged() {
         }
         officer.await.unwrap();
         server.restart_after_kill9();
-        check(&server, &data_key, &acked.lock().unwrap(), &mut view.lock().unwrap(), iteration, kill_after).await;
+        let acked = std::mem::take(&mut *acked.lock().unwrap());
+        let mut seen = std::mem::take(&mut *view.lock().unwrap());
+        check(&server, &data_key, &acked, &mut seen, iteration, kill_after).await;
+        *view.lock().unwrap() = seen;
     }
 }
 
