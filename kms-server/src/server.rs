@@ -64,6 +64,10 @@ fn dev_officer(kms: &Kms, data_dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long calls in flight may take to finish after SIGTERM or SIGINT: well inside systemd's
+/// default stop timeout (90 s) and Kubernetes' default grace period (30 s).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// Opens everything and serves until SIGINT or SIGTERM. Prints one line per plane with its
 /// address (tests and scripts read them) before serving. `dev` adds the development officer and
 /// a kmsctl hint.
@@ -153,10 +157,23 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
         let _ = shutdown_tx.send(true);
         Ok::<(), std::io::Error>(())
     };
-    let (d, a, s) = tokio::join!(data_server, admin_server, signals);
-    d?;
-    a?;
-    s?;
+    // Serve until a signal; then stop accepting and give the calls in flight SHUTDOWN_GRACE to
+    // finish (each still gets its durable audit record) before going on without them.
+    let serving = async {
+        let (d, a) = tokio::join!(data_server, admin_server);
+        d.and(a)
+    };
+    tokio::pin!(serving);
+    tokio::select! {
+        served = &mut serving => served?,
+        signalled = signals => {
+            signalled?;
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut serving).await {
+                Ok(served) => served?,
+                Err(_) => tracing::warn!(grace = ?SHUTDOWN_GRACE, "calls still in flight after the grace period; stopping without them"),
+            }
+        }
+    }
     sweeper.abort();
     prober.abort();
     if let Some(metrics) = metrics {

@@ -24,6 +24,7 @@ mod officers;
 mod persistence;
 mod rate;
 mod review;
+mod shutdown;
 mod status;
 mod tamper;
 mod usage;
