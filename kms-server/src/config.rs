@@ -116,10 +116,19 @@ pub struct HsmConfig {
     /// (SOFTHSM-NOTES.md); a network HSM may want more.
     #[serde(default = "default_sessions")]
     pub sessions: usize,
+    /// Milliseconds a data-plane call may wait for the HSM before it answers DEADLINE_EXCEEDED
+    /// ("retry later"); default 2,000 (TESTPLAN R7), 100 to 60,000. AWS's external key store
+    /// fails a call after 250 ms end to end, so keep it under that where the HSM allows.
+    #[serde(default = "default_deadline_ms")]
+    pub deadline_ms: u64,
 }
 
 fn default_sessions() -> usize {
     4
+}
+
+fn default_deadline_ms() -> u64 {
+    2000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -229,6 +238,9 @@ impl Config {
         }
         if self.hsm.sessions == 0 || self.hsm.sessions > 256 {
             return Err(refuse("hsm.sessions", "must be 1 to 256"));
+        }
+        if !(100..=60_000).contains(&self.hsm.deadline_ms) {
+            return Err(refuse("hsm.deadline_ms", "must be 100 to 60,000"));
         }
         if self.listen.data == self.listen.admin && self.listen.data.port() != 0 {
             return Err(refuse("listen.admin", "the data and admin planes need separate listeners"));

@@ -43,6 +43,11 @@ pub enum Error {
         key_id: KeyId,
         version: u32,
     },
+    /// The call did not finish within the HSM deadline (`hsm.deadline_ms`); the work it started
+    /// is abandoned (its result, if it comes, is dropped and wiped).
+    Deadline {
+        after: std::time::Duration,
+    },
     /// The caller is over its rate limit; it may call again after `retry_after`.
     RateLimited {
         principal: String,
@@ -73,6 +78,7 @@ impl fmt::Display for Error {
             Error::UsageExhausted { key_id, version } => {
                 write!(f, "version {version} of key {key_id} reached its encryption limit and the key could not be rotated")
             }
+            Error::Deadline { after } => write!(f, "the HSM did not answer within {} ms", after.as_millis()),
             Error::RateLimited { principal, retry_after } => {
                 write!(f, "principal {principal} is over its rate limit; retry after {} ms", retry_after.as_millis().max(1))
             }

@@ -112,6 +112,7 @@ fn main() -> anyhow::Result<()> {
                     pin_file: Some(token.pin_file.clone()),
                     pin_env: None,
                     sessions: 4,
+                    deadline_ms: 2000,
                 },
                 listen: ListenConfig { data: data_listen, admin: admin_listen, metrics: Some(metrics_listen) },
                 tls: TlsConfig { cert_file: pki.server_cert, key_file: pki.server_key, client_ca_file: pki.ca_cert },

@@ -102,7 +102,12 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     }
     let (audit_writer, audit_thread) =
         AuditWriter::start(store, kms.checkpointer(config.audit.checkpoint_every_records, config.audit.checkpoint_every_seconds))?;
-    let shared = Shared { kms: kms.clone(), ids: Arc::new(RequestIds::default()), audit: audit_writer };
+    let shared = Shared {
+        kms: kms.clone(),
+        ids: Arc::new(RequestIds::default()),
+        audit: audit_writer,
+        deadline: Duration::from_millis(config.hsm.deadline_ms),
+    };
 
     let data = TcpListener::bind(config.listen.data).await?;
     let admin = TcpListener::bind(config.listen.admin).await?;
@@ -134,7 +139,13 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     let (admin_health, admin_health_service) = tonic_health::server::health_reporter();
     let health = Health { planes: vec![(data_health, "kms.v1.Crypto"), (admin_health, "kms.v1.KeyManagement")] };
     health.set(probe(&kms).await).await;
-    let prober = tokio::spawn(probe_loop(kms.clone(), health, Duration::from_secs(config.health.probe_interval_seconds), shutdown_rx.clone()));
+    let prober = tokio::spawn(probe_loop(
+        kms.clone(),
+        health,
+        Duration::from_secs(config.health.probe_interval_seconds),
+        Duration::from_millis(config.hsm.deadline_ms),
+        shutdown_rx.clone(),
+    ));
 
     let crypto = CryptoServer::new(CryptoService(shared.clone())).max_decoding_message_size(MAX_DATA_MESSAGE_BYTES);
     let keymgmt = KeyManagementServer::new(AdminService(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
@@ -213,14 +224,39 @@ impl Health {
     }
 }
 
-async fn probe_loop(kms: Arc<Kms>, health: Health, every: Duration, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+/// Probes the HSM every `every`, each probe under the HSM deadline. A probe that does not come
+/// back in time reports the HSM unavailable, and no second probe is started while it is stuck,
+/// so a hung HSM does not take one session per tick.
+async fn probe_loop(kms: Arc<Kms>, health: Health, every: Duration, deadline: Duration, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(every);
+    let mut stuck: Option<tokio::task::JoinHandle<crate::error::Result<()>>> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
-        health.set(probe(&kms).await).await;
+        let mut task = match stuck.take() {
+            Some(task) if !task.is_finished() => {
+                stuck = Some(task);
+                health.set(Err("the HSM has not answered the last probe".into())).await;
+                continue;
+            }
+            _ => {
+                let kms = kms.clone();
+                tokio::task::spawn_blocking(move || kms.probe_hsm())
+            }
+        };
+        let result = match tokio::time::timeout(deadline, &mut task).await {
+            Ok(Ok(result)) => result.map_err(|e| e.to_string()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => {
+                stuck = Some(task);
+                let why = format!("the HSM did not answer the probe within {} ms", deadline.as_millis());
+                kms.probe_stalled(&why);
+                Err(why)
+            }
+        };
+        health.set(result).await;
     }
 }
 

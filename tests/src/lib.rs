@@ -185,6 +185,22 @@ impl Server {
         self.dir.path().join("kmsctl.session")
     }
 
+    /// The file the server's HSM fault injector reads (`test-hooks` builds).
+    pub fn hsm_faults_path(&self) -> PathBuf {
+        self.dir.path().join("hsm-faults")
+    }
+
+    /// Injects `FUNCTION FAULT` (e.g. `C_Encrypt CKR_DEVICE_ERROR`, `* hang`) into every later
+    /// PKCS#11 call of that function, or clears the fault with `None`.
+    pub fn hsm_fault(&self, fault: Option<&str>) {
+        match fault {
+            Some(f) => std::fs::write(self.hsm_faults_path(), f).expect("fault file written"),
+            None => {
+                let _ = std::fs::remove_file(self.hsm_faults_path());
+            }
+        }
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("kms.toml")
     }
@@ -259,6 +275,7 @@ impl Server {
             .env("KMS_LOG", self.options.log)
             .env("KMS_TEST_RETENTION_CLOCK_OFFSET", self.options.retention_clock_offset.to_string())
             .env("KMS_TEST_CRASH_AT", self.options.crash_at.as_deref().unwrap_or_default())
+            .env("KMS_TEST_HSM_FAULTS", self.hsm_faults_path())
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()

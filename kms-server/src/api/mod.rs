@@ -46,6 +46,10 @@ pub fn status(e: &Error, request_id: &str) -> Status {
         Error::Unauthenticated { .. } => Status::unauthenticated(e.to_string()),
         Error::FailedPrecondition { .. } | Error::UsageExhausted { .. } => Status::failed_precondition(e.to_string()),
         Error::DecryptFailed => Status::invalid_argument(DECRYPT_FAILED),
+        Error::Deadline { .. } => {
+            tracing::error!(request_id, error = %e, "HSM deadline passed");
+            Status::deadline_exceeded(format!("{e}; retry later (request id {request_id})"))
+        }
         Error::RateLimited { retry_after, .. } => {
             // The hint also travels as metadata, for clients that back off by it.
             let mut st = Status::resource_exhausted(e.to_string());
@@ -96,6 +100,8 @@ pub struct Shared {
     pub kms: Arc<Kms>,
     pub ids: Arc<RequestIds>,
     pub audit: AuditWriter,
+    /// How long a data-plane call may take before it answers DEADLINE_EXCEEDED (`hsm.deadline_ms`).
+    pub deadline: std::time::Duration,
 }
 
 /// What a call's audit record says about its key, filled in by the handler as it learns it
@@ -160,7 +166,13 @@ impl Shared {
         let kms = self.kms.clone();
         let span = tracing::info_span!("rpc", request_id = %request_id, operation);
         let task_request_id = request_id.clone();
-        let joined = tokio::task::spawn_blocking(move || {
+        // Data-plane calls wait for the HSM at most `deadline`; admin calls (which also hash
+        // passphrases and write token objects) have the listener's request timeout.
+        let (deadline, claimed) = match &who {
+            Who::Workload(name) => (Some(self.deadline), name.clone()),
+            _ => (None, None),
+        };
+        let task = tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
             let mut facts = Facts::default();
             let principal = match who {
@@ -182,8 +194,14 @@ impl Shared {
                 }
             };
             (out, facts)
-        })
-        .await;
+        });
+        let joined = match deadline {
+            None => task.await,
+            Some(after) => match tokio::time::timeout(after, task).await {
+                Ok(joined) => joined,
+                Err(_) => Ok((Err(Error::Deadline { after }), Facts { principal: claimed, ..Facts::default() })),
+            },
+        };
         let caller = Caller { request_id, principal: String::new() };
         let (result, mut facts) = match joined {
             Ok((out, facts)) => (out.map_err(|e| status(&e, &caller.request_id)), facts),

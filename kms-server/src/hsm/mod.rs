@@ -6,6 +6,8 @@
 //! PKCS#11 module that wraps the real one (`hsm-sim`), so that the code under test is the code
 //! that runs in production.
 
+#[cfg(feature = "test-hooks")]
+mod faults;
 pub mod pkcs11;
 pub mod templates;
 

@@ -74,6 +74,9 @@ impl Pkcs11Hsm {
     fn with_session<T>(&self, function: &'static str, op: impl FnOnce(&Session) -> Result<T, CkError>) -> Result<T, HsmError> {
         let started = std::time::Instant::now();
         let session = self.pool.checkout(|| self.ctx.open_rw_session(self.slot)).map_err(|e| classify(function, e))?;
+        #[cfg(feature = "test-hooks")]
+        let result = super::faults::inject(function).and_then(|()| op(&session));
+        #[cfg(not(feature = "test-hooks"))]
         let result = op(&session);
         crate::metrics::metrics().hsm_call(function, if result.is_ok() { "ok" } else { "error" }, started.elapsed());
         let broken = matches!(

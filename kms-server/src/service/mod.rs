@@ -194,6 +194,11 @@ impl Kms {
         limiter.take(principal, std::time::Instant::now()).map_err(|retry_after| Error::RateLimited { principal: principal.to_string(), retry_after })
     }
 
+    /// Records that a probe did not come back within the deadline (it is still stuck in the HSM).
+    pub fn probe_stalled(&self, why: &str) {
+        self.last_probe.set(Some(why.to_string()));
+    }
+
     /// The id a key reference names now, if any (for audit records of refused calls).
     pub fn key_id_of(&self, key: &KeyRef) -> Option<KeyId> {
         self.registry.entry(key).ok().map(|e| e.record.key_id)

@@ -6,6 +6,7 @@ mod batch;
 mod cache;
 mod crash;
 mod envelope;
+mod faults;
 mod fuzz;
 mod golden;
 mod grants;
