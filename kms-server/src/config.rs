@@ -290,3 +290,18 @@ impl Config {
         Ok(pin)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The annotated example documents every setting; it must stay a file the service reads.
+    #[test]
+    fn the_example_configuration_parses_with_every_section() {
+        let config: Config = toml::from_str(include_str!("../../kms.example.toml")).expect("kms.example.toml parses");
+        assert_eq!(config.hsm.deadline_ms, 2000);
+        assert!(config.listen.metrics.is_some_and(|m| m.ip().is_loopback()));
+        assert_eq!(config.limits.principal_calls_per_second, 5500.0);
+        assert_eq!(config.audit.retention_days, 0);
+    }
+}
