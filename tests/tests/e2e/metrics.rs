@@ -97,3 +97,27 @@ async fn json_logs_parse_and_carry_the_request_id_and_key() {
     assert!(!changed["span"]["request_id"].as_str().unwrap().is_empty(), "{changed}");
     assert!(!log.contains(kms_tests::OFFICER_PASSPHRASE) && !log.contains(&server.session));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_alert_rules_name_only_series_the_service_exposes() {
+    let server = Server::start();
+    let mut admin = server.admin().await;
+    let key = create_key(&mut admin, "").await;
+    let mut data = server.data().await;
+    data.encrypt(pb::EncryptRequest { key_id: key, plaintext: b"x".to_vec(), encryption_context: Default::default(), caller_context: None })
+        .await
+        .unwrap();
+    let (_, body) = server.http_get("/metrics");
+    let rules = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/alerts.yml")).unwrap();
+    let mut names: Vec<&str> = rules
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("kms_"))
+        .map(|w| w.trim_end_matches("_bucket"))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    assert!(names.len() >= 6, "{names:?}");
+    for name in names {
+        assert!(body.contains(&format!("# TYPE {name} ")), "docs/alerts.yml names {name}, which /metrics does not expose");
+    }
+}
