@@ -2,9 +2,9 @@
 //!
 //! One implementation, [`pkcs11::Pkcs11Hsm`], talks to any PKCS#11 module (SoftHSM2 in
 //! development and tests). The trait is synchronous: callers run it on tokio's blocking pool,
-//! never on an async worker thread. Fault injection for tests happens *below* this trait, in a
-//! PKCS#11 module that wraps the real one (`hsm-sim`), so that the code under test is the code
-//! that runs in production.
+//! never on an async worker thread. Fault injection for tests happens *below* this trait, just
+//! before each real PKCS#11 call (`faults.rs`, `test-hooks` builds only), so that the code under
+//! test is the code that runs in production.
 
 #[cfg(feature = "test-hooks")]
 mod faults;
