@@ -6,29 +6,21 @@
 //! function name as the service reports it (`C_Encrypt`, `C_Decrypt`, `C_GenerateRandom`,
 //! `C_GenerateKey`, `C_DestroyObject`, `C_FindObjects`, `C_Sign`, ...) or `*` for every call;
 //! FAULT is a `CKR_` name (`CKR_DEVICE_ERROR`, ...) or `hang` (the call stalls 10 s, then goes
-//! on). No file, or an empty one: no fault. The file is read again at most every 20 ms, so a test
-//! turns a fault on and off while the server runs.
+//! on). No file, or an empty one: no fault. The file is read on every call, so a test turns a
+//! fault on and off while the server runs and the next call sees it.
 
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cryptoki::context::Function;
 use cryptoki::error::{Error, RvError};
 
 /// How long a `hang` stalls a call: past any deadline the service sets (TESTPLAN R7: 10 s).
 const HANG: Duration = Duration::from_secs(10);
-const REREAD: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Fault {
     Fail(RvError),
     Hang,
-}
-
-#[derive(Debug)]
-struct Cached {
-    read_at: Instant,
-    fault: Option<(String, Fault)>,
 }
 
 fn parse(text: &str) -> Option<(String, Fault)> {
@@ -49,18 +41,8 @@ fn parse(text: &str) -> Option<(String, Fault)> {
 
 /// Fails (or stalls) the call `function` is about to make, if the fault file says so.
 pub fn inject(function: &'static str) -> Result<(), Error> {
-    static CACHE: Mutex<Option<Cached>> = Mutex::new(None);
     let Some(path) = std::env::var_os("KMS_TEST_HSM_FAULTS") else { return Ok(()) };
-    let fault = {
-        let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-        let stale = cache.as_ref().is_none_or(|c| c.read_at.elapsed() >= REREAD);
-        if stale {
-            let fault = std::fs::read_to_string(&path).ok().and_then(|t| parse(&t));
-            *cache = Some(Cached { read_at: Instant::now(), fault });
-        }
-        cache.as_ref().and_then(|c| c.fault.clone())
-    };
-    match fault {
+    match std::fs::read_to_string(path).ok().and_then(|text| parse(&text)) {
         Some((f, fault)) if f == "*" || f == function => match fault {
             Fault::Hang => {
                 std::thread::sleep(HANG);

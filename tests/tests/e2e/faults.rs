@@ -55,8 +55,6 @@ async fn every_fault_at_every_data_plane_hsm_call() {
             let before = server.state_snapshot();
 
             server.hsm_fault(Some(&case));
-            // The injector reads its file at most every 20 ms.
-            tokio::time::sleep(Duration::from_millis(50)).await;
             let started = Instant::now();
             let result =
                 if site == "C_Decrypt" { data.decrypt(decrypt()).await.map(|_| ()) } else { data.generate_data_key(gdk()).await.map(|_| ()) };
