@@ -203,7 +203,7 @@ impl Shared {
             },
         };
         let caller = Caller { request_id, principal: String::new() };
-        let (result, mut facts) = match joined {
+        let (result, facts) = match joined {
             Ok((out, facts)) => (out.map_err(|e| status(&e, &caller.request_id)), facts),
             Err(join) => {
                 // A panic on a request path is a bug; the caller gets a generic error.
@@ -217,41 +217,7 @@ impl Shared {
             crate::hooks::crash_point(operation, crate::hooks::Step::BeforeReply);
             return result.map(tonic::Response::new);
         }
-        let principal = facts.principal.clone().unwrap_or_else(|| "unknown".into());
-        let event = |facts: Facts, code: tonic::Code, detail: String| AuditEvent {
-            request_id: caller.request_id.clone(),
-            principal: principal.clone(),
-            operation,
-            key_id: facts.key_id,
-            key_version: facts.key_version,
-            context: facts.context,
-            outcome: match code {
-                tonic::Code::Ok => Outcome::Allowed,
-                tonic::Code::Unavailable | tonic::Code::Internal | tonic::Code::DeadlineExceeded => Outcome::Failed,
-                _ => Outcome::Denied,
-            },
-            status: code_name(code),
-            detail,
-            caller_context: facts.caller_context,
-        };
-        let events: Vec<AuditEvent> = match &result {
-            Err(st) => vec![event(facts, code, st.message().to_string())],
-            Ok(_) if facts.items.is_empty() => {
-                let detail = std::mem::take(&mut facts.detail);
-                vec![event(facts, code, detail)]
-            }
-            Ok(_) => {
-                let n = facts.items.len();
-                let caller_context = facts.caller_context.take();
-                (facts.items.drain(..))
-                    .enumerate()
-                    .map(|(i, (item, code, detail))| {
-                        let item = Facts { caller_context: caller_context.clone(), ..item };
-                        event(item, code, format!("item {} of {n}{}{detail}", i + 1, if detail.is_empty() { "" } else { ": " }))
-                    })
-                    .collect()
-            }
-        };
+        let events = audit_events(operation, &caller.request_id, facts, code, result.as_ref().err().map(Status::message));
         let statuses: Vec<&'static str> = events.iter().map(|e| e.status).collect();
         let audited = self.audit.record_all(events).await;
         let elapsed = started.elapsed();
@@ -269,6 +235,45 @@ impl Shared {
             }
         }
     }
+}
+
+/// The audit records of one answered call: one for the call, or one for each item of a batch
+/// that was run (with the batch's principal and caller context). `refusal` is the status message
+/// of a call that failed as a whole.
+fn audit_events(operation: &'static str, request_id: &str, mut facts: Facts, code: tonic::Code, refusal: Option<&str>) -> Vec<AuditEvent> {
+    let principal = facts.principal.take().unwrap_or_else(|| "unknown".into());
+    let event = |facts: Facts, code: tonic::Code, detail: String| AuditEvent {
+        request_id: request_id.to_string(),
+        principal: principal.clone(),
+        operation,
+        key_id: facts.key_id,
+        key_version: facts.key_version,
+        context: facts.context,
+        outcome: match code {
+            tonic::Code::Ok => Outcome::Allowed,
+            tonic::Code::Unavailable | tonic::Code::Internal | tonic::Code::DeadlineExceeded => Outcome::Failed,
+            _ => Outcome::Denied,
+        },
+        status: code_name(code),
+        detail,
+        caller_context: facts.caller_context,
+    };
+    if let Some(message) = refusal {
+        return vec![event(facts, code, message.to_string())];
+    }
+    if facts.items.is_empty() {
+        let detail = std::mem::take(&mut facts.detail);
+        return vec![event(facts, code, detail)];
+    }
+    let n = facts.items.len();
+    let caller_context = facts.caller_context.take();
+    (facts.items.drain(..))
+        .enumerate()
+        .map(|(i, (item, code, detail))| {
+            let item = Facts { caller_context: caller_context.clone(), ..item };
+            event(item, code, format!("item {} of {n}{}{detail}", i + 1, if detail.is_empty() { "" } else { ": " }))
+        })
+        .collect()
 }
 
 /// Who a call says it is, before the service checks it (in `Shared::call`, for every call).
