@@ -2,7 +2,8 @@
 //!
 //! * `cargo xtask dev [ARGS]`: installs what is missing (SoftHSM2, from the distribution's
 //!   packages), builds, and starts `kms-server dev` (token, PIN and database under `.kms-dev/`).
-//! * `cargo xtask test`: installs what is missing, builds every binary the end-to-end tests
+//! * `cargo xtask test`: installs what is missing (SoftHSM2; a Python virtual environment with
+//!   grpcio for the Python example client, from PyPI), builds every binary the end-to-end tests
 //!   spawn, and runs the whole suite. `.ci/run` calls exactly this.
 
 use std::path::Path;
@@ -70,8 +71,25 @@ fn dev(args: &[String]) -> Result<(), String> {
     run(Command::new(Path::new(&target).join("debug/kms-server")).arg("dev").args(args))
 }
 
+/// A virtual environment under `target/` with what `examples/python/requirements.txt` pins, for
+/// the test that runs the Python example client against a real server. Returns its python.
+fn ensure_python() -> Result<std::path::PathBuf, String> {
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    std::fs::create_dir_all(&target).map_err(|e| format!("{target}: {e}"))?;
+    let venv = std::fs::canonicalize(&target).map_err(|e| format!("{target}: {e}"))?.join("python");
+    let python = venv.join("bin/python");
+    let ready = || Command::new(&python).args(["-c", "import grpc, grpc_tools, cryptography"]).output().is_ok_and(|o| o.status.success());
+    if !ready() {
+        eprintln!("xtask: installing the Python example's packages into {}", venv.display());
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", "-r", "examples/python/requirements.txt"]))?;
+    }
+    Ok(python)
+}
+
 fn test(args: &[String]) -> Result<(), String> {
     ensure_softhsm()?;
+    let python = ensure_python()?;
     // The end-to-end tests spawn kms-server, kmsctl and token-inspect: build them first.
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     // The benches compile and each runs once (criterion's test mode, in the test profile so
@@ -82,8 +100,8 @@ fn test(args: &[String]) -> Result<(), String> {
     if nextest {
         // nextest does not run doctests.
         run(cargo().args(["test", "--workspace", "--doc"]))?;
-        run(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]).args(args))
+        run(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]).args(args).env("KMS_PYTHON", &python))
     } else {
-        run(cargo().args(["test", "--workspace", "--no-fail-fast"]).args(args))
+        run(cargo().args(["test", "--workspace", "--no-fail-fast"]).args(args).env("KMS_PYTHON", &python))
     }
 }

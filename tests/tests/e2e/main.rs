@@ -23,6 +23,7 @@ mod matrix;
 mod metrics;
 mod officers;
 mod persistence;
+mod python;
 mod rate;
 mod review;
 mod shutdown;
