@@ -207,6 +207,19 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// The data directory holds the database (keys' metadata, the audit trail, officers' hashes):
+/// another user who can write it could replace or delete them. It may not exist yet (the service
+/// makes it); if it does, neither group nor others may write it.
+fn data_dir_private(dir: &Path) -> Result<(), ConfigError> {
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.permissions().mode() & 0o022 != 0 => Err(refuse(
+            "data_dir",
+            format!("{} is writable by its group or by others (mode {:o}); chmod go-w it", dir.display(), meta.permissions().mode() & 0o777),
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn refuse(setting: &'static str, reason: impl fmt::Display) -> ConfigError {
     ConfigError { setting, reason: reason.to_string() }
 }
@@ -221,6 +234,7 @@ impl Config {
 
     /// Every check that does not need the HSM.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        data_dir_private(&self.data_dir)?;
         if !self.hsm.module.is_file() {
             return Err(refuse("hsm.module", format!("{} is not a file", self.hsm.module.display())));
         }
@@ -303,5 +317,19 @@ mod tests {
         assert!(config.listen.metrics.is_some_and(|m| m.ip().is_loopback()));
         assert_eq!(config.limits.principal_calls_per_second, 5500.0);
         assert_eq!(config.audit.retention_days, 0);
+    }
+
+    #[test]
+    fn a_data_directory_others_can_write_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for (mode, ok) in [(0o700, true), (0o755, true), (0o775, false), (0o777, false)] {
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+            let result = data_dir_private(dir.path());
+            assert_eq!(result.is_ok(), ok, "mode {mode:o}: {result:?}");
+            if let Err(e) = result {
+                assert_eq!(e.setting, "data_dir");
+            }
+        }
+        assert!(data_dir_private(&dir.path().join("not-yet")).is_ok(), "the service makes it");
     }
 }
