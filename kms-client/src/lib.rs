@@ -163,10 +163,64 @@ pub async fn channel(endpoint: &str, tls: &Tls) -> Result<Channel, Error> {
     Ok(ep.connect().await?)
 }
 
+/// How `DataClient` retries: calls that failed on the service's side for now (UNAVAILABLE, or
+/// RESOURCE_EXHAUSTED with its `retry-after-ms` hint) are tried again with exponential backoff;
+/// every attempt has a deadline. Nothing else is retried: a refusal is final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all (1: no retry).
+    pub attempts: u32,
+    /// The wait before the second attempt; it doubles for each later one.
+    pub backoff: std::time::Duration,
+    /// The deadline of each attempt (sent to the server as `grpc-timeout`).
+    pub timeout: std::time::Duration,
+}
+
+impl Default for RetryPolicy {
+    /// Three attempts, 50 ms then 100 ms apart, 5 s each: a workload's hot path rides out an HSM
+    /// session being replaced or a rate limit without stalling for long.
+    fn default() -> Self {
+        RetryPolicy { attempts: 3, backoff: std::time::Duration::from_millis(50), timeout: std::time::Duration::from_secs(5) }
+    }
+}
+
+impl RetryPolicy {
+    /// Runs `call` under the policy. `call` makes a fresh request each time.
+    pub async fn run<T, F, Fut>(&self, mut call: F) -> Result<T, tonic::Status>
+    where
+        F: FnMut(std::time::Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let mut wait = self.backoff;
+        let mut attempt = 1;
+        loop {
+            match call(self.timeout).await {
+                Err(s) if attempt < self.attempts && matches!(s.code(), tonic::Code::Unavailable | tonic::Code::ResourceExhausted) => {
+                    // The server's hint, when it gives one, is the least to wait.
+                    let hint = s.metadata().get("retry-after-ms").and_then(|v| v.to_str().ok()?.parse().ok()).map(std::time::Duration::from_millis);
+                    tokio::time::sleep(hint.map_or(wait, |h| h.max(wait))).await;
+                    wait *= 2;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// A request with a deadline.
+fn timed<T>(message: T, timeout: std::time::Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
+    request
+}
+
 /// The data-plane client.
 #[derive(Debug, Clone)]
 pub struct DataClient {
     pub raw: CryptoClient<Channel>,
+    /// Retries of `generate_data_key` and `decrypt_data_key` (and so of the envelope helpers).
+    pub retry: RetryPolicy,
     /// The data-key cache of the envelope helpers, shared by clones; `None` (the default) asks
     /// the service for every envelope.
     cache: Option<Arc<Mutex<DataKeyCache>>>,
@@ -178,7 +232,7 @@ fn to_map(ctx: &BTreeMap<String, String>) -> HashMap<String, String> {
 
 impl DataClient {
     pub async fn connect(endpoint: &str, tls: &Tls) -> Result<DataClient, Error> {
-        Ok(DataClient { raw: CryptoClient::new(channel(endpoint, tls).await?), cache: None })
+        Ok(DataClient { raw: CryptoClient::new(channel(endpoint, tls).await?), retry: RetryPolicy::default(), cache: None })
     }
 
     /// Turns on the data-key cache of `encrypt_stream` and `decrypt_stream` (see [`cache`]).
@@ -205,14 +259,19 @@ impl DataClient {
 
     /// A fresh AES-256 data key and its wrapped form (always from the service).
     pub async fn generate_data_key(&mut self, key_id: &str, ctx: &BTreeMap<String, String>) -> Result<(DataKey, Vec<u8>), Error> {
+        let raw = &self.raw;
         let result = self
-            .raw
-            .generate_data_key(pb::GenerateDataKeyRequest {
-                key_id: key_id.to_string(),
-                key_spec: pb::DataKeySpec::Aes256.into(),
-                number_of_bytes: 0,
-                encryption_context: to_map(ctx),
-                caller_context: None,
+            .retry
+            .run(|timeout| {
+                let request = pb::GenerateDataKeyRequest {
+                    key_id: key_id.to_string(),
+                    key_spec: pb::DataKeySpec::Aes256.into(),
+                    number_of_bytes: 0,
+                    encryption_context: to_map(ctx),
+                    caller_context: None,
+                };
+                let mut raw = raw.clone();
+                async move { raw.generate_data_key(timed(request, timeout)).await }
             })
             .await
             .map(tonic::Response::into_inner);
@@ -224,13 +283,18 @@ impl DataClient {
 
     /// Unwraps a data key made by `generate_data_key` (always with the service).
     pub async fn decrypt_data_key(&mut self, wrapped: &[u8], ctx: &BTreeMap<String, String>) -> Result<DataKey, Error> {
+        let raw = &self.raw;
         let result = self
-            .raw
-            .decrypt(pb::DecryptRequest {
-                ciphertext_blob: wrapped.to_vec(),
-                encryption_context: to_map(ctx),
-                key_id: String::new(),
-                caller_context: None,
+            .retry
+            .run(|timeout| {
+                let request = pb::DecryptRequest {
+                    ciphertext_blob: wrapped.to_vec(),
+                    encryption_context: to_map(ctx),
+                    key_id: String::new(),
+                    caller_context: None,
+                };
+                let mut raw = raw.clone();
+                async move { raw.decrypt(timed(request, timeout)).await }
             })
             .await
             .map(tonic::Response::into_inner);

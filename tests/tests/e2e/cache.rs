@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use kms_client::{CacheLimits, DataClient};
 use kms_proto::v1 as pb;
-use kms_tests::{Server, create_key};
+use kms_tests::{Options, Server, create_key};
 
 fn count(server: &Server, operation: &str, key: &str) -> i64 {
     server
@@ -75,4 +75,42 @@ async fn cached_data_keys_are_reused_within_limits_and_dropped_on_revocation() {
     }
     assert_eq!(count(&server, "GenerateDataKey", &a), before + 2);
     assert!(plain.cache().is_none());
+}
+
+fn audited(server: &Server, status: &str) -> i64 {
+    server.db().query_row("SELECT COUNT(*) FROM audit WHERE operation = 'GenerateDataKey' AND status = ?1", [status], |r| r.get(0)).unwrap()
+}
+
+async fn client(server: &Server) -> DataClient {
+    DataClient::connect(&format!("https://{}", server.data_addr), &server.tls()).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_client_waits_out_a_rate_limit_by_its_hint() {
+    let server = Server::start_with(Options { principal_calls_per_second: 2.0, principal_burst: 5.0, ..Options::default() });
+    create_key(&mut server.admin().await, "retried").await;
+    let mut client = client(&server).await;
+    // Past the burst, the rate limit's hint is waited out: every call succeeds in the end.
+    for _ in 0..6 {
+        client.generate_data_key("alias/retried", &context("acme")).await.unwrap();
+    }
+    assert!(audited(&server, "RESOURCE_EXHAUSTED") >= 1, "the sixth call was limited, then retried");
+    assert_eq!(audited(&server, "OK"), 6);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_client_retries_an_unavailable_hsm_and_never_a_refusal() {
+    let server = Server::start();
+    let key = create_key(&mut server.admin().await, "retried").await;
+    let mut client = client(&server).await;
+    // An HSM that keeps failing: three attempts, then UNAVAILABLE for the caller.
+    server.hsm_fault(Some("C_Encrypt CKR_DEVICE_ERROR"));
+    let e = client.generate_data_key(&key, &context("acme")).await.unwrap_err();
+    assert!(matches!(&e, kms_client::Error::Status(s) if s.code() == tonic::Code::Unavailable), "{e}");
+    assert_eq!(audited(&server, "UNAVAILABLE"), 3, "one call, three attempts");
+    server.hsm_fault(None);
+    client.generate_data_key(&key, &context("acme")).await.unwrap();
+    // A refusal is final: one attempt.
+    assert!(client.generate_data_key("alias/nothing-here", &context("acme")).await.is_err());
+    assert_eq!(audited(&server, "PERMISSION_DENIED"), 1);
 }
