@@ -485,7 +485,9 @@ impl Kms {
     /// Returns how many actions it took.
     pub fn sweep(&self) -> Result<usize> {
         self.flush_uses()?;
-        self.limiter.lock().unwrap_or_else(|p| p.into_inner()).forget_idle(std::time::Instant::now());
+        if let Some(limiter) = &self.limiter {
+            limiter.lock().unwrap_or_else(|p| p.into_inner()).forget_idle(std::time::Instant::now());
+        }
         let pruned = self.prune_audit(self.settings.audit_retention_days, now() + crate::hooks::retention_clock_offset())?;
         let _admin = self.admin_lock();
         let at = now();

@@ -107,8 +107,8 @@ pub struct Kms {
     started_at: i64,
     /// What the last health probe found.
     last_probe: status::LastProbe,
-    /// Per-principal rate limits.
-    limiter: Mutex<crate::domain::rate::RateLimiter>,
+    /// Per-principal rate limits; `None` when they are off, so that no call takes a lock for them.
+    limiter: Option<Mutex<crate::domain::rate::RateLimiter>>,
 }
 
 impl std::fmt::Debug for Kms {
@@ -132,7 +132,7 @@ impl Kms {
             uses: review::Uses::default(),
             started_at: now(),
             last_probe: status::LastProbe::default(),
-            limiter: Mutex::new(crate::domain::rate::RateLimiter::new(settings.rate_limit)),
+            limiter: (settings.rate_limit.per_second > 0.0).then(|| Mutex::new(crate::domain::rate::RateLimiter::new(settings.rate_limit))),
             store,
             registry: Registry::default(),
             settings,
@@ -190,7 +190,8 @@ impl Kms {
     /// Lets an authenticated principal's call through, or refuses it with a retry hint when the
     /// principal is over its rate limit.
     pub fn admit(&self, principal: &str) -> Result<()> {
-        let mut limiter = self.limiter.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(limiter) = &self.limiter else { return Ok(()) };
+        let mut limiter = limiter.lock().unwrap_or_else(|p| p.into_inner());
         limiter.take(principal, std::time::Instant::now()).map_err(|retry_after| Error::RateLimited { principal: principal.to_string(), retry_after })
     }
 
