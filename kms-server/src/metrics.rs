@@ -183,12 +183,11 @@ pub fn exposition(kms: &crate::service::Kms) -> String {
         let _ = writeln!(out, "kms_keys{{state=\"{state}\"}} {n}");
     }
     gauge(&mut out, "kms_key_version_encryptions", "AES-GCM encryptions counted for a key version (NIST SP 800-38D budget).");
-    let usage = kms.version_usage();
-    for u in &usage {
+    for u in &status.usage {
         let _ = writeln!(out, "kms_key_version_encryptions{{key_id=\"{}\",version=\"{}\"}} {}", u.key_id, u.version, u.encryptions);
     }
     gauge(&mut out, "kms_key_version_encryptions_remaining", "Encryptions a key version may still do before it refuses.");
-    for u in &usage {
+    for u in &status.usage {
         let _ = writeln!(
             out,
             "kms_key_version_encryptions_remaining{{key_id=\"{}\",version=\"{}\"}} {}",

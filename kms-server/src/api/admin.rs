@@ -583,8 +583,9 @@ impl KeyManagement for AdminService {
                     }),
                     keys_by_state: s.keys_by_state.into_iter().map(|(state, n)| (state.to_string(), n)).collect(),
                     versions_nearest_limit: s
-                        .nearest_limit
+                        .usage
                         .into_iter()
+                        .take(crate::service::status::NEAREST_LIMIT)
                         .map(|u| pb::VersionUsage {
                             key_id: u.key_id.to_string(),
                             key_version: u.version,

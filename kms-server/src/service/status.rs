@@ -13,8 +13,8 @@ use crate::hsm::{SessionUse, TokenInfo};
 /// How far ahead `due_soon` looks: 30 days, the shortest pending-destruction window a key can
 /// have plus margin for a monthly operations review.
 const DUE_WINDOW_SECONDS: i64 = 30 * 86_400;
-/// How many of the most-used versions the status lists.
-const NEAREST_LIMIT: usize = 5;
+/// How many of the most-used versions `kmsctl status` lists (and warns about).
+pub const NEAREST_LIMIT: usize = 5;
 /// A version past this share of its encryption limit is worth a warning (its key rotates at the
 /// rotation threshold long before; a version still climbing past it is one that cannot rotate).
 const USAGE_WARNING_SHARE: f64 = 0.5;
@@ -76,7 +76,8 @@ pub struct ServiceStatus {
     pub token: Option<TokenInfo>,
     pub sessions: SessionUse,
     pub keys_by_state: BTreeMap<&'static str, u64>,
-    pub nearest_limit: Vec<VersionUsage>,
+    /// Every version that still has key material, the most used first.
+    pub usage: Vec<VersionUsage>,
     pub due_soon: Vec<(KeyId, DueAction, i64)>,
     pub last_signoff: Option<(String, i64)>,
     pub review_overdue: bool,
@@ -84,31 +85,21 @@ pub struct ServiceStatus {
 }
 
 impl Kms {
-    /// The AES-GCM usage of every version that still has key material.
-    pub fn version_usage(&self) -> Vec<VersionUsage> {
-        let limits = self.settings.limits;
-        let state = self.registry.read();
-        let versions = state.keys.values().flat_map(|entry| entry.versions.values()).filter(|v| v.record.state.has_material());
-        versions
-            .map(|v| VersionUsage {
-                key_id: v.record.key_id,
-                version: v.record.version,
-                encryptions: v.usage.used(&limits),
-                limit: limits.encryption_limit,
-            })
-            .collect()
-    }
-
     pub fn status(&self) -> Result<ServiceStatus> {
         let at = now();
         let probe = self.last_probe.get();
         let token = self.hsm.token_info().ok();
+        let limits = self.settings.limits;
         let mut keys_by_state = BTreeMap::new();
-        let mut usage = self.version_usage();
+        let mut usage = Vec::new();
         let mut due_soon = Vec::new();
         for entry in self.registry.read().keys.values() {
             let r = &entry.record;
             *keys_by_state.entry(r.state.as_str()).or_insert(0) += 1;
+            for v in entry.versions.values().filter(|v| v.record.state.has_material()) {
+                let encryptions = v.usage.used(&limits);
+                usage.push(VersionUsage { key_id: r.key_id, version: v.record.version, encryptions, limit: limits.encryption_limit });
+            }
             let soon = |t: Option<i64>| t.filter(|t| *t <= at + DUE_WINDOW_SECONDS);
             if r.state == KeyState::Enabled
                 && let Some(t) = soon(r.next_rotation_at)
@@ -120,7 +111,6 @@ impl Kms {
             }
         }
         usage.sort_by_key(|u| std::cmp::Reverse(u.encryptions));
-        usage.truncate(NEAREST_LIMIT);
         due_soon.sort_by_key(|d| d.2);
         let (last_signoff, review_overdue) = self.review_signoff()?;
 
@@ -131,7 +121,7 @@ impl Kms {
         if review_overdue {
             warnings.push("the access review has not been signed off in the last 365 days: run `kmsctl review`".into());
         }
-        for u in usage.iter().filter(|u| u.encryptions as f64 >= u.limit as f64 * USAGE_WARNING_SHARE) {
+        for u in usage.iter().take(NEAREST_LIMIT).filter(|u| u.encryptions as f64 >= u.limit as f64 * USAGE_WARNING_SHARE) {
             warnings.push(format!("version {} of key {} has used {} of its {} encryptions", u.version, u.key_id, u.encryptions, u.limit));
         }
         Ok(ServiceStatus {
@@ -140,7 +130,7 @@ impl Kms {
             token,
             sessions: self.hsm.sessions(),
             keys_by_state,
-            nearest_limit: usage,
+            usage,
             due_soon,
             last_signoff,
             review_overdue,
