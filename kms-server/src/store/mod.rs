@@ -725,18 +725,25 @@ impl Tx<'_> {
     /// before it are no younger than `cutoff` (a checkpoint already pruned through has no record
     /// left, so it is not found again). The last record is never pruned: the chain continues
     /// from it.
+    ///
+    /// The candidate comes from the small checkpoint table (a checkpoint is signed after the
+    /// records it covers, so its time bounds theirs); only when there is one are its records'
+    /// times confirmed, by a range of the primary key, in case the clock ever went back. The
+    /// sweeper calls this every minute: it never scans the whole trail by time.
     pub fn prunable_checkpoint(&self, cutoff: i64) -> Result<Option<Checkpoint>> {
-        Ok(self
+        let candidate = self
             .0
             .query_row(
                 "SELECT c.seq, c.time, c.hash, c.mac FROM audit_checkpoints c JOIN audit a ON a.seq = c.seq
-                 WHERE c.seq < IFNULL((SELECT MIN(seq) FROM audit WHERE time > ?1), 9223372036854775807)
-                   AND c.seq < (SELECT MAX(seq) FROM audit)
+                 WHERE c.time <= ?1 AND c.seq < (SELECT MAX(seq) FROM audit)
                  ORDER BY c.seq DESC LIMIT 1",
                 params![cutoff],
                 |r| Ok(Checkpoint { seq: r.get(0)?, time: r.get(1)?, hash: r.get(2)?, mac: r.get(3)? }),
             )
-            .optional()?)
+            .optional()?;
+        let Some(candidate) = candidate else { return Ok(None) };
+        let newest: i64 = self.0.query_row("SELECT MAX(time) FROM audit WHERE seq <= ?1", params![candidate.seq], |r| r.get(0))?;
+        Ok((newest <= cutoff).then_some(candidate))
     }
 
     /// Removes the audit records up to and including `through`, and the checkpoints before it
