@@ -41,7 +41,8 @@ fn parse(text: &str) -> Option<(String, Fault)> {
 
 /// Fails (or stalls) the call `function` is about to make, if the fault file says so.
 pub fn inject(function: &'static str) -> Result<(), Error> {
-    let Some(path) = std::env::var_os("KMS_TEST_HSM_FAULTS") else { return Ok(()) };
+    static PATH: std::sync::OnceLock<Option<std::ffi::OsString>> = std::sync::OnceLock::new();
+    let Some(path) = PATH.get_or_init(|| std::env::var_os("KMS_TEST_HSM_FAULTS")) else { return Ok(()) };
     match std::fs::read_to_string(path).ok().and_then(|text| parse(&text)) {
         Some((f, fault)) if f == "*" || f == function => match fault {
             Fault::Hang => {
