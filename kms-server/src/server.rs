@@ -102,12 +102,8 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     }
     let (audit_writer, audit_thread) =
         AuditWriter::start(store, kms.checkpointer(config.audit.checkpoint_every_records, config.audit.checkpoint_every_seconds))?;
-    let shared = Shared {
-        kms: kms.clone(),
-        ids: Arc::new(RequestIds::default()),
-        audit: audit_writer,
-        deadline: Duration::from_millis(config.hsm.deadline_ms),
-    };
+    let hsm_deadline = Duration::from_millis(config.hsm.deadline_ms);
+    let shared = Shared { kms: kms.clone(), ids: Arc::new(RequestIds::default()), audit: audit_writer, deadline: hsm_deadline };
 
     let data = TcpListener::bind(config.listen.data).await?;
     let admin = TcpListener::bind(config.listen.admin).await?;
@@ -139,13 +135,8 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     let (admin_health, admin_health_service) = tonic_health::server::health_reporter();
     let health = Health { planes: vec![(data_health, "kms.v1.Crypto"), (admin_health, "kms.v1.KeyManagement")] };
     health.set(probe(&kms).await).await;
-    let prober = tokio::spawn(probe_loop(
-        kms.clone(),
-        health,
-        Duration::from_secs(config.health.probe_interval_seconds),
-        Duration::from_millis(config.hsm.deadline_ms),
-        shutdown_rx.clone(),
-    ));
+    let prober =
+        tokio::spawn(probe_loop(kms.clone(), health, Duration::from_secs(config.health.probe_interval_seconds), hsm_deadline, shutdown_rx.clone()));
 
     let crypto = CryptoServer::new(CryptoService(shared.clone())).max_decoding_message_size(MAX_DATA_MESSAGE_BYTES);
     let keymgmt = KeyManagementServer::new(AdminService(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
