@@ -76,8 +76,10 @@ pub fn find_module() -> Result<PathBuf, Error> {
 
 /// A SoftHSM2 token provisioned under one directory.
 ///
-/// Layout: `DIR/softhsm2.conf`, `DIR/tokens/` (the token's object files), `DIR/user.pin` (mode
-/// 0600). The SO PIN is not kept: the service never needs it.
+/// Layout: `DIR/softhsm2.conf`, `DIR/tokens/` (the token's object files), `DIR/user.pin` and
+/// `DIR/so.pin` (mode 0600). The service itself never reads the SO PIN: it is kept for the one
+/// provisioning step that needs the security officer, making the trusted backup key
+/// (`kms-server backup-key create`), which on a real HSM is a key ceremony.
 #[derive(Debug, Clone)]
 pub struct Token {
     /// The directory holding the configuration, the token and the PIN file.
@@ -90,6 +92,8 @@ pub struct Token {
     pub label: String,
     /// A file holding the user PIN, readable only by its owner.
     pub pin_file: PathBuf,
+    /// A file holding the security officer's PIN, readable only by its owner.
+    pub so_pin_file: PathBuf,
 }
 
 impl Token {
@@ -110,6 +114,7 @@ impl Token {
             module: find_module()?,
             label: label.to_string(),
             pin_file: dir.join("user.pin"),
+            so_pin_file: dir.join("so.pin"),
         })
     }
 
@@ -145,6 +150,7 @@ impl Token {
         if !output.status.success() {
             return Err(Error::Util { status: output.status.to_string(), stderr: String::from_utf8_lossy(&output.stderr).into_owned() });
         }
+        write_private(&self.so_pin_file, so_pin.as_bytes())?;
         write_private(&self.pin_file, user_pin.as_bytes())
     }
 }
@@ -178,6 +184,7 @@ mod tests {
         let token = Token::open_or_provision(dir.path(), "unit").unwrap();
         let mode = fs::metadata(&token.pin_file).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+        assert_eq!(fs::metadata(&token.so_pin_file).unwrap().permissions().mode() & 0o777, 0o600);
         let pin = fs::read_to_string(&token.pin_file).unwrap();
         assert_eq!(pin.len(), 24);
         assert!(fs::read_to_string(&token.conf).unwrap().contains("directories.tokendir"));

@@ -245,10 +245,7 @@ impl Config {
             return Err(refuse("hsm.pin_file", "exactly one of hsm.pin_file and hsm.pin_env must be set"));
         }
         if let Some(path) = &self.hsm.pin_file {
-            let meta = std::fs::metadata(path).map_err(|e| refuse("hsm.pin_file", format!("{}: {e}", path.display())))?;
-            if meta.permissions().mode() & 0o077 != 0 {
-                return Err(refuse("hsm.pin_file", format!("{} is readable or writable by others; chmod 600 it", path.display())));
-            }
+            pin_file_private("hsm.pin_file", path)?;
         }
         if self.hsm.sessions == 0 || self.hsm.sessions > 256 {
             return Err(refuse("hsm.sessions", "must be 1 to 256"));
@@ -294,7 +291,7 @@ impl Config {
     /// Reads the PIN from its file or environment variable.
     pub fn pin(&self) -> Result<Pin, ConfigError> {
         let pin = match (&self.hsm.pin_file, &self.hsm.pin_env) {
-            (Some(path), _) => Pin::new(std::fs::read_to_string(path).map_err(|e| refuse("hsm.pin_file", format!("{}: {e}", path.display())))?),
+            (Some(path), _) => return read_pin("hsm.pin_file", path),
             (None, Some(var)) => Pin::new(std::env::var(var).map_err(|_| refuse("hsm.pin_env", format!("environment variable {var} is not set")))?),
             (None, None) => return Err(refuse("hsm.pin_file", "no PIN source configured")),
         };
@@ -303,6 +300,30 @@ impl Config {
         }
         Ok(pin)
     }
+}
+
+/// Refuses a PIN file that anyone but its owner can read or write.
+fn pin_file_private(setting: &'static str, path: &Path) -> Result<(), ConfigError> {
+    let meta = std::fs::metadata(path).map_err(|e| refuse(setting, format!("{}: {e}", path.display())))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(refuse(setting, format!("{} is readable or writable by others; chmod 600 it", path.display())));
+    }
+    Ok(())
+}
+
+fn read_pin(setting: &'static str, path: &Path) -> Result<Pin, ConfigError> {
+    pin_file_private(setting, path)?;
+    let pin = Pin::new(std::fs::read_to_string(path).map_err(|e| refuse(setting, format!("{}: {e}", path.display())))?);
+    if pin.is_empty() {
+        return Err(refuse(setting, "the PIN is empty"));
+    }
+    Ok(pin)
+}
+
+/// Reads a PIN from a file outside the configuration (the security officer's, for
+/// `kms-server backup-key --so-pin-file`), with the same checks as `hsm.pin_file`.
+pub fn read_pin_file(path: &Path) -> Result<Pin, ConfigError> {
+    read_pin("pin file", path)
 }
 
 #[cfg(test)]

@@ -64,6 +64,12 @@ pub const CRASH_POINTS: &[(&str, Step)] = &[
     ("DestroyKey", Step::AfterIntent),
     ("DestroyKey", Step::AfterHsm),
     ("DestroyKey", Step::AfterCommit),
+    ("CreateBackup", Step::AfterHsm),
+    ("CreateBackup", Step::AfterCommit),
+    ("CreateBackup", Step::BeforeReply),
+    ("Restore", Step::AfterIntent),
+    ("Restore", Step::AfterHsm),
+    ("Restore", Step::AfterCommit),
 ];
 
 /// Aborts the process (no unwinding, no cleanup: like `kill -9`) when `KMS_TEST_CRASH_AT` names

@@ -49,6 +49,35 @@ enum Command {
     },
     /// Validates a configuration file without starting.
     CheckConfig { config: PathBuf },
+    /// Provisioning with the HSM's security officer: makes the backup key pair (a trusted public
+    /// key that `kmsctl backup create` wraps every key under, a private key that unwraps them
+    /// at restore); a no-op if the token holds it already. Run it once per token, before the
+    /// service starts; on a second HSM for disaster recovery, replicate the pair with the HSM's
+    /// own tools instead (docs/operations.md).
+    BackupKey {
+        #[arg(long)]
+        config: PathBuf,
+        /// A file holding the security officer's PIN (mode 0600); it is read once and not kept.
+        #[arg(long)]
+        so_pin_file: PathBuf,
+    },
+    /// Restores a backup file into an empty token holding the same backup key and an empty
+    /// data directory, offline (the service must not be running). Keys destroyed after the
+    /// backup was taken must be named, or their absence stated: see docs/operations.md.
+    Restore {
+        #[arg(long)]
+        config: PathBuf,
+        /// The backup file (`kmsctl backup create --out FILE`).
+        file: PathBuf,
+        /// A file listing key ids destroyed since the backup was made (one per line, `#`
+        /// comments allowed), e.g. from `kmsctl key list --state destroyed`: they are restored
+        /// as destroyed, their material left wrapped in the file.
+        #[arg(long, required_unless_present = "none_destroyed_since", conflicts_with = "none_destroyed_since")]
+        destroyed_since: Option<PathBuf>,
+        /// States that no key was destroyed since the backup was made.
+        #[arg(long)]
+        none_destroyed_since: bool,
+    },
     /// Creates the first officer, on the server's host (refused once any officer exists), and
     /// prints the TOTP enrolment URI once. The passphrase is read from --passphrase-file, or
     /// from the first line of standard input.
@@ -85,6 +114,23 @@ fn main() -> anyhow::Result<()> {
             println!("{}", enrolment.0.as_str());
             return Ok(());
         }
+        Command::BackupKey { config, so_pin_file } => {
+            let config = Config::load(&config)?;
+            let so_pin = kms_server::config::read_pin_file(&so_pin_file)?;
+            let outcome = kms_server::hsm::pkcs11::create_backup_key(&config.hsm.module, &config.hsm.token_label, &config.pin()?, &so_pin)?;
+            println!("backup key pair on token {:?}: {outcome:?}", config.hsm.token_label);
+            return Ok(());
+        }
+        Command::Restore { config, file, destroyed_since, none_destroyed_since: _ } => {
+            let config = Config::load(&config)?;
+            let destroyed = match destroyed_since {
+                Some(path) => kms_server::backup::read_key_list(&path)?,
+                None => Vec::new(),
+            };
+            let report = kms_server::backup::restore(&config, &file, &destroyed)?;
+            println!("{report}");
+            return Ok(());
+        }
         Command::CheckConfig { config } => {
             Config::load(&config)?;
             println!("{}: ok", config.display());
@@ -102,6 +148,13 @@ fn main() -> anyhow::Result<()> {
                     .env(hsm_sim::SOFTHSM2_CONF, &token.conf)
                     .exec();
                 return Err(err.into());
+            }
+            // The security officer's one provisioning step, done for the developer: the trusted
+            // backup key (`kms-server backup-key` on a real deployment).
+            if token.so_pin_file.exists() {
+                let so_pin = kms_server::config::read_pin_file(&token.so_pin_file)?;
+                let user_pin = kms_server::config::read_pin_file(&token.pin_file)?;
+                kms_server::hsm::pkcs11::create_backup_key(&token.module, &token.label, &user_pin, &so_pin)?;
             }
             let pki = kms_server::tls::DevPki::ensure(&data_dir.join("pki")).map_err(|e| anyhow::anyhow!("{e}"))?;
             let config = Config {

@@ -28,6 +28,23 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Copies a directory tree (a SoftHSM2 token's files), each file private to its owner.
+pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
+}
+
 /// Settings a test may change; the rest of the configuration is fixed.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -49,6 +66,10 @@ pub struct Options {
     /// `limits.principal_calls_per_second` (0: no limit) and `limits.principal_burst`.
     pub principal_calls_per_second: f64,
     pub principal_burst: f64,
+    /// Provision the backup key pair (`kms-server backup-key`) before the first start, and keep
+    /// a copy of the token as it is then: the "second HSM" holding the same backup key that a
+    /// disaster-recovery drill restores into (`replace_token_with_replica`).
+    pub backup_key: bool,
 }
 
 impl Default for Options {
@@ -66,6 +87,7 @@ impl Default for Options {
             crash_at: None,
             principal_calls_per_second: 0.0,
             principal_burst: 1.0,
+            backup_key: false,
         }
     }
 }
@@ -132,6 +154,9 @@ impl Server {
             officer_totp: String::new(),
             session: String::new(),
         };
+        if server.options.backup_key {
+            server.provision_backup_key().expect("backup key provisioned");
+        }
         server.bootstrap_officer().expect("officer bootstrapped");
         server.spawn().expect("server started");
         server.login().expect("officer logged in");
@@ -159,10 +184,59 @@ impl Server {
         Ok(())
     }
 
+    /// The key ceremony: `kms-server backup-key` with the token's SO PIN, then a copy of the
+    /// token's files as they are (holding only the backup key pair).
+    fn provision_backup_key(&mut self) -> Result<()> {
+        self.write_config()?;
+        let out = self.server_command(&["backup-key", "--so-pin-file", &self.token.so_pin_file.display().to_string()])?;
+        if !out.status.success() {
+            bail!("backup-key failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        copy_dir(&self.token.dir.join("tokens"), &self.token_replica())?;
+        Ok(())
+    }
+
+    fn token_replica(&self) -> PathBuf {
+        self.token.dir.join("tokens.replica")
+    }
+
+    /// Wipes the token: its files are replaced by the copy made right after the backup key pair
+    /// was (an empty HSM that holds the same backup key). The server must be stopped.
+    pub fn replace_token_with_replica(&self) {
+        let tokens = self.token.dir.join("tokens");
+        std::fs::remove_dir_all(&tokens).expect("token files removed");
+        copy_dir(&self.token_replica(), &tokens).expect("replica copied");
+    }
+
+    /// Runs `kms-server ARGS --config <this server's config>` on the server's host (with the
+    /// token and the crash point the options name) and returns its output.
+    pub fn server_command(&self, args: &[&str]) -> Result<Output> {
+        Ok(Command::new(bin("kms-server"))
+            .args(args)
+            .arg("--config")
+            .arg(self.config_path())
+            .env(hsm_sim::SOFTHSM2_CONF, &self.token.conf)
+            .env("KMS_TEST_CRASH_AT", self.options.crash_at.as_deref().unwrap_or_default())
+            .output()?)
+    }
+
+    /// Logs the bootstrap officer in again (after a restore ended every session). A TOTP step is
+    /// accepted once, so the next one is tried when this one was used.
+    pub fn relogin(&mut self) {
+        if self.login().is_err() {
+            std::thread::sleep(Duration::from_secs(1));
+            self.login_at(1).expect("officer logged in again");
+        }
+    }
+
     /// Logs the bootstrap officer in over gRPC, and leaves the session where kmsctl finds it.
     fn login(&mut self) -> Result<()> {
+        self.login_at(0)
+    }
+
+    fn login_at(&mut self, step_offset: i64) -> Result<()> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let (addr, tls, code) = (self.admin_addr.clone(), self.tls(), totp_now(&self.officer_totp, 0));
+        let (addr, tls, code) = (self.admin_addr.clone(), self.tls(), totp_now(&self.officer_totp, step_offset));
         let token = std::thread::spawn(move || {
             rt.block_on(async move {
                 let channel = kms_client::channel(&format!("https://{addr}"), &tls).await.map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -609,6 +609,77 @@ impl KeyManagement for AdminService {
             })
             .await
     }
+
+    type CreateBackupStream = tokio_stream::wrappers::ReceiverStream<Result<pb::BackupChunk, Status>>;
+
+    async fn create_backup(&self, request: Request<pb::CreateBackupRequest>) -> Result<Response<Self::CreateBackupStream>, Status> {
+        let who = officer(&request, Role::Officer);
+        let backup =
+            self.0.call("CreateBackup", who, Audit::FailuresInTransactionSuccesses, |kms, caller, _| kms.create_backup(caller)).await?.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::task::spawn_blocking(move || send_backup(backup, tx));
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    async fn verify_backup(&self, request: Request<pb::VerifyBackupRequest>) -> Result<Response<pb::VerifyBackupResponse>, Status> {
+        let who = officer(&request, Role::Auditor);
+        let r = request.into_inner();
+        self.0
+            .call("VerifyBackup", who, Audit::EveryOutcome, move |kms, _, facts| {
+                let digests = crate::service::SectionDigests {
+                    objects_bytes: r.objects_bytes,
+                    objects_sha256: r.objects_sha256,
+                    database_bytes: r.database_bytes,
+                    database_sha256: r.database_sha256,
+                };
+                let manifest = kms.verify_backup(&r.manifest, &r.mac, &digests)?;
+                facts.detail = format!("backup made at {} verified", manifest.created_at);
+                Ok(pb::VerifyBackupResponse { manifest: Some(manifest_message(&manifest, manifest.file_bytes(r.manifest.len()))) })
+            })
+            .await
+    }
+}
+
+/// The most bytes of a backup in one message.
+const BACKUP_CHUNK: usize = 256 * 1024;
+
+fn manifest_message(m: &crate::backup::Manifest, file_bytes: u64) -> pb::BackupManifest {
+    pb::BackupManifest {
+        creation_time: m.created_at,
+        service_version: m.service_version.clone(),
+        token_label: m.token_label.clone(),
+        token_serial: m.token_serial.clone(),
+        backup_key_label: m.backup_key_label.clone(),
+        keys: m.keys,
+        live_versions: m.live_versions,
+        audit_checkpoint_seq: m.audit_checkpoint_seq,
+        objects: m.objects.count,
+        file_bytes,
+    }
+}
+
+/// Streams a backup's bytes to the client, on a blocking thread (it reads a file); stops when
+/// the client goes away.
+fn send_backup(backup: crate::service::BackupFile, tx: tokio::sync::mpsc::Sender<Result<pb::BackupChunk, Status>>) {
+    use std::io::Read;
+    let mut manifest = Some(manifest_message(&backup.manifest, backup.head.len() as u64 + backup.manifest.database.bytes));
+    let mut reader = (&backup.head[..]).chain(backup.database);
+    loop {
+        let mut data = vec![0u8; BACKUP_CHUNK];
+        let n = match reader.read(&mut data) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the backup snapshot");
+                let _ = tx.blocking_send(Err(Status::internal("the backup snapshot could not be read; the file is incomplete")));
+                return;
+            }
+        };
+        data.truncate(n);
+        if tx.blocking_send(Ok(pb::BackupChunk { data, manifest: manifest.take() })).is_err() {
+            return;
+        }
+    }
 }
 
 fn officer_message(o: crate::store::OfficerRecord) -> pb::Officer {

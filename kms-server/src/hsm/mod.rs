@@ -17,7 +17,7 @@ use cryptoki::error::RvError;
 
 use crate::domain::blob::Iv;
 use crate::secret::SecretBytes;
-pub use templates::{ObjectName, ServiceKey};
+pub use templates::{ObjectName, ServiceKey, Wrapped};
 
 /// A handle to a key object, resolved once (at startup or creation) and cached: the hot path
 /// never searches the token (`C_FindObjects` is linear in the number of objects).
@@ -66,6 +66,15 @@ pub struct TokenInfo {
     pub serial_number: String,
 }
 
+/// The halves of the backup key pair found on a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackupKey {
+    /// The trusted public key that wraps.
+    pub wrap: Option<KeyHandle>,
+    /// The private key that unwraps.
+    pub unwrap: Option<KeyHandle>,
+}
+
 /// The session pool's use, for status and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SessionUse {
@@ -103,6 +112,20 @@ pub trait Hsm: Send + Sync {
 
     /// One of the service's own keys, made on first use (startup only).
     fn service_key(&self, which: ServiceKey) -> Result<KeyHandle, HsmError>;
+
+    /// A service key if the token holds it, without making it (backup and restore only).
+    fn find_service_key(&self, which: ServiceKey) -> Result<Option<KeyHandle>, HsmError>;
+
+    /// The backup key pair's halves the token holds (`templates::backup_key_pair`).
+    fn backup_key(&self) -> Result<BackupKey, HsmError>;
+
+    /// Wraps `key` under the trusted public backup key (RSA-OAEP). The HSM refuses any object
+    /// that is not extractable under a trusted key.
+    fn wrap(&self, wrapping_key: KeyHandle, key: KeyHandle) -> Result<Vec<u8>, HsmError>;
+
+    /// Unwraps a backup's object with the private backup key, as a token object or a session
+    /// object.
+    fn unwrap(&self, unwrapping_key: KeyHandle, wrapped: &[u8], what: Wrapped, token: bool) -> Result<KeyHandle, HsmError>;
 
     /// HMAC-SHA-256 inside the HSM.
     fn mac(&self, key: KeyHandle, data: &[u8]) -> Result<Vec<u8>, HsmError>;

@@ -15,13 +15,15 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::MechanismType;
 use cryptoki::mechanism::aead::GcmParams;
-use cryptoki::object::{Attribute, AttributeType};
+use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource};
+use cryptoki::object::{Attribute, AttributeType, ObjectClass};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
-use super::{Hsm, HsmError, KeyHandle, ObjectName, ServiceKey, SessionUse, TokenInfo, templates};
+use super::{BackupKey, Hsm, HsmError, KeyHandle, ObjectName, ServiceKey, SessionUse, TokenInfo, Wrapped, templates};
 use crate::domain::blob::{Iv, TAG_LEN};
 use crate::secret::{Pin, SecretBytes};
 
@@ -50,12 +52,7 @@ impl Pkcs11Hsm {
         let setup = |what: &str, e: CkError| HsmError::Setup { reason: format!("{what}: {e}") };
         let ctx = Pkcs11::new(module).map_err(|e| setup(&format!("loading PKCS#11 module {}", module.display()), e))?;
         ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).map_err(|e| setup("C_Initialize", e))?;
-        let slot = ctx
-            .get_slots_with_initialized_token()
-            .map_err(|e| setup("listing slots", e))?
-            .into_iter()
-            .find(|slot| ctx.get_token_info(*slot).is_ok_and(|t| t.label() == token_label))
-            .ok_or_else(|| HsmError::Setup { reason: format!("no initialised token labelled {token_label:?}") })?;
+        let slot = find_slot(&ctx, token_label)?;
         let anchor = ctx.open_rw_session(slot).map_err(|e| setup("opening the anchor session", e))?;
         let auth = AuthPin::from(pin.expose_secret());
         match anchor.login(UserType::User, Some(&auth)) {
@@ -94,6 +91,79 @@ impl Pkcs11Hsm {
         self.pool.checkin(session, broken);
         result.map_err(|e| classify(function, e))
     }
+}
+
+/// RSA-OAEP as SoftHSM2 2.6 implements it for wrapping (SHA-1 with MGF1-SHA-1 only; OAEP's
+/// security does not rest on SHA-1's collision resistance).
+fn backup_mechanism() -> Mechanism<'static> {
+    Mechanism::RsaPkcsOaep(PkcsOaepParams::new(MechanismType::SHA1, PkcsMgfType::MGF1_SHA1, PkcsOaepSource::empty()))
+}
+
+/// Whether `create_backup_key` made the key pair or found it already there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackupKeyOutcome {
+    Created,
+    AlreadyPresent,
+}
+
+/// The provisioning step that needs both the user and the security officer, in a process of
+/// its own before the service opens the token (the two cannot be logged in at once): the user
+/// generates the backup key pair (the private half stays, private and never extractable); the
+/// security officer re-creates its public half as a trusted token object
+/// (`templates::backup_key_pair`). A no-op when the token holds both halves.
+pub fn create_backup_key(module: &Path, token_label: &str, user_pin: &Pin, so_pin: &Pin) -> Result<BackupKeyOutcome, HsmError> {
+    let setup = |what: &str, e: CkError| HsmError::Setup { reason: format!("{what}: {e}") };
+    let ctx = Pkcs11::new(module).map_err(|e| setup(&format!("loading PKCS#11 module {}", module.display()), e))?;
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).map_err(|e| setup("C_Initialize", e))?;
+    let slot = find_slot(&ctx, token_label)?;
+    let session = ctx.open_rw_session(slot).map_err(|e| setup("C_OpenSession", e))?;
+    let login = |user: UserType, pin: &Pin, who: &str| match session.login(user, Some(&AuthPin::from(pin.expose_secret()))) {
+        Ok(()) => Ok(()),
+        // Never retried: repeated wrong PINs lock the token.
+        Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => {
+            Err(HsmError::Setup { reason: format!("the HSM refused the {who}'s PIN (CKR_PIN_INCORRECT)") })
+        }
+        Err(e) => Err(setup(&format!("C_Login as {who}"), e)),
+    };
+    let find = |label, class| session.find_objects(&templates::backup_half(label, class)).map_err(|e| setup("C_FindObjects", e));
+
+    login(UserType::User, user_pin, "user")?;
+    let private = find(templates::BACKUP_UNWRAP_LABEL, ObjectClass::PRIVATE_KEY)?;
+    let public = find(templates::BACKUP_WRAP_LABEL, ObjectClass::PUBLIC_KEY)?;
+    if !private.is_empty() && !public.is_empty() {
+        return Ok(BackupKeyOutcome::AlreadyPresent);
+    }
+    if !private.is_empty() || !public.is_empty() {
+        return Err(HsmError::Setup { reason: "the token holds only one half of the backup key pair: remove it by hand and run this again".into() });
+    }
+    let (public_template, private_template) = templates::backup_key_pair();
+    let (public, _private) = session
+        .generate_key_pair(&Mechanism::RsaPkcsKeyPairGen, &public_template, &private_template)
+        .map_err(|e| setup("C_GenerateKeyPair (backup key)", e))?;
+    let attrs =
+        session.get_attributes(public, &[AttributeType::Modulus, AttributeType::PublicExponent]).map_err(|e| setup("C_GetAttributeValue", e))?;
+    let (mut modulus, mut exponent) = (Vec::new(), Vec::new());
+    for a in attrs {
+        match a {
+            Attribute::Modulus(m) => modulus = m,
+            Attribute::PublicExponent(e) => exponent = e,
+            _ => {}
+        }
+    }
+    session.logout().map_err(|e| setup("C_Logout", e))?;
+
+    login(UserType::So, so_pin, "security officer")?;
+    session.create_object(&templates::backup_wrap_key(modulus, exponent)).map_err(|e| setup("C_CreateObject (trusted backup wrapping key)", e))?;
+    session.logout().map_err(|e| setup("C_Logout", e))?;
+    Ok(BackupKeyOutcome::Created)
+}
+
+fn find_slot(ctx: &Pkcs11, token_label: &str) -> Result<Slot, HsmError> {
+    ctx.get_slots_with_initialized_token()
+        .map_err(|e| HsmError::Setup { reason: format!("listing slots: {e}") })?
+        .into_iter()
+        .find(|slot| ctx.get_token_info(*slot).is_ok_and(|t| t.label() == token_label))
+        .ok_or_else(|| HsmError::Setup { reason: format!("no initialised token labelled {token_label:?}") })
 }
 
 /// Maps a cryptoki error to what the service does about it.
@@ -186,6 +256,29 @@ impl Hsm for Pkcs11Hsm {
                 s.generate_key(&mechanism, &template)
             }
         })
+    }
+
+    fn find_service_key(&self, which: ServiceKey) -> Result<Option<KeyHandle>, HsmError> {
+        self.with_session("C_FindObjects", |s| Ok(s.find_objects(&templates::by_label(which.label()))?.first().copied()))
+    }
+
+    fn backup_key(&self) -> Result<BackupKey, HsmError> {
+        self.with_session("C_FindObjects", |s| {
+            let find = |label, class| s.find_objects(&templates::backup_half(label, class)).map(|found| found.first().copied());
+            Ok(BackupKey {
+                wrap: find(templates::BACKUP_WRAP_LABEL, ObjectClass::PUBLIC_KEY)?,
+                unwrap: find(templates::BACKUP_UNWRAP_LABEL, ObjectClass::PRIVATE_KEY)?,
+            })
+        })
+    }
+
+    fn wrap(&self, wrapping_key: KeyHandle, key: KeyHandle) -> Result<Vec<u8>, HsmError> {
+        self.with_session("C_WrapKey", |s| s.wrap_key(&backup_mechanism(), wrapping_key, key))
+    }
+
+    fn unwrap(&self, unwrapping_key: KeyHandle, wrapped: &[u8], what: Wrapped, token: bool) -> Result<KeyHandle, HsmError> {
+        let template = what.unwrap_template(token);
+        self.with_session("C_UnwrapKey", |s| s.unwrap_key(&backup_mechanism(), unwrapping_key, wrapped, &template))
     }
 
     fn mac(&self, key: KeyHandle, data: &[u8]) -> Result<Vec<u8>, HsmError> {

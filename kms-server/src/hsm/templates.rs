@@ -163,6 +163,100 @@ impl ServiceKey {
     }
 }
 
+/// The labels of the backup key pair, made at provisioning (`kms-server backup-key`).
+pub const BACKUP_WRAP_LABEL: &str = "kms-backup-wrap";
+pub const BACKUP_UNWRAP_LABEL: &str = "kms-backup-unwrap";
+/// RSA-3072 (NIST SP 800-57: 128-bit security, like AES-256 data keys' 2^32 budget allows).
+const BACKUP_RSA_BITS: u64 = 3072;
+
+/// The backup key is an RSA key pair, so that neither half needs what the other has:
+/// * the **wrapping** half is the public key, marked trusted (`CKA_TRUSTED`, which only the
+///   security officer can set, and only on a public object): it is what lets `C_WrapKey` export
+///   a key made `CKA_WRAP_WITH_TRUSTED`, and it holds no secret;
+/// * the **unwrapping** half is the private key: a private, sensitive, never-extractable token
+///   object that only the logged-in user can use, and only to unwrap. A backup file is of no use
+///   without it and the user's login; a second HSM gets it by the HSM's own replication or
+///   cloning (docs/operations.md), never as a value.
+///
+/// This returns the key pair generation's (public, private) templates. The public half is made
+/// as a session object, read back, and re-created by the security officer as a trusted token
+/// object ([`backup_wrap_key`]).
+pub fn backup_key_pair() -> (Vec<Attribute>, Vec<Attribute>) {
+    let public = vec![
+        Attribute::Token(false),
+        Attribute::ModulusBits(BACKUP_RSA_BITS.into()),
+        Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
+        Attribute::Wrap(true),
+    ];
+    let private = vec![
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Modifiable(false),
+        Attribute::Unwrap(true),
+        Attribute::Decrypt(false),
+        Attribute::Sign(false),
+        Attribute::Derive(false),
+        Attribute::AllowedMechanisms(vec![MechanismType::RSA_PKCS_OAEP]),
+        Attribute::Label(BACKUP_UNWRAP_LABEL.as_bytes().to_vec()),
+    ];
+    (public, private)
+}
+
+/// The trusted public wrapping key, as the security officer creates it from the pair's modulus
+/// and exponent.
+pub fn backup_wrap_key(modulus: Vec<u8>, public_exponent: Vec<u8>) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::PUBLIC_KEY),
+        Attribute::KeyType(KeyType::RSA),
+        Attribute::Modulus(modulus),
+        Attribute::PublicExponent(public_exponent),
+        Attribute::Token(true),
+        Attribute::Private(false),
+        Attribute::Trusted(true),
+        Attribute::Modifiable(false),
+        Attribute::Wrap(true),
+        Attribute::Encrypt(false),
+        Attribute::Verify(false),
+        Attribute::AllowedMechanisms(vec![MechanismType::RSA_PKCS_OAEP]),
+        Attribute::Label(BACKUP_WRAP_LABEL.as_bytes().to_vec()),
+    ]
+}
+
+/// A half of the backup key pair, as found on a token.
+pub fn backup_half(label: &str, class: ObjectClass) -> Vec<Attribute> {
+    vec![Attribute::Class(class), Attribute::Token(true), Attribute::Label(label.as_bytes().to_vec())]
+}
+
+/// What a wrapped object in a backup is, and so the template it is unwrapped with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wrapped {
+    Version(ObjectName),
+    Service(ServiceKey),
+}
+
+impl Wrapped {
+    /// The template `C_UnwrapKey` recreates the object with: its generation template without
+    /// the length (the wrapped value carries it), as a token object, or as a session object
+    /// that disappears with its session (to check a MAC before restoring anything).
+    /// `CKA_MODIFIABLE=false` goes last: SoftHSM2 applies an unwrap template in order and
+    /// refuses every attribute after it (`CKR_ATTRIBUTE_READ_ONLY`).
+    pub fn unwrap_template(self, token: bool) -> Vec<Attribute> {
+        let template = match self {
+            Wrapped::Version(name) => key_version(&name),
+            Wrapped::Service(which) => which.template().1,
+        };
+        let mut t: Vec<Attribute> = template
+            .into_iter()
+            .filter(|a| !matches!(a, Attribute::ValueLen(_) | Attribute::Modifiable(_)))
+            .map(|a| if matches!(a, Attribute::Token(_)) { Attribute::Token(token) } else { a })
+            .collect();
+        t.push(Attribute::Modifiable(false));
+        t
+    }
+}
+
 /// Finds a token object by its label (startup only). Searches name `CKA_TOKEN=true`: a session
 /// object of the same label (one another part of the process made) is never taken for a key.
 pub fn by_label(label: &str) -> Vec<Attribute> {

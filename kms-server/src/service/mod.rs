@@ -6,6 +6,7 @@
 
 mod admin;
 mod audit;
+mod backup;
 pub mod officers;
 mod recovery;
 pub mod registry;
@@ -27,6 +28,7 @@ use crate::secret::SecretBytes;
 use crate::store::Store;
 pub use admin::{KeyView, VersionView};
 pub use audit::AuditVerification;
+pub use backup::{BackupFile, SectionDigests};
 use registry::{KeyEntry, Registry, VersionEntry};
 
 /// Seconds since the Unix epoch.

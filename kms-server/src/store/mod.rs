@@ -163,7 +163,12 @@ pub type LastUse = (String, Option<i64>);
 /// the data plane never reads the database (it reads the in-memory registry).
 pub struct Store {
     conn: Mutex<Connection>,
+    path: std::path::PathBuf,
 }
+
+/// The suffix of the snapshot files backups are made from; one left by a crash is removed at
+/// the next open.
+const SNAPSHOT_SUFFIX: &str = ".snapshot";
 
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -179,7 +184,27 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         schema::migrate(&mut conn)?;
-        Ok(Store { conn: Mutex::new(conn) })
+        let stale = snapshot_path(path);
+        if stale.exists() {
+            tracing::warn!(path = %stale.display(), "removing the snapshot of an interrupted backup");
+            std::fs::remove_file(&stale).map_err(|e| StoreError::Corrupt { table: "snapshot", detail: e.to_string() })?;
+        }
+        Ok(Store { conn: Mutex::new(conn), path: path.to_path_buf() })
+    }
+
+    /// Writes a consistent copy of the whole database to a new file beside it (`VACUUM INTO`
+    /// on a connection of its own: in WAL mode the service goes on writing meanwhile), opens it
+    /// and unlinks it, so that only the returned handle reaches it and nothing is left behind.
+    pub fn snapshot(&self) -> Result<std::fs::File> {
+        let dest = snapshot_path(&self.path);
+        let _ = std::fs::remove_file(&dest);
+        let conn = Connection::open_with_flags(&self.path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute("VACUUM INTO ?1", params![dest.to_string_lossy()])?;
+        let io = |e: std::io::Error| StoreError::Corrupt { table: "snapshot", detail: e.to_string() };
+        let file = std::fs::File::open(&dest).map_err(io)?;
+        std::fs::remove_file(&dest).map_err(io)?;
+        Ok(file)
     }
 
     fn lock(&self) -> MutexGuard<'_, Connection> {
@@ -203,6 +228,12 @@ impl Store {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
         f(&Tx(&tx))
     }
+}
+
+fn snapshot_path(db: &Path) -> std::path::PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(SNAPSHOT_SUFFIX);
+    name.into()
 }
 
 /// A transaction, with the service's queries as methods.
@@ -597,6 +628,19 @@ impl Tx<'_> {
     /// Ends every session of an officer, and every expired one.
     pub fn delete_sessions(&self, officer: &str, now: i64) -> Result<()> {
         self.0.execute("DELETE FROM sessions WHERE officer = ?1 OR expires_at <= ?2", params![officer, now])?;
+        Ok(())
+    }
+
+    /// Ends every officer session (a restored database must not honour tokens issued before).
+    pub fn delete_all_sessions(&self) -> Result<()> {
+        self.0.execute("DELETE FROM sessions", [])?;
+        Ok(())
+    }
+
+    /// Raises every version's reserved encryptions to at least `at_least` (a restore: the
+    /// encryptions made after the backup are unknown, so the restored versions encrypt no more).
+    pub fn reserve_all_at_least(&self, at_least: u64) -> Result<()> {
+        self.0.execute("UPDATE key_versions SET reserved = MAX(reserved, ?1)", params![to_i64(at_least)])?;
         Ok(())
     }
 

@@ -2,7 +2,6 @@
 //! by release 0.1.0 are committed under `tests/fixtures/v1/`; this build must open and decrypt
 //! them all.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -14,25 +13,11 @@ fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/v1")
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
-        }
-    }
-}
-
 /// Starts a server on a copy of the committed token and database.
 fn start_on_fixture() -> (Server, serde_json::Value) {
     let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture().join("golden.json")).unwrap()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    copy_dir(&fixture().join("softhsm"), &dir.path().join("softhsm"));
+    kms_tests::copy_dir(&fixture().join("softhsm"), &dir.path().join("softhsm")).unwrap();
     std::fs::copy(fixture().join("kms.db"), dir.path().join("kms.db")).unwrap();
     let softhsm = dir.path().join("softhsm");
     let conf = softhsm.join("softhsm2.conf");
@@ -44,6 +29,7 @@ fn start_on_fixture() -> (Server, serde_json::Value) {
         module: hsm_sim::find_module().unwrap(),
         label: golden["token_label"].as_str().unwrap().to_string(),
         pin_file: softhsm.join("user.pin"),
+        so_pin_file: softhsm.join("so.pin"),
     };
     (Server::start_in(dir, token, Options::default()), golden)
 }

@@ -37,6 +37,7 @@ const AUDITOR_MAY: &[&str] = &[
     "ListOfficers",
     "AccessReview",
     "DescribeService",
+    "VerifyBackup",
     "VerifyAudit",
     "ListAuditRecords",
     "ChangePassphrase",

@@ -1,0 +1,207 @@
+//! TESTPLAN R14: backups. The drill: keys created, rotated, used; a backup through `kmsctl`;
+//! the token and the database wiped; `kms-server restore` into a token holding only the same
+//! backup key pair: every blob made before the backup decrypts, the audit verifies, and a key
+//! destroyed after the backup stays destroyed. A one-bit change anywhere in the file is refused
+//! by `kmsctl backup verify` and by the restore, which then writes nothing.
+
+use std::path::Path;
+use std::time::Duration;
+
+use kms_proto::v1 as pb;
+use kms_tests::{Options, Server, create_key, ctx};
+
+/// A data key made under `key`: (blob, plaintext, context pair).
+async fn data_key(data: &mut kms_proto::v1::crypto_client::CryptoClient<tonic::transport::Channel>, key: &str, n: usize) -> (Vec<u8>, Vec<u8>) {
+    let mut r = data
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key_id: key.into(),
+            key_spec: pb::DataKeySpec::Aes256.into(),
+            number_of_bytes: 0,
+            encryption_context: ctx(&[("n", &n.to_string())]),
+            caller_context: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (std::mem::take(&mut r.ciphertext_blob), std::mem::take(&mut r.plaintext))
+}
+
+async fn decrypts(data: &mut kms_proto::v1::crypto_client::CryptoClient<tonic::transport::Channel>, blob: &[u8], n: usize) -> Option<Vec<u8>> {
+    let request = pb::DecryptRequest {
+        ciphertext_blob: blob.to_vec(),
+        encryption_context: ctx(&[("n", &n.to_string())]),
+        key_id: String::new(),
+        caller_context: None,
+    };
+    data.decrypt(request).await.ok().map(|r| std::mem::take(&mut r.into_inner().plaintext))
+}
+
+fn live_versions(server: &Server) -> Vec<String> {
+    let db = server.db();
+    let mut stmt = db.prepare("SELECT key_id, version FROM key_versions WHERE state != 'Destroyed' ORDER BY key_id, version").unwrap();
+    let rows = stmt.query_map([], |r| Ok(format!("kms:{}:{}", r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).unwrap();
+    rows.map(Result::unwrap).collect()
+}
+
+fn objects(server: &Server) -> Vec<String> {
+    let mut labels: Vec<String> = server.token_objects().iter().map(|o| o["label"].as_str().unwrap().to_string()).collect();
+    labels.sort();
+    labels
+}
+
+fn wipe(server: &Server) {
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", server.db_path().display()));
+    }
+    server.replace_token_with_replica();
+}
+
+fn flipped(original: &Path, at: usize, to: &Path) {
+    let mut bytes = std::fs::read(original).unwrap();
+    bytes[at] ^= 0x10;
+    std::fs::write(to, bytes).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drill_backup_wipe_restore_every_blob_decrypts_and_the_audit_verifies() {
+    let mut server = Server::start_with(Options { backup_key: true, ..Options::default() });
+    let (keys, blobs) = {
+        let mut admin = server.admin().await;
+        let mut data = server.data().await;
+        let keys = [create_key(&mut admin, "a").await, create_key(&mut admin, "b").await, create_key(&mut admin, "c").await];
+        let mut blobs = Vec::new();
+        for round in 0..3 {
+            for key in &keys {
+                let n = blobs.len();
+                let (blob, plaintext) = data_key(&mut data, key, n).await;
+                blobs.push((key.clone(), blob, plaintext));
+            }
+            admin.rotate_key(pb::RotateKeyRequest { key_id: keys[round % 2].clone() }).await.unwrap();
+        }
+        (keys, blobs)
+    };
+    let file = server.dir.path().join("drill.kmsbak");
+    let file_arg = file.display().to_string();
+    let out = server.kmsctl(&["--json", "backup", "create", "--out", &file_arg]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let made: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(made["manifest"]["keys"], 3);
+    assert_eq!(made["manifest"]["live_versions"], 6, "{made}");
+    assert_eq!(made["manifest"]["objects"], 8, "six versions and the two service keys");
+    assert_eq!(made["manifest"]["file_bytes"].as_u64(), Some(std::fs::metadata(&file).unwrap().len()));
+    let bytes = std::fs::read(&file).unwrap();
+    for (blob_key, _, plaintext) in &blobs {
+        assert!(!bytes.windows(plaintext.len()).any(|w| w == plaintext.as_slice()), "a data key of {blob_key} is in the file in clear");
+    }
+    let verified = server.kmsctl(&["backup", "verify", &file_arg]);
+    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
+    assert!(String::from_utf8_lossy(&verified.stdout).contains("backup ok"));
+
+    // A one-bit change anywhere is refused: in the magic, the manifest, the MAC, the wrapped
+    // objects, the database.
+    let manifest_len = u32::from_be_bytes(bytes[8..12].try_into().unwrap()) as usize;
+    let mac_at = 12 + manifest_len;
+    let changed = server.dir.path().join("changed.kmsbak");
+    for (at, what) in [(3, "magic"), (30, "manifest"), (mac_at + 5, "mac"), (mac_at + 40, "objects"), (bytes.len() - 100, "database")] {
+        flipped(&file, at, &changed);
+        let out = server.kmsctl(&["backup", "verify", &changed.display().to_string()]);
+        assert!(!out.status.success(), "a bit changed in the {what} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let names = match what {
+            "magic" => "magic",
+            "manifest" => "manifest",
+            "mac" => "mac",
+            "objects" => "objects_sha256",
+            _ => "database_sha256",
+        };
+        assert!(stderr.contains(names), "{what}: {stderr}");
+    }
+
+    // Key c is destroyed after the backup.
+    {
+        let mut admin = server.admin().await;
+        let request = pb::ScheduleKeyDestructionRequest { key_id: keys[2].clone(), pending_window_days: 7 };
+        admin.schedule_key_destruction(request).await.unwrap();
+    }
+    server.stop();
+    rusqlite::Connection::open(server.db_path()).unwrap().execute("UPDATE keys SET destruction_at = 1", []).unwrap();
+    server.restart();
+    kms_tests::eventually("key c destroyed", Duration::from_secs(20), || {
+        server.db().query_row("SELECT state FROM keys WHERE key_id = ?1", [&keys[2]], |r| r.get::<_, String>(0)).unwrap() == "Destroyed"
+    });
+    server.stop();
+
+    // The disaster: token and database gone; a token holding the same backup key pair.
+    wipe(&server);
+    let restore = |args: &[&str]| {
+        let mut all = vec!["restore"];
+        all.extend_from_slice(args);
+        server.server_command(&all).unwrap()
+    };
+    let silent = restore(&[&file_arg]);
+    assert!(!silent.status.success(), "a restore that does not say what was destroyed since must be refused");
+    assert!(String::from_utf8_lossy(&silent.stderr).contains("--destroyed-since"), "{}", String::from_utf8_lossy(&silent.stderr));
+    for at in [mac_at + 5, bytes.len() - 100] {
+        flipped(&file, at, &changed);
+        let out = restore(&[&changed.display().to_string(), "--none-destroyed-since"]);
+        assert!(!out.status.success(), "a changed file was restored");
+        assert!(!server.db_path().exists() && !server.dir.path().join("kms.db.restoring").exists(), "a refused restore wrote a database");
+        assert!(objects(&server).is_empty(), "a refused restore unwrapped objects");
+    }
+    let destroyed_list = server.dir.path().join("destroyed-since.txt");
+    std::fs::write(&destroyed_list, format!("# destroyed after the backup\n{}\n", keys[2])).unwrap();
+    let out = restore(&[&file_arg, "--destroyed-since", &destroyed_list.display().to_string()]);
+    assert!(out.status.success(), "restore failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("3 keys, 6 live versions"), "{}", String::from_utf8_lossy(&out.stdout));
+    let again = restore(&[&file_arg, "--none-destroyed-since"]);
+    assert!(!again.status.success(), "a second restore over a restored service must be refused");
+
+    server.restart();
+    server.relogin();
+    let mut data = server.data().await;
+    let mut restored = 0;
+    for (n, (key, blob, plaintext)) in blobs.iter().enumerate() {
+        let got = decrypts(&mut data, blob, n).await;
+        if *key == keys[2] {
+            assert_eq!(got, None, "a blob of the key destroyed after the backup decrypted");
+        } else {
+            assert_eq!(got.as_deref(), Some(plaintext.as_slice()), "blob {n} of {key}");
+            restored += 1;
+        }
+    }
+    assert_eq!(restored, 6, "every blob of the keys still alive decrypts");
+    let state: String = server.db().query_row("SELECT state FROM keys WHERE key_id = ?1", [&keys[2]], |r| r.get(0)).unwrap();
+    assert_eq!(state, "Destroyed");
+    assert_eq!(objects(&server), live_versions(&server), "HSM objects and live rows agree");
+    assert!(!objects(&server).iter().any(|o| o.contains(&keys[2])), "the destroyed key's material came back");
+
+    // The restored versions encrypt no more (their use after the backup is unknown): the first
+    // encryption rotates the key.
+    let (blob, plaintext) = data_key(&mut data, &keys[0], 99).await;
+    assert_eq!(decrypts(&mut data, &blob, 99).await, Some(plaintext));
+    let mut admin = server.admin().await;
+    let a = admin.describe_key(pb::DescribeKeyRequest { key_id: keys[0].clone() }).await.unwrap().into_inner();
+    assert_eq!(a.key.unwrap().primary_version, 4, "key a (three versions in the backup) rotated on its first encryption");
+
+    let verify = server.kmsctl(&["--json", "audit", "verify"]);
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    let restores: i64 = server.db().query_row("SELECT COUNT(*) FROM audit WHERE operation = 'Restore'", [], |r| r.get(0)).unwrap();
+    assert_eq!(restores, 1, "the restore is in the audit trail");
+
+    // Restored objects keep their template: they can be backed up again.
+    let second = server.dir.path().join("second.kmsbak").display().to_string();
+    let out = server.kmsctl(&["--json", "backup", "create", "--out", &second]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let made: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(made["manifest"]["live_versions"], 6, "a's four versions and b's two: {made}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_without_a_backup_key_refuses_backups_and_leaves_no_file() {
+    let server = Server::start();
+    let out = server.kmsctl(&["backup", "create", "--out", &server.dir.path().join("b.kmsbak").display().to_string()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("FailedPrecondition") && stderr.contains("backup-key"), "{stderr}");
+    assert!(!server.dir.path().join("b.kmsbak").exists() && !server.dir.path().join("b.kmsbak.partial").exists());
+}
