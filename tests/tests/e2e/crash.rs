@@ -27,7 +27,10 @@ fn objects(server: &Server) -> Vec<String> {
 async fn every_crash_point_leaves_each_operation_wholly_there_or_wholly_absent() {
     for (operation, step) in CRASH_POINTS {
         let point = format!("{operation}/{}", step.as_str());
-        let mut server = Server::start_with(Options { crash_at: Some(point.clone()), ..Options::default() });
+        let backups = matches!(*operation, "CreateBackup" | "Restore");
+        let mut server = Server::start_with(Options { crash_at: Some(point.clone()), backup_key: backups, ..Options::default() });
+        let backup = server.dir.path().join("crash.kmsbak");
+        let backup_arg = backup.display().to_string();
         let mut admin = server.admin().await;
         let key = if *operation == "CreateKey" { None } else { Some(create_key(&mut admin, "").await) };
         let before = live_versions(&server);
@@ -50,15 +53,42 @@ async fn every_crash_point_leaves_each_operation_wholly_there_or_wholly_absent()
                 server.restart();
                 false
             }
+            "CreateBackup" => server.kmsctl(&["backup", "create", "--out", &backup_arg]).status.success(),
+            "Restore" => {
+                // Back up, lose the token and the database, restore: the restore aborts. The
+                // operator runs it again, unless it had committed (then it refuses to run twice).
+                let out = server.kmsctl(&["backup", "create", "--out", &backup_arg]);
+                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                server.stop();
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", server.db_path().display()));
+                }
+                server.replace_token_with_replica();
+                let restore = |server: &Server| server.server_command(&["restore", &backup_arg, "--none-destroyed-since"]).unwrap();
+                let out = restore(&server);
+                assert!(!out.status.success(), "{point}: the restore finished");
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert!(stderr.contains(&format!("test hook: crashing at {point}")), "{point}: aborted elsewhere:\n{stderr}");
+                server.options.crash_at = None;
+                let again = restore(&server);
+                let committed = *step == Step::AfterCommit;
+                assert_eq!(again.status.success(), !committed, "{point}: {}", String::from_utf8_lossy(&again.stderr));
+                false
+            }
             other => panic!("no driver for {other}"),
         };
         assert!(!answered, "{point}: the call was answered, so the crash point was never reached");
         assert!(server.wait_for_exit(Duration::from_secs(20)), "{point}: the server did not abort");
-        let log = std::fs::read_to_string(server.log_path()).unwrap();
-        assert!(log.contains(&format!("test hook: crashing at {point}")), "{point}: aborted elsewhere:\n{log}");
+        if *operation != "Restore" {
+            let log = std::fs::read_to_string(server.log_path()).unwrap();
+            assert!(log.contains(&format!("test hook: crashing at {point}")), "{point}: aborted elsewhere:\n{log}");
+        }
 
         server.options.crash_at = None;
         server.restart();
+        if *operation == "Restore" {
+            server.relogin(); // a restore ends every session
+        }
         let after = live_versions(&server);
         let destroyed = *operation == "DestroyKey";
         if destroyed {
@@ -77,6 +107,19 @@ async fn every_crash_point_leaves_each_operation_wholly_there_or_wholly_absent()
                 } else {
                     assert_eq!(added, 0, "{point}: an uncommitted change is rolled back");
                 }
+            }
+            "CreateBackup" => {
+                assert_eq!(after, before, "{point}");
+                let snapshot = format!("{}.snapshot", server.db_path().display());
+                assert!(!std::path::Path::new(&snapshot).exists(), "{point}: the snapshot was left behind");
+                assert!(!backup.exists(), "{point}: an unanswered backup left a file that looks complete");
+                let audited: i64 = server.db().query_row("SELECT COUNT(*) FROM audit WHERE operation = 'CreateBackup'", [], |r| r.get(0)).unwrap();
+                assert_eq!(audited, i64::from(*step != Step::AfterHsm), "{point}: the backup is audited once it is made");
+            }
+            "Restore" => {
+                assert_eq!(after, before, "{point}: every version restored");
+                let restores: i64 = server.db().query_row("SELECT COUNT(*) FROM audit WHERE operation = 'Restore'", [], |r| r.get(0)).unwrap();
+                assert_eq!(restores, 1, "{point}: one restore recorded");
             }
             "DisableKey" | "ScheduleKeyDestruction" => {
                 let state: String = server.db().query_row("SELECT state FROM keys", [], |r| r.get(0)).unwrap();
