@@ -232,6 +232,13 @@ enum KeyCommand {
     List {
         #[arg(long, default_value_t = 100)]
         page_size: u32,
+        /// Only keys in this state; `--state destroyed --ids` lists what a restore needs to be
+        /// told about (`kms-server restore --destroyed-since`).
+        #[arg(long, value_enum)]
+        state: Option<StateFilter>,
+        /// Print only the key ids, one per line.
+        #[arg(long)]
+        ids: bool,
     },
     /// Lists a key's versions with their usage counts.
     Versions { key: String },
@@ -419,6 +426,29 @@ fn grant_json(g: &pb::Grant) -> Value {
 
 fn grant_text(g: &pb::Grant) -> String {
     format!("{}  {}  {}  {}", g.grant_id, g.principal, g.key_id, g.operations.join(","))
+}
+
+/// A key state, as `kmsctl key list --state` names it.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum StateFilter {
+    Enabled,
+    Disabled,
+    Compromised,
+    PendingDestruction,
+    Destroyed,
+}
+
+impl StateFilter {
+    fn matches(self, state: i32) -> bool {
+        let want = match self {
+            StateFilter::Enabled => pb::KeyState::Enabled,
+            StateFilter::Disabled => pb::KeyState::Disabled,
+            StateFilter::Compromised => pb::KeyState::Compromised,
+            StateFilter::PendingDestruction => pb::KeyState::PendingDestruction,
+            StateFilter::Destroyed => pb::KeyState::Destroyed,
+        };
+        state == want as i32
+    }
 }
 
 #[derive(Subcommand)]
@@ -726,18 +756,24 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     });
                     Ok(())
                 }
-                KeyCommand::List { page_size } => {
+                KeyCommand::List { page_size, state, ids } => {
                     let mut all = Vec::new();
                     let mut token = String::new();
                     loop {
                         let r = c.list_keys(pb::ListKeysRequest { page_size, page_token: token }).await?.into_inner();
-                        all.extend(r.keys);
+                        all.extend(r.keys.into_iter().filter(|k| state.is_none_or(|s| s.matches(k.state))));
                         if r.next_page_token.is_empty() {
                             break;
                         }
                         token = r.next_page_token;
                     }
-                    out.print(Value::Array(all.iter().map(key_json).collect()), || all.iter().map(key_text).collect::<Vec<_>>().join("\n"));
+                    if ids {
+                        out.print(Value::Array(all.iter().map(|k| json!(k.key_id)).collect()), || {
+                            all.iter().map(|k| k.key_id.clone()).collect::<Vec<_>>().join("\n")
+                        });
+                    } else {
+                        out.print(Value::Array(all.iter().map(key_json).collect()), || all.iter().map(key_text).collect::<Vec<_>>().join("\n"));
+                    }
                     Ok(())
                 }
                 KeyCommand::Versions { key } => {

@@ -129,6 +129,8 @@ async fn drill_backup_wipe_restore_every_blob_decrypts_and_the_audit_verifies() 
     kms_tests::eventually("key c destroyed", Duration::from_secs(20), || {
         server.db().query_row("SELECT state FROM keys WHERE key_id = ?1", [&keys[2]], |r| r.get::<_, String>(0)).unwrap() == "Destroyed"
     });
+    let listed = server.kmsctl(&["key", "list", "--state", "destroyed", "--ids"]);
+    assert_eq!(String::from_utf8_lossy(&listed.stdout).trim(), keys[2], "what the operator tells the restore");
     server.stop();
 
     // The disaster: token and database gone; a token holding the same backup key pair.
@@ -149,7 +151,9 @@ async fn drill_backup_wipe_restore_every_blob_decrypts_and_the_audit_verifies() 
         assert!(objects(&server).is_empty(), "a refused restore unwrapped objects");
     }
     let destroyed_list = server.dir.path().join("destroyed-since.txt");
-    std::fs::write(&destroyed_list, format!("# destroyed after the backup\n{}\n", keys[2])).unwrap();
+    let mut list = b"# destroyed after the backup (kmsctl key list --state destroyed --ids)\n".to_vec();
+    list.extend_from_slice(&listed.stdout);
+    std::fs::write(&destroyed_list, list).unwrap();
     let out = restore(&[&file_arg, "--destroyed-since", &destroyed_list.display().to_string()]);
     assert!(out.status.success(), "restore failed: {}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("3 keys, 6 live versions"), "{}", String::from_utf8_lossy(&out.stdout));
