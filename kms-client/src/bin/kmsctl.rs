@@ -1316,6 +1316,67 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Words kmsctl knows, and words it must refuse well.
+    const WORDS: &[&str] = &[
+        "key", "create", "describe", "list", "versions", "rotate", "enable", "disable", "compromise", "schedule-destruction",
+        "cancel-destruction", "version", "alias", "data-key", "generate", "decrypt", "encrypt", "login", "logout", "officer", "add",
+        "review", "sign-off", "status", "audit", "verify", "export", "tail", "principal", "grant", "revoke", "backup", "--json",
+        "--alias", "--key", "--context", "--in", "--out", "--since", "--until", "--state", "destroyed", "--ids", "--page-size",
+        "--pending-days", "--rotation-period", "--operations", "--require", "--principal", "--dev", "--name", "--totp", "--yes",
+        "--endpoint", "--pki", "--help", "-h", "--version", "alias/x", "app=hr", "=", "365d", "2026-13-40", "-1", "0", "99999999999999999999",
+        "", "--", "-", "\u{0}", "é", "--context=a=b",
+    ];
+
+    /// Real command paths, so that most cases reach a subcommand's own arguments.
+    const PATHS: &[&[&str]] = &[
+        &[],
+        &["key", "create"],
+        &["key", "list"],
+        &["key", "schedule-destruction"],
+        &["key", "version", "disable"],
+        &["data-key", "generate"],
+        &["grant", "create"],
+        &["audit", "export"],
+        &["backup", "create"],
+        &["backup", "verify"],
+        &["encrypt"],
+        &["login"],
+    ];
+
+    fn argv() -> impl Strategy<Value = Vec<String>> {
+        let word = prop_oneof![
+            4 => proptest::sample::select(WORDS).prop_map(str::to_string),
+            1 => ".{0,40}",
+            1 => proptest::collection::vec(any::<char>(), 0..20).prop_map(|c| c.into_iter().collect::<String>()),
+        ];
+        (proptest::sample::select(PATHS), proptest::collection::vec(word, 0..8))
+            .prop_map(|(path, tail)| path.iter().map(|w| w.to_string()).chain(tail).collect())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 10_000, ..ProptestConfig::default() })]
+
+        /// TESTPLAN R10 for the CLI: any argument list is parsed or refused, never a panic,
+        /// always quickly, and a refusal says what was wrong (an unknown word, a missing or bad
+        /// value, naming the argument).
+        #[test]
+        fn any_argument_list_is_parsed_or_refused_with_a_reason(args in argv()) {
+            let started = std::time::Instant::now();
+            let parsed = Cli::try_parse_from(std::iter::once("kmsctl".to_string()).chain(args.iter().cloned()));
+            prop_assert!(started.elapsed() < std::time::Duration::from_secs(1), "{args:?} took {:?}", started.elapsed());
+            if let Err(e) = parsed {
+                let message = e.to_string();
+                prop_assert!(!message.trim().is_empty(), "{args:?}: an empty refusal");
+                if !matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+                    | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand)
+                {
+                    prop_assert!(message.starts_with("error:"), "{args:?}: {message}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn periods() {
