@@ -21,6 +21,36 @@ pub fn retention_clock_offset() -> i64 {
     0
 }
 
+/// A storage fault the disk-full and read-only tests turn on and off while the server runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFault {
+    /// The database may not grow (`PRAGMA max_page_count` at its size): SQLite answers
+    /// `SQLITE_FULL`, as it does when the disk is full.
+    DiskFull,
+    /// The connection may not write (`PRAGMA query_only`): SQLite answers `SQLITE_READONLY`, as
+    /// for a database file or file system made read-only.
+    ReadOnly,
+}
+
+/// The storage fault the file named by `KMS_TEST_STORE_FAULTS` holds now (`disk-full` or
+/// `read-only`; no file: none). Read before every write transaction.
+#[cfg(feature = "test-hooks")]
+pub fn store_fault() -> Option<StoreFault> {
+    static PATH: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    let path = PATH.get_or_init(|| std::env::var_os("KMS_TEST_STORE_FAULTS").filter(|p| !p.is_empty()).map(Into::into)).as_ref()?;
+    match std::fs::read_to_string(path).ok()?.trim() {
+        "disk-full" => Some(StoreFault::DiskFull),
+        "read-only" => Some(StoreFault::ReadOnly),
+        _ => None,
+    }
+}
+
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub fn store_fault() -> Option<StoreFault> {
+    None
+}
+
 /// A step of a multi-step operation where the crash test may kill the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {

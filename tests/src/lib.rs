@@ -259,6 +259,18 @@ impl Server {
         self.dir.path().join("kmsctl.session")
     }
 
+    /// Turns a storage fault on (`disk-full`, `read-only`) or off (`None`): the server applies
+    /// it before its next write transaction (`test-hooks` builds).
+    pub fn store_fault(&self, fault: Option<&str>) {
+        let path = self.dir.path().join("store-faults");
+        match fault {
+            Some(f) => std::fs::write(path, f).expect("fault file written"),
+            None => {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+
     /// The file the server's HSM fault injector reads (`test-hooks` builds).
     pub fn hsm_faults_path(&self) -> PathBuf {
         self.dir.path().join("hsm-faults")
@@ -350,6 +362,7 @@ impl Server {
             .env("KMS_TEST_RETENTION_CLOCK_OFFSET", self.options.retention_clock_offset.to_string())
             .env("KMS_TEST_CRASH_AT", self.options.crash_at.as_deref().unwrap_or_default())
             .env("KMS_TEST_HSM_FAULTS", self.hsm_faults_path())
+            .env("KMS_TEST_STORE_FAULTS", self.dir.path().join("store-faults"))
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()

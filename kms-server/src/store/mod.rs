@@ -164,6 +164,8 @@ pub type LastUse = (String, Option<i64>);
 pub struct Store {
     conn: Mutex<Connection>,
     path: std::path::PathBuf,
+    /// The storage fault last applied to the connection (`test-hooks` builds only).
+    fault: Mutex<Option<crate::hooks::StoreFault>>,
 }
 
 /// The suffix of the snapshot files backups are made from; one left by a crash is removed at
@@ -189,7 +191,22 @@ impl Store {
             tracing::warn!(path = %stale.display(), "removing the snapshot of an interrupted backup");
             std::fs::remove_file(&stale).map_err(|e| StoreError::Corrupt { table: "snapshot", detail: e.to_string() })?;
         }
-        Ok(Store { conn: Mutex::new(conn), path: path.to_path_buf() })
+        Ok(Store { conn: Mutex::new(conn), path: path.to_path_buf(), fault: Mutex::new(None) })
+    }
+
+    /// Applies the storage fault the tests asked for, or lifts it, when it changed.
+    fn apply_fault(&self, conn: &Connection) -> Result<()> {
+        use crate::hooks::StoreFault;
+        let want = crate::hooks::store_fault();
+        let mut applied = self.fault.lock().unwrap_or_else(|p| p.into_inner());
+        if *applied != want {
+            let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+            let max_pages = if want == Some(StoreFault::DiskFull) { pages } else { 4_294_967_294 };
+            conn.query_row(&format!("PRAGMA max_page_count = {max_pages}"), [], |_| Ok(()))?;
+            conn.pragma_update(None, "query_only", want == Some(StoreFault::ReadOnly))?;
+            *applied = want;
+        }
+        Ok(())
     }
 
     /// Writes a consistent copy of the whole database to a new file beside it (`VACUUM INTO`
@@ -216,6 +233,9 @@ impl Store {
     /// Runs `f` in one immediate (write-locked) transaction; commits if it returns `Ok`.
     pub fn write<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
         let mut conn = self.lock();
+        if crate::hooks::ENABLED {
+            self.apply_fault(&conn)?;
+        }
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let out = f(&Tx(&tx))?;
         tx.commit()?;

@@ -29,5 +29,6 @@ mod rate;
 mod review;
 mod shutdown;
 mod status;
+mod storage;
 mod tamper;
 mod usage;
