@@ -67,6 +67,12 @@ impl Pin {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// A second copy, also wiped on drop: for the HSM layer, which keeps the PIN to log in again
+    /// after the HSM lost the login. No `Clone`, so that every copy is deliberate.
+    pub fn clone_secret(&self) -> Pin {
+        Pin(self.0.clone())
+    }
 }
 
 impl fmt::Debug for Pin {

@@ -22,6 +22,7 @@ use crate::error::Error;
 use crate::hsm::HsmError;
 use crate::service::officers::SessionToken;
 use crate::service::{Caller, Kms};
+use cryptoki::error::RvError;
 
 /// The one message every undecryptable blob gets, whatever the cause (an oracle otherwise).
 pub const DECRYPT_FAILED: &str = "ciphertext_blob could not be decrypted with this encryption context";
@@ -72,6 +73,14 @@ pub fn status(e: &Error, request_id: &str) -> Status {
         }
     }
 }
+
+/// Calls whose length grows with the data, not with the HSM's answer time: they are not held
+/// to the HSM deadline.
+const LONG_RUNNING: &[&str] = &["CreateBackup", "VerifyAudit"];
+
+/// How much longer than the HSM deadline an admin call may take: time for the service to roll
+/// back a change whose HSM step came back late and answer DEADLINE_EXCEEDED itself.
+const ADMIN_DEADLINE_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Request ids: unique within the process and across restarts (the start time in the high
 /// bits), short enough to quote on the phone.
@@ -166,12 +175,20 @@ impl Shared {
         let kms = self.kms.clone();
         let span = tracing::info_span!("rpc", request_id = %request_id, operation);
         let task_request_id = request_id.clone();
-        // Data-plane calls wait for the HSM at most `deadline`; admin calls (which also hash
-        // passphrases and write token objects) have the listener's request timeout.
-        let (deadline, claimed) = match &who {
-            Who::Workload(name) => (Some(self.deadline), name.clone()),
-            _ => (None, None),
+        // Every call waits for the HSM at most `deadline` (data plane) or `deadline` and a
+        // short grace for the service to roll a late change back itself (admin plane), except
+        // the two whose length grows with the data (a backup, an audit verification): they
+        // have the listener's request timeout.
+        let claimed = match &who {
+            Who::Workload(name) => name.clone(),
+            _ => None,
         };
+        let wait = match &who {
+            _ if LONG_RUNNING.contains(&operation) => None,
+            Who::Workload(_) => Some(self.deadline),
+            _ => Some(self.deadline + ADMIN_DEADLINE_GRACE),
+        };
+        let deadline = wait.map(|_| (started + self.deadline, self.deadline));
         let task = tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
             let mut facts = Facts::default();
@@ -183,8 +200,13 @@ impl Shared {
             };
             let out = match principal {
                 Ok(principal) => {
-                    let caller = Caller { request_id: task_request_id, principal };
+                    let caller = Caller { request_id: task_request_id, principal, deadline };
                     let out = kms.admit(&caller.principal).and_then(|()| f(&kms, &caller, &mut facts));
+                    if let Err(Error::Hsm(HsmError::Unavailable { code: RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid, .. })) = &out
+                        && let Err(e) = kms.repair_if_stale()
+                    {
+                        tracing::warn!(error = %e, "looking the key objects up again failed");
+                    }
                     facts.principal.get_or_insert(caller.principal);
                     out
                 }
@@ -195,14 +217,14 @@ impl Shared {
             };
             (out, facts)
         });
-        let joined = match deadline {
+        let joined = match wait {
             None => task.await,
-            Some(after) => match tokio::time::timeout(after, task).await {
+            Some(wait) => match tokio::time::timeout(wait, task).await {
                 Ok(joined) => joined,
-                Err(_) => Ok((Err(Error::Deadline { after }), Facts { principal: claimed, ..Facts::default() })),
+                Err(_) => Ok((Err(Error::Deadline { after: self.deadline }), Facts { principal: claimed, ..Facts::default() })),
             },
         };
-        let caller = Caller { request_id, principal: String::new() };
+        let caller = Caller { request_id, principal: String::new(), deadline: None };
         let (result, facts) = match joined {
             Ok((out, facts)) => (out.map_err(|e| status(&e, &caller.request_id)), facts),
             Err(join) => {

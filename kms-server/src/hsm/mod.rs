@@ -21,7 +21,17 @@ pub use templates::{ObjectName, ServiceKey, Wrapped};
 
 /// A handle to a key object, resolved once (at startup or creation) and cached: the hot path
 /// never searches the token (`C_FindObjects` is linear in the number of objects).
-pub type KeyHandle = cryptoki::object::ObjectHandle;
+///
+/// An object handle carries the *generation* of the HSM link it came from. Handles may be
+/// renumbered when the login is restored or the library initialised again (SoftHSM2 drops
+/// private objects' handles at logout), so a handle of an older generation is refused as stale
+/// rather than used: it could name another key now. The service's own keys are named, not
+/// numbered: the HSM layer finds their objects itself, once per generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyHandle {
+    Object { object: cryptoki::object::ObjectHandle, generation: u64 },
+    Service(ServiceKey),
+}
 
 /// What went wrong in the HSM, in the terms the service acts on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,7 +120,12 @@ pub trait Hsm: Send + Sync {
 
     fn sessions(&self) -> SessionUse;
 
-    /// One of the service's own keys, made on first use (startup only).
+    /// The link's generation: it rises each time the login is restored or the library
+    /// initialised again, and every object handle of an older one is then stale.
+    fn generation(&self) -> u64;
+
+    /// One of the service's own keys, made on first use (startup only). The handle names the
+    /// key, so it stays good across re-logins and re-initialisations.
     fn service_key(&self, which: ServiceKey) -> Result<KeyHandle, HsmError>;
 
     /// A service key if the token holds it, without making it (backup and restore only).

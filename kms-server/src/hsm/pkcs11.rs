@@ -1,25 +1,36 @@
 //! The PKCS#11 implementation of [`Hsm`], through `cryptoki`.
 //!
-//! * One library initialisation per process, with `CKF_OS_LOCKING_OK`: without it SoftHSM2
-//!   disables all its locking (SOFTHSM-NOTES.md).
-//! * One *anchor* session opened at startup and kept for the life of the process: login is
-//!   token-wide for the process, and closing the last session logs the token out, so the anchor
-//!   keeps every other session logged in without a login (~1 ms) per request.
+//! * One library initialisation, with `CKF_OS_LOCKING_OK`: without it SoftHSM2 disables all its
+//!   locking (SOFTHSM-NOTES.md).
+//! * One *anchor* session kept open: login is token-wide for the process, and closing the last
+//!   session logs the token out, so the anchor keeps every other session logged in without a
+//!   login (~1 ms) per request.
 //! * A bounded pool of worker sessions. `cryptoki::Session` is `Send` but not `Sync`: a session
 //!   belongs to one caller at a time. A session that fails with a session-level error is thrown
 //!   away and replaced on the next checkout.
+//! * **Healing.** The library, the anchor and the pool make one [`Link`]. When a call fails in a
+//!   way that may mean the login or the device was lost, the link is checked for real (the
+//!   token's info, the anchor's session state): a lost login is restored on the anchor; a
+//!   library or token that no longer answers is finalised and initialised again, with a new
+//!   link, while calls in flight finish on the old one. Failed repairs are spaced by a backoff
+//!   (2 s, doubling to 60 s while they fail), and a PIN the HSM refuses is never tried again:
+//!   repeated wrong PINs lock the token.
 
-use std::path::Path;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
+use cryptoki::context::Function;
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::MechanismType;
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource};
-use cryptoki::object::{Attribute, AttributeType, ObjectClass};
-use cryptoki::session::{Session, UserType};
+use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
@@ -31,17 +42,106 @@ use crate::secret::{Pin, SecretBytes};
 /// we never use them).
 const TAG_BITS: u64 = (TAG_LEN * 8) as u64;
 
+/// The first wait between two healing attempts, and the longest.
+const HEAL_BACKOFF: Duration = Duration::from_secs(1);
+const HEAL_BACKOFF_MAX: Duration = Duration::from_secs(60);
+
 pub struct Pkcs11Hsm {
+    module: PathBuf,
+    token_label: String,
+    /// Kept for logging in again after the HSM lost the login (wiped on drop).
+    pin: Pin,
+    sessions: usize,
+    link: RwLock<Arc<Link>>,
+    healing: Mutex<Healing>,
+    /// See [`KeyHandle`]: raised by every repair of the link.
+    generation: AtomicU64,
+    /// The service keys' objects, found by label once per generation.
+    service_objects: Mutex<(u64, HashMap<ServiceKey, ObjectHandle>)>,
+}
+
+/// The library context, the token's slot, the anchor session and the pool, as one unit that
+/// healing replaces whole.
+struct Link {
     ctx: Pkcs11,
     slot: Slot,
-    /// Held for the process's life so that the login persists; never used for operations.
-    _anchor: Mutex<Session>,
+    /// Held so that the login persists; never used for operations. An `Option` only so that a
+    /// retired link can forget it on drop.
+    anchor: Mutex<Option<Session>>,
     pool: SessionPool,
+    /// Set when the library was finalised under this link: its sessions' handles mean nothing
+    /// now (and may be reused by the new link's sessions), so they are forgotten, never closed.
+    retired: AtomicBool,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        if self.retired.load(Ordering::Acquire) {
+            let idle = std::mem::take(&mut self.pool.lock().idle);
+            idle.into_iter().for_each(std::mem::forget);
+            if let Some(anchor) = self.anchor.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+                std::mem::forget(anchor);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Healing {
+    next_attempt: Option<Instant>,
+    failures: u32,
+    /// The HSM refused the PIN: never tried again (the service needs a restart with the right
+    /// one).
+    pin_refused: bool,
 }
 
 impl std::fmt::Debug for Pkcs11Hsm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pkcs11Hsm").field("slot", &self.slot).finish_non_exhaustive()
+        f.debug_struct("Pkcs11Hsm").field("module", &self.module).field("token_label", &self.token_label).finish_non_exhaustive()
+    }
+}
+
+fn setup(what: &str, e: CkError) -> HsmError {
+    HsmError::Setup { reason: format!("{what}: {e}") }
+}
+
+/// Logs the user in on `session`; a wrong PIN is reported as such (and never retried).
+fn login(session: &Session, pin: &Pin) -> Result<(), HsmError> {
+    match session.login(UserType::User, Some(&AuthPin::from(pin.expose_secret()))) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+        Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => Err(HsmError::Setup { reason: "the HSM refused the PIN (CKR_PIN_INCORRECT)".into() }),
+        Err(e) => Err(setup("C_Login", e)),
+    }
+}
+
+impl Link {
+    /// Initialises the library (already loaded as `ctx`), finds the token, opens the anchor and
+    /// logs in.
+    fn open(ctx: Pkcs11, token_label: &str, pin: &Pin, sessions: usize) -> Result<Link, HsmError> {
+        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).map_err(|e| setup("C_Initialize", e))?;
+        let slot = find_slot(&ctx, token_label)?;
+        let anchor = ctx.open_rw_session(slot).map_err(|e| setup("opening the anchor session", e))?;
+        login(&anchor, pin)?;
+        Ok(Link { ctx, slot, anchor: Mutex::new(Some(anchor)), pool: SessionPool::new(sessions.max(1)), retired: AtomicBool::new(false) })
+    }
+
+    /// What a real look at the link finds: `Ok(true)` when it works and is logged in,
+    /// `Ok(false)` when it works but the login was lost, `Err` when the library or token no
+    /// longer answers.
+    fn check(&self) -> Result<bool, CkError> {
+        self.ctx.get_token_info(self.slot)?;
+        let anchor = self.anchor.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(anchor) = anchor.as_ref() else { return Err(CkError::Pkcs11(RvError::SessionClosed, cryptoki::context::Function::GetSessionInfo)) };
+        let state = anchor.get_session_info()?.session_state();
+        Ok(matches!(state, SessionState::RwUser | SessionState::RoUser))
+    }
+
+    /// Logs the user in again on the anchor.
+    fn login_again(&self, pin: &Pin) -> Result<(), HsmError> {
+        match self.anchor.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(anchor) => login(anchor, pin),
+            None => Err(HsmError::Setup { reason: "the anchor session is gone".into() }),
+        }
     }
 }
 
@@ -49,30 +149,73 @@ impl Pkcs11Hsm {
     /// Loads the module, finds the token by label, logs in and opens the session pool.
     /// Any failure stops the service: there is no fallback.
     pub fn open(module: &Path, token_label: &str, pin: &Pin, sessions: usize) -> Result<Self, HsmError> {
-        let setup = |what: &str, e: CkError| HsmError::Setup { reason: format!("{what}: {e}") };
         let ctx = Pkcs11::new(module).map_err(|e| setup(&format!("loading PKCS#11 module {}", module.display()), e))?;
-        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).map_err(|e| setup("C_Initialize", e))?;
-        let slot = find_slot(&ctx, token_label)?;
-        let anchor = ctx.open_rw_session(slot).map_err(|e| setup("opening the anchor session", e))?;
-        let auth = AuthPin::from(pin.expose_secret());
-        match anchor.login(UserType::User, Some(&auth)) {
-            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-            Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => {
-                // Never retried: repeated wrong PINs lock the token.
-                return Err(HsmError::Setup { reason: "the HSM refused the PIN (CKR_PIN_INCORRECT)".into() });
-            }
-            Err(e) => return Err(setup("C_Login", e)),
-        }
-        let pool = SessionPool::new(sessions.max(1));
-        Ok(Pkcs11Hsm { ctx, slot, _anchor: Mutex::new(anchor), pool })
+        let link = Link::open(ctx, token_label, pin, sessions)?;
+        Ok(Pkcs11Hsm {
+            module: module.to_path_buf(),
+            token_label: token_label.to_string(),
+            pin: pin.clone_secret(),
+            sessions,
+            link: RwLock::new(Arc::new(link)),
+            healing: Mutex::new(Healing::default()),
+            generation: AtomicU64::new(1),
+            service_objects: Mutex::new((0, HashMap::new())),
+        })
     }
 
-    /// Runs `op` on a pooled session. Session-level failures retire the session.
+    /// A handle of the current generation (read *before* the call that found the object, so
+    /// that a repair meanwhile makes it stale, never wrongly current).
+    fn tag(object: ObjectHandle, generation: u64) -> KeyHandle {
+        KeyHandle::Object { object, generation }
+    }
+
+    /// The object a handle names now, or CKR_OBJECT_HANDLE_INVALID for a stale one.
+    fn resolve(&self, s: &Session, key: KeyHandle) -> Result<ObjectHandle, CkError> {
+        let generation = self.generation.load(Ordering::Acquire);
+        match key {
+            KeyHandle::Object { object, generation: of } if of == generation => Ok(object),
+            KeyHandle::Object { .. } => Err(CkError::Pkcs11(RvError::ObjectHandleInvalid, Function::GetFunctionList)),
+            KeyHandle::Service(which) => {
+                let mut cache = self.service_objects.lock().unwrap_or_else(|p| p.into_inner());
+                if cache.0 != generation {
+                    *cache = (generation, HashMap::new());
+                }
+                if let Some(object) = cache.1.get(&which) {
+                    return Ok(*object);
+                }
+                let object = s
+                    .find_objects(&templates::by_label(which.label()))?
+                    .first()
+                    .copied()
+                    .ok_or(CkError::Pkcs11(RvError::KeyHandleInvalid, Function::FindObjects))?;
+                cache.1.insert(which, object);
+                Ok(object)
+            }
+        }
+    }
+
+    fn link(&self) -> Arc<Link> {
+        self.link.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Runs `op` on a pooled session. Session-level failures retire the session; failures that
+    /// may mean a lost login or device start healing.
     fn with_session<T>(&self, function: &'static str, op: impl FnOnce(&Session) -> Result<T, CkError>) -> Result<T, HsmError> {
-        let started = std::time::Instant::now();
-        let session = self.pool.checkout(|| self.ctx.open_rw_session(self.slot)).map_err(|e| classify(function, e))?;
+        let started = Instant::now();
+        let link = self.link();
+        let session = link
+            .pool
+            .checkout(|| {
+                #[cfg(feature = "test-hooks")]
+                super::faults::inject("C_OpenSession")?;
+                link.ctx.open_rw_session(link.slot)
+            })
+            .map_err(|e| {
+                self.heal_after(&e);
+                classify(function, e)
+            })?;
         #[cfg(feature = "test-hooks")]
-        let result = super::faults::inject(function).and_then(|()| op(&session));
+        let result = super::faults::inject_into(function, &link.ctx, &link.anchor).and_then(|()| op(&session));
         #[cfg(not(feature = "test-hooks"))]
         let result = op(&session);
         crate::metrics::metrics().hsm_call(function, if result.is_ok() { "ok" } else { "error" }, started.elapsed());
@@ -88,8 +231,89 @@ impl Pkcs11Hsm {
                 _
             ))
         );
-        self.pool.checkin(session, broken);
+        let back = if link.retired.load(Ordering::Acquire) {
+            Checkin::Forget
+        } else if broken {
+            Checkin::Close
+        } else {
+            Checkin::Keep
+        };
+        link.pool.checkin(session, back);
+        if let Err(e) = &result {
+            self.heal_after(e);
+        }
         result.map_err(|e| classify(function, e))
+    }
+
+    /// After a failure that may mean the login or the device was lost: checks the link and
+    /// repairs it, at most once per backoff interval.
+    fn heal_after(&self, e: &CkError) {
+        let suspect = matches!(
+            e,
+            CkError::Pkcs11(
+                RvError::UserNotLoggedIn
+                    // A private object is invisible once the login is gone.
+                    | RvError::KeyHandleInvalid
+                    | RvError::ObjectHandleInvalid
+                    | RvError::DeviceError
+                    | RvError::DeviceRemoved
+                    | RvError::TokenNotPresent
+                    | RvError::CryptokiNotInitialized
+                    | RvError::SessionHandleInvalid
+                    | RvError::SessionClosed,
+                _
+            )
+        );
+        if !suspect {
+            return;
+        }
+        let mut healing = self.healing.lock().unwrap_or_else(|p| p.into_inner());
+        if healing.pin_refused || healing.next_attempt.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        let link = self.link();
+        let checked = link.check();
+        tracing::debug!(?checked, error = %e, "HSM link checked after a failure");
+        let outcome = match checked {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                tracing::warn!("the HSM lost the login: logging in again");
+                link.login_again(&self.pin).inspect(|()| self.next_generation())
+            }
+            Err(why) => {
+                tracing::warn!(error = %why, "the PKCS#11 library or token stopped answering: initialising it again");
+                self.reinitialise(&link).inspect(|()| self.next_generation())
+            }
+        };
+        match outcome {
+            // The check is cheap (two calls): after a success the next suspect failure checks again
+            // at once; only failed repairs wait.
+            Ok(()) => *healing = Healing::default(),
+            Err(e) => {
+                healing.failures += 1;
+                healing.pin_refused = matches!(&e, HsmError::Setup { reason } if reason.contains("CKR_PIN_INCORRECT"));
+                let wait = HEAL_BACKOFF.saturating_mul(1 << healing.failures.min(6)).min(HEAL_BACKOFF_MAX);
+                healing.next_attempt = Some(Instant::now() + wait);
+                tracing::error!(error = %e, retry_in_ms = wait.as_millis() as u64, pin_refused = healing.pin_refused, "the HSM link could not be repaired");
+            }
+        }
+    }
+
+    fn next_generation(&self) {
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        tracing::info!(generation, "HSM link repaired: object handles from before are stale and looked up again");
+    }
+
+    /// Finalises the library and opens a new link. Calls in flight on the old link fail, and
+    /// its sessions are forgotten rather than closed (their handles may be reused by the new
+    /// link's).
+    fn reinitialise(&self, old: &Arc<Link>) -> Result<(), HsmError> {
+        old.retired.store(true, Ordering::Release);
+        let _ = old.ctx.clone().finalize();
+        let link = Link::open(old.ctx.clone(), &self.token_label, &self.pin, self.sessions)?;
+        *self.link.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(link);
+        tracing::info!("PKCS#11 library initialised again and logged in");
+        Ok(())
     }
 }
 
@@ -112,7 +336,6 @@ pub enum BackupKeyOutcome {
 /// security officer re-creates its public half as a trusted token object
 /// (`templates::backup_key_pair`). A no-op when the token holds both halves.
 pub fn create_backup_key(module: &Path, token_label: &str, user_pin: &Pin, so_pin: &Pin) -> Result<BackupKeyOutcome, HsmError> {
-    let setup = |what: &str, e: CkError| HsmError::Setup { reason: format!("{what}: {e}") };
     let ctx = Pkcs11::new(module).map_err(|e| setup(&format!("loading PKCS#11 module {}", module.display()), e))?;
     ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).map_err(|e| setup("C_Initialize", e))?;
     let slot = find_slot(&ctx, token_label)?;
@@ -198,10 +421,12 @@ fn classify(function: &'static str, e: CkError) -> HsmError {
 impl Hsm for Pkcs11Hsm {
     fn generate_key(&self, name: &ObjectName) -> Result<KeyHandle, HsmError> {
         let template = templates::key_version(name);
-        self.with_session("C_GenerateKey", |s| s.generate_key(&Mechanism::AesKeyGen, &template))
+        let generation = self.generation();
+        self.with_session("C_GenerateKey", |s| s.generate_key(&Mechanism::AesKeyGen, &template)).map(|o| Self::tag(o, generation))
     }
 
     fn find_keys(&self) -> Result<Vec<(ObjectName, KeyHandle)>, HsmError> {
+        let generation = self.generation();
         self.with_session("C_FindObjects", |s| {
             let mut found = Vec::new();
             for handle in s.find_objects(&templates::all_aes_keys())? {
@@ -211,7 +436,7 @@ impl Hsm for Pkcs11Hsm {
                     _ => None,
                 });
                 if let Some(name) = label.and_then(ObjectName::from_label) {
-                    found.push((name, handle));
+                    found.push((name, Self::tag(handle, generation)));
                 }
             }
             Ok(found)
@@ -222,7 +447,7 @@ impl Hsm for Pkcs11Hsm {
         let mut iv = iv.0;
         self.with_session("C_Encrypt", |s| {
             let params = GcmParams::new(&mut iv, aad, TAG_BITS.into())?;
-            s.encrypt(&Mechanism::AesGcm(params), key, plaintext)
+            s.encrypt(&Mechanism::AesGcm(params), self.resolve(s, key)?, plaintext)
         })
     }
 
@@ -230,7 +455,7 @@ impl Hsm for Pkcs11Hsm {
         let mut iv = iv.0;
         let result = self.with_session("C_Decrypt", |s| {
             let params = GcmParams::new(&mut iv, aad, TAG_BITS.into())?;
-            s.decrypt(&Mechanism::AesGcm(params), key, ciphertext).map(SecretBytes::new)
+            s.decrypt(&Mechanism::AesGcm(params), self.resolve(s, key)?, ciphertext).map(SecretBytes::new)
         });
         match result {
             // A forged tag: SoftHSM2 says CKR_GENERAL_ERROR, the standard CKR_ENCRYPTED_DATA_INVALID.
@@ -245,26 +470,29 @@ impl Hsm for Pkcs11Hsm {
     }
 
     fn destroy(&self, key: KeyHandle) -> Result<(), HsmError> {
-        self.with_session("C_DestroyObject", |s| s.destroy_object(key))
+        self.with_session("C_DestroyObject", |s| s.destroy_object(self.resolve(s, key)?))
     }
 
     fn service_key(&self, which: ServiceKey) -> Result<KeyHandle, HsmError> {
-        self.with_session("C_FindObjects", |s| match s.find_objects(&templates::by_label(which.label()))?.first() {
-            Some(handle) => Ok(*handle),
-            None => {
+        self.with_session("C_FindObjects", |s| {
+            if s.find_objects(&templates::by_label(which.label()))?.is_empty() {
                 let (mechanism, template) = which.template();
-                s.generate_key(&mechanism, &template)
+                s.generate_key(&mechanism, &template)?;
             }
+            Ok(KeyHandle::Service(which))
         })
     }
 
     fn find_service_key(&self, which: ServiceKey) -> Result<Option<KeyHandle>, HsmError> {
-        self.with_session("C_FindObjects", |s| Ok(s.find_objects(&templates::by_label(which.label()))?.first().copied()))
+        let generation = self.generation();
+        self.with_session("C_FindObjects", |s| Ok(s.find_objects(&templates::by_label(which.label()))?.first().map(|o| Self::tag(*o, generation))))
     }
 
     fn backup_key(&self) -> Result<BackupKey, HsmError> {
+        let generation = self.generation();
         self.with_session("C_FindObjects", |s| {
-            let find = |label, class| s.find_objects(&templates::backup_half(label, class)).map(|found| found.first().copied());
+            let find =
+                |label, class| s.find_objects(&templates::backup_half(label, class)).map(|found| found.first().map(|o| Self::tag(*o, generation)));
             Ok(BackupKey {
                 wrap: find(templates::BACKUP_WRAP_LABEL, ObjectClass::PUBLIC_KEY)?,
                 unwrap: find(templates::BACKUP_UNWRAP_LABEL, ObjectClass::PRIVATE_KEY)?,
@@ -273,33 +501,41 @@ impl Hsm for Pkcs11Hsm {
     }
 
     fn wrap(&self, wrapping_key: KeyHandle, key: KeyHandle) -> Result<Vec<u8>, HsmError> {
-        self.with_session("C_WrapKey", |s| s.wrap_key(&backup_mechanism(), wrapping_key, key))
+        self.with_session("C_WrapKey", |s| s.wrap_key(&backup_mechanism(), self.resolve(s, wrapping_key)?, self.resolve(s, key)?))
     }
 
     fn unwrap(&self, unwrapping_key: KeyHandle, wrapped: &[u8], what: Wrapped, token: bool) -> Result<KeyHandle, HsmError> {
         let template = what.unwrap_template(token);
-        self.with_session("C_UnwrapKey", |s| s.unwrap_key(&backup_mechanism(), unwrapping_key, wrapped, &template))
+        let generation = self.generation();
+        self.with_session("C_UnwrapKey", |s| s.unwrap_key(&backup_mechanism(), self.resolve(s, unwrapping_key)?, wrapped, &template))
+            .map(|o| Self::tag(o, generation))
     }
 
     fn mac(&self, key: KeyHandle, data: &[u8]) -> Result<Vec<u8>, HsmError> {
-        self.with_session("C_Sign", |s| s.sign(&Mechanism::Sha256Hmac, key, data))
+        self.with_session("C_Sign", |s| s.sign(&Mechanism::Sha256Hmac, self.resolve(s, key)?, data))
     }
 
     fn verify_mac(&self, key: KeyHandle, data: &[u8], mac: &[u8]) -> Result<bool, HsmError> {
-        match self.with_session("C_Verify", |s| s.verify(&Mechanism::Sha256Hmac, key, data, mac)) {
+        match self.with_session("C_Verify", |s| s.verify(&Mechanism::Sha256Hmac, self.resolve(s, key)?, data, mac)) {
             Ok(()) => Ok(true),
             Err(HsmError::Refused { code: RvError::SignatureInvalid | RvError::SignatureLenRange, .. }) => Ok(false),
             Err(e) => Err(e),
         }
     }
 
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     fn sessions(&self) -> SessionUse {
-        let state = self.pool.lock();
-        SessionUse { open: state.open, in_use: state.open - state.idle.len(), size: self.pool.size }
+        let link = self.link();
+        let state = link.pool.lock();
+        SessionUse { open: state.open, in_use: state.open - state.idle.len(), size: link.pool.size }
     }
 
     fn token_info(&self) -> Result<TokenInfo, HsmError> {
-        let info = self.ctx.get_token_info(self.slot).map_err(|e| classify("C_GetTokenInfo", e))?;
+        let link = self.link();
+        let info = link.ctx.get_token_info(link.slot).map_err(|e| classify("C_GetTokenInfo", e))?;
         Ok(TokenInfo {
             label: info.label().to_string(),
             manufacturer: info.manufacturer_id().to_string(),
@@ -307,6 +543,16 @@ impl Hsm for Pkcs11Hsm {
             serial_number: info.serial_number().to_string(),
         })
     }
+}
+
+/// What becomes of a session returned to the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Checkin {
+    Keep,
+    /// It failed with a session-level error: closed, and replaced on a later checkout.
+    Close,
+    /// The library was finalised under it: its handle means nothing now.
+    Forget,
 }
 
 /// A bounded pool of sessions: at most `size` open at once; callers wait when all are in use.
@@ -352,15 +598,19 @@ impl SessionPool {
         }
     }
 
-    fn checkin(&self, session: Session, broken: bool) {
+    fn checkin(&self, session: Session, back: Checkin) {
         let mut state = self.lock();
-        if broken {
-            state.open -= 1;
-            drop(state);
-            drop(session);
-        } else {
-            state.idle.push(session);
-            drop(state);
+        match back {
+            Checkin::Keep => state.idle.push(session),
+            Checkin::Close | Checkin::Forget => {
+                state.open -= 1;
+                drop(state);
+                if back == Checkin::Forget {
+                    std::mem::forget(session);
+                } else {
+                    drop(session);
+                }
+            }
         }
         self.freed.notify_one();
     }

@@ -82,7 +82,7 @@ pub fn key_version(name: &ObjectName) -> Vec<Attribute> {
 
 /// The service's own keys, each found by its label or made on first use. Their labels do not
 /// start with `LABEL_PREFIX`, so reconciliation never touches them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ServiceKey {
     /// Encrypts a fixed probe for the health check, so health is a real operation on a real key
     /// object (as AWS's external key store health check is). Encrypt-only, never extractable.

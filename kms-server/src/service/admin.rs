@@ -76,7 +76,7 @@ fn revoked(tx: &crate::store::Tx<'_>, revokes: bool) -> std::result::Result<Opti
 }
 
 pub(super) fn system() -> Caller {
-    Caller { request_id: String::new(), principal: "system".into() }
+    Caller::internal("system")
 }
 
 impl Kms {
@@ -118,12 +118,18 @@ impl Kms {
 
     /// Writes the intent and creates the version's HSM object (for `operation`: CreateKey or
     /// RotateKey).
-    fn create_version_object(&self, operation: &'static str, key_id: KeyId, version: u32) -> Result<(i64, KeyHandle)> {
+    fn create_version_object(&self, operation: &'static str, caller: &Caller, key_id: KeyId, version: u32) -> Result<(i64, KeyHandle)> {
         let intent = self.store.write(|tx| tx.insert_intent(IntentKind::Create, key_id, version, now()))?;
         crash_point(operation, Step::AfterIntent);
         match self.hsm.generate_key(&ObjectName { key_id, version }) {
             Ok(handle) => {
                 crash_point(operation, Step::AfterHsm);
+                if let Err(late) = caller.check_deadline() {
+                    // The HSM answered after the caller gave up: undo, so that DEADLINE_EXCEEDED
+                    // means nothing changed.
+                    self.abandon_object(intent, handle);
+                    return Err(late);
+                }
                 Ok((intent, handle))
             }
             Err(e) => {
@@ -155,7 +161,7 @@ impl Kms {
         let mut id = [0u8; 16];
         self.hsm.random(&mut id)?;
         let key_id = KeyId::from_random(id);
-        let (intent, handle) = self.create_version_object("CreateKey", key_id, 1)?;
+        let (intent, handle) = self.create_version_object("CreateKey", caller, key_id, 1)?;
         let created_at = now();
         let record = KeyRecord {
             key_id,
@@ -220,7 +226,7 @@ impl Kms {
     fn rotate_locked(&self, entry: &KeyEntry, caller: &Caller, why: &str) -> Result<KeyView> {
         let key_id = entry.record.key_id;
         let next = entry.versions.keys().next_back().copied().unwrap_or(0) + 1;
-        let (intent, handle) = self.create_version_object("RotateKey", key_id, next)?;
+        let (intent, handle) = self.create_version_object("RotateKey", caller, key_id, next)?;
         let at = now();
         let mut record = entry.record.clone();
         record.primary_version = next;

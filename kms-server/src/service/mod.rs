@@ -42,9 +42,26 @@ pub fn now() -> i64 {
 pub struct Caller {
     pub request_id: String,
     pub principal: String,
+    /// When the caller stops waiting (`hsm.deadline_ms` after the call began); `None` for the
+    /// service's own work. A change whose HSM step returns after it is rolled back, so that a
+    /// caller told DEADLINE_EXCEEDED finds nothing changed.
+    pub deadline: Option<(std::time::Instant, std::time::Duration)>,
 }
 
 impl Caller {
+    /// The service's own work (sweeps, recovery, bootstrap), with no deadline.
+    pub fn internal(principal: &str) -> Caller {
+        Caller { request_id: String::new(), principal: principal.to_string(), deadline: None }
+    }
+
+    /// `Err(Deadline)` once the caller has stopped waiting.
+    pub fn check_deadline(&self) -> Result<()> {
+        match self.deadline {
+            Some((at, after)) if std::time::Instant::now() >= at => Err(Error::Deadline { after }),
+            _ => Ok(()),
+        }
+    }
+
     /// The audit record of a change this caller made, written in the change's own transaction.
     pub fn audit(&self, operation: &'static str, key_id: Option<KeyId>, key_version: Option<u32>, detail: String) -> crate::audit::AuditEvent {
         crate::audit::AuditEvent {
@@ -96,8 +113,11 @@ pub struct Kms {
     audit_mac: crate::hsm::KeyHandle,
     /// The key sealing officers' TOTP secrets (`ServiceKey::OfficerSecrets`).
     officer_secrets: crate::hsm::KeyHandle,
-    /// The health canary's object (see `hsm::templates::canary`); replaced by `repair_handles`.
-    canary: std::sync::RwLock<crate::hsm::KeyHandle>,
+    /// The health canary (`ServiceKey::Canary`).
+    canary: crate::hsm::KeyHandle,
+    /// The HSM link generation the registry's object handles were looked up in
+    /// (`Hsm::generation`); behind it, `repair_if_stale` looks them up again.
+    handles_generation: std::sync::atomic::AtomicU64,
     store: Arc<Store>,
     registry: Registry,
     settings: Settings,
@@ -123,7 +143,7 @@ impl Kms {
     /// Opens the service: reconciles the store with the HSM (see `recovery`) and loads the
     /// registry.
     pub fn open(hsm: Arc<dyn Hsm>, store: Arc<Store>, settings: Settings) -> Result<Kms> {
-        let canary = std::sync::RwLock::new(hsm.service_key(ServiceKey::Canary)?);
+        let canary = hsm.service_key(ServiceKey::Canary)?;
         let audit_mac = hsm.service_key(ServiceKey::AuditMac)?;
         let officer_secrets = hsm.service_key(ServiceKey::OfficerSecrets)?;
         let kms = Kms {
@@ -131,6 +151,7 @@ impl Kms {
             audit_mac,
             officer_secrets,
             canary,
+            handles_generation: std::sync::atomic::AtomicU64::new(0),
             uses: review::Uses::default(),
             started_at: now(),
             last_probe: status::LastProbe::default(),
@@ -168,7 +189,7 @@ impl Kms {
     /// and the probe tried once more.
     pub fn probe_hsm(&self) -> Result<()> {
         let probe = || -> Result<()> {
-            let canary = *self.canary.read().unwrap_or_else(|p| p.into_inner());
+            let canary = self.canary;
             let mut iv = [0u8; IV_LEN];
             self.hsm.random(&mut iv)?;
             self.hsm.encrypt(canary, &Iv(iv), b"kms-health-probe", &[0u8; 16])?;

@@ -151,7 +151,7 @@ impl Officers<'_> {
         if !self.store.read(|tx| tx.officers())?.is_empty() {
             return Err(Error::precondition("an officer already exists: add others with `kmsctl officer add`"));
         }
-        let by = Caller { request_id: String::new(), principal: "bootstrap (server host)".into() };
+        let by = Caller::internal("bootstrap (server host)");
         self.create(&by, name, Role::Officer, passphrase)
     }
 

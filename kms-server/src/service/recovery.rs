@@ -24,6 +24,7 @@ use crate::store::{IntentKind, VersionRecord};
 
 impl Kms {
     pub(super) fn recover(&self) -> Result<()> {
+        self.handles_generation.store(self.hsm.generation(), std::sync::atomic::Ordering::Release);
         let mut objects: HashMap<ObjectName, KeyHandle> = self.hsm.find_keys()?.into_iter().collect();
         let intents = self.store.read(|tx| tx.intents())?;
         for intent in intents {
@@ -107,14 +108,24 @@ impl Kms {
         Ok(())
     }
 
-    /// Looks every key object up again and replaces the cached handles (and the canary's). The
-    /// registry keeps its states and usage counters; a version whose object is gone becomes
-    /// `material_missing`.
+    /// Looks the key objects up again after the HSM link was repaired (its handles are then
+    /// stale, and refused), at most once per repair; every call that failed on a stale handle
+    /// asks for it.
+    pub fn repair_if_stale(&self) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.hsm.generation() == self.handles_generation.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.repair_handles()
+    }
+
+    /// Looks every key object up again and replaces the cached handles. The registry keeps its
+    /// states and usage counters; a version whose object is gone becomes `material_missing`.
     pub(super) fn repair_handles(&self) -> Result<()> {
         let _admin = self.admin.lock().unwrap_or_else(|p| p.into_inner());
-        let canary = self.hsm.service_key(crate::hsm::ServiceKey::Canary)?;
+        let generation = self.hsm.generation();
         let objects: HashMap<ObjectName, KeyHandle> = self.hsm.find_keys()?.into_iter().collect();
-        *self.canary.write().unwrap_or_else(|p| p.into_inner()) = canary;
+        self.handles_generation.store(generation, std::sync::atomic::Ordering::Release);
         let mut state = self.registry.write();
         let entries: Vec<_> = state.keys.values().cloned().collect();
         for entry in entries {

@@ -108,3 +108,149 @@ async fn every_fault_at_every_data_plane_hsm_call() {
         }
     }
 }
+
+/// The HSM loses the process's login (a real `C_Logout` on the anchor session), or the device
+/// fails and takes the library's state with it (a real `C_Finalize`): the failing call answers
+/// UNAVAILABLE, the service checks the link, logs in again or initialises the library again, and
+/// the next call succeeds within a second, without a restart. Every key still works.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_login_or_a_failed_library_is_repaired_without_a_restart() {
+    for action in ["logout", "finalize"] {
+        let mut server = Server::start();
+        let mut admin = server.admin().await;
+        let key = create_key(&mut admin, "").await;
+        let mut data = server.data().await;
+        let gdk = || pb::GenerateDataKeyRequest {
+            key_id: key.clone(),
+            key_spec: 1,
+            number_of_bytes: 0,
+            encryption_context: Default::default(),
+            caller_context: None,
+        };
+        let blob = std::mem::take(&mut data.generate_data_key(gdk()).await.unwrap().into_inner().ciphertext_blob);
+
+        server.hsm_fault(Some(&format!("C_Encrypt {action}")));
+        let e = data.generate_data_key(gdk()).await.expect_err(action);
+        assert_eq!(e.code(), Code::Unavailable, "{action}: {e}");
+        server.hsm_fault(None);
+
+        let cleared = Instant::now();
+        loop {
+            if data.generate_data_key(gdk()).await.is_ok() {
+                break;
+            }
+            if cleared.elapsed() > Duration::from_secs(1) {
+                panic!("{action}: no success within 1 s:\n{}", std::fs::read_to_string(server.log_path()).unwrap_or_default());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let decrypt =
+            pb::DecryptRequest { ciphertext_blob: blob, encryption_context: Default::default(), key_id: String::new(), caller_context: None };
+        data.decrypt(decrypt).await.unwrap_or_else(|e| panic!("{action}: an old blob after the repair: {e}"));
+        admin.rotate_key(pb::RotateKeyRequest { key_id: key.clone() }).await.unwrap_or_else(|e| panic!("{action}: rotate after the repair: {e}"));
+        data.generate_data_key(gdk()).await.unwrap_or_else(|e| panic!("{action}: the new version: {e}"));
+        let log = std::fs::read_to_string(server.log_path()).unwrap();
+        let said = if action == "logout" { "logging in again" } else { "initialised again" };
+        assert!(log.contains(said), "{action}: the repair was not logged:\n{log}");
+        server.stop();
+    }
+}
+
+/// TESTPLAN R7 on the admin plane: the 7 error faults at each HSM call an officer's request
+/// makes (opening a session, key generation, finding the backup key, wrapping, signing,
+/// verifying), and a hang at key generation: UNAVAILABLE (DEADLINE_EXCEEDED for the hang) with a
+/// retry hint, nothing changed (no row, no HSM object), and the call works once the fault is
+/// gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_fault_at_every_admin_plane_hsm_call() {
+    let server = Server::start_with(kms_tests::Options { backup_key: true, ..kms_tests::Options::default() });
+    let mut admin = server.admin().await;
+    let key = create_key(&mut admin, "").await;
+    let backup = server.dir.path().join("faults.kmsbak").display().to_string();
+    let out = server.kmsctl(&["backup", "create", "--out", &backup]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let objects = || server.token_objects().len();
+
+    // (site, what reaches it)
+    let sites = [
+        ("C_GenerateKey", "create"),
+        ("C_GenerateKey", "rotate"),
+        ("C_FindObjects", "backup"),
+        ("C_WrapKey", "backup"),
+        ("C_Sign", "backup"),
+        ("C_Verify", "verify-backup"),
+        ("C_OpenSession", "open"),
+    ];
+    for (site, call) in sites {
+        for fault in FAULTS.iter().filter(|f| **f != "hang") {
+            let case = format!("{site} {fault} ({call})");
+            let (state, hsm_objects) = (server.state_snapshot(), objects());
+            server.hsm_fault(Some(&format!("{site} {fault}")));
+            let failure = match call {
+                "create" => admin.create_key(pb::CreateKeyRequest::default()).await.err(),
+                "open" => {
+                    // A session is opened only when the pool has none idle: empty it first (a
+                    // session that fails with a session-level error is closed), then call. The
+                    // health probe may refill it in between, so try a few times.
+                    let mut data = server.data().await;
+                    let mut refused = None;
+                    for _ in 0..20 {
+                        server.hsm_fault(Some("* CKR_SESSION_CLOSED"));
+                        for _ in 0..6 {
+                            let _ = data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 8, caller_context: None }).await;
+                        }
+                        server.hsm_fault(Some(&format!("{site} {fault}")));
+                        if let Err(e) = data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 8, caller_context: None }).await {
+                            refused = Some(e);
+                            break;
+                        }
+                    }
+                    refused
+                }
+                "rotate" => admin.rotate_key(pb::RotateKeyRequest { key_id: key.clone() }).await.err(),
+                "backup" | "verify-backup" => {
+                    let args: &[&str] = if call == "backup" { &["backup", "create", "--out", "/dev/null"] } else { &["backup", "verify", &backup] };
+                    let out = server.kmsctl(args);
+                    assert!(!out.status.success(), "{case}: succeeded");
+                    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+                    assert!(stderr.contains("Unavailable") && stderr.contains("retry later"), "{case}: {stderr}");
+                    None
+                }
+                _ => unreachable!(),
+            };
+            if let Some(e) = failure {
+                assert_eq!(e.code(), Code::Unavailable, "{case}: {e}");
+                assert!(e.message().contains("retry later"), "{case}: {}", e.message());
+            } else {
+                assert!(call.contains("backup"), "{case}: the call succeeded");
+            }
+            assert_eq!(server.state_snapshot(), state, "{case}: a faulted call changed state");
+            assert_eq!(objects(), hsm_objects, "{case}: a faulted call left an HSM object");
+            server.hsm_fault(None);
+        }
+    }
+    // Once the faults are gone every call works.
+    admin.rotate_key(pb::RotateKeyRequest { key_id: key.clone() }).await.unwrap();
+    let out = server.kmsctl(&["backup", "verify", &backup]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A hang at key generation: DEADLINE_EXCEEDED at the deadline, and the key the HSM makes
+    // when it finally answers is rolled back, so nothing changed.
+    let (state, hsm_objects) = (server.state_snapshot(), objects());
+    server.hsm_fault(Some("C_GenerateKey hang"));
+    let started = Instant::now();
+    let e = admin.create_key(pb::CreateKeyRequest::default()).await.unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
+    assert!(started.elapsed() < Duration::from_millis(2800), "answered after {:?}", started.elapsed());
+    server.hsm_fault(None);
+    kms_tests::eventually("the late key rolled back", Duration::from_secs(15), || {
+        server
+            .db()
+            .query_row("SELECT COUNT(*) FROM audit WHERE operation = 'CreateKey' AND status = 'DEADLINE_EXCEEDED'", [], |r| r.get::<_, i64>(0))
+            .unwrap()
+            >= 1
+            && server.db().query_row("SELECT COUNT(*) FROM intents", [], |r| r.get::<_, i64>(0)).unwrap() == 0
+    });
+    assert_eq!(server.state_snapshot(), state, "the late key left a row");
+    assert_eq!(objects(), hsm_objects, "the late key left an HSM object");
+}
