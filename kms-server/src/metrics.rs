@@ -6,6 +6,7 @@
 //! or key ids and version numbers; never an encryption-context value, a principal's request data
 //! or anything secret.
 
+use crate::service::status::Health;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -172,6 +173,10 @@ pub fn exposition(kms: &crate::service::Kms) -> String {
     let _ = writeln!(out, "kms_uptime_seconds {}", status.uptime_seconds);
     gauge(&mut out, "kms_hsm_up", "1 when the last HSM probe (AES-GCM under the canary key) succeeded, else 0.");
     let _ = writeln!(out, "kms_hsm_up {}", u8::from(status.probe.error.is_none()));
+    gauge(&mut out, "kms_health", "The deep health check: 1 for the state it is in (ACTIVE, DEGRADED, UNAVAILABLE), 0 for the others.");
+    for state in [Health::Active, Health::Degraded, Health::Unavailable] {
+        let _ = writeln!(out, "kms_health{{state=\"{}\"}} {}", state.as_str(), u8::from(status.health == state));
+    }
     gauge(&mut out, "kms_hsm_sessions", "HSM sessions open and checked out now.");
     let _ = writeln!(out, "kms_hsm_sessions{{state=\"open\"}} {}", status.sessions.open);
     let _ = writeln!(out, "kms_hsm_sessions{{state=\"in_use\"}} {}", status.sessions.in_use);

@@ -997,6 +997,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let due: Vec<Value> = r.due_soon.iter().map(|d| json!({"key_id": d.key_id, "action": d.action, "due_time": d.due_time})).collect();
             out.print(
                 json!({"version": r.version, "uptime_seconds": r.uptime_seconds, "health": r.health, "health_detail": r.health_detail,
+                       "recent_hsm_errors": r.recent_hsm_errors,
                        "last_probe_time": r.last_probe_time,
                        "token": {"label": token.label, "manufacturer": token.manufacturer, "model": token.model, "serial_number": token.serial_number},
                        "keys_by_state": r.keys_by_state, "versions_nearest_limit": usage, "due_soon": due,
@@ -1023,6 +1024,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     for d in &r.due_soon {
                         lines.push(format!("due: {} of {} at {}", d.action, d.key_id, d.due_time));
                     }
+                    lines.extend(r.recent_hsm_errors.iter().map(|e| format!("HSM error: {e}")));
                     lines.extend(r.warnings.iter().map(|w| format!("WARNING: {w}")));
                     lines.join("\n")
                 },

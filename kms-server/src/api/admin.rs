@@ -567,7 +567,7 @@ impl KeyManagement for AdminService {
         self.0
             .call("DescribeService", who, Audit::EveryOutcome, move |kms, _, facts| {
                 let s = kms.status()?;
-                let health = if s.probe.error.is_none() { "ACTIVE" } else { "UNAVAILABLE" };
+                let health = s.health.as_str();
                 facts.detail = format!("{health}, {} warnings", s.warnings.len());
                 Ok(pb::DescribeServiceResponse {
                     version: env!("CARGO_PKG_VERSION").into(),
@@ -605,6 +605,7 @@ impl KeyManagement for AdminService {
                     hsm_sessions_open: s.sessions.open as u32,
                     hsm_sessions_in_use: s.sessions.in_use as u32,
                     hsm_sessions_size: s.sessions.size as u32,
+                    recent_hsm_errors: s.hsm_failures.iter().map(|f| format!("{} {} {}", f.at, f.function, f.code)).collect(),
                 })
             })
             .await

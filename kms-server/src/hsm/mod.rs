@@ -67,6 +67,9 @@ impl fmt::Display for HsmError {
 
 impl std::error::Error for HsmError {}
 
+/// How many failed calls `Hsm::recent_failures` keeps.
+pub const RECENT_FAILURES: usize = 5;
+
 /// Facts about the token, for status reports.
 #[derive(Debug, Clone)]
 pub struct TokenInfo {
@@ -74,6 +77,15 @@ pub struct TokenInfo {
     pub manufacturer: String,
     pub model: String,
     pub serial_number: String,
+}
+
+/// A failed HSM call, for status reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedCall {
+    /// Unix seconds.
+    pub at: i64,
+    pub function: &'static str,
+    pub code: String,
 }
 
 /// The halves of the backup key pair found on a token.
@@ -119,6 +131,9 @@ pub trait Hsm: Send + Sync {
     fn token_info(&self) -> Result<TokenInfo, HsmError>;
 
     fn sessions(&self) -> SessionUse;
+
+    /// The most recent failed calls, newest first (at most `RECENT_FAILURES`).
+    fn recent_failures(&self) -> Vec<FailedCall>;
 
     /// The link's generation: it rises each time the login is restored or the library
     /// initialised again, and every object handle of an older one is then stale.

@@ -34,7 +34,7 @@ use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
-use super::{BackupKey, Hsm, HsmError, KeyHandle, ObjectName, ServiceKey, SessionUse, TokenInfo, Wrapped, templates};
+use super::{BackupKey, FailedCall, Hsm, HsmError, KeyHandle, ObjectName, RECENT_FAILURES, ServiceKey, SessionUse, TokenInfo, Wrapped, templates};
 use crate::domain::blob::{Iv, TAG_LEN};
 use crate::secret::{Pin, SecretBytes};
 
@@ -58,6 +58,8 @@ pub struct Pkcs11Hsm {
     generation: AtomicU64,
     /// The service keys' objects, found by label once per generation.
     service_objects: Mutex<(u64, HashMap<ServiceKey, ObjectHandle>)>,
+    /// The last failed calls, oldest first (touched on failures only).
+    failures: Mutex<std::collections::VecDeque<FailedCall>>,
 }
 
 /// The library context, the token's slot, the anchor session and the pool, as one unit that
@@ -160,6 +162,7 @@ impl Pkcs11Hsm {
             healing: Mutex::new(Healing::default()),
             generation: AtomicU64::new(1),
             service_objects: Mutex::new((0, HashMap::new())),
+            failures: Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
@@ -211,6 +214,7 @@ impl Pkcs11Hsm {
                 link.ctx.open_rw_session(link.slot)
             })
             .map_err(|e| {
+                self.record_failure("C_OpenSession", &e);
                 self.heal_after(&e);
                 classify(function, e)
             })?;
@@ -240,9 +244,22 @@ impl Pkcs11Hsm {
         };
         link.pool.checkin(session, back);
         if let Err(e) = &result {
+            self.record_failure(function, e);
             self.heal_after(e);
         }
         result.map_err(|e| classify(function, e))
+    }
+
+    fn record_failure(&self, function: &'static str, e: &CkError) {
+        let code = match e {
+            CkError::Pkcs11(code, _) => format!("{code:?}"),
+            other => other.to_string(),
+        };
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if failures.len() == RECENT_FAILURES {
+            failures.pop_front();
+        }
+        failures.push_back(FailedCall { at: crate::service::now(), function, code });
     }
 
     /// After a failure that may mean the login or the device was lost: checks the link and
@@ -525,6 +542,10 @@ impl Hsm for Pkcs11Hsm {
 
     fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    fn recent_failures(&self) -> Vec<FailedCall> {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner()).iter().rev().cloned().collect()
     }
 
     fn sessions(&self) -> SessionUse {

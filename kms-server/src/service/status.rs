@@ -8,7 +8,31 @@ use super::{Kms, now};
 use crate::domain::ids::KeyId;
 use crate::domain::lifecycle::KeyState;
 use crate::error::Result;
-use crate::hsm::{SessionUse, TokenInfo};
+use crate::hsm::{FailedCall, SessionUse, TokenInfo};
+
+/// How long a failed HSM call keeps the health DEGRADED.
+const DEGRADED_FOR_SECONDS: i64 = 60;
+
+/// The deep health check's verdict (AWS's external key store reports the same three).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// The probe succeeded and no HSM call failed in the last minute.
+    Active,
+    /// The probe succeeded, but HSM calls failed in the last minute.
+    Degraded,
+    /// The probe failed.
+    Unavailable,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Active => "ACTIVE",
+            Health::Degraded => "DEGRADED",
+            Health::Unavailable => "UNAVAILABLE",
+        }
+    }
+}
 
 /// How far ahead `due_soon` looks: 30 days, the shortest pending-destruction window a key can
 /// have plus margin for a monthly operations review.
@@ -71,7 +95,10 @@ impl DueAction {
 #[derive(Debug, Clone)]
 pub struct ServiceStatus {
     pub uptime_seconds: u64,
+    pub health: Health,
     pub probe: Probe,
+    /// The last failed HSM calls, newest first.
+    pub hsm_failures: Vec<FailedCall>,
     /// `None` when the HSM did not answer.
     pub token: Option<TokenInfo>,
     pub sessions: SessionUse,
@@ -114,9 +141,19 @@ impl Kms {
         due_soon.sort_by_key(|d| d.2);
         let (last_signoff, review_overdue) = self.review_signoff()?;
 
+        let hsm_failures = self.hsm.recent_failures();
+        let health = match (&probe.error, hsm_failures.first()) {
+            (Some(_), _) => Health::Unavailable,
+            (None, Some(last)) if at - last.at < DEGRADED_FOR_SECONDS => Health::Degraded,
+            _ => Health::Active,
+        };
         let mut warnings = Vec::new();
-        if let Some(e) = &probe.error {
-            warnings.push(format!("the HSM is unavailable: {e}"));
+        match (&probe.error, hsm_failures.first()) {
+            (Some(e), _) => warnings.push(format!("the HSM is unavailable: {e}")),
+            (None, Some(last)) if health == Health::Degraded => {
+                warnings.push(format!("HSM calls failed in the last minute (the last: {} {})", last.function, last.code));
+            }
+            _ => {}
         }
         if review_overdue {
             warnings.push("the access review has not been signed off in the last 365 days: run `kmsctl review`".into());
@@ -126,7 +163,9 @@ impl Kms {
         }
         Ok(ServiceStatus {
             uptime_seconds: u64::try_from(at - self.started_at).unwrap_or(0),
+            health,
             probe,
+            hsm_failures,
             token,
             sessions: self.hsm.sessions(),
             keys_by_state,

@@ -79,3 +79,48 @@ async fn reflection_lists_each_planes_services() {
         assert!(names.iter().any(|n| n == "grpc.health.v1.Health"), "{addr}: {names:?}");
     }
 }
+
+/// The deep health check's middle state: the probe (under the canary) succeeds but requests'
+/// HSM calls failed in the last minute: DEGRADED, with the failures listed in `kmsctl status`
+/// and the state in the metrics; gRPC health still SERVING.
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_hsm_calls_with_a_healthy_probe_report_degraded_with_the_last_errors() {
+    let server = kms_tests::Server::start();
+    let key = kms_tests::create_key(&mut server.admin().await, "").await;
+    let status = |server: &kms_tests::Server| -> serde_json::Value {
+        let out = server.kmsctl(&["--json", "status"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert_eq!(status(&server)["health"], "ACTIVE");
+
+    let mut data = server.data().await;
+    let mut r = data
+        .generate_data_key(kms_proto::v1::GenerateDataKeyRequest {
+            key_id: key,
+            key_spec: 1,
+            number_of_bytes: 0,
+            encryption_context: Default::default(),
+            caller_context: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let blob = std::mem::take(&mut r.ciphertext_blob);
+    server.hsm_fault(Some("C_Decrypt CKR_DEVICE_ERROR"));
+    let request =
+        kms_proto::v1::DecryptRequest { ciphertext_blob: blob, encryption_context: Default::default(), key_id: String::new(), caller_context: None };
+    assert_eq!(data.decrypt(request).await.unwrap_err().code(), tonic::Code::Unavailable);
+    server.hsm_fault(None);
+
+    let s = status(&server);
+    assert_eq!(s["health"], "DEGRADED", "{s}");
+    let errors = s["recent_hsm_errors"].as_array().unwrap();
+    assert!(errors[0].as_str().unwrap().ends_with("C_Decrypt DeviceError"), "{s}");
+    assert!(s["warnings"].as_array().unwrap().iter().any(|w| w.as_str().unwrap().contains("HSM calls failed")), "{s}");
+    let (_, metrics) = server.http_get("/metrics");
+    assert!(metrics.contains("kms_health{state=\"DEGRADED\"} 1"), "{metrics}");
+    let mut health = HealthClient::new(server.channel(&server.data_addr).await);
+    let r = health.check(HealthCheckRequest { service: "kms.v1.Crypto".into() }).await.unwrap().into_inner();
+    assert_eq!(r.status, ServingStatus::Serving as i32, "degraded still serves");
+}
