@@ -521,14 +521,20 @@ impl Kms {
         Ok(actions)
     }
 
-    /// Destroys one version's HSM object under a destroy intent; returns the intent.
     /// Destroys one version's HSM object under a destroy intent (for `operation`: DestroyKey or
     /// DestroyKeyVersion); returns the intent.
     fn destroy_object(&self, operation: &'static str, key_id: KeyId, version: u32, handle: Option<KeyHandle>) -> Result<Option<i64>> {
         let Some(handle) = handle else { return Ok(None) };
         let intent = self.store.write(|tx| tx.insert_intent(IntentKind::Destroy, key_id, version, now()))?;
         crash_point(operation, Step::AfterIntent);
-        self.hsm.destroy(handle)?;
+        if let Err(e) = self.hsm.destroy(handle) {
+            // The HSM said no (it is down, or busy): the object is still there and the next
+            // sweep tries again, so this attempt's intent goes.
+            if let Err(cleanup) = self.store.write(|tx| tx.delete_intent(intent)) {
+                tracing::warn!(error = %cleanup, "could not remove a destroy intent; recovery will");
+            }
+            return Err(e.into());
+        }
         crash_point(operation, Step::AfterHsm);
         Ok(Some(intent))
     }
@@ -560,8 +566,28 @@ impl Kms {
         let key_id = entry.record.key_id;
         let mut intents = Vec::new();
         for v in entry.versions.values().filter(|v| v.record.state.has_material()) {
-            intents.extend(self.destroy_object("DestroyKey", key_id, v.record.version, v.handle)?);
+            match self.destroy_object("DestroyKey", key_id, v.record.version, v.handle) {
+                Ok(intent) => intents.extend(intent.map(|i| (v.record.clone(), i))),
+                Err(e) => {
+                    // Keep what was done: the versions whose objects are gone are recorded as
+                    // destroyed now; the next sweep destroys the rest and the key.
+                    let at = now();
+                    let mut state = self.registry.write();
+                    self.store.write(|tx| {
+                        for (record, intent) in &intents {
+                            tx.update_version_state(&VersionRecord { state: VersionState::Destroyed, destruction_at: Some(at), ..record.clone() })?;
+                            tx.delete_intent(*intent)?;
+                        }
+                        Ok(())
+                    })?;
+                    for (record, _) in intents {
+                        state.put_version(VersionRecord { state: VersionState::Destroyed, destruction_at: Some(at), ..record }, None);
+                    }
+                    return Err(e);
+                }
+            }
         }
+        let intents: Vec<i64> = intents.into_iter().map(|(_, i)| i).collect();
         let at = now();
         let mut record = entry.record.clone();
         record.state = KeyState::Destroyed;

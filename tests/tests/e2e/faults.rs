@@ -254,3 +254,31 @@ async fn every_fault_at_every_admin_plane_hsm_call() {
     assert_eq!(server.state_snapshot(), state, "the late key left a row");
     assert_eq!(objects(), hsm_objects, "the late key left an HSM object");
 }
+
+/// C_DestroyObject failing when the sweeper destroys a key whose window has passed: the key
+/// stays PendingDestruction with its objects (nothing half-done, no intent left behind), and the
+/// sweeper finishes the destruction once the HSM answers again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_destruction_the_hsm_refuses_is_retried_by_the_sweeper_until_done() {
+    let mut server = Server::start();
+    let mut admin = server.admin().await;
+    let key = create_key(&mut admin, "").await;
+    admin.rotate_key(pb::RotateKeyRequest { key_id: key.clone() }).await.unwrap();
+    admin.schedule_key_destruction(pb::ScheduleKeyDestructionRequest { key_id: key.clone(), pending_window_days: 7 }).await.unwrap();
+    server.stop();
+    rusqlite::Connection::open(server.db_path()).unwrap().execute("UPDATE keys SET destruction_at = 1", []).unwrap();
+    server.hsm_fault(Some("C_DestroyObject CKR_DEVICE_ERROR"));
+    server.restart();
+    let state = |server: &Server| server.db().query_row("SELECT state FROM keys", [], |r| r.get::<_, String>(0)).unwrap();
+    kms_tests::eventually("a refused sweep", Duration::from_secs(10), || {
+        std::fs::read_to_string(server.log_path()).unwrap().contains("sweep failed; will retry")
+    });
+    assert_eq!(state(&server), "PendingDestruction");
+    assert_eq!(server.token_objects().len(), 2, "both versions' objects are still there");
+    let intents: i64 = server.db().query_row("SELECT COUNT(*) FROM intents", [], |r| r.get(0)).unwrap();
+    assert_eq!(intents, 0, "a refused destroy leaves no intent behind");
+
+    server.hsm_fault(None);
+    kms_tests::eventually("the destruction finished", Duration::from_secs(10), || state(&server) == "Destroyed");
+    assert!(server.token_objects().is_empty(), "no object left");
+}
