@@ -152,6 +152,26 @@ fn hostile_requests_to_every_rpc_are_refused_precisely_and_change_nothing() {
             Ok(())
         })
         .unwrap();
+    // A backup's head to verify: junk, or a manifest-shaped JSON with junk values.
+    let manifest = prop_oneof![
+        bytes(),
+        (text(), any::<i64>(), any::<u64>()).prop_map(|(label, t, n)| {
+            format!(r#"{{"format":1,"created_at":{t},"service_version":"x","token_label":{label:?},"token_serial":"","backup_key_label":"","keys":{n},"live_versions":0,"audit_checkpoint_seq":0,"objects":{{"count":0,"bytes":0,"sha256":""}},"database":{{"count":1,"bytes":{n},"sha256":""}}}}"#)
+                .into_bytes()
+        }),
+    ];
+    runner
+        .run(&(manifest, bytes(), any::<u64>(), text()), |(manifest, mac, n, sha)| {
+            let started = Instant::now();
+            let request =
+                pb::VerifyBackupRequest { manifest, mac, objects_bytes: n, objects_sha256: sha.clone(), database_bytes: n, database_sha256: sha };
+            let r = rt.block_on(admin.clone().verify_backup(request));
+            timed("VerifyBackup", started);
+            let e = r.expect_err("a forged backup head verified");
+            precise(&e, "VerifyBackup");
+            Ok(())
+        })
+        .unwrap();
     // The server is still there and nothing but aliases (which CreateAlias may have made from a
     // valid random request) and the audit trail changed.
     rt.block_on(admin.clone().list_keys(pb::ListKeysRequest::default())).unwrap();
