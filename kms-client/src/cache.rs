@@ -71,6 +71,28 @@ pub struct DataKeyCache {
 }
 
 impl DataKeyCache {
+    /// An empty cache. A workload turns the cache on with `DataClient::with_cache`; the envelope
+    /// helpers then use it. Directly:
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::Instant;
+    /// use kms_client::{CacheLimits, DataKeyCache};
+    /// # fn data_key() -> kms_client::DataKey { kms_client::DataKey::from_vec(vec![7; 32]) }
+    /// let mut cache = DataKeyCache::new(CacheLimits { max_messages: 2, ..CacheLimits::default() });
+    /// let ctx = [("tenant".to_string(), "acme".to_string())].into();
+    /// let now = Instant::now();
+    /// assert!(cache.for_encryption("alias/app", &ctx, 100, now).is_none());
+    /// cache.put_for_encryption("alias/app", &ctx, Arc::new(data_key()), b"wrapped".to_vec(), 100, now);
+    /// assert!(cache.for_encryption("alias/app", &ctx, 100, now).is_some(), "the second envelope reuses it");
+    /// assert!(cache.for_encryption("alias/app", &ctx, 100, now).is_none(), "max_messages reached");
+    ///
+    /// cache.put_for_decryption(b"wrapped", &ctx, Arc::new(data_key()), now);
+    /// cache.observe_epoch(1);
+    /// assert!(!cache.is_empty());
+    /// cache.observe_epoch(2); // the service revoked something: everything goes
+    /// assert!(cache.is_empty());
+    /// ```
     pub fn new(limits: CacheLimits) -> Self {
         DataKeyCache { limits, epoch: None, encryption: HashMap::new(), decryption: HashMap::new() }
     }

@@ -63,6 +63,14 @@ impl From<io::Error> for EnvelopeError {
 }
 
 /// The encryption context in the same canonical form the service binds (sorted, length-prefixed).
+///
+/// ```
+/// let ctx = [("b".to_string(), "2".to_string()), ("a".to_string(), "1".to_string())].into();
+/// let bytes = kms_client::envelope::canonical_context(&ctx);
+/// // A count, then each key and value with its length, in key order.
+/// assert_eq!(&bytes[..4], &[0, 0, 0, 2]);
+/// assert_eq!(&bytes[4..9], &[0, 0, 0, 1, b'a']);
+/// ```
 pub fn canonical_context(ctx: &BTreeMap<String, String>) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(&(ctx.len() as u32).to_be_bytes());
@@ -112,6 +120,26 @@ pub struct Header {
 }
 
 impl Header {
+    /// The header of a new envelope: its context, the wrapped data key the service returned
+    /// with the data key, and a random nonce prefix (fresh for every envelope).
+    ///
+    /// ```
+    /// use kms_client::envelope::{Header, open, seal};
+    /// // In a workload the data key and its wrapped form come from `DataClient::generate_data_key`.
+    /// let data_key = [7u8; 32];
+    /// let ctx = std::collections::BTreeMap::from([("file".to_string(), "report.pdf".to_string())]);
+    /// let header = Header::new(ctx, b"wrapped data key".to_vec(), [1, 2, 3, 4, 5, 6, 7]);
+    /// let mut sealed = Vec::new();
+    /// seal(&header, &data_key, &mut &b"the secret report"[..], &mut sealed)?;
+    ///
+    /// let mut input = &sealed[..];
+    /// let read = Header::read(&mut input)?; // what is needed to ask the service for the key
+    /// assert_eq!(read.wrapped_key, b"wrapped data key");
+    /// let mut plain = Vec::new();
+    /// open(&read, &data_key, &mut input, &mut plain)?;
+    /// assert_eq!(plain, b"the secret report");
+    /// # Ok::<(), kms_client::envelope::EnvelopeError>(())
+    /// ```
     pub fn new(context: BTreeMap<String, String>, wrapped_key: Vec<u8>, prefix: [u8; PREFIX]) -> Header {
         let ctx = canonical_context(&context);
         let mut bytes = Vec::with_capacity(24 + ctx.len() + wrapped_key.len());
@@ -126,6 +154,13 @@ impl Header {
         Header { context, wrapped_key, chunk: CHUNK, prefix, bytes }
     }
 
+    /// Reads an envelope's header (see [`Header::new`] for a round trip); refuses anything
+    /// that is not a version-1 envelope.
+    ///
+    /// ```
+    /// let e = kms_client::envelope::Header::read(&mut &b"not an envelope"[..]).unwrap_err();
+    /// assert!(e.to_string().contains("not"), "{e}");
+    /// ```
     pub fn read(r: &mut impl Read) -> Result<Header, EnvelopeError> {
         let mut fixed = [0u8; 13];
         r.read_exact(&mut fixed).map_err(|_| EnvelopeError::BadHeader("too short"))?;
@@ -184,7 +219,8 @@ fn fill(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
-/// Encrypts `input` to `output` under `data_key`; returns the plaintext length.
+/// Encrypts `input` to `output` under `data_key`; returns the plaintext length. Example at
+/// [`Header::new`].
 pub fn seal(header: &Header, data_key: &[u8], input: &mut impl BufRead, output: &mut impl Write) -> Result<u64, EnvelopeError> {
     let aead = cipher(data_key)?;
     output.write_all(&header.bytes)?;
@@ -207,7 +243,21 @@ pub fn seal(header: &Header, data_key: &[u8], input: &mut impl BufRead, output: 
 
 /// Decrypts the chunks after `header` from `input` to `output`; returns the plaintext length.
 /// Nothing is written for a chunk that fails authentication, but earlier chunks may have been:
-/// write to a temporary file and rename it only on success.
+/// write to a temporary file and rename it only on success. Example at [`Header::new`]; a
+/// changed byte is refused:
+///
+/// ```
+/// use kms_client::envelope::{Header, open, seal};
+/// let header = Header::new(Default::default(), b"w".to_vec(), [0; 7]);
+/// let mut sealed = Vec::new();
+/// seal(&header, &[9u8; 32], &mut &b"data"[..], &mut sealed)?;
+/// let last = sealed.len() - 1;
+/// sealed[last] ^= 1;
+/// let mut input = &sealed[..];
+/// let header = Header::read(&mut input)?;
+/// assert!(open(&header, &[9u8; 32], &mut input, &mut Vec::new()).is_err());
+/// # Ok::<(), kms_client::envelope::EnvelopeError>(())
+/// ```
 pub fn open(header: &Header, data_key: &[u8], input: &mut impl BufRead, output: &mut impl Write) -> Result<u64, EnvelopeError> {
     let aead = cipher(data_key)?;
     let mut buf = Zeroizing::new(vec![0u8; header.chunk + TAG]);

@@ -18,10 +18,12 @@
 //! ```
 
 pub mod cache;
+pub mod config;
 pub mod envelope;
 pub mod totp;
 
 pub use cache::{CacheLimits, DataKeyCache};
+pub use config::ClientConfig;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -39,6 +41,18 @@ use zeroize::Zeroizing;
 pub struct DataKey(pub(crate) Zeroizing<Vec<u8>>);
 
 impl DataKey {
+    /// Takes ownership of key bytes (wiped when the `DataKey` is dropped).
+    pub fn from_vec(bytes: Vec<u8>) -> DataKey {
+        DataKey(Zeroizing::new(bytes))
+    }
+
+    /// The key's bytes, for the local cipher.
+    ///
+    /// ```
+    /// let key = kms_client::DataKey::from_vec(vec![1; 32]);
+    /// assert_eq!(key.expose_secret().len(), 32);
+    /// assert_eq!(format!("{key:?}"), "DataKey(<32 bytes>)");
+    /// ```
     pub fn expose_secret(&self) -> &[u8] {
         &self.0
     }
@@ -105,6 +119,11 @@ pub struct Tls {
 
 impl Tls {
     /// The development PKI that `kms-server dev` writes to `DATA_DIR/pki`.
+    ///
+    /// ```
+    /// let tls = kms_client::Tls::dev(std::path::Path::new(".kms-dev/pki"));
+    /// assert!(tls.ca.unwrap().ends_with("ca.pem"));
+    /// ```
     pub fn dev(pki_dir: &Path) -> Tls {
         Tls { ca: Some(pki_dir.join("ca.pem")), cert: Some(pki_dir.join("workload.pem")), key: Some(pki_dir.join("workload.key")) }
     }
@@ -128,6 +147,18 @@ pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>
 
 impl Bearer {
     /// `None` (no session) sends no header; the service then answers UNAUTHENTICATED.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), kms_client::Error> {
+    /// use kms_client::pb::key_management_client::KeyManagementClient;
+    /// let tls = kms_client::Tls::dev(std::path::Path::new(".kms-dev/pki"));
+    /// let channel = kms_client::channel("https://127.0.0.1:7401", &tls).await?;
+    /// let session = std::fs::read_to_string("session-token").unwrap_or_default();
+    /// let mut admin = KeyManagementClient::with_interceptor(channel, kms_client::Bearer::new(Some(&session))?);
+    /// let keys = admin.list_keys(kms_client::pb::ListKeysRequest::default()).await?.into_inner();
+    /// # let _ = keys;
+    /// # Ok(()) }
+    /// ```
     pub fn new(token: Option<&str>) -> Result<Bearer, Error> {
         token
             .map(|t| format!("Bearer {}", t.trim()).parse().map_err(|_| Error::Config("the session token is not valid text".into())))
@@ -154,7 +185,8 @@ impl tonic::service::Interceptor for Bearer {
 /// An admin-plane channel that carries the officer's session.
 pub type AdminChannel = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
 
-/// Opens a channel to one plane (`https://` endpoints use `tls`).
+/// Opens a channel to one plane (`https://` endpoints use `tls`), for the generated clients in
+/// [`pb`] (example at [`Bearer::new`]).
 pub async fn channel(endpoint: &str, tls: &Tls) -> Result<Channel, Error> {
     let mut ep = Endpoint::from_shared(endpoint.to_string())?.connect_timeout(std::time::Duration::from_secs(5));
     if endpoint.starts_with("https://") {
@@ -185,7 +217,26 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// Runs `call` under the policy. `call` makes a fresh request each time.
+    /// Runs `call` under the policy. `call` makes a fresh request each time, with the attempt's
+    /// timeout.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use std::time::Duration;
+    /// let policy = kms_client::RetryPolicy { attempts: 3, backoff: Duration::from_millis(1), timeout: Duration::from_secs(1) };
+    /// let mut calls = 0;
+    /// let answer = policy
+    ///     .run(|_timeout| {
+    ///         calls += 1;
+    ///         let n = calls;
+    ///         async move { if n < 3 { Err(tonic::Status::unavailable("HSM busy")) } else { Ok(n) } }
+    ///     })
+    ///     .await;
+    /// assert_eq!(answer.unwrap(), 3, "two UNAVAILABLE answers were retried");
+    /// let refused = policy.run(|_| async { Err::<(), _>(tonic::Status::permission_denied("no grant")) }).await;
+    /// assert_eq!(refused.unwrap_err().code(), tonic::Code::PermissionDenied, "a refusal is final");
+    /// # }
+    /// ```
     pub async fn run<T, F, Fut>(&self, mut call: F) -> Result<T, tonic::Status>
     where
         F: FnMut(std::time::Duration) -> Fut,
@@ -231,17 +282,45 @@ fn to_map(ctx: &BTreeMap<String, String>) -> HashMap<String, String> {
 }
 
 impl DataClient {
+    /// Connects to the data plane with mutual TLS (or see [`ClientConfig::connect`]).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), kms_client::Error> {
+    /// let tls = kms_client::Tls {
+    ///     ca: Some("/etc/kms-client/ca.pem".into()),
+    ///     cert: Some("/etc/kms-client/workload.pem".into()),
+    ///     key: Some("/etc/kms-client/workload.key".into()),
+    /// };
+    /// let mut kms = kms_client::DataClient::connect("https://kms.example:7400", &tls).await?;
+    /// kms.retry.attempts = 5; // ride out longer HSM hiccups
+    /// # Ok(()) }
+    /// ```
     pub async fn connect(endpoint: &str, tls: &Tls) -> Result<DataClient, Error> {
         Ok(DataClient { raw: CryptoClient::new(channel(endpoint, tls).await?), retry: RetryPolicy::default(), cache: None })
     }
 
     /// Turns on the data-key cache of `encrypt_stream` and `decrypt_stream` (see [`cache`]).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), kms_client::Error> {
+    /// # let tls = kms_client::Tls::dev(std::path::Path::new(".kms-dev/pki"));
+    /// let mut kms = kms_client::DataClient::connect("https://127.0.0.1:7400", &tls)
+    ///     .await?
+    ///     .with_cache(kms_client::CacheLimits::default());
+    /// let ctx = [("tenant".to_string(), "acme".to_string())].into();
+    /// for part in [&b"one"[..], b"two"] {
+    ///     // One GenerateDataKey for both envelopes.
+    ///     kms.encrypt_stream("alias/app", &ctx, &mut &part[..], &mut Vec::new()).await?;
+    /// }
+    /// assert_eq!(kms.cache().map(|c| c.len()), Some((1, 0)));
+    /// # Ok(()) }
+    /// ```
     pub fn with_cache(mut self, limits: CacheLimits) -> Self {
         self.cache = Some(Arc::new(Mutex::new(DataKeyCache::new(limits))));
         self
     }
 
-    /// The cache, when on.
+    /// The cache, when on (example at [`DataClient::with_cache`]).
     pub fn cache(&self) -> Option<MutexGuard<'_, DataKeyCache>> {
         self.cache.as_ref().map(|c| c.lock().unwrap_or_else(|p| p.into_inner()))
     }
@@ -257,7 +336,17 @@ impl DataClient {
         }
     }
 
-    /// A fresh AES-256 data key and its wrapped form (always from the service).
+    /// A fresh AES-256 data key and its wrapped form (always from the service). Encrypt with the
+    /// key, store the wrapped form beside the ciphertext, drop the key.
+    ///
+    /// ```no_run
+    /// # async fn demo(kms: &mut kms_client::DataClient) -> Result<(), kms_client::Error> {
+    /// let ctx = [("object".to_string(), "s3://bucket/report.pdf".to_string())].into();
+    /// let (data_key, wrapped) = kms.generate_data_key("alias/app", &ctx).await?;
+    /// assert_eq!(data_key.expose_secret().len(), 32);
+    /// # let _ = wrapped;
+    /// # Ok(()) }
+    /// ```
     pub async fn generate_data_key(&mut self, key_id: &str, ctx: &BTreeMap<String, String>) -> Result<(DataKey, Vec<u8>), Error> {
         let raw = &self.raw;
         let result = self
@@ -281,7 +370,16 @@ impl DataClient {
         Ok((key, std::mem::take(&mut resp.ciphertext_blob)))
     }
 
-    /// Unwraps a data key made by `generate_data_key` (always with the service).
+    /// Unwraps a data key made by `generate_data_key` (always with the service), under the same
+    /// encryption context; any other context is refused.
+    ///
+    /// ```no_run
+    /// # async fn demo(kms: &mut kms_client::DataClient, wrapped: Vec<u8>) -> Result<(), kms_client::Error> {
+    /// let ctx = [("object".to_string(), "s3://bucket/report.pdf".to_string())].into();
+    /// let data_key = kms.decrypt_data_key(&wrapped, &ctx).await?;
+    /// # let _ = data_key;
+    /// # Ok(()) }
+    /// ```
     pub async fn decrypt_data_key(&mut self, wrapped: &[u8], ctx: &BTreeMap<String, String>) -> Result<DataKey, Error> {
         let raw = &self.raw;
         let result = self
@@ -304,6 +402,15 @@ impl DataClient {
     }
 
     /// Envelope-encrypts `input` to `output` under a fresh data key (docs/file-format.md).
+    ///
+    /// ```no_run
+    /// # async fn demo(kms: &mut kms_client::DataClient) -> Result<(), Box<dyn std::error::Error>> {
+    /// let ctx = [("file".to_string(), "report.pdf".to_string())].into();
+    /// let mut input = std::io::BufReader::new(std::fs::File::open("report.pdf")?);
+    /// let mut output = std::fs::File::create("report.pdf.kmse")?;
+    /// kms.encrypt_stream("alias/app", &ctx, &mut input, &mut output).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn encrypt_stream(
         &mut self,
         key_id: &str,
@@ -339,6 +446,15 @@ impl DataClient {
     }
 
     /// Decrypts an envelope. `expected` pairs, if any, must all be in the envelope's context.
+    ///
+    /// ```no_run
+    /// # async fn demo(kms: &mut kms_client::DataClient) -> Result<(), Box<dyn std::error::Error>> {
+    /// let expected = [("file".to_string(), "report.pdf".to_string())].into();
+    /// let mut input = std::io::BufReader::new(std::fs::File::open("report.pdf.kmse")?);
+    /// let mut output = Vec::new();
+    /// kms.decrypt_stream(&expected, &mut input, &mut output).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn decrypt_stream(
         &mut self,
         expected: &BTreeMap<String, String>,

@@ -5,6 +5,13 @@
 use hmac::{Hmac, Mac};
 
 /// The code of a base32 secret at Unix time `now`; `None` for a malformed secret.
+///
+/// ```
+/// // RFC 6238's SHA-1 test secret ("12345678901234567890"), at 59 s: 287082 (the last six digits
+/// // of the RFC's eight).
+/// assert_eq!(kms_client::totp::code("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ", 59).as_deref(), Some("287082"));
+/// assert_eq!(kms_client::totp::code("not base32!", 59), None);
+/// ```
 pub fn code(base32_secret: &str, now: u64) -> Option<String> {
     let secret = decode_base32(base32_secret.trim())?;
     let mut mac = Hmac::<sha1::Sha1>::new_from_slice(&secret).ok()?;

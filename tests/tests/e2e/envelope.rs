@@ -207,3 +207,42 @@ async fn generate_random_and_without_plaintext() {
 pub fn kms_server_decrypt_failed() -> &'static str {
     "ciphertext_blob could not be decrypted with this encryption context"
 }
+
+/// A workload that takes its settings from a file (`KMS_CLIENT_CONFIG`) or from the environment,
+/// as a deployment would give them, reaches the real service, with retries and the cache as
+/// configured.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_workload_configured_from_a_file_or_the_environment_round_trips_a_data_key() {
+    let server = kms_tests::Server::start();
+    kms_tests::create_key(&mut server.admin().await, "configured").await;
+    let pki = server.pki_dir();
+    let file = server.dir.path().join("kms-client.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "endpoint = \"https://{}\"\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n[retry]\nattempts = 4\n[cache]\nmax_messages = 10\n",
+            server.data_addr,
+            pki.join("ca.pem"),
+            pki.join("workload.pem"),
+            pki.join("workload.key")
+        ),
+    )
+    .unwrap();
+    let from_file = kms_client::ClientConfig::from_file(&file).unwrap();
+    let (endpoint, pki_text) = (format!("https://{}", server.data_addr), pki.display().to_string());
+    let from_env = kms_client::ClientConfig::from_lookup(|name| match name {
+        "KMS_DATA_ENDPOINT" => Some(endpoint.clone()),
+        "KMS_PKI" => Some(pki_text.clone()),
+        _ => None,
+    })
+    .unwrap();
+    for (how, config) in [("file", from_file), ("environment", from_env)] {
+        let mut kms = config.connect().await.unwrap_or_else(|e| panic!("{how}: {e}"));
+        assert_eq!(kms.retry.attempts, if how == "file" { 4 } else { 3 });
+        assert_eq!(kms.cache().is_some(), how == "file", "{how}: the cache is on only when configured");
+        let ctx = [("from".to_string(), how.to_string())].into();
+        let (data_key, wrapped) = kms.generate_data_key("alias/configured", &ctx).await.unwrap();
+        let again = kms.decrypt_data_key(&wrapped, &ctx).await.unwrap();
+        assert_eq!(again.expose_secret(), data_key.expose_secret(), "{how}");
+    }
+}
