@@ -5,6 +5,8 @@
 //! * `cargo xtask test`: installs what is missing (SoftHSM2; a Python virtual environment with
 //!   grpcio for the Python example client, from PyPI), builds every binary the end-to-end tests
 //!   spawn, and runs the whole suite. `.ci/run` calls exactly this.
+//! * `cargo xtask deb [OUT_DIR]`: builds `kms-server` and `kmsctl` in release mode, without the
+//!   test hooks, and packages them with `packaging/build-deb.sh` (default `target/debian/`).
 
 use std::path::Path;
 use std::process::{Command, ExitCode};
@@ -14,7 +16,8 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("dev") => dev(&args[1..]),
         Some("test") => test(&args[1..]),
-        _ => Err("usage: cargo xtask dev [kms-server dev options] | cargo xtask test [test filter]".to_string()),
+        Some("deb") => deb(&args[1..]),
+        _ => Err("usage: cargo xtask dev [kms-server dev options] | cargo xtask test [test filter] | cargo xtask deb [OUT_DIR]".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -61,6 +64,15 @@ fn ensure_softhsm() -> Result<(), String> {
 
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// The release package. Building the two packages alone (not the workspace) leaves out the
+/// test crate, and with it the `test-hooks` feature: the packaged server has no test hooks.
+fn deb(args: &[String]) -> Result<(), String> {
+    run(cargo().args(["build", "--release", "-p", "kms-server", "-p", "kms-client", "--bins"]))?;
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let out = args.first().cloned().unwrap_or_else(|| format!("{target}/debian"));
+    run(Command::new("bash").arg("packaging/build-deb.sh").arg(Path::new(&target).join("release")).arg(out))
 }
 
 fn dev(args: &[String]) -> Result<(), String> {

@@ -117,6 +117,12 @@ enum Command {
         #[command(flatten)]
         context: ContextArgs,
     },
+    /// Prints the shell completion script for SHELL (bash, zsh, fish, elvish, powershell), e.g.
+    /// `kmsctl completions bash > /usr/share/bash-completion/completions/kmsctl`.
+    Completions { shell: clap_complete::Shell },
+    /// Prints kmsctl's man page (roff), for packaging.
+    #[command(hide = true)]
+    Manpage,
     /// Decrypts a file made by `kmsctl encrypt`.
     Decrypt {
         #[arg(long = "in")]
@@ -725,6 +731,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
     let tls = cli.tls();
     let session = cli.session_path();
     match cli.command {
+        Command::Completions { .. } | Command::Manpage => Ok(()), // printed by `main`
         Command::Key(cmd) => {
             let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session).await?);
             match cmd {
@@ -1297,8 +1304,34 @@ async fn run(cli: Cli) -> Result<(), Error> {
     }
 }
 
+/// The commands that only print something about kmsctl itself, with no service to talk to.
+fn print_about_itself(command: &Command) -> Option<std::io::Result<()>> {
+    use clap::CommandFactory;
+    // Rendered in memory first: clap_complete panics on a write error (a closed pipe).
+    let mut text = Vec::new();
+    match command {
+        Command::Completions { shell } => clap_complete::generate(*shell, &mut Cli::command(), "kmsctl", &mut text),
+        Command::Manpage => {
+            if let Err(e) = clap_mangen::Man::new(Cli::command()).render(&mut text) {
+                return Some(Err(e));
+            }
+        }
+        _ => return None,
+    }
+    Some(std::io::stdout().write_all(&text))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(printed) = print_about_itself(&cli.command) {
+        return match printed {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("kmsctl: error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -23,6 +23,7 @@ mod load;
 mod matrix;
 mod metrics;
 mod officers;
+mod package;
 mod persistence;
 mod python;
 mod rate;
