@@ -2,7 +2,8 @@
 //! `test-hooks` feature: it sits inside `Pkcs11Hsm`, below the `Hsm` trait, so the code under
 //! test is the production code path around a real PKCS#11 call.
 //!
-//! `KMS_TEST_HSM_FAULTS` names a file holding one line `FUNCTION FAULT`: FUNCTION is a PKCS#11
+//! `KMS_TEST_HSM_FAULTS` names a file of lines `FUNCTION FAULT` (the first line naming a call
+//! applies to it): FUNCTION is a PKCS#11
 //! function name as the service reports it (`C_Encrypt`, `C_Decrypt`, `C_GenerateRandom`,
 //! `C_GenerateKey`, `C_DestroyObject`, `C_FindObjects`, `C_Sign`, ...) or `*` for every call;
 //! FAULT is a `CKR_` name (`CKR_DEVICE_ERROR`, ...), `hang` (the call stalls 10 s, then goes
@@ -44,6 +45,7 @@ fn parse(text: &str) -> Option<(String, Fault)> {
         "CKR_DEVICE_REMOVED" => Fault::Fail(RvError::DeviceRemoved),
         "CKR_USER_NOT_LOGGED_IN" => Fault::Fail(RvError::UserNotLoggedIn),
         "CKR_GENERAL_ERROR" => Fault::Fail(RvError::GeneralError),
+        "CKR_PIN_INCORRECT" => Fault::Fail(RvError::PinIncorrect),
         _ => return None,
     };
     Some((function.to_string(), fault))
@@ -52,10 +54,8 @@ fn parse(text: &str) -> Option<(String, Fault)> {
 fn current(function: &str) -> Option<Fault> {
     static PATH: std::sync::OnceLock<Option<std::ffi::OsString>> = std::sync::OnceLock::new();
     let path = PATH.get_or_init(|| std::env::var_os("KMS_TEST_HSM_FAULTS")).as_ref()?;
-    match std::fs::read_to_string(path).ok().and_then(|text| parse(&text)) {
-        Some((f, fault)) if f == "*" || f == function => Some(fault),
-        _ => None,
-    }
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().filter_map(parse).find(|(f, _)| f == "*" || f == function).map(|(_, fault)| fault)
 }
 
 /// Fails (or stalls) the call `function` is about to make, if the fault file says so.

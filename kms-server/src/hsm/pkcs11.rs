@@ -109,7 +109,11 @@ fn setup(what: &str, e: CkError) -> HsmError {
 
 /// Logs the user in on `session`; a wrong PIN is reported as such (and never retried).
 fn login(session: &Session, pin: &Pin) -> Result<(), HsmError> {
-    match session.login(UserType::User, Some(&AuthPin::from(pin.expose_secret()))) {
+    #[cfg(feature = "test-hooks")]
+    let attempt = super::faults::inject("C_Login").and_then(|()| session.login(UserType::User, Some(&AuthPin::from(pin.expose_secret()))));
+    #[cfg(not(feature = "test-hooks"))]
+    let attempt = session.login(UserType::User, Some(&AuthPin::from(pin.expose_secret())));
+    match attempt {
         Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
         Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => Err(HsmError::Setup { reason: "the HSM refused the PIN (CKR_PIN_INCORRECT)".into() }),
         Err(e) => Err(setup("C_Login", e)),
@@ -284,6 +288,9 @@ impl Pkcs11Hsm {
         if !suspect {
             return;
         }
+        // The service keys' objects are looked up again on their next use: the token may have
+        // reloaded them under new handles.
+        self.service_objects.lock().unwrap_or_else(|p| p.into_inner()).1.clear();
         let mut healing = self.healing.lock().unwrap_or_else(|p| p.into_inner());
         if healing.pin_refused || healing.next_attempt.is_some_and(|at| Instant::now() < at) {
             return;

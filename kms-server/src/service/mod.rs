@@ -188,20 +188,21 @@ impl Kms {
     /// HSM that restarted or reloaded its objects hands out new ones): they are looked up again
     /// and the probe tried once more.
     pub fn probe_hsm(&self) -> Result<()> {
-        let probe = || -> Result<()> {
-            let canary = self.canary;
-            let mut iv = [0u8; IV_LEN];
-            self.hsm.random(&mut iv)?;
-            self.hsm.encrypt(canary, &Iv(iv), b"kms-health-probe", &[0u8; 16])?;
-            Ok(())
-        };
-        let result = probe().or_else(|first| {
+        let result = self.probe_once().or_else(|first| {
             tracing::warn!(error = %first, "HSM probe failed; looking the key objects up again");
-            self.repair_handles()?;
-            probe()
+            self.repair_handles()
         });
         self.last_probe.set(result.as_ref().err().map(ToString::to_string));
         result
+    }
+
+    /// One AES-GCM encryption under the canary: proof that the token answers and the service is
+    /// logged in (the canary is a private object).
+    fn probe_once(&self) -> Result<()> {
+        let mut iv = [0u8; IV_LEN];
+        self.hsm.random(&mut iv)?;
+        self.hsm.encrypt(self.canary, &Iv(iv), b"kms-health-probe", &[0u8; 16])?;
+        Ok(())
     }
 
     /// The revocation epoch every data-plane answer carries: it rises with every change that

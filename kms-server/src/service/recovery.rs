@@ -121,10 +121,14 @@ impl Kms {
 
     /// Looks every key object up again and replaces the cached handles. The registry keeps its
     /// states and usage counters; a version whose object is gone becomes `material_missing`.
+    /// The lookup is applied only if the canary works after it: a token that does not answer,
+    /// or a session that lost its login, sees none of the private key objects, and taking that
+    /// for "every key is gone" would turn an outage into missing material.
     pub(super) fn repair_handles(&self) -> Result<()> {
         let _admin = self.admin.lock().unwrap_or_else(|p| p.into_inner());
         let generation = self.hsm.generation();
         let objects: HashMap<ObjectName, KeyHandle> = self.hsm.find_keys()?.into_iter().collect();
+        self.probe_once()?;
         self.handles_generation.store(generation, std::sync::atomic::Ordering::Release);
         let mut state = self.registry.write();
         let entries: Vec<_> = state.keys.values().cloned().collect();

@@ -282,3 +282,38 @@ async fn a_destruction_the_hsm_refuses_is_retried_by_the_sweeper_until_done() {
     kms_tests::eventually("the destruction finished", Duration::from_secs(10), || state(&server) == "Destroyed");
     assert!(server.token_objects().is_empty(), "no object left");
 }
+
+/// The login is lost while the HSM no longer accepts the service's PIN (as when it was changed
+/// on the HSM behind the service's back; injected, since SoftHSM2 keeps the PIN it loaded): the
+/// service tries to log in again once, is refused (CKR_PIN_INCORRECT), and never tries again
+/// however many calls fail after, so that it cannot lock the token.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_pin_is_never_tried_a_second_time() {
+    let server = Server::start();
+    let key = create_key(&mut server.admin().await, "").await;
+    let mut data = server.data().await;
+    let gdk = || pb::GenerateDataKeyRequest {
+        key_id: key.clone(),
+        key_spec: 1,
+        number_of_bytes: 0,
+        encryption_context: Default::default(),
+        caller_context: None,
+    };
+    data.generate_data_key(gdk()).await.unwrap();
+
+    server.hsm_fault(Some("C_Login CKR_PIN_INCORRECT\nC_Encrypt logout"));
+    assert_eq!(data.generate_data_key(gdk()).await.unwrap_err().code(), Code::Unavailable);
+    server.hsm_fault(Some("C_Login CKR_PIN_INCORRECT"));
+    // Calls go on failing (the login is gone) for longer than the longest backoff would allow a
+    // second attempt after the first failed repair (2 s).
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        assert_eq!(data.generate_data_key(gdk()).await.unwrap_err().code(), Code::Unavailable);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = std::fs::read_to_string(server.log_path()).unwrap();
+    let attempts = log.lines().filter(|l| l.contains("logging in again")).count();
+    assert_eq!(attempts, 1, "the service logged in again {attempts} times with a refused PIN:\n{log}");
+    assert!(log.contains("the HSM refused the PIN (CKR_PIN_INCORRECT)"), "{log}");
+    assert_eq!(log.matches("could not be repaired").count(), 1, "{log}");
+}

@@ -1,7 +1,7 @@
 //! TESTPLAN R9: the secret-leak scan. A run at trace logging that handles data keys, plaintexts,
 //! random bytes, an officer's passphrase, TOTP secret and session token, and the HSM PIN; then
-//! every log line, the database and its WAL, the audit export and kmsctl's other outputs are
-//! searched for each secret, raw, in hex and in base64.
+//! every log line, the database and its WAL, the audit export, a backup file and kmsctl's other
+//! outputs are searched for each secret, raw, in hex and in base64.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -19,7 +19,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn no_secret_reaches_logs_database_audit_or_cli_output() {
-    let mut server = Server::start_with(Options { log: "trace", ..Default::default() });
+    let mut server = Server::start_with(Options { log: "trace", backup_key: true, ..Default::default() });
     let mut admin = server.admin().await;
     let key = create_key(&mut admin, "leaks").await;
     let mut data = server.data().await;
@@ -104,6 +104,11 @@ async fn no_secret_reaches_logs_database_audit_or_cli_output() {
     }
     let failed = server.kmsctl(&["key", "describe", "alias/none"]);
     outputs.push(("kmsctl error".into(), failed.stderr));
+    // A backup holds every key, wrapped, and a snapshot of the database: no secret in clear.
+    let backup = server.dir.path().join("leaks.kmsbak");
+    let out = server.kmsctl(&["backup", "create", "--out", &backup.display().to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    outputs.push(("backup file".into(), std::fs::read(&backup).unwrap()));
     server.stop();
     for file in ["server.log", "kms.db", "kms.db-wal"] {
         let path = server.dir.path().join(file);
