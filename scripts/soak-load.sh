@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # TESTPLAN R12 soak: 32 clients for 30 minutes (by default) against a development server of its
 # own, in a directory of its own; fails if any call failed. The report (throughput, latency
-# percentiles, the server's RSS and CPU) is printed and kept as soak-load.json; compare the
+# percentiles, the server's RSS and CPU) is printed and kept as target/soak-load.json; compare the
 # server's RSS at the start and the end of the run to see that it stays flat.
 #   scripts/soak-load.sh [MINUTES] [CLIENTS]
 set -euo pipefail
@@ -26,8 +26,8 @@ kmsctl key create --alias soak >/dev/null
 kmsctl principal add "$workload" >/dev/null
 kmsctl grant create --principal "$workload" --key alias/soak --operations all >/dev/null
 (cd "$dir" && "$OLDPWD/target/release/kms-load" --data-endpoint https://127.0.0.1:17500 --key alias/soak \
-    --clients "$clients" --duration $((minutes * 60)) --server-pid "$server" --json) | tee soak-load.json
-python3 - soak-load.json <<'PY'
+    --clients "$clients" --duration $((minutes * 60)) --server-pid "$server" --json) | tee target/soak-load.json
+python3 - target/soak-load.json <<'PY'
 import json, sys
 report = json.load(open(sys.argv[1]))
 errors = report.get("errors", {})
