@@ -560,6 +560,22 @@ impl Server {
         rusqlite::Connection::open_with_flags(self.db_path(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).expect("database opens")
     }
 
+    /// The versions the database says have material, as HSM labels (`kms:KEY:VERSION`), sorted.
+    pub fn live_version_labels(&self) -> Vec<String> {
+        let db = self.db();
+        let mut stmt = db.prepare("SELECT key_id, version FROM key_versions WHERE state != 'Destroyed' ORDER BY key_id, version").expect("query");
+        let rows = stmt.query_map([], |r| Ok(format!("kms:{}:{}", r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).expect("rows");
+        rows.map(|r| r.expect("a row")).collect()
+    }
+
+    /// The labels of the customer key objects on the token, sorted (to compare with
+    /// `live_version_labels`).
+    pub fn object_labels(&self) -> Vec<String> {
+        let mut labels: Vec<String> = self.token_objects().iter().map(|o| o["label"].as_str().unwrap_or_default().to_string()).collect();
+        labels.sort();
+        labels
+    }
+
     /// Every customer key object on the token (label `kms:…`), as `token-inspect` sees it from
     /// a second process. The health canary (`kms-health-canary`) is left out.
     pub fn token_objects(&self) -> Vec<serde_json::Value> {
@@ -646,6 +662,17 @@ pub async fn grant_all(admin: &mut Admin, key: &str) -> String {
         .grant
         .expect("grant")
         .grant_id
+}
+
+/// A GenerateDataKey request for an AES-256 data key under `key`, with `context`.
+pub fn gdk(key: &str, context: &[(&str, &str)]) -> pb::GenerateDataKeyRequest {
+    pb::GenerateDataKeyRequest {
+        key_id: key.into(),
+        key_spec: pb::DataKeySpec::Aes256.into(),
+        number_of_bytes: 0,
+        encryption_context: ctx(context),
+        caller_context: None,
+    }
 }
 
 /// Creates a key over gRPC, grants the development workload every operation on it, and

@@ -12,17 +12,7 @@ use kms_tests::{Options, Server, create_key, ctx};
 
 /// A data key made under `key`: (blob, plaintext, context pair).
 async fn data_key(data: &mut kms_proto::v1::crypto_client::CryptoClient<tonic::transport::Channel>, key: &str, n: usize) -> (Vec<u8>, Vec<u8>) {
-    let mut r = data
-        .generate_data_key(pb::GenerateDataKeyRequest {
-            key_id: key.into(),
-            key_spec: pb::DataKeySpec::Aes256.into(),
-            number_of_bytes: 0,
-            encryption_context: ctx(&[("n", &n.to_string())]),
-            caller_context: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut r = data.generate_data_key(kms_tests::gdk(key, &[("n", &n.to_string())])).await.unwrap().into_inner();
     (std::mem::take(&mut r.ciphertext_blob), std::mem::take(&mut r.plaintext))
 }
 
@@ -34,19 +24,6 @@ async fn decrypts(data: &mut kms_proto::v1::crypto_client::CryptoClient<tonic::t
         caller_context: None,
     };
     data.decrypt(request).await.ok().map(|r| std::mem::take(&mut r.into_inner().plaintext))
-}
-
-fn live_versions(server: &Server) -> Vec<String> {
-    let db = server.db();
-    let mut stmt = db.prepare("SELECT key_id, version FROM key_versions WHERE state != 'Destroyed' ORDER BY key_id, version").unwrap();
-    let rows = stmt.query_map([], |r| Ok(format!("kms:{}:{}", r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).unwrap();
-    rows.map(Result::unwrap).collect()
-}
-
-fn objects(server: &Server) -> Vec<String> {
-    let mut labels: Vec<String> = server.token_objects().iter().map(|o| o["label"].as_str().unwrap().to_string()).collect();
-    labels.sort();
-    labels
 }
 
 fn wipe(server: &Server) {
@@ -148,7 +125,7 @@ async fn drill_backup_wipe_restore_every_blob_decrypts_and_the_audit_verifies() 
         let out = restore(&[&changed.display().to_string(), "--none-destroyed-since"]);
         assert!(!out.status.success(), "a changed file was restored");
         assert!(!server.db_path().exists() && !server.dir.path().join("kms.db.restoring").exists(), "a refused restore wrote a database");
-        assert!(objects(&server).is_empty(), "a refused restore unwrapped objects");
+        assert!(server.object_labels().is_empty(), "a refused restore unwrapped objects");
     }
     let destroyed_list = server.dir.path().join("destroyed-since.txt");
     let mut list = b"# destroyed after the backup (kmsctl key list --state destroyed --ids)\n".to_vec();
@@ -176,8 +153,8 @@ async fn drill_backup_wipe_restore_every_blob_decrypts_and_the_audit_verifies() 
     assert_eq!(restored, 6, "every blob of the keys still alive decrypts");
     let state: String = server.db().query_row("SELECT state FROM keys WHERE key_id = ?1", [&keys[2]], |r| r.get(0)).unwrap();
     assert_eq!(state, "Destroyed");
-    assert_eq!(objects(&server), live_versions(&server), "HSM objects and live rows agree");
-    assert!(!objects(&server).iter().any(|o| o.contains(&keys[2])), "the destroyed key's material came back");
+    assert_eq!(server.object_labels(), server.live_version_labels(), "HSM objects and live rows agree");
+    assert!(!server.object_labels().iter().any(|o| o.contains(&keys[2])), "the destroyed key's material came back");
 
     // The restored versions encrypt no more (their use after the backup is unknown): the first
     // encryption rotates the key.

@@ -9,20 +9,6 @@ use kms_proto::v1 as pb;
 use kms_server::hooks::{CRASH_POINTS, Step};
 use kms_tests::{Options, Server, create_key};
 
-/// Live key versions in the database, as HSM labels.
-fn live_versions(server: &Server) -> Vec<String> {
-    let db = server.db();
-    let mut stmt = db.prepare("SELECT key_id, version FROM key_versions WHERE state != 'Destroyed' ORDER BY key_id, version").unwrap();
-    let rows = stmt.query_map([], |r| Ok(format!("kms:{}:{}", r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).unwrap();
-    rows.map(Result::unwrap).collect()
-}
-
-fn objects(server: &Server) -> Vec<String> {
-    let mut labels: Vec<String> = server.token_objects().iter().map(|o| o["label"].as_str().unwrap().to_string()).collect();
-    labels.sort();
-    labels
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn every_crash_point_leaves_each_operation_wholly_there_or_wholly_absent() {
     for (operation, step) in CRASH_POINTS {
@@ -33,7 +19,7 @@ async fn every_crash_point_leaves_each_operation_wholly_there_or_wholly_absent()
         let backup_arg = backup.display().to_string();
         let mut admin = server.admin().await;
         let key = if *operation == "CreateKey" { None } else { Some(create_key(&mut admin, "").await) };
-        let before = live_versions(&server);
+        let before = server.live_version_labels();
 
         let answered = match *operation {
             "CreateKey" => admin.create_key(pb::CreateKeyRequest::default()).await.is_ok(),
@@ -89,14 +75,14 @@ async fn every_crash_point_leaves_each_operation_wholly_there_or_wholly_absent()
         if *operation == "Restore" {
             server.relogin(); // a restore ends every session
         }
-        let after = live_versions(&server);
+        let after = server.live_version_labels();
         let destroyed = *operation == "DestroyKey";
         if destroyed {
             // Destruction was decided before the crash: recovery or the next sweep finishes it.
-            kms_tests::eventually(&format!("{point}: destruction finished"), Duration::from_secs(20), || live_versions(&server).is_empty());
+            kms_tests::eventually(&format!("{point}: destruction finished"), Duration::from_secs(20), || server.live_version_labels().is_empty());
         }
-        let after = if destroyed { live_versions(&server) } else { after };
-        assert_eq!(objects(&server), after, "{point}: HSM objects and live rows agree");
+        let after = if destroyed { server.live_version_labels() } else { after };
+        assert_eq!(server.object_labels(), after, "{point}: HSM objects and live rows agree");
         // Wholly there or wholly absent.
         match *operation {
             "CreateKey" | "RotateKey" => {

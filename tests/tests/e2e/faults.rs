@@ -35,13 +35,7 @@ async fn every_fault_at_every_data_plane_hsm_call() {
             let mut server = Server::start();
             let key = create_key(&mut server.admin().await, "").await;
             let mut data = server.data().await;
-            let gdk = || pb::GenerateDataKeyRequest {
-                key_id: key.clone(),
-                key_spec: 1,
-                number_of_bytes: 0,
-                encryption_context: Default::default(),
-                caller_context: None,
-            };
+            let gdk = || kms_tests::gdk(&key, &[]);
             let blob = {
                 let mut r = data.generate_data_key(gdk()).await.unwrap().into_inner();
                 std::mem::take(&mut r.ciphertext_blob)
@@ -120,13 +114,7 @@ async fn a_lost_login_or_a_failed_library_is_repaired_without_a_restart() {
         let mut admin = server.admin().await;
         let key = create_key(&mut admin, "").await;
         let mut data = server.data().await;
-        let gdk = || pb::GenerateDataKeyRequest {
-            key_id: key.clone(),
-            key_spec: 1,
-            number_of_bytes: 0,
-            encryption_context: Default::default(),
-            caller_context: None,
-        };
+        let gdk = || kms_tests::gdk(&key, &[]);
         let blob = std::mem::take(&mut data.generate_data_key(gdk()).await.unwrap().into_inner().ciphertext_blob);
 
         server.hsm_fault(Some(&format!("C_Encrypt {action}")));
@@ -292,13 +280,7 @@ async fn a_refused_pin_is_never_tried_a_second_time() {
     let server = Server::start();
     let key = create_key(&mut server.admin().await, "").await;
     let mut data = server.data().await;
-    let gdk = || pb::GenerateDataKeyRequest {
-        key_id: key.clone(),
-        key_spec: 1,
-        number_of_bytes: 0,
-        encryption_context: Default::default(),
-        caller_context: None,
-    };
+    let gdk = || kms_tests::gdk(&key, &[]);
     data.generate_data_key(gdk()).await.unwrap();
 
     server.hsm_fault(Some("C_Login CKR_PIN_INCORRECT\nC_Encrypt logout"));

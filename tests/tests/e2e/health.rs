@@ -95,17 +95,7 @@ async fn failed_hsm_calls_with_a_healthy_probe_report_degraded_with_the_last_err
     assert_eq!(status(&server)["health"], "ACTIVE");
 
     let mut data = server.data().await;
-    let mut r = data
-        .generate_data_key(kms_proto::v1::GenerateDataKeyRequest {
-            key_id: key,
-            key_spec: 1,
-            number_of_bytes: 0,
-            encryption_context: Default::default(),
-            caller_context: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut r = data.generate_data_key(kms_tests::gdk(&key, &[])).await.unwrap().into_inner();
     let blob = std::mem::take(&mut r.ciphertext_blob);
     server.hsm_fault(Some("C_Decrypt CKR_DEVICE_ERROR"));
     let request =

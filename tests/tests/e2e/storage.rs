@@ -7,18 +7,8 @@
 use std::time::Duration;
 
 use kms_proto::v1 as pb;
-use kms_tests::{Server, create_key, ctx};
+use kms_tests::{Server, create_key};
 use tonic::Code;
-
-fn gdk(key: &str) -> pb::GenerateDataKeyRequest {
-    pb::GenerateDataKeyRequest {
-        key_id: key.into(),
-        key_spec: pb::DataKeySpec::Aes256.into(),
-        number_of_bytes: 0,
-        encryption_context: ctx(&[("app", "storage")]),
-        caller_context: None,
-    }
-}
 
 fn objects(server: &Server) -> usize {
     server.token_objects().len()
@@ -30,7 +20,7 @@ async fn a_full_disk_or_a_read_only_database_fails_every_call_closed_and_the_ser
     let mut admin = server.admin().await;
     let key = create_key(&mut admin, "").await;
     let mut data = server.data().await;
-    data.generate_data_key(gdk(&key)).await.unwrap();
+    data.generate_data_key(kms_tests::gdk(&key, &[("app", "storage")])).await.unwrap();
 
     for fault in ["disk-full", "read-only"] {
         server.store_fault(Some(fault));
@@ -38,7 +28,7 @@ async fn a_full_disk_or_a_read_only_database_fails_every_call_closed_and_the_ser
         // page's worth of records.
         let mut refused = None;
         for _ in 0..500 {
-            if let Err(e) = data.generate_data_key(gdk(&key)).await {
+            if let Err(e) = data.generate_data_key(kms_tests::gdk(&key, &[("app", "storage")])).await {
                 refused = Some(e);
                 break;
             }
@@ -49,7 +39,7 @@ async fn a_full_disk_or_a_read_only_database_fails_every_call_closed_and_the_ser
 
         let (state, hsm_objects) = (server.state_snapshot(), objects(&server));
         for _ in 0..5 {
-            let e = data.generate_data_key(gdk(&key)).await.unwrap_err();
+            let e = data.generate_data_key(kms_tests::gdk(&key, &[("app", "storage")])).await.unwrap_err();
             assert_eq!(e.code(), Code::Unavailable, "{fault}: every later call fails closed too");
         }
         let e = admin.create_key(pb::CreateKeyRequest::default()).await.unwrap_err();
@@ -69,7 +59,9 @@ async fn a_full_disk_or_a_read_only_database_fails_every_call_closed_and_the_ser
         kms_tests::eventually(&format!("{fault}: calls succeed again"), Duration::from_secs(5), || {
             let rt = tokio::runtime::Handle::current();
             let (mut data, key) = (data.clone(), key.clone());
-            std::thread::spawn(move || rt.block_on(async move { data.generate_data_key(gdk(&key)).await.is_ok() })).join().unwrap()
+            std::thread::spawn(move || rt.block_on(async move { data.generate_data_key(kms_tests::gdk(&key, &[("app", "storage")])).await.is_ok() }))
+                .join()
+                .unwrap()
         });
         assert!(started.elapsed() < Duration::from_secs(1), "{fault}: recovery took {:?}", started.elapsed());
         admin.create_key(pb::CreateKeyRequest::default()).await.unwrap();
