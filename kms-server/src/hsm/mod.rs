@@ -48,6 +48,8 @@ pub enum HsmError {
     Refused { function: &'static str, code: RvError },
     /// The module could not be loaded, the token was not found, or the login failed.
     Setup { reason: String },
+    /// The HSM refused a PIN (CKR_PIN_INCORRECT). Never retried: repeated wrong PINs lock tokens.
+    PinIncorrect { who: &'static str },
 }
 
 impl fmt::Display for HsmError {
@@ -61,6 +63,7 @@ impl fmt::Display for HsmError {
                 write!(f, "HSM refused the request: {function} returned {code:?}")
             }
             HsmError::Setup { reason } => write!(f, "HSM setup failed: {reason}"),
+            HsmError::PinIncorrect { who } => write!(f, "the HSM refused the {who} PIN (CKR_PIN_INCORRECT)"),
         }
     }
 }

@@ -115,7 +115,7 @@ fn login(session: &Session, pin: &Pin) -> Result<(), HsmError> {
     let attempt = session.login(UserType::User, Some(&AuthPin::from(pin.expose_secret())));
     match attempt {
         Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
-        Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => Err(HsmError::Setup { reason: "the HSM refused the PIN (CKR_PIN_INCORRECT)".into() }),
+        Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => Err(HsmError::PinIncorrect { who: "user" }),
         Err(e) => Err(setup("C_Login", e)),
     }
 }
@@ -291,7 +291,12 @@ impl Pkcs11Hsm {
         // The service keys' objects are looked up again on their next use: the token may have
         // reloaded them under new handles.
         self.service_objects.lock().unwrap_or_else(|p| p.into_inner()).1.clear();
-        let mut healing = self.healing.lock().unwrap_or_else(|p| p.into_inner());
+        // One repair at a time; calls that fail meanwhile do not queue behind it.
+        let mut healing = match self.healing.try_lock() {
+            Ok(healing) => healing,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
         if healing.pin_refused || healing.next_attempt.is_some_and(|at| Instant::now() < at) {
             return;
         }
@@ -315,7 +320,7 @@ impl Pkcs11Hsm {
             Ok(()) => *healing = Healing::default(),
             Err(e) => {
                 healing.failures += 1;
-                healing.pin_refused = matches!(&e, HsmError::Setup { reason } if reason.contains("CKR_PIN_INCORRECT"));
+                healing.pin_refused = matches!(e, HsmError::PinIncorrect { .. });
                 let wait = HEAL_BACKOFF.saturating_mul(1 << healing.failures.min(6)).min(HEAL_BACKOFF_MAX);
                 healing.next_attempt = Some(Instant::now() + wait);
                 tracing::error!(error = %e, retry_in_ms = wait.as_millis() as u64, pin_refused = healing.pin_refused, "the HSM link could not be repaired");
@@ -364,12 +369,10 @@ pub fn create_backup_key(module: &Path, token_label: &str, user_pin: &Pin, so_pi
     ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).map_err(|e| setup("C_Initialize", e))?;
     let slot = find_slot(&ctx, token_label)?;
     let session = ctx.open_rw_session(slot).map_err(|e| setup("C_OpenSession", e))?;
-    let login = |user: UserType, pin: &Pin, who: &str| match session.login(user, Some(&AuthPin::from(pin.expose_secret()))) {
+    let login = |user: UserType, pin: &Pin, who: &'static str| match session.login(user, Some(&AuthPin::from(pin.expose_secret()))) {
         Ok(()) => Ok(()),
         // Never retried: repeated wrong PINs lock the token.
-        Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => {
-            Err(HsmError::Setup { reason: format!("the HSM refused the {who}'s PIN (CKR_PIN_INCORRECT)") })
-        }
+        Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => Err(HsmError::PinIncorrect { who }),
         Err(e) => Err(setup(&format!("C_Login as {who}"), e)),
     };
     let find = |label, class| session.find_objects(&templates::backup_half(label, class)).map_err(|e| setup("C_FindObjects", e));

@@ -296,6 +296,6 @@ async fn a_refused_pin_is_never_tried_a_second_time() {
     let log = std::fs::read_to_string(server.log_path()).unwrap();
     let attempts = log.lines().filter(|l| l.contains("logging in again")).count();
     assert_eq!(attempts, 1, "the service logged in again {attempts} times with a refused PIN:\n{log}");
-    assert!(log.contains("the HSM refused the PIN (CKR_PIN_INCORRECT)"), "{log}");
+    assert!(log.contains("the HSM refused the user PIN (CKR_PIN_INCORRECT)"), "{log}");
     assert_eq!(log.matches("could not be repaired").count(), 1, "{log}");
 }
