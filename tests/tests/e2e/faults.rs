@@ -243,9 +243,9 @@ async fn every_fault_at_every_admin_plane_hsm_call() {
     assert_eq!(objects(), hsm_objects, "the late key left an HSM object");
 }
 
-/// C_DestroyObject failing when the sweeper destroys a key whose window has passed: the key
-/// stays PendingDestruction with its objects (nothing half-done, no intent left behind), and the
-/// sweeper finishes the destruction once the HSM answers again.
+/// C_DestroyObject failing, with each error fault, when the sweeper destroys a key whose
+/// window has passed: the key stays PendingDestruction with its objects (nothing half-done, no
+/// intent left behind), and the sweeper finishes the destruction once the HSM answers again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_destruction_the_hsm_refuses_is_retried_by_the_sweeper_until_done() {
     let mut server = Server::start();
@@ -258,13 +258,16 @@ async fn a_destruction_the_hsm_refuses_is_retried_by_the_sweeper_until_done() {
     server.hsm_fault(Some("C_DestroyObject CKR_DEVICE_ERROR"));
     server.restart();
     let state = |server: &Server| server.db().query_row("SELECT state FROM keys", [], |r| r.get::<_, String>(0)).unwrap();
-    kms_tests::eventually("a refused sweep", Duration::from_secs(10), || {
-        std::fs::read_to_string(server.log_path()).unwrap().contains("sweep failed; will retry")
-    });
-    assert_eq!(state(&server), "PendingDestruction");
-    assert_eq!(server.token_objects().len(), 2, "both versions' objects are still there");
-    let intents: i64 = server.db().query_row("SELECT COUNT(*) FROM intents", [], |r| r.get(0)).unwrap();
-    assert_eq!(intents, 0, "a refused destroy leaves no intent behind");
+    let refusals = |server: &Server| std::fs::read_to_string(server.log_path()).unwrap().matches("sweep failed; will retry").count();
+    for fault in FAULTS.iter().filter(|f| **f != "hang") {
+        server.hsm_fault(Some(&format!("C_DestroyObject {fault}")));
+        let before = refusals(&server);
+        kms_tests::eventually(&format!("{fault}: a refused sweep"), Duration::from_secs(10), || refusals(&server) >= before + 2);
+        assert_eq!(state(&server), "PendingDestruction", "{fault}");
+        assert_eq!(server.token_objects().len(), 2, "{fault}: both versions' objects are still there");
+        let intents: i64 = server.db().query_row("SELECT COUNT(*) FROM intents", [], |r| r.get(0)).unwrap();
+        assert_eq!(intents, 0, "{fault}: a refused destroy leaves no intent behind");
+    }
 
     server.hsm_fault(None);
     kms_tests::eventually("the destruction finished", Duration::from_secs(10), || state(&server) == "Destroyed");
