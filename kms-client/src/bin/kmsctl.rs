@@ -1325,7 +1325,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(printed) = print_about_itself(&cli.command) {
         return match printed {
+            // A reader that stopped early (`| head`) is not an error.
             Ok(()) => ExitCode::SUCCESS,
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("kmsctl: error: {e}");
                 ExitCode::FAILURE
