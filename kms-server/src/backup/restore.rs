@@ -14,8 +14,11 @@
 //!    epoch is raised, and a `Restore` record is chained to the audit trail.
 //! 4. `kms.db.restoring` is renamed to `kms.db`: the commit point.
 //!
-//! A restore interrupted before step 4 is run again: it finds `kms.db.restoring`, destroys the
-//! objects it had unwrapped (the token was empty when it began) and starts over.
+//! A restore interrupted before step 4 is run again with the same file: it finds
+//! `kms.db.restoring` and the marker beside it naming this backup (its manifest's SHA-256),
+//! destroys the objects it had unwrapped (the token was empty when it began; any object the
+//! backup does not hold stops it) and starts over. A leftover of another backup's restore is
+//! refused, never cleaned up.
 
 use std::collections::HashSet;
 use std::fs;
@@ -24,7 +27,9 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 
-use super::{Header, SERVICE_KEYS, WrappedObject, copy_checked, expect_end, mac_message, parse_objects};
+use sha2::{Digest, Sha256};
+
+use super::{Header, SERVICE_KEYS, WrappedObject, copy_checked, expect_end, hex, mac_message, parse_objects};
 use crate::audit::AuditEvent;
 use crate::config::Config;
 use crate::domain::ids::KeyId;
@@ -62,25 +67,6 @@ pub fn restore(config: &Config, file: &Path, destroyed: &[KeyId]) -> anyhow::Res
         )
     })?;
 
-    // The token must be empty of this service's objects, unless an interrupted restore made them.
-    let ours = |hsm: &Pkcs11Hsm| -> anyhow::Result<Vec<crate::hsm::KeyHandle>> {
-        let mut handles: Vec<_> = hsm.find_keys()?.into_iter().map(|(_, h)| h).collect();
-        for which in SERVICE_KEYS {
-            handles.extend(hsm.find_service_key(which)?);
-        }
-        Ok(handles)
-    };
-    let present = ours(&hsm)?;
-    if restoring.exists() {
-        for handle in &present {
-            hsm.destroy(*handle)?;
-        }
-        fs::remove_file(&restoring)?;
-        tracing::warn!(objects = present.len(), "an interrupted restore was found: its objects are destroyed and the restore starts over");
-    } else if !present.is_empty() {
-        bail!("token {:?} already holds {} of this service's objects: restore only into an empty token", config.hsm.token_label, present.len());
-    }
-
     // 1. Read and check everything before writing anything.
     let mut reader = BufReader::new(fs::File::open(file).with_context(|| format!("opening {}", file.display()))?);
     let head = Header::read(&mut reader)?;
@@ -88,6 +74,33 @@ pub fn restore(config: &Config, file: &Path, destroyed: &[KeyId]) -> anyhow::Res
     let mut section = Vec::new();
     copy_checked(&mut reader, &manifest.objects, "objects section", &mut section)?;
     let objects = parse_objects(&section, manifest.objects.count)?;
+
+    // The token must hold none of this service's objects, unless an interrupted restore of this
+    // very backup made them (its marker names the backup by its manifest's hash): then those,
+    // and only those, are destroyed and the restore starts over.
+    let marker = config.data_dir.join("kms.db.restoring.backup");
+    let this_backup = hex(&Sha256::digest(&head.manifest_bytes));
+    let labels: HashSet<String> = objects.iter().map(WrappedObject::label).collect();
+    let mut present: Vec<(String, crate::hsm::KeyHandle)> = hsm.find_keys()?.into_iter().map(|(name, h)| (name.label(), h)).collect();
+    for which in SERVICE_KEYS {
+        present.extend(hsm.find_service_key(which)?.map(|h| (which.label().to_string(), h)));
+    }
+    if restoring.exists() {
+        if fs::read_to_string(&marker).ok().as_deref() != Some(this_backup.as_str()) {
+            bail!("{} is left by an interrupted restore of another backup: finish that one, or remove it and empty the token", restoring.display());
+        }
+        if let Some((label, _)) = present.iter().find(|(label, _)| !labels.contains(label)) {
+            bail!("token {:?} holds {label}, which this backup does not: restore only into an empty token", config.hsm.token_label);
+        }
+        for (_, handle) in &present {
+            hsm.destroy(*handle)?;
+        }
+        fs::remove_file(&restoring)?;
+        tracing::warn!(objects = present.len(), "an interrupted restore of this backup was found: its objects are destroyed and it starts over");
+    } else if !present.is_empty() {
+        bail!("token {:?} already holds {} of this service's objects: restore only into an empty token", config.hsm.token_label, present.len());
+    }
+
     let audit_key = objects
         .iter()
         .find(|o| o.what == Wrapped::Service(ServiceKey::AuditMac))
@@ -100,6 +113,7 @@ pub fn restore(config: &Config, file: &Path, destroyed: &[KeyId]) -> anyhow::Res
     if !mac_ok? {
         bail!("the backup's MAC does not verify: the file was changed");
     }
+    fs::write(&marker, &this_backup)?;
     let written = (|| -> anyhow::Result<()> {
         let mut out = fs::OpenOptions::new().write(true).create_new(true).open(&restoring)?;
         copy_checked(&mut reader, &manifest.database, "database", &mut out)?;
@@ -166,6 +180,7 @@ pub fn restore(config: &Config, file: &Path, destroyed: &[KeyId]) -> anyhow::Res
     // 4. The commit point.
     fs::rename(&restoring, &db_path)?;
     fs::File::open(&config.data_dir)?.sync_all()?;
+    let _ = fs::remove_file(&marker);
     crash_point("Restore", Step::AfterCommit);
     if !unknown.is_empty() {
         report.push_str(&format!("\nnot in the backup, so nothing to do: {}", unknown.join(", ")));

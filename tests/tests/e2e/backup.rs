@@ -127,6 +127,15 @@ async fn drill_backup_wipe_restore_every_blob_decrypts_and_the_audit_verifies() 
         assert!(!server.db_path().exists() && !server.dir.path().join("kms.db.restoring").exists(), "a refused restore wrote a database");
         assert!(server.object_labels().is_empty(), "a refused restore unwrapped objects");
     }
+    // What another backup's interrupted restore left is refused, and nothing is cleaned up.
+    let leftover = server.dir.path().join("kms.db.restoring");
+    std::fs::write(&leftover, b"half a database").unwrap();
+    std::fs::write(server.dir.path().join("kms.db.restoring.backup"), b"another backup").unwrap();
+    let out = restore(&[&file_arg, "--none-destroyed-since"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("another backup"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(&leftover).unwrap(), b"half a database");
+    std::fs::remove_file(&leftover).unwrap();
+
     let destroyed_list = server.dir.path().join("destroyed-since.txt");
     let mut list = b"# destroyed after the backup (kmsctl key list --state destroyed --ids)\n".to_vec();
     list.extend_from_slice(&listed.stdout);
