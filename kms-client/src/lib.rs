@@ -366,7 +366,7 @@ impl DataClient {
             .map(tonic::Response::into_inner);
         self.observe(&result, |r| r.revocation_epoch);
         let mut resp = result?;
-        let key = DataKey(Zeroizing::new(std::mem::take(&mut resp.plaintext)));
+        let key = DataKey::from_vec(std::mem::take(&mut resp.plaintext));
         Ok((key, std::mem::take(&mut resp.ciphertext_blob)))
     }
 
@@ -398,7 +398,7 @@ impl DataClient {
             .map(tonic::Response::into_inner);
         self.observe(&result, |r| r.revocation_epoch);
         let mut resp = result?;
-        Ok(DataKey(Zeroizing::new(std::mem::take(&mut resp.plaintext))))
+        Ok(DataKey::from_vec(std::mem::take(&mut resp.plaintext)))
     }
 
     /// Envelope-encrypts `input` to `output` under a fresh data key (docs/file-format.md).

@@ -7,6 +7,11 @@
 //! or anything secret.
 
 use crate::service::status::Health;
+
+/// A series' `# HELP` and `# TYPE` lines.
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -125,31 +130,25 @@ impl Metrics {
     /// The text exposition of the counters and histograms (the gauges are appended by the
     /// caller, from the service's state).
     pub fn render(&self, out: &mut String) {
-        out.push_str("# HELP kms_requests_total Calls answered, by RPC and gRPC status code (batch items count one each).\n");
-        out.push_str("# TYPE kms_requests_total counter\n");
+        header(out, "kms_requests_total", "counter", "Calls answered, by RPC and gRPC status code (batch items count one each).");
         for ((rpc, code), n) in self.requests.snapshot() {
             let _ = writeln!(out, "kms_requests_total{{rpc=\"{rpc}\",code=\"{code}\"}} {}", n.load(Ordering::Relaxed));
         }
-        out.push_str("# HELP kms_request_duration_seconds Time from a call's arrival to its answer, audit included.\n");
-        out.push_str("# TYPE kms_request_duration_seconds histogram\n");
+        header(out, "kms_request_duration_seconds", "histogram", "Time from a call's arrival to its answer, audit included.");
         for (rpc, h) in self.request_seconds.snapshot() {
             h.render(out, "kms_request_duration_seconds", &format!("rpc=\"{rpc}\""));
         }
-        out.push_str("# HELP kms_hsm_calls_total PKCS#11 calls, by function and result (ok or the CKR_ name).\n");
-        out.push_str("# TYPE kms_hsm_calls_total counter\n");
+        header(out, "kms_hsm_calls_total", "counter", "PKCS#11 calls, by function and result (ok or error).");
         for ((function, result), n) in self.hsm_calls.snapshot() {
             let _ = writeln!(out, "kms_hsm_calls_total{{function=\"{function}\",result=\"{result}\"}} {}", n.load(Ordering::Relaxed));
         }
-        out.push_str("# HELP kms_hsm_call_duration_seconds Time of one PKCS#11 call, session checkout included.\n");
-        out.push_str("# TYPE kms_hsm_call_duration_seconds histogram\n");
+        header(out, "kms_hsm_call_duration_seconds", "histogram", "Time of one PKCS#11 call, session checkout included.");
         for (function, h) in self.hsm_seconds.snapshot() {
             h.render(out, "kms_hsm_call_duration_seconds", &format!("function=\"{function}\""));
         }
-        out.push_str("# HELP kms_audit_batch_records Audit records per group commit.\n");
-        out.push_str("# TYPE kms_audit_batch_records histogram\n");
+        header(out, "kms_audit_batch_records", "histogram", "Audit records per group commit.");
         self.audit_batch.render(out, "kms_audit_batch_records", "");
-        out.push_str("# HELP kms_audit_commit_duration_seconds Time of one group commit (insert, commit, fsync).\n");
-        out.push_str("# TYPE kms_audit_commit_duration_seconds histogram\n");
+        header(out, "kms_audit_commit_duration_seconds", "histogram", "Time of one group commit (insert, commit, fsync).");
         self.audit_commit_seconds.render(out, "kms_audit_commit_duration_seconds", "");
     }
 }
@@ -166,9 +165,7 @@ pub fn exposition(kms: &crate::service::Kms) -> String {
             return out;
         }
     };
-    let gauge = |out: &mut String, name: &str, help: &str| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-    };
+    let gauge = |out: &mut String, name: &str, help: &str| header(out, name, "gauge", help);
     gauge(&mut out, "kms_uptime_seconds", "Seconds since the service started.");
     let _ = writeln!(out, "kms_uptime_seconds {}", status.uptime_seconds);
     gauge(&mut out, "kms_hsm_up", "1 when the last HSM probe (AES-GCM under the canary key) succeeded, else 0.");

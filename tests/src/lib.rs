@@ -224,7 +224,6 @@ impl Server {
     /// accepted once, so the next one is tried when this one was used.
     pub fn relogin(&mut self) {
         if self.login().is_err() {
-            std::thread::sleep(Duration::from_secs(1));
             self.login_at(1).expect("officer logged in again");
         }
     }

@@ -179,14 +179,10 @@ impl Shared {
         // short grace for the service to roll a late change back itself (admin plane), except
         // the two whose length grows with the data (a backup, an audit verification): they
         // have the listener's request timeout.
-        let claimed = match &who {
-            Who::Workload(name) => name.clone(),
-            _ => None,
-        };
-        let wait = match &who {
-            _ if LONG_RUNNING.contains(&operation) => None,
-            Who::Workload(_) => Some(self.deadline),
-            _ => Some(self.deadline + ADMIN_DEADLINE_GRACE),
+        let (claimed, wait) = match &who {
+            _ if LONG_RUNNING.contains(&operation) => (None, None),
+            Who::Workload(name) => (name.clone(), Some(self.deadline)),
+            _ => (None, Some(self.deadline + ADMIN_DEADLINE_GRACE)),
         };
         let deadline = wait.map(|_| (started + self.deadline, self.deadline));
         let task = tokio::task::spawn_blocking(move || {

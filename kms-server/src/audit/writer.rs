@@ -83,13 +83,12 @@ impl Checkpointer {
     fn maybe_checkpoint(&self, store: &Store, last: &mut (i64, i64)) {
         let (last_seq, last_time) = *last;
         let at = now();
-        let result = (|| -> Result<(), String> {
-            let Some((seq, hash)) = store.read(|tx| tx.last_audit()).map_err(|e| e.to_string())? else { return Ok(()) };
+        let result = (|| -> crate::error::Result<()> {
+            let Some((seq, hash)) = store.read(|tx| tx.last_audit())? else { return Ok(()) };
             if seq == last_seq || (seq - last_seq < self.every_records && at - last_time < self.every_seconds) {
                 return Ok(());
             }
-            let mac = self.hsm.mac(self.key, &checkpoint_message(seq, at, &hash)).map_err(|e| e.to_string())?;
-            store.write(|tx| tx.insert_checkpoint(&Checkpoint { seq, time: at, hash, mac })).map_err(|e| e.to_string())?;
+            self.sign(store, seq, hash, at)?;
             *last = (seq, at);
             tracing::debug!(seq, "audit checkpoint signed");
             Ok(())
@@ -98,13 +97,30 @@ impl Checkpointer {
             tracing::error!(error = %e, "audit checkpoint failed; retrying after the next batch");
         }
     }
+
+    /// Signs a checkpoint over the last record now, unless the newest checkpoint covers it
+    /// already (a backup's snapshot is signed to its end); returns the record it covers (0: none).
+    pub fn sign_now(&self, store: &Store, at: i64) -> crate::error::Result<i64> {
+        let Some((seq, hash)) = store.read(|tx| tx.last_audit())? else { return Ok(0) };
+        if store.read(|tx| tx.last_checkpoint())?.is_none_or(|(covered, _)| covered != seq) {
+            self.sign(store, seq, hash, at)?;
+        }
+        Ok(seq)
+    }
+
+    /// The HSM's HMAC over record `seq`, stored as a checkpoint.
+    fn sign(&self, store: &Store, seq: i64, hash: Vec<u8>, at: i64) -> crate::error::Result<()> {
+        let mac = self.hsm.mac(self.key, &checkpoint_message(seq, at, &hash))?;
+        store.write(|tx| tx.insert_checkpoint(&Checkpoint { seq, time: at, hash, mac }))?;
+        Ok(())
+    }
 }
 
 impl AuditWriter {
     /// Starts the writer thread. It stops when every `AuditWriter` clone is dropped, signing a
     /// last checkpoint on its way out.
     pub fn start(store: Arc<Store>, checkpointer: Checkpointer) -> std::io::Result<(AuditWriter, WriterThread)> {
-        let mut last = store.read(|tx| tx.checkpoints()).ok().and_then(|c| c.last().map(|c| (c.seq, c.time))).unwrap_or((0, now()));
+        let mut last = store.read(|tx| tx.last_checkpoint()).ok().flatten().unwrap_or((0, now()));
         let (queue, mut rx) = mpsc::channel::<Pending>(QUEUE);
         let thread = std::thread::Builder::new().name("audit-writer".into()).spawn(move || {
             while let Some(first) = rx.blocking_recv() {

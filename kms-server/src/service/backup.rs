@@ -6,7 +6,6 @@ use std::io::Seek;
 use sha2::{Digest, Sha256};
 
 use super::{Caller, Kms, now};
-use crate::audit::{Checkpoint, checkpoint_message};
 use crate::backup::{self, Header, Manifest, Section, WrappedObject};
 use crate::error::{Error, Result};
 use crate::hooks::{Step, crash_point};
@@ -52,7 +51,7 @@ impl Kms {
         let backup_key = self.backup_wrap_key()?;
         let _admin = self.admin_lock();
         let at = now();
-        let checkpoint_seq = self.sign_checkpoint(at)?;
+        let checkpoint_seq = self.checkpointer(1, 0).sign_now(&self.store, at)?;
 
         let (mut objects, keys) = {
             let state = self.registry.read();
@@ -78,7 +77,7 @@ impl Kms {
         crash_point("CreateBackup", Step::AfterHsm);
 
         let mut database = self.store.snapshot()?;
-        let io = |e: std::io::Error| Error::Store(crate::store::StoreError::Corrupt { table: "snapshot", detail: e.to_string() });
+        let io = |e| Error::Store(crate::store::StoreError::io("reading the snapshot", e));
         let mut digest = Sha256::new();
         let database_bytes = std::io::copy(&mut database, &mut digest).map_err(io)?;
         database.rewind().map_err(io)?;
@@ -106,18 +105,6 @@ impl Kms {
         crash_point("CreateBackup", Step::AfterCommit);
         tracing::info!(keys, live_versions, "backup made");
         Ok(BackupFile { manifest, head, database })
-    }
-
-    /// Signs a checkpoint over the last audit record now (unless one covers it); returns its
-    /// sequence number.
-    fn sign_checkpoint(&self, at: i64) -> Result<i64> {
-        let Some((seq, hash)) = self.store.read(|tx| tx.last_audit())? else { return Ok(0) };
-        if self.store.read(|tx| tx.checkpoints())?.last().is_some_and(|c| c.seq == seq) {
-            return Ok(seq);
-        }
-        let mac = self.hsm.mac(self.audit_mac, &checkpoint_message(seq, at, &hash))?;
-        self.store.write(|tx| tx.insert_checkpoint(&Checkpoint { seq, time: at, hash, mac }))?;
-        Ok(seq)
     }
 
     /// Checks a backup's head without restoring it: the MAC in the HSM (so the file is intact

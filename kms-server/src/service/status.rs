@@ -148,12 +148,10 @@ impl Kms {
             _ => Health::Active,
         };
         let mut warnings = Vec::new();
-        match (&probe.error, hsm_failures.first()) {
-            (Some(e), _) => warnings.push(format!("the HSM is unavailable: {e}")),
-            (None, Some(last)) if health == Health::Degraded => {
-                warnings.push(format!("HSM calls failed in the last minute (the last: {} {})", last.function, last.code));
-            }
-            _ => {}
+        if let Some(e) = &probe.error {
+            warnings.push(format!("the HSM is unavailable: {e}"));
+        } else if let (Health::Degraded, Some(last)) = (health, hsm_failures.first()) {
+            warnings.push(format!("HSM calls failed in the last minute (the last: {} {})", last.function, last.code));
         }
         if review_overdue {
             warnings.push("the access review has not been signed off in the last 365 days: run `kmsctl review`".into());

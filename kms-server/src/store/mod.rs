@@ -28,6 +28,11 @@ pub enum StoreError {
         table: &'static str,
         detail: String,
     },
+    /// A file beside the database (a backup's snapshot) could not be made, read or removed.
+    Io {
+        what: &'static str,
+        source: String,
+    },
     /// The database was written by a newer version of the service.
     TooNew {
         found: i64,
@@ -40,6 +45,7 @@ impl fmt::Display for StoreError {
         match self {
             StoreError::Sqlite(e) => write!(f, "SQLite: {e}"),
             StoreError::Corrupt { table, detail } => write!(f, "unreadable row in {table}: {detail}"),
+            StoreError::Io { what, source } => write!(f, "{what}: {source}"),
             StoreError::TooNew { found, supported } => write!(f, "database schema version {found} is newer than this build supports ({supported})"),
         }
     }
@@ -54,6 +60,10 @@ impl From<rusqlite::Error> for StoreError {
 }
 
 impl StoreError {
+    pub fn io(what: &'static str, e: std::io::Error) -> StoreError {
+        StoreError::Io { what, source: e.to_string() }
+    }
+
     /// Whether the failure is the disk's (full, read-only, locked) rather than the data's.
     pub fn is_unavailable(&self) -> bool {
         use rusqlite::ErrorCode::*;
@@ -189,7 +199,7 @@ impl Store {
         let stale = snapshot_path(path);
         if stale.exists() {
             tracing::warn!(path = %stale.display(), "removing the snapshot of an interrupted backup");
-            std::fs::remove_file(&stale).map_err(|e| StoreError::Corrupt { table: "snapshot", detail: e.to_string() })?;
+            std::fs::remove_file(&stale).map_err(|e| StoreError::io("removing a stale snapshot", e))?;
         }
         Ok(Store { conn: Mutex::new(conn), path: path.to_path_buf(), fault: Mutex::new(None) })
     }
@@ -218,9 +228,8 @@ impl Store {
         let conn = Connection::open_with_flags(&self.path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute("VACUUM INTO ?1", params![dest.to_string_lossy()])?;
-        let io = |e: std::io::Error| StoreError::Corrupt { table: "snapshot", detail: e.to_string() };
-        let file = std::fs::File::open(&dest).map_err(io)?;
-        std::fs::remove_file(&dest).map_err(io)?;
+        let file = std::fs::File::open(&dest).map_err(|e| StoreError::io("opening the snapshot", e))?;
+        std::fs::remove_file(&dest).map_err(|e| StoreError::io("unlinking the snapshot", e))?;
         Ok(file)
     }
 
@@ -766,6 +775,11 @@ impl Tx<'_> {
     pub fn insert_checkpoint(&self, c: &Checkpoint) -> Result<()> {
         self.0.execute("INSERT INTO audit_checkpoints (seq, time, hash, mac) VALUES (?1, ?2, ?3, ?4)", params![c.seq, c.time, c.hash, c.mac])?;
         Ok(())
+    }
+
+    /// The newest checkpoint's sequence number and time.
+    pub fn last_checkpoint(&self) -> Result<Option<(i64, i64)>> {
+        Ok(self.0.query_row("SELECT seq, time FROM audit_checkpoints ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?))).optional()?)
     }
 
     pub fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
