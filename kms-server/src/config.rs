@@ -116,11 +116,23 @@ pub struct HsmConfig {
     /// (SOFTHSM-NOTES.md); a network HSM may want more.
     #[serde(default = "default_sessions")]
     pub sessions: usize,
+    /// Threads that run data-plane calls (`workers.rs`). Default: one per CPU core, at most
+    /// `sessions`, which suits an HSM that is CPU-bound in the process (SoftHSM2); a network HSM,
+    /// whose calls mostly wait on the network, wants as many as `sessions`.
+    #[serde(default)]
+    pub workers: Option<usize>,
     /// Milliseconds a data-plane call may wait for the HSM before it answers DEADLINE_EXCEEDED
     /// ("retry later"); default 2,000 (TESTPLAN R7), 100 to 60,000. AWS's external key store
     /// fails a call after 250 ms end to end, so keep it under that where the HSM allows.
     #[serde(default = "default_deadline_ms")]
     pub deadline_ms: u64,
+}
+
+impl HsmConfig {
+    /// The data-plane worker threads: `workers`, or one per CPU core up to `sessions`.
+    pub fn worker_threads(&self) -> usize {
+        self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, usize::from).min(self.sessions))
+    }
 }
 
 fn default_sessions() -> usize {
@@ -249,6 +261,9 @@ impl Config {
         }
         if self.hsm.sessions == 0 || self.hsm.sessions > 256 {
             return Err(refuse("hsm.sessions", "must be 1 to 256"));
+        }
+        if self.hsm.workers.is_some_and(|n| n == 0 || n > 256) {
+            return Err(refuse("hsm.workers", "must be 1 to 256"));
         }
         if !(100..=60_000).contains(&self.hsm.deadline_ms) {
             return Err(refuse("hsm.deadline_ms", "must be 100 to 60,000"));

@@ -53,6 +53,8 @@ pub enum Error {
         principal: String,
         retry_after: std::time::Duration,
     },
+    /// Every data-plane worker is busy and the queue in front of them is full (`workers`).
+    Overloaded,
     Hsm(HsmError),
     Store(StoreError),
 }
@@ -82,6 +84,7 @@ impl fmt::Display for Error {
             Error::RateLimited { principal, retry_after } => {
                 write!(f, "principal {principal} is over its rate limit; retry after {} ms", retry_after.as_millis().max(1))
             }
+            Error::Overloaded => f.write_str("the service is overloaded: every worker is busy and the queue is full"),
             Error::Hsm(e) => e.fmt(f),
             Error::Store(e) => e.fmt(f),
         }

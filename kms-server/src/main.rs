@@ -165,6 +165,7 @@ fn main() -> anyhow::Result<()> {
                     pin_file: Some(token.pin_file.clone()),
                     pin_env: None,
                     sessions: 4,
+                    workers: None,
                     deadline_ms: 2000,
                 },
                 listen: ListenConfig { data: data_listen, admin: admin_listen, metrics: Some(metrics_listen) },

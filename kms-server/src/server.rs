@@ -103,7 +103,8 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     let (audit_writer, audit_thread) =
         AuditWriter::start(store, kms.checkpointer(config.audit.checkpoint_every_records, config.audit.checkpoint_every_seconds))?;
     let hsm_deadline = Duration::from_millis(config.hsm.deadline_ms);
-    let shared = Shared { kms: kms.clone(), ids: Arc::new(RequestIds::default()), audit: audit_writer, deadline: hsm_deadline };
+    let workers = crate::workers::Workers::start(config.hsm.worker_threads())?;
+    let shared = Shared { kms: kms.clone(), ids: Arc::new(RequestIds::default()), audit: audit_writer, workers, deadline: hsm_deadline };
 
     let data = TcpListener::bind(config.listen.data).await?;
     let admin = TcpListener::bind(config.listen.admin).await?;

@@ -51,6 +51,10 @@ pub fn status(e: &Error, request_id: &str) -> Status {
             tracing::error!(request_id, error = %e, "HSM deadline passed");
             Status::deadline_exceeded(format!("{e}; retry later (request id {request_id})"))
         }
+        Error::Overloaded => {
+            tracing::warn!(request_id, "data-plane queue full");
+            Status::unavailable(format!("{e}; retry later (request id {request_id})"))
+        }
         Error::RateLimited { retry_after, .. } => {
             // The hint also travels as metadata, for clients that back off by it.
             let mut st = Status::resource_exhausted(e.to_string());
@@ -109,6 +113,8 @@ pub struct Shared {
     pub kms: Arc<Kms>,
     pub ids: Arc<RequestIds>,
     pub audit: AuditWriter,
+    /// Where data-plane calls run (admin calls run on tokio's blocking pool).
+    pub workers: crate::workers::Workers,
     /// How long a data-plane call may take before it answers DEADLINE_EXCEEDED (`hsm.deadline_ms`).
     pub deadline: std::time::Duration,
 }
@@ -159,8 +165,8 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 }
 
 impl Shared {
-    /// Runs one call: the service work on the blocking pool (it may wait on the HSM or SQLite),
-    /// then its audit record, durable before the answer leaves (group commit). If the record
+    /// Runs one call: the service work on a data-plane worker or, for the admin plane, on the
+    /// blocking pool (it may wait on the HSM or SQLite), then its audit record, durable before the answer leaves (group commit). If the record
     /// cannot be written the call fails closed with UNAVAILABLE, whatever its result was; a
     /// result holding a secret is dropped, and so wiped.
     async fn call<T: Send + 'static>(
@@ -185,7 +191,8 @@ impl Shared {
             _ => (None, Some(self.deadline + ADMIN_DEADLINE_GRACE)),
         };
         let deadline = wait.map(|_| (started + self.deadline, self.deadline));
-        let task = tokio::task::spawn_blocking(move || {
+        let data_plane = matches!(who, Who::Workload(_));
+        let work = move || {
             let _entered = span.enter();
             let mut facts = Facts::default();
             let principal = match who {
@@ -212,12 +219,22 @@ impl Shared {
                 }
             };
             (out, facts)
-        });
+        };
+        let refused = |e: Error, claimed: Option<String>| Ok((Err(e), Facts { principal: claimed, ..Facts::default() }));
+        let task = async {
+            if !data_plane {
+                return tokio::task::spawn_blocking(work).await.map_err(|e| e.to_string());
+            }
+            match self.workers.run(work) {
+                Ok(answer) => answer.await.map_err(|_| "the call was dropped by its worker".to_string()),
+                Err(crate::workers::Busy) => refused(Error::Overloaded, claimed.clone()),
+            }
+        };
         let joined = match wait {
             None => task.await,
             Some(wait) => match tokio::time::timeout(wait, task).await {
                 Ok(joined) => joined,
-                Err(_) => Ok((Err(Error::Deadline { after: self.deadline }), Facts { principal: claimed, ..Facts::default() })),
+                Err(_) => refused(Error::Deadline { after: self.deadline }, claimed),
             },
         };
         let caller = Caller { request_id, principal: String::new(), deadline: None };
