@@ -353,6 +353,28 @@ mod tests {
         assert!(config.listen.metrics.is_some_and(|m| m.ip().is_loopback()));
         assert_eq!(config.limits.principal_calls_per_second, 5500.0);
         assert_eq!(config.audit.retention_days, 0);
+        assert_eq!(config.hsm.workers, None);
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        assert_eq!(config.hsm.worker_threads(), cores.min(config.hsm.sessions));
+    }
+
+    #[test]
+    fn data_workers_are_one_to_256() {
+        let mut config: Config = toml::from_str(include_str!("../../kms.example.toml")).expect("kms.example.toml parses");
+        // Settings checked before hsm.workers, made valid.
+        let dir = tempfile::tempdir().unwrap();
+        let pin = dir.path().join("pin");
+        std::fs::write(&pin, "1234").unwrap();
+        std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o600)).unwrap();
+        config.data_dir = dir.path().to_path_buf();
+        config.hsm.module = std::env::current_exe().unwrap();
+        (config.hsm.pin_file, config.hsm.pin_env) = (Some(pin), None);
+        for (workers, ok) in [(0, false), (1, true), (256, true), (257, false)] {
+            config.hsm.workers = Some(workers);
+            assert_eq!(config.hsm.worker_threads(), workers);
+            let refused = config.validate().err().map(|e| e.setting);
+            assert_eq!(refused == Some("hsm.workers"), !ok, "workers = {workers}: {refused:?}");
+        }
     }
 
     #[test]
