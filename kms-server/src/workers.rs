@@ -5,8 +5,8 @@
 //! wakes one for every call, so under load each call costs a thread wake-up and a park, and
 //! the work is spread over dozens of threads. Here a worker that finishes a call takes the next
 //! one from the queue without sleeping; a sleeping worker is woken only when one is needed.
-//! Measured on the project's 2-core machine: ~15% more GenerateDataKey calls per second
-//! (ARCHITECTURE.md, "Where the time of one request goes").
+//! Measured on the project's 2-core machine: 13% more calls per second on the mixed load with 16
+//! in flight, 15–25% with 64 (ARCHITECTURE.md, "Where the time of one request goes").
 //!
 //! The HSM deadline still holds: the caller waits at most `hsm.deadline_ms` for its answer
 //! (`api::Shared::call`). A call whose caller stopped waiting before a worker took it is

@@ -62,7 +62,7 @@ fn caller_context(c: Option<pb::CallerContext>) -> Result<Option<String>, Error>
 }
 
 /// The most items in one batch call: large enough that the HSM, not gRPC, sets the pace, small
-/// enough that one batch holds a blocking thread for milliseconds (256 × ~12 µs on SoftHSM2).
+/// enough that one batch holds a data worker for milliseconds (256 × ~12 µs on SoftHSM2).
 const MAX_BATCH_ITEMS: usize = 256;
 
 /// Runs `one` on every item of a batch, each with its own facts (audited as a record of its own)

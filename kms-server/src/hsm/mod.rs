@@ -1,8 +1,8 @@
 //! The HSM, seen through a narrow trait in domain words.
 //!
 //! One implementation, [`pkcs11::Pkcs11Hsm`], talks to any PKCS#11 module (SoftHSM2 in
-//! development and tests). The trait is synchronous: callers run it on tokio's blocking pool,
-//! never on an async worker thread. Fault injection for tests happens *below* this trait, just
+//! development and tests). The trait is synchronous: callers run it on the data workers or on
+//! tokio's blocking pool, never on an async worker thread. Fault injection for tests happens *below* this trait, just
 //! before each real PKCS#11 call (`faults.rs`, `test-hooks` builds only), so that the code under
 //! test is the code that runs in production.
 

@@ -2,7 +2,7 @@
 //! work, over the HSM trait, the store and the in-memory registry.
 //!
 //! Every method here is synchronous and may block on the HSM or SQLite: the gRPC layer calls it
-//! from tokio's blocking pool.
+//! from the data workers (`workers.rs`) or tokio's blocking pool.
 
 mod admin;
 mod audit;
