@@ -78,23 +78,21 @@ impl std::fmt::Debug for Checkpointer {
 }
 
 impl Checkpointer {
-    /// Signs the last record if a checkpoint is due. A failure is logged and retried after the
-    /// next batch: the records themselves are already durable and chained.
-    fn maybe_checkpoint(&self, store: &Store, last: &mut (i64, i64)) {
+    /// Signs record `seq` (the last one a batch wrote) if a checkpoint is due. A failure is
+    /// logged and retried after the next batch: the records themselves are already durable and
+    /// chained.
+    fn maybe_checkpoint(&self, store: &Store, (seq, hash): (i64, Vec<u8>), last: &mut (i64, i64)) {
         let (last_seq, last_time) = *last;
         let at = now();
-        let result = (|| -> crate::error::Result<()> {
-            let Some((seq, hash)) = store.read(|tx| tx.last_audit())? else { return Ok(()) };
-            if seq == last_seq || (seq - last_seq < self.every_records && at - last_time < self.every_seconds) {
-                return Ok(());
+        if seq == last_seq || (seq - last_seq < self.every_records && at - last_time < self.every_seconds) {
+            return;
+        }
+        match self.sign(store, seq, hash, at) {
+            Ok(()) => {
+                *last = (seq, at);
+                tracing::debug!(seq, "audit checkpoint signed");
             }
-            self.sign(store, seq, hash, at)?;
-            *last = (seq, at);
-            tracing::debug!(seq, "audit checkpoint signed");
-            Ok(())
-        })();
-        if let Err(e) = result {
-            tracing::error!(error = %e, "audit checkpoint failed; retrying after the next batch");
+            Err(e) => tracing::error!(error = %e, "audit checkpoint failed; retrying after the next batch"),
         }
     }
 
@@ -134,11 +132,11 @@ impl AuditWriter {
                 let started = std::time::Instant::now();
                 let written = store.write(|tx| tx.append_audits(batch.iter().map(|p| &p.event), now()));
                 crate::metrics::metrics().audit_commit(batch.len(), started.elapsed());
-                let outcome = match written {
-                    Ok(()) => Ok(()),
+                let (outcome, head) = match written {
+                    Ok(head) => (Ok(()), head),
                     Err(e) => {
                         tracing::error!(error = %e, records = batch.len(), "audit write failed: failing the requests closed");
-                        Err(AuditUnavailable)
+                        (Err(AuditUnavailable), None)
                     }
                 };
                 tracing::trace!(records = batch.len(), "audit batch committed");
@@ -146,10 +144,13 @@ impl AuditWriter {
                     // A caller that went away no longer needs the answer.
                     let _ = p.done.send(outcome);
                 }
-                checkpointer.maybe_checkpoint(&store, &mut last);
+                if let Some(head) = head {
+                    checkpointer.maybe_checkpoint(&store, head, &mut last);
+                }
             }
-            let final_checkpoint = Checkpointer { every_records: 1, every_seconds: 0, ..checkpointer };
-            final_checkpoint.maybe_checkpoint(&store, &mut last);
+            if let Err(e) = checkpointer.sign_now(&store, now()) {
+                tracing::error!(error = %e, "the last audit checkpoint failed");
+            }
         })?;
         Ok((AuditWriter { queue }, WriterThread(thread)))
     }

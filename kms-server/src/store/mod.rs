@@ -710,15 +710,14 @@ impl Tx<'_> {
 
     /// Appends one audit record, chained to the last one.
     pub fn append_audit(&self, event: &AuditEvent, now: i64) -> Result<()> {
-        self.append_audits(std::iter::once(event), now)
+        self.append_audits(std::iter::once(event), now).map(drop)
     }
 
     /// Appends audit records in order, each chained to the one before (a group commit writes a
-    /// whole batch in one transaction).
-    pub fn append_audits<'e>(&self, events: impl IntoIterator<Item = &'e AuditEvent>, now: i64) -> Result<()> {
-        let last: Option<(i64, Vec<u8>)> =
-            self.0.query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
-        let (mut seq, mut prev) = match last {
+    /// whole batch in one transaction); returns the last one's sequence number and hash (none
+    /// when there were no records).
+    pub fn append_audits<'e>(&self, events: impl IntoIterator<Item = &'e AuditEvent>, now: i64) -> Result<Option<(i64, Vec<u8>)>> {
+        let (mut seq, mut prev) = match self.last_audit()? {
             Some((seq, hash)) => {
                 let prev: [u8; 32] = hash.try_into().map_err(|_| StoreError::Corrupt { table: "audit", detail: "hash length".into() })?;
                 (seq, prev)
@@ -730,6 +729,7 @@ impl Tx<'_> {
                 context, outcome, status, detail, hash, caller_context)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         )?;
+        let before = seq;
         for event in events {
             seq += 1;
             let record = StoredRecord {
@@ -764,12 +764,13 @@ impl Tx<'_> {
             ])?;
             prev = hash;
         }
-        Ok(())
+        Ok((seq > before).then(|| (seq, prev.to_vec())))
     }
 
     /// The last audit record's sequence number and hash.
     pub fn last_audit(&self) -> Result<Option<(i64, Vec<u8>)>> {
-        Ok(self.0.query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?))).optional()?)
+        let mut last = self.0.prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")?;
+        Ok(last.query_row([], |r| Ok((r.get(0)?, r.get(1)?))).optional()?)
     }
 
     pub fn insert_checkpoint(&self, c: &Checkpoint) -> Result<()> {
