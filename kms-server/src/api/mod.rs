@@ -167,8 +167,8 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 impl Shared {
     /// Runs one call: the service work (it may wait on the HSM or SQLite) on a data worker, or
     /// for the admin plane on tokio's blocking pool; then its audit record, durable before the
-    /// answer leaves (group commit). If the record cannot be written the call fails closed with UNAVAILABLE, whatever its result was; a
-    /// result holding a secret is dropped, and so wiped.
+    /// answer leaves (group commit). If the record cannot be written the call fails closed with
+    /// UNAVAILABLE, whatever its result was; a result holding a secret is dropped, and so wiped.
     async fn call<T: Send + 'static>(
         &self,
         operation: &'static str,

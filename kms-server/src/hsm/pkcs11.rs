@@ -107,16 +107,17 @@ fn setup(what: &str, e: CkError) -> HsmError {
     HsmError::Setup { reason: format!("{what}: {e}") }
 }
 
-/// Logs the user in on `session`; a wrong PIN is reported as such (and never retried).
-fn login(session: &Session, pin: &Pin) -> Result<(), HsmError> {
+/// Logs `who` (the user or the security officer) in on `session`; a wrong PIN is reported as
+/// such (and never retried: repeated wrong PINs lock the token).
+fn login(session: &Session, user: UserType, pin: &Pin, who: &'static str) -> Result<(), HsmError> {
     #[cfg(feature = "test-hooks")]
-    let attempt = super::faults::inject("C_Login").and_then(|()| session.login(UserType::User, Some(&AuthPin::from(pin.expose_secret()))));
+    let attempt = super::faults::inject("C_Login").and_then(|()| session.login(user, Some(&AuthPin::from(pin.expose_secret()))));
     #[cfg(not(feature = "test-hooks"))]
-    let attempt = session.login(UserType::User, Some(&AuthPin::from(pin.expose_secret())));
+    let attempt = session.login(user, Some(&AuthPin::from(pin.expose_secret())));
     match attempt {
         Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
-        Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => Err(HsmError::PinIncorrect { who: "user" }),
-        Err(e) => Err(setup("C_Login", e)),
+        Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => Err(HsmError::PinIncorrect { who }),
+        Err(e) => Err(setup(&format!("C_Login as {who}"), e)),
     }
 }
 
@@ -127,7 +128,7 @@ impl Link {
         ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).map_err(|e| setup("C_Initialize", e))?;
         let slot = find_slot(&ctx, token_label)?;
         let anchor = ctx.open_rw_session(slot).map_err(|e| setup("opening the anchor session", e))?;
-        login(&anchor, pin)?;
+        login(&anchor, UserType::User, pin, "user")?;
         Ok(Link { ctx, slot, anchor: Mutex::new(Some(anchor)), pool: SessionPool::new(sessions.max(1)), retired: AtomicBool::new(false) })
     }
 
@@ -145,7 +146,7 @@ impl Link {
     /// Logs the user in again on the anchor.
     fn login_again(&self, pin: &Pin) -> Result<(), HsmError> {
         match self.anchor.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            Some(anchor) => login(anchor, pin),
+            Some(anchor) => login(anchor, UserType::User, pin, "user"),
             None => Err(HsmError::Setup { reason: "the anchor session is gone".into() }),
         }
     }
@@ -369,15 +370,9 @@ pub fn create_backup_key(module: &Path, token_label: &str, user_pin: &Pin, so_pi
     ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).map_err(|e| setup("C_Initialize", e))?;
     let slot = find_slot(&ctx, token_label)?;
     let session = ctx.open_rw_session(slot).map_err(|e| setup("C_OpenSession", e))?;
-    let login = |user: UserType, pin: &Pin, who: &'static str| match session.login(user, Some(&AuthPin::from(pin.expose_secret()))) {
-        Ok(()) => Ok(()),
-        // Never retried: repeated wrong PINs lock the token.
-        Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => Err(HsmError::PinIncorrect { who }),
-        Err(e) => Err(setup(&format!("C_Login as {who}"), e)),
-    };
     let find = |label, class| session.find_objects(&templates::backup_half(label, class)).map_err(|e| setup("C_FindObjects", e));
 
-    login(UserType::User, user_pin, "user")?;
+    login(&session, UserType::User, user_pin, "user")?;
     let private = find(templates::BACKUP_UNWRAP_LABEL, ObjectClass::PRIVATE_KEY)?;
     let public = find(templates::BACKUP_WRAP_LABEL, ObjectClass::PUBLIC_KEY)?;
     if !private.is_empty() && !public.is_empty() {
@@ -402,7 +397,7 @@ pub fn create_backup_key(module: &Path, token_label: &str, user_pin: &Pin, so_pi
     }
     session.logout().map_err(|e| setup("C_Logout", e))?;
 
-    login(UserType::So, so_pin, "security officer")?;
+    login(&session, UserType::So, so_pin, "security officer")?;
     session.create_object(&templates::backup_wrap_key(modulus, exponent)).map_err(|e| setup("C_CreateObject (trusted backup wrapping key)", e))?;
     session.logout().map_err(|e| setup("C_Logout", e))?;
     Ok(BackupKeyOutcome::Created)
