@@ -10,6 +10,7 @@
 
 use anyhow::{Context, Result};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::RvError;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
@@ -72,6 +73,11 @@ fn describe(s: &Session, h: ObjectHandle) -> Result<Value> {
         out.insert(name, value);
     }
     Ok(Value::Object(out))
+}
+
+/// Whether `e` says the object no longer exists.
+fn vanished(e: &anyhow::Error) -> bool {
+    matches!(e.downcast_ref::<cryptoki::error::Error>(), Some(cryptoki::error::Error::Pkcs11(RvError::ObjectHandleInvalid, _)))
 }
 
 fn attack(s: &Session, h: ObjectHandle) -> Result<Value> {
@@ -159,7 +165,12 @@ fn main() -> Result<()> {
     let objects = session.find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])?;
     let mut out = Vec::new();
     for h in objects {
-        let mut v = describe(&session, h)?;
+        // The service may destroy an object between the search and the read (its destruction
+        // sweep runs while tests poll the token): a vanished object is simply not listed.
+        let mut v = match describe(&session, h) {
+            Err(e) if vanished(&e) => continue,
+            other => other?,
+        };
         if action == "attack" {
             if !v["label"].as_str().unwrap_or_default().starts_with("kms:") {
                 continue;
