@@ -258,33 +258,43 @@ impl Kms {
         Ok(proof)
     }
 
-    /// A fresh data key of `len` bytes from the HSM's generator, and its blob.
+    /// A fresh data key of `len` bytes from the HSM's generator, and its blob. The data key and
+    /// the IV it is encrypted under come from one draw (one HSM call fewer per data key).
     pub fn generate_data_key(&self, proof: &Authorized, len: usize, context: &EncryptionContext) -> Result<(Encrypted, SecretBytes)> {
-        let mut data_key = SecretBytes::zeroed(len);
+        let mut data_key = SecretBytes::zeroed(len + IV_LEN);
         self.hsm.random(data_key.expose_secret_mut())?;
-        let encrypted = self.encrypt(proof, data_key.expose_secret(), context)?;
+        let mut iv = Iv([0; IV_LEN]);
+        iv.0.copy_from_slice(&data_key.expose_secret()[len..]);
+        data_key.truncate(len);
+        let encrypted = self.encrypt_under(proof, data_key.expose_secret(), context, Some(iv))?;
         Ok((encrypted, data_key))
     }
 
     /// Encrypts under the primary version of the key the proof names.
     pub fn encrypt(&self, proof: &Authorized, plaintext: &[u8], context: &EncryptionContext) -> Result<Encrypted> {
+        self.encrypt_under(proof, plaintext, context, None)
+    }
+
+    /// `encrypt`, with an IV already drawn from the HSM's generator or (`None`) drawing one.
+    fn encrypt_under(&self, proof: &Authorized, plaintext: &[u8], context: &EncryptionContext, iv: Option<Iv>) -> Result<Encrypted> {
         if plaintext.len() > MAX_PLAINTEXT {
             return Err(Error::invalid("plaintext", format!("is {} bytes; at most {MAX_PLAINTEXT} are allowed", plaintext.len())));
         }
         let key = KeyRef::Id(proof.key_id());
         let entry = self.registry.entry(&key)?;
-        match self.encrypt_with(&entry, plaintext, context) {
+        match self.encrypt_with(&entry, plaintext, context, iv) {
             Err(Error::UsageExhausted { key_id, version }) => {
-                // The primary is spent: rotate now (if nobody did yet) and try once more.
+                // The primary is spent: rotate now (if nobody did yet) and try once more. The IV
+                // was not used: the budget is checked before anything is encrypted.
                 self.rotate_exhausted(key_id, version)?;
                 let entry = self.registry.entry(&key)?;
-                self.encrypt_with(&entry, plaintext, context)
+                self.encrypt_with(&entry, plaintext, context, iv)
             }
             other => other,
         }
     }
 
-    fn encrypt_with(&self, entry: &KeyEntry, plaintext: &[u8], context: &EncryptionContext) -> Result<Encrypted> {
+    fn encrypt_with(&self, entry: &KeyEntry, plaintext: &[u8], context: &EncryptionContext, iv: Option<Iv>) -> Result<Encrypted> {
         let key_id = entry.record.key_id;
         key_allows(entry.record.state, Use::Encrypt).map_err(|s| state_error(key_id, s))?;
         let version = entry.primary().ok_or_else(|| Error::precondition(format!("key {key_id} has no primary version")))?;
@@ -303,9 +313,15 @@ impl Kms {
                 tracing::error!(key_id = %key_id, error = %e, "automatic rotation at the usage threshold failed");
             }
         }
-        let mut iv = [0u8; IV_LEN];
-        self.hsm.random(&mut iv)?;
-        let header = BlobHeader { key_id, version: version.record.version, iv: Iv(iv) };
+        let iv = match iv {
+            Some(iv) => iv,
+            None => {
+                let mut iv = Iv([0; IV_LEN]);
+                self.hsm.random(&mut iv.0)?;
+                iv
+            }
+        };
+        let header = BlobHeader { key_id, version: version.record.version, iv };
         let ciphertext = self.hsm.encrypt(handle, &header.iv, &header.aad(context), plaintext)?;
         Ok(Encrypted { key_id, key_version: version.record.version, blob: Blob::encode(&header, &ciphertext) })
     }

@@ -7,6 +7,8 @@ use kms_tests::{Options, Server, create_key};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ivs_are_unique_over_a_hundred_thousand_encryptions() {
+    // Half Encrypt, half GenerateDataKey (whose data key and IV come from one draw: the IV must
+    // not be a slice of the data key it encrypts).
     let server = Server::start();
     let mut admin = server.admin().await;
     let key = create_key(&mut admin, "").await;
@@ -16,20 +18,35 @@ async fn ivs_are_unique_over_a_hundred_thousand_encryptions() {
         let key = key.clone();
         tasks.push(tokio::spawn(async move {
             let mut ivs = Vec::with_capacity(6250);
-            for _ in 0..6250 {
-                let blob = data
-                    .encrypt(pb::EncryptRequest {
-                        key_id: key.clone(),
-                        plaintext: Vec::new(),
-                        encryption_context: Default::default(),
-                        caller_context: None,
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .ciphertext_blob;
+            for i in 0..6250 {
+                let (blob, data_key) = if i % 2 == 0 {
+                    let mut r = data
+                        .encrypt(pb::EncryptRequest {
+                            key_id: key.clone(),
+                            plaintext: Vec::new(),
+                            encryption_context: Default::default(),
+                            caller_context: None,
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    (std::mem::take(&mut r.ciphertext_blob), Vec::new())
+                } else {
+                    let mut r = data
+                        .generate_data_key(pb::GenerateDataKeyRequest {
+                            key_id: key.clone(),
+                            key_spec: pb::DataKeySpec::Aes256 as i32,
+                            ..Default::default()
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    (std::mem::take(&mut r.ciphertext_blob), std::mem::take(&mut r.plaintext))
+                };
                 // The IV is at bytes 25..37 of the header (docs/blob-format.md).
-                ivs.push(<[u8; 12]>::try_from(&blob[25..37]).unwrap());
+                let iv = <[u8; 12]>::try_from(&blob[25..37]).unwrap();
+                assert!(!data_key.windows(12).any(|w| w == iv), "the IV is part of the data key");
+                ivs.push(iv);
             }
             ivs
         }));
