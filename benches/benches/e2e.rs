@@ -189,7 +189,7 @@ fn e2e(c: &mut Criterion) {
     ];
     for (name, call, per_call) in calls {
         g.throughput(Throughput::Elements(per_call as u64));
-        let in_flight: &[usize] = if per_call > 1 { &[4] } else { &[1, 16, 64] };
+        let in_flight: &[usize] = if per_call > 1 { &[4, 16] } else { &[1, 16, 64] };
         for &n in in_flight {
             g.bench_function(format!("{name}/{n}_in_flight"), |b| {
                 b.iter_custom(|iters| {
