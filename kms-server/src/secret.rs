@@ -33,12 +33,6 @@ impl SecretBytes {
         std::mem::take(&mut *self.0)
     }
 
-    /// Keeps the first `len` bytes; the rest are wiped with the buffer when it is dropped
-    /// (`Zeroizing` wipes a vector's whole capacity).
-    pub fn truncate(&mut self, len: usize) {
-        self.0.truncate(len);
-    }
-
     pub fn len(&self) -> usize {
         self.0.len()
     }

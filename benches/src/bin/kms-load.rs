@@ -42,6 +42,11 @@ struct Args {
     /// Operation mix in percent: decrypt, generate (GenerateDataKey), reencrypt, encrypt.
     #[arg(long, default_value = "decrypt=70,generate=20,reencrypt=10")]
     mix: String,
+    /// Items per call: above 1, `generate` and `decrypt` run as GenerateDataKeys and DecryptBatch
+    /// of this many items (1 to 256), the mix may name only those two, and rates also count data
+    /// keys, so that the service's share of the raw HSM rate is per data key.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    batch: u32,
     /// Open loop: offer this many requests per second in total (latency is measured from the
     /// scheduled start, so a stalled server shows up instead of slowing the offer).
     #[arg(long)]
@@ -73,17 +78,19 @@ enum Op {
 }
 
 impl Op {
-    fn name(self) -> &'static str {
-        match self {
-            Op::Decrypt => "Decrypt",
-            Op::Generate => "GenerateDataKey",
-            Op::ReEncrypt => "ReEncrypt",
-            Op::Encrypt => "Encrypt",
+    fn name(self, batch: u32) -> &'static str {
+        match (self, batch > 1) {
+            (Op::Decrypt, false) => "Decrypt",
+            (Op::Decrypt, true) => "DecryptBatch",
+            (Op::Generate, false) => "GenerateDataKey",
+            (Op::Generate, true) => "GenerateDataKeys",
+            (Op::ReEncrypt, _) => "ReEncrypt",
+            (Op::Encrypt, _) => "Encrypt",
         }
     }
 }
 
-fn parse_mix(s: &str) -> Result<Vec<(Op, u32)>> {
+fn parse_mix(s: &str, batch: u32) -> Result<Vec<(Op, u32)>> {
     let mut mix = Vec::new();
     for part in s.split(',') {
         let (name, pct) = part.split_once('=').context("--mix: NAME=PERCENT,...")?;
@@ -94,6 +101,9 @@ fn parse_mix(s: &str) -> Result<Vec<(Op, u32)>> {
             "encrypt" => Op::Encrypt,
             other => bail!("--mix: unknown operation {other:?}"),
         };
+        if batch > 1 && !matches!(op, Op::Decrypt | Op::Generate) {
+            bail!("--mix: {name} has no batch form; with --batch the mix names only decrypt and generate");
+        }
         mix.push((op, pct.parse()?));
     }
     if mix.iter().map(|(_, p)| p).sum::<u32>() != 100 {
@@ -127,27 +137,49 @@ struct Tally {
     errors: BTreeMap<String, u64>,
 }
 
-async fn call(client: &mut CryptoClient<Channel>, op: Op, key: &str, blob: &[u8]) -> Result<(), tonic::Code> {
+/// The code of a batch's first failed item, if one failed.
+fn first_failure<'a>(errors: impl Iterator<Item = Option<&'a pb::ItemError>>) -> Result<(), tonic::Code> {
+    match errors.flatten().next() {
+        Some(e) => Err(tonic::Code::from_i32(e.code)),
+        None => Ok(()),
+    }
+}
+
+/// One call of `op`; a batch call fails if any of its items did.
+async fn call(client: &mut CryptoClient<Channel>, op: Op, batch: u32, key: &str, blob: &[u8]) -> Result<(), tonic::Code> {
+    let decrypt =
+        || pb::DecryptRequest { ciphertext_blob: blob.to_vec(), encryption_context: Default::default(), key_id: String::new(), caller_context: None };
+    let generate = || pb::GenerateDataKeyRequest {
+        key_id: key.into(),
+        key_spec: pb::DataKeySpec::Aes256 as i32,
+        number_of_bytes: 0,
+        encryption_context: Default::default(),
+        caller_context: None,
+    };
+    let items = batch as usize;
     let r = match op {
-        Op::Decrypt => client
-            .decrypt(pb::DecryptRequest {
-                ciphertext_blob: blob.to_vec(),
-                encryption_context: Default::default(),
-                key_id: String::new(),
-                caller_context: None,
-            })
-            .await
-            .map(|_| ()),
-        Op::Generate => client
-            .generate_data_key(pb::GenerateDataKeyRequest {
-                key_id: key.into(),
-                key_spec: 1,
-                number_of_bytes: 0,
-                encryption_context: Default::default(),
-                caller_context: None,
-            })
-            .await
-            .map(|_| ()),
+        Op::Decrypt if batch > 1 => {
+            let r = client.decrypt_batch(pb::DecryptBatchRequest { items: vec![decrypt(); items], caller_context: None }).await;
+            return r.map_err(|s| s.code()).and_then(|r| {
+                use pb::decrypt_result::Result as R;
+                first_failure(r.get_ref().results.iter().map(|i| match &i.result {
+                    Some(R::Error(e)) => Some(e),
+                    _ => None,
+                }))
+            });
+        }
+        Op::Generate if batch > 1 => {
+            let r = client.generate_data_keys(pb::GenerateDataKeysRequest { items: vec![generate(); items], caller_context: None }).await;
+            return r.map_err(|s| s.code()).and_then(|r| {
+                use pb::generate_data_key_result::Result as R;
+                first_failure(r.get_ref().results.iter().map(|i| match &i.result {
+                    Some(R::Error(e)) => Some(e),
+                    _ => None,
+                }))
+            });
+        }
+        Op::Decrypt => client.decrypt(decrypt()).await.map(|_| ()),
+        Op::Generate => client.generate_data_key(generate()).await.map(|_| ()),
         Op::ReEncrypt => client
             .re_encrypt(pb::ReEncryptRequest {
                 ciphertext_blob: blob.to_vec(),
@@ -232,7 +264,7 @@ fn raw_hsm_rate(args: &Args, key_label_prefix: &str, secs: u64) -> Result<Value>
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let mix = parse_mix(&args.mix)?;
+    let mix = parse_mix(&args.mix, args.batch)?;
     let tls = Tls::dev(&args.pki);
     let mut channels = Vec::new();
     for _ in 0..args.channels.max(1) {
@@ -255,6 +287,7 @@ async fn main() -> Result<()> {
     let blob = Arc::new(gdk.ciphertext_blob.clone());
     drop(gdk);
 
+    let batch = args.batch;
     let before = args.server_pid.and_then(process_usage);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.duration);
@@ -270,9 +303,9 @@ async fn main() -> Result<()> {
                     while Instant::now() < deadline {
                         let op = picker.pick(&mix);
                         let t = Instant::now();
-                        match call(&mut client, op, &key, &blob).await {
+                        match call(&mut client, op, batch, &key, &blob).await {
                             Ok(()) => tally.latencies.entry(op).or_default().push(t.elapsed().as_micros() as u32),
-                            Err(code) => *tally.errors.entry(format!("{}: {code:?}", op.name())).or_default() += 1,
+                            Err(code) => *tally.errors.entry(format!("{}: {code:?}", op.name(batch))).or_default() += 1,
                         }
                     }
                     tally
@@ -304,7 +337,7 @@ async fn main() -> Result<()> {
                 let mut client = CryptoClient::new(channels[i % channels.len()].clone());
                 let (op, key, blob, scheduled) = (picker.pick(&mix), key_id.clone(), blob.clone(), started);
                 tasks.push(tokio::spawn(async move {
-                    let r = call(&mut client, op, &key, &blob).await;
+                    let r = call(&mut client, op, batch, &key, &blob).await;
                     drop(permit);
                     (op, scheduled.elapsed().as_micros() as u32, r)
                 }));
@@ -316,7 +349,7 @@ async fn main() -> Result<()> {
                 let (op, micros, r) = t.await?;
                 match r {
                     Ok(()) => tally.latencies.entry(op).or_default().push(micros),
-                    Err(code) => *tally.errors.entry(format!("{}: {code:?}", op.name())).or_default() += 1,
+                    Err(code) => *tally.errors.entry(format!("{}: {code:?}", op.name(batch))).or_default() += 1,
                 }
             }
             vec![tally]
@@ -337,15 +370,16 @@ async fn main() -> Result<()> {
     }
     let mut all: Vec<u32> = per_op.values().flatten().copied().collect();
     all.sort_unstable();
-    let service_rate = all.len() as f64 / elapsed;
+    // Data keys generated or unwrapped (or single calls) per second.
+    let service_rate = all.len() as f64 * f64::from(batch) / elapsed;
     let row = |name: &str, l: &mut Vec<u32>| {
         l.sort_unstable();
         json!({
-            "operation": name, "ok": l.len(), "per_second": l.len() as f64 / elapsed,
+            "operation": name, "ok": l.len(), "per_second": l.len() as f64 / elapsed, "items_per_second": (l.len() as f64) * f64::from(batch) / elapsed,
             "p50_us": percentile(l, 0.5), "p90_us": percentile(l, 0.9), "p99_us": percentile(l, 0.99), "p999_us": percentile(l, 0.999),
         })
     };
-    let mut rows: Vec<Value> = per_op.iter_mut().map(|(op, l)| row(op.name(), l)).collect();
+    let mut rows: Vec<Value> = per_op.iter_mut().map(|(op, l)| row(op.name(batch), l)).collect();
     rows.push(row("all", &mut all));
     let server = match (before, after) {
         (Some((_, t0)), Some((rss, t1))) => json!({"rss_kib": rss, "cpu_seconds": (t1 - t0) as f64 / 100.0}),
@@ -360,7 +394,7 @@ async fn main() -> Result<()> {
     // The service's rate as a share of what the HSM alone does of the same work.
     let share_of_hsm = hsm["ops_per_second"].as_f64().filter(|h| *h > 0.0).map(|h| service_rate / h);
     let report = json!({
-        "clients": args.clients, "channels": args.channels, "seconds": elapsed, "mix": args.mix,
+        "clients": args.clients, "channels": args.channels, "batch": batch, "seconds": elapsed, "mix": args.mix,
         "offered_rate": args.rate, "results": rows, "errors": errors, "server": server, "raw_hsm": hsm,
         "service_share_of_hsm": share_of_hsm,
     });
@@ -380,6 +414,9 @@ async fn main() -> Result<()> {
                 r["p999_us"]
             );
         }
+        if batch > 1 {
+            println!("data keys per second: {service_rate:.0} ({batch} a call)");
+        }
         println!("errors: {}", report["errors"]);
         println!("server: {}", report["server"]);
         println!("raw HSM: {}", report["raw_hsm"]);
@@ -396,10 +433,11 @@ mod tests {
 
     #[test]
     fn mixes_and_percentiles() {
-        assert!(parse_mix("decrypt=70,generate=20,reencrypt=10").is_ok());
-        assert!(parse_mix("decrypt=70").is_err());
-        assert!(parse_mix("sign=100").is_err());
-        let mix = parse_mix("decrypt=50,generate=50").unwrap();
+        assert!(parse_mix("decrypt=70,generate=20,reencrypt=10", 1).is_ok());
+        assert!(parse_mix("decrypt=70", 1).is_err());
+        assert!(parse_mix("sign=100", 1).is_err());
+        assert!(parse_mix("decrypt=70,generate=20,reencrypt=10", 64).is_err(), "ReEncrypt has no batch form");
+        let mix = parse_mix("decrypt=50,generate=50", 64).unwrap();
         let mut p = Picker(7);
         let decrypts = (0..10_000).filter(|_| p.pick(&mix) == Op::Decrypt).count();
         assert!((4000..6000).contains(&decrypts), "{decrypts}");

@@ -9,6 +9,7 @@ use crate::domain::blob::Blob;
 use crate::domain::blob::MAX_BLOB;
 use crate::domain::policy::Operation;
 use crate::error::Error;
+use crate::service::RandomDraw;
 
 /// The data plane's gRPC service.
 #[derive(Debug, Clone)]
@@ -123,6 +124,7 @@ fn generate_one(
     caller: &crate::service::Caller,
     facts: &mut Facts,
     r: pb::GenerateDataKeyRequest,
+    draw: &mut RandomDraw,
 ) -> Result<pb::GenerateDataKeyResponse, Error> {
     let key = key_ref("key_id", &r.key_id)?;
     facts.key_id = kms.key_id_of(&key);
@@ -130,7 +132,7 @@ fn generate_one(
     let ctx = context("encryption_context", r.encryption_context)?;
     facts.context = Some(ctx.clone());
     let proof = kms.authorize(caller, &key, Operation::GenerateDataKey, &ctx)?;
-    let (enc, data_key) = kms.generate_data_key(&proof, len, &ctx)?;
+    let (enc, data_key) = kms.generate_data_key(&proof, len, &ctx, draw)?;
     facts.key_version = Some(enc.key_version);
     Ok(pb::GenerateDataKeyResponse {
         revocation_epoch: kms.revocation_epoch(),
@@ -181,7 +183,7 @@ impl Crypto for CryptoService {
         self.0
             .call("GenerateDataKey", who, Audit::EveryOutcome, move |kms, caller, facts| {
                 facts.caller_context = caller_context(r.caller_context.take())?;
-                generate_one(kms, caller, facts, r)
+                generate_one(kms, caller, facts, r, &mut RandomDraw::for_data_keys(1))
             })
             .await
     }
@@ -192,7 +194,9 @@ impl Crypto for CryptoService {
         self.0
             .call("GenerateDataKeys", who, Audit::EveryOutcome, move |kms, caller, facts| {
                 facts.caller_context = caller_context(r.caller_context.take())?;
-                let results = batch(facts, caller, std::mem::take(&mut r.items), |item, facts| generate_one(kms, caller, facts, item))?;
+                let items = std::mem::take(&mut r.items);
+                let mut draw = RandomDraw::for_data_keys(items.len());
+                let results = batch(facts, caller, items, |item, facts| generate_one(kms, caller, facts, item, &mut draw))?;
                 let results = results
                     .into_iter()
                     .map(|result| pb::GenerateDataKeyResult {
@@ -243,7 +247,7 @@ impl Crypto for CryptoService {
                 let ctx = context("encryption_context", r.encryption_context)?;
                 facts.context = Some(ctx.clone());
                 let proof = kms.authorize(caller, &key, Operation::GenerateDataKeyWithoutPlaintext, &ctx)?;
-                let (enc, _data_key) = kms.generate_data_key(&proof, len, &ctx)?;
+                let (enc, _data_key) = kms.generate_data_key(&proof, len, &ctx, &mut RandomDraw::for_data_keys(1))?;
                 facts.key_version = Some(enc.key_version);
                 Ok(pb::GenerateDataKeyWithoutPlaintextResponse {
                     revocation_epoch: kms.revocation_epoch(),

@@ -87,6 +87,39 @@ pub struct Encrypted {
     pub blob: Vec<u8>,
 }
 
+/// The longest data key GenerateDataKey makes (AES-256).
+pub const MAX_DATA_KEY_LEN: usize = 32;
+
+/// Bytes from the HSM's generator, drawn in one call and handed out front to back, each byte
+/// once: the data keys and IVs of a whole batch come from one `C_GenerateRandom`. Nothing is
+/// drawn before the first `take`, so a request refused before it needs random bytes costs no
+/// HSM call. Wiped when dropped.
+#[derive(Debug)]
+pub struct RandomDraw {
+    bytes: SecretBytes,
+    used: usize,
+    size: usize,
+}
+
+impl RandomDraw {
+    /// Room for `count` data keys of up to `MAX_DATA_KEY_LEN` bytes, each with its IV.
+    pub fn for_data_keys(count: usize) -> RandomDraw {
+        RandomDraw { bytes: SecretBytes::zeroed(0), used: 0, size: count * (MAX_DATA_KEY_LEN + IV_LEN) }
+    }
+
+    /// The next `n` bytes, drawing afresh when too few are left.
+    fn take(&mut self, hsm: &dyn Hsm, n: usize) -> Result<&[u8]> {
+        if self.bytes.len() - self.used < n {
+            let mut bytes = SecretBytes::zeroed(self.size.max(n));
+            hsm.random(bytes.expose_secret_mut())?;
+            (self.bytes, self.used) = (bytes, 0);
+        }
+        let start = self.used;
+        self.used += n;
+        Ok(&self.bytes.expose_secret()[start..self.used])
+    }
+}
+
 /// The result of a decryption.
 #[derive(Debug)]
 pub struct Decrypted {
@@ -259,13 +292,19 @@ impl Kms {
     }
 
     /// A fresh data key of `len` bytes from the HSM's generator, and its blob. The data key and
-    /// the IV it is encrypted under come from one draw (one HSM call fewer per data key).
-    pub fn generate_data_key(&self, proof: &Authorized, len: usize, context: &EncryptionContext) -> Result<(Encrypted, SecretBytes)> {
-        let mut data_key = SecretBytes::zeroed(len + IV_LEN);
-        self.hsm.random(data_key.expose_secret_mut())?;
+    /// the IV it is encrypted under are taken from `draw` (one HSM call for all the data keys of
+    /// a batch, and one fewer for a single data key than drawing them apart).
+    pub fn generate_data_key(
+        &self,
+        proof: &Authorized,
+        len: usize,
+        context: &EncryptionContext,
+        draw: &mut RandomDraw,
+    ) -> Result<(Encrypted, SecretBytes)> {
+        let fresh = draw.take(self.hsm.as_ref(), len + IV_LEN)?;
+        let data_key = SecretBytes::new(fresh[..len].to_vec());
         let mut iv = Iv([0; IV_LEN]);
-        iv.0.copy_from_slice(&data_key.expose_secret()[len..]);
-        data_key.truncate(len);
+        iv.0.copy_from_slice(&fresh[len..]);
         let encrypted = self.encrypt_under(proof, data_key.expose_secret(), context, Some(iv))?;
         Ok((encrypted, data_key))
     }

@@ -107,3 +107,42 @@ async fn a_batch_must_have_one_to_256_items_without_their_own_caller_context() {
     let results = data.generate_data_keys(pb::GenerateDataKeysRequest { items: vec![item(&key, 1, &[]); 256], caller_context: None }).await.unwrap();
     assert_eq!(results.into_inner().results.len(), 256);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_draws_its_data_keys_and_ivs_from_the_hsm_at_once_and_each_is_distinct() {
+    let server = Server::start();
+    let mut admin = server.admin().await;
+    let mut data = server.data().await;
+    let key = create_key(&mut admin, "drawn").await;
+    let random_calls = || {
+        let (_, body) = server.http_get("/metrics");
+        let line = body.lines().find(|l| l.starts_with("kms_hsm_calls_total{function=\"C_GenerateRandom\",result=\"ok\"}")).unwrap_or("x 0");
+        line.rsplit(' ').next().unwrap().parse::<f64>().unwrap()
+    };
+    // 256 items (the most a batch may have), AES-256 and AES-128 keys in turn.
+    let items: Vec<_> = (0..256).map(|i| item(&key, if i % 2 == 0 { 1 } else { 2 }, &[])).collect();
+    let before = random_calls();
+    let results = data.generate_data_keys(pb::GenerateDataKeysRequest { items, caller_context: None }).await.unwrap().into_inner().results;
+    let draws = random_calls() - before;
+    // One draw for the batch; the health probe (once a second here) may draw once meanwhile.
+    assert!((1.0..=2.0).contains(&draws), "{draws} C_GenerateRandom calls for one batch");
+
+    let mut keys = std::collections::HashSet::new();
+    let mut ivs = std::collections::HashSet::new();
+    let mut decrypts = Vec::new();
+    for (i, r) in results.iter().enumerate() {
+        let Some(GenerateItem::DataKey(k)) = &r.result else { panic!("item {i}: {r:?}") };
+        assert_eq!(k.plaintext.len(), if i % 2 == 0 { 32 } else { 16 });
+        // The IV is at bytes 25..37 of the header (docs/blob-format.md).
+        let iv = k.ciphertext_blob[25..37].to_vec();
+        assert!(keys.iter().all(|other: &Vec<u8>| !other.windows(12).any(|w| w == iv.as_slice())), "item {i}'s IV is part of a data key");
+        assert!(keys.insert(k.plaintext.clone()), "item {i}'s data key repeats an earlier one");
+        assert!(ivs.insert(iv), "item {i}'s IV repeats an earlier one");
+        decrypts.push(pb::DecryptRequest { ciphertext_blob: k.ciphertext_blob.clone(), ..Default::default() });
+    }
+    let plaintexts = data.decrypt_batch(pb::DecryptBatchRequest { items: decrypts, caller_context: None }).await.unwrap().into_inner().results;
+    for (i, (p, r)) in plaintexts.iter().zip(&results).enumerate() {
+        let (Some(DecryptItem::Plaintext(p)), Some(GenerateItem::DataKey(k))) = (&p.result, &r.result) else { panic!("item {i}") };
+        assert_eq!(p.plaintext, k.plaintext, "item {i} decrypts to its data key");
+    }
+}
