@@ -2,18 +2,16 @@
 
 use kms_tests::{Server, create_key};
 
-#[tokio::test(flavor = "multi_thread")]
-async fn kms_load_reports_every_operation_and_the_raw_hsm_rate() {
-    let server = Server::start();
-    let mut admin = server.admin().await;
-    create_key(&mut admin, "load").await;
+/// Runs `kms-load` for one second against `server` with `args` and returns its JSON report.
+async fn run(server: &Server, args: &'static [&'static str]) -> serde_json::Value {
     let pid = server.pid().to_string();
     let out = tokio::task::spawn_blocking({
         let (data, pki, token) = (server.data_addr.clone(), server.pki_dir(), server.token.clone());
         move || {
             std::process::Command::new(kms_tests::bin("kms-load"))
                 .args(["--data-endpoint", &format!("https://{data}"), "--key", "alias/load", "--clients", "4", "--channels", "2"])
-                .args(["--duration", "1", "--mix", "decrypt=40,generate=30,reencrypt=20,encrypt=10", "--json", "--server-pid", &pid])
+                .args(["--duration", "1", "--json", "--server-pid", &pid])
+                .args(args)
                 .arg("--pki")
                 .arg(&pki)
                 .arg("--hsm-module")
@@ -30,15 +28,37 @@ async fn kms_load_reports_every_operation_and_the_raw_hsm_rate() {
     .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["errors"], serde_json::json!({}));
+    assert!(report["server"]["rss_kib"].as_u64().unwrap() > 0);
+    assert!(report["raw_hsm"]["ops_per_second"].as_f64().unwrap() > 0.0);
+    let share = report["service_share_of_hsm"].as_f64().unwrap();
+    assert!(share > 0.0 && share.is_finite(), "{report}");
+    report
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kms_load_reports_every_operation_and_the_raw_hsm_rate() {
+    let server = Server::start();
+    let mut admin = server.admin().await;
+    create_key(&mut admin, "load").await;
+
+    let report = run(&server, &["--mix", "decrypt=40,generate=30,reencrypt=20,encrypt=10"]).await;
     let results = report["results"].as_array().unwrap();
     assert_eq!(results.len(), 5, "four operations and the total: {report}");
     for r in results {
         assert!(r["ok"].as_u64().unwrap() > 0, "{r}");
         assert!(r["p50_us"].as_u64().unwrap() <= r["p99_us"].as_u64().unwrap());
     }
-    assert_eq!(report["errors"], serde_json::json!({}));
-    assert!(report["server"]["rss_kib"].as_u64().unwrap() > 0);
-    assert!(report["raw_hsm"]["ops_per_second"].as_f64().unwrap() > 0.0);
-    let share = report["service_share_of_hsm"].as_f64().unwrap();
-    assert!(share > 0.0 && share.is_finite(), "{report}");
+
+    // Batches: the two batch calls, counted per call and per data key, against the raw HSM rate
+    // of the same work done the service's way.
+    let report = run(&server, &["--mix", "decrypt=50,generate=50", "--batch", "8"]).await;
+    let names: Vec<&str> = report["results"].as_array().unwrap().iter().map(|r| r["operation"].as_str().unwrap()).collect();
+    assert_eq!(names, ["DecryptBatch", "GenerateDataKeys", "all"], "{report}");
+    for r in report["results"].as_array().unwrap() {
+        assert!(r["ok"].as_u64().unwrap() > 0, "{r}");
+        let (items, calls) = (r["items_per_second"].as_f64().unwrap(), r["per_second"].as_f64().unwrap());
+        assert!((items - 8.0 * calls).abs() < 1e-6 * items, "{r}");
+    }
+    assert_eq!(report["raw_hsm"]["operation"], "C_GenerateRandom(352) + 8 C_Encrypt(AES-GCM, 32 B)");
 }
