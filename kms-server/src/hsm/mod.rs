@@ -9,6 +9,7 @@
 #[cfg(feature = "test-hooks")]
 mod faults;
 pub mod pkcs11;
+mod raw;
 pub mod templates;
 
 use std::fmt;

@@ -362,9 +362,10 @@ pub enum BackupKeyOutcome {
 
 /// The provisioning step that needs both the user and the security officer, in a process of
 /// its own before the service opens the token (the two cannot be logged in at once): the user
-/// generates the backup key pair (the private half stays, private and never extractable); the
-/// security officer re-creates its public half as a trusted token object
-/// (`templates::backup_key_pair`). A no-op when the token holds both halves.
+/// generates the backup key pair (the private half stays, private and never extractable, and
+/// unwraps only into objects as protected as the ones backups carry:
+/// `templates::backup_unwrap_template`); the security officer re-creates its public half as a
+/// trusted token object (`templates::backup_key_pair`). A no-op when the token holds both halves.
 pub fn create_backup_key(module: &Path, token_label: &str, user_pin: &Pin, so_pin: &Pin) -> Result<BackupKeyOutcome, HsmError> {
     let ctx = Pkcs11::new(module).map_err(|e| setup(&format!("loading PKCS#11 module {}", module.display()), e))?;
     ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).map_err(|e| setup("C_Initialize", e))?;
@@ -382,9 +383,14 @@ pub fn create_backup_key(module: &Path, token_label: &str, user_pin: &Pin, so_pi
         return Err(HsmError::Setup { reason: "the token holds only one half of the backup key pair: remove it by hand and run this again".into() });
     }
     let (public_template, private_template) = templates::backup_key_pair();
-    let (public, _private) = session
-        .generate_key_pair(&Mechanism::RsaPkcsKeyPairGen, &public_template, &private_template)
-        .map_err(|e| setup("C_GenerateKeyPair (backup key)", e))?;
+    let public = super::raw::generate_rsa_pair_with_unwrap_template(
+        module,
+        &session,
+        &public_template,
+        &private_template,
+        &templates::backup_unwrap_template(),
+    )
+    .map_err(|e| setup("C_GenerateKeyPair (backup key)", e))?;
     let attrs =
         session.get_attributes(public, &[AttributeType::Modulus, AttributeType::PublicExponent]).map_err(|e| setup("C_GetAttributeValue", e))?;
     let (mut modulus, mut exponent) = (Vec::new(), Vec::new());

@@ -204,6 +204,15 @@ pub fn backup_key_pair() -> (Vec<Attribute>, Vec<Attribute>) {
     (public, private)
 }
 
+/// `CKA_UNWRAP_TEMPLATE` of the private backup key: what every key it unwraps must be. Without
+/// it, anyone holding the user PIN could wrap a key version under the trusted public half and
+/// unwrap it with the private half into a readable object. With it, an unwrapped key is
+/// sensitive, extractable only under a trusted key, and can neither wrap, unwrap nor derive,
+/// exactly as the objects backups carry (`Wrapped::unwrap_template` includes all of these).
+pub fn backup_unwrap_template() -> Vec<Attribute> {
+    vec![Attribute::Sensitive(true), Attribute::WrapWithTrusted(true), Attribute::Wrap(false), Attribute::Unwrap(false), Attribute::Derive(false)]
+}
+
 /// The trusted public wrapping key, as the security officer creates it from the pair's modulus
 /// and exponent.
 pub fn backup_wrap_key(modulus: Vec<u8>, public_exponent: Vec<u8>) -> Vec<Attribute> {
@@ -281,5 +290,20 @@ mod tests {
             assert_eq!(ObjectName::from_label(foreign), None, "{foreign}");
         }
         assert_eq!(&name.id()[16..], &[0, 0, 0, 12]);
+    }
+
+    /// The HSM refuses an unwrap whose template lacks any attribute of the backup key's unwrap
+    /// template, so a restore must carry every one of them for every kind of object.
+    #[test]
+    fn every_restore_template_satisfies_the_backup_unwrap_template() {
+        let version = Wrapped::Version(ObjectName { key_id: KeyId::from_bytes([2; 16]), version: 1 });
+        for what in [version, Wrapped::Service(ServiceKey::AuditMac), Wrapped::Service(ServiceKey::OfficerSecrets)] {
+            for token in [true, false] {
+                let template = what.unwrap_template(token);
+                for forced in backup_unwrap_template() {
+                    assert!(template.contains(&forced), "{what:?} (token {token}) lacks {forced:?}");
+                }
+            }
+        }
     }
 }

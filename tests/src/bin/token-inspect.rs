@@ -4,14 +4,18 @@
 //! * `list`: every secret key with its security attributes, as JSON.
 //! * `create-orphan:KEY_ID`: creates a service-named object with no database row.
 //! * `destroy:LABEL`: destroys an object behind the service's back.
-//! * `attack`: for every service key object, tries to read its value, to make it extractable
-//!   or not sensitive, to copy it into a readable object and to wrap it with a key that is not
-//!   trusted; prints what the HSM allowed, as JSON.
+//! * `attack`: for every key object of the service (key versions and its own keys), tries to
+//!   read its value, to make it extractable or not sensitive, to copy it into a readable object,
+//!   to wrap it with a key that is not trusted and, when the token holds the backup key pair,
+//!   to wrap it under the trusted half and unwrap it readable with the other; prints what the
+//!   HSM allowed, as JSON.
 
 use anyhow::{Context, Result};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::RvError;
 use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::MechanismType;
+use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
@@ -108,6 +112,7 @@ fn attack(s: &Session, h: ObjectHandle) -> Result<Value> {
     )?;
     let wrapped_by_untrusted = s.wrap_key(&Mechanism::AesKeyWrapPad, wrapping, h).is_ok();
     let _ = s.destroy_object(wrapping);
+    let through_backup_key = through_backup_key(s, h)?;
     Ok(json!({
         "value_readable": value_readable,
         "set_extractable": set_extractable,
@@ -115,6 +120,32 @@ fn attack(s: &Session, h: ObjectHandle) -> Result<Value> {
         "set_wrap": set_wrap,
         "copy_readable": copy_readable,
         "wrapped_by_untrusted": wrapped_by_untrusted,
+        "readable_through_backup_key": through_backup_key,
+    }))
+}
+
+/// With the backup key pair on the token: wraps the object under the trusted public half and
+/// unwraps it with the private half into a session object that is neither sensitive nor
+/// extractable-only-under-trust, then reads its value. `None` when the token has no backup key.
+fn through_backup_key(s: &Session, h: ObjectHandle) -> Result<Option<bool>> {
+    let find = |label: &str| -> Result<Option<ObjectHandle>> { Ok(s.find_objects(&[Attribute::Label(label.as_bytes().to_vec())])?.first().copied()) };
+    let (Some(wrap), Some(unwrap)) = (find("kms-backup-wrap")?, find("kms-backup-unwrap")?) else { return Ok(None) };
+    let oaep = Mechanism::RsaPkcsOaep(PkcsOaepParams::new(MechanismType::SHA1, PkcsMgfType::MGF1_SHA1, PkcsOaepSource::empty()));
+    let Ok(wrapped) = s.wrap_key(&oaep, wrap, h) else { return Ok(Some(false)) };
+    let readable = [
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(false),
+        Attribute::Sensitive(false),
+        Attribute::Extractable(true),
+    ];
+    Ok(Some(match s.unwrap_key(&oaep, unwrap, &wrapped, &readable) {
+        Ok(copy) => {
+            let value = s.get_attributes(copy, &[AttributeType::Value]).map(|a| a.iter().any(|a| matches!(a, Attribute::Value(_)))).unwrap_or(false);
+            let _ = s.destroy_object(copy);
+            value
+        }
+        Err(_) => false,
     }))
 }
 
@@ -172,7 +203,8 @@ fn main() -> Result<()> {
             other => other?,
         };
         if action == "attack" {
-            if !v["label"].as_str().unwrap_or_default().starts_with("kms:") {
+            // The key versions (`kms:…`) and the service's own keys (`kms-…`).
+            if !v["label"].as_str().unwrap_or_default().starts_with("kms") {
                 continue;
             }
             v["attack"] = attack(&session, h)?;

@@ -66,11 +66,32 @@ async fn every_key_object_is_sensitive_pinned_and_cannot_be_extracted() {
     }
 
     let attacked: Vec<serde_json::Value> = serde_json::from_slice(&server.inspect("attack")).unwrap();
-    assert_eq!(attacked.len(), 3);
+    assert_eq!(attacked.len(), 6, "three key versions and the three keys of the service itself");
     for o in attacked {
         let a = &o["attack"];
         for attempt in ["value_readable", "set_extractable", "set_not_sensitive", "set_wrap", "copy_readable", "wrapped_by_untrusted"] {
             assert_eq!(a[attempt].as_bool(), Some(false), "{}: {attempt} was allowed", o["label"]);
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_backup_key_pair_on_the_token_no_key_can_be_unwrapped_into_a_readable_object() {
+    // The attack: wrap an object under the trusted public backup key, unwrap it with the private
+    // one into a session object that is not sensitive, read its value. The private key's
+    // CKA_UNWRAP_TEMPLATE makes the HSM refuse that unwrap.
+    let server = Server::start_with(kms_tests::Options { backup_key: true, ..Default::default() });
+    let mut admin = server.admin().await;
+    let key = create_key(&mut admin, "guarded").await;
+    admin.rotate_key(pb::RotateKeyRequest { key_id: key }).await.unwrap();
+    let attacked: Vec<serde_json::Value> = serde_json::from_slice(&server.inspect("attack")).unwrap();
+    let labels: Vec<&str> = attacked.iter().map(|o| o["label"].as_str().unwrap()).collect();
+    assert_eq!(attacked.len(), 5, "two versions, the audit and officer keys and the canary: {labels:?}");
+    for o in &attacked {
+        let a = &o["attack"];
+        for attempt in ["value_readable", "set_extractable", "set_not_sensitive", "set_wrap", "copy_readable", "wrapped_by_untrusted"] {
+            assert_eq!(a[attempt].as_bool(), Some(false), "{}: {attempt} was allowed", o["label"]);
+        }
+        assert_eq!(a["readable_through_backup_key"].as_bool(), Some(false), "{}: read through the backup key", o["label"]);
     }
 }

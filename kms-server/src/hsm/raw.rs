@@ -1,0 +1,61 @@
+//! The one PKCS#11 call cryptoki cannot make: `C_GenerateKeyPair` with an attribute whose value
+//! is itself a template (`CKA_UNWRAP_TEMPLATE`), which cryptoki's `Attribute` has no variant
+//! for. It is made through cryptoki's own raw bindings, on the session cryptoki opened, in the
+//! module the process has already loaded and initialised (loading it again returns the same
+//! library), so the session handle is valid for it.
+
+#![allow(unsafe_code)]
+
+use std::path::Path;
+
+use cryptoki::context::Function;
+use cryptoki::error::{Error as CkError, Rv};
+use cryptoki::object::{Attribute, ObjectHandle};
+use cryptoki::session::Session;
+use cryptoki_sys as sys;
+
+/// Generates an RSA key pair (`CKM_RSA_PKCS_KEY_PAIR_GEN`) whose private half carries
+/// `CKA_UNWRAP_TEMPLATE = unwrap_template`: the HSM then refuses to unwrap any key whose
+/// template lacks one of those attributes with the same value. Returns the public half.
+pub fn generate_rsa_pair_with_unwrap_template(
+    module: &Path,
+    session: &Session,
+    public: &[Attribute],
+    private: &[Attribute],
+    unwrap_template: &[Attribute],
+) -> Result<ObjectHandle, CkError> {
+    // Each CK_ATTRIBUTE points into the `Attribute` it was made from: these vectors and the
+    // caller's templates outlive the call.
+    let mut forced: Vec<sys::CK_ATTRIBUTE> = unwrap_template.iter().map(Into::into).collect();
+    let mut private: Vec<sys::CK_ATTRIBUTE> = private.iter().map(Into::into).collect();
+    private.push(sys::CK_ATTRIBUTE {
+        type_: sys::CKA_UNWRAP_TEMPLATE,
+        pValue: forced.as_mut_ptr().cast(),
+        ulValueLen: sys::CK_ULONG::try_from(forced.len() * size_of::<sys::CK_ATTRIBUTE>())?,
+    });
+    let mut public: Vec<sys::CK_ATTRIBUTE> = public.iter().map(Into::into).collect();
+    let mut mechanism = sys::CK_MECHANISM { mechanism: sys::CKM_RSA_PKCS_KEY_PAIR_GEN, pParameter: std::ptr::null_mut(), ulParameterLen: 0 };
+    let (mut public_handle, mut private_handle) = (0, 0);
+    // SAFETY: `Pkcs11::new` only loads the library (dlopen: the already loaded instance) and
+    // resolves its symbols; the function list it returns lives as long as the library, which
+    // cryptoki's own context keeps loaded. Every pointer passed points into a live vector of the
+    // length given, and the two handles are written by the callee.
+    unsafe {
+        let library = sys::Pkcs11::new(module).map_err(CkError::LibraryLoading)?;
+        let mut list: *mut sys::CK_FUNCTION_LIST = std::ptr::null_mut();
+        Rv::from(library.C_GetFunctionList(&mut list)).into_result(Function::GetFunctionList)?;
+        let generate = list.as_ref().and_then(|l| l.C_GenerateKeyPair).ok_or(CkError::NullFunctionPointer)?;
+        Rv::from(generate(
+            session.handle(),
+            &mut mechanism,
+            public.as_mut_ptr(),
+            sys::CK_ULONG::try_from(public.len())?,
+            private.as_mut_ptr(),
+            sys::CK_ULONG::try_from(private.len())?,
+            &mut public_handle,
+            &mut private_handle,
+        ))
+        .into_result(Function::GenerateKeyPair)?;
+        Ok(ObjectHandle::new_from_raw(public_handle))
+    }
+}
