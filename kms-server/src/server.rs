@@ -100,6 +100,10 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     if tokio::task::spawn_blocking(move || reviewed.access_review()).await??.signoff_overdue {
         tracing::warn!("the access review has not been signed off in the last 365 days: run `kmsctl review`");
     }
+    let checked = kms.clone();
+    if let Some(warning) = tokio::task::spawn_blocking(move || checked.unguarded_backup_key()).await? {
+        tracing::error!("{warning}");
+    }
     let (audit_writer, audit_thread) =
         AuditWriter::start(store, kms.checkpointer(config.audit.checkpoint_every_records, config.audit.checkpoint_every_seconds))?;
     let hsm_deadline = Duration::from_millis(config.hsm.deadline_ms);

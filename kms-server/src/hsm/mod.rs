@@ -99,6 +99,10 @@ pub struct BackupKey {
     pub wrap: Option<KeyHandle>,
     /// The private key that unwraps.
     pub unwrap: Option<KeyHandle>,
+    /// Whether the private key carries its `CKA_UNWRAP_TEMPLATE` (`templates::
+    /// backup_unwrap_template`); a pair made before that was set lets the user PIN unwrap a
+    /// readable copy of any key, and must be made again.
+    pub unwrap_guarded: bool,
 }
 
 /// The session pool's use, for status and metrics.

@@ -353,6 +353,11 @@ fn backup_mechanism() -> Mechanism<'static> {
     Mechanism::RsaPkcsOaep(PkcsOaepParams::new(MechanismType::SHA1, PkcsMgfType::MGF1_SHA1, PkcsOaepSource::empty()))
 }
 
+/// What is wrong with a backup key pair made without its unwrap template, and what to do.
+pub const UNGUARDED_BACKUP_KEY: &str = "the token's backup key pair was made without CKA_UNWRAP_TEMPLATE (before 2026-11-30): \
+     anyone with the user PIN can unwrap a readable copy of any key with it. Delete both halves (labels kms-backup-wrap and \
+     kms-backup-unwrap) with the HSM's tools, run kms-server backup-key again and take a new backup";
+
 /// Whether `create_backup_key` made the key pair or found it already there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackupKeyOutcome {
@@ -376,7 +381,10 @@ pub fn create_backup_key(module: &Path, token_label: &str, user_pin: &Pin, so_pi
     login(&session, UserType::User, user_pin, "user")?;
     let private = find(templates::BACKUP_UNWRAP_LABEL, ObjectClass::PRIVATE_KEY)?;
     let public = find(templates::BACKUP_WRAP_LABEL, ObjectClass::PUBLIC_KEY)?;
-    if !private.is_empty() && !public.is_empty() {
+    if let (Some(private), Some(_)) = (private.first(), public.first()) {
+        if !super::raw::has_unwrap_template(module, &session, *private).map_err(|e| setup("C_GetAttributeValue (CKA_UNWRAP_TEMPLATE)", e))? {
+            return Err(HsmError::Setup { reason: UNGUARDED_BACKUP_KEY.into() });
+        }
         return Ok(BackupKeyOutcome::AlreadyPresent);
     }
     if !private.is_empty() || !public.is_empty() {
@@ -519,12 +527,14 @@ impl Hsm for Pkcs11Hsm {
     fn backup_key(&self) -> Result<BackupKey, HsmError> {
         let generation = self.generation();
         self.with_session("C_FindObjects", |s| {
-            let find =
-                |label, class| s.find_objects(&templates::backup_half(label, class)).map(|found| found.first().map(|o| Self::tag(*o, generation)));
-            Ok(BackupKey {
-                wrap: find(templates::BACKUP_WRAP_LABEL, ObjectClass::PUBLIC_KEY)?,
-                unwrap: find(templates::BACKUP_UNWRAP_LABEL, ObjectClass::PRIVATE_KEY)?,
-            })
+            let find = |label, class| s.find_objects(&templates::backup_half(label, class)).map(|found| found.first().copied());
+            let wrap = find(templates::BACKUP_WRAP_LABEL, ObjectClass::PUBLIC_KEY)?;
+            let unwrap = find(templates::BACKUP_UNWRAP_LABEL, ObjectClass::PRIVATE_KEY)?;
+            let unwrap_guarded = match unwrap {
+                Some(key) => super::raw::has_unwrap_template(&self.module, s, key)?,
+                None => false,
+            };
+            Ok(BackupKey { wrap: wrap.map(|o| Self::tag(o, generation)), unwrap: unwrap.map(|o| Self::tag(o, generation)), unwrap_guarded })
         })
     }
 

@@ -41,10 +41,8 @@ pub fn generate_rsa_pair_with_unwrap_template(
     // cryptoki's own context keeps loaded. Every pointer passed points into a live vector of the
     // length given, and the two handles are written by the callee.
     unsafe {
-        let library = sys::Pkcs11::new(module).map_err(CkError::LibraryLoading)?;
-        let mut list: *mut sys::CK_FUNCTION_LIST = std::ptr::null_mut();
-        Rv::from(library.C_GetFunctionList(&mut list)).into_result(Function::GetFunctionList)?;
-        let generate = list.as_ref().and_then(|l| l.C_GenerateKeyPair).ok_or(CkError::NullFunctionPointer)?;
+        let (_library, list) = function_list(module)?;
+        let generate = list.C_GenerateKeyPair.ok_or(CkError::NullFunctionPointer)?;
         Rv::from(generate(
             session.handle(),
             &mut mechanism,
@@ -57,5 +55,40 @@ pub fn generate_rsa_pair_with_unwrap_template(
         ))
         .into_result(Function::GenerateKeyPair)?;
         Ok(ObjectHandle::new_from_raw(public_handle))
+    }
+}
+
+/// Whether `key` carries a non-empty `CKA_UNWRAP_TEMPLATE` (a backup key pair made before it
+/// was set has none, or an empty one).
+pub fn has_unwrap_template(module: &Path, session: &Session, key: ObjectHandle) -> Result<bool, CkError> {
+    let mut query = [sys::CK_ATTRIBUTE { type_: sys::CKA_UNWRAP_TEMPLATE, pValue: std::ptr::null_mut(), ulValueLen: 0 }];
+    // SAFETY: as above; with a null `pValue` the callee only writes the attribute's length into
+    // the one-element array passed.
+    let rv = unsafe {
+        let (_library, list) = function_list(module)?;
+        let get = list.C_GetAttributeValue.ok_or(CkError::NullFunctionPointer)?;
+        get(session.handle(), key.handle(), query.as_mut_ptr(), 1)
+    };
+    if rv == sys::CKR_ATTRIBUTE_TYPE_INVALID {
+        return Ok(false);
+    }
+    Rv::from(rv).into_result(Function::GetAttributeValue)?;
+    Ok(query[0].ulValueLen != sys::CK_UNAVAILABLE_INFORMATION && query[0].ulValueLen > 0)
+}
+
+/// The module's function list, with the library handle that keeps it valid.
+///
+/// # Safety
+/// The module must be a PKCS#11 library that this process has already initialised through
+/// cryptoki; the list must not be used after the returned library is dropped.
+unsafe fn function_list(module: &Path) -> Result<(sys::Pkcs11, sys::CK_FUNCTION_LIST), CkError> {
+    // SAFETY: loading an already loaded library only takes another reference to it; the
+    // pointer C_GetFunctionList returns is checked for null and read while the library is held.
+    unsafe {
+        let library = sys::Pkcs11::new(module).map_err(CkError::LibraryLoading)?;
+        let mut list: *mut sys::CK_FUNCTION_LIST = std::ptr::null_mut();
+        Rv::from(library.C_GetFunctionList(&mut list)).into_result(Function::GetFunctionList)?;
+        let list = *list.as_ref().ok_or(CkError::NullFunctionPointer)?;
+        Ok((library, list))
     }
 }

@@ -34,6 +34,13 @@ pub struct SectionDigests {
 }
 
 impl Kms {
+    /// What to tell the operator when the token holds a backup key pair made without its unwrap
+    /// template (logged at startup, listed by `kmsctl status`).
+    pub fn unguarded_backup_key(&self) -> Option<&'static str> {
+        matches!(self.hsm.backup_key(), Ok(crate::hsm::BackupKey { unwrap: Some(_), unwrap_guarded: false, .. }))
+            .then_some(crate::hsm::pkcs11::UNGUARDED_BACKUP_KEY)
+    }
+
     /// The trusted public half of the backup key pair, which backups are wrapped under.
     fn backup_wrap_key(&self) -> Result<crate::hsm::KeyHandle> {
         self.hsm.backup_key()?.wrap.ok_or_else(|| {

@@ -153,6 +153,9 @@ impl Kms {
         } else if let (Health::Degraded, Some(last)) = (health, hsm_failures.first()) {
             warnings.push(format!("HSM calls failed in the last minute (the last: {} {})", last.function, last.code));
         }
+        if let Some(warning) = self.unguarded_backup_key() {
+            warnings.push(warning.into());
+        }
         if review_overdue {
             warnings.push("the access review has not been signed off in the last 365 days: run `kmsctl review`".into());
         }

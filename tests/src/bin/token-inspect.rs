@@ -4,6 +4,8 @@
 //! * `list`: every secret key with its security attributes, as JSON.
 //! * `create-orphan:KEY_ID`: creates a service-named object with no database row.
 //! * `destroy:LABEL`: destroys an object behind the service's back.
+//! * `make-unguarded-backup-key`: a backup key pair without its unwrap template, as the key
+//!   ceremony made it before 2026-11-30.
 //! * `attack`: for every key object of the service (key versions and its own keys), tries to
 //!   read its value, to make it extractable or not sensitive, to copy it into a readable object,
 //!   to wrap it with a key that is not trusted and, when the token holds the backup key pair,
@@ -164,6 +166,30 @@ fn main() -> Result<()> {
     let session = pkcs11.open_rw_session(slot)?;
     let pin = std::fs::read_to_string(pin_file)?;
     session.login(UserType::User, Some(&AuthPin::from(pin.trim())))?;
+    if action == "make-unguarded-backup-key" {
+        // A backup key pair as `kms-server backup-key` made it before the private half carried
+        // CKA_UNWRAP_TEMPLATE (the public half is not marked trusted here: that needs the SO).
+        session.generate_key_pair(
+            &Mechanism::RsaPkcsKeyPairGen,
+            &[
+                Attribute::Token(true),
+                Attribute::ModulusBits(2048.into()),
+                Attribute::PublicExponent(vec![1, 0, 1]),
+                Attribute::Wrap(true),
+                Attribute::Label(b"kms-backup-wrap".to_vec()),
+            ],
+            &[
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Unwrap(true),
+                Attribute::Label(b"kms-backup-unwrap".to_vec()),
+            ],
+        )?;
+        println!("made");
+        return Ok(());
+    }
     if let Some(key_id) = action.strip_prefix("create-orphan:") {
         // An object as an interrupted CreateKey would leave it: named like a service key, with
         // no row in the database.
