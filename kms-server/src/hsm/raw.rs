@@ -1,8 +1,8 @@
-//! The one PKCS#11 call cryptoki cannot make: `C_GenerateKeyPair` with an attribute whose value
-//! is itself a template (`CKA_UNWRAP_TEMPLATE`), which cryptoki's `Attribute` has no variant
-//! for. It is made through cryptoki's own raw bindings, on the session cryptoki opened, in the
-//! module the process has already loaded and initialised (loading it again returns the same
-//! library), so the session handle is valid for it.
+//! The two PKCS#11 calls cryptoki cannot make, both about an attribute whose value is itself a
+//! template (`CKA_UNWRAP_TEMPLATE`), which cryptoki's `Attribute` has no variant for: making the
+//! backup key pair with it, and asking whether a key has it. They go through cryptoki's own raw
+//! bindings, on a session cryptoki opened, in the module the process has already loaded and
+//! initialised (loading it again returns the same library), so the session handle is valid.
 
 #![allow(unsafe_code)]
 
@@ -36,10 +36,8 @@ pub fn generate_rsa_pair_with_unwrap_template(
     let mut public: Vec<sys::CK_ATTRIBUTE> = public.iter().map(Into::into).collect();
     let mut mechanism = sys::CK_MECHANISM { mechanism: sys::CKM_RSA_PKCS_KEY_PAIR_GEN, pParameter: std::ptr::null_mut(), ulParameterLen: 0 };
     let (mut public_handle, mut private_handle) = (0, 0);
-    // SAFETY: `Pkcs11::new` only loads the library (dlopen: the already loaded instance) and
-    // resolves its symbols; the function list it returns lives as long as the library, which
-    // cryptoki's own context keeps loaded. Every pointer passed points into a live vector of the
-    // length given, and the two handles are written by the callee.
+    // SAFETY: see `function_list`; every pointer passed points into a live vector of the length
+    // given, and the callee writes only the two handles.
     unsafe {
         let (_library, list) = function_list(module)?;
         let generate = list.C_GenerateKeyPair.ok_or(CkError::NullFunctionPointer)?;
@@ -62,8 +60,8 @@ pub fn generate_rsa_pair_with_unwrap_template(
 /// was set has none, or an empty one).
 pub fn has_unwrap_template(module: &Path, session: &Session, key: ObjectHandle) -> Result<bool, CkError> {
     let mut query = [sys::CK_ATTRIBUTE { type_: sys::CKA_UNWRAP_TEMPLATE, pValue: std::ptr::null_mut(), ulValueLen: 0 }];
-    // SAFETY: as above; with a null `pValue` the callee only writes the attribute's length into
-    // the one-element array passed.
+    // SAFETY: see `function_list`; with a null `pValue` the callee only writes the attribute's
+    // length into the one-element array passed.
     let rv = unsafe {
         let (_library, list) = function_list(module)?;
         let get = list.C_GetAttributeValue.ok_or(CkError::NullFunctionPointer)?;
