@@ -164,6 +164,14 @@ async fn drill_backup_wipe_restore_every_blob_decrypts_and_the_audit_verifies() 
     assert_eq!(state, "Destroyed");
     assert_eq!(server.object_labels(), server.live_version_labels(), "HSM objects and live rows agree");
     assert!(!server.object_labels().iter().any(|o| o.contains(&keys[2])), "the destroyed key's material came back");
+    // Restored objects are as hard to get out as the originals, the backup key pair included.
+    let attacked: Vec<serde_json::Value> = serde_json::from_slice(&server.inspect("attack")).unwrap();
+    assert!(attacked.len() >= 6, "the restored versions and the service's keys: {attacked:?}");
+    for o in &attacked {
+        for (attempt, allowed) in o["attack"].as_object().unwrap() {
+            assert_eq!(allowed.as_bool(), Some(false), "{}: {attempt} was allowed on a restored object", o["label"]);
+        }
+    }
 
     // The restored versions encrypt no more (their use after the backup is unknown): the first
     // encryption rotates the key.
