@@ -7,16 +7,16 @@
 //! or anything secret.
 
 use crate::service::status::Health;
-
-/// A series' `# HELP` and `# TYPE` lines.
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
+
+/// A series' `# HELP` and `# TYPE` lines.
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
 
 /// Latency buckets in seconds: from 100 µs (an HSM call on SoftHSM2 is ~20 µs, a request
 /// ~300 µs) to AWS's external key store timeout (250 ms) and the HSM deadline (2 s).

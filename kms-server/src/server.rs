@@ -101,7 +101,7 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
         tracing::warn!("the access review has not been signed off in the last 365 days: run `kmsctl review`");
     }
     let checked = kms.clone();
-    if let Some(warning) = tokio::task::spawn_blocking(move || checked.unguarded_backup_key()).await? {
+    if let Some(warning) = tokio::task::spawn_blocking(move || checked.check_backup_key()).await? {
         tracing::error!("{warning}");
     }
     let (audit_writer, audit_thread) =

@@ -99,10 +99,6 @@ pub struct BackupKey {
     pub wrap: Option<KeyHandle>,
     /// The private key that unwraps.
     pub unwrap: Option<KeyHandle>,
-    /// Whether the private key carries its `CKA_UNWRAP_TEMPLATE` (`templates::
-    /// backup_unwrap_template`); a pair made before that was set lets the user PIN unwrap a
-    /// readable copy of any key, and must be made again.
-    pub unwrap_guarded: bool,
 }
 
 /// The session pool's use, for status and metrics.
@@ -156,6 +152,11 @@ pub trait Hsm: Send + Sync {
 
     /// The backup key pair's halves the token holds (`templates::backup_key_pair`).
     fn backup_key(&self) -> Result<BackupKey, HsmError>;
+
+    /// Whether the token holds a private backup key without its `CKA_UNWRAP_TEMPLATE`
+    /// (`templates::backup_unwrap_template`): a pair made before that was set lets the user PIN
+    /// unwrap a readable copy of any key, and must be made again.
+    fn backup_key_unguarded(&self) -> Result<bool, HsmError>;
 
     /// Wraps `key` under the trusted public backup key (RSA-OAEP). The HSM refuses any object
     /// that is not extractable under a trusted key.

@@ -527,14 +527,21 @@ impl Hsm for Pkcs11Hsm {
     fn backup_key(&self) -> Result<BackupKey, HsmError> {
         let generation = self.generation();
         self.with_session("C_FindObjects", |s| {
-            let find = |label, class| s.find_objects(&templates::backup_half(label, class)).map(|found| found.first().copied());
-            let wrap = find(templates::BACKUP_WRAP_LABEL, ObjectClass::PUBLIC_KEY)?;
-            let unwrap = find(templates::BACKUP_UNWRAP_LABEL, ObjectClass::PRIVATE_KEY)?;
-            let unwrap_guarded = match unwrap {
-                Some(key) => super::raw::has_unwrap_template(&self.module, s, key)?,
-                None => false,
-            };
-            Ok(BackupKey { wrap: wrap.map(|o| Self::tag(o, generation)), unwrap: unwrap.map(|o| Self::tag(o, generation)), unwrap_guarded })
+            let find =
+                |label, class| s.find_objects(&templates::backup_half(label, class)).map(|found| found.first().map(|o| Self::tag(*o, generation)));
+            Ok(BackupKey {
+                wrap: find(templates::BACKUP_WRAP_LABEL, ObjectClass::PUBLIC_KEY)?,
+                unwrap: find(templates::BACKUP_UNWRAP_LABEL, ObjectClass::PRIVATE_KEY)?,
+            })
+        })
+    }
+
+    fn backup_key_unguarded(&self) -> Result<bool, HsmError> {
+        self.with_session("C_FindObjects", |s| {
+            match s.find_objects(&templates::backup_half(templates::BACKUP_UNWRAP_LABEL, ObjectClass::PRIVATE_KEY))?.first() {
+                Some(private) => Ok(!super::raw::has_unwrap_template(&self.module, s, *private)?),
+                None => Ok(false),
+            }
         })
     }
 

@@ -34,11 +34,20 @@ pub struct SectionDigests {
 }
 
 impl Kms {
-    /// What to tell the operator when the token holds a backup key pair made without its unwrap
-    /// template (logged at startup, listed by `kmsctl status`).
-    pub fn unguarded_backup_key(&self) -> Option<&'static str> {
-        matches!(self.hsm.backup_key(), Ok(crate::hsm::BackupKey { unwrap: Some(_), unwrap_guarded: false, .. }))
-            .then_some(crate::hsm::pkcs11::UNGUARDED_BACKUP_KEY)
+    /// Looks at the backup key pair (at startup, and after each backup: the pair changes only
+    /// when the key ceremony runs) and returns what to tell the operator when it was made
+    /// without its unwrap template. A failed look keeps what was known.
+    pub fn check_backup_key(&self) -> Option<&'static str> {
+        match self.hsm.backup_key_unguarded() {
+            Ok(unguarded) => self.backup_key_unguarded.store(unguarded, std::sync::atomic::Ordering::Relaxed),
+            Err(e) => tracing::warn!(error = %e, "could not check the backup key pair's unwrap template"),
+        }
+        self.backup_key_warning()
+    }
+
+    /// The warning for an unguarded backup key pair, as last checked (`kmsctl status`).
+    pub fn backup_key_warning(&self) -> Option<&'static str> {
+        self.backup_key_unguarded.load(std::sync::atomic::Ordering::Relaxed).then_some(crate::hsm::pkcs11::UNGUARDED_BACKUP_KEY)
     }
 
     /// The trusted public half of the backup key pair, which backups are wrapped under.
@@ -111,6 +120,8 @@ impl Kms {
         self.store.write(|tx| tx.append_audit(&caller.audit("CreateBackup", None, None, detail.clone()), now()))?;
         crash_point("CreateBackup", Step::AfterCommit);
         tracing::info!(keys, live_versions, "backup made");
+        // An operator replacing an unguarded pair takes a backup next: see whether it is done.
+        self.check_backup_key();
         Ok(BackupFile { manifest, head, database })
     }
 

@@ -164,6 +164,9 @@ pub struct Kms {
     last_probe: status::LastProbe,
     /// Per-principal rate limits; `None` when they are off, so that no call takes a lock for them.
     limiter: Option<Mutex<crate::domain::rate::RateLimiter>>,
+    /// Whether the token's backup key pair lacks its unwrap template, as last looked at
+    /// (`check_backup_key`: at startup and after each backup, not on every status or scrape).
+    backup_key_unguarded: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Kms {
@@ -193,6 +196,7 @@ impl Kms {
             registry: Registry::default(),
             settings,
             admin: Mutex::new(()),
+            backup_key_unguarded: std::sync::atomic::AtomicBool::new(false),
         };
         kms.recover()?;
         Ok(kms)

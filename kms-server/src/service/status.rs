@@ -153,7 +153,7 @@ impl Kms {
         } else if let (Health::Degraded, Some(last)) = (health, hsm_failures.first()) {
             warnings.push(format!("HSM calls failed in the last minute (the last: {} {})", last.function, last.code));
         }
-        if let Some(warning) = self.unguarded_backup_key() {
+        if let Some(warning) = self.backup_key_warning() {
             warnings.push(warning.into());
         }
         if review_overdue {

@@ -104,13 +104,16 @@ async fn with_the_backup_key_pair_on_the_token_no_key_can_be_unwrapped_into_a_re
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backup_key_pair_without_its_unwrap_template_is_refused_by_the_ceremony_and_reported() {
-    let server = Server::start();
+    let mut server = Server::start();
     server.inspect("make-unguarded-backup-key");
     let so_pin = server.token.so_pin_file.display().to_string();
     let out = server.server_command(&["backup-key", "--so-pin-file", &so_pin]).unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the ceremony accepted an unguarded pair");
     assert!(stderr.contains("without CKA_UNWRAP_TEMPLATE") && stderr.contains("run kms-server backup-key again"), "{stderr}");
+    // The service looks at the pair when it starts (as after an upgrade over an old pair).
+    server.restart();
+    server.relogin();
     let out = server.kmsctl(&["status"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 
 use kms_proto::v1 as pb;
-use kms_tests::{Options, Server, create_key};
+use kms_tests::{Options, Server, create_key, gdk};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ivs_are_unique_over_a_hundred_thousand_encryptions() {
@@ -32,15 +32,7 @@ async fn ivs_are_unique_over_a_hundred_thousand_encryptions() {
                         .into_inner();
                     (std::mem::take(&mut r.ciphertext_blob), Vec::new())
                 } else {
-                    let mut r = data
-                        .generate_data_key(pb::GenerateDataKeyRequest {
-                            key_id: key.clone(),
-                            key_spec: pb::DataKeySpec::Aes256 as i32,
-                            ..Default::default()
-                        })
-                        .await
-                        .unwrap()
-                        .into_inner();
+                    let mut r = data.generate_data_key(gdk(&key, &[])).await.unwrap().into_inner();
                     (std::mem::take(&mut r.ciphertext_blob), std::mem::take(&mut r.plaintext))
                 };
                 // The IV is at bytes 25..37 of the header (docs/blob-format.md).
