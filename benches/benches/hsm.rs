@@ -1,8 +1,9 @@
 //! The HSM layer alone, on SoftHSM2 through cryptoki: the physical limit of the service.
 //!
-//! `encrypt_32B` and `decrypt_32B` are AES-GCM under a key version's token object, as the service
-//! uses it; `data_plane_work` is what one GenerateDataKey costs the HSM: a 12-byte IV and a
-//! 32-byte data key from the generator, then AES-GCM of the data key.
+//! `encrypt_32B` and `decrypt_32B` are AES-GCM under a key version, as the service uses it:
+//! under its session copy (the default, `hsm.session_copies`) and under its token object (with
+//! copies off, or before the copy is made); `data_plane_work` is what one GenerateDataKey costs
+//! the HSM: a 12-byte IV and a 32-byte data key from the generator, then AES-GCM of the data key.
 
 use std::hint::black_box;
 
@@ -10,17 +11,31 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use kms_benches::{on_threads, softhsm_process};
 use kms_server::domain::blob::Iv;
 use kms_server::domain::ids::KeyId;
-use kms_server::hsm::pkcs11::Pkcs11Hsm;
-use kms_server::hsm::{Hsm, ObjectName};
+use kms_server::hsm::pkcs11::{Pkcs11Hsm, create_backup_key};
+use kms_server::hsm::{Hsm, KeyHandle, ObjectName};
 use kms_server::secret::Pin;
+
+/// Opens the token with session copies on (they need the backup key pair) and returns it with a
+/// key version whose copy is in use.
+fn with_copy(token: &hsm_sim::Token, pin: &Pin) -> (std::sync::Arc<Pkcs11Hsm>, KeyHandle) {
+    let so_pin = Pin::new(std::fs::read_to_string(&token.so_pin_file).expect("SO PIN file").trim().to_string());
+    create_backup_key(&token.module, &token.label, pin, &so_pin).expect("the backup key pair");
+    let hsm = std::sync::Arc::new(Pkcs11Hsm::open(&token.module, &token.label, pin, 4).expect("the token opens"));
+    assert!(hsm.start_session_copies(1).expect("session copies"));
+    let version = hsm.generate_key(&ObjectName { key_id: KeyId::from_bytes([8; 16]), version: 1 }).expect("a key version");
+    while hsm.sessions().copies != Some(1) {
+        hsm.encrypt(version, &Iv([0; 12]), b"", &[0; 32]).expect("encrypt");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    (hsm, version)
+}
 
 fn hsm(c: &mut Criterion) {
     let token = softhsm_process("kms-bench-hsm");
     let pin = Pin::new(std::fs::read_to_string(&token.pin_file).expect("PIN file").trim().to_string());
-    let hsm = Pkcs11Hsm::open(&token.module, &token.label, &pin, 4).expect("the token opens");
-    let version = hsm.generate_key(&ObjectName { key_id: KeyId::from_bytes([9; 16]), version: 1 }).expect("a key version");
+    let (hsm, copied) = with_copy(&token, &pin);
+    let token_object = hsm.generate_key(&ObjectName { key_id: KeyId::from_bytes([9; 16]), version: 1 }).expect("a key version");
     let iv = Iv([3; 12]);
-    let blob = hsm.encrypt(version, &iv, b"aad", &[7; 32]).expect("encrypt");
 
     let mut g = c.benchmark_group("hsm");
     g.throughput(Throughput::Elements(1));
@@ -34,22 +49,26 @@ fn hsm(c: &mut Criterion) {
                 })
             })
         });
-        g.bench_function(format!("encrypt_32B/{threads}_threads"), |b| {
-            b.iter_custom(|n| on_threads(threads, n, || drop(black_box(hsm.encrypt(version, &iv, b"aad", &[7; 32]).expect("encrypt")))))
-        });
-        g.bench_function(format!("decrypt_32B/{threads}_threads"), |b| {
-            b.iter_custom(|n| on_threads(threads, n, || drop(black_box(hsm.decrypt(version, &iv, b"aad", &blob).expect("decrypt")))))
-        });
-        g.bench_function(format!("data_plane_work/{threads}_threads"), |b| {
-            b.iter_custom(|n| {
-                on_threads(threads, n, || {
-                    let mut fresh = [0u8; 44];
-                    hsm.random(&mut fresh).expect("random");
-                    let iv = Iv(fresh[..12].try_into().expect("12 bytes"));
-                    drop(black_box(hsm.encrypt(version, &iv, b"aad", &fresh[12..]).expect("encrypt")));
+        // The token object is never copied: the one copy allowed went to `copied`.
+        for (object, version) in [("session_copy", copied), ("token_object", token_object)] {
+            let blob = hsm.encrypt(version, &iv, b"aad", &[7; 32]).expect("encrypt");
+            g.bench_function(format!("encrypt_32B/{object}/{threads}_threads"), |b| {
+                b.iter_custom(|n| on_threads(threads, n, || drop(black_box(hsm.encrypt(version, &iv, b"aad", &[7; 32]).expect("encrypt")))))
+            });
+            g.bench_function(format!("decrypt_32B/{object}/{threads}_threads"), |b| {
+                b.iter_custom(|n| on_threads(threads, n, || drop(black_box(hsm.decrypt(version, &iv, b"aad", &blob).expect("decrypt")))))
+            });
+            g.bench_function(format!("data_plane_work/{object}/{threads}_threads"), |b| {
+                b.iter_custom(|n| {
+                    on_threads(threads, n, || {
+                        let mut fresh = [0u8; 44];
+                        hsm.random(&mut fresh).expect("random");
+                        let iv = Iv(fresh[..12].try_into().expect("12 bytes"));
+                        drop(black_box(hsm.encrypt(version, &iv, b"aad", &fresh[12..]).expect("encrypt")));
+                    })
                 })
-            })
-        });
+            });
+        }
     }
     g.finish();
 }

@@ -11,13 +11,24 @@ pub const ENABLED: bool = cfg!(feature = "test-hooks");
 /// Seconds added to the clock that audit retention reads, so that a test can see records of
 /// "100 days ago" pruned without waiting (`KMS_TEST_RETENTION_CLOCK_OFFSET`). Only retention
 /// reads it: sessions, TOTP, grants and destruction windows keep the real clock.
-#[cfg(feature = "test-hooks")]
 pub fn retention_clock_offset() -> i64 {
-    std::env::var("KMS_TEST_RETENTION_CLOCK_OFFSET").ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+    clock_offset("KMS_TEST_RETENTION_CLOCK_OFFSET")
+}
+
+/// Seconds added to the clock that the destruction and rotation sweep reads, so that a test sees
+/// a version destroyed while the server runs, its session copy with it
+/// (`KMS_TEST_SWEEP_CLOCK_OFFSET`). Scheduling keeps the real clock.
+pub fn sweep_clock_offset() -> i64 {
+    clock_offset("KMS_TEST_SWEEP_CLOCK_OFFSET")
+}
+
+#[cfg(feature = "test-hooks")]
+fn clock_offset(variable: &str) -> i64 {
+    std::env::var(variable).ok().and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 #[cfg(not(feature = "test-hooks"))]
-pub fn retention_clock_offset() -> i64 {
+fn clock_offset(_variable: &str) -> i64 {
     0
 }
 

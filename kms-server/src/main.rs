@@ -41,6 +41,9 @@ enum Command {
         /// Seconds between destruction and rotation sweeps.
         #[arg(long, default_value_t = 60)]
         sweep_interval: u64,
+        /// The most key versions given a session copy (`hsm.session_copies`); 0 turns them off.
+        #[arg(long, default_value_t = 1024)]
+        session_copies: usize,
     },
     /// Serves with a configuration file (real HSM module, token, PIN source, listeners).
     Run {
@@ -136,7 +139,7 @@ fn main() -> anyhow::Result<()> {
             println!("{}: ok", config.display());
             return Ok(());
         }
-        Command::Dev { data_dir, data_listen, admin_listen, metrics_listen, sweep_interval } => {
+        Command::Dev { data_dir, data_listen, admin_listen, metrics_listen, sweep_interval, session_copies } => {
             std::fs::create_dir_all(&data_dir)?;
             let data_dir = data_dir.canonicalize()?;
             let token = hsm_sim::Token::open_or_provision(&data_dir.join("softhsm"), "kms-dev")?;
@@ -167,6 +170,7 @@ fn main() -> anyhow::Result<()> {
                     sessions: 4,
                     workers: None,
                     deadline_ms: 2000,
+                    session_copies,
                 },
                 listen: ListenConfig { data: data_listen, admin: admin_listen, metrics: Some(metrics_listen) },
                 tls: TlsConfig { cert_file: pki.server_cert, key_file: pki.server_key, client_ca_file: pki.ca_cert },

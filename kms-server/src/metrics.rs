@@ -179,6 +179,10 @@ pub fn exposition(kms: &crate::service::Kms) -> String {
     let _ = writeln!(out, "kms_hsm_sessions{{state=\"in_use\"}} {}", status.sessions.in_use);
     gauge(&mut out, "kms_hsm_sessions_max", "The most sessions the pool opens.");
     let _ = writeln!(out, "kms_hsm_sessions_max {}", status.sessions.size);
+    if let Some(copies) = status.sessions.copies {
+        gauge(&mut out, "kms_hsm_session_copies", "Session copies of key versions ready for use (absent when they are off).");
+        let _ = writeln!(out, "kms_hsm_session_copies {copies}");
+    }
     gauge(&mut out, "kms_keys", "Keys by state.");
     for state in crate::domain::lifecycle::KeyState::ALL {
         let n = status.keys_by_state.get(state.as_str()).copied().unwrap_or(0);

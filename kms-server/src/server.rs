@@ -77,7 +77,16 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     }
     let pin = config.pin()?;
     let hsm_config = config.hsm.clone();
-    let hsm = tokio::task::spawn_blocking(move || Pkcs11Hsm::open(&hsm_config.module, &hsm_config.token_label, &pin, hsm_config.sessions)).await??;
+    let hsm = tokio::task::spawn_blocking(move || -> anyhow::Result<Arc<Pkcs11Hsm>> {
+        let hsm = Arc::new(Pkcs11Hsm::open(&hsm_config.module, &hsm_config.token_label, &pin, hsm_config.sessions)?);
+        match hsm.start_session_copies(hsm_config.session_copies)? {
+            true => tracing::info!(limit = hsm_config.session_copies, "session copies of key versions on"),
+            false if hsm_config.session_copies > 0 => tracing::info!("session copies off: the token holds no backup key pair (kms-server backup-key)"),
+            false => tracing::info!("session copies off (hsm.session_copies = 0)"),
+        }
+        Ok(hsm)
+    })
+    .await??;
     std::fs::create_dir_all(&config.data_dir)?;
     let db = config.data_dir.join("kms.db");
     let settings = Settings {
@@ -88,7 +97,7 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     };
     let (kms, store) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Kms, Arc<Store>)> {
         let store = Arc::new(Store::open(&db)?);
-        Ok((Kms::open(Arc::new(hsm), store.clone(), settings)?, store))
+        Ok((Kms::open(hsm, store.clone(), settings)?, store))
     })
     .await??;
     let kms = Arc::new(kms);

@@ -57,6 +57,8 @@ pub struct Options {
     pub audit_retention_days: u32,
     /// Seconds added to the clock audit retention reads (the `test-hooks` build only).
     pub retention_clock_offset: i64,
+    /// Seconds added to the clock the destruction and rotation sweep reads (the same).
+    pub sweep_clock_offset: i64,
     /// The server's `KMS_LOG` filter.
     pub log: &'static str,
     /// `--log-format json` instead of text.
@@ -82,6 +84,7 @@ impl Default for Options {
             checkpoint_every_records: 1000,
             audit_retention_days: 0,
             retention_clock_offset: 0,
+            sweep_clock_offset: 0,
             log: "debug",
             json_logs: false,
             crash_at: None,
@@ -359,6 +362,7 @@ impl Server {
             .env(hsm_sim::SOFTHSM2_CONF, &self.token.conf)
             .env("KMS_LOG", self.options.log)
             .env("KMS_TEST_RETENTION_CLOCK_OFFSET", self.options.retention_clock_offset.to_string())
+            .env("KMS_TEST_SWEEP_CLOCK_OFFSET", self.options.sweep_clock_offset.to_string())
             .env("KMS_TEST_CRASH_AT", self.options.crash_at.as_deref().unwrap_or_default())
             .env("KMS_TEST_HSM_FAULTS", self.hsm_faults_path())
             .env("KMS_TEST_STORE_FAULTS", self.dir.path().join("store-faults"))
@@ -553,6 +557,13 @@ impl Server {
         stream.read_to_string(&mut response).expect("response read");
         let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
         (head.lines().next().unwrap_or_default().to_string(), body.to_string())
+    }
+
+    /// The value of the metrics series `series` (name and labels, as exposed) now; `None` when
+    /// the series is absent.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let (_, body) = self.http_get("/metrics");
+        body.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
     }
 
     pub fn db(&self) -> rusqlite::Connection {

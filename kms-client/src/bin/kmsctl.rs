@@ -1010,7 +1010,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
                        "keys_by_state": r.keys_by_state, "versions_nearest_limit": usage, "due_soon": due,
                        "last_review_signoff_time": r.last_review_signoff_time, "last_review_signoff_by": r.last_review_signoff_by,
                        "review_overdue": r.review_overdue, "warnings": r.warnings,
-                       "hsm_sessions": {"open": r.hsm_sessions_open, "in_use": r.hsm_sessions_in_use, "size": r.hsm_sessions_size}}),
+                       "hsm_sessions": {"open": r.hsm_sessions_open, "in_use": r.hsm_sessions_in_use, "size": r.hsm_sessions_size},
+                       "hsm_session_copies": r.hsm_session_copies}),
                 || {
                     let detail = if r.health_detail.is_empty() { String::new() } else { format!(" ({})", r.health_detail) };
                     let mut lines = vec![
@@ -1018,8 +1019,11 @@ async fn run(cli: Cli) -> Result<(), Error> {
                         format!("health: {}{detail}", r.health),
                         format!("HSM token: {} ({} {}, serial {})", token.label, token.manufacturer, token.model, token.serial_number),
                         format!(
-                            "HSM sessions: {} in use, {} open, at most {}",
-                            r.hsm_sessions_in_use, r.hsm_sessions_open, r.hsm_sessions_size
+                            "HSM sessions: {} in use, {} open, at most {}; session copies of key versions: {}",
+                            r.hsm_sessions_in_use,
+                            r.hsm_sessions_open,
+                            r.hsm_sessions_size,
+                            r.hsm_session_copies.map_or_else(|| "off".to_string(), |n| n.to_string())
                         ),
                     ];
                     let mut states: Vec<_> = r.keys_by_state.iter().map(|(s, n)| format!("{s} {n}")).collect();

@@ -605,6 +605,7 @@ impl KeyManagement for AdminService {
                     hsm_sessions_open: s.sessions.open as u32,
                     hsm_sessions_in_use: s.sessions.in_use as u32,
                     hsm_sessions_size: s.sessions.size as u32,
+                    hsm_session_copies: s.sessions.copies.map(|n| n as u32),
                     recent_hsm_errors: s.hsm_failures.iter().map(|f| format!("{} {} {}", f.at, f.function, f.code)).collect(),
                 })
             })

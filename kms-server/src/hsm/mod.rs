@@ -6,6 +6,7 @@
 //! before each real PKCS#11 call (`faults.rs`, `test-hooks` builds only), so that the code under
 //! test is the code that runs in production.
 
+mod copies;
 #[cfg(feature = "test-hooks")]
 mod faults;
 pub mod pkcs11;
@@ -101,7 +102,7 @@ pub struct BackupKey {
     pub unwrap: Option<KeyHandle>,
 }
 
-/// The session pool's use, for status and metrics.
+/// The session pool's use and the session copies it holds, for status and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SessionUse {
     /// Sessions open (in use or idle).
@@ -110,6 +111,8 @@ pub struct SessionUse {
     pub in_use: usize,
     /// The most the pool opens.
     pub size: usize,
+    /// Session copies of key versions ready for use (`copies.rs`); `None` when they are off.
+    pub copies: Option<usize>,
 }
 
 /// The operations the service needs from an HSM.

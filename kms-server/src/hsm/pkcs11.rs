@@ -15,6 +15,10 @@
 //!   link, while calls in flight finish on the old one. Failed repairs are spaced by a backoff
 //!   (2 s, doubling to 60 s while they fail), and a PIN the HSM refuses is never tried again:
 //!   repeated wrong PINs lock the token.
+//! * **Session copies** (`copies.rs`, once [`Pkcs11Hsm::start_session_copies`] is called): a
+//!   thread of their own makes, in the background, a session copy of each key version used, on
+//!   the anchor so that it lives as long as the login; AES-GCM uses the copy once it is ready and
+//!   the token object until then.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -34,6 +38,7 @@ use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
+use super::copies::Copies;
 use super::{BackupKey, FailedCall, Hsm, HsmError, KeyHandle, ObjectName, RECENT_FAILURES, ServiceKey, SessionUse, TokenInfo, Wrapped, templates};
 use crate::domain::blob::{Iv, TAG_LEN};
 use crate::secret::{Pin, SecretBytes};
@@ -60,6 +65,7 @@ pub struct Pkcs11Hsm {
     service_objects: Mutex<(u64, HashMap<ServiceKey, ObjectHandle>)>,
     /// The last failed calls, oldest first (touched on failures only).
     failures: Mutex<std::collections::VecDeque<FailedCall>>,
+    copies: Copies<ObjectHandle>,
 }
 
 /// The library context, the token's slot, the anchor session and the pool, as one unit that
@@ -168,7 +174,105 @@ impl Pkcs11Hsm {
             generation: AtomicU64::new(1),
             service_objects: Mutex::new((0, HashMap::new())),
             failures: Mutex::new(std::collections::VecDeque::new()),
+            copies: Copies::default(),
         })
+    }
+
+    /// Starts making session copies of the key versions used, at most `limit` of them (each
+    /// costs SoftHSM2 about 8 KiB). They are made with the backup key pair
+    /// (`templates::session_copy`), so without one this does nothing and returns `false`: every
+    /// call then uses the version's token object.
+    pub fn start_session_copies(self: &Arc<Self>, limit: usize) -> Result<bool, HsmError> {
+        if limit == 0 {
+            return Ok(false);
+        }
+        let backup = self.backup_key()?;
+        if backup.wrap.is_none() || backup.unwrap.is_none() {
+            return Ok(false);
+        }
+        self.copies.enable(limit);
+        let hsm = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("hsm-session-copies".into())
+            .spawn(move || {
+                let mut backup = backup;
+                // Ends once the HSM is dropped: the strong reference is held only while working.
+                while let Some(hsm) = hsm.upgrade() {
+                    if let Some((object, generation)) = hsm.copies.next_wanted(Duration::from_secs(1)) {
+                        hsm.make_copy(&mut backup, object, generation);
+                    }
+                }
+            })
+            .map_err(|e| HsmError::Setup { reason: format!("starting the session copies' thread: {e}") })?;
+        Ok(true)
+    }
+
+    /// Makes the session copy of one version's token object: wrapped under the trusted public
+    /// backup key (any pooled session), unwrapped with the private one on the anchor.
+    fn make_copy(&self, backup: &mut BackupKey, object: ObjectHandle, generation: u64) {
+        if generation != self.generation() {
+            return;
+        }
+        let made = (|| {
+            if !matches!(backup.wrap, Some(KeyHandle::Object { generation: of, .. }) if of == generation) {
+                *backup = self.backup_key()?;
+            }
+            let (Some(wrap), Some(unwrap)) = (backup.wrap, backup.unwrap) else {
+                return Err(HsmError::Refused { function: "C_FindObjects", code: RvError::KeyHandleInvalid });
+            };
+            let wrapped = self.wrap(wrap, Self::tag(object, generation))?;
+            let template = templates::session_copy();
+            self.with_anchor("C_UnwrapKey", |s| s.unwrap_key(&backup_mechanism(), self.resolve(s, unwrap)?, &wrapped, &template))
+        })();
+        match made {
+            Ok(copy) => {
+                if !self.copies.finish(object, generation, copy) && self.generation() == generation {
+                    // Its version was destroyed meanwhile: so is the copy.
+                    let _ = self.with_session("C_DestroyObject", |s| s.destroy_object(copy));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "a session copy of a key version could not be made: its token object is used");
+                self.copies.failed(object, generation, matches!(e, HsmError::Unavailable { .. }));
+            }
+        }
+    }
+
+    /// Runs `op` on the anchor session, as `with_session` does on a pooled one.
+    fn with_anchor<T>(&self, function: &'static str, op: impl FnOnce(&Session) -> Result<T, CkError>) -> Result<T, HsmError> {
+        let started = Instant::now();
+        let link = self.link();
+        #[cfg(feature = "test-hooks")]
+        let injected = super::faults::inject_into(function, &link.ctx, &link.anchor);
+        #[cfg(not(feature = "test-hooks"))]
+        let injected = Ok(());
+        let result = injected.and_then(|()| match link.anchor.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(anchor) => op(anchor),
+            None => Err(CkError::Pkcs11(RvError::SessionClosed, Function::OpenSession)),
+        });
+        crate::metrics::metrics().hsm_call(function, if result.is_ok() { "ok" } else { "error" }, started.elapsed());
+        if let Err(e) = &result {
+            self.record_failure(function, e);
+            self.heal_after(e);
+        }
+        result.map_err(|e| classify(function, e))
+    }
+
+    /// Runs an AES-GCM operation under a key version's session copy when it has one, under the
+    /// key itself otherwise. A copy that fails as if it were gone is forgotten (and made again).
+    fn with_key<T>(&self, function: &'static str, key: KeyHandle, op: impl FnOnce(&Session, ObjectHandle) -> Result<T, CkError>) -> Result<T, HsmError> {
+        let copy = match key {
+            KeyHandle::Object { object, generation } => self.copies.get(object, generation).map(|copy| (object, generation, copy)),
+            KeyHandle::Service(_) => None,
+        };
+        let Some((object, generation, copy)) = copy else {
+            return self.with_session(function, |s| op(s, self.resolve(s, key)?));
+        };
+        let result = self.with_session(function, |s| op(s, copy));
+        if let Err(HsmError::Unavailable { code: RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid, .. }) = &result {
+            self.copies.forget(object, generation, copy);
+        }
+        result
     }
 
     /// A handle of the current generation (read *before* the call that found the object, so
@@ -481,17 +585,17 @@ impl Hsm for Pkcs11Hsm {
 
     fn encrypt(&self, key: KeyHandle, iv: &Iv, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, HsmError> {
         let mut iv = iv.0;
-        self.with_session("C_Encrypt", |s| {
+        self.with_key("C_Encrypt", key, |s, object| {
             let params = GcmParams::new(&mut iv, aad, TAG_BITS.into())?;
-            s.encrypt(&Mechanism::AesGcm(params), self.resolve(s, key)?, plaintext)
+            s.encrypt(&Mechanism::AesGcm(params), object, plaintext)
         })
     }
 
     fn decrypt(&self, key: KeyHandle, iv: &Iv, aad: &[u8], ciphertext: &[u8]) -> Result<SecretBytes, HsmError> {
         let mut iv = iv.0;
-        let result = self.with_session("C_Decrypt", |s| {
+        let result = self.with_key("C_Decrypt", key, |s, object| {
             let params = GcmParams::new(&mut iv, aad, TAG_BITS.into())?;
-            s.decrypt(&Mechanism::AesGcm(params), self.resolve(s, key)?, ciphertext).map(SecretBytes::new)
+            s.decrypt(&Mechanism::AesGcm(params), object, ciphertext).map(SecretBytes::new)
         });
         match result {
             // A forged tag: SoftHSM2 says CKR_GENERAL_ERROR, the standard CKR_ENCRYPTED_DATA_INVALID.
@@ -506,6 +610,18 @@ impl Hsm for Pkcs11Hsm {
     }
 
     fn destroy(&self, key: KeyHandle) -> Result<(), HsmError> {
+        // The session copy first: no copy of a version may outlive it, nor be made after.
+        if let KeyHandle::Object { object, generation } = key
+            && let Some(copy) = self.copies.take_for_destroy(object, generation)
+        {
+            match self.with_session("C_DestroyObject", |s| s.destroy_object(copy)) {
+                Ok(()) | Err(HsmError::Unavailable { code: RvError::ObjectHandleInvalid, .. }) => {}
+                Err(e) => {
+                    self.copies.put_back(object, generation, copy);
+                    return Err(e);
+                }
+            }
+        }
         self.with_session("C_DestroyObject", |s| s.destroy_object(self.resolve(s, key)?))
     }
 
@@ -579,7 +695,7 @@ impl Hsm for Pkcs11Hsm {
     fn sessions(&self) -> SessionUse {
         let link = self.link();
         let state = link.pool.lock();
-        SessionUse { open: state.open, in_use: state.open - state.idle.len(), size: link.pool.size }
+        SessionUse { open: state.open, in_use: state.open - state.idle.len(), size: link.pool.size, copies: self.copies.ready(self.generation()) }
     }
 
     fn token_info(&self) -> Result<TokenInfo, HsmError> {

@@ -213,6 +213,34 @@ pub fn backup_unwrap_template() -> Vec<Attribute> {
     vec![Attribute::Sensitive(true), Attribute::WrapWithTrusted(true), Attribute::Wrap(false), Attribute::Unwrap(false), Attribute::Derive(false)]
 }
 
+/// A key version's *session copy* (`copies.rs`), unwrapped with the private backup key: the
+/// version's capabilities (AES-GCM encryption and decryption only) in a session object of this
+/// process, with no label, that can never leave the HSM (`CKA_EXTRACTABLE=false`, so not even
+/// under a trusted key), cannot be copied, and disappears with the login. It satisfies
+/// [`backup_unwrap_template`], as every unwrap must. `CKA_MODIFIABLE=false` goes last (see
+/// `Wrapped::unwrap_template`).
+pub fn session_copy() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::WrapWithTrusted(true),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+        Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM]),
+        Attribute::Copyable(false),
+        Attribute::Modifiable(false),
+    ]
+}
+
 /// The trusted public wrapping key, as the security officer creates it from the pair's modulus
 /// and exponent.
 pub fn backup_wrap_key(modulus: Vec<u8>, public_exponent: Vec<u8>) -> Vec<Attribute> {
@@ -305,5 +333,10 @@ mod tests {
                 }
             }
         }
+        let copy = session_copy();
+        for forced in backup_unwrap_template() {
+            assert!(copy.contains(&forced), "a session copy lacks {forced:?}");
+        }
+        assert_eq!(copy.last(), Some(&Attribute::Modifiable(false)));
     }
 }

@@ -496,7 +496,7 @@ impl Kms {
         }
         let pruned = self.prune_audit(self.settings.audit_retention_days, now() + crate::hooks::retention_clock_offset())?;
         let _admin = self.admin_lock();
-        let at = now();
+        let at = now() + crate::hooks::sweep_clock_offset();
         let entries: Vec<_> = self.registry.read().keys.values().cloned().collect();
         let mut actions = usize::from(pruned.is_some());
         for entry in entries {

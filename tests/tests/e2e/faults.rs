@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use kms_proto::v1 as pb;
-use kms_tests::{Server, create_key};
+use kms_tests::{Server, create_key, eventually};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -109,17 +109,23 @@ async fn every_fault_at_every_data_plane_hsm_call() {
 /// the next call succeeds within a second, without a restart. Every key still works.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lost_login_or_a_failed_library_is_repaired_without_a_restart() {
-    for action in ["logout", "finalize"] {
-        let mut server = Server::start();
+    // With a backup key pair the data plane runs on session copies, which the lost login takes
+    // with it: they are made again in the new generation.
+    for (action, copies) in [("logout", false), ("finalize", false), ("logout", true), ("finalize", true)] {
+        let what = format!("{action}, session copies {copies}");
+        let mut server = Server::start_with(kms_tests::Options { backup_key: copies, ..kms_tests::Options::default() });
         let mut admin = server.admin().await;
         let key = create_key(&mut admin, "").await;
         let mut data = server.data().await;
         let gdk = || kms_tests::gdk(&key, &[]);
         let blob = std::mem::take(&mut data.generate_data_key(gdk()).await.unwrap().into_inner().ciphertext_blob);
+        if copies {
+            eventually("the copy", Duration::from_secs(10), || server.metric(super::copies::COPIES) == Some(1.0));
+        }
 
         server.hsm_fault(Some(&format!("C_Encrypt {action}")));
-        let e = data.generate_data_key(gdk()).await.expect_err(action);
-        assert_eq!(e.code(), Code::Unavailable, "{action}: {e}");
+        let e = data.generate_data_key(gdk()).await.expect_err(&what);
+        assert_eq!(e.code(), Code::Unavailable, "{what}: {e}");
         server.hsm_fault(None);
 
         let cleared = Instant::now();
@@ -128,18 +134,22 @@ async fn a_lost_login_or_a_failed_library_is_repaired_without_a_restart() {
                 break;
             }
             if cleared.elapsed() > Duration::from_secs(1) {
-                panic!("{action}: no success within 1 s:\n{}", std::fs::read_to_string(server.log_path()).unwrap_or_default());
+                panic!("{what}: no success within 1 s:\n{}", std::fs::read_to_string(server.log_path()).unwrap_or_default());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let decrypt =
             pb::DecryptRequest { ciphertext_blob: blob, encryption_context: Default::default(), key_id: String::new(), caller_context: None };
-        data.decrypt(decrypt).await.unwrap_or_else(|e| panic!("{action}: an old blob after the repair: {e}"));
-        admin.rotate_key(pb::RotateKeyRequest { key_id: key.clone() }).await.unwrap_or_else(|e| panic!("{action}: rotate after the repair: {e}"));
-        data.generate_data_key(gdk()).await.unwrap_or_else(|e| panic!("{action}: the new version: {e}"));
+        data.decrypt(decrypt).await.unwrap_or_else(|e| panic!("{what}: an old blob after the repair: {e}"));
+        if copies {
+            eventually("the copy made again", Duration::from_secs(10), || server.metric(super::copies::COPIES) == Some(1.0));
+            assert_eq!(super::copies::calls(&server, "C_UnwrapKey"), 2.0, "{what}");
+        }
+        admin.rotate_key(pb::RotateKeyRequest { key_id: key.clone() }).await.unwrap_or_else(|e| panic!("{what}: rotate after the repair: {e}"));
+        data.generate_data_key(gdk()).await.unwrap_or_else(|e| panic!("{what}: the new version: {e}"));
         let log = std::fs::read_to_string(server.log_path()).unwrap();
         let said = if action == "logout" { "logging in again" } else { "initialised again" };
-        assert!(log.contains(said), "{action}: the repair was not logged:\n{log}");
+        assert!(log.contains(said), "{what}: the repair was not logged:\n{log}");
         server.stop();
     }
 }
@@ -231,7 +241,7 @@ async fn every_fault_at_every_admin_plane_hsm_call() {
     assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
     assert!(started.elapsed() < Duration::from_millis(2800), "answered after {:?}", started.elapsed());
     server.hsm_fault(None);
-    kms_tests::eventually("the late key rolled back", Duration::from_secs(15), || {
+    eventually("the late key rolled back", Duration::from_secs(15), || {
         server
             .db()
             .query_row("SELECT COUNT(*) FROM audit WHERE operation = 'CreateKey' AND status = 'DEADLINE_EXCEEDED'", [], |r| r.get::<_, i64>(0))
@@ -262,7 +272,7 @@ async fn a_destruction_the_hsm_refuses_is_retried_by_the_sweeper_until_done() {
     for fault in FAULTS.iter().filter(|f| **f != "hang") {
         server.hsm_fault(Some(&format!("C_DestroyObject {fault}")));
         let before = refusals(&server);
-        kms_tests::eventually(&format!("{fault}: a refused sweep"), Duration::from_secs(10), || refusals(&server) >= before + 2);
+        eventually(&format!("{fault}: a refused sweep"), Duration::from_secs(10), || refusals(&server) >= before + 2);
         assert_eq!(state(&server), "PendingDestruction", "{fault}");
         assert_eq!(server.token_objects().len(), 2, "{fault}: both versions' objects are still there");
         let intents: i64 = server.db().query_row("SELECT COUNT(*) FROM intents", [], |r| r.get(0)).unwrap();
@@ -270,7 +280,7 @@ async fn a_destruction_the_hsm_refuses_is_retried_by_the_sweeper_until_done() {
     }
 
     server.hsm_fault(None);
-    kms_tests::eventually("the destruction finished", Duration::from_secs(10), || state(&server) == "Destroyed");
+    eventually("the destruction finished", Duration::from_secs(10), || state(&server) == "Destroyed");
     assert!(server.token_objects().is_empty(), "no object left");
 }
 

@@ -5,6 +5,7 @@ mod audit;
 mod backup;
 mod batch;
 mod cache;
+mod copies;
 mod crash;
 mod envelope;
 mod faults;

@@ -1,0 +1,308 @@
+//! The bookkeeping of *session copies* of key versions.
+//!
+//! SoftHSM2 keeps a private token object's value encrypted under the token key and decrypts it,
+//! after re-reading the object's file under locks, on every use; a session object holds its value
+//! in memory. AES-GCM under a session copy of a version runs about three times as fast
+//! (ARCHITECTURE.md, "Where the time goes"). `pkcs11.rs` makes each copy in the background, by
+//! wrapping the version under the trusted public backup key and unwrapping it with the private
+//! one, whose `CKA_UNWRAP_TEMPLATE` makes any unwrapped key sensitive and unable to wrap, unwrap
+//! or derive: so a copy is made by no path the user PIN did not already have, and is as protected
+//! as its version (`templates::session_copy`).
+//!
+//! This module only decides: which versions have a copy, which are wanted, and which must never
+//! get one again in this generation (destroyed, or refused by the HSM). Everything is per link
+//! generation (see `KeyHandle`): a new login or initialisation drops every copy (SoftHSM2 drops
+//! private session objects at logout), so a new generation starts empty.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, RwLock};
+use std::time::Duration;
+
+/// An object handle: `cryptoki`'s, or a plain number in the unit tests.
+pub(super) trait Handle: Copy + PartialEq {
+    fn raw(&self) -> u64;
+}
+
+impl Handle for cryptoki::object::ObjectHandle {
+    fn raw(&self) -> u64 {
+        self.handle()
+    }
+}
+
+/// What is known of one version's copy in the current generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry<H> {
+    /// Queued for the maker.
+    Wanted,
+    Ready(H),
+    /// Destroyed with its version, or refused by the HSM: the token object is used.
+    Never,
+}
+
+#[derive(Debug)]
+struct Entries<H> {
+    generation: u64,
+    /// By the raw handle of the version's token object.
+    map: HashMap<u64, Entry<H>>,
+}
+
+impl<H> Entries<H> {
+    /// The map of `generation`, started afresh when that generation is newer; `None` for a
+    /// request of an older generation, which must change nothing.
+    fn of(&mut self, generation: u64) -> Option<&mut HashMap<u64, Entry<H>>> {
+        if generation > self.generation {
+            *self = Entries { generation, map: HashMap::new() };
+        }
+        (generation == self.generation).then_some(&mut self.map)
+    }
+}
+
+/// Session copies wanted, made and refused; shared by the data workers (lookups), the maker
+/// thread and `destroy`.
+#[derive(Debug)]
+pub(super) struct Copies<H> {
+    /// The most copies kept (each costs SoftHSM2 about 8 KiB); 0 until `enable`.
+    limit: AtomicUsize,
+    entries: RwLock<Entries<H>>,
+    queue: Mutex<VecDeque<(H, u64)>>,
+    wanted: Condvar,
+}
+
+impl<H> Default for Copies<H> {
+    fn default() -> Self {
+        Copies {
+            limit: AtomicUsize::new(0),
+            entries: RwLock::new(Entries { generation: 0, map: HashMap::new() }),
+            queue: Mutex::new(VecDeque::new()),
+            wanted: Condvar::new(),
+        }
+    }
+}
+
+impl<H: Handle> Copies<H> {
+    pub(super) fn enable(&self, limit: usize) {
+        self.limit.store(limit, Ordering::Release);
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Entries<H>> {
+        // Every update is one map operation: a poisoned lock is still consistent.
+        self.entries.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Entries<H>> {
+        self.entries.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The copy of a version's token object, if one is ready; if none was asked for in this
+    /// generation, asks the maker for one (within the limit).
+    pub(super) fn get(&self, object: H, generation: u64) -> Option<H> {
+        let limit = self.limit.load(Ordering::Acquire);
+        if limit == 0 {
+            return None;
+        }
+        {
+            let entries = self.read();
+            if entries.generation == generation {
+                match entries.map.get(&object.raw()) {
+                    Some(Entry::Ready(copy)) => return Some(*copy),
+                    Some(_) => return None,
+                    None if entries.map.len() >= limit => return None,
+                    None => {}
+                }
+            }
+        }
+        let mut entries = self.write();
+        let map = entries.of(generation)?;
+        if map.len() < limit && !map.contains_key(&object.raw()) {
+            map.insert(object.raw(), Entry::Wanted);
+            self.queue.lock().unwrap_or_else(|p| p.into_inner()).push_back((object, generation));
+            self.wanted.notify_one();
+        }
+        None
+    }
+
+    /// The next version to copy, waiting at most `wait` for one.
+    pub(super) fn next_wanted(&self, wait: Duration) -> Option<(H, u64)> {
+        let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut queue, _) = self.wanted.wait_timeout_while(queue, wait, |q| q.is_empty()).unwrap_or_else(|p| p.into_inner());
+        queue.pop_front()
+    }
+
+    /// Records a copy the maker made. `false` when it is not wanted any more (its version was
+    /// destroyed meanwhile, or the generation changed): the caller destroys it.
+    pub(super) fn finish(&self, object: H, generation: u64, copy: H) -> bool {
+        let mut entries = self.write();
+        match entries.of(generation).and_then(|map| map.get_mut(&object.raw())) {
+            Some(entry @ Entry::Wanted) => {
+                *entry = Entry::Ready(copy);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The maker could not make a copy: `retry` when the failure may pass (it is wanted again
+    /// on the next use), otherwise the token object is used for the rest of the generation.
+    pub(super) fn failed(&self, object: H, generation: u64, retry: bool) {
+        let mut entries = self.write();
+        if let Some(map) = entries.of(generation)
+            && map.get(&object.raw()) == Some(&Entry::Wanted)
+        {
+            if retry {
+                map.remove(&object.raw());
+            } else {
+                map.insert(object.raw(), Entry::Never);
+            }
+        }
+    }
+
+    /// A call with a ready copy failed as if the copy were gone: forget it, so the next use takes
+    /// the token object and asks for a new copy.
+    pub(super) fn forget(&self, object: H, generation: u64, copy: H) {
+        let mut entries = self.write();
+        if let Some(map) = entries.of(generation)
+            && map.get(&object.raw()) == Some(&Entry::Ready(copy))
+        {
+            map.remove(&object.raw());
+        }
+    }
+
+    /// The version's token object is about to be destroyed: no copy of it will be made or used
+    /// again, and the copy it has (if any) is returned for the caller to destroy first.
+    pub(super) fn take_for_destroy(&self, object: H, generation: u64) -> Option<H> {
+        let mut entries = self.write();
+        let map = entries.of(generation)?;
+        match map.insert(object.raw(), Entry::Never) {
+            Some(Entry::Ready(copy)) => Some(copy),
+            _ => None,
+        }
+    }
+
+    /// Destroying a copy taken by `take_for_destroy` failed: it is kept (and used) again, so that
+    /// a later attempt finds it.
+    pub(super) fn put_back(&self, object: H, generation: u64, copy: H) {
+        let mut entries = self.write();
+        if let Some(map) = entries.of(generation) {
+            map.insert(object.raw(), Entry::Ready(copy));
+        }
+    }
+
+    /// Copies ready in `generation`; `None` when copies are off.
+    pub(super) fn ready(&self, generation: u64) -> Option<usize> {
+        if self.limit.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let entries = self.read();
+        Some(if entries.generation == generation { entries.map.values().filter(|e| matches!(e, Entry::Ready(_))).count() } else { 0 })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    impl Handle for u64 {
+        fn raw(&self) -> u64 {
+            *self
+        }
+    }
+
+    fn h(n: u64) -> u64 {
+        n
+    }
+
+    const NOW: Duration = Duration::ZERO;
+
+    #[test]
+    fn off_until_enabled() {
+        let copies = Copies::default();
+        assert_eq!(copies.get(h(1), 1), None);
+        assert_eq!(copies.next_wanted(NOW), None);
+        assert_eq!(copies.ready(1), None);
+    }
+
+    #[test]
+    fn a_version_is_wanted_once_then_its_copy_is_used() {
+        let copies = Copies::default();
+        copies.enable(10);
+        assert_eq!(copies.get(h(1), 1), None);
+        assert_eq!(copies.get(h(1), 1), None);
+        assert_eq!(copies.next_wanted(NOW), Some((h(1), 1)));
+        assert_eq!(copies.next_wanted(NOW), None, "asked for once");
+        assert!(copies.finish(h(1), 1, h(100)));
+        assert_eq!(copies.get(h(1), 1), Some(h(100)));
+        assert_eq!(copies.ready(1), Some(1));
+    }
+
+    #[test]
+    fn a_new_generation_starts_empty_and_an_older_one_changes_nothing() {
+        let copies = Copies::default();
+        copies.enable(10);
+        copies.get(h(1), 1);
+        assert!(copies.finish(h(1), 1, h(100)));
+        assert_eq!(copies.get(h(1), 2), None, "the copy died with generation 1");
+        assert_eq!(copies.ready(2), Some(0));
+        assert_eq!(copies.next_wanted(NOW), Some((h(1), 1)));
+        assert_eq!(copies.next_wanted(NOW), Some((h(1), 2)));
+        assert!(!copies.finish(h(1), 1, h(101)), "a copy of an old generation is refused");
+        assert!(copies.finish(h(1), 2, h(102)));
+        assert_eq!(copies.get(h(1), 1), None);
+        assert_eq!(copies.get(h(1), 2), Some(h(102)));
+    }
+
+    #[test]
+    fn a_destroyed_version_never_gets_a_copy_even_one_made_meanwhile() {
+        let copies = Copies::default();
+        copies.enable(10);
+        copies.get(h(1), 1);
+        assert_eq!(copies.take_for_destroy(h(1), 1), None);
+        assert!(!copies.finish(h(1), 1, h(100)), "the maker's copy must be destroyed, not kept");
+        assert_eq!(copies.get(h(1), 1), None);
+        assert_eq!(copies.next_wanted(NOW), Some((h(1), 1)));
+        assert_eq!(copies.next_wanted(NOW), None, "not asked for again");
+
+        copies.get(h(2), 1);
+        assert!(copies.finish(h(2), 1, h(200)));
+        assert_eq!(copies.take_for_destroy(h(2), 1), Some(h(200)));
+        assert_eq!(copies.get(h(2), 1), None);
+        copies.put_back(h(2), 1, h(200));
+        assert_eq!(copies.get(h(2), 1), Some(h(200)), "kept when destroying the copy failed");
+    }
+
+    #[test]
+    fn failures_are_retried_only_when_they_may_pass() {
+        let copies = Copies::default();
+        copies.enable(10);
+        copies.get(h(1), 1);
+        copies.get(h(2), 1);
+        copies.failed(h(1), 1, true);
+        copies.failed(h(2), 1, false);
+        copies.get(h(1), 1);
+        copies.get(h(2), 1);
+        let queued: Vec<_> = std::iter::from_fn(|| copies.next_wanted(NOW)).collect();
+        assert_eq!(queued, [(h(1), 1), (h(2), 1), (h(1), 1)]);
+    }
+
+    #[test]
+    fn a_lost_copy_is_forgotten_and_asked_for_again() {
+        let copies = Copies::default();
+        copies.enable(10);
+        copies.get(h(1), 1);
+        assert!(copies.finish(h(1), 1, h(100)));
+        copies.forget(h(1), 1, h(100));
+        assert_eq!(copies.get(h(1), 1), None);
+        assert_eq!(copies.ready(1), Some(0));
+        assert_eq!(std::iter::from_fn(|| copies.next_wanted(NOW)).count(), 2);
+    }
+
+    #[test]
+    fn no_more_than_the_limit_is_asked_for() {
+        let copies = Copies::default();
+        copies.enable(2);
+        for n in 1..=5 {
+            copies.get(h(n), 1);
+        }
+        assert_eq!(std::iter::from_fn(|| copies.next_wanted(NOW)).count(), 2);
+    }
+}
