@@ -36,8 +36,17 @@ enum Entry<H> {
     /// Queued for the maker.
     Wanted,
     Ready(H),
-    /// Destroyed with its version, or refused by the HSM: the token object is used.
+    /// Destroyed with its version, or refused by the HSM: the token object is used. Kept as a
+    /// tombstone, so that a copy the maker finishes late is never taken for another object
+    /// given the same handle (a PKCS#11 module may reuse handles); not counted in the limit.
     Never,
+}
+
+impl<H> Entry<H> {
+    /// Counted in the limit: a copy that exists or is being made.
+    fn live(&self) -> bool {
+        !matches!(self, Entry::Never)
+    }
 }
 
 #[derive(Debug)]
@@ -45,16 +54,40 @@ struct Entries<H> {
     generation: u64,
     /// By the raw handle of the version's token object.
     map: HashMap<u64, Entry<H>>,
+    /// Entries that are `Wanted` or `Ready`, and `Ready` ones.
+    live: usize,
+    ready: usize,
 }
 
-impl<H> Entries<H> {
-    /// The map of `generation`, started afresh when that generation is newer; `None` for a
-    /// request of an older generation, which must change nothing.
-    fn of(&mut self, generation: u64) -> Option<&mut HashMap<u64, Entry<H>>> {
+impl<H: Handle> Entries<H> {
+    fn new(generation: u64) -> Self {
+        Entries { generation, map: HashMap::new(), live: 0, ready: 0 }
+    }
+
+    /// Whether `generation` is this map's, after starting afresh when it is newer; a request of
+    /// an older generation must change nothing.
+    fn at(&mut self, generation: u64) -> bool {
         if generation > self.generation {
-            *self = Entries { generation, map: HashMap::new() };
+            *self = Entries::new(generation);
         }
-        (generation == self.generation).then_some(&mut self.map)
+        generation == self.generation
+    }
+
+    fn get(&self, object: H) -> Option<Entry<H>> {
+        self.map.get(&object.raw()).copied()
+    }
+
+    /// Sets (or with `None` removes) an object's entry, keeping the counts; returns the old one.
+    fn set(&mut self, object: H, entry: Option<Entry<H>>) -> Option<Entry<H>> {
+        let old = match entry {
+            Some(e) => self.map.insert(object.raw(), e),
+            None => self.map.remove(&object.raw()),
+        };
+        let count = |e: Option<Entry<H>>| (usize::from(e.is_some_and(|e| e.live())), usize::from(matches!(e, Some(Entry::Ready(_)))));
+        let ((live_old, ready_old), (live_new, ready_new)) = (count(old), count(entry));
+        self.live = self.live + live_new - live_old;
+        self.ready = self.ready + ready_new - ready_old;
+        old
     }
 }
 
@@ -73,7 +106,7 @@ impl<H> Default for Copies<H> {
     fn default() -> Self {
         Copies {
             limit: AtomicUsize::new(0),
-            entries: RwLock::new(Entries { generation: 0, map: HashMap::new() }),
+            entries: RwLock::new(Entries { generation: 0, map: HashMap::new(), live: 0, ready: 0 }),
             queue: Mutex::new(VecDeque::new()),
             wanted: Condvar::new(),
         }
@@ -104,18 +137,17 @@ impl<H: Handle> Copies<H> {
         {
             let entries = self.read();
             if entries.generation == generation {
-                match entries.map.get(&object.raw()) {
-                    Some(Entry::Ready(copy)) => return Some(*copy),
+                match entries.get(object) {
+                    Some(Entry::Ready(copy)) => return Some(copy),
                     Some(_) => return None,
-                    None if entries.map.len() >= limit => return None,
+                    None if entries.live >= limit => return None,
                     None => {}
                 }
             }
         }
         let mut entries = self.write();
-        let map = entries.of(generation)?;
-        if map.len() < limit && !map.contains_key(&object.raw()) {
-            map.insert(object.raw(), Entry::Wanted);
+        if entries.at(generation) && entries.live < limit && entries.get(object).is_none() {
+            entries.set(object, Some(Entry::Wanted));
             self.queue.lock().unwrap_or_else(|p| p.into_inner()).push_back((object, generation));
             self.wanted.notify_one();
         }
@@ -129,51 +161,43 @@ impl<H: Handle> Copies<H> {
         queue.pop_front()
     }
 
+    /// Moves an object's entry from `from` to `to` (`None`: removed) if it is `from` in
+    /// `generation`; whether it was.
+    fn transition(&self, object: H, generation: u64, from: Entry<H>, to: Option<Entry<H>>) -> bool {
+        let mut entries = self.write();
+        let moved = entries.at(generation) && entries.get(object) == Some(from);
+        if moved {
+            entries.set(object, to);
+        }
+        moved
+    }
+
     /// Records a copy the maker made. `false` when it is not wanted any more (its version was
     /// destroyed meanwhile, or the generation changed): the caller destroys it.
     pub(super) fn finish(&self, object: H, generation: u64, copy: H) -> bool {
-        let mut entries = self.write();
-        match entries.of(generation).and_then(|map| map.get_mut(&object.raw())) {
-            Some(entry @ Entry::Wanted) => {
-                *entry = Entry::Ready(copy);
-                true
-            }
-            _ => false,
-        }
+        self.transition(object, generation, Entry::Wanted, Some(Entry::Ready(copy)))
     }
 
     /// The maker could not make a copy: `retry` when the failure may pass (it is wanted again
     /// on the next use), otherwise the token object is used for the rest of the generation.
     pub(super) fn failed(&self, object: H, generation: u64, retry: bool) {
-        let mut entries = self.write();
-        if let Some(map) = entries.of(generation)
-            && map.get(&object.raw()) == Some(&Entry::Wanted)
-        {
-            if retry {
-                map.remove(&object.raw());
-            } else {
-                map.insert(object.raw(), Entry::Never);
-            }
-        }
+        self.transition(object, generation, Entry::Wanted, if retry { None } else { Some(Entry::Never) });
     }
 
     /// A call with a ready copy failed as if the copy were gone: forget it, so the next use takes
     /// the token object and asks for a new copy.
     pub(super) fn forget(&self, object: H, generation: u64, copy: H) {
-        let mut entries = self.write();
-        if let Some(map) = entries.of(generation)
-            && map.get(&object.raw()) == Some(&Entry::Ready(copy))
-        {
-            map.remove(&object.raw());
-        }
+        self.transition(object, generation, Entry::Ready(copy), None);
     }
 
     /// The version's token object is about to be destroyed: no copy of it will be made or used
     /// again, and the copy it has (if any) is returned for the caller to destroy first.
     pub(super) fn take_for_destroy(&self, object: H, generation: u64) -> Option<H> {
         let mut entries = self.write();
-        let map = entries.of(generation)?;
-        match map.insert(object.raw(), Entry::Never) {
+        if !entries.at(generation) {
+            return None;
+        }
+        match entries.set(object, Some(Entry::Never)) {
             Some(Entry::Ready(copy)) => Some(copy),
             _ => None,
         }
@@ -182,10 +206,7 @@ impl<H: Handle> Copies<H> {
     /// Destroying a copy taken by `take_for_destroy` failed: it is kept (and used) again, so that
     /// a later attempt finds it.
     pub(super) fn put_back(&self, object: H, generation: u64, copy: H) {
-        let mut entries = self.write();
-        if let Some(map) = entries.of(generation) {
-            map.insert(object.raw(), Entry::Ready(copy));
-        }
+        self.transition(object, generation, Entry::Never, Some(Entry::Ready(copy)));
     }
 
     /// Copies ready in `generation`; `None` when copies are off.
@@ -194,7 +215,7 @@ impl<H: Handle> Copies<H> {
             return None;
         }
         let entries = self.read();
-        Some(if entries.generation == generation { entries.map.values().filter(|e| matches!(e, Entry::Ready(_))).count() } else { 0 })
+        Some(if entries.generation == generation { entries.ready } else { 0 })
     }
 }
 
@@ -294,6 +315,20 @@ mod tests {
         assert_eq!(copies.get(h(1), 1), None);
         assert_eq!(copies.ready(1), Some(0));
         assert_eq!(std::iter::from_fn(|| copies.next_wanted(NOW)).count(), 2);
+    }
+
+    #[test]
+    fn destroyed_versions_do_not_use_up_the_limit() {
+        let copies = Copies::default();
+        copies.enable(1);
+        copies.get(h(1), 1);
+        assert!(copies.finish(h(1), 1, h(100)));
+        copies.get(h(2), 1);
+        assert_eq!(copies.take_for_destroy(h(1), 1), Some(h(100)));
+        assert_eq!(copies.ready(1), Some(0));
+        copies.get(h(2), 1);
+        assert!(copies.finish(h(2), 1, h(200)), "the slot was freed");
+        assert_eq!(copies.get(h(2), 1), Some(h(200)));
     }
 
     #[test]
