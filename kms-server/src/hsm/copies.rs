@@ -95,7 +95,7 @@ impl<H: Handle> Entries<H> {
 /// thread and `destroy`.
 #[derive(Debug)]
 pub(super) struct Copies<H> {
-    /// The most copies kept (each costs SoftHSM2 about 8 KiB); 0 until `enable`.
+    /// The most copies kept (each costs SoftHSM2 about 10 KiB); 0 until `enable`.
     limit: AtomicUsize,
     entries: RwLock<Entries<H>>,
     queue: Mutex<VecDeque<(H, u64)>>,

@@ -179,7 +179,7 @@ impl Pkcs11Hsm {
     }
 
     /// Starts making session copies of the key versions used, at most `limit` of them (each
-    /// costs SoftHSM2 about 8 KiB). They are made with the backup key pair
+    /// costs SoftHSM2 about 10 KiB). They are made with the backup key pair
     /// (`templates::session_copy`), so without one this does nothing and returns `false`: every
     /// call then uses the version's token object.
     pub fn start_session_copies(self: &Arc<Self>, limit: usize) -> Result<bool, HsmError> {
