@@ -22,6 +22,18 @@ pub fn sweep_clock_offset() -> i64 {
     clock_offset("KMS_TEST_SWEEP_CLOCK_OFFSET")
 }
 
+/// How often the session copies' idle pass runs: `default`, or `KMS_TEST_SESSION_COPY_IDLE_MS`
+/// so that a test sees an unused copy evicted and destroyed within seconds.
+#[cfg(feature = "test-hooks")]
+pub fn session_copy_idle_pass(default: std::time::Duration) -> std::time::Duration {
+    std::env::var("KMS_TEST_SESSION_COPY_IDLE_MS").ok().and_then(|v| v.parse().ok()).map_or(default, std::time::Duration::from_millis)
+}
+
+#[cfg(not(feature = "test-hooks"))]
+pub fn session_copy_idle_pass(default: std::time::Duration) -> std::time::Duration {
+    default
+}
+
 #[cfg(feature = "test-hooks")]
 fn clock_offset(variable: &str) -> i64 {
     std::env::var(variable).ok().and_then(|v| v.parse().ok()).unwrap_or(0)

@@ -59,6 +59,8 @@ pub struct Options {
     pub retention_clock_offset: i64,
     /// Seconds added to the clock the destruction and rotation sweep reads (the same).
     pub sweep_clock_offset: i64,
+    /// How often the session copies' idle pass runs, in milliseconds (the same; default 5 min).
+    pub session_copy_idle_ms: Option<u64>,
     /// The server's `KMS_LOG` filter.
     pub log: &'static str,
     /// `--log-format json` instead of text.
@@ -85,6 +87,7 @@ impl Default for Options {
             audit_retention_days: 0,
             retention_clock_offset: 0,
             sweep_clock_offset: 0,
+            session_copy_idle_ms: None,
             log: "debug",
             json_logs: false,
             crash_at: None,
@@ -363,6 +366,7 @@ impl Server {
             .env("KMS_LOG", self.options.log)
             .env("KMS_TEST_RETENTION_CLOCK_OFFSET", self.options.retention_clock_offset.to_string())
             .env("KMS_TEST_SWEEP_CLOCK_OFFSET", self.options.sweep_clock_offset.to_string())
+            .env("KMS_TEST_SESSION_COPY_IDLE_MS", self.options.session_copy_idle_ms.map(|ms| ms.to_string()).unwrap_or_default())
             .env("KMS_TEST_CRASH_AT", self.options.crash_at.as_deref().unwrap_or_default())
             .env("KMS_TEST_HSM_FAULTS", self.hsm_faults_path())
             .env("KMS_TEST_STORE_FAULTS", self.dir.path().join("store-faults"))

@@ -10,12 +10,15 @@
 //! as its version (`templates::session_copy`).
 //!
 //! This module only decides: which versions have a copy, which are wanted, and which must never
-//! get one again in this generation (destroyed, or refused by the HSM). Everything is per link
-//! generation (see `KeyHandle`): a new login or initialisation drops every copy (SoftHSM2 drops
-//! private session objects at logout), so a new generation starts empty.
+//! get one again in this generation (destroyed, or refused by the HSM), and which have gone
+//! unused long enough to give their place (and memory) to others: a copy not used between two
+//! idle passes is evicted, and destroyed only at the pass after, when no call can still be using
+//! it. Everything is per link generation (see `KeyHandle`): a new login or initialisation drops
+//! every copy (SoftHSM2 drops private session objects at logout), so a new generation starts
+//! empty.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, RwLock};
 use std::time::Duration;
 
@@ -49,11 +52,18 @@ impl<H> Entry<H> {
     }
 }
 
+/// An entry, and whether its copy was used since the last idle pass.
+#[derive(Debug)]
+struct Slot<H> {
+    entry: Entry<H>,
+    used: AtomicBool,
+}
+
 #[derive(Debug)]
 struct Entries<H> {
     generation: u64,
     /// By the raw handle of the version's token object.
-    map: HashMap<u64, Entry<H>>,
+    map: HashMap<u64, Slot<H>>,
     /// Entries that are `Wanted` or `Ready`, and `Ready` ones.
     live: usize,
     ready: usize,
@@ -74,15 +84,17 @@ impl<H: Handle> Entries<H> {
     }
 
     fn get(&self, object: H) -> Option<Entry<H>> {
-        self.map.get(&object.raw()).copied()
+        self.map.get(&object.raw()).map(|slot| slot.entry)
     }
 
     /// Sets (or with `None` removes) an object's entry, keeping the counts; returns the old one.
+    /// A new entry counts as used, so that it lives at least until the second idle pass.
     fn set(&mut self, object: H, entry: Option<Entry<H>>) -> Option<Entry<H>> {
         let old = match entry {
-            Some(e) => self.map.insert(object.raw(), e),
+            Some(entry) => self.map.insert(object.raw(), Slot { entry, used: AtomicBool::new(true) }),
             None => self.map.remove(&object.raw()),
-        };
+        }
+        .map(|slot| slot.entry);
         let count = |e: Option<Entry<H>>| (usize::from(e.is_some_and(|e| e.live())), usize::from(matches!(e, Some(Entry::Ready(_)))));
         let ((live_old, ready_old), (live_new, ready_new)) = (count(old), count(entry));
         self.live = self.live + live_new - live_old;
@@ -98,6 +110,10 @@ pub(super) struct Copies<H> {
     /// The most copies kept (each costs SoftHSM2 about 10 KiB); 0 until `enable`.
     limit: AtomicUsize,
     entries: RwLock<Entries<H>>,
+    /// Copies evicted at the last idle pass (or whose destruction failed), with their versions'
+    /// raw handles and their generation: destroyed at the next pass, or with their version.
+    /// Locked only with `entries` held for writing.
+    evicted: Mutex<(u64, Vec<(u64, H)>)>,
     queue: Mutex<VecDeque<(H, u64)>>,
     wanted: Condvar,
 }
@@ -107,6 +123,7 @@ impl<H> Default for Copies<H> {
         Copies {
             limit: AtomicUsize::new(0),
             entries: RwLock::new(Entries { generation: 0, map: HashMap::new(), live: 0, ready: 0 }),
+            evicted: Mutex::new((0, Vec::new())),
             queue: Mutex::new(VecDeque::new()),
             wanted: Condvar::new(),
         }
@@ -137,8 +154,14 @@ impl<H: Handle> Copies<H> {
         {
             let entries = self.read();
             if entries.generation == generation {
-                match entries.get(object) {
-                    Some(Entry::Ready(copy)) => return Some(copy),
+                match entries.map.get(&object.raw()) {
+                    Some(Slot { entry: Entry::Ready(copy), used }) => {
+                        // Written only when it changes: the flag's cache line stays shared.
+                        if !used.load(Ordering::Relaxed) {
+                            used.store(true, Ordering::Relaxed);
+                        }
+                        return Some(*copy);
+                    }
                     Some(_) => return None,
                     None if entries.live >= limit => return None,
                     None => {}
@@ -190,23 +213,71 @@ impl<H: Handle> Copies<H> {
         self.transition(object, generation, Entry::Ready(copy), None);
     }
 
+    /// The evicted copies of `generation`, locked (with `entries` held for writing).
+    fn evicted(&self, generation: u64) -> std::sync::MutexGuard<'_, (u64, Vec<(u64, H)>)> {
+        let mut evicted = self.evicted.lock().unwrap_or_else(|p| p.into_inner());
+        if evicted.0 != generation {
+            // An older generation's copies went with its login.
+            *evicted = (generation, Vec::new());
+        }
+        evicted
+    }
+
     /// The version's token object is about to be destroyed: no copy of it will be made or used
-    /// again, and the copy it has (if any) is returned for the caller to destroy first.
-    pub(super) fn take_for_destroy(&self, object: H, generation: u64) -> Option<H> {
+    /// again, and its copies (a ready one, an evicted one not yet destroyed) are returned for the
+    /// caller to destroy first.
+    pub(super) fn take_for_destroy(&self, object: H, generation: u64) -> Vec<H> {
         let mut entries = self.write();
         if !entries.at(generation) {
-            return None;
+            return Vec::new();
         }
-        match entries.set(object, Some(Entry::Never)) {
-            Some(Entry::Ready(copy)) => Some(copy),
-            _ => None,
+        let mut copies: Vec<H> = match entries.set(object, Some(Entry::Never)) {
+            Some(Entry::Ready(copy)) => vec![copy],
+            _ => Vec::new(),
+        };
+        self.evicted(generation).1.retain(|(of, copy)| {
+            let this = *of == object.raw();
+            if this {
+                copies.push(*copy);
+            }
+            !this
+        });
+        copies
+    }
+
+    /// Destroying copies taken by `take_for_destroy` failed: they are destroyed at the next idle
+    /// pass, or first thing when their version's destruction is tried again.
+    pub(super) fn destroy_later(&self, object: H, generation: u64, copies: &[H]) {
+        let mut entries = self.write();
+        if entries.at(generation) {
+            self.evicted(generation).1.extend(copies.iter().map(|copy| (object.raw(), *copy)));
         }
     }
 
-    /// Destroying a copy taken by `take_for_destroy` failed: it is kept (and used) again, so that
-    /// a later attempt finds it.
-    pub(super) fn put_back(&self, object: H, generation: u64, copy: H) {
-        self.transition(object, generation, Entry::Never, Some(Entry::Ready(copy)));
+    /// The idle pass: evicts the copies of `generation` not used since the last pass (their
+    /// versions go back to their token objects, and are asked for again on their next use), and
+    /// returns the copies evicted at the last pass, to destroy now: by now no call that took one
+    /// just before it was evicted can still be using it.
+    pub(super) fn evict_idle(&self, generation: u64) -> Vec<H> {
+        let mut entries = self.write();
+        if !entries.at(generation) {
+            return Vec::new();
+        }
+        let idle: Vec<(u64, H)> = entries
+            .map
+            .iter()
+            .filter_map(|(object, slot)| match slot.entry {
+                Entry::Ready(copy) if !slot.used.swap(false, Ordering::Relaxed) => Some((*object, copy)),
+                _ => None,
+            })
+            .collect();
+        for (object, _) in &idle {
+            entries.map.remove(object);
+        }
+        entries.live -= idle.len();
+        entries.ready -= idle.len();
+        let due = std::mem::replace(&mut self.evicted(generation).1, idle);
+        due.into_iter().map(|(_, copy)| copy).collect()
     }
 
     /// Copies ready in `generation`; `None` when copies are off.
@@ -277,7 +348,7 @@ mod tests {
         let copies = Copies::default();
         copies.enable(10);
         copies.get(h(1), 1);
-        assert_eq!(copies.take_for_destroy(h(1), 1), None);
+        assert_eq!(copies.take_for_destroy(h(1), 1), Vec::<u64>::new());
         assert!(!copies.finish(h(1), 1, h(100)), "the maker's copy must be destroyed, not kept");
         assert_eq!(copies.get(h(1), 1), None);
         assert_eq!(copies.next_wanted(NOW), Some((h(1), 1)));
@@ -285,10 +356,31 @@ mod tests {
 
         copies.get(h(2), 1);
         assert!(copies.finish(h(2), 1, h(200)));
-        assert_eq!(copies.take_for_destroy(h(2), 1), Some(h(200)));
+        assert_eq!(copies.take_for_destroy(h(2), 1), [h(200)]);
         assert_eq!(copies.get(h(2), 1), None);
-        copies.put_back(h(2), 1, h(200));
-        assert_eq!(copies.get(h(2), 1), Some(h(200)), "kept when destroying the copy failed");
+        copies.destroy_later(h(2), 1, &[h(200)]);
+        assert_eq!(copies.get(h(2), 1), None, "never used again");
+        assert_eq!(copies.take_for_destroy(h(2), 1), [h(200)], "found again by the next attempt");
+        copies.destroy_later(h(2), 1, &[h(200)]);
+        assert_eq!(copies.evict_idle(1), [h(200)], "destroyed at the next idle pass");
+        assert_eq!(copies.evict_idle(1), Vec::<u64>::new(), "and only once");
+    }
+
+    #[test]
+    fn a_destroyed_version_takes_its_evicted_copy_with_it_at_once() {
+        let copies = Copies::default();
+        copies.enable(10);
+        copies.get(h(1), 1);
+        assert!(copies.finish(h(1), 1, h(100)));
+        copies.evict_idle(1);
+        assert_eq!(copies.evict_idle(1), Vec::<u64>::new(), "evicted now, destroyed at the next pass");
+        copies.get(h(1), 1);
+        assert!(copies.finish(h(1), 1, h(101)), "used again: a new copy");
+        let mut taken = copies.take_for_destroy(h(1), 1);
+        taken.sort();
+        assert_eq!(taken, [h(100), h(101)], "the evicted copy does not wait for the next pass");
+        copies.evict_idle(1);
+        assert_eq!(copies.evict_idle(1), Vec::<u64>::new(), "nothing left to destroy twice");
     }
 
     #[test]
@@ -324,11 +416,32 @@ mod tests {
         copies.get(h(1), 1);
         assert!(copies.finish(h(1), 1, h(100)));
         copies.get(h(2), 1);
-        assert_eq!(copies.take_for_destroy(h(1), 1), Some(h(100)));
+        assert_eq!(copies.take_for_destroy(h(1), 1), [h(100)]);
         assert_eq!(copies.ready(1), Some(0));
         copies.get(h(2), 1);
         assert!(copies.finish(h(2), 1, h(200)), "the slot was freed");
         assert_eq!(copies.get(h(2), 1), Some(h(200)));
+    }
+
+    #[test]
+    fn a_copy_unused_between_two_idle_passes_is_evicted_and_its_place_freed() {
+        let copies = Copies::default();
+        copies.enable(2);
+        for n in 1..=2 {
+            copies.get(h(n), 1);
+            assert!(copies.finish(h(n), 1, h(100 + n)));
+        }
+        assert_eq!(copies.evict_idle(1), Vec::<u64>::new(), "new copies count as used");
+        assert_eq!(copies.get(h(1), 1), Some(h(101)));
+        assert_eq!(copies.evict_idle(1), Vec::<u64>::new(), "evicted copies are destroyed a pass later");
+        assert_eq!(copies.ready(1), Some(1));
+        assert_eq!(copies.get(h(2), 1), None);
+        copies.get(h(3), 1);
+        let queued: Vec<_> = std::iter::from_fn(|| copies.next_wanted(NOW)).collect();
+        assert_eq!(queued, [(h(1), 1), (h(2), 1), (h(2), 1)], "the evicted version is asked for again; the limit holds (2 live)");
+        assert_eq!(copies.evict_idle(1), [h(102)], "only the copy unused since the last pass");
+        assert_eq!(copies.evict_idle(2), Vec::<u64>::new(), "a new generation has no copies to evict or destroy");
+        assert_eq!(copies.evict_idle(1), Vec::<u64>::new(), "nor has an old one");
     }
 
     #[test]

@@ -47,6 +47,10 @@ use crate::secret::{Pin, SecretBytes};
 /// we never use them).
 const TAG_BITS: u64 = (TAG_LEN * 8) as u64;
 
+/// How often the session copies' idle pass runs: a copy unused for one to two periods is evicted,
+/// and destroyed one period later (`copies.rs`).
+const COPY_IDLE_PASS: Duration = Duration::from_secs(300);
+
 /// The first wait between two healing attempts, and the longest.
 const HEAL_BACKOFF: Duration = Duration::from_secs(1);
 const HEAL_BACKOFF_MAX: Duration = Duration::from_secs(60);
@@ -179,7 +183,7 @@ impl Pkcs11Hsm {
     }
 
     /// Starts making session copies of the key versions used, at most `limit` of them (each
-    /// costs SoftHSM2 about 10 KiB). They are made with the backup key pair
+    /// costs SoftHSM2 about 10 KiB); copies unused for a while give their place to others. They are made with the backup key pair
     /// (`templates::session_copy`), so without one this does nothing and returns `false`: every
     /// call then uses the version's token object.
     pub fn start_session_copies(self: &Arc<Self>, limit: usize) -> Result<bool, HsmError> {
@@ -192,14 +196,24 @@ impl Pkcs11Hsm {
         }
         self.copies.enable(limit);
         let hsm = Arc::downgrade(self);
+        let idle_pass = crate::hooks::session_copy_idle_pass(COPY_IDLE_PASS);
         std::thread::Builder::new()
             .name("hsm-session-copies".into())
             .spawn(move || {
                 let mut backup = backup;
+                let mut last_pass = Instant::now();
                 // Ends once the HSM is dropped: the strong reference is held only while working.
                 while let Some(hsm) = hsm.upgrade() {
-                    if let Some((object, generation)) = hsm.copies.next_wanted(Duration::from_secs(1)) {
+                    if let Some((object, generation)) = hsm.copies.next_wanted(idle_pass.min(Duration::from_secs(1))) {
                         hsm.make_copy(&mut backup, object, generation);
+                    }
+                    if last_pass.elapsed() >= idle_pass {
+                        last_pass = Instant::now();
+                        for copy in hsm.copies.evict_idle(hsm.generation()) {
+                            if let Err(e) = hsm.with_session("C_DestroyObject", |s| s.destroy_object(copy)) {
+                                tracing::warn!(error = %e, "an evicted session copy could not be destroyed; it goes with the login");
+                            }
+                        }
                     }
                 }
             })
@@ -611,14 +625,15 @@ impl Hsm for Pkcs11Hsm {
 
     fn destroy(&self, key: KeyHandle) -> Result<(), HsmError> {
         // The session copy first: no copy of a version may outlive it, nor be made after.
-        if let KeyHandle::Object { object, generation } = key
-            && let Some(copy) = self.copies.take_for_destroy(object, generation)
-        {
-            match self.with_session("C_DestroyObject", |s| s.destroy_object(copy)) {
-                Ok(()) | Err(HsmError::Unavailable { code: RvError::ObjectHandleInvalid, .. }) => {}
-                Err(e) => {
-                    self.copies.put_back(object, generation, copy);
-                    return Err(e);
+        if let KeyHandle::Object { object, generation } = key {
+            let copies = self.copies.take_for_destroy(object, generation);
+            for (n, copy) in copies.iter().enumerate() {
+                match self.with_session("C_DestroyObject", |s| s.destroy_object(*copy)) {
+                    Ok(()) | Err(HsmError::Unavailable { code: RvError::ObjectHandleInvalid, .. }) => {}
+                    Err(e) => {
+                        self.copies.destroy_later(object, generation, &copies[n..]);
+                        return Err(e);
+                    }
                 }
             }
         }

@@ -1,9 +1,10 @@
 //! Session copies of key versions (ARCHITECTURE.md, `hsm/copies.rs`): made in the background
 //! with the backup key pair once a version is used, used by the data plane from then on,
-//! destroyed with their version, and off on a token without a backup key pair. (After a lost
+//! destroyed with their version, evicted when left unused and made again on the next use, and
+//! off on a token without a backup key pair. (After a lost
 //! login or a re-initialised library they are made again: `faults.rs`.)
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kms_proto::v1 as pb;
 use kms_tests::{Options, Server, create_key, eventually, gdk};
@@ -78,4 +79,34 @@ async fn without_a_backup_key_pair_there_are_no_session_copies() {
     assert!(said.contains("session copies of key versions: off"), "{said}");
     let log = std::fs::read_to_string(server.log_path()).unwrap();
     assert!(log.contains("session copies off: the token holds no backup key pair"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_left_unused_is_evicted_and_made_again_on_its_next_use() {
+    let server = Server::start_with(Options { backup_key: true, session_copy_idle_ms: Some(1000), ..Options::default() });
+    let mut admin = server.admin().await;
+    let mut data = server.data().await;
+    let key = create_key(&mut admin, "").await;
+    let first = data.generate_data_key(gdk(&key, &[])).await.unwrap().into_inner();
+    eventually("the copy", Duration::from_secs(10), || server.metric(COPIES) == Some(1.0));
+
+    // Used all along: kept over several idle passes.
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        data.generate_data_key(gdk(&key, &[])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(server.metric(COPIES), Some(1.0));
+    assert_eq!(calls(&server, "C_UnwrapKey"), 1.0, "a copy in use is kept");
+
+    // Left unused: evicted at a pass, destroyed at the next.
+    let destroyed = calls(&server, "C_DestroyObject");
+    eventually("the idle copy evicted", Duration::from_secs(10), || server.metric(COPIES) == Some(0.0));
+    eventually("and destroyed", Duration::from_secs(10), || calls(&server, "C_DestroyObject") == destroyed + 1.0);
+
+    // The next use runs on the token object and asks for a new copy.
+    assert_eq!(&data.decrypt(decrypt(&first.ciphertext_blob)).await.unwrap().into_inner().plaintext, &first.plaintext);
+    eventually("a new copy", Duration::from_secs(10), || server.metric(COPIES) == Some(1.0));
+    assert_eq!(calls(&server, "C_UnwrapKey"), 2.0);
+    assert_eq!(&data.decrypt(decrypt(&first.ciphertext_blob)).await.unwrap().into_inner().plaintext, &first.plaintext);
 }
