@@ -128,8 +128,9 @@ pub struct HsmConfig {
     pub deadline_ms: u64,
     /// The most key versions given a *session copy* (ARCHITECTURE.md): SoftHSM2 runs AES-GCM
     /// about three times as fast under a session object as under a token object. Made in the
-    /// background with the backup key pair (none without it), about 10 KiB of memory each;
-    /// default 1,024, 0 turns them off (an HSM whose token objects are as fast gains nothing).
+    /// background with the backup key pair (none without it), about 10 KiB of memory each; a
+    /// copy unused for 5 to 10 minutes is evicted. Default 1,024; 0 turns them off (an HSM whose
+    /// token objects are as fast gains nothing).
     #[serde(default = "default_session_copies")]
     pub session_copies: usize,
 }
