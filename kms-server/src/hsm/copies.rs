@@ -118,11 +118,11 @@ pub(super) struct Copies<H> {
     wanted: Condvar,
 }
 
-impl<H> Default for Copies<H> {
+impl<H: Handle> Default for Copies<H> {
     fn default() -> Self {
         Copies {
             limit: AtomicUsize::new(0),
-            entries: RwLock::new(Entries { generation: 0, map: HashMap::new(), live: 0, ready: 0 }),
+            entries: RwLock::new(Entries::new(0)),
             evicted: Mutex::new((0, Vec::new())),
             queue: Mutex::new(VecDeque::new()),
             wanted: Condvar::new(),

@@ -183,9 +183,9 @@ impl Pkcs11Hsm {
     }
 
     /// Starts making session copies of the key versions used, at most `limit` of them (each
-    /// costs SoftHSM2 about 10 KiB); copies unused for a while give their place to others. They are made with the backup key pair
-    /// (`templates::session_copy`), so without one this does nothing and returns `false`: every
-    /// call then uses the version's token object.
+    /// costs SoftHSM2 about 10 KiB); copies unused for a while give their place to others. They
+    /// are made with the backup key pair (`templates::session_copy`), so without one this does
+    /// nothing and returns `false`: every call then uses the version's token object.
     pub fn start_session_copies(self: &Arc<Self>, limit: usize) -> Result<bool, HsmError> {
         if limit == 0 {
             return Ok(false);
@@ -264,6 +264,12 @@ impl Pkcs11Hsm {
             Some(anchor) => op(anchor),
             None => Err(CkError::Pkcs11(RvError::SessionClosed, Function::OpenSession)),
         });
+        self.settle(function, started, result)
+    }
+
+    /// The end of every call: its metrics, and for a failure its record and, if it may mean a
+    /// lost login or device, healing; the error in the service's terms.
+    fn settle<T>(&self, function: &'static str, started: Instant, result: Result<T, CkError>) -> Result<T, HsmError> {
         crate::metrics::metrics().hsm_call(function, if result.is_ok() { "ok" } else { "error" }, started.elapsed());
         if let Err(e) = &result {
             self.record_failure(function, e);
@@ -345,7 +351,6 @@ impl Pkcs11Hsm {
         let result = super::faults::inject_into(function, &link.ctx, &link.anchor).and_then(|()| op(&session));
         #[cfg(not(feature = "test-hooks"))]
         let result = op(&session);
-        crate::metrics::metrics().hsm_call(function, if result.is_ok() { "ok" } else { "error" }, started.elapsed());
         let broken = matches!(
             &result,
             Err(CkError::Pkcs11(
@@ -366,11 +371,7 @@ impl Pkcs11Hsm {
             Checkin::Keep
         };
         link.pool.checkin(session, back);
-        if let Err(e) = &result {
-            self.record_failure(function, e);
-            self.heal_after(e);
-        }
-        result.map_err(|e| classify(function, e))
+        self.settle(function, started, result)
     }
 
     fn record_failure(&self, function: &'static str, e: &CkError) {
@@ -624,7 +625,7 @@ impl Hsm for Pkcs11Hsm {
     }
 
     fn destroy(&self, key: KeyHandle) -> Result<(), HsmError> {
-        // The session copy first: no copy of a version may outlive it, nor be made after.
+        // Its session copies first: no copy of a version may outlive it, nor be made after.
         if let KeyHandle::Object { object, generation } = key {
             let copies = self.copies.take_for_destroy(object, generation);
             for (n, copy) in copies.iter().enumerate() {
