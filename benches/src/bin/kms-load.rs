@@ -277,7 +277,11 @@ fn session_copy_ready(hsm: &Arc<kms_server::hsm::pkcs11::Pkcs11Hsm>, key: kms_se
     }
     let until = Instant::now() + Duration::from_secs(5);
     while Instant::now() < until {
-        hsm.encrypt(key, &kms_server::domain::blob::Iv([0; 12]), b"", &[0; 32]).map_err(|e| anyhow::anyhow!("{e}"))?;
+        // A fresh IV each time: this is the service's key version, and AES-GCM must never see
+        // an IV twice under one key.
+        let mut iv = [0u8; 12];
+        hsm.random(&mut iv).map_err(|e| anyhow::anyhow!("{e}"))?;
+        hsm.encrypt(key, &kms_server::domain::blob::Iv(iv), b"", &[0; 32]).map_err(|e| anyhow::anyhow!("{e}"))?;
         if hsm.sessions().copies == Some(1) {
             return Ok(true);
         }
