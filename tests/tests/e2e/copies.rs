@@ -83,7 +83,7 @@ async fn without_a_backup_key_pair_there_are_no_session_copies() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_copy_left_unused_is_evicted_and_made_again_on_its_next_use() {
-    let server = Server::start_with(Options { backup_key: true, session_copy_idle_ms: Some(1000), ..Options::default() });
+    let server = Server::start_with(Options { backup_key: true, session_copy_idle_ms: Some(2000), ..Options::default() });
     let mut admin = server.admin().await;
     let mut data = server.data().await;
     let key = create_key(&mut admin, "").await;
@@ -91,7 +91,7 @@ async fn a_copy_left_unused_is_evicted_and_made_again_on_its_next_use() {
     eventually("the copy", Duration::from_secs(10), || server.metric(COPIES) == Some(1.0));
 
     // Used all along: kept over several idle passes.
-    let until = Instant::now() + Duration::from_secs(3);
+    let until = Instant::now() + Duration::from_secs(5);
     while Instant::now() < until {
         data.generate_data_key(gdk(&key, &[])).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;

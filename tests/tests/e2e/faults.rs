@@ -143,7 +143,7 @@ async fn a_lost_login_or_a_failed_library_is_repaired_without_a_restart() {
         data.decrypt(decrypt).await.unwrap_or_else(|e| panic!("{what}: an old blob after the repair: {e}"));
         if copies {
             eventually("the copy made again", Duration::from_secs(10), || server.metric(super::copies::COPIES) == Some(1.0));
-            assert_eq!(super::copies::calls(&server, "C_UnwrapKey"), 2.0, "{what}");
+            assert!(super::copies::calls(&server, "C_UnwrapKey") >= 2.0, "{what}: made again in the new generation");
         }
         admin.rotate_key(pb::RotateKeyRequest { key_id: key.clone() }).await.unwrap_or_else(|e| panic!("{what}: rotate after the repair: {e}"));
         data.generate_data_key(gdk()).await.unwrap_or_else(|e| panic!("{what}: the new version: {e}"));
