@@ -89,10 +89,10 @@ impl<H: Handle> Entries<H> {
 
     /// Sets (or with `None` removes) an object's entry, keeping the counts; returns the old one.
     /// A new entry counts as used, so that it lives at least until the second idle pass.
-    fn set(&mut self, object: H, entry: Option<Entry<H>>) -> Option<Entry<H>> {
+    fn set(&mut self, object: u64, entry: Option<Entry<H>>) -> Option<Entry<H>> {
         let old = match entry {
-            Some(entry) => self.map.insert(object.raw(), Slot { entry, used: AtomicBool::new(true) }),
-            None => self.map.remove(&object.raw()),
+            Some(entry) => self.map.insert(object, Slot { entry, used: AtomicBool::new(true) }),
+            None => self.map.remove(&object),
         }
         .map(|slot| slot.entry);
         let count = |e: Option<Entry<H>>| (usize::from(e.is_some_and(|e| e.live())), usize::from(matches!(e, Some(Entry::Ready(_)))));
@@ -170,7 +170,7 @@ impl<H: Handle> Copies<H> {
         }
         let mut entries = self.write();
         if entries.at(generation) && entries.live < limit && entries.get(object).is_none() {
-            entries.set(object, Some(Entry::Wanted));
+            entries.set(object.raw(), Some(Entry::Wanted));
             self.queue.lock().unwrap_or_else(|p| p.into_inner()).push_back((object, generation));
             self.wanted.notify_one();
         }
@@ -190,7 +190,7 @@ impl<H: Handle> Copies<H> {
         let mut entries = self.write();
         let moved = entries.at(generation) && entries.get(object) == Some(from);
         if moved {
-            entries.set(object, to);
+            entries.set(object.raw(), to);
         }
         moved
     }
@@ -231,7 +231,7 @@ impl<H: Handle> Copies<H> {
         if !entries.at(generation) {
             return Vec::new();
         }
-        let mut copies: Vec<H> = match entries.set(object, Some(Entry::Never)) {
+        let mut copies: Vec<H> = match entries.set(object.raw(), Some(Entry::Never)) {
             Some(Entry::Ready(copy)) => vec![copy],
             _ => Vec::new(),
         };
@@ -272,10 +272,8 @@ impl<H: Handle> Copies<H> {
             })
             .collect();
         for (object, _) in &idle {
-            entries.map.remove(object);
+            entries.set(*object, None);
         }
-        entries.live -= idle.len();
-        entries.ready -= idle.len();
         let due = std::mem::replace(&mut self.evicted(generation).1, idle);
         due.into_iter().map(|(_, copy)| copy).collect()
     }
