@@ -8,7 +8,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use kms_benches::{on_threads, softhsm_process};
+use kms_benches::{on_threads, session_copy_in_use, softhsm_process};
 use kms_server::domain::blob::Iv;
 use kms_server::domain::ids::KeyId;
 use kms_server::hsm::pkcs11::{Pkcs11Hsm, create_backup_key};
@@ -21,12 +21,8 @@ fn with_copy(token: &hsm_sim::Token, pin: &Pin) -> (std::sync::Arc<Pkcs11Hsm>, K
     let so_pin = Pin::new(std::fs::read_to_string(&token.so_pin_file).expect("SO PIN file").trim().to_string());
     create_backup_key(&token.module, &token.label, pin, &so_pin).expect("the backup key pair");
     let hsm = std::sync::Arc::new(Pkcs11Hsm::open(&token.module, &token.label, pin, 4).expect("the token opens"));
-    assert!(hsm.start_session_copies(1).expect("session copies"));
     let version = hsm.generate_key(&ObjectName { key_id: KeyId::from_bytes([8; 16]), version: 1 }).expect("a key version");
-    while hsm.sessions().copies != Some(1) {
-        hsm.encrypt(version, &Iv([0; 12]), b"", &[0; 32]).expect("encrypt");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    assert!(session_copy_in_use(&hsm, version).expect("session copies"));
     (hsm, version)
 }
 

@@ -236,7 +236,7 @@ fn raw_hsm_rate(args: &Args, key_label_prefix: &str, secs: u64) -> Result<Value>
         .filter(|(name, _)| name.label().starts_with(key_label_prefix))
         .max_by_key(|(name, _)| name.version)
         .context("the key's HSM object was not found on the token")?;
-    let object = if session_copy_ready(&hsm, handle)? { "session copy" } else { "token object" };
+    let object = if kms_benches::session_copy_in_use(&hsm, handle).map_err(|e| anyhow::anyhow!("{e}"))? { "session copy" } else { "token object" };
     let batch = args.batch as usize;
     let deadline = Instant::now() + Duration::from_secs(secs);
     let threads: Vec<_> = (0..args.hsm_threads)
@@ -266,28 +266,6 @@ fn raw_hsm_rate(args: &Args, key_label_prefix: &str, secs: u64) -> Result<Value>
         json!({"operation": format!("C_GenerateRandom({}) + {batch} C_Encrypt(AES-GCM, 32 B)", 44 * batch), "key_object": object,
                "threads": args.hsm_threads, "ops_per_second": total as f64 / secs as f64}),
     )
-}
-
-/// Asks for a session copy of `key` and waits (at most 5 s) until it is in use: `false` when the
-/// token cannot make one.
-fn session_copy_ready(hsm: &Arc<kms_server::hsm::pkcs11::Pkcs11Hsm>, key: kms_server::hsm::KeyHandle) -> Result<bool> {
-    use kms_server::hsm::Hsm;
-    if !hsm.start_session_copies(1).map_err(|e| anyhow::anyhow!("{e}"))? {
-        return Ok(false);
-    }
-    let until = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < until {
-        // A fresh IV each time: this is the service's key version, and AES-GCM must never see
-        // an IV twice under one key.
-        let mut iv = [0u8; 12];
-        hsm.random(&mut iv).map_err(|e| anyhow::anyhow!("{e}"))?;
-        hsm.encrypt(key, &kms_server::domain::blob::Iv(iv), b"", &[0; 32]).map_err(|e| anyhow::anyhow!("{e}"))?;
-        if hsm.sessions().copies == Some(1) {
-            return Ok(true);
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    anyhow::bail!("the session copy of the key was not made within 5 s")
 }
 
 #[tokio::main]
