@@ -153,6 +153,17 @@ impl Link {
         Ok(matches!(state, SessionState::RwUser | SessionState::RoUser))
     }
 
+    /// The fault a test injected before `function` (`faults.rs`; `test-hooks` builds only).
+    fn inject(&self, function: &'static str) -> Result<(), CkError> {
+        #[cfg(feature = "test-hooks")]
+        return super::faults::inject_into(function, &self.ctx, &self.anchor);
+        #[cfg(not(feature = "test-hooks"))]
+        {
+            let _ = function;
+            Ok(())
+        }
+    }
+
     /// Logs the user in again on the anchor.
     fn login_again(&self, pin: &Pin) -> Result<(), HsmError> {
         match self.anchor.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
@@ -256,11 +267,7 @@ impl Pkcs11Hsm {
     fn with_anchor<T>(&self, function: &'static str, op: impl FnOnce(&Session) -> Result<T, CkError>) -> Result<T, HsmError> {
         let started = Instant::now();
         let link = self.link();
-        #[cfg(feature = "test-hooks")]
-        let injected = super::faults::inject_into(function, &link.ctx, &link.anchor);
-        #[cfg(not(feature = "test-hooks"))]
-        let injected = Ok(());
-        let result = injected.and_then(|()| match link.anchor.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        let result = link.inject(function).and_then(|()| match link.anchor.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             Some(anchor) => op(anchor),
             None => Err(CkError::Pkcs11(RvError::SessionClosed, Function::OpenSession)),
         });
@@ -347,10 +354,7 @@ impl Pkcs11Hsm {
                 self.heal_after(&e);
                 classify(function, e)
             })?;
-        #[cfg(feature = "test-hooks")]
-        let result = super::faults::inject_into(function, &link.ctx, &link.anchor).and_then(|()| op(&session));
-        #[cfg(not(feature = "test-hooks"))]
-        let result = op(&session);
+        let result = link.inject(function).and_then(|()| op(&session));
         let broken = matches!(
             &result,
             Err(CkError::Pkcs11(
