@@ -10,15 +10,14 @@
 //!
 //! The HSM deadline still holds: the caller waits at most `hsm.deadline_ms` for its answer
 //! (`api::Shared::call`). A call whose caller stopped waiting before a worker took it is
-//! skipped, so a hung HSM leaves no backlog of stale work behind it; a full queue is refused at
-//! once ([`Busy`]) rather than queued without bound. Admin-plane calls (key generation,
+//! skipped ([`Claim`]), so a hung HSM leaves no backlog of stale work behind it; a full queue is
+//! refused at once ([`Busy`]) rather than queued without bound. Admin-plane calls (key generation,
 //! backups: milliseconds to minutes) stay on tokio's blocking pool, so they never hold up the
 //! data plane, nor it them.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-
-use tokio::sync::oneshot;
 
 /// Calls waiting for a worker; past this a call is refused with [`Busy`]. At ~15 µs of HSM
 /// work a call, a full queue is ~60 ms of work for one worker.
@@ -87,26 +86,49 @@ impl Workers {
         Ok(Workers { handle: Arc::new(Handle(shared)) })
     }
 
-    /// Queues `f` and returns where its result will arrive. If the receiver is dropped before
-    /// a worker takes the call (the caller's deadline passed), `f` is never run.
-    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<oneshot::Receiver<T>, Busy> {
-        let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move || {
-            if !tx.is_closed() {
-                let _ = tx.send(f());
-            }
-        });
+    /// Queues `job`, or refuses it at once if the queue is full.
+    pub fn spawn(&self, job: impl FnOnce() + Send + 'static) -> Result<(), Busy> {
         let mut state = self.handle.0.lock();
         if state.jobs.len() >= QUEUE {
             return Err(Busy);
         }
-        state.jobs.push_back(job);
+        state.jobs.push_back(Box::new(job));
         let wake = state.sleeping > 0;
         drop(state);
         if wake {
             self.handle.0.ready.notify_one();
         }
-        Ok(rx)
+        Ok(())
+    }
+}
+
+/// Who answers for a call once it is queued: its worker, which finishes it and records its
+/// outcome, or its caller, which stopped waiting (the deadline passed) and records that. Exactly
+/// one of them does, whichever comes first.
+#[derive(Debug, Clone, Default)]
+pub struct Claim(Arc<AtomicU8>);
+
+const WAITING: u8 = 0;
+const FINISHED: u8 = 1;
+const GAVE_UP: u8 = 2;
+
+impl Claim {
+    /// Whether the caller still waits: a worker skips a call nobody waits for, so a hung HSM
+    /// leaves no backlog of stale work behind it.
+    pub fn waited_for(&self) -> bool {
+        self.0.load(Ordering::Acquire) == WAITING
+    }
+
+    /// The worker, its work done: `true` if it answers for the call, `false` if the caller gave
+    /// up first.
+    pub fn finish(&self) -> bool {
+        self.0.compare_exchange(WAITING, FINISHED, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    /// The caller, at its deadline: `true` if it answers for the call, `false` if the worker
+    /// finished first (its answer is on the way).
+    pub fn give_up(&self) -> bool {
+        self.0.compare_exchange(WAITING, GAVE_UP, Ordering::AcqRel, Ordering::Acquire).is_ok()
     }
 }
 
@@ -134,55 +156,73 @@ fn work(shared: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::mpsc;
     use std::time::Duration;
 
-    fn block_on<T>(rx: oneshot::Receiver<T>) -> Result<T, oneshot::error::RecvError> {
-        tokio::runtime::Builder::new_current_thread().build().expect("a runtime").block_on(rx)
+    /// Runs `f` on a worker; its result arrives on the returned channel.
+    fn run<T: Send + 'static>(workers: &Workers, f: impl FnOnce() -> T + Send + 'static) -> Result<mpsc::Receiver<T>, Busy> {
+        let (tx, rx) = mpsc::channel();
+        workers.spawn(move || drop(tx.send(f())))?;
+        Ok(rx)
     }
 
     #[test]
     fn every_call_runs_and_answers() {
         let workers = Workers::start(2).expect("workers");
-        let answers: Vec<_> = (0..100).map(|i| workers.run(move || i * 2).expect("queued")).collect();
+        let answers: Vec<_> = (0..100).map(|i| run(&workers, move || i * 2).expect("queued")).collect();
         for (i, rx) in answers.into_iter().enumerate() {
-            assert_eq!(block_on(rx).expect("answered"), i * 2);
+            assert_eq!(rx.recv().expect("answered"), i * 2);
         }
     }
 
     #[test]
-    fn a_call_whose_caller_left_is_skipped_and_a_full_queue_is_refused() {
+    fn a_call_whose_caller_gave_up_is_skipped_and_a_full_queue_is_refused() {
         let workers = Workers::start(1).expect("workers");
         // Hold the only worker until released.
-        let (release, held) = std::sync::mpsc::channel::<()>();
-        let busy = workers.run(move || held.recv().is_ok()).expect("queued");
+        let (release, held) = mpsc::channel::<()>();
+        let busy = run(&workers, move || held.recv().is_ok()).expect("queued");
         while !workers.handle.0.lock().jobs.is_empty() {
             std::thread::sleep(Duration::from_millis(1));
         }
         let ran = Arc::new(AtomicUsize::new(0));
         let mut kept = Vec::new();
         for i in 0..QUEUE {
-            let ran = ran.clone();
-            let rx = workers.run(move || ran.fetch_add(1, Ordering::SeqCst)).expect("room in the queue");
-            // Every other caller stops waiting before a worker takes its call.
+            let (ran, claim) = (ran.clone(), Claim::default());
+            let worker = claim.clone();
+            let rx = run(&workers, move || worker.waited_for() && worker.finish() && ran.fetch_add(1, Ordering::SeqCst) < QUEUE)
+                .expect("room in the queue");
+            // Every other caller gives up before a worker takes its call.
             if i % 2 == 0 {
                 kept.push(rx);
+            } else {
+                assert!(claim.give_up(), "the caller gives up first");
             }
         }
-        assert_eq!(workers.run(|| ()).err(), Some(Busy), "the queue is full");
+        assert_eq!(run(&workers, || ()).err(), Some(Busy), "the queue is full");
         release.send(()).expect("the held call is waiting");
-        assert!(block_on(busy).expect("answered"));
+        assert!(busy.recv().expect("answered"));
         for rx in kept {
-            block_on(rx).expect("answered");
+            assert!(rx.recv().expect("answered"), "the worker answers for a call still waited for");
         }
         assert_eq!(ran.load(Ordering::SeqCst), QUEUE / 2, "calls nobody waits for are never run");
     }
 
     #[test]
+    fn exactly_one_side_answers_for_a_call() {
+        let claim = Claim::default();
+        assert!(claim.finish(), "the worker finished first");
+        assert!(!claim.give_up(), "so the caller waits for its answer");
+        let claim = Claim::default();
+        assert!(claim.give_up(), "the caller gave up first");
+        assert!(!claim.waited_for() && !claim.finish(), "so the worker drops its outcome");
+    }
+
+    #[test]
     fn a_panicking_call_fails_alone() {
         let workers = Workers::start(1).expect("workers");
-        let failed = workers.run(|| -> u32 { panic!("a bug") }).expect("queued");
-        assert!(block_on(failed).is_err(), "its caller sees the call dropped");
-        assert_eq!(block_on(workers.run(|| 7).expect("queued")).expect("the worker survived"), 7);
+        let failed = run(&workers, || -> u32 { panic!("a bug") }).expect("queued");
+        assert!(failed.recv().is_err(), "its caller sees the call dropped");
+        assert_eq!(run(&workers, || 7).expect("queued").recv().expect("the worker survived"), 7);
     }
 }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tonic::Status;
 
-use crate::audit::writer::AuditWriter;
+use crate::audit::writer::{AuditUnavailable, AuditWriter};
 use crate::audit::{AuditEvent, Outcome};
 use crate::domain::context::EncryptionContext;
 use crate::domain::ids::{KeyId, KeyRef};
@@ -22,6 +22,7 @@ use crate::error::Error;
 use crate::hsm::HsmError;
 use crate::service::officers::SessionToken;
 use crate::service::{Caller, Kms};
+use crate::workers::{Busy, Claim};
 use cryptoki::error::RvError;
 
 /// The one message every undecryptable blob gets, whatever the cause (an oracle otherwise).
@@ -220,56 +221,134 @@ impl Shared {
             };
             (out, facts)
         };
-        let refused = |e: Error, claimed: Option<String>| Ok((Err(e), Facts { principal: claimed, ..Facts::default() }));
-        let task = async {
-            if !data_plane {
-                return tokio::task::spawn_blocking(work).await.map_err(|e| e.to_string());
-            }
-            match self.workers.run(work) {
-                Ok(answer) => answer.await.map_err(|_| "the call was dropped by its worker".to_string()),
-                Err(crate::workers::Busy) => refused(Error::Overloaded, claimed.clone()),
+        let answered = if data_plane {
+            self.on_worker(operation, &request_id, work, claimed, wait).await
+        } else {
+            let task = tokio::task::spawn_blocking(work);
+            let joined = match wait {
+                None => task.await,
+                Some(wait) => match tokio::time::timeout(wait, task).await {
+                    Ok(joined) => joined,
+                    Err(_) => Ok((Err(Error::Deadline { after: self.deadline }), Facts::default())),
+                },
+            };
+            let (result, facts) = match joined {
+                Ok((out, facts)) => (out.map_err(|e| status(&e, &request_id)), facts),
+                Err(join) => {
+                    // A panic on a request path is a bug; the caller gets a generic error.
+                    tracing::error!(error = %join, operation, "request task failed");
+                    (Err(internal(&request_id)), Facts::default())
+                }
+            };
+            if result.is_ok() && audit == Audit::FailuresInTransactionSuccesses {
+                Answered { result, statuses: vec![code_name(tonic::Code::Ok)], audited: Ok(()) }
+            } else {
+                self.record(operation, &request_id, result, facts).await
             }
         };
-        let joined = match wait {
-            None => task.await,
-            Some(wait) => match tokio::time::timeout(wait, task).await {
-                Ok(joined) => joined,
-                Err(_) => refused(Error::Deadline { after: self.deadline }, claimed),
-            },
-        };
-        let caller = Caller { request_id, principal: String::new(), deadline: None };
-        let (result, facts) = match joined {
-            Ok((out, facts)) => (out.map_err(|e| status(&e, &caller.request_id)), facts),
-            Err(join) => {
-                // A panic on a request path is a bug; the caller gets a generic error.
-                tracing::error!(error = %join, operation, "request task failed");
-                (Err(Status::internal(format!("internal error (request id {})", caller.request_id))), Facts::default())
-            }
-        };
-        let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
-        if code == tonic::Code::Ok && audit == Audit::FailuresInTransactionSuccesses {
-            crate::metrics::metrics().request(operation, code_name(code), started.elapsed());
-            crate::hooks::crash_point(operation, crate::hooks::Step::BeforeReply);
-            return result.map(tonic::Response::new);
-        }
-        let events = audit_events(operation, &caller.request_id, facts, code, result.as_ref().err().map(Status::message));
-        let statuses: Vec<&'static str> = events.iter().map(|e| e.status).collect();
-        let audited = self.audit.record_all(events).await;
+        let Answered { result, statuses, audited } = answered;
         let elapsed = started.elapsed();
         for status in statuses {
             crate::metrics::metrics().request(operation, if audited.is_ok() { status } else { "UNAVAILABLE" }, elapsed);
         }
-        if audited.is_ok() && code == tonic::Code::Ok {
-            crate::hooks::crash_point(operation, crate::hooks::Step::BeforeReply);
-        }
         match audited {
-            Ok(()) => result.map(tonic::Response::new),
+            Ok(()) => {
+                if result.is_ok() {
+                    crate::hooks::crash_point(operation, crate::hooks::Step::BeforeReply);
+                }
+                result.map(tonic::Response::new)
+            }
             Err(e) => {
-                tracing::error!(request_id = %caller.request_id, error = %e, "failing the call closed");
-                Err(Status::unavailable(format!("the audit trail could not be written; retry later (request id {})", caller.request_id)))
+                tracing::error!(request_id = %request_id, error = %e, "failing the call closed");
+                Err(Status::unavailable(format!("the audit trail could not be written; retry later (request id {request_id})")))
             }
         }
     }
+
+    /// Runs a data-plane call's `work` on a data worker, which also hands its audit records to
+    /// the writer: the caller's task is woken once, when the records are durable, rather than
+    /// once for the result and again for the records. If `wait` passes first, the caller answers
+    /// DEADLINE_EXCEEDED and records that instead; [`Claim`] makes sure exactly one of the two
+    /// records the call.
+    async fn on_worker<T: Send + 'static>(
+        &self,
+        operation: &'static str,
+        request_id: &str,
+        work: impl FnOnce() -> (Result<T, Error>, Facts) + Send + 'static,
+        claimed: Option<String>,
+        wait: Option<std::time::Duration>,
+    ) -> Answered<T> {
+        let refused = |e: Error| (Err(status(&e, request_id)), Facts { principal: claimed, ..Facts::default() });
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let claim = Claim::default();
+        let job = {
+            let (claim, audit, request_id) = (claim.clone(), self.audit.clone(), request_id.to_string());
+            move || {
+                if !claim.waited_for() {
+                    return;
+                }
+                let (out, facts) = work();
+                if !claim.finish() {
+                    return;
+                }
+                let result = out.map_err(|e| status(&e, &request_id));
+                let (events, statuses) = records(operation, &request_id, &result, facts);
+                audit.submit(events, move |audited| drop(tx.send(Answered { result, statuses, audited })));
+            }
+        };
+        if let Err(Busy) = self.workers.spawn(job) {
+            let (result, facts) = refused(Error::Overloaded);
+            return self.record(operation, request_id, result, facts).await;
+        }
+        let answer = match wait {
+            None => rx.await,
+            Some(wait) => match tokio::time::timeout(wait, &mut rx).await {
+                Ok(answer) => answer,
+                Err(_) if claim.give_up() => {
+                    let (result, facts) = refused(Error::Deadline { after: self.deadline });
+                    return self.record(operation, request_id, result, facts).await;
+                }
+                // The work finished in time; its records are being written.
+                Err(_) => rx.await,
+            },
+        };
+        match answer {
+            Ok(answered) => answered,
+            Err(_) => {
+                // The call panicked (a bug): the worker went on, the caller gets a generic error.
+                tracing::error!(operation, "a data-plane call was dropped by its worker");
+                self.record(operation, request_id, Err(internal(request_id)), Facts::default()).await
+            }
+        }
+    }
+
+    /// Records a call's outcome from its async task and waits until the records are durable.
+    async fn record<T>(&self, operation: &'static str, request_id: &str, result: Result<T, Status>, facts: Facts) -> Answered<T> {
+        let (events, statuses) = records(operation, request_id, &result, facts);
+        let audited = self.audit.record_all(events).await;
+        Answered { result, statuses, audited }
+    }
+}
+
+/// A call's answer, held until its audit records are durable (`audited`), and the status each
+/// record names (for the metrics).
+struct Answered<T> {
+    result: Result<T, Status>,
+    statuses: Vec<&'static str>,
+    audited: Result<(), AuditUnavailable>,
+}
+
+/// The generic answer to a call that panicked (a bug).
+fn internal(request_id: &str) -> Status {
+    Status::internal(format!("internal error (request id {request_id})"))
+}
+
+/// A call's audit records and the status each names.
+fn records<T>(operation: &'static str, request_id: &str, result: &Result<T, Status>, facts: Facts) -> (Vec<AuditEvent>, Vec<&'static str>) {
+    let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
+    let events = audit_events(operation, request_id, facts, code, result.as_ref().err().map(Status::message));
+    let statuses = events.iter().map(|e| e.status).collect();
+    (events, statuses)
 }
 
 /// The audit records of one answered call: one for the call, or one for each item of a batch

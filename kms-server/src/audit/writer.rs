@@ -45,9 +45,13 @@ impl WriterThread {
     }
 }
 
+/// What is told a submission's outcome once its records are durable (or could not be written).
+type Done = Box<dyn FnOnce(Result<(), AuditUnavailable>) + Send>;
+
+/// The records of one call, written in one transaction.
 struct Pending {
-    event: AuditEvent,
-    done: oneshot::Sender<Result<(), AuditUnavailable>>,
+    events: Vec<AuditEvent>,
+    done: Done,
 }
 
 /// The handle requests use to record their audit event.
@@ -58,7 +62,7 @@ pub struct AuditWriter {
 
 impl std::fmt::Debug for Pending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pending").field("operation", &self.event.operation).finish()
+        f.debug_struct("Pending").field("records", &self.events.len()).finish_non_exhaustive()
     }
 }
 
@@ -122,27 +126,30 @@ impl AuditWriter {
         let (queue, mut rx) = mpsc::channel::<Pending>(QUEUE);
         let thread = std::thread::Builder::new().name("audit-writer".into()).spawn(move || {
             while let Some(first) = rx.blocking_recv() {
+                let mut records = first.events.len();
                 let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
+                while records < MAX_BATCH {
                     match rx.try_recv() {
-                        Ok(p) => batch.push(p),
+                        Ok(p) => {
+                            records += p.events.len();
+                            batch.push(p);
+                        }
                         Err(_) => break,
                     }
                 }
                 let started = std::time::Instant::now();
-                let written = store.write(|tx| tx.append_audits(batch.iter().map(|p| &p.event), now()));
-                crate::metrics::metrics().audit_commit(batch.len(), started.elapsed());
+                let written = store.write(|tx| tx.append_audits(batch.iter().flat_map(|p| &p.events), now()));
+                crate::metrics::metrics().audit_commit(records, started.elapsed());
                 let (outcome, head) = match written {
                     Ok(head) => (Ok(()), head),
                     Err(e) => {
-                        tracing::error!(error = %e, records = batch.len(), "audit write failed: failing the requests closed");
+                        tracing::error!(error = %e, records, "audit write failed: failing the requests closed");
                         (Err(AuditUnavailable), None)
                     }
                 };
-                tracing::trace!(records = batch.len(), "audit batch committed");
+                tracing::trace!(records, "audit batch committed");
                 for p in batch {
-                    // A caller that went away no longer needs the answer.
-                    let _ = p.done.send(outcome);
+                    (p.done)(outcome);
                 }
                 if let Some(head) = head {
                     checkpointer.maybe_checkpoint(&store, head, &mut last);
@@ -155,23 +162,24 @@ impl AuditWriter {
         Ok((AuditWriter { queue }, WriterThread(thread)))
     }
 
-    /// Records `event` and returns once it is durable.
-    pub async fn record(&self, event: AuditEvent) -> Result<(), AuditUnavailable> {
-        self.record_all(vec![event]).await
+    /// Records every event of a call (in order, in one transaction) and returns once they are
+    /// durable, or fails if they could not be written.
+    pub async fn record_all(&self, events: Vec<AuditEvent>) -> Result<(), AuditUnavailable> {
+        let (done, wait) = oneshot::channel();
+        // A caller that went away no longer needs the answer.
+        let done: Done = Box::new(move |outcome| {
+            let _ = done.send(outcome);
+        });
+        self.queue.send(Pending { events, done }).await.map_err(|_| AuditUnavailable)?;
+        wait.await.map_err(|_| AuditUnavailable)?
     }
 
-    /// Records every event (in order; usually in one group commit) and returns once all are
-    /// durable, or fails if any could not be written.
-    pub async fn record_all(&self, events: Vec<AuditEvent>) -> Result<(), AuditUnavailable> {
-        let mut waits = Vec::with_capacity(events.len());
-        for event in events {
-            let (done, wait) = oneshot::channel();
-            self.queue.send(Pending { event, done }).await.map_err(|_| AuditUnavailable)?;
-            waits.push(wait);
+    /// Records every event of a call from a thread outside the async runtime (a data worker),
+    /// without waiting: `done` is told the outcome, on the writer thread, once they are durable.
+    /// Waits only for room in the queue (back-pressure).
+    pub fn submit(&self, events: Vec<AuditEvent>, done: impl FnOnce(Result<(), AuditUnavailable>) + Send + 'static) {
+        if let Err(refused) = self.queue.blocking_send(Pending { events, done: Box::new(done) }) {
+            (refused.0.done)(Err(AuditUnavailable));
         }
-        for wait in waits {
-            wait.await.map_err(|_| AuditUnavailable)??;
-        }
-        Ok(())
     }
 }
