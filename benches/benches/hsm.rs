@@ -6,13 +6,14 @@
 //! the HSM: a 12-byte IV and a 32-byte data key from the generator, then AES-GCM of the data key.
 
 use std::hint::black_box;
+use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use kms_benches::{on_threads, session_copy_in_use, softhsm_process};
+use kms_benches::{on_threads, softhsm_process};
 use kms_server::domain::blob::Iv;
 use kms_server::domain::ids::KeyId;
 use kms_server::hsm::pkcs11::{Pkcs11Hsm, create_backup_key};
-use kms_server::hsm::{Hsm, KeyHandle, ObjectName};
+use kms_server::hsm::{Hsm, HsmError, KeyHandle, ObjectName};
 use kms_server::secret::Pin;
 
 /// Opens the token with session copies on (they need the backup key pair) and returns it with a
@@ -24,6 +25,27 @@ fn with_copy(token: &hsm_sim::Token, pin: &Pin) -> (std::sync::Arc<Pkcs11Hsm>, K
     let version = hsm.generate_key(&ObjectName { key_id: KeyId::from_bytes([8; 16]), version: 1 }).expect("a key version");
     assert!(session_copy_in_use(&hsm, version).expect("session copies"));
     (hsm, version)
+}
+
+/// Turns session copies on for `hsm` (a copy at most) and waits, at most 5 s, until `key`'s copy
+/// is in use, as the service's own key versions are under load; `false` when the token holds no
+/// backup key pair to make one with. Every warm-up encryption draws a fresh IV: AES-GCM must
+/// never see an IV twice under one key.
+fn session_copy_in_use(hsm: &std::sync::Arc<Pkcs11Hsm>, key: KeyHandle) -> Result<bool, HsmError> {
+    if !hsm.start_session_copies(1)? {
+        return Ok(false);
+    }
+    let until = Instant::now() + Duration::from_secs(5);
+    while hsm.sessions().copies != Some(1) {
+        if Instant::now() > until {
+            return Err(HsmError::Setup { reason: "the session copy was not made within 5 s".into() });
+        }
+        let mut iv = [0u8; 12];
+        hsm.random(&mut iv)?;
+        hsm.encrypt(key, &Iv(iv), b"", &[0; 32])?;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(true)
 }
 
 fn hsm(c: &mut Criterion) {

@@ -52,28 +52,3 @@ pub fn on_threads(threads: usize, iters: u64, op: impl Fn() + Sync) -> Duration 
     });
     start.elapsed()
 }
-
-/// Turns session copies on for `hsm` (a copy at most) and waits, at most 5 s, until `key`'s copy
-/// is in use, as the service's own key versions are under load; `false` when the token holds no
-/// backup key pair to make one with. Every warm-up encryption draws a fresh IV: `key` may be a
-/// service's real key version, and AES-GCM must never see an IV twice under one key.
-pub fn session_copy_in_use(
-    hsm: &std::sync::Arc<kms_server::hsm::pkcs11::Pkcs11Hsm>,
-    key: kms_server::hsm::KeyHandle,
-) -> Result<bool, kms_server::hsm::HsmError> {
-    use kms_server::hsm::Hsm;
-    if !hsm.start_session_copies(1)? {
-        return Ok(false);
-    }
-    let until = Instant::now() + Duration::from_secs(5);
-    while hsm.sessions().copies != Some(1) {
-        if Instant::now() > until {
-            return Err(kms_server::hsm::HsmError::Setup { reason: "the session copy was not made within 5 s".into() });
-        }
-        let mut iv = [0u8; 12];
-        hsm.random(&mut iv)?;
-        hsm.encrypt(key, &kms_server::domain::blob::Iv(iv), b"", &[0; 32])?;
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(true)
-}

@@ -233,6 +233,21 @@ impl Pkcs11Hsm {
         Ok(true)
     }
 
+    /// Makes a throwaway key to measure with (`templates::throwaway`): a session object on the
+    /// anchor, so that it lives as long as the login and goes with the process, or a token
+    /// object, which the caller destroys. A token object a killed run left behind is destroyed
+    /// first.
+    pub fn generate_throwaway_key(&self, on_token: bool) -> Result<KeyHandle, HsmError> {
+        let generation = self.generation();
+        for left in self.with_session("C_FindObjects", |s| s.find_objects(&templates::by_label(templates::THROWAWAY_LABEL)))? {
+            self.with_session("C_DestroyObject", |s| s.destroy_object(left))?;
+        }
+        let template = templates::throwaway(on_token);
+        let generate = |s: &Session| s.generate_key(&Mechanism::AesKeyGen, &template);
+        let made = if on_token { self.with_session("C_GenerateKey", generate) } else { self.with_anchor("C_GenerateKey", generate) }?;
+        Ok(Self::tag(made, generation))
+    }
+
     /// Makes the session copy of one version's token object: wrapped under the trusted public
     /// backup key (any pooled session), unwrapped with the private one on the anchor.
     fn make_copy(&self, backup: &mut BackupKey, object: ObjectHandle, generation: u64) {

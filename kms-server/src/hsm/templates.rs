@@ -241,6 +241,36 @@ pub fn session_copy() -> Vec<Attribute> {
     ]
 }
 
+/// The label of a throwaway key (`throwaway`). It is not under `LABEL_PREFIX`, so the service
+/// never takes it for one of its own.
+pub const THROWAWAY_LABEL: &str = "kms-load:throwaway";
+
+/// A throwaway AES-256 key to measure the HSM's raw rate with (`kms-load`), so that a
+/// measurement spends no key version's usage budget: a key version's capabilities, never
+/// extractable. A session object (`on_token = false`: gone with the login) runs as fast as a
+/// session copy; a token object as a version's own object.
+pub fn throwaway(on_token: bool) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(AES_256_LEN.into()),
+        Attribute::Token(on_token),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+        Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM]),
+        Attribute::Label(THROWAWAY_LABEL.as_bytes().to_vec()),
+        Attribute::Modifiable(false),
+    ]
+}
+
 /// The trusted public wrapping key, as the security officer creates it from the pair's modulus
 /// and exponent.
 pub fn backup_wrap_key(modulus: Vec<u8>, public_exponent: Vec<u8>) -> Vec<Attribute> {

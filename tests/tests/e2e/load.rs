@@ -49,10 +49,19 @@ async fn kms_load_reports_every_operation_and_the_raw_hsm_rate() {
         assert!(r["ok"].as_u64().unwrap() > 0, "{r}");
         assert!(r["p50_us"].as_u64().unwrap() <= r["p99_us"].as_u64().unwrap());
     }
+    // Without a backup key pair the service uses its versions' token objects: so does the raw
+    // rate, on a throwaway token object that is gone after the run.
+    assert_eq!(report["raw_hsm"]["key_object"], "token object", "{report}");
+    assert_throwaway_gone(&server);
 
     // Batches: the two batch calls, counted per call and per data key, against the raw HSM rate
-    // of the same work done the service's way.
+    // of the same work done the service's way: on a server with session copies, under a
+    // throwaway session object.
+    let server = Server::start_with(kms_tests::Options { backup_key: true, ..kms_tests::Options::default() });
+    create_key(&mut server.admin().await, "load").await;
     let report = run(&server, &["--mix", "decrypt=50,generate=50", "--batch", "8"]).await;
+    assert_eq!(report["raw_hsm"]["key_object"], "session object", "{report}");
+    assert_throwaway_gone(&server);
     let names: Vec<&str> = report["results"].as_array().unwrap().iter().map(|r| r["operation"].as_str().unwrap()).collect();
     assert_eq!(names, ["DecryptBatch", "GenerateDataKeys", "all"], "{report}");
     for r in report["results"].as_array().unwrap() {
@@ -61,4 +70,10 @@ async fn kms_load_reports_every_operation_and_the_raw_hsm_rate() {
         assert!((items - 8.0 * calls).abs() < 1e-6 * items, "{r}");
     }
     assert_eq!(report["raw_hsm"]["operation"], "C_GenerateRandom(352) + 8 C_Encrypt(AES-GCM, 32 B)");
+}
+
+/// Nothing of the raw measurement is left on the token.
+fn assert_throwaway_gone(server: &Server) {
+    let objects: Vec<serde_json::Value> = serde_json::from_slice(&server.inspect("list")).unwrap();
+    assert!(!objects.iter().any(|o| o["label"] == "kms-load:throwaway"), "{objects:?}");
 }
