@@ -269,7 +269,7 @@ impl Shared {
     /// the writer: the caller's task is woken once, when the records are durable, rather than
     /// once for the result and again for the records. If `wait` passes first, the caller answers
     /// DEADLINE_EXCEEDED and records that instead; [`Claim`] makes sure exactly one of the two
-    /// records the call.
+    /// records the call. Work that ran is recorded even if the client cancelled the call.
     async fn on_worker<T: Send + 'static>(
         &self,
         operation: &'static str,
@@ -284,7 +284,8 @@ impl Shared {
         let job = {
             let (claim, audit, request_id) = (claim.clone(), self.audit.clone(), request_id.to_string());
             move || {
-                if !claim.waited_for() {
+                // Nobody waits for it any more: its deadline passed, or the client cancelled it.
+                if !claim.waited_for() || tx.is_closed() {
                     return;
                 }
                 let (out, facts) = work();
