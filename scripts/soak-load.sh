@@ -14,7 +14,8 @@ dir=$(mktemp -d)
 target/release/kms-server dev --data-dir "$dir/.kms-dev" --data-listen 127.0.0.1:17500 \
     --admin-listen 127.0.0.1:17501 --metrics-listen 127.0.0.1:17502 >"$dir/server.out" 2>"$dir/server.log" &
 server=$!
-trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true' EXIT
+# The server's database grows by ~200 MB a minute of load: the directory goes with the run.
+trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true; rm -rf "$dir"' EXIT
 until grep -q "admin plane" "$dir/server.out"; do
     kill -0 "$server" || { cat "$dir/server.log"; exit 1; }
     sleep 0.2
@@ -40,7 +41,7 @@ fds() { ls "/proc/$server/fd" | wc -l; }
     done
 ) &
 officer=$!
-trap 'kill "$officer" 2>/dev/null; kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true' EXIT
+trap 'kill "$officer" 2>/dev/null; kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true; rm -rf "$dir"' EXIT
 (cd "$dir" && "$OLDPWD/target/release/kms-load" --data-endpoint https://127.0.0.1:17500 --key alias/soak \
     --clients "$clients" --duration $((minutes * 60)) --server-pid "$server" --json) >target/soak-load.json &
 load=$!

@@ -97,6 +97,7 @@ impl ClientConfig {
     /// assert_eq!(config.endpoint, "https://kms.example:7400");
     /// assert_eq!(config.retry_policy().attempts, 3);
     /// assert_eq!(config.cache_limits().unwrap().max_age, std::time::Duration::from_secs(30));
+    /// # std::fs::remove_dir_all(&dir).unwrap();
     /// # Ok(()) }
     /// ```
     pub fn from_file(path: &Path) -> Result<ClientConfig, Error> {
