@@ -6,6 +6,10 @@
 //! requests. Under load, batches grow and the fsync cost per request falls; at low load a batch
 //! is one record and adds one fsync of latency. If the write fails (disk full, read-only file)
 //! every request of the batch fails: the service fails closed, never answers unaudited.
+//!
+//! The records of one call (a batch call has one per item) go into the same transaction. A
+//! data worker hands them over itself (`submit`) with a callback that answers the call once
+//! they are durable; the async side waits on `record_all`.
 
 use std::sync::Arc;
 
@@ -17,7 +21,7 @@ use crate::service::now;
 use crate::store::Store;
 
 /// The most records in one transaction: bounds the latency a large batch adds to its first
-/// request.
+/// request. A call's records are never split, so one batch call may take a transaction past it.
 const MAX_BATCH: usize = 4096;
 /// Records waiting for the writer; past this, callers wait for room (back-pressure).
 const QUEUE: usize = 65_536;
