@@ -81,7 +81,9 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
         let hsm = Arc::new(Pkcs11Hsm::open(&hsm_config.module, &hsm_config.token_label, &pin, hsm_config.sessions)?);
         match hsm.start_session_copies(hsm_config.session_copies)? {
             true => tracing::info!(limit = hsm_config.session_copies, "session copies of key versions on"),
-            false if hsm_config.session_copies > 0 => tracing::info!("session copies off: the token holds no backup key pair (kms-server backup-key)"),
+            false if hsm_config.session_copies > 0 => {
+                tracing::info!("session copies off: the token holds no backup key pair (kms-server backup-key)")
+            }
             false => tracing::info!("session copies off (hsm.session_copies = 0)"),
         }
         Ok(hsm)

@@ -263,10 +263,8 @@ fn raw_hsm_rate(args: &Args, secs: u64) -> Result<Value> {
     if on_token {
         hsm.destroy(handle).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    Ok(
-        json!({"operation": format!("C_GenerateRandom({}) + {batch} C_Encrypt(AES-GCM, 32 B)", 44 * batch), "key_object": object,
-               "threads": args.hsm_threads, "ops_per_second": total as f64 / secs as f64}),
-    )
+    Ok(json!({"operation": format!("C_GenerateRandom({}) + {batch} C_Encrypt(AES-GCM, 32 B)", 44 * batch), "key_object": object,
+               "threads": args.hsm_threads, "ops_per_second": total as f64 / secs as f64}))
 }
 
 #[tokio::main]

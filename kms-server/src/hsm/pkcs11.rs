@@ -303,7 +303,12 @@ impl Pkcs11Hsm {
 
     /// Runs an AES-GCM operation under a key version's session copy when it has one, under the
     /// key itself otherwise. A copy that fails as if it were gone is forgotten (and made again).
-    fn with_key<T>(&self, function: &'static str, key: KeyHandle, op: impl FnOnce(&Session, ObjectHandle) -> Result<T, CkError>) -> Result<T, HsmError> {
+    fn with_key<T>(
+        &self,
+        function: &'static str,
+        key: KeyHandle,
+        op: impl FnOnce(&Session, ObjectHandle) -> Result<T, CkError>,
+    ) -> Result<T, HsmError> {
         let copy = match key {
             KeyHandle::Object { object, generation } => self.copies.get(object, generation).map(|copy| (object, generation, copy)),
             KeyHandle::Service(_) => None,

@@ -246,29 +246,17 @@ pub fn session_copy() -> Vec<Attribute> {
 pub const THROWAWAY_LABEL: &str = "kms-load:throwaway";
 
 /// A throwaway AES-256 key to measure the HSM's raw rate with (`kms-load`), so that a
-/// measurement spends no key version's usage budget: a key version's capabilities, never
-/// extractable. A session object (`on_token = false`: gone with the login) runs as fast as a
-/// session copy; a token object as a version's own object.
+/// measurement spends no key version's usage budget: a session copy's attributes, with a
+/// length and a label to generate it by, on the token or not. A session object (`on_token =
+/// false`: gone with the login) runs as fast as a session copy; a token object as a version's
+/// own object.
 pub fn throwaway(on_token: bool) -> Vec<Attribute> {
-    vec![
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(KeyType::AES),
-        Attribute::ValueLen(AES_256_LEN.into()),
-        Attribute::Token(on_token),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(false),
-        Attribute::Encrypt(true),
-        Attribute::Decrypt(true),
-        Attribute::Wrap(false),
-        Attribute::Unwrap(false),
-        Attribute::Sign(false),
-        Attribute::Verify(false),
-        Attribute::Derive(false),
-        Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM]),
-        Attribute::Label(THROWAWAY_LABEL.as_bytes().to_vec()),
-        Attribute::Modifiable(false),
-    ]
+    let mut template: Vec<Attribute> =
+        session_copy().into_iter().map(|a| if let Attribute::Token(_) = a { Attribute::Token(on_token) } else { a }).collect();
+    // CKA_MODIFIABLE=false stays last.
+    let last = template.len() - 1;
+    template.splice(last..last, [Attribute::ValueLen(AES_256_LEN.into()), Attribute::Label(THROWAWAY_LABEL.as_bytes().to_vec())]);
+    template
 }
 
 /// The trusted public wrapping key, as the security officer creates it from the pair's modulus
@@ -368,5 +356,20 @@ mod tests {
             assert!(copy.contains(&forced), "a session copy lacks {forced:?}");
         }
         assert_eq!(copy.last(), Some(&Attribute::Modifiable(false)));
+    }
+
+    #[test]
+    fn a_throwaway_key_is_a_labelled_session_copy_on_the_token_or_not() {
+        for on_token in [false, true] {
+            let template = throwaway(on_token);
+            assert!(template.contains(&Attribute::Token(on_token)) && !template.contains(&Attribute::Token(!on_token)));
+            assert!(template.contains(&Attribute::Label(THROWAWAY_LABEL.as_bytes().to_vec())));
+            assert!(template.contains(&Attribute::ValueLen(AES_256_LEN.into())));
+            for a in session_copy().into_iter().filter(|a| !matches!(a, Attribute::Token(_))) {
+                assert!(template.contains(&a), "a throwaway key lacks {a:?}");
+            }
+            assert_eq!(template.last(), Some(&Attribute::Modifiable(false)));
+            assert!(!THROWAWAY_LABEL.starts_with(LABEL_PREFIX), "the service would take it for its own");
+        }
     }
 }
