@@ -100,6 +100,10 @@ fn ensure_python() -> Result<std::path::PathBuf, String> {
 }
 
 fn test(args: &[String]) -> Result<(), String> {
+    // The house format (rustfmt.toml), where rustfmt is installed: a second or so.
+    if cargo().args(["fmt", "--version"]).output().is_ok_and(|o| o.status.success()) {
+        run(cargo().args(["fmt", "--all", "--check"]))?;
+    }
     ensure_softhsm()?;
     let python = ensure_python()?;
     // The end-to-end tests spawn kms-server, kmsctl and token-inspect: build them first.
