@@ -2,7 +2,8 @@
 //! logged in as the user, the way an attacker with the PIN would (TESTPLAN R8).
 //!
 //! * `list`: every secret key with its security attributes, as JSON.
-//! * `create-orphan:KEY_ID`: creates a service-named object with no database row.
+//! * `create-orphan:KEY_ID`: creates a service-named object with no database row;
+//!   `create:LABEL` an object with that label.
 //! * `destroy:LABEL`: destroys an object behind the service's back.
 //! * `make-unguarded-backup-key`: a backup key pair without its unwrap template, as the key
 //!   ceremony made it before 2026-11-30.
@@ -190,9 +191,10 @@ fn main() -> Result<()> {
         println!("made");
         return Ok(());
     }
-    if let Some(key_id) = action.strip_prefix("create-orphan:") {
-        // An object as an interrupted CreateKey would leave it: named like a service key, with
-        // no row in the database.
+    // An object as an interrupted CreateKey would leave it (named like a service key, with no
+    // row in the database), or any other left behind (`kms-load`'s throwaway key).
+    let created = action.strip_prefix("create-orphan:").map(|key_id| format!("kms:{key_id}:1")).or(action.strip_prefix("create:").map(String::from));
+    if let Some(label) = created {
         session.generate_key(
             &Mechanism::AesKeyGen,
             &[
@@ -204,7 +206,7 @@ fn main() -> Result<()> {
                 Attribute::Sensitive(true),
                 Attribute::Encrypt(true),
                 Attribute::Decrypt(true),
-                Attribute::Label(format!("kms:{key_id}:1").into_bytes()),
+                Attribute::Label(label.into_bytes()),
             ],
         )?;
         println!("created");
