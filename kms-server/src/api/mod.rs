@@ -74,7 +74,7 @@ pub fn status(e: &Error, request_id: &str) -> Status {
         }
         Error::Hsm(_) | Error::Store(_) => {
             tracing::error!(request_id, error = %e, "internal error");
-            Status::internal(format!("internal error (request id {request_id})"))
+            internal(request_id)
         }
     }
 }
@@ -339,7 +339,8 @@ struct Answered<T> {
     audited: Result<(), AuditUnavailable>,
 }
 
-/// The generic answer to a call that panicked (a bug).
+/// The generic answer to an internal failure (a bug, or an HSM or store error that is not
+/// transient): the details go to the log, under the request id, never to the caller.
 fn internal(request_id: &str) -> Status {
     Status::internal(format!("internal error (request id {request_id})"))
 }
