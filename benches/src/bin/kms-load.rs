@@ -51,6 +51,10 @@ struct Args {
     /// scheduled start, so a stalled server shows up instead of slowing the offer).
     #[arg(long)]
     rate: Option<u64>,
+    /// With `--rate`: arrivals evenly spaced, or a Poisson process of the same mean rate (random
+    /// gaps, bursts included), as many independent clients would send.
+    #[arg(long, value_enum, default_value_t = Arrivals::Even, requires = "rate")]
+    arrivals: Arrivals,
     /// The server's process id, to report its RSS and CPU time.
     #[arg(long)]
     server_pid: Option<u32>,
@@ -67,6 +71,12 @@ struct Args {
     hsm_threads: usize,
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+enum Arrivals {
+    Even,
+    Poisson,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -116,11 +126,15 @@ fn parse_mix(s: &str, batch: u32) -> Result<Vec<(Op, u32)>> {
 struct Picker(u64);
 
 impl Picker {
-    fn pick(&mut self, mix: &[(Op, u32)]) -> Op {
+    fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
-        let mut roll = (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) % 100;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn pick(&mut self, mix: &[(Op, u32)]) -> Op {
+        let mut roll = (self.next() >> 33) % 100;
         for (op, pct) in mix {
             if roll < u64::from(*pct) {
                 return *op;
@@ -129,6 +143,26 @@ impl Picker {
         }
         mix[0].0
     }
+
+    /// A uniform draw in (0, 1].
+    fn unit(&mut self) -> f64 {
+        ((self.next() >> 11) + 1) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The start times of an open-loop run, `rate` a second until `deadline`.
+fn schedule(rate: u64, arrivals: Arrivals, from: Instant, deadline: Instant) -> impl Iterator<Item = Instant> {
+    let mean = 1.0 / rate.max(1) as f64;
+    let mut gaps = Picker(0xD1B5_4A32_D192_ED03);
+    std::iter::successors(Some(from), move |at| {
+        let gap = match arrivals {
+            Arrivals::Even => mean,
+            // Exponential gaps: a Poisson process.
+            Arrivals::Poisson => -gaps.unit().ln() * mean,
+        };
+        Some(*at + Duration::from_secs_f64(gap))
+    })
+    .take_while(move |at| *at < deadline)
 }
 
 #[derive(Default)]
@@ -324,31 +358,42 @@ async fn main() -> Result<()> {
             out
         }
         Some(rate) => {
-            // Open loop: one task per scheduled request, at most 4,096 in flight.
-            let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+            // Open loop: one task per scheduled request, at most 4,096 in flight. A thread of
+            // its own releases each start at its time: tokio's timer ticks in whole milliseconds,
+            // which at 1,800 a second would send requests in pairs, and add up to a millisecond
+            // of the load generator's own to each. Latency counts from the scheduled start (or
+            // from when the thread could release it, if it woke late), so a server that holds
+            // requests up shows (no coordinated omission); waiting for the in-flight limit counts.
+            let (release, mut starts) = tokio::sync::mpsc::unbounded_channel();
+            let arrivals = args.arrivals;
+            let timer = std::thread::spawn(move || {
+                for at in schedule(rate, arrivals, Instant::now(), deadline) {
+                    let now = Instant::now();
+                    if at > now {
+                        std::thread::sleep(at - now);
+                    }
+                    if release.send(at.max(Instant::now())).is_err() {
+                        break;
+                    }
+                }
+            });
             let limit = Arc::new(tokio::sync::Semaphore::new(4096));
             let mut picker = Picker(0x9E37_79B9_7F4A_7C15);
             let mut tasks = Vec::new();
-            let mut next = Instant::now();
             let mut i = 0usize;
-            while next < deadline {
-                tokio::time::sleep_until(next.into()).await;
-                // Latency counts from the scheduled start, so a server that holds requests up
-                // shows (no coordinated omission), but not from before the timer could wake this
-                // dispatcher: tokio's timer ticks in whole milliseconds, which at 1,800/s would
-                // add up to a millisecond of the load generator's own to every request. Waiting
-                // for the in-flight limit does count.
-                let started = next.max(Instant::now());
+            while let Some(scheduled) = starts.recv().await {
                 let permit = limit.clone().acquire_owned().await?;
                 let mut client = CryptoClient::new(channels[i % channels.len()].clone());
-                let (op, key, blob, scheduled) = (picker.pick(&mix), key_id.clone(), blob.clone(), started);
+                let (op, key, blob) = (picker.pick(&mix), key_id.clone(), blob.clone());
                 tasks.push(tokio::spawn(async move {
                     let r = call(&mut client, op, batch, &key, &blob).await;
                     drop(permit);
                     (op, scheduled.elapsed().as_micros() as u32, r)
                 }));
-                next += interval;
                 i += 1;
+            }
+            if timer.join().is_err() {
+                bail!("the open-loop timer thread panicked");
             }
             let mut tally = Tally::default();
             for t in tasks {
@@ -400,7 +445,7 @@ async fn main() -> Result<()> {
     let share_of_hsm = hsm["ops_per_second"].as_f64().filter(|h| *h > 0.0).map(|h| service_rate / h);
     let report = json!({
         "clients": args.clients, "channels": args.channels, "batch": batch, "seconds": elapsed, "mix": args.mix,
-        "offered_rate": args.rate, "results": rows, "errors": errors, "server": server, "raw_hsm": hsm,
+        "offered_rate": args.rate, "arrivals": args.rate.map(|_| format!("{:?}", args.arrivals).to_lowercase()), "results": rows, "errors": errors, "server": server, "raw_hsm": hsm,
         "service_share_of_hsm": share_of_hsm,
     });
     if args.json {
@@ -446,6 +491,16 @@ mod tests {
         let mut p = Picker(7);
         let decrypts = (0..10_000).filter(|_| p.pick(&mix) == Op::Decrypt).count();
         assert!((4000..6000).contains(&decrypts), "{decrypts}");
+        for arrivals in [Arrivals::Even, Arrivals::Poisson] {
+            let from = Instant::now();
+            let starts: Vec<Instant> = schedule(1000, arrivals, from, from + Duration::from_secs(10)).collect();
+            assert!((9_700..=10_300).contains(&starts.len()), "{arrivals:?}: {} starts in 10 s at 1,000/s", starts.len());
+            let gaps: Vec<Duration> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+            let short = gaps.iter().filter(|g| **g < Duration::from_micros(500)).count();
+            // Evenly spaced: no gap under the mean; Poisson: 1 - e^-0.5 = 39% of them.
+            let want = if arrivals == Arrivals::Even { 0..1 } else { 3_600..4_300 };
+            assert!(want.contains(&short), "{arrivals:?}: {short} gaps under half the mean");
+        }
         let v: Vec<u32> = (1..=1000).collect();
         assert_eq!((percentile(&v, 0.5), percentile(&v, 0.99), percentile(&v, 0.999)), (500, 990, 999));
     }

@@ -44,9 +44,13 @@ async fn kms_load_reports_every_operation_and_the_raw_hsm_rate() {
 
     // A throwaway key a killed run left behind is cleaned up by the next run.
     server.inspect("create:kms-load:throwaway");
-    let report = run(&server, &["--mix", "decrypt=40,generate=30,reencrypt=20,encrypt=10"]).await;
+    // Open loop: a Poisson process of 400 calls a second on average, for one second.
+    let report = run(&server, &["--mix", "decrypt=40,generate=30,reencrypt=20,encrypt=10", "--rate", "400", "--arrivals", "poisson"]).await;
+    assert_eq!((&report["offered_rate"], &report["arrivals"]), (&serde_json::json!(400), &serde_json::json!("poisson")), "{report}");
     let results = report["results"].as_array().unwrap();
     assert_eq!(results.len(), 5, "four operations and the total: {report}");
+    let calls = results[4]["ok"].as_u64().unwrap();
+    assert!((300..=500).contains(&calls), "{calls} calls offered at 400 a second for one second: {report}");
     for r in results {
         assert!(r["ok"].as_u64().unwrap() > 0, "{r}");
         assert!(r["p50_us"].as_u64().unwrap() <= r["p99_us"].as_u64().unwrap());
