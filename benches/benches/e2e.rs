@@ -187,35 +187,47 @@ fn e2e(c: &mut Criterion) {
         ("GenerateDataKeys_64", Call::GenerateDataKeys, BATCH),
         ("DecryptBatch_64", Call::DecryptBatch, BATCH),
     ];
+    // The same calls on one connection too, the set-up of SOFTHSM-NOTES.md's gRPC floor: there
+    // the server's work for all calls in flight goes through one HTTP/2 connection task.
+    let one_connection = [channels[0].clone()];
+    let mut runs: Vec<(String, Call, usize, usize, &[Channel])> = Vec::new();
     for (name, call, per_call) in calls {
-        g.throughput(Throughput::Elements(per_call as u64));
         let in_flight: &[usize] = if per_call > 1 { &[4, 16] } else { &[1, 16, 64] };
         for &n in in_flight {
-            g.bench_function(format!("{name}/{n}_in_flight"), |b| {
-                b.iter_custom(|iters| {
-                    rt.block_on(async {
-                        let start = Instant::now();
-                        let mut tasks = Vec::new();
-                        for t in 0..n as u64 {
-                            let share = iters / n as u64 + u64::from(t < iters % n as u64);
-                            let channel = channels[t as usize % channels.len()].clone();
-                            let (key, blob) = (key.clone(), blob.clone());
-                            tasks.push(tokio::spawn(async move {
-                                let mut crypto = CryptoClient::new(channel.clone());
-                                let mut health = HealthClient::new(channel);
-                                for _ in 0..share {
-                                    one(call, &mut crypto, &mut health, &key, &blob).await;
-                                }
-                            }));
-                        }
-                        for t in tasks {
-                            t.await.expect("a bench task");
-                        }
-                        start.elapsed()
-                    })
-                })
-            });
+            runs.push((format!("{name}/{n}_in_flight"), call, per_call, n, &channels));
         }
+        if matches!(call, Call::Empty | Call::GenerateDataKey | Call::Decrypt) {
+            for n in [16, 64] {
+                runs.push((format!("{name}/{n}_in_flight_1_connection"), call, per_call, n, &one_connection));
+            }
+        }
+    }
+    for (id, call, per_call, n, channels) in runs {
+        g.throughput(Throughput::Elements(per_call as u64));
+        g.bench_function(id, |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = Instant::now();
+                    let mut tasks = Vec::new();
+                    for t in 0..n as u64 {
+                        let share = iters / n as u64 + u64::from(t < iters % n as u64);
+                        let channel = channels[t as usize % channels.len()].clone();
+                        let (key, blob) = (key.clone(), blob.clone());
+                        tasks.push(tokio::spawn(async move {
+                            let mut crypto = CryptoClient::new(channel.clone());
+                            let mut health = HealthClient::new(channel);
+                            for _ in 0..share {
+                                one(call, &mut crypto, &mut health, &key, &blob).await;
+                            }
+                        }));
+                    }
+                    for t in tasks {
+                        t.await.expect("a bench task");
+                    }
+                    start.elapsed()
+                })
+            })
+        });
     }
     g.finish();
     drop(server);
