@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use kms_client::{Tls, channel};
 use kms_proto::v1 as pb;
 use kms_proto::v1::crypto_client::CryptoClient;
@@ -445,7 +445,7 @@ async fn main() -> Result<()> {
     let share_of_hsm = hsm["ops_per_second"].as_f64().filter(|h| *h > 0.0).map(|h| service_rate / h);
     let report = json!({
         "clients": args.clients, "channels": args.channels, "batch": batch, "seconds": elapsed, "mix": args.mix,
-        "offered_rate": args.rate, "arrivals": args.rate.map(|_| format!("{:?}", args.arrivals).to_lowercase()), "results": rows, "errors": errors, "server": server, "raw_hsm": hsm,
+        "offered_rate": args.rate, "arrivals": args.rate.and(args.arrivals.to_possible_value()).map(|v| v.get_name().to_string()), "results": rows, "errors": errors, "server": server, "raw_hsm": hsm,
         "service_share_of_hsm": share_of_hsm,
     });
     if args.json {
