@@ -49,7 +49,7 @@ struct Args {
     batch: u32,
     /// Open loop: offer this many requests per second in total (latency is measured from the
     /// scheduled start, so a stalled server shows up instead of slowing the offer).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     rate: Option<u64>,
     /// With `--rate`: arrivals evenly spaced, or a Poisson process of the same mean rate (random
     /// gaps, bursts included), as many independent clients would send.
@@ -150,9 +150,9 @@ impl Picker {
     }
 }
 
-/// The start times of an open-loop run, `rate` a second until `deadline`.
+/// The start times of an open-loop run, `rate` (at least 1) a second until `deadline`.
 fn schedule(rate: u64, arrivals: Arrivals, from: Instant, deadline: Instant) -> impl Iterator<Item = Instant> {
-    let mean = 1.0 / rate.max(1) as f64;
+    let mean = 1.0 / rate as f64;
     let mut gaps = Picker(0xD1B5_4A32_D192_ED03);
     std::iter::successors(Some(from), move |at| {
         let gap = match arrivals {
@@ -480,6 +480,15 @@ async fn main() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn open_loop_options_are_checked() {
+        let parse = |extra: &[&str]| Args::try_parse_from(["kms-load", "--key", "k"].iter().chain(extra));
+        assert_eq!(parse(&["--rate", "1800"]).unwrap().arrivals, Arrivals::Even);
+        assert_eq!(parse(&["--rate", "5", "--arrivals", "poisson"]).unwrap().arrivals, Arrivals::Poisson);
+        assert!(parse(&["--rate", "0"]).is_err(), "a rate of zero offers nothing");
+        assert!(parse(&["--arrivals", "poisson"]).is_err(), "arrivals without a rate");
+    }
 
     #[test]
     fn mixes_and_percentiles() {
