@@ -1,5 +1,6 @@
 //! `kms-load`: a load generator for the data plane, for what criterion does poorly — many
-//! concurrent clients, an operation mix, open-loop rates — always bounded by a duration.
+//! concurrent clients, an operation mix, open-loop rates — always bounded: by a duration or a
+//! number of calls, and each call by a timeout.
 //!
 //! It reports throughput, latency percentiles and errors by status per operation, the server's
 //! RSS and CPU time over the run (with `--server-pid`), and, with `--hsm-*`, the raw rate of the
@@ -9,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -36,9 +38,16 @@ struct Args {
     /// HTTP/2 connections shared by the clients.
     #[arg(long, default_value_t = 4)]
     channels: usize,
-    /// Seconds to run.
-    #[arg(long, default_value_t = 10)]
-    duration: u64,
+    /// Seconds to run (default 10); with `--requests`, the most seconds to run (default an hour).
+    #[arg(long)]
+    duration: Option<u64>,
+    /// Stop after this many calls in all (with `--rate`, once that many have started).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    requests: Option<u64>,
+    /// Milliseconds a call may take; a longer one counts as DEADLINE_EXCEEDED (AWS's external
+    /// key store fails calls past 250 ms), so a server that hangs cannot hold a run past its end.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    timeout_ms: u64,
     /// Operation mix in percent: decrypt, generate (GenerateDataKey), reencrypt, encrypt.
     #[arg(long, default_value = "decrypt=70,generate=20,reencrypt=10")]
     mix: String,
@@ -179,8 +188,13 @@ fn first_failure<'a>(errors: impl Iterator<Item = Option<&'a pb::ItemError>>) ->
     }
 }
 
+/// One call of `op`, given at most `timeout`.
+async fn call(client: &mut CryptoClient<Channel>, op: Op, batch: u32, key: &str, blob: &[u8], timeout: Duration) -> Result<(), tonic::Code> {
+    tokio::time::timeout(timeout, attempt(client, op, batch, key, blob)).await.unwrap_or(Err(tonic::Code::DeadlineExceeded))
+}
+
 /// One call of `op`; a batch call fails if any of its items did.
-async fn call(client: &mut CryptoClient<Channel>, op: Op, batch: u32, key: &str, blob: &[u8]) -> Result<(), tonic::Code> {
+async fn attempt(client: &mut CryptoClient<Channel>, op: Op, batch: u32, key: &str, blob: &[u8]) -> Result<(), tonic::Code> {
     let decrypt =
         || pb::DecryptRequest { ciphertext_blob: blob.to_vec(), encryption_context: Default::default(), key_id: String::new(), caller_context: None };
     let generate = || pb::GenerateDataKeyRequest {
@@ -312,15 +326,17 @@ async fn main() -> Result<()> {
     }
     // One data key to decrypt and re-encrypt throughout.
     let mut setup = CryptoClient::new(channels[0].clone());
-    let gdk = setup
-        .generate_data_key(pb::GenerateDataKeyRequest {
-            key_id: args.key.clone(),
-            key_spec: 1,
-            number_of_bytes: 0,
-            encryption_context: Default::default(),
-            caller_context: None,
-        })
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let setup = setup.generate_data_key(pb::GenerateDataKeyRequest {
+        key_id: args.key.clone(),
+        key_spec: 1,
+        number_of_bytes: 0,
+        encryption_context: Default::default(),
+        caller_context: None,
+    });
+    let gdk = tokio::time::timeout(timeout, setup)
         .await
+        .map_err(|_| anyhow::anyhow!("GenerateDataKey for the setup: no answer within {} ms", args.timeout_ms))?
         .context("GenerateDataKey for the setup (does the workload have a grant on the key?)")?
         .into_inner();
     let key_id = gdk.key_id.clone();
@@ -330,20 +346,23 @@ async fn main() -> Result<()> {
     let batch = args.batch;
     let before = args.server_pid.and_then(process_usage);
     let started = Instant::now();
-    let deadline = started + Duration::from_secs(args.duration);
+    let seconds = args.duration.unwrap_or(if args.requests.is_some() { 3600 } else { 10 });
+    let deadline = started + Duration::from_secs(seconds);
     let tallies: Vec<Tally> = match args.rate {
         None => {
+            // The calls left to make, shared by the clients.
+            let left = Arc::new(AtomicU64::new(args.requests.unwrap_or(u64::MAX)));
             let mut tasks = Vec::new();
             for i in 0..args.clients {
                 let mut client = CryptoClient::new(channels[i % channels.len()].clone());
-                let (mix, key, blob) = (mix.clone(), key_id.clone(), blob.clone());
+                let (mix, key, blob, left) = (mix.clone(), key_id.clone(), blob.clone(), left.clone());
                 tasks.push(tokio::spawn(async move {
                     let mut tally = Tally::default();
                     let mut picker = Picker(0x9E37_79B9_7F4A_7C15 ^ (i as u64 + 1));
-                    while Instant::now() < deadline {
+                    while Instant::now() < deadline && left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok() {
                         let op = picker.pick(&mix);
                         let t = Instant::now();
-                        match call(&mut client, op, batch, &key, &blob).await {
+                        match call(&mut client, op, batch, &key, &blob, timeout).await {
                             Ok(()) => tally.latencies.entry(op).or_default().push(t.elapsed().as_micros() as u32),
                             Err(code) => *tally.errors.entry(format!("{}: {code:?}", op.name(batch))).or_default() += 1,
                         }
@@ -365,9 +384,9 @@ async fn main() -> Result<()> {
             // from when the thread could release it, if it woke late), so a server that holds
             // requests up shows (no coordinated omission); waiting for the in-flight limit counts.
             let (release, mut starts) = tokio::sync::mpsc::unbounded_channel();
-            let arrivals = args.arrivals;
+            let (arrivals, calls) = (args.arrivals, args.requests.map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX)));
             let timer = std::thread::spawn(move || {
-                for at in schedule(rate, arrivals, Instant::now(), deadline) {
+                for at in schedule(rate, arrivals, Instant::now(), deadline).take(calls) {
                     let now = Instant::now();
                     if at > now {
                         std::thread::sleep(at - now);
@@ -386,7 +405,7 @@ async fn main() -> Result<()> {
                 let mut client = CryptoClient::new(channels[i % channels.len()].clone());
                 let (op, key, blob) = (picker.pick(&mix), key_id.clone(), blob.clone());
                 tasks.push(tokio::spawn(async move {
-                    let r = call(&mut client, op, batch, &key, &blob).await;
+                    let r = call(&mut client, op, batch, &key, &blob, timeout).await;
                     drop(permit);
                     (op, scheduled.elapsed().as_micros() as u32, r)
                 }));
@@ -444,7 +463,7 @@ async fn main() -> Result<()> {
     // The service's rate as a share of what the HSM alone does of the same work.
     let share_of_hsm = hsm["ops_per_second"].as_f64().filter(|h| *h > 0.0).map(|h| service_rate / h);
     let report = json!({
-        "clients": args.clients, "channels": args.channels, "batch": batch, "seconds": elapsed, "mix": args.mix,
+        "clients": args.clients, "channels": args.channels, "batch": batch, "seconds": elapsed, "requests": args.requests, "mix": args.mix,
         "offered_rate": args.rate, "arrivals": args.rate.and(args.arrivals.to_possible_value()).map(|v| v.get_name().to_string()), "results": rows, "errors": errors, "server": server, "raw_hsm": hsm,
         "service_share_of_hsm": share_of_hsm,
     });
@@ -482,12 +501,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn open_loop_options_are_checked() {
+    fn run_options_are_checked() {
         let parse = |extra: &[&str]| Args::try_parse_from(["kms-load", "--key", "k"].iter().chain(extra));
         assert_eq!(parse(&["--rate", "1800"]).unwrap().arrivals, Arrivals::Even);
         assert_eq!(parse(&["--rate", "5", "--arrivals", "poisson"]).unwrap().arrivals, Arrivals::Poisson);
         assert!(parse(&["--rate", "0"]).is_err(), "a rate of zero offers nothing");
         assert!(parse(&["--arrivals", "poisson"]).is_err(), "arrivals without a rate");
+        let counted = parse(&["--requests", "1000"]).unwrap();
+        assert_eq!((counted.requests, counted.duration), (Some(1000), None));
+        assert!(parse(&["--requests", "0"]).is_err(), "a run of no calls");
     }
 
     #[test]

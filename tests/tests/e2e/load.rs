@@ -2,7 +2,7 @@
 
 use kms_tests::{Server, create_key};
 
-/// Runs `kms-load` for one second against `server` with `args` and returns its JSON report.
+/// Runs `kms-load` against `server` with `args` (which bound the run) and returns its JSON report.
 async fn run(server: &Server, args: &'static [&'static str]) -> serde_json::Value {
     let pid = server.pid().to_string();
     let out = tokio::task::spawn_blocking({
@@ -10,7 +10,7 @@ async fn run(server: &Server, args: &'static [&'static str]) -> serde_json::Valu
         move || {
             std::process::Command::new(kms_tests::bin("kms-load"))
                 .args(["--data-endpoint", &format!("https://{data}"), "--key", "alias/load", "--clients", "4", "--channels", "2"])
-                .args(["--duration", "1", "--json", "--server-pid", &pid])
+                .args(["--json", "--server-pid", &pid])
                 .args(args)
                 .arg("--pki")
                 .arg(&pki)
@@ -45,7 +45,8 @@ async fn kms_load_reports_every_operation_and_the_raw_hsm_rate() {
     // A throwaway key a killed run left behind is cleaned up by the next run.
     server.inspect("create:kms-load:throwaway");
     // Open loop: a Poisson process of 400 calls a second on average, for one second.
-    let report = run(&server, &["--mix", "decrypt=40,generate=30,reencrypt=20,encrypt=10", "--rate", "400", "--arrivals", "poisson"]).await;
+    let report =
+        run(&server, &["--mix", "decrypt=40,generate=30,reencrypt=20,encrypt=10", "--rate", "400", "--arrivals", "poisson", "--duration", "1"]).await;
     assert_eq!((&report["offered_rate"], &report["arrivals"]), (&serde_json::json!(400), &serde_json::json!("poisson")), "{report}");
     let results = report["results"].as_array().unwrap();
     assert_eq!(results.len(), 5, "four operations and the total: {report}");
@@ -62,10 +63,11 @@ async fn kms_load_reports_every_operation_and_the_raw_hsm_rate() {
 
     // Batches: the two batch calls, counted per call and per data key, against the raw HSM rate
     // of the same work done the service's way: on a server with session copies, under a
-    // throwaway session object.
+    // throwaway session object. This run is bounded by a number of calls instead of a time.
     let server = Server::start_with(kms_tests::Options { backup_key: true, ..kms_tests::Options::default() });
     create_key(&mut server.admin().await, "load").await;
-    let report = run(&server, &["--mix", "decrypt=50,generate=50", "--batch", "8"]).await;
+    let report = run(&server, &["--mix", "decrypt=50,generate=50", "--batch", "8", "--requests", "40"]).await;
+    assert_eq!((&report["requests"], &report["results"][2]["ok"]), (&serde_json::json!(40), &serde_json::json!(40)), "{report}");
     assert_eq!(report["raw_hsm"]["key_object"], "session object", "{report}");
     assert_throwaway_gone(&server);
     let names: Vec<&str> = report["results"].as_array().unwrap().iter().map(|r| r["operation"].as_str().unwrap()).collect();
@@ -82,4 +84,41 @@ async fn kms_load_reports_every_operation_and_the_raw_hsm_rate() {
 fn assert_throwaway_gone(server: &Server) {
     let objects: Vec<serde_json::Value> = serde_json::from_slice(&server.inspect("list")).unwrap();
     assert!(!objects.iter().any(|o| o["label"] == "kms-load:throwaway"), "{objects:?}");
+}
+
+/// A server that stops answering cannot hold a run past its end: each call is given
+/// `--timeout-ms` and then counted as DEADLINE_EXCEEDED.
+#[tokio::test(flavor = "multi_thread")]
+async fn kms_load_ends_its_run_when_the_server_stops_answering() {
+    let server = Server::start();
+    create_key(&mut server.admin().await, "load").await;
+    let mut child = std::process::Command::new(kms_tests::bin("kms-load"))
+        .args(["--data-endpoint", &format!("https://{}", server.data_addr), "--key", "alias/load", "--clients", "2", "--channels", "1"])
+        .args(["--duration", "3", "--timeout-ms", "300", "--json", "--pki"])
+        .arg(server.pki_dir())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once calls are being answered, the server stops (SIGSTOP) until the run is over.
+    kms_tests::eventually("calls answered", std::time::Duration::from_secs(30), || {
+        server.metric(r#"kms_requests_total{rpc="Decrypt",code="OK"}"#).is_some()
+    });
+    let signal = |name: &str| assert!(std::process::Command::new("kill").arg(name).arg(server.pid().to_string()).status().unwrap().success());
+    signal("-STOP");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    signal("-CONT");
+    if child.try_wait().unwrap().is_none() {
+        child.kill().unwrap();
+        panic!("kms-load was still waiting for a stopped server a minute later");
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let errors = report["errors"].as_object().unwrap();
+    assert!(!errors.is_empty() && errors.keys().all(|e| e.ends_with(": DeadlineExceeded")), "{report}");
+    assert!(report["results"].as_array().unwrap().iter().any(|r| r["operation"] == "all" && r["ok"].as_u64().unwrap() > 0), "{report}");
 }
