@@ -420,21 +420,7 @@ impl Server {
 
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) => break,
-                    _ if Instant::now() > deadline => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                    _ => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        }
+        self.terminate(Duration::from_secs(20));
     }
 
     /// Sends SIGTERM and waits (up to `timeout`) for the exit; its status, `None` if it did not
@@ -442,34 +428,21 @@ impl Server {
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
         let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let status = wait_for(&mut child, timeout);
+        if status.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
+        status
     }
 
     /// Waits (up to `timeout`) for the server to exit on its own; true if it did.
     pub fn wait_for_exit(&mut self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let Some(child) = self.child.as_mut() else { return true };
-        loop {
-            match child.try_wait() {
-                Ok(Some(_)) => {
-                    self.child = None;
-                    return true;
-                }
-                _ if Instant::now() > deadline => return false,
-                _ => std::thread::sleep(Duration::from_millis(20)),
-            }
+        let exited = self.child.as_mut().is_none_or(|child| wait_for(child, timeout).is_some());
+        if exited {
+            self.child = None;
         }
+        exited
     }
 
     /// SIGKILL: no chance to clean up.
@@ -700,6 +673,20 @@ pub async fn create_key(admin: &mut Admin, alias: &str) -> String {
     let key_id = r.key.expect("metadata").key_id;
     grant_all(admin, &key_id).await;
     key_id
+}
+
+/// Waits (up to `timeout`) for `child` to exit; its status, `None` if it is still running.
+pub fn wait_for(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Waits for `check` to hold, polling until a deadline (tests never sleep to synchronise).

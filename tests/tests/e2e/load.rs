@@ -2,18 +2,24 @@
 
 use kms_tests::{Server, create_key};
 
+/// `kms-load` on `server`'s data plane, as its dev workload, on the key `alias/load`, reporting
+/// JSON.
+fn kms_load(server: &Server) -> std::process::Command {
+    let mut command = std::process::Command::new(kms_tests::bin("kms-load"));
+    command.args(["--data-endpoint", &format!("https://{}", server.data_addr), "--key", "alias/load", "--json", "--pki"]).arg(server.pki_dir());
+    command
+}
+
 /// Runs `kms-load` against `server` with `args` (which bound the run) and returns its JSON report.
 async fn run(server: &Server, args: &'static [&'static str]) -> serde_json::Value {
     let pid = server.pid().to_string();
+    let mut command = kms_load(server);
     let out = tokio::task::spawn_blocking({
-        let (data, pki, token) = (server.data_addr.clone(), server.pki_dir(), server.token.clone());
+        let token = server.token.clone();
         move || {
-            std::process::Command::new(kms_tests::bin("kms-load"))
-                .args(["--data-endpoint", &format!("https://{data}"), "--key", "alias/load", "--clients", "4", "--channels", "2"])
-                .args(["--json", "--server-pid", &pid])
+            command
+                .args(["--clients", "4", "--channels", "2", "--server-pid", &pid])
                 .args(args)
-                .arg("--pki")
-                .arg(&pki)
                 .arg("--hsm-module")
                 .arg(&token.module)
                 .args(["--hsm-token", &token.label, "--hsm-threads", "1"])
@@ -92,10 +98,8 @@ fn assert_throwaway_gone(server: &Server) {
 async fn kms_load_ends_its_run_when_the_server_stops_answering() {
     let server = Server::start();
     create_key(&mut server.admin().await, "load").await;
-    let mut child = std::process::Command::new(kms_tests::bin("kms-load"))
-        .args(["--data-endpoint", &format!("https://{}", server.data_addr), "--key", "alias/load", "--clients", "2", "--channels", "1"])
-        .args(["--duration", "3", "--timeout-ms", "300", "--json", "--pki"])
-        .arg(server.pki_dir())
+    let mut child = kms_load(&server)
+        .args(["--clients", "2", "--channels", "1", "--duration", "3", "--timeout-ms", "300"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -106,12 +110,9 @@ async fn kms_load_ends_its_run_when_the_server_stops_answering() {
     });
     let signal = |name: &str| assert!(std::process::Command::new("kill").arg(name).arg(server.pid().to_string()).status().unwrap().success());
     signal("-STOP");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let ended = kms_tests::wait_for(&mut child, std::time::Duration::from_secs(60));
     signal("-CONT");
-    if child.try_wait().unwrap().is_none() {
+    if ended.is_none() {
         child.kill().unwrap();
         panic!("kms-load was still waiting for a stopped server a minute later");
     }
