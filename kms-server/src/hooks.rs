@@ -1,16 +1,36 @@
 //! Hooks for the end-to-end tests, compiled in only with the `test-hooks` feature.
 //!
-//! The workspace's test crate turns the feature on, so the binaries `cargo xtask test` and
-//! `cargo xtask dev` build have it; a build of the server alone (`cargo build --release -p
-//! kms-server`, the Debian package) does not, and there every hook is a constant. The server logs
-//! a warning at startup when it was built with them.
+//! No crate of the workspace turns the feature on, so no workspace build (`cargo build
+//! --workspace`, `--release`, `cargo xtask dev`, the Debian package) has it, and there every hook
+//! is a constant. The end-to-end harness builds a binary of its own with them,
+//! `kms-server-test-hooks` (`cargo build -p kms-server --features test-hooks --bin
+//! kms-server-test-hooks`, which `cargo xtask test` runs), and that binary refuses to start
+//! unless the harness started it ([`HARNESS`]). Its `--version` and its first log line say what
+//! it is.
 
 /// Whether this build carries the test hooks.
 pub const ENABLED: bool = cfg!(feature = "test-hooks");
 
+/// The variable the end-to-end harness sets on every process it starts; a build with the hooks
+/// refuses to run without it, so that it cannot be deployed by mistake.
+pub const HARNESS: &str = "KMS_TEST_HARNESS";
+
+/// In a build with the hooks, refuses to go on unless the end-to-end harness started this
+/// process; nothing in a build without them.
+pub fn refuse_outside_the_harness() -> anyhow::Result<()> {
+    if ENABLED && std::env::var_os(HARNESS).is_none_or(|v| v != "1") {
+        anyhow::bail!(
+            "this kms-server was built with the end-to-end test hooks (its storage, clocks and HSM calls can be moved by environment variables) \
+             and runs only under the test harness ({HARNESS}=1); build kms-server without --features test-hooks"
+        );
+    }
+    Ok(())
+}
+
 /// Seconds added to the clock that audit retention reads, so that a test can see records of
 /// "100 days ago" pruned without waiting (`KMS_TEST_RETENTION_CLOCK_OFFSET`). Only retention
 /// reads it: sessions, TOTP, grants and destruction windows keep the real clock.
+#[cfg(feature = "test-hooks")]
 pub fn retention_clock_offset() -> i64 {
     clock_offset("KMS_TEST_RETENTION_CLOCK_OFFSET")
 }
@@ -18,8 +38,25 @@ pub fn retention_clock_offset() -> i64 {
 /// Seconds added to the clock that the destruction and rotation sweep reads, so that a test sees
 /// a version destroyed while the server runs, its session copy with it
 /// (`KMS_TEST_SWEEP_CLOCK_OFFSET`). Scheduling keeps the real clock.
+#[cfg(feature = "test-hooks")]
 pub fn sweep_clock_offset() -> i64 {
     clock_offset("KMS_TEST_SWEEP_CLOCK_OFFSET")
+}
+
+#[cfg(feature = "test-hooks")]
+fn clock_offset(variable: &str) -> i64 {
+    std::env::var(variable).ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+// Without the hooks, neither the clocks nor the names of their variables are in the binary.
+#[cfg(not(feature = "test-hooks"))]
+pub fn retention_clock_offset() -> i64 {
+    0
+}
+
+#[cfg(not(feature = "test-hooks"))]
+pub fn sweep_clock_offset() -> i64 {
+    0
 }
 
 /// How often the session copies' idle pass runs: `default`, or `KMS_TEST_SESSION_COPY_IDLE_MS`
@@ -32,16 +69,6 @@ pub fn session_copy_idle_pass(default: std::time::Duration) -> std::time::Durati
 #[cfg(not(feature = "test-hooks"))]
 pub fn session_copy_idle_pass(default: std::time::Duration) -> std::time::Duration {
     default
-}
-
-#[cfg(feature = "test-hooks")]
-fn clock_offset(variable: &str) -> i64 {
-    std::env::var(variable).ok().and_then(|v| v.parse().ok()).unwrap_or(0)
-}
-
-#[cfg(not(feature = "test-hooks"))]
-fn clock_offset(_variable: &str) -> i64 {
-    0
 }
 
 /// A storage fault the disk-full and read-only tests turn on and off while the server runs.

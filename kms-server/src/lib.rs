@@ -15,6 +15,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod cli;
 pub mod backup;
 pub mod config;
 pub mod domain;

@@ -73,7 +73,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// a kmsctl hint.
 pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     if crate::hooks::ENABLED {
-        tracing::warn!("this build carries the end-to-end test hooks (feature test-hooks): build kms-server alone for production");
+        tracing::warn!("this build carries the end-to-end test hooks (kms-server-test-hooks): for the test harness only");
     }
     let pin = config.pin()?;
     let hsm_config = config.hsm.clone();

@@ -19,6 +19,18 @@ use kms_proto::v1::crypto_client::CryptoClient;
 use kms_proto::v1::key_management_client::KeyManagementClient;
 use tonic::transport::Channel;
 
+/// The server binary the harness runs: `kms-server` built with the end-to-end test hooks
+/// (`cargo xtask test` builds it; no workspace build does). Every command made by
+/// [`hooked_server`] tells it that the harness started it.
+pub const HOOKED_SERVER: &str = "kms-server-test-hooks";
+
+/// `kms-server-test-hooks`, ready to take arguments.
+pub fn hooked_server() -> Command {
+    let mut cmd = Command::new(bin(HOOKED_SERVER));
+    cmd.env(kms_server::hooks::HARNESS, "1");
+    cmd
+}
+
 /// Where the workspace's binaries are: the directory above the test executable's `deps/`.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test executable has a path");
@@ -174,7 +186,7 @@ impl Server {
         self.write_config()?;
         let pass = self.dir.path().join("officer.passphrase");
         std::fs::write(&pass, OFFICER_PASSPHRASE)?;
-        let out = Command::new(bin("kms-server"))
+        let out = hooked_server()
             .args(["bootstrap-officer", "--name", OFFICER, "--config"])
             .arg(self.config_path())
             .arg("--passphrase-file")
@@ -217,7 +229,7 @@ impl Server {
     /// Runs `kms-server ARGS --config <this server's config>` on the server's host (with the
     /// token and the crash point the options name) and returns its output.
     pub fn server_command(&self, args: &[&str]) -> Result<Output> {
-        Ok(Command::new(bin("kms-server"))
+        Ok(hooked_server()
             .args(args)
             .arg("--config")
             .arg(self.config_path())
@@ -359,7 +371,7 @@ impl Server {
     fn spawn(&mut self) -> Result<()> {
         self.write_config()?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
-        let mut child = Command::new(bin("kms-server"))
+        let mut child = hooked_server()
             .args(["--log-format", if self.options.json_logs { "json" } else { "text" }, "run", "--config"])
             .arg(self.config_path())
             .env(hsm_sim::SOFTHSM2_CONF, &self.token.conf)

@@ -4,9 +4,13 @@
 //!   packages), builds, and starts `kms-server dev` (token, PIN and database under `.kms-dev/`).
 //! * `cargo xtask test`: installs what is missing (SoftHSM2; a Python virtual environment with
 //!   grpcio for the Python example client, from PyPI), builds every binary the end-to-end tests
-//!   spawn, and runs the whole suite. `.ci/run` calls exactly this.
-//! * `cargo xtask deb [OUT_DIR]`: builds `kms-server` and `kmsctl` in release mode, without the
-//!   test hooks, and packages them with `packaging/build-deb.sh` (default `target/debian/`).
+//!   spawn (among them `kms-server-test-hooks`, the one binary with the test hooks), and runs
+//!   the whole suite. `.ci/run` calls exactly this.
+//! * `cargo xtask deb [OUT_DIR]`: builds `kms-server` and `kmsctl` in release mode and packages
+//!   them with `packaging/build-deb.sh` (default `target/debian/`).
+//!
+//! No command here, and no workspace build, makes a `kms-server` with the test hooks: only
+//! `kms-server-test-hooks` has them, built by `test` alone.
 
 use std::path::Path;
 use std::process::{Command, ExitCode};
@@ -66,8 +70,7 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
-/// The release package. Building the two packages alone (not the workspace) leaves out the
-/// test crate, and with it the `test-hooks` feature: the packaged server has no test hooks.
+/// The release package.
 fn deb(args: &[String]) -> Result<(), String> {
     run(cargo().args(["build", "--release", "-p", "kms-server", "-p", "kms-client", "--bins"]))?;
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
@@ -102,19 +105,21 @@ fn ensure_python() -> Result<std::path::PathBuf, String> {
 fn test(args: &[String]) -> Result<(), String> {
     // The house format (rustfmt.toml) and lints (clippy.toml, the workspace's [lints]), where
     // rustfmt and clippy are installed: about a minute on 2 cores. The server is linted twice:
-    // the test crate turns its `test-hooks` on for the whole workspace, and production builds
-    // have them off.
+    // as every build makes it, and with the test hooks of the harness's own binary.
     if cargo().args(["fmt", "--version"]).output().is_ok_and(|o| o.status.success()) {
         run(cargo().args(["fmt", "--all", "--check"]))?;
     }
     if cargo().args(["clippy", "--version"]).output().is_ok_and(|o| o.status.success()) {
         run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
-        run(cargo().args(["clippy", "-p", "kms-server", "--all-targets", "--", "-D", "warnings"]))?;
+        run(cargo().args(["clippy", "-p", "kms-server", "--all-targets", "--features", "test-hooks", "--", "-D", "warnings"]))?;
     }
     ensure_softhsm()?;
     let python = ensure_python()?;
-    // The end-to-end tests spawn kms-server, kmsctl and token-inspect: build them first.
+    // The end-to-end tests spawn kms-server-test-hooks, kms-server, kmsctl and token-inspect:
+    // build them first. The hooked server alone gets the feature (`--bin`), so
+    // `target/debug/kms-server` stays the binary every other build makes.
     run(cargo().args(["build", "--workspace", "--bins"]))?;
+    run(cargo().args(["build", "-p", "kms-server", "--features", "test-hooks", "--bin", "kms-server-test-hooks"]))?;
     // The benches compile and each runs once (criterion's test mode, in the test profile so
     // nothing is compiled twice): no timing is asserted.
     run(cargo().args(["test", "-p", "kms-benches", "--benches"]))?;

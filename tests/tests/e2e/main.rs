@@ -4,6 +4,7 @@
 mod audit;
 mod backup;
 mod batch;
+mod builds;
 mod cache;
 mod copies;
 mod crash;
