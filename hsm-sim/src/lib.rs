@@ -12,7 +12,7 @@
 use std::fmt;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -120,7 +120,7 @@ impl Token {
 
     fn provision(&self) -> Result<(), Error> {
         let tokens = self.dir.join("tokens");
-        fs::create_dir_all(&tokens).map_err(io_err(&tokens))?;
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&tokens).map_err(io_err(&tokens))?;
         fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700)).map_err(io_err(&self.dir))?;
         let conf = format!(
             "# Written by hsm-sim for a development or test token.\n\
@@ -132,7 +132,8 @@ impl Token {
              library.reset_on_fork = false\n",
             tokens.display()
         );
-        fs::write(&self.conf, conf).map_err(io_err(&self.conf))?;
+        let _ = fs::remove_file(&self.conf);
+        write_private(&self.conf, conf.as_bytes())?;
 
         let user_pin = random_pin()?;
         let so_pin = random_pin()?;

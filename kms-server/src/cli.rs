@@ -149,7 +149,7 @@ pub fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Dev { data_dir, data_listen, admin_listen, metrics_listen, sweep_interval, session_copies } => {
-            std::fs::create_dir_all(&data_dir)?;
+            crate::files::create_dir(&data_dir)?;
             let data_dir = data_dir.canonicalize()?;
             let token = hsm_sim::Token::open_or_provision(&data_dir.join("softhsm"), "kms-dev")?;
             // SoftHSM2 reads SOFTHSM2_CONF when the module initialises; setting it in a running

@@ -243,6 +243,19 @@ fn data_dir_private(dir: &Path) -> Result<(), ConfigError> {
     }
 }
 
+/// The database and its journal hold the audit trail and the keys' metadata: the service refuses
+/// to start on any of them that its group or other accounts may read or write (it makes them
+/// mode 0600 itself, `files.rs`).
+fn database_private(dir: &Path) -> Result<(), ConfigError> {
+    for name in crate::store::DATABASE_FILES {
+        let path = dir.join(name);
+        if let Some(mode) = crate::files::exposed(&path) {
+            return Err(refuse("data_dir", format!("{} is readable or writable by others (mode {mode:o}); chmod 600 it", path.display())));
+        }
+    }
+    Ok(())
+}
+
 fn refuse(setting: &'static str, reason: impl fmt::Display) -> ConfigError {
     ConfigError { setting, reason: reason.to_string() }
 }
@@ -258,6 +271,7 @@ impl Config {
     /// Every check that does not need the HSM.
     pub fn validate(&self) -> Result<(), ConfigError> {
         data_dir_private(&self.data_dir)?;
+        database_private(&self.data_dir)?;
         if !self.hsm.module.is_file() {
             return Err(refuse("hsm.module", format!("{} is not a file", self.hsm.module.display())));
         }

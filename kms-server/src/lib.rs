@@ -20,6 +20,7 @@ pub mod backup;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod files;
 pub mod hooks;
 pub mod hsm;
 pub mod metrics;

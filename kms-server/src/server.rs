@@ -30,7 +30,7 @@ use crate::tls::ServerTls;
 /// Safe while the server runs: it touches only the officers table and the service keys.
 pub fn bootstrap_officer(config: &Config, name: &str, passphrase: &Passphrase) -> anyhow::Result<Enrolment> {
     let hsm = Pkcs11Hsm::open(&config.hsm.module, &config.hsm.token_label, &config.pin()?, 1)?;
-    std::fs::create_dir_all(&config.data_dir)?;
+    crate::files::create_dir(&config.data_dir)?;
     let store = Store::open(&config.data_dir.join("kms.db"))?;
     let officers = Officers {
         hsm: &hsm,
@@ -46,8 +46,6 @@ pub fn bootstrap_officer(config: &Config, name: &str, passphrase: &Passphrase) -
 /// `kmsctl login --dev` works at once. Never outside development mode: there the first officer
 /// is made with `kms-server bootstrap-officer`.
 fn dev_officer(kms: &Kms, data_dir: &std::path::Path) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     if !kms.officers().list()?.is_empty() {
         return Ok(());
     }
@@ -57,8 +55,7 @@ fn dev_officer(kms: &Kms, data_dir: &std::path::Path) -> anyhow::Result<()> {
     let enrolment = kms.officers().bootstrap("dev-officer", &passphrase)?;
     let secret = enrolment.0.split("secret=").nth(1).and_then(|s| s.split('&').next()).unwrap_or_default();
     for (file, contents) in [("dev-officer.passphrase", passphrase.expose_secret()), ("dev-officer.totp", secret)] {
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(data_dir.join(file))?;
-        f.write_all(contents.as_bytes())?;
+        crate::files::write(&data_dir.join(file), contents.as_bytes())?;
     }
     println!("development officer: dev-officer (log in with: kmsctl login --dev)");
     Ok(())
@@ -89,7 +86,7 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
         Ok(hsm)
     })
     .await??;
-    std::fs::create_dir_all(&config.data_dir)?;
+    crate::files::create_dir(&config.data_dir)?;
     let db = config.data_dir.join("kms.db");
     let settings = Settings {
         limits: config.keys.limits(),

@@ -7,7 +7,7 @@
 //! or, when it has none, its subject common name.
 
 use std::fmt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
@@ -126,8 +126,8 @@ impl DevPki {
         if pki.workload_key.exists() {
             return Ok(pki);
         }
-        std::fs::create_dir_all(dir)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        crate::files::create_dir(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(crate::files::PRIVATE_DIR))?;
 
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -161,10 +161,10 @@ impl DevPki {
     }
 }
 
-/// Writes a file readable only by its owner (mode 0600 from creation on).
+/// Writes a file readable only by its owner, durably.
 fn write_file(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    let mut f = crate::files::create(path)?;
     f.write_all(contents.as_bytes())?;
     f.sync_all()
 }

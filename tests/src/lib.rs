@@ -31,6 +31,24 @@ pub fn hooked_server() -> Command {
     cmd
 }
 
+/// `cmd` run under `umask` (through `sh`, since setting a child's umask takes `unsafe` code):
+/// the same program, arguments, environment and directory.
+pub fn with_umask(cmd: Command, umask: Option<u32>) -> Command {
+    let Some(umask) = umask else { return cmd };
+    let mut wrapped = Command::new("sh");
+    wrapped.arg("-c").arg(format!("umask {umask:03o} && exec \"$@\"")).arg("sh").arg(cmd.get_program()).args(cmd.get_args());
+    for (name, value) in cmd.get_envs() {
+        match value {
+            Some(value) => wrapped.env(name, value),
+            None => wrapped.env_remove(name),
+        };
+    }
+    if let Some(dir) = cmd.get_current_dir() {
+        wrapped.current_dir(dir);
+    }
+    wrapped
+}
+
 /// Where the workspace's binaries are: the directory above the test executable's `deps/`.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test executable has a path");
@@ -86,6 +104,8 @@ pub struct Options {
     /// a copy of the token as it is then: the "second HSM" holding the same backup key that a
     /// disaster-recovery drill restores into (`replace_token_with_replica`).
     pub backup_key: bool,
+    /// The umask the server and `kmsctl` run under (default: the test's own).
+    pub umask: Option<u32>,
 }
 
 impl Default for Options {
@@ -106,6 +126,7 @@ impl Default for Options {
             principal_calls_per_second: 0.0,
             principal_burst: 1.0,
             backup_key: false,
+            umask: None,
         }
     }
 }
@@ -371,9 +392,9 @@ impl Server {
     fn spawn(&mut self) -> Result<()> {
         self.write_config()?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
-        let mut child = hooked_server()
-            .args(["--log-format", if self.options.json_logs { "json" } else { "text" }, "run", "--config"])
-            .arg(self.config_path())
+        let mut server = hooked_server();
+        server.args(["--log-format", if self.options.json_logs { "json" } else { "text" }, "run", "--config"]).arg(self.config_path());
+        let mut child = with_umask(server, self.options.umask)
             .env(hsm_sim::SOFTHSM2_CONF, &self.token.conf)
             .env("KMS_LOG", self.options.log)
             .env("KMS_TEST_RETENTION_CLOCK_OFFSET", self.options.retention_clock_offset.to_string())
@@ -497,7 +518,8 @@ impl Server {
 
     /// Runs `kmsctl` against this server with the session kept in `session`.
     pub fn kmsctl_with_session(&self, session: &Path, args: &[&str]) -> Output {
-        Command::new(bin("kmsctl"))
+        let mut kmsctl = Command::new(bin("kmsctl"));
+        kmsctl
             .arg("--endpoint")
             .arg(format!("https://{}", self.admin_addr))
             .arg("--data-endpoint")
@@ -512,9 +534,8 @@ impl Server {
             .env_remove("KMS_CA")
             .env_remove("KMS_TLS_CERT")
             .env_remove("KMS_TLS_KEY")
-            .env_remove("KMS_SESSION_FILE")
-            .output()
-            .expect("kmsctl ran")
+            .env_remove("KMS_SESSION_FILE");
+        with_umask(kmsctl, self.options.umask).output().expect("kmsctl ran")
     }
 
     /// A read-only connection to the server's database.

@@ -669,16 +669,25 @@ impl Out {
     }
 }
 
-/// Writes a file only its owner can read (the session token).
+/// Creates (or truncates) a file only its owner can read or write, whatever the umask: every
+/// file kmsctl writes (sessions, backups, audit exports, plaintext) holds something sensitive.
+fn create_private(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(file)
+}
+
+/// Writes a file only its owner can read (the session token), in a directory only its owner can
+/// enter when kmsctl makes it.
 fn write_private(path: &Path, contents: &[u8]) -> Result<(), Error> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::DirBuilderExt;
     let io = |e: std::io::Error| Error::Config(format!("{}: {e}", path.display()));
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io)?;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
     }
     let _ = std::fs::remove_file(path);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io)?;
-    f.write_all(contents).map_err(io)
+    create_private(path).and_then(|mut f| f.write_all(contents)).map_err(io)
 }
 
 /// Writes to `path` through a temporary file renamed into place only on success, so a failed
@@ -686,7 +695,7 @@ fn write_private(path: &Path, contents: &[u8]) -> Result<(), Error> {
 async fn write_atomically(path: &Path, f: impl AsyncFnOnce(&mut BufWriter<File>) -> Result<u64, Error>) -> Result<u64, Error> {
     let io = |e: std::io::Error| Error::Envelope(e.into());
     let tmp = path.with_extension("kmsctl-partial");
-    let mut w = BufWriter::new(File::create(&tmp).map_err(io)?);
+    let mut w = BufWriter::new(create_private(&tmp).map_err(io)?);
     let result = f(&mut w).await.and_then(|n| w.flush().map(|()| n).map_err(io));
     match result {
         Ok(n) => std::fs::rename(&tmp, path).map(|()| n).map_err(io),
@@ -898,7 +907,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     partial.push(".partial");
                     let partial = PathBuf::from(partial);
                     let mut stream = c.create_backup(pb::CreateBackupRequest {}).await?.into_inner();
-                    let mut file = BufWriter::new(File::create(&partial).map_err(io)?);
+                    let mut file = BufWriter::new(create_private(&partial).map_err(io)?);
                     let (mut manifest, mut written) = (None, 0u64);
                     let received = loop {
                         match stream.message().await {
@@ -1179,7 +1188,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 }
                 AuditCommand::Export { since, until, output } => {
                     let mut sink: Box<dyn Write> = match &output {
-                        Some(path) => Box::new(BufWriter::new(File::create(path).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?)),
+                        Some(path) => Box::new(BufWriter::new(create_private(path).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?)),
                         None => Box::new(std::io::stdout().lock()),
                     };
                     let io = |e: std::io::Error| Error::Config(e.to_string());

@@ -57,7 +57,7 @@ pub fn restore(config: &Config, file: &Path, destroyed: &[KeyId]) -> anyhow::Res
     if db_path.exists() {
         bail!("{} already exists: restore only into a data directory without a database", db_path.display());
     }
-    fs::create_dir_all(&config.data_dir)?;
+    crate::files::create_dir(&config.data_dir)?;
     let restoring = config.data_dir.join("kms.db.restoring");
     let hsm = Pkcs11Hsm::open(&config.hsm.module, &config.hsm.token_label, &config.pin()?, 2)?;
     let backup_key = hsm.backup_key()?.unwrap.with_context(|| {
@@ -113,9 +113,9 @@ pub fn restore(config: &Config, file: &Path, destroyed: &[KeyId]) -> anyhow::Res
     if !mac_ok? {
         bail!("the backup's MAC does not verify: the file was changed");
     }
-    fs::write(&marker, &this_backup)?;
+    crate::files::write(&marker, this_backup.as_bytes())?;
     let written = (|| -> anyhow::Result<()> {
-        let mut out = fs::OpenOptions::new().write(true).create_new(true).open(&restoring)?;
+        let mut out = crate::files::create_new(&restoring)?;
         copy_checked(&mut reader, &manifest.database, "database", &mut out)?;
         expect_end(&mut reader)?;
         out.flush()?;

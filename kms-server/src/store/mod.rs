@@ -178,6 +178,9 @@ pub struct Store {
     fault: Mutex<Option<crate::hooks::StoreFault>>,
 }
 
+/// The database's file name in the data directory, and the journal files SQLite keeps beside it.
+pub const DATABASE_FILES: [&str; 3] = ["kms.db", "kms.db-wal", "kms.db-shm"];
+
 /// The suffix of the snapshot files backups are made from; one left by a crash is removed at
 /// the next open.
 const SNAPSHOT_SUFFIX: &str = ".snapshot";
@@ -189,7 +192,13 @@ impl fmt::Debug for Store {
 }
 
 impl Store {
+    /// Opens the database, making it if missing. A new database file is made mode 0600 before
+    /// SQLite opens it, and SQLite gives its WAL and shared-memory files the database file's
+    /// mode, so none of the three is ever readable by other accounts (`files.rs`).
     pub fn open(path: &Path) -> Result<Store> {
+        if !path.exists() {
+            crate::files::create_new(path).map_err(|e| StoreError::io("creating the database file", e))?;
+        }
         let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -225,6 +234,8 @@ impl Store {
     pub fn snapshot(&self) -> Result<std::fs::File> {
         let dest = snapshot_path(&self.path);
         let _ = std::fs::remove_file(&dest);
+        // `VACUUM INTO` writes into an empty file: made first, so that it is private from the start.
+        crate::files::create_new(&dest).map_err(|e| StoreError::io("creating the snapshot", e))?;
         let conn = Connection::open_with_flags(&self.path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute("VACUUM INTO ?1", params![dest.to_string_lossy()])?;

@@ -10,6 +10,7 @@ mod copies;
 mod crash;
 mod envelope;
 mod faults;
+mod files;
 mod fuzz;
 mod golden;
 mod grants;
