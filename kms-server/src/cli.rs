@@ -11,8 +11,11 @@ use crate::config::{AuditConfig, Config, HealthConfig, HsmConfig, KeysConfig, Li
 use crate::domain::officer::Passphrase;
 
 /// `--version`: a build with the test hooks says so.
-const VERSION: &str =
-    if crate::hooks::ENABLED { concat!(env!("CARGO_PKG_VERSION"), " (with the end-to-end test hooks: not for production)") } else { env!("CARGO_PKG_VERSION") };
+const VERSION: &str = if crate::hooks::ENABLED {
+    concat!(env!("CARGO_PKG_VERSION"), " (with the end-to-end test hooks: not for production)")
+} else {
+    env!("CARGO_PKG_VERSION")
+};
 
 #[derive(Parser)]
 #[command(name = "kms-server", version = VERSION, about = "Client-held key management service")]

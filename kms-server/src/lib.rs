@@ -15,8 +15,9 @@
 
 pub mod api;
 pub mod audit;
-pub mod cli;
 pub mod backup;
+pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod error;

@@ -1,124 +1,180 @@
-//! Prometheus metrics: counters and latency histograms kept in atomics as requests, HSM calls
-//! and audit commits happen, plus gauges read from the service at scrape time, rendered in the
-//! text exposition format on a listener of their own (`listen.metrics`, loopback only).
+//! Prometheus metrics, on the Prometheus project's own client (`prometheus-client`): counters
+//! and latency histograms updated as requests, HSM calls and audit commits happen, and gauges
+//! set at scrape time from the service's state ([`Gauges`], which the caller reads from the
+//! service's status: this module knows nothing of the service). Served in the Prometheus text
+//! format on a listener of its own (`listen.metrics`, loopback only).
 //!
 //! Labels are names from a fixed set (RPC and PKCS#11 function names, status codes, key states)
 //! or key ids and version numbers; never an encryption-context value, a principal's request data
 //! or anything secret.
 
-use crate::service::status::Health;
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-/// A series' `# HELP` and `# TYPE` lines.
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The `Content-Type` of the exposition.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
 /// Latency buckets in seconds: from 100 µs (an HSM call on SoftHSM2 is ~20 µs, a request
 /// ~300 µs) to AWS's external key store timeout (250 ms) and the HSM deadline (2 s).
-const SECONDS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+const SECONDS: [f64; 14] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 /// Group-commit batch sizes, in records.
-const RECORDS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0];
+const RECORDS: [f64; 11] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0];
 
-/// A cumulative histogram over fixed bounds.
-#[derive(Debug)]
-pub struct Histogram {
-    bounds: &'static [f64],
-    buckets: Vec<AtomicU64>,
-    count: AtomicU64,
-    /// The sum, in millionths of the unit (microseconds for seconds).
-    sum_micros: AtomicU64,
-}
+/// Makes the latency histogram of each new series of a family.
+#[derive(Debug, Clone, Copy)]
+struct Latency;
 
-impl Histogram {
-    fn new(bounds: &'static [f64]) -> Self {
-        Histogram { bounds, buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(), count: AtomicU64::new(0), sum_micros: AtomicU64::new(0) }
-    }
-
-    pub fn observe(&self, value: f64) {
-        if let Some(i) = self.bounds.iter().position(|b| value <= *b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add((value * 1e6) as u64, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        let mut cumulative = 0;
-        for (bound, n) in self.bounds.iter().zip(&self.buckets) {
-            cumulative += n.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
-        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+impl MetricConstructor<Histogram> for Latency {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(SECONDS)
     }
 }
 
-/// A family of series keyed by their label values.
-#[derive(Debug)]
-struct Family<K: Ord, V> {
-    series: RwLock<BTreeMap<K, Arc<V>>>,
-}
+type Labels<const N: usize> = [(&'static str, &'static str); N];
+type OwnedLabels = Vec<(&'static str, String)>;
 
-impl<K: Ord + Clone, V> Family<K, V> {
-    fn new() -> Self {
-        Family { series: RwLock::new(BTreeMap::new()) }
-    }
-
-    fn get(&self, key: K, make: impl FnOnce() -> V) -> Arc<V> {
-        if let Some(v) = self.series.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
-            return v.clone();
-        }
-        self.series.write().unwrap_or_else(|p| p.into_inner()).entry(key).or_insert_with(|| Arc::new(make())).clone()
-    }
-
-    fn snapshot(&self) -> Vec<(K, Arc<V>)> {
-        self.series.read().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect()
-    }
+/// The state-derived values a scrape shows, read by the caller from the service's status.
+#[derive(Debug, Clone, Default)]
+pub struct Gauges {
+    pub uptime_seconds: u64,
+    /// Whether the last HSM probe succeeded.
+    pub hsm_up: bool,
+    /// Every health state with whether the service is in it now.
+    pub health: Vec<(&'static str, bool)>,
+    pub sessions_open: usize,
+    pub sessions_in_use: usize,
+    pub sessions_max: usize,
+    /// Session copies ready for use; `None` when they are off (the series is then absent).
+    pub session_copies: Option<usize>,
+    /// Every key state with its number of keys.
+    pub keys_by_state: Vec<(&'static str, u64)>,
+    /// Per key version with material: key id, version, encryptions counted, encryption limit.
+    pub versions: Vec<(String, u32, u64, u64)>,
+    pub review_overdue: bool,
+    /// Seconds since the last access-review sign-off; `None` before the first.
+    pub signoff_age_seconds: Option<i64>,
+    /// Whether the audit trail verified the last time the service checked it.
+    pub audit_verified: bool,
+    /// The last audit record verified.
+    pub audit_verified_through: u64,
+    /// Seconds since the whole trail was last verified; `None` before the first full check.
+    pub audit_full_check_age_seconds: Option<i64>,
 }
 
 /// The process's metrics. One registry per process, like the PKCS#11 library it watches.
 #[derive(Debug)]
 pub struct Metrics {
-    requests: Family<(&'static str, &'static str), AtomicU64>,
-    request_seconds: Family<&'static str, Histogram>,
-    hsm_calls: Family<(&'static str, &'static str), AtomicU64>,
-    hsm_seconds: Family<&'static str, Histogram>,
+    registry: Registry,
+    requests: Family<Labels<2>, Counter>,
+    request_seconds: Family<Labels<1>, Histogram, Latency>,
+    hsm_calls: Family<Labels<2>, Counter>,
+    hsm_seconds: Family<Labels<1>, Histogram, Latency>,
     audit_batch: Histogram,
     audit_commit_seconds: Histogram,
+    gauges: GaugeFamilies,
+    /// Scrapes set the gauges, then encode: one at a time.
+    scrape: Mutex<()>,
+}
+
+/// The gauges, each a family so that a series can be absent (no labels, no series) or go away
+/// (a destroyed key version's usage).
+#[derive(Debug, Default)]
+struct GaugeFamilies {
+    uptime: Family<OwnedLabels, Gauge>,
+    hsm_up: Family<OwnedLabels, Gauge>,
+    health: Family<OwnedLabels, Gauge>,
+    sessions: Family<OwnedLabels, Gauge>,
+    sessions_max: Family<OwnedLabels, Gauge>,
+    session_copies: Family<OwnedLabels, Gauge>,
+    keys: Family<OwnedLabels, Gauge>,
+    encryptions: Family<OwnedLabels, Gauge>,
+    remaining: Family<OwnedLabels, Gauge>,
+    review_overdue: Family<OwnedLabels, Gauge>,
+    signoff_age: Family<OwnedLabels, Gauge>,
+    audit_verified: Family<OwnedLabels, Gauge>,
+    audit_verified_through: Family<OwnedLabels, Gauge>,
+    audit_full_check_age: Family<OwnedLabels, Gauge>,
 }
 
 /// The registry.
 pub fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
-    METRICS.get_or_init(|| Metrics {
-        requests: Family::new(),
-        request_seconds: Family::new(),
-        hsm_calls: Family::new(),
-        hsm_seconds: Family::new(),
-        audit_batch: Histogram::new(RECORDS),
-        audit_commit_seconds: Histogram::new(SECONDS),
-    })
+    METRICS.get_or_init(Metrics::new)
+}
+
+fn gauge(value: impl TryInto<i64>) -> i64 {
+    value.try_into().unwrap_or(i64::MAX)
 }
 
 impl Metrics {
+    fn new() -> Metrics {
+        let m = Metrics {
+            registry: Registry::default(),
+            requests: Family::default(),
+            request_seconds: Family::new_with_constructor(Latency),
+            hsm_calls: Family::default(),
+            hsm_seconds: Family::new_with_constructor(Latency),
+            audit_batch: Histogram::new(RECORDS),
+            audit_commit_seconds: Histogram::new(SECONDS),
+            gauges: GaugeFamilies::default(),
+            scrape: Mutex::new(()),
+        };
+        // Metrics are handles onto shared values: the registry encodes what the clones kept in
+        // `m` record. (The client appends `_total` to counters and a full stop to help texts.)
+        let mut r = Registry::default();
+        r.register("kms_requests", "Calls answered, by RPC and gRPC status code (batch items count one each)", m.requests.clone());
+        r.register("kms_request_duration_seconds", "Time from a call's arrival to its answer, audit included", m.request_seconds.clone());
+        r.register("kms_hsm_calls", "PKCS#11 calls, by function and result (ok or error)", m.hsm_calls.clone());
+        r.register("kms_hsm_call_duration_seconds", "Time of one PKCS#11 call, session checkout included", m.hsm_seconds.clone());
+        r.register("kms_audit_batch_records", "Audit records per group commit", m.audit_batch.clone());
+        r.register("kms_audit_commit_duration_seconds", "Time of one group commit (insert, commit, fsync)", m.audit_commit_seconds.clone());
+        let g = &m.gauges;
+        r.register("kms_uptime_seconds", "Seconds since the service started", g.uptime.clone());
+        r.register("kms_hsm_up", "1 when the last HSM probe (AES-GCM under the canary key) succeeded, else 0", g.hsm_up.clone());
+        r.register(
+            "kms_health",
+            "The deep health check: 1 for the state it is in (ACTIVE, DEGRADED, UNAVAILABLE), 0 for the others",
+            g.health.clone(),
+        );
+        r.register("kms_hsm_sessions", "HSM sessions open and checked out now", g.sessions.clone());
+        r.register("kms_hsm_sessions_max", "The most sessions the pool opens", g.sessions_max.clone());
+        r.register("kms_hsm_session_copies", "Session copies of key versions ready for use (absent when they are off)", g.session_copies.clone());
+        r.register("kms_keys", "Keys by state", g.keys.clone());
+        r.register("kms_key_version_encryptions", "AES-GCM encryptions counted for a key version (NIST SP 800-38D budget)", g.encryptions.clone());
+        r.register("kms_key_version_encryptions_remaining", "Encryptions a key version may still do before it refuses", g.remaining.clone());
+        r.register("kms_access_review_overdue", "1 when the access review has not been signed off in the last 365 days", g.review_overdue.clone());
+        r.register("kms_access_review_signoff_age_seconds", "Seconds since the last access-review sign-off", g.signoff_age.clone());
+        r.register(
+            "kms_audit_verified",
+            "1 when the audit trail verified the last time the service checked it (chain, checkpoints, MACs), 0 when it did not",
+            g.audit_verified.clone(),
+        );
+        r.register("kms_audit_verified_through_record", "The last audit record the service has verified", g.audit_verified_through.clone());
+        r.register(
+            "kms_audit_full_check_age_seconds",
+            "Seconds since the service last verified the whole audit trail (absent before the first time)",
+            g.audit_full_check_age.clone(),
+        );
+        Metrics { registry: r, ..m }
+    }
+
     /// One answered call (or one item of a batch).
     pub fn request(&self, rpc: &'static str, code: &'static str, elapsed: Duration) {
-        self.requests.get((rpc, code), || AtomicU64::new(0)).fetch_add(1, Ordering::Relaxed);
-        self.request_seconds.get(rpc, || Histogram::new(SECONDS)).observe(elapsed.as_secs_f64());
+        self.requests.get_or_create(&[("rpc", rpc), ("code", code)]).inc();
+        self.request_seconds.get_or_create(&[("rpc", rpc)]).observe(elapsed.as_secs_f64());
     }
 
     /// One PKCS#11 call: its function, `ok` or the error's name, and how long it took.
     pub fn hsm_call(&self, function: &'static str, result: &'static str, elapsed: Duration) {
-        self.hsm_calls.get((function, result), || AtomicU64::new(0)).fetch_add(1, Ordering::Relaxed);
-        self.hsm_seconds.get(function, || Histogram::new(SECONDS)).observe(elapsed.as_secs_f64());
+        self.hsm_calls.get_or_create(&[("function", function), ("result", result)]).inc();
+        self.hsm_seconds.get_or_create(&[("function", function)]).observe(elapsed.as_secs_f64());
     }
 
     /// One group commit of the audit writer.
@@ -127,105 +183,116 @@ impl Metrics {
         self.audit_commit_seconds.observe(elapsed.as_secs_f64());
     }
 
-    /// The text exposition of the counters and histograms (the gauges are appended by the
-    /// caller, from the service's state).
-    pub fn render(&self, out: &mut String) {
-        header(out, "kms_requests_total", "counter", "Calls answered, by RPC and gRPC status code (batch items count one each).");
-        for ((rpc, code), n) in self.requests.snapshot() {
-            let _ = writeln!(out, "kms_requests_total{{rpc=\"{rpc}\",code=\"{code}\"}} {}", n.load(Ordering::Relaxed));
+    /// The whole exposition: the counters and histograms, and the gauges of `gauges` (`None`
+    /// when the service's state could not be read: the gauges are then left out).
+    pub fn exposition(&self, gauges: Option<&Gauges>) -> String {
+        let _one_scrape = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        self.set(gauges);
+        let mut out = String::new();
+        if let Err(e) = prometheus_text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "metrics: the exposition could not be encoded");
         }
-        header(out, "kms_request_duration_seconds", "histogram", "Time from a call's arrival to its answer, audit included.");
-        for (rpc, h) in self.request_seconds.snapshot() {
-            h.render(out, "kms_request_duration_seconds", &format!("rpc=\"{rpc}\""));
-        }
-        header(out, "kms_hsm_calls_total", "counter", "PKCS#11 calls, by function and result (ok or error).");
-        for ((function, result), n) in self.hsm_calls.snapshot() {
-            let _ = writeln!(out, "kms_hsm_calls_total{{function=\"{function}\",result=\"{result}\"}} {}", n.load(Ordering::Relaxed));
-        }
-        header(out, "kms_hsm_call_duration_seconds", "histogram", "Time of one PKCS#11 call, session checkout included.");
-        for (function, h) in self.hsm_seconds.snapshot() {
-            h.render(out, "kms_hsm_call_duration_seconds", &format!("function=\"{function}\""));
-        }
-        header(out, "kms_audit_batch_records", "histogram", "Audit records per group commit.");
-        self.audit_batch.render(out, "kms_audit_batch_records", "");
-        header(out, "kms_audit_commit_duration_seconds", "histogram", "Time of one group commit (insert, commit, fsync).");
-        self.audit_commit_seconds.render(out, "kms_audit_commit_duration_seconds", "");
+        out
     }
-}
 
-/// The whole exposition: the counters and histograms, then gauges read from the service now
-/// (it may touch the HSM and the store: call it on the blocking pool).
-pub fn exposition(kms: &crate::service::Kms) -> String {
-    let mut out = String::new();
-    metrics().render(&mut out);
-    let status = match kms.status() {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "metrics: the service's status could not be read");
-            return out;
+    fn set(&self, gauges: Option<&Gauges>) {
+        let f = &self.gauges;
+        for family in [
+            &f.uptime,
+            &f.hsm_up,
+            &f.health,
+            &f.sessions,
+            &f.sessions_max,
+            &f.session_copies,
+            &f.keys,
+            &f.encryptions,
+            &f.remaining,
+            &f.review_overdue,
+            &f.signoff_age,
+            &f.audit_verified,
+            &f.audit_verified_through,
+            &f.audit_full_check_age,
+        ] {
+            family.clear();
         }
-    };
-    let gauge = |out: &mut String, name: &str, help: &str| header(out, name, "gauge", help);
-    gauge(&mut out, "kms_uptime_seconds", "Seconds since the service started.");
-    let _ = writeln!(out, "kms_uptime_seconds {}", status.uptime_seconds);
-    gauge(&mut out, "kms_hsm_up", "1 when the last HSM probe (AES-GCM under the canary key) succeeded, else 0.");
-    let _ = writeln!(out, "kms_hsm_up {}", u8::from(status.probe.error.is_none()));
-    gauge(&mut out, "kms_health", "The deep health check: 1 for the state it is in (ACTIVE, DEGRADED, UNAVAILABLE), 0 for the others.");
-    for state in [Health::Active, Health::Degraded, Health::Unavailable] {
-        let _ = writeln!(out, "kms_health{{state=\"{}\"}} {}", state.as_str(), u8::from(status.health == state));
+        let Some(g) = gauges else { return };
+        let set = |family: &Family<OwnedLabels, Gauge>, labels: OwnedLabels, value: i64| {
+            family.get_or_create(&labels).set(value);
+        };
+        set(&f.uptime, vec![], gauge(g.uptime_seconds));
+        set(&f.hsm_up, vec![], i64::from(g.hsm_up));
+        for (state, now) in &g.health {
+            set(&f.health, vec![("state", state.to_string())], i64::from(*now));
+        }
+        set(&f.sessions, vec![("state", "open".into())], gauge(g.sessions_open));
+        set(&f.sessions, vec![("state", "in_use".into())], gauge(g.sessions_in_use));
+        set(&f.sessions_max, vec![], gauge(g.sessions_max));
+        if let Some(copies) = g.session_copies {
+            set(&f.session_copies, vec![], gauge(copies));
+        }
+        for (state, n) in &g.keys_by_state {
+            set(&f.keys, vec![("state", state.to_string())], gauge(*n));
+        }
+        for (key_id, version, encryptions, limit) in &g.versions {
+            let labels = vec![("key_id", key_id.clone()), ("version", version.to_string())];
+            set(&f.encryptions, labels.clone(), gauge(*encryptions));
+            set(&f.remaining, labels, gauge(limit.saturating_sub(*encryptions)));
+        }
+        set(&f.review_overdue, vec![], i64::from(g.review_overdue));
+        if let Some(age) = g.signoff_age_seconds {
+            set(&f.signoff_age, vec![], age);
+        }
+        set(&f.audit_verified, vec![], i64::from(g.audit_verified));
+        set(&f.audit_verified_through, vec![], gauge(g.audit_verified_through));
+        if let Some(age) = g.audit_full_check_age_seconds {
+            set(&f.audit_full_check_age, vec![], age);
+        }
     }
-    gauge(&mut out, "kms_hsm_sessions", "HSM sessions open and checked out now.");
-    let _ = writeln!(out, "kms_hsm_sessions{{state=\"open\"}} {}", status.sessions.open);
-    let _ = writeln!(out, "kms_hsm_sessions{{state=\"in_use\"}} {}", status.sessions.in_use);
-    gauge(&mut out, "kms_hsm_sessions_max", "The most sessions the pool opens.");
-    let _ = writeln!(out, "kms_hsm_sessions_max {}", status.sessions.size);
-    if let Some(copies) = status.sessions.copies {
-        gauge(&mut out, "kms_hsm_session_copies", "Session copies of key versions ready for use (absent when they are off).");
-        let _ = writeln!(out, "kms_hsm_session_copies {copies}");
-    }
-    gauge(&mut out, "kms_keys", "Keys by state.");
-    for state in crate::domain::lifecycle::KeyState::ALL {
-        let n = status.keys_by_state.get(state.as_str()).copied().unwrap_or(0);
-        let _ = writeln!(out, "kms_keys{{state=\"{state}\"}} {n}");
-    }
-    gauge(&mut out, "kms_key_version_encryptions", "AES-GCM encryptions counted for a key version (NIST SP 800-38D budget).");
-    for u in &status.usage {
-        let _ = writeln!(out, "kms_key_version_encryptions{{key_id=\"{}\",version=\"{}\"}} {}", u.key_id, u.version, u.encryptions);
-    }
-    gauge(&mut out, "kms_key_version_encryptions_remaining", "Encryptions a key version may still do before it refuses.");
-    for u in &status.usage {
-        let _ = writeln!(
-            out,
-            "kms_key_version_encryptions_remaining{{key_id=\"{}\",version=\"{}\"}} {}",
-            u.key_id,
-            u.version,
-            u.limit.saturating_sub(u.encryptions)
-        );
-    }
-    gauge(&mut out, "kms_access_review_overdue", "1 when the access review has not been signed off in the last 365 days.");
-    let _ = writeln!(out, "kms_access_review_overdue {}", u8::from(status.review_overdue));
-    if let Some((_, at)) = &status.last_signoff {
-        gauge(&mut out, "kms_access_review_signoff_age_seconds", "Seconds since the last access-review sign-off.");
-        let _ = writeln!(out, "kms_access_review_signoff_age_seconds {}", crate::service::now() - at);
-    }
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The series names and label layout dashboards and `docs/alerts.yml` rely on.
     #[test]
-    fn histograms_are_cumulative_with_sum_and_count() {
-        let h = Histogram::new(&[1.0, 10.0]);
-        for v in [0.5, 2.0, 20.0] {
-            h.observe(v);
+    fn the_exposition_keeps_the_series_names_and_labels() {
+        let m = Metrics::new();
+        m.request("Encrypt", "OK", Duration::from_micros(300));
+        m.request("Encrypt", "OK", Duration::from_millis(3));
+        m.hsm_call("C_Encrypt", "ok", Duration::from_micros(20));
+        m.audit_commit(2, Duration::from_micros(150));
+        let gauges = Gauges {
+            hsm_up: true,
+            health: vec![("ACTIVE", true), ("DEGRADED", false)],
+            keys_by_state: vec![("Enabled", 1)],
+            versions: vec![("k\"1".into(), 1, 10, 100)],
+            audit_verified: true,
+            audit_verified_through: 42,
+            ..Gauges::default()
+        };
+        let out = m.exposition(Some(&gauges));
+        for line in [
+            "# TYPE kms_requests_total counter",
+            "kms_requests_total{rpc=\"Encrypt\",code=\"OK\"} 2",
+            "kms_request_duration_seconds_count{rpc=\"Encrypt\"} 2",
+            "kms_request_duration_seconds_bucket{rpc=\"Encrypt\",le=\"0.0005\"} 1",
+            "kms_hsm_calls_total{function=\"C_Encrypt\",result=\"ok\"} 1",
+            "kms_audit_batch_records_count 1",
+            "kms_audit_commit_duration_seconds_bucket{le=\"+Inf\"} 1",
+            "kms_hsm_up 1",
+            "kms_health{state=\"DEGRADED\"} 0",
+            "kms_keys{state=\"Enabled\"} 1",
+            // Label values are escaped.
+            "kms_key_version_encryptions_remaining{key_id=\"k\\\"1\",version=\"1\"} 90",
+            "kms_audit_verified 1",
+            "kms_audit_verified_through_record 42",
+        ] {
+            assert!(out.lines().any(|l| l == line), "no {line:?} in:\n{out}");
         }
-        let mut out = String::new();
-        h.render(&mut out, "x", "a=\"b\"");
-        assert_eq!(
-            out,
-            "x_bucket{a=\"b\",le=\"1\"} 1\nx_bucket{a=\"b\",le=\"10\"} 2\nx_bucket{a=\"b\",le=\"+Inf\"} 3\nx_sum{a=\"b\"} 22.5\nx_count{a=\"b\"} 3\n"
-        );
+        assert!(!out.contains("kms_hsm_session_copies "), "an absent gauge has no series");
+        // A state that cannot be read leaves the gauges out, and the counters in.
+        let out = m.exposition(None);
+        assert!(out.contains("kms_requests_total{") && !out.contains("kms_hsm_up "));
     }
 }

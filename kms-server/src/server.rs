@@ -289,8 +289,13 @@ async fn serve_metrics(listener: TcpListener, kms: Arc<Kms>) {
                 let kms = kms.clone();
                 async move {
                     let response = if request.method() == hyper::Method::GET && request.uri().path() == "/metrics" {
-                        let body = tokio::task::spawn_blocking(move || crate::metrics::exposition(&kms)).await.unwrap_or_default();
-                        hyper::Response::builder().header("content-type", "text/plain; version=0.0.4").body(body)
+                        let body = tokio::task::spawn_blocking(move || {
+                            let status = kms.status().inspect_err(|e| tracing::warn!(error = %e, "metrics: the service's status could not be read"));
+                            crate::metrics::metrics().exposition(status.map(|s| s.gauges()).ok().as_ref())
+                        })
+                        .await
+                        .unwrap_or_default();
+                        hyper::Response::builder().header("content-type", crate::metrics::CONTENT_TYPE).body(body)
                     } else {
                         hyper::Response::builder().status(hyper::StatusCode::NOT_FOUND).body("not found: try GET /metrics\n".to_string())
                     };

@@ -158,10 +158,8 @@ pub struct Server {
 
 /// The current TOTP code of a base32 secret, one step ahead of `step_offset` steps.
 pub fn totp_now(base32_secret: &str, step_offset: i64) -> String {
-    use kms_server::domain::officer::{base32_decode, totp_code, totp_step};
-    let secret = base32_decode(base32_secret).expect("a base32 secret");
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_secs() as i64;
-    format!("{:06}", totp_code(&secret, (totp_step(now) as i64 + step_offset) as u64))
+    kms_client::totp::code(base32_secret, (now + step_offset * 30) as u64).expect("a base32 secret")
 }
 
 /// The base32 secret in an otpauth:// URI.

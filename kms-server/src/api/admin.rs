@@ -422,7 +422,7 @@ impl KeyManagement for AdminService {
                 if required_keys.len() > crate::domain::context::MAX_PAIRS || required_keys.iter().any(String::is_empty) {
                     return Err(Error::invalid("required_encryption_context_keys", "must be at most 64 non-empty keys"));
                 }
-                if r.expiration_time < 0 || (r.expiration_time > 0 && r.expiration_time <= crate::service::now()) {
+                if r.expiration_time < 0 || (r.expiration_time > 0 && r.expiration_time <= crate::clock::now()) {
                     return Err(Error::invalid("expiration_time", "must be 0 (none) or in the future"));
                 }
                 let draft = Grant {

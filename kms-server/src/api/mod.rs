@@ -23,7 +23,6 @@ use crate::hsm::HsmError;
 use crate::service::officers::SessionToken;
 use crate::service::{Caller, Kms};
 use crate::workers::{Busy, Claim};
-use cryptoki::error::RvError;
 
 /// The one message every undecryptable blob gets, whatever the cause (an oracle otherwise).
 pub const DECRYPT_FAILED: &str = "ciphertext_blob could not be decrypted with this encryption context";
@@ -206,10 +205,8 @@ impl Shared {
                 Ok(principal) => {
                     let caller = Caller { request_id: task_request_id, principal, deadline };
                     let out = kms.admit(&caller.principal).and_then(|()| f(&kms, &caller, &mut facts));
-                    if let Err(Error::Hsm(HsmError::Unavailable { code: RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid, .. })) = &out
-                        && let Err(e) = kms.repair_if_stale()
-                    {
-                        tracing::warn!(error = %e, "looking the key objects up again failed");
+                    if let Err(e) = &out {
+                        kms.repair_after(e);
                     }
                     facts.principal.get_or_insert(caller.principal);
                     out

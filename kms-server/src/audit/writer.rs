@@ -16,8 +16,8 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{AuditEvent, Checkpoint, checkpoint_message};
+use crate::clock::now;
 use crate::hsm::{Hsm, KeyHandle};
-use crate::service::now;
 use crate::store::Store;
 
 /// The most records in one transaction: bounds the latency a large batch adds to its first

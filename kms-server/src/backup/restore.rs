@@ -31,13 +31,13 @@ use sha2::{Digest, Sha256};
 
 use super::{Header, SERVICE_KEYS, WrappedObject, copy_checked, expect_end, hex, mac_message, parse_objects};
 use crate::audit::AuditEvent;
+use crate::clock::now;
 use crate::config::Config;
 use crate::domain::ids::KeyId;
 use crate::domain::lifecycle::{KeyState, VersionState};
 use crate::hooks::{Step, crash_point};
 use crate::hsm::pkcs11::Pkcs11Hsm;
 use crate::hsm::{Hsm, ServiceKey, Wrapped};
-use crate::service::now;
 use crate::store::Store;
 
 /// Reads a list of key ids, one per line; blank lines and `#` comments are skipped.

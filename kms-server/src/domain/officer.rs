@@ -3,14 +3,14 @@
 //! Passphrases are stored only as argon2id PHC strings with a fresh random salt and parameters
 //! at OWASP's minimum for argon2id (Password Storage Cheat Sheet: m = 19 MiB, t = 2, p = 1).
 //! TOTP follows RFC 6238 as authenticator apps implement it: HMAC-SHA-1, 30-second steps,
-//! six digits, accepting one step of clock drift either way, and never the same step twice.
+//! six digits, accepting one step of clock drift either way, and never the same step twice; the
+//! codes and base32 secrets are `totp-rs`'s.
 
 use std::fmt;
 
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
-use hmac::{Hmac, Mac};
 use zeroize::Zeroizing;
 
 /// OWASP's argon2id minimum: 19 MiB of memory (in KiB), 2 iterations, 1 lane.
@@ -107,19 +107,18 @@ pub fn verify_passphrase(passphrase: &Passphrase, phc: &str) -> bool {
     PasswordHash::new(phc).is_ok_and(|h| argon2().verify_password(passphrase.expose_secret().as_bytes(), &h).is_ok())
 }
 
-/// The TOTP code of `secret` at time step `step` (RFC 4226 HOTP with the step as counter).
-pub fn totp_code(secret: &[u8], step: u64) -> u32 {
-    let Ok(mut mac) = Hmac::<sha1::Sha1>::new_from_slice(secret) else { return 0 };
-    mac.update(&step.to_be_bytes());
-    let digest = mac.finalize().into_bytes();
-    let offset = usize::from(digest[19] & 0x0f);
-    let binary = u32::from_be_bytes([digest[offset] & 0x7f, digest[offset + 1], digest[offset + 2], digest[offset + 3]]);
-    binary % 10u32.pow(TOTP_DIGITS)
-}
-
-/// The time step of a Unix time.
-pub fn totp_step(unix: i64) -> u64 {
-    u64::try_from(unix.div_euclid(TOTP_STEP_SECONDS)).unwrap_or(0)
+/// The TOTP parameters every authenticator app implements (RFC 6238: HMAC-SHA-1, 30-second
+/// steps, six digits), one step of drift accepted either way (RFC 6238 section 5.2); `None` for a
+/// secret shorter than RFC 4226's 128 bits.
+fn totp(secret: &[u8]) -> Option<totp_rs::Totp> {
+    totp_rs::Builder::new()
+        .with_algorithm(totp_rs::Algorithm::SHA1)
+        .with_digits(TOTP_DIGITS as u8)
+        .with_step_duration(TOTP_STEP_SECONDS as u64)
+        .with_skew(1)
+        .with_secret(secret.to_vec())
+        .build()
+        .ok()
 }
 
 /// Checks a six-digit code at `now`, allowing one step of drift either way. Returns the step it
@@ -128,45 +127,18 @@ pub fn verify_totp(secret: &[u8], code: &str, now: i64, last_used: u64) -> Optio
     if code.len() != TOTP_DIGITS as usize || !code.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let code: u32 = code.parse().ok()?;
-    let current = totp_step(now);
-    [current.saturating_sub(1), current, current + 1].into_iter().find(|&step| step > last_used && totp_code(secret, step) == code)
+    let step = totp(secret)?.check(code, u64::try_from(now).ok()?)?;
+    (step > last_used).then_some(step)
 }
 
 /// RFC 4648 base32 without padding, as `otpauth://` URIs carry secrets.
 pub fn base32(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    let mut out = String::with_capacity(bytes.len().div_ceil(5) * 8);
-    for chunk in bytes.chunks(5) {
-        let mut buf = [0u8; 5];
-        buf[..chunk.len()].copy_from_slice(chunk);
-        let bits = u64::from_be_bytes([0, 0, 0, buf[0], buf[1], buf[2], buf[3], buf[4]]);
-        let chars = (chunk.len() * 8).div_ceil(5);
-        for i in 0..chars {
-            out.push(char::from(ALPHABET[((bits >> (35 - i * 5)) & 31) as usize]));
-        }
-    }
-    out
+    totp_rs::Secret::from(bytes.to_vec()).to_base32()
 }
 
-/// Decodes RFC 4648 base32 (no padding, upper case), as `base32` writes it.
+/// Decodes RFC 4648 base32 without padding, as `base32` writes it.
 pub fn base32_decode(text: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    let (mut bits, mut n) = (0u64, 0u32);
-    for c in text.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'2'..=b'7' => c - b'2' + 26,
-            _ => return None,
-        };
-        bits = (bits << 5) | u64::from(v);
-        n += 5;
-        if n >= 8 {
-            n -= 8;
-            out.push((bits >> n) as u8);
-        }
-    }
-    Some(out)
+    totp_rs::Secret::try_from_base32(text).ok().map(|s| s.as_bytes().to_vec())
 }
 
 /// The enrolment URI an authenticator app scans (Google Authenticator's key URI format).
@@ -182,33 +154,40 @@ pub fn otpauth_uri(officer: &str, secret: &[u8]) -> String {
 mod tests {
     use super::*;
 
-    /// RFC 6238 appendix B, the SHA-1 rows (8 digits there; the last six are ours).
+    /// RFC 6238 appendix B, the SHA-1 rows (8 digits there; the last six are ours), each
+    /// accepted at its time as the step that time falls in.
     #[test]
     fn rfc_6238_vectors() {
         let secret = b"12345678901234567890";
         for (time, eight) in [
-            (59, 94287082u32),
+            (59i64, 94287082u32),
             (1_111_111_109, 7081804),
             (1_111_111_111, 14050471),
             (1_234_567_890, 89005924),
             (2_000_000_000, 69279037),
             (20_000_000_000, 65353130),
         ] {
-            assert_eq!(totp_code(secret, totp_step(time)), eight % 1_000_000, "T = {time}");
+            let code = format!("{:06}", eight % 1_000_000);
+            assert_eq!(verify_totp(secret, &code, time, 0), Some((time / 30) as u64), "T = {time}");
         }
+    }
+
+    fn code_at(secret: &[u8], time: i64) -> String {
+        totp(secret).unwrap().generate(time as u64).to_string()
     }
 
     #[test]
     fn codes_are_good_once_within_one_step_of_drift() {
         let secret = [7u8; 20];
         let now = 1_800_000_000;
-        let code = format!("{:06}", totp_code(&secret, totp_step(now)));
+        let code = code_at(&secret, now);
         let step = verify_totp(&secret, &code, now, 0).unwrap();
         assert_eq!(verify_totp(&secret, &code, now, step), None, "replayed");
-        let late = format!("{:06}", totp_code(&secret, totp_step(now) - 1));
+        let late = code_at(&secret, now - 30);
         assert!(verify_totp(&secret, &late, now, 0).is_some(), "one step late");
-        let stale = format!("{:06}", totp_code(&secret, totp_step(now) - 2));
+        let stale = code_at(&secret, now - 60);
         assert_eq!(verify_totp(&secret, &stale, now, 0), None, "two steps late");
+        assert_eq!(verify_totp(&[7u8; 15], &code, now, 0), None, "a secret under 128 bits");
         for bad in ["", "12345", "1234567", "12345a"] {
             assert_eq!(verify_totp(&secret, bad, now, 0), None);
         }

@@ -72,6 +72,15 @@ impl fmt::Display for HsmError {
 
 impl std::error::Error for HsmError {}
 
+impl HsmError {
+    /// Whether the HSM refused an object handle: after a repaired link (a restored login, a
+    /// re-initialised library) handles are renumbered, and the service must look its key objects
+    /// up again (`Kms::repair_after`).
+    pub fn stale_handle(&self) -> bool {
+        matches!(self, HsmError::Unavailable { code: RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid, .. })
+    }
+}
+
 /// How many failed calls `Hsm::recent_failures` keeps.
 pub const RECENT_FAILURES: usize = 5;
 

@@ -408,7 +408,7 @@ impl Pkcs11Hsm {
         if failures.len() == RECENT_FAILURES {
             failures.pop_front();
         }
-        failures.push_back(FailedCall { at: crate::service::now(), function, code });
+        failures.push_back(FailedCall { at: crate::clock::now(), function, code });
     }
 
     /// After a failure that may mean the login or the device was lost: checks the link and

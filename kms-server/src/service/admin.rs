@@ -10,8 +10,9 @@
 use std::sync::MutexGuard;
 
 use super::registry::KeyEntry;
-use super::{Caller, Kms, now};
+use super::{Caller, Kms};
 use crate::audit::AuditEvent;
+use crate::clock::now;
 use crate::domain::budget::UsageLimits;
 use crate::domain::ids::{AliasName, KeyId, KeyRef};
 use crate::domain::lifecycle::{KeyState, KeyTransition, VersionState, VersionTransition, next_key_state, next_version_state};

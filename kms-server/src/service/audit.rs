@@ -6,8 +6,9 @@
 //! kept still verify: the checkpoint's hash anchors the first record kept, and an `AuditPrune`
 //! record in the chain says how far the trail was cut. A head removed any other way is reported.
 
-use super::{Kms, now};
+use super::Kms;
 use crate::audit::{Anchor, AuditEvent, ChainBreak, Checkpoint, GENESIS, checkpoint_message};
+use crate::clock::now;
 use crate::error::Result;
 
 /// The operation name of the record retention leaves in the chain.

@@ -5,8 +5,9 @@ use std::io::Seek;
 
 use sha2::{Digest, Sha256};
 
-use super::{Caller, Kms, now};
+use super::{Caller, Kms};
 use crate::backup::{self, Header, Manifest, Section, WrappedObject};
+use crate::clock::now;
 use crate::error::{Error, Result};
 use crate::hooks::{Step, crash_point};
 use crate::hsm::{

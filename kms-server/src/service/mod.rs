@@ -14,8 +14,8 @@ pub mod review;
 pub mod status;
 
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::clock::now;
 use crate::domain::blob::{Blob, BlobHeader, IV_LEN, Iv, MAX_PLAINTEXT};
 use crate::domain::budget::UsageLimits;
 use crate::domain::context::EncryptionContext;
@@ -30,11 +30,6 @@ pub use admin::{KeyView, VersionView};
 pub use audit::AuditVerification;
 pub use backup::{BackupFile, SectionDigests};
 use registry::{KeyEntry, Registry, VersionEntry};
-
-/// Seconds since the Unix epoch.
-pub fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-}
 
 /// Who is calling: the request id and the authenticated principal (a workload identity or an
 /// officer's name), for the audit.

@@ -11,7 +11,8 @@ use std::fmt;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use super::{Caller, now};
+use super::Caller;
+use crate::clock::now;
 use crate::domain::blob::{IV_LEN, Iv};
 use crate::domain::officer::{Passphrase, Role, TOTP_SECRET_LEN, hash_passphrase, otpauth_uri, verify_passphrase, verify_totp};
 use crate::domain::policy::valid_principal;

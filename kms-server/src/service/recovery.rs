@@ -15,10 +15,10 @@
 use std::collections::HashMap;
 
 use super::Kms;
-use super::now;
 use crate::audit::AuditEvent;
+use crate::clock::now;
 use crate::domain::lifecycle::VersionState;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::hsm::{KeyHandle, ObjectName};
 use crate::store::{IntentKind, VersionRecord};
 
@@ -106,6 +106,17 @@ impl Kms {
         }
         tracing::info!(keys = state.keys.len(), "registry loaded");
         Ok(())
+    }
+
+    /// After a call failed with `error`: if the HSM refused a handle as stale, looks the key
+    /// objects up again (`repair_if_stale`), so that the next call finds them.
+    pub fn repair_after(&self, error: &Error) {
+        if let Error::Hsm(e) = error
+            && e.stale_handle()
+            && let Err(e) = self.repair_if_stale()
+        {
+            tracing::warn!(error = %e, "looking the key objects up again failed");
+        }
     }
 
     /// Looks the key objects up again after the HSM link was repaired (its handles are then

@@ -8,7 +8,8 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use super::{Caller, Kms, now};
+use super::{Caller, Kms};
+use crate::clock::now;
 use crate::error::Result;
 
 /// Unused for this long, an access is flagged for removal (the framework's least-privilege

@@ -7,8 +7,14 @@ use std::process::Command;
 
 /// The names of the environment variables the hooks read: each is a string in a binary that
 /// has them, and in no other.
-const HOOK_VARIABLES: &[&str] =
-    &["KMS_TEST_CRASH_AT", "KMS_TEST_STORE_FAULTS", "KMS_TEST_HSM_FAULTS", "KMS_TEST_RETENTION_CLOCK_OFFSET", "KMS_TEST_SWEEP_CLOCK_OFFSET", "KMS_TEST_SESSION_COPY_IDLE_MS"];
+const HOOK_VARIABLES: &[&str] = &[
+    "KMS_TEST_CRASH_AT",
+    "KMS_TEST_STORE_FAULTS",
+    "KMS_TEST_HSM_FAULTS",
+    "KMS_TEST_RETENTION_CLOCK_OFFSET",
+    "KMS_TEST_SWEEP_CLOCK_OFFSET",
+    "KMS_TEST_SESSION_COPY_IDLE_MS",
+];
 
 /// Which of them a binary holds (grep, since the binaries are hundreds of megabytes with their
 /// debug information).
