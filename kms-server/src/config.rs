@@ -56,6 +56,9 @@ pub struct AuditConfig {
     /// still verifies. 0 (the default) keeps everything; otherwise at least
     /// [`MIN_AUDIT_RETENTION_DAYS`].
     pub retention_days: u32,
+    /// The service verifies the whole trail on its own every this many hours (default 24, 1 to
+    /// 168), and once soon after it starts; each segment is checked as its checkpoint is signed.
+    pub verify_every_hours: u64,
 }
 
 /// The shortest audit retention allowed: the framework keeps access logs "at least three months"
@@ -64,7 +67,7 @@ pub const MIN_AUDIT_RETENTION_DAYS: u32 = 90;
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        AuditConfig { checkpoint_every_records: 1000, checkpoint_every_seconds: 60, retention_days: 0 }
+        AuditConfig { checkpoint_every_records: 1000, checkpoint_every_seconds: 60, retention_days: 0, verify_every_hours: 24 }
     }
 }
 
@@ -311,6 +314,9 @@ impl Config {
         }
         if self.audit.checkpoint_every_records < 1 || self.audit.checkpoint_every_seconds < 1 {
             return Err(refuse("audit", "checkpoint_every_records and checkpoint_every_seconds must be at least 1"));
+        }
+        if !(1..=168).contains(&self.audit.verify_every_hours) {
+            return Err(refuse("audit.verify_every_hours", "must be 1 to 168"));
         }
         if self.audit.retention_days != 0 && self.audit.retention_days < MIN_AUDIT_RETENTION_DAYS {
             return Err(refuse(

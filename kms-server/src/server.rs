@@ -112,6 +112,10 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     if let Some(warning) = tokio::task::spawn_blocking(move || checked.check_backup_key()).await? {
         tracing::error!("{warning}");
     }
+    // The audit trail since the last signed checkpoint, before serving (a problem is reported,
+    // and the service serves anyway); the whole trail soon after, in the background.
+    let checked = kms.clone();
+    tokio::task::spawn_blocking(move || checked.check_audit_at_startup()).await??;
     let (audit_writer, audit_thread) =
         AuditWriter::start(store, kms.checkpointer(config.audit.checkpoint_every_records, config.audit.checkpoint_every_seconds))?;
     let hsm_deadline = Duration::from_millis(config.hsm.deadline_ms);
@@ -143,6 +147,7 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let sweeper = tokio::spawn(sweep_loop(kms.clone(), Duration::from_secs(config.keys.sweep_interval_seconds), shutdown_rx.clone()));
+    let auditor = tokio::spawn(audit_check_loop(kms.clone(), Duration::from_secs(config.audit.verify_every_hours * 3600), shutdown_rx.clone()));
 
     let (data_health, data_health_service) = tonic_health::server::health_reporter();
     let (admin_health, admin_health_service) = tonic_health::server::health_reporter();
@@ -190,6 +195,7 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
         }
     }
     sweeper.abort();
+    auditor.abort();
     prober.abort();
     if let Some(metrics) = metrics {
         metrics.abort();
@@ -343,11 +349,38 @@ async fn sweep_loop(kms: Arc<Kms>, every: Duration, mut shutdown: tokio::sync::w
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
         let kms = kms.clone();
-        match tokio::task::spawn_blocking(move || kms.sweep()).await {
+        let swept = tokio::task::spawn_blocking(move || {
+            // The checkpoints signed since the last sweep, with their records (a failure here
+            // is reported by the check itself; an error reading them is logged).
+            if let Err(e) = kms.check_new_audit_segments() {
+                tracing::error!(error = %e, "the audit segment check could not run; will retry");
+            }
+            kms.sweep()
+        });
+        match swept.await {
             Ok(Ok(0)) => {}
             Ok(Ok(n)) => tracing::info!(actions = n, "sweep done"),
             Ok(Err(e)) => tracing::error!(error = %e, "sweep failed; will retry"),
             Err(e) => tracing::error!(error = %e, "sweep task failed"),
+        }
+    }
+}
+
+/// Verifies the whole audit trail now (soon after startup) and then every `every`
+/// (`audit.verify_every_hours`), in the background: its length grows with the trail.
+async fn audit_check_loop(kms: Arc<Kms>, every: Duration, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        let kms = kms.clone();
+        let started = std::time::Instant::now();
+        match tokio::task::spawn_blocking(move || kms.check_whole_audit(crate::service::AuditCheck::Full)).await {
+            Ok(Ok(())) => tracing::info!(elapsed = ?started.elapsed(), "audit trail checked"),
+            Ok(Err(e)) => tracing::error!(error = %e, "the audit check could not run; will retry at the next one"),
+            Err(e) => tracing::error!(error = %e, "audit check task failed"),
         }
     }
 }

@@ -1020,7 +1020,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
                        "last_review_signoff_time": r.last_review_signoff_time, "last_review_signoff_by": r.last_review_signoff_by,
                        "review_overdue": r.review_overdue, "warnings": r.warnings,
                        "hsm_sessions": {"open": r.hsm_sessions_open, "in_use": r.hsm_sessions_in_use, "size": r.hsm_sessions_size},
-                       "hsm_session_copies": r.hsm_session_copies}),
+                       "hsm_session_copies": r.hsm_session_copies,
+                       "audit": {"verified": r.audit_verified, "verified_through": r.audit_verified_through,
+                                 "last_full_check_time": r.audit_last_full_check_time, "problem": r.audit_problem}}),
                 || {
                     let detail = if r.health_detail.is_empty() { String::new() } else { format!(" ({})", r.health_detail) };
                     let mut lines = vec![
@@ -1035,6 +1037,11 @@ async fn run(cli: Cli) -> Result<(), Error> {
                             r.hsm_session_copies.map_or_else(|| "off".to_string(), |n| n.to_string())
                         ),
                     ];
+                    lines.push(match (r.audit_verified, r.audit_last_full_check_time) {
+                        (false, _) => format!("audit trail: DOES NOT VERIFY: {}", r.audit_problem),
+                        (true, 0) => format!("audit trail: verified through record {} (the whole trail not yet)", r.audit_verified_through),
+                        (true, at) => format!("audit trail: verified through record {}; whole trail last checked at {at}", r.audit_verified_through),
+                    });
                     let mut states: Vec<_> = r.keys_by_state.iter().map(|(s, n)| format!("{s} {n}")).collect();
                     states.sort();
                     lines.push(format!("keys: {}", if states.is_empty() { "none".to_string() } else { states.join(", ") }));

@@ -179,8 +179,9 @@ impl Anchor {
 /// Walks the chain from `anchor`: sequence numbers must run anchor+1, anchor+2, ... and each
 /// stored hash must be the hash of its record and the previous hash. A modified record breaks at
 /// its own index; a deleted, inserted or moved record breaks the sequence (or the chain) at the
-/// first place it touches. Returns how many records verified.
-pub fn verify_chain(anchor: Anchor, records: &[(StoredRecord, Vec<u8>)]) -> Result<u64, ChainBreak> {
+/// first place it touches. Returns the anchor the next records chain from (the last record's),
+/// so that a long trail is walked a page at a time.
+pub fn verify_chain(anchor: Anchor, records: &[(StoredRecord, Vec<u8>)]) -> Result<Anchor, ChainBreak> {
     let mut prev = anchor.hash;
     for (i, (record, stored)) in records.iter().enumerate() {
         let expected = anchor.seq + i as i64 + 1;
@@ -197,7 +198,7 @@ pub fn verify_chain(anchor: Anchor, records: &[(StoredRecord, Vec<u8>)]) -> Resu
         }
         prev = hash;
     }
-    Ok(records.len() as u64)
+    Ok(Anchor { seq: anchor.seq + records.len() as i64, hash: prev })
 }
 
 #[cfg(test)]
@@ -252,7 +253,7 @@ mod tests {
 
     #[test]
     fn verify_finds_each_kind_of_tampering_at_its_index() {
-        assert_eq!(verify_chain(Anchor::GENESIS, &chain(10)), Ok(10));
+        assert_eq!(verify_chain(Anchor::GENESIS, &chain(10)).map(|a| a.seq), Ok(10));
         let mut modified = chain(10);
         modified[4].0.detail = "edited".into();
         assert_eq!(verify_chain(Anchor::GENESIS, &modified).unwrap_err().index, 5);
@@ -279,7 +280,7 @@ mod tests {
         let full = chain(10);
         let anchor = Anchor { seq: 4, hash: full[3].1.clone().try_into().unwrap() };
         let kept = &full[4..];
-        assert_eq!(verify_chain(anchor, kept), Ok(6));
+        assert_eq!(verify_chain(anchor, kept).map(|a| a.seq), Ok(10));
         // From the genesis, or from another record's hash, the same records do not verify.
         assert_eq!(verify_chain(Anchor::GENESIS, kept).unwrap_err().index, 1);
         let wrong = Anchor { seq: 4, hash: full[2].1.clone().try_into().unwrap() };

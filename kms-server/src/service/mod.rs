@@ -27,7 +27,7 @@ use crate::hsm::{Hsm, ServiceKey};
 use crate::secret::SecretBytes;
 use crate::store::Store;
 pub use admin::{KeyView, VersionView};
-pub use audit::AuditVerification;
+pub use audit::{AuditCheck, AuditHealth, AuditVerification};
 pub use backup::{BackupFile, SectionDigests};
 use registry::{KeyEntry, Registry, VersionEntry};
 
@@ -159,6 +159,8 @@ pub struct Kms {
     last_probe: status::LastProbe,
     /// Per-principal rate limits; `None` when they are off, so that no call takes a lock for them.
     limiter: Option<Mutex<crate::domain::rate::RateLimiter>>,
+    /// What the service's own checks of the audit trail found.
+    audit_watch: audit::AuditWatch,
     /// Whether the token's backup key pair lacks its unwrap template, as last looked at
     /// (`check_backup_key`: at startup and after each backup, not on every status or scrape).
     backup_key_unguarded: std::sync::atomic::AtomicBool,
@@ -192,6 +194,7 @@ impl Kms {
             settings,
             admin: Mutex::new(()),
             backup_key_unguarded: std::sync::atomic::AtomicBool::new(false),
+            audit_watch: audit::AuditWatch::default(),
         };
         kms.recover()?;
         Ok(kms)

@@ -109,6 +109,8 @@ pub struct ServiceStatus {
     pub due_soon: Vec<(KeyId, DueAction, i64)>,
     pub last_signoff: Option<(String, i64)>,
     pub review_overdue: bool,
+    /// What the service's own checks of the audit trail found.
+    pub audit: super::AuditHealth,
     pub warnings: Vec<String>,
 }
 
@@ -127,9 +129,9 @@ impl ServiceStatus {
             versions: self.usage.iter().map(|u| (u.key_id.to_string(), u.version, u.encryptions, u.limit)).collect(),
             review_overdue: self.review_overdue,
             signoff_age_seconds: self.last_signoff.as_ref().map(|(_, at)| now() - at),
-            audit_verified: true,
-            audit_verified_through: 0,
-            audit_full_check_age_seconds: None,
+            audit_verified: self.audit.problem.is_none(),
+            audit_verified_through: self.audit.verified_through,
+            audit_full_check_age_seconds: self.audit.last_full_check.map(|at| now() - at),
         }
     }
 }
@@ -179,6 +181,16 @@ impl Kms {
         if let Some(warning) = self.backup_key_warning() {
             warnings.push(warning.into());
         }
+        let audit = self.audit_health();
+        if let Some(p) = &audit.problem {
+            warnings.push(format!(
+                "the audit trail does not verify: record {}: {} (found by the service's {} at {}); run `kmsctl audit verify`",
+                p.found.index,
+                p.found.problem,
+                p.by.as_str(),
+                p.at
+            ));
+        }
         if review_overdue {
             warnings.push("the access review has not been signed off in the last 365 days: run `kmsctl review`".into());
         }
@@ -197,6 +209,7 @@ impl Kms {
             due_soon,
             last_signoff,
             review_overdue,
+            audit,
             warnings,
         })
     }

@@ -849,6 +849,24 @@ impl Tx<'_> {
         self.audit_page(0, i64::MAX)
     }
 
+    /// The details of the kept records of one operation, in order (the verifier reads where
+    /// retention cut the trail from its `AuditPrune` records).
+    pub fn audit_details(&self, operation: &str) -> Result<Vec<String>> {
+        let mut stmt = self.0.prepare_cached("SELECT detail FROM audit WHERE operation = ?1 ORDER BY seq")?;
+        let rows = stmt.query_map(params![operation], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// How many records are kept.
+    pub fn audit_count(&self) -> Result<u64> {
+        Ok(to_u64(self.0.query_row("SELECT COUNT(*) FROM audit", [], |r| r.get(0))?))
+    }
+
+    /// The first kept record's sequence number.
+    pub fn first_audit_seq(&self) -> Result<Option<i64>> {
+        Ok(self.0.query_row("SELECT MIN(seq) FROM audit", [], |r| r.get(0))?)
+    }
+
     /// Up to `limit` audit records with a sequence number above `after`, in order.
     pub fn audit_page(&self, after: i64, limit: i64) -> Result<Vec<(StoredRecord, Vec<u8>)>> {
         let mut stmt = self.0.prepare_cached(

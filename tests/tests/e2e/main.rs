@@ -2,6 +2,7 @@
 //! `kmsctl`. One test binary with a module per capability, to keep link time down.
 
 mod audit;
+mod audit_watch;
 mod backup;
 mod batch;
 mod builds;
