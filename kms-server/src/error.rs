@@ -55,6 +55,12 @@ pub enum Error {
     },
     /// Every data-plane worker is busy and the queue in front of them is full (`workers`).
     Overloaded,
+    /// Not a failure: a dry run (`Caller::commit_point`) stopped before its first write, every
+    /// check against the live state and the caller's rights passed; `would` says what the call
+    /// would have changed. The API layer answers it as a success, with nothing written.
+    DryRun {
+        would: String,
+    },
     Hsm(HsmError),
     Store(StoreError),
 }
@@ -85,6 +91,7 @@ impl fmt::Display for Error {
                 write!(f, "principal {principal} is over its rate limit; retry after {} ms", retry_after.as_millis().max(1))
             }
             Error::Overloaded => f.write_str("the service is overloaded: every worker is busy and the queue is full"),
+            Error::DryRun { would } => write!(f, "dry run: would {would}"),
             Error::Hsm(e) => e.fmt(f),
             Error::Store(e) => e.fmt(f),
         }

@@ -48,6 +48,10 @@ struct Cli {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// For a command that changes something: check it against the live state and your rights
+    /// and say what it would change, changing nothing (audited as a dry run).
+    #[arg(long, global = true)]
+    dry_run: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -133,6 +137,30 @@ enum Command {
         #[command(flatten)]
         context: ContextArgs,
     },
+}
+
+impl Command {
+    /// Whether the command changes the service's state (and so takes `--dry-run`).
+    fn changes(&self) -> bool {
+        match self {
+            Command::Key(k) => !matches!(k, KeyCommand::Describe { .. } | KeyCommand::List { .. } | KeyCommand::Versions { .. }),
+            Command::Alias(a) => !matches!(a, AliasCommand::List { .. }),
+            Command::Officer(o) => !matches!(o, OfficerCommand::List),
+            Command::Review { action } => action.is_some(),
+            Command::Backup(b) => matches!(b, BackupCommand::Create { .. }),
+            Command::Principal(p) => !matches!(p, PrincipalCommand::List),
+            Command::Grant(g) => !matches!(g, GrantCommand::List { .. }),
+            Command::DataKey(_)
+            | Command::Login { .. }
+            | Command::Logout
+            | Command::Status
+            | Command::Audit(_)
+            | Command::Encrypt { .. }
+            | Command::Decrypt { .. }
+            | Command::Completions { .. }
+            | Command::Manpage => false,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -643,11 +671,19 @@ fn version_text(v: &pb::KeyVersion) -> String {
 
 struct Out {
     json: bool,
+    dry_run: DryRun,
 }
 
 impl Out {
+    /// Prints a command's answer; for a dry run, what the server said it would change instead.
     fn print(&self, json: Value, text: impl FnOnce() -> String) {
-        if self.json {
+        if let Some(would) = self.dry_run.answer() {
+            if self.json {
+                println!("{}", json!({"dry_run": true, "would": would}));
+            } else {
+                println!("dry run: would {would}; nothing was changed");
+            }
+        } else if self.json {
             println!("{json}");
         } else {
             println!("{}", text());
@@ -710,10 +746,74 @@ fn open_input(path: &Path) -> Result<BufReader<File>, Error> {
     File::open(path).map(BufReader::new).map_err(|e| Error::Envelope(e.into()))
 }
 
+/// `--dry-run`: off, or on with the server's answer (what the call would change) once it came.
+#[derive(Clone, Default)]
+struct DryRun(Option<std::sync::Arc<std::sync::Mutex<Option<String>>>>);
+
+impl DryRun {
+    fn new(on: bool) -> DryRun {
+        DryRun(on.then(Default::default))
+    }
+
+    fn on(&self) -> bool {
+        self.0.is_some()
+    }
+
+    fn answer(&self) -> Option<String> {
+        self.0.as_ref().and_then(|slot| slot.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+}
+
+/// The admin-plane channel: the officer's session on every call and, for `--dry-run`, the
+/// dry-run request header, keeping the answer's "what would change" for [`Out::print`].
+#[derive(Clone)]
+struct Admin {
+    inner: AdminChannel,
+    dry_run: DryRun,
+}
+
+/// The request header asking for a dry run, and the answer's header (`kms_server::api`).
+const DRY_RUN: &str = "kms-dry-run";
+const DRY_RUN_ANSWER: &str = "kms-dry-run-bin";
+
+type HttpRequest = tonic::codegen::http::Request<tonic::body::Body>;
+
+impl tonic::codegen::Service<HttpRequest> for Admin {
+    type Response = <AdminChannel as tonic::codegen::Service<HttpRequest>>::Response;
+    type Error = <AdminChannel as tonic::codegen::Service<HttpRequest>>::Error;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: HttpRequest) -> Self::Future {
+        let slot = self.dry_run.0.clone();
+        if slot.is_some() {
+            request.headers_mut().insert(DRY_RUN, tonic::codegen::http::HeaderValue::from_static("1"));
+        }
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            // Binary metadata travels base64-encoded, padded or not (the gRPC spec allows both).
+            let answer = response.headers().get(DRY_RUN_ANSWER).and_then(|v| {
+                let text = v.to_str().ok()?.trim_end_matches('=');
+                base64::engine::general_purpose::STANDARD_NO_PAD.decode(text).ok()
+            });
+            if let (Some(slot), Some(answer)) = (slot, answer) {
+                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(String::from_utf8_lossy(&answer).into_owned());
+            }
+            Ok(response)
+        })
+    }
+}
+
 /// An admin-plane channel carrying the session `kmsctl login` saved, if any.
-async fn admin_channel(endpoint: &str, tls: &Tls, session: &Path) -> Result<AdminChannel, Error> {
+async fn admin_channel(endpoint: &str, tls: &Tls, session: &Path, dry_run: &DryRun) -> Result<Admin, Error> {
     let token = std::fs::read_to_string(session).ok().map(zeroize::Zeroizing::new);
-    Ok(tonic::service::interceptor::InterceptedService::new(channel(endpoint, tls).await?, Bearer::new(token.as_deref().map(String::as_str))?))
+    let inner =
+        tonic::service::interceptor::InterceptedService::new(channel(endpoint, tls).await?, Bearer::new(token.as_deref().map(String::as_str))?);
+    Ok(Admin { inner, dry_run: dry_run.clone() })
 }
 
 impl Cli {
@@ -736,13 +836,27 @@ impl Cli {
 }
 
 async fn run(cli: Cli) -> Result<(), Error> {
-    let out = Out { json: cli.json };
+    if cli.dry_run && !cli.command.changes() {
+        return Err(Error::Config("--dry-run: this command changes nothing; a dry run is for commands that do".into()));
+    }
+    let out = Out { json: cli.json, dry_run: DryRun::new(cli.dry_run) };
+    let dry_run = out.dry_run.clone();
+    execute(cli, out).await?;
+    if dry_run.on() && dry_run.answer().is_none() {
+        return Err(Error::Config(
+            "--dry-run: the server did not answer as a dry run (a release without them?): the change may have been made".into(),
+        ));
+    }
+    Ok(())
+}
+
+async fn execute(cli: Cli, out: Out) -> Result<(), Error> {
     let tls = cli.tls();
     let session = cli.session_path();
     match cli.command {
         Command::Completions { .. } | Command::Manpage => Ok(()), // printed by `main`
         Command::Key(cmd) => {
-            let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session).await?);
+            let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session, &out.dry_run).await?);
             match cmd {
                 KeyCommand::Create { alias, description, rotation_period } => {
                     let r = c
@@ -806,7 +920,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 KeyCommand::Enable { key } => out.key(c.enable_key(pb::EnableKeyRequest { key_id: key }).await?.into_inner().key),
                 KeyCommand::Disable { key } => out.key(c.disable_key(pb::DisableKeyRequest { key_id: key }).await?.into_inner().key),
                 KeyCommand::Compromise { key, yes } => {
-                    if !yes {
+                    if !yes && !out.dry_run.on() {
                         return Err(Error::Status(tonic::Status::invalid_argument(
                             "marking a key compromised is irreversible; add --yes to confirm",
                         )));
@@ -845,7 +959,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
         }
         Command::Alias(cmd) => {
-            let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session).await?);
+            let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session, &out.dry_run).await?);
             match cmd {
                 AliasCommand::Create { alias, key } => {
                     let r = c.create_alias(pb::CreateAliasRequest { alias, key_id: key }).await?.into_inner();
@@ -899,7 +1013,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
         Command::Backup(cmd) => {
-            let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session).await?);
+            let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session, &out.dry_run).await?);
             match cmd {
                 BackupCommand::Create { output } => {
                     let io = |e: std::io::Error| Error::Config(format!("{}: {e}", output.display()));
@@ -907,6 +1021,10 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     partial.push(".partial");
                     let partial = PathBuf::from(partial);
                     let mut stream = c.create_backup(pb::CreateBackupRequest {}).await?.into_inner();
+                    if out.dry_run.answer().is_some() {
+                        out.print(Value::Null, String::new);
+                        return Ok(());
+                    }
                     let mut file = BufWriter::new(create_private(&partial).map_err(io)?);
                     let (mut manifest, mut written) = (None, 0u64);
                     let received = loop {
@@ -946,7 +1064,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
         }
         Command::Logout => {
-            let mut c = SessionClient::new(admin_channel(&cli.endpoint, &tls, &session).await?);
+            let mut c = SessionClient::new(admin_channel(&cli.endpoint, &tls, &session, &out.dry_run).await?);
             let ended = c.logout(pb::LogoutRequest {}).await;
             let _ = std::fs::remove_file(&session);
             ended?;
@@ -954,7 +1072,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
         Command::Officer(cmd) => {
-            let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session).await?);
+            let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session, &out.dry_run).await?);
             match cmd {
                 OfficerCommand::Add { name, role, passphrase_file } => {
                     let passphrase = secret_input(&passphrase_file)?;
@@ -1002,7 +1120,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
         }
         Command::Status => {
-            let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session).await?);
+            let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session, &out.dry_run).await?);
             let r = c.describe_service(pb::DescribeServiceRequest {}).await?.into_inner();
             let token = r.token.clone().unwrap_or_default();
             let usage: Vec<Value> = r
@@ -1059,7 +1177,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
         Command::Review { action } => {
-            let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session).await?);
+            let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session, &out.dry_run).await?);
             match action {
                 Some(ReviewCommand::SignOff { note }) => {
                     let r = c.sign_off_review(pb::SignOffReviewRequest { note }).await?.into_inner();
@@ -1103,7 +1221,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
         Command::Principal(cmd) => {
-            let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session).await?);
+            let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session, &out.dry_run).await?);
             let one = |p: Option<pb::Principal>| {
                 let p = p.unwrap_or_default();
                 out.print(principal_json(&p), || format!("{}  {}", p.name, p.state));
@@ -1123,7 +1241,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
         }
         Command::Grant(cmd) => {
-            let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session).await?);
+            let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session, &out.dry_run).await?);
             match cmd {
                 GrantCommand::Create { principal, key, operations, require, require_keys, expires_in } => {
                     let operations =
@@ -1162,7 +1280,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
         }
         Command::Audit(cmd) => {
-            let mut c = AuditLogClient::new(admin_channel(&cli.endpoint, &tls, &session).await?);
+            let mut c = AuditLogClient::new(admin_channel(&cli.endpoint, &tls, &session, &out.dry_run).await?);
             match cmd {
                 AuditCommand::Verify => {
                     let r = c.verify_audit(pb::VerifyAuditRequest {}).await?.into_inner();

@@ -624,11 +624,15 @@ impl KeyManagement for AdminService {
 
     async fn create_backup(&self, request: Request<pb::CreateBackupRequest>) -> Result<Response<Self::CreateBackupStream>, Status> {
         let who = officer(&request, Role::Officer);
-        let backup =
-            self.0.call("CreateBackup", who, Audit::FailuresInTransactionSuccesses, |kms, caller, _| kms.create_backup(caller)).await?.into_inner();
+        let made =
+            self.0.call("CreateBackup", who, Audit::FailuresInTransactionSuccesses, |kms, caller, _| kms.create_backup(caller).map(Some)).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::task::spawn_blocking(move || send_backup(backup, tx));
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        // A dry run made nothing: its answer is the header alone, over an empty stream.
+        let (metadata, backup, _) = made.into_parts();
+        if let Some(backup) = backup {
+            tokio::task::spawn_blocking(move || send_backup(backup, tx));
+        }
+        Ok(Response::from_parts(metadata, tokio_stream::wrappers::ReceiverStream::new(rx), Default::default()))
     }
 
     async fn verify_backup(&self, request: Request<pb::VerifyBackupRequest>) -> Result<Response<pb::VerifyBackupResponse>, Status> {

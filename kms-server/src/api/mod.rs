@@ -46,6 +46,9 @@ pub fn status(e: &Error, request_id: &str) -> Status {
         Error::PermissionDenied { .. } => Status::permission_denied(e.to_string()),
         Error::Unauthenticated { .. } => Status::unauthenticated(e.to_string()),
         Error::FailedPrecondition { .. } | Error::UsageExhausted { .. } => Status::failed_precondition(e.to_string()),
+        // `Shared::call` answers a dry run as a success before any status is made; a dry run
+        // anywhere else did not happen, and says so.
+        Error::DryRun { .. } => Status::failed_precondition(e.to_string()),
         Error::DecryptFailed => Status::invalid_argument(DECRYPT_FAILED),
         Error::Deadline { .. } => {
             tracing::error!(request_id, error = %e, "HSM deadline passed");
@@ -77,6 +80,14 @@ pub fn status(e: &Error, request_id: &str) -> Status {
         }
     }
 }
+
+/// The request header that asks for a dry run of a changing admin call (`1` or `true`): every
+/// check is made against the live state and the caller's rights, nothing is written, and the
+/// call answers OK with an empty response and [`DRY_RUN_ANSWER`] saying what would change. It is
+/// audited as a dry run, not as a change.
+pub const DRY_RUN: &str = "kms-dry-run";
+/// The response header of a dry run: what the call would change (UTF-8).
+pub const DRY_RUN_ANSWER: &str = "kms-dry-run-bin";
 
 /// Calls whose length grows with the data, not with the HSM's answer time: they are not held
 /// to the HSM deadline.
@@ -134,6 +145,8 @@ pub struct Facts {
     /// The items of a batch call, each audited as a record of its own (with the batch's
     /// principal and caller context) in place of one record for the batch.
     pub items: Vec<(Facts, tonic::Code, String)>,
+    /// What a dry run would have changed.
+    pub dry_run: Option<String>,
 }
 
 /// Which outcomes of a call the API layer audits.
@@ -169,7 +182,7 @@ impl Shared {
     /// for the admin plane on tokio's blocking pool; then its audit record, durable before the
     /// answer leaves (group commit). If the record cannot be written the call fails closed with
     /// UNAVAILABLE, whatever its result was; a result holding a secret is dropped, and so wiped.
-    async fn call<T: Send + 'static>(
+    async fn call<T: Default + Send + 'static>(
         &self,
         operation: &'static str,
         who: Who,
@@ -192,19 +205,32 @@ impl Shared {
         };
         let deadline = wait.map(|_| (started + self.deadline, self.deadline));
         let data_plane = matches!(who, Who::Workload(_));
+        let dry_run = matches!(who, Who::Officer { dry_run: true, .. });
         let work = move || {
             let _entered = span.enter();
             let mut facts = Facts::default();
             let principal = match who {
                 Who::Workload(Some(name)) => Ok(name),
                 Who::Workload(None) => Err(Error::Unauthenticated { reason: "the client certificate names no workload (URI SAN or CN)".into() }),
-                Who::Officer { token, needs } => kms.officers().authenticate(token.as_ref(), needs),
+                Who::Officer { token, needs, .. } => kms.officers().authenticate(token.as_ref(), needs),
                 Who::Anonymous => Ok("anonymous".to_string()),
             };
             let out = match principal {
                 Ok(principal) => {
-                    let caller = Caller { request_id: task_request_id, principal, deadline };
-                    let out = kms.admit(&caller.principal).and_then(|()| f(&kms, &caller, &mut facts));
+                    let caller = Caller { request_id: task_request_id, principal, deadline, dry_run };
+                    let out = if dry_run && audit == Audit::EveryOutcome {
+                        Err(Error::invalid(DRY_RUN, format!("asks for a dry run, but {operation} changes nothing")))
+                    } else {
+                        kms.admit(&caller.principal).and_then(|()| f(&kms, &caller, &mut facts))
+                    };
+                    // A dry run that got as far as its first write answers as a success.
+                    let out = match out {
+                        Err(Error::DryRun { would }) => {
+                            facts.dry_run = Some(would);
+                            Ok(T::default())
+                        }
+                        other => other,
+                    };
                     if let Err(e) = &out {
                         kms.repair_after(e);
                     }
@@ -219,7 +245,7 @@ impl Shared {
             (out, facts)
         };
         let answered = if data_plane {
-            self.on_worker(operation, &request_id, work, claimed, wait).await
+            (self.on_worker(operation, &request_id, work, claimed, wait).await, None)
         } else {
             let task = tokio::task::spawn_blocking(work);
             let joined = match wait {
@@ -237,13 +263,15 @@ impl Shared {
                     (Err(internal(&request_id)), Facts::default())
                 }
             };
-            if result.is_ok() && audit == Audit::FailuresInTransactionSuccesses {
+            let would = facts.dry_run.clone();
+            let answered = if result.is_ok() && audit == Audit::FailuresInTransactionSuccesses && would.is_none() {
                 Answered { result, statuses: vec![code_name(tonic::Code::Ok)], audited: Ok(()) }
             } else {
                 self.record(operation, &request_id, result, facts).await
-            }
+            };
+            (answered, would)
         };
-        let Answered { result, statuses, audited } = answered;
+        let (Answered { result, statuses, audited }, would) = answered;
         let elapsed = started.elapsed();
         for status in statuses {
             crate::metrics::metrics().request(operation, if audited.is_ok() { status } else { "UNAVAILABLE" }, elapsed);
@@ -253,7 +281,13 @@ impl Shared {
                 if result.is_ok() {
                     crate::hooks::crash_point(operation, crate::hooks::Step::BeforeReply);
                 }
-                result.map(tonic::Response::new)
+                result.map(|answer| {
+                    let mut response = tonic::Response::new(answer);
+                    if let Some(would) = would {
+                        response.metadata_mut().insert_bin(DRY_RUN_ANSWER, tonic::metadata::MetadataValue::from_bytes(would.as_bytes()));
+                    }
+                    response
+                })
             }
             Err(e) => {
                 tracing::error!(request_id = %request_id, error = %e, "failing the call closed");
@@ -355,6 +389,7 @@ fn records<T>(operation: &'static str, request_id: &str, result: &Result<T, Stat
 /// of a call that failed as a whole.
 fn audit_events(operation: &'static str, request_id: &str, mut facts: Facts, code: tonic::Code, refusal: Option<&str>) -> Vec<AuditEvent> {
     let principal = facts.principal.take().unwrap_or_else(|| "unknown".into());
+    let dry_run = facts.dry_run.take();
     let event = |facts: Facts, code: tonic::Code, detail: String| AuditEvent {
         request_id: request_id.to_string(),
         principal: principal.clone(),
@@ -363,6 +398,7 @@ fn audit_events(operation: &'static str, request_id: &str, mut facts: Facts, cod
         key_version: facts.key_version,
         context: facts.context,
         outcome: match code {
+            tonic::Code::Ok if dry_run.is_some() => Outcome::DryRun,
             tonic::Code::Ok => Outcome::Allowed,
             tonic::Code::Unavailable | tonic::Code::Internal | tonic::Code::DeadlineExceeded => Outcome::Failed,
             _ => Outcome::Denied,
@@ -375,7 +411,10 @@ fn audit_events(operation: &'static str, request_id: &str, mut facts: Facts, cod
         return vec![event(facts, code, message.to_string())];
     }
     if facts.items.is_empty() {
-        let detail = std::mem::take(&mut facts.detail);
+        let detail = match &dry_run {
+            Some(would) => format!("dry run: would {would}"),
+            None => std::mem::take(&mut facts.detail),
+        };
         return vec![event(facts, code, detail)];
     }
     let n = facts.items.len();
@@ -394,8 +433,9 @@ fn audit_events(operation: &'static str, request_id: &str, mut facts: Facts, cod
 pub enum Who {
     /// The data plane: the identity mutual TLS proved, `None` if the certificate names nobody.
     Workload(Option<String>),
-    /// The admin plane: the session token sent, and the role the call needs.
-    Officer { token: Option<SessionToken>, needs: Role },
+    /// The admin plane: the session token sent, the role the call needs, and whether it asks
+    /// for a dry run ([`DRY_RUN`]).
+    Officer { token: Option<SessionToken>, needs: Role, dry_run: bool },
     /// Login itself, the one call made before there is a session.
     Anonymous,
 }
@@ -414,7 +454,8 @@ pub fn officer<T>(request: &tonic::Request<T>, needs: Role) -> Who {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|t| SessionToken::new(t.trim().to_string()));
-    Who::Officer { token, needs }
+    let dry_run = request.metadata().get(DRY_RUN).and_then(|v| v.to_str().ok()).is_some_and(|v| matches!(v.trim(), "1" | "true"));
+    Who::Officer { token, needs, dry_run }
 }
 
 // ----- request parsing -----

@@ -18,6 +18,8 @@ pub enum Outcome {
     Allowed,
     Denied,
     Failed,
+    /// A dry run of a change: checked and allowed, nothing changed.
+    DryRun,
 }
 
 impl Outcome {
@@ -26,6 +28,7 @@ impl Outcome {
             Outcome::Allowed => "allowed",
             Outcome::Denied => "denied",
             Outcome::Failed => "failed",
+            Outcome::DryRun => "dry-run",
         }
     }
 }

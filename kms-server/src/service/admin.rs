@@ -159,6 +159,11 @@ impl Kms {
         {
             return Err(Error::AlreadyExists { what: alias.to_string() });
         }
+        caller.commit_point(|| {
+            let named = alias.as_ref().map(|a| format!(" named {a}")).unwrap_or_default();
+            let rotation = if rotation_period_secs > 0 { format!(", rotated every {rotation_period_secs} s") } else { String::new() };
+            format!("create a key{named} in the HSM (Enabled, version 1 primary{rotation})")
+        })?;
         let mut id = [0u8; 16];
         self.hsm.random(&mut id)?;
         let key_id = KeyId::from_random(id);
@@ -206,6 +211,10 @@ impl Kms {
         let _admin = self.admin_lock();
         let entry = self.registry.entry(key)?;
         next_key_state(entry.record.state, KeyTransition::Rotate, entry.record.compromised).map_err(Error::precondition)?;
+        caller.commit_point(|| {
+            let next = entry.versions.keys().next_back().copied().unwrap_or(0) + 1;
+            format!("rotate key {}: a new version {next} in the HSM becomes primary", entry.record.key_id)
+        })?;
         self.rotate_locked(&entry, caller, "rotated by an officer")
     }
 
@@ -288,6 +297,12 @@ impl Kms {
             }
         };
         let revokes = matches!(transition, KeyTransition::Disable | KeyTransition::Compromise | KeyTransition::ScheduleDestruction);
+        caller.commit_point(|| {
+            let when = record.destruction_at.filter(|_| transition == KeyTransition::ScheduleDestruction);
+            let when = when.map(|at| format!(", its material destroyed at {at} (in {pending_days} days)")).unwrap_or_default();
+            let cut = if revokes { "; every workload is refused from its next call" } else { "" };
+            format!("change key {key_id} from {} to {next}{when}{cut}", entry.record.state)
+        })?;
         let mut state = self.registry.write();
         let epoch = self.store.write(|tx| {
             tx.update_key(&record)?;
@@ -335,6 +350,11 @@ impl Kms {
             }
         };
         let revokes = matches!(transition, VersionTransition::Disable | VersionTransition::ScheduleDestruction);
+        caller.commit_point(|| {
+            let when = record.destruction_at.filter(|_| transition == VersionTransition::ScheduleDestruction);
+            let when = when.map(|at| format!(", its material destroyed at {at} (in {pending_days} days)")).unwrap_or_default();
+            format!("change version {version} of key {key_id} from {} to {next}{when}", current.record.state)
+        })?;
         let mut state = self.registry.write();
         let epoch = self.store.write(|tx| {
             tx.update_version_state(&record)?;
@@ -359,6 +379,7 @@ impl Kms {
         if state.aliases.contains_key(&alias) {
             return Err(Error::AlreadyExists { what: alias.to_string() });
         }
+        caller.commit_point(|| format!("name key {key_id} {alias}"))?;
         let record = AliasRecord { alias, key_id, created_at: now() };
         self.store.write(|tx| {
             tx.insert_alias(&record)?;
@@ -373,6 +394,7 @@ impl Kms {
         let _admin = self.admin_lock();
         let mut state = self.registry.write();
         let record = state.aliases.get(alias).cloned().ok_or_else(|| Error::NotFound { what: alias.to_string() })?;
+        caller.commit_point(|| format!("delete {alias}, which names key {}", record.key_id))?;
         self.store.write(|tx| {
             tx.delete_alias(alias)?;
             tx.append_audit(&caller.audit("DeleteAlias", Some(record.key_id), None, alias.to_string()), now())
@@ -396,6 +418,7 @@ impl Kms {
         if state.principals.contains_key(name) {
             return Err(Error::AlreadyExists { what: format!("principal {name}") });
         }
+        caller.commit_point(|| format!("register principal {name} (Enabled, with no grant)"))?;
         let record = PrincipalRecord { name: name.to_string(), state: PrincipalState::Enabled, created_at: now() };
         self.store.write(|tx| {
             tx.insert_principal(name, PrincipalState::Enabled, record.created_at)?;
@@ -410,6 +433,10 @@ impl Kms {
         let _admin = self.admin_lock();
         let mut state = self.registry.write();
         let mut record = state.principals.get(name).cloned().ok_or_else(|| Error::NotFound { what: format!("principal {name}") })?;
+        caller.commit_point(|| {
+            let cut = if to == PrincipalState::Disabled { "; it is refused from its next call" } else { "" };
+            format!("change principal {name} from {} to {}{cut}", record.state.as_str(), to.as_str())
+        })?;
         record.state = to;
         let operation = match to {
             PrincipalState::Enabled => "EnablePrincipal",
@@ -447,6 +474,26 @@ impl Kms {
         if entry.record.state == KeyState::Destroyed {
             return Err(Error::precondition(format!("key {} is Destroyed", entry.record.key_id)));
         }
+        if !self.registry.read().principals.contains_key(&grant.principal) {
+            return Err(Error::NotFound { what: format!("principal {}", grant.principal) });
+        }
+        let ops: Vec<&str> = grant.operations.iter().map(|o| o.as_str()).collect();
+        caller.commit_point(|| {
+            let pairs: Vec<String> = grant.required_pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let keys: Vec<&str> = grant.required_keys.iter().map(String::as_str).collect();
+            let mut conditions = Vec::new();
+            if !pairs.is_empty() {
+                conditions.push(format!("with the context pairs {}", pairs.join(", ")));
+            }
+            if !keys.is_empty() {
+                conditions.push(format!("with the context keys {}", keys.join(", ")));
+            }
+            if let Some(at) = grant.expires_at {
+                conditions.push(format!("until {at}"));
+            }
+            let conditions = if conditions.is_empty() { String::new() } else { format!(" ({})", conditions.join("; ")) };
+            format!("grant {} {} on key {}{conditions}", grant.principal, ops.join(","), entry.record.key_id)
+        })?;
         let mut id = [0u8; 16];
         self.hsm.random(&mut id)?;
         grant.grant_id = KeyId::from_random(id).to_string();
@@ -456,7 +503,6 @@ impl Kms {
         if !state.principals.contains_key(&grant.principal) {
             return Err(Error::NotFound { what: format!("principal {}", grant.principal) });
         }
-        let ops: Vec<&str> = grant.operations.iter().map(|o| o.as_str()).collect();
         self.store.write(|tx| {
             tx.insert_grant(&grant)?;
             tx.append_audit(
@@ -473,6 +519,9 @@ impl Kms {
         let _admin = self.admin_lock();
         let mut state = self.registry.write();
         let grant = state.grant(grant_id).cloned().ok_or_else(|| Error::NotFound { what: format!("grant {grant_id}") })?;
+        caller.commit_point(|| {
+            format!("revoke grant {grant_id} of {} on key {}; it allows nothing from the next call", grant.principal, grant.key_id)
+        })?;
         let at = now();
         let epoch = self.store.write(|tx| {
             tx.revoke_grant(grant_id, at)?;

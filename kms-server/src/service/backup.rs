@@ -67,9 +67,6 @@ impl Kms {
     pub fn create_backup(&self, caller: &Caller) -> Result<BackupFile> {
         let backup_key = self.backup_wrap_key()?;
         let _admin = self.admin_lock();
-        let at = now();
-        let checkpoint_seq = self.checkpointer(1, 0).sign_now(&self.store, at)?;
-
         let (mut objects, keys) = {
             let state = self.registry.read();
             let mut live = Vec::new();
@@ -85,6 +82,9 @@ impl Kms {
             (live, state.keys.len() as u64)
         };
         let live_versions = objects.len() as u64;
+        caller.commit_point(|| format!("back up {keys} keys and {live_versions} live key versions, wrapped under the HSM's backup key"))?;
+        let at = now();
+        let checkpoint_seq = self.checkpointer(1, 0).sign_now(&self.store, at)?;
         objects.push((Wrapped::Service(ServiceKey::AuditMac), self.audit_mac));
         objects.push((Wrapped::Service(ServiceKey::OfficerSecrets), self.officer_secrets));
         let mut section = Vec::new();

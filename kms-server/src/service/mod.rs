@@ -41,12 +41,22 @@ pub struct Caller {
     /// service's own work. A change whose HSM step returns after it is rolled back, so that a
     /// caller told DEADLINE_EXCEEDED finds nothing changed.
     pub deadline: Option<(std::time::Instant, std::time::Duration)>,
+    /// A dry run: the change is checked as far as its first write (`commit_point`), and no
+    /// further.
+    pub dry_run: bool,
 }
 
 impl Caller {
     /// The service's own work (sweeps, recovery, bootstrap), with no deadline.
     pub fn internal(principal: &str) -> Caller {
-        Caller { request_id: String::new(), principal: principal.to_string(), deadline: None }
+        Caller { request_id: String::new(), principal: principal.to_string(), deadline: None, dry_run: false }
+    }
+
+    /// Where a change has checked everything against the live state and the caller's rights
+    /// and is about to write (the intent, the HSM object, the row): a dry run stops here with
+    /// what the change `would` do (`Error::DryRun`); a real call goes on.
+    pub fn commit_point(&self, would: impl FnOnce() -> String) -> Result<()> {
+        if self.dry_run { Err(Error::DryRun { would: would() }) } else { Ok(()) }
     }
 
     /// `Err(Deadline)` once the caller has stopped waiting.

@@ -118,6 +118,10 @@ impl Officers<'_> {
         if !passphrase.acceptable() {
             return Err(Error::invalid("passphrase", format!("must be at least {} characters", crate::domain::officer::MIN_PASSPHRASE_CHARS)));
         }
+        if by.dry_run && self.store.read(|tx| tx.officer(name))?.is_some() {
+            return Err(Error::AlreadyExists { what: format!("officer {name}") });
+        }
+        by.commit_point(|| format!("add the {role} {name}, with a new TOTP enrolment shown once"))?;
         let hash = hash_passphrase(passphrase).ok_or_else(|| Error::invalid("passphrase", "could not be hashed"))?;
         let mut secret = SecretBytes::zeroed(TOTP_SECRET_LEN);
         self.hsm.random(secret.expose_secret_mut())?;
@@ -228,6 +232,7 @@ impl Officers<'_> {
             return Err(Error::precondition("officers cannot disable themselves"));
         }
         let mut officer = self.store.read(|tx| tx.officer(name))?.ok_or_else(|| Error::NotFound { what: format!("officer {name}") })?;
+        by.commit_point(|| format!("disable the {} {name} and end their sessions", officer.role))?;
         officer.enabled = false;
         let at = now();
         self.store.write(|tx| {
@@ -247,6 +252,7 @@ impl Officers<'_> {
         if !new.acceptable() {
             return Err(Error::invalid("new_passphrase", format!("must be at least {} characters", crate::domain::officer::MIN_PASSPHRASE_CHARS)));
         }
+        by.commit_point(|| format!("change the passphrase of {}", by.principal))?;
         officer.passphrase_hash = hash_passphrase(new).ok_or_else(|| Error::invalid("new_passphrase", "could not be hashed"))?;
         self.store.write(|tx| {
             tx.update_officer(&officer)?;
@@ -258,6 +264,7 @@ impl Officers<'_> {
     /// A new TOTP secret for the caller; the old one stops working at once.
     pub fn reenroll_totp(&self, by: &Caller) -> Result<Enrolment> {
         let mut officer = self.store.read(|tx| tx.officer(&by.principal))?.ok_or_else(|| unauthenticated("unknown officer"))?;
+        by.commit_point(|| format!("replace the TOTP secret of {}; the old one stops working at once", by.principal))?;
         let mut secret = SecretBytes::zeroed(TOTP_SECRET_LEN);
         self.hsm.random(secret.expose_secret_mut())?;
         officer.sealed_totp = self.seal(&officer.name, secret.expose_secret())?;

@@ -130,6 +130,7 @@ impl Kms {
 
     /// Records an officer's sign-off of the review, with its audit record.
     pub fn sign_off_review(&self, caller: &Caller, note: &str) -> Result<i64> {
+        caller.commit_point(|| format!("record {}'s sign-off of the access review", caller.principal))?;
         let at = now();
         self.store.write(|tx| {
             tx.insert_signoff(&caller.principal, at, note)?;

@@ -19,6 +19,8 @@ fn start_on_fixture() -> (Server, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     kms_tests::copy_dir(&fixture().join("softhsm"), &dir.path().join("softhsm")).unwrap();
     std::fs::copy(fixture().join("kms.db"), dir.path().join("kms.db")).unwrap();
+    // A checkout gives the committed database the umask's mode; the service wants it private.
+    std::fs::set_permissions(dir.path().join("kms.db"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let softhsm = dir.path().join("softhsm");
     let conf = softhsm.join("softhsm2.conf");
     std::fs::write(&conf, format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", softhsm.join("tokens").display()))

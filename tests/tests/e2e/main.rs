@@ -9,6 +9,7 @@ mod builds;
 mod cache;
 mod copies;
 mod crash;
+mod dry_run;
 mod envelope;
 mod faults;
 mod files;
