@@ -121,6 +121,22 @@ enum Command {
         #[command(flatten)]
         context: ContextArgs,
     },
+    /// Whether a data-plane call would be allowed now, and why: for one principal, or for every
+    /// principal holding a grant on the key ("who can decrypt payroll?"). Each check the data
+    /// plane makes, in its order: rate limit, principal, grants and their conditions, key state.
+    Explain {
+        /// The principal (default: every principal holding a grant on the key).
+        #[arg(long)]
+        principal: Option<String>,
+        /// GenerateDataKey, GenerateDataKeyWithoutPlaintext, Encrypt, Decrypt, ReEncryptFrom or
+        /// ReEncryptTo.
+        #[arg(long)]
+        operation: String,
+        #[arg(long)]
+        key: String,
+        #[command(flatten)]
+        context: ContextArgs,
+    },
     /// Prints the shell completion script for SHELL (bash, zsh, fish, elvish, powershell), e.g.
     /// `kmsctl completions bash > /usr/share/bash-completion/completions/kmsctl`.
     Completions { shell: clap_complete::Shell },
@@ -157,6 +173,7 @@ impl Command {
             | Command::Audit(_)
             | Command::Encrypt { .. }
             | Command::Decrypt { .. }
+            | Command::Explain { .. }
             | Command::Completions { .. }
             | Command::Manpage => false,
         }
@@ -1118,6 +1135,39 @@ async fn execute(cli: Cli, out: Out) -> Result<(), Error> {
                     Ok(())
                 }
             }
+        }
+        Command::Explain { principal, operation, key, context } => {
+            let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session, &out.dry_run).await?);
+            let encryption_context: std::collections::HashMap<String, String> = context.map().map_err(Error::Config)?.into_iter().collect();
+            let r = c
+                .explain_access(pb::ExplainAccessRequest {
+                    principal: principal.unwrap_or_default(),
+                    operation: operation.clone(),
+                    key_id: key,
+                    encryption_context,
+                })
+                .await?
+                .into_inner();
+            let decisions: Vec<Value> = r
+                .decisions
+                .iter()
+                .map(|d| json!({"principal": d.principal, "allowed": d.allowed, "grant_id": d.grant_id, "reasons": d.reasons}))
+                .collect();
+            out.print(json!({"key_id": r.key_id, "key_state": key_state_name(r.key_state), "operation": operation, "decisions": decisions}), || {
+                let pairs: Vec<String> = context.pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let with = if pairs.is_empty() { "no encryption context".to_string() } else { format!("the context {}", pairs.join(", ")) };
+                let mut lines = vec![format!("{operation} on key {} ({}), with {with}:", r.key_id, key_state_name(r.key_state))];
+                if r.decisions.is_empty() {
+                    lines.push(format!("  nobody: no principal holds a grant on key {}", r.key_id));
+                }
+                for d in &r.decisions {
+                    let by = if d.grant_id.is_empty() { String::new() } else { format!(" (grant {})", d.grant_id) };
+                    lines.push(format!("{}  {}{by}", if d.allowed { "ALLOWED" } else { "DENIED " }, d.principal));
+                    lines.extend(d.reasons.iter().map(|why| format!("    - {why}")));
+                }
+                lines.join("\n")
+            });
+            Ok(())
         }
         Command::Status => {
             let mut c = KeyManagementClient::new(admin_channel(&cli.endpoint, &tls, &session, &out.dry_run).await?);

@@ -106,6 +106,14 @@ fn principal_name<'a>(field: &'static str, name: &'a str) -> Result<&'a str, Err
     if valid_principal(name) { Ok(name) } else { Err(Error::invalid(field, "must be 1 to 512 bytes without control characters")) }
 }
 
+/// A grantable operation's name.
+fn operation(field: &'static str, name: &str) -> Result<Operation, Error> {
+    Operation::parse(name).ok_or_else(|| {
+        let known: Vec<&str> = Operation::ALL.iter().map(|o| o.as_str()).collect();
+        Error::invalid(field, format!("{name:?} is not one of {}", known.join(", ")))
+    })
+}
+
 fn principal(p: PrincipalRecord) -> pb::Principal {
     pb::Principal { name: p.name, state: p.state.as_str().to_string(), creation_time: p.created_at }
 }
@@ -407,16 +415,7 @@ impl KeyManagement for AdminService {
                 if r.operations.is_empty() {
                     return Err(Error::invalid("operations", "must name at least one operation"));
                 }
-                let operations = r
-                    .operations
-                    .iter()
-                    .map(|o| {
-                        Operation::parse(o).ok_or_else(|| {
-                            let known: Vec<&str> = Operation::ALL.iter().map(|o| o.as_str()).collect();
-                            Error::invalid("operations", format!("{o:?} is not one of {}", known.join(", ")))
-                        })
-                    })
-                    .collect::<Result<_, _>>()?;
+                let operations = r.operations.iter().map(|o| operation("operations", o)).collect::<Result<_, _>>()?;
                 let required = context("required_encryption_context", r.required_encryption_context)?;
                 let required_keys: std::collections::BTreeSet<String> = r.required_encryption_context_keys.into_iter().collect();
                 if required_keys.len() > crate::domain::context::MAX_PAIRS || required_keys.iter().any(String::is_empty) {
@@ -448,6 +447,38 @@ impl KeyManagement for AdminService {
                 let key = optional_key_ref("key_id", &r.key_id)?;
                 let principal = (!r.principal.is_empty()).then_some(r.principal.as_str());
                 Ok(pb::ListGrantsResponse { grants: kms.list_grants(key.as_ref(), principal)?.into_iter().map(grant).collect() })
+            })
+            .await
+    }
+
+    async fn explain_access(&self, request: Request<pb::ExplainAccessRequest>) -> Result<Response<pb::ExplainAccessResponse>, Status> {
+        let who = officer(&request, Role::Auditor);
+        let r = request.into_inner();
+        self.0
+            .call("ExplainAccess", who, Audit::EveryOutcome, move |kms, _, facts| {
+                let principal = if r.principal.is_empty() { None } else { Some(principal_name("principal", &r.principal)?) };
+                let operation = operation("operation", &r.operation)?;
+                let key = key_ref("key_id", &r.key_id)?;
+                let context = context("encryption_context", r.encryption_context)?;
+                let explained = kms.explain_access(principal, operation, &key, &context)?;
+                let allowed = explained.decisions.iter().filter(|d| d.allowed).count();
+                (facts.key_id, facts.context) = (Some(explained.key_id), Some(context));
+                facts.detail =
+                    format!("{operation} for {}: {allowed} of {} allowed", principal.unwrap_or("every grantee"), explained.decisions.len());
+                Ok(pb::ExplainAccessResponse {
+                    key_id: explained.key_id.to_string(),
+                    key_state: key_state(explained.key_state).into(),
+                    decisions: explained
+                        .decisions
+                        .into_iter()
+                        .map(|d| pb::AccessDecision {
+                            principal: d.principal,
+                            allowed: d.allowed,
+                            grant_id: d.grant_id.unwrap_or_default(),
+                            reasons: d.reasons,
+                        })
+                        .collect(),
+                })
             })
             .await
     }

@@ -11,6 +11,7 @@ use std::fmt;
 
 use super::context::EncryptionContext;
 use super::ids::KeyId;
+use super::lifecycle::Use;
 
 /// A data-plane operation a grant can allow (AWS KMS grant operation names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -48,6 +49,16 @@ impl Operation {
 
     pub fn parse(s: &str) -> Option<Operation> {
         Operation::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+
+    /// What the operation does with the key, which its state must allow
+    /// (`lifecycle::key_allows`).
+    pub fn key_use(self) -> Use {
+        match self {
+            Operation::GenerateDataKey | Operation::GenerateDataKeyWithoutPlaintext | Operation::Encrypt | Operation::ReEncryptTo => Use::Encrypt,
+            Operation::Decrypt => Use::Decrypt,
+            Operation::ReEncryptFrom => Use::DecryptForReEncrypt,
+        }
     }
 }
 
@@ -106,15 +117,54 @@ pub struct Grant {
     pub created_at: i64,
 }
 
+/// What keeps a grant of the principal on the key from allowing a call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrantMiss {
+    /// The grant does not name the operation.
+    Operation(Operation),
+    /// The grant expired at this time.
+    Expired(i64),
+    /// The context must hold this pair, and does not (the key is absent or has another value).
+    Pair(String, String),
+    /// The context must hold this key, with any value, and does not.
+    Key(String),
+}
+
+impl fmt::Display for GrantMiss {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GrantMiss::Operation(op) => write!(f, "does not allow {op}"),
+            GrantMiss::Expired(at) => write!(f, "expired at {at}"),
+            GrantMiss::Pair(k, v) => write!(f, "requires the encryption context pair {k}={v}"),
+            GrantMiss::Key(k) => write!(f, "requires the encryption context key {k}"),
+        }
+    }
+}
+
 impl Grant {
+    /// Everything that keeps this grant from allowing `operation` with `context` at `now` (none:
+    /// it allows it). The grant's own principal and key are not looked at. Allocates nothing
+    /// when the grant allows the call.
+    pub fn misses(&self, operation: Operation, context: &EncryptionContext, now: i64) -> Vec<GrantMiss> {
+        let mut misses = Vec::new();
+        if !self.operations.contains(&operation) {
+            misses.push(GrantMiss::Operation(operation));
+        }
+        if let Some(at) = self.expires_at.filter(|t| now >= *t) {
+            misses.push(GrantMiss::Expired(at));
+        }
+        for (k, v) in self.required_pairs.iter().filter(|(k, v)| context.get(k) != Some(v.as_str())) {
+            misses.push(GrantMiss::Pair(k.clone(), v.clone()));
+        }
+        for k in self.required_keys.iter().filter(|k| context.get(k).is_none()) {
+            misses.push(GrantMiss::Key(k.clone()));
+        }
+        misses
+    }
+
     /// Whether this grant allows `principal` to do `operation` on `key_id` with `context` at `now`.
     pub fn permits(&self, principal: &str, key_id: KeyId, operation: Operation, context: &EncryptionContext, now: i64) -> bool {
-        self.principal == principal
-            && self.key_id == key_id
-            && self.operations.contains(&operation)
-            && self.expires_at.is_none_or(|t| now < t)
-            && self.required_pairs.iter().all(|(k, v)| context.get(k) == Some(v.as_str()))
-            && self.required_keys.iter().all(|k| context.get(k).is_some())
+        self.principal == principal && self.key_id == key_id && self.misses(operation, context, now).is_empty()
     }
 }
 
@@ -157,6 +207,15 @@ pub enum Denied {
     NoGrant,
 }
 
+/// The first step of the check: only a registered, enabled principal may be granted anything.
+fn principal_may_call(principal_state: Option<PrincipalState>) -> Result<(), Denied> {
+    match principal_state {
+        None => Err(Denied::UnknownPrincipal),
+        Some(PrincipalState::Disabled) => Err(Denied::DisabledPrincipal),
+        Some(PrincipalState::Enabled) => Ok(()),
+    }
+}
+
 /// The policy check. `principal_state` is `None` for a principal nobody registered.
 pub fn authorize<'g>(
     principal: &str,
@@ -167,15 +226,37 @@ pub fn authorize<'g>(
     context: &EncryptionContext,
     now: i64,
 ) -> Result<Authorized, Denied> {
-    match principal_state {
-        None => return Err(Denied::UnknownPrincipal),
-        Some(PrincipalState::Disabled) => return Err(Denied::DisabledPrincipal),
-        Some(PrincipalState::Enabled) => {}
-    }
+    principal_may_call(principal_state)?;
     match grants.into_iter().find(|g| g.permits(principal, key_id, operation, context, now)) {
         Some(g) => Ok(Authorized { principal: principal.to_string(), key_id, operation, grant_id: g.grant_id.clone() }),
         None => Err(Denied::NoGrant),
     }
+}
+
+/// The policy check with its reasons, for an officer asking "may P do O on K?" (`ExplainAccess`):
+/// the same two steps as [`authorize`] (the principal's state, then the grants, through
+/// [`Grant::permits`] and [`Grant::misses`]), each grant of the principal on the key with what
+/// keeps it from allowing the call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// What [`authorize`] answers: the allowing grant's id, or why not.
+    pub outcome: Result<String, Denied>,
+    /// Every grant of the principal on the key, with its misses (none for the allowing grant).
+    pub grants: Vec<(String, Vec<GrantMiss>)>,
+}
+
+pub fn decide<'g>(
+    principal: &str,
+    principal_state: Option<PrincipalState>,
+    grants: impl IntoIterator<Item = &'g Grant>,
+    key_id: KeyId,
+    operation: Operation,
+    context: &EncryptionContext,
+    now: i64,
+) -> Decision {
+    let grants: Vec<&Grant> = grants.into_iter().filter(|g| g.principal == principal && g.key_id == key_id).collect();
+    let outcome = authorize(principal, principal_state, grants.iter().copied(), key_id, operation, context, now).map(|proof| proof.grant_id);
+    Decision { outcome, grants: grants.iter().map(|g| (g.grant_id.clone(), g.misses(operation, context, now))).collect() }
 }
 
 #[cfg(test)]
@@ -220,6 +301,36 @@ mod tests {
         for (p, state, key, op, c, now, want) in cases {
             assert_eq!(authorize(p, *state, [&g], *key, *op, c, *now).unwrap_err(), *want, "{p} {op} {now}");
         }
+    }
+
+    #[test]
+    fn a_decision_agrees_with_authorize_and_names_every_miss() {
+        let g = grant();
+        let k = g.key_id;
+        let on = Some(PrincipalState::Enabled);
+        let good = ctx(&[("tenant", "acme"), ("file", "x")]);
+        let d = decide("spiffe://a", on, [&g], k, Operation::Encrypt, &good, 99);
+        assert_eq!(d.outcome, Ok("g".into()));
+        assert_eq!(d.grants, vec![("g".into(), vec![])]);
+        let d = decide("spiffe://a", on, [&g], k, Operation::GenerateDataKey, &ctx(&[("tenant", "other")]), 100);
+        assert_eq!(d.outcome, Err(Denied::NoGrant));
+        let misses = &d.grants[0].1;
+        assert_eq!(
+            misses,
+            &vec![
+                GrantMiss::Operation(Operation::GenerateDataKey),
+                GrantMiss::Expired(100),
+                GrantMiss::Pair("tenant".into(), "acme".into()),
+                GrantMiss::Key("file".into())
+            ]
+        );
+        assert_eq!(misses[2].to_string(), "requires the encryption context pair tenant=acme");
+        // Another principal's grant is not this principal's.
+        assert!(decide("spiffe://b", on, [&g], k, Operation::Encrypt, &good, 99).grants.is_empty());
+        assert_eq!(
+            decide("spiffe://a", Some(PrincipalState::Disabled), [&g], k, Operation::Encrypt, &good, 99).outcome,
+            Err(Denied::DisabledPrincipal)
+        );
     }
 
     #[test]

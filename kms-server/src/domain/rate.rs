@@ -54,6 +54,15 @@ impl RateLimiter {
 
     /// Forgets the principals whose buckets are full again (they are as if never seen), so the
     /// map does not grow with every name ever presented.
+    /// How long `principal` would wait if it called at `now` (`None`: its call would be let
+    /// through), without taking anything from its bucket: the same arithmetic as `take`.
+    pub fn would_refuse(&self, principal: &str, now: Instant) -> Option<Duration> {
+        let RateLimit { per_second, burst } = self.limit;
+        let bucket = self.buckets.get(principal).filter(|_| per_second > 0.0)?;
+        let tokens = (bucket.tokens + now.saturating_duration_since(bucket.at).as_secs_f64() * per_second).min(burst);
+        (tokens < 1.0).then(|| Duration::from_secs_f64((1.0 - tokens) / per_second))
+    }
+
     pub fn forget_idle(&mut self, now: Instant) {
         let RateLimit { per_second, burst } = self.limit;
         self.buckets.retain(|_, b| b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * per_second < burst);
@@ -71,8 +80,10 @@ mod tests {
         for _ in 0..3 {
             assert!(limiter.take("a", t0).is_ok());
         }
+        assert_eq!(limiter.would_refuse("a", t0), Some(Duration::from_millis(100)));
         let wait = limiter.take("a", t0).unwrap_err();
         assert_eq!(wait, Duration::from_millis(100));
+        assert_eq!(limiter.would_refuse("b", t0), None, "a principal that never called");
         // Another principal has its own bucket.
         assert!(limiter.take("b", t0).is_ok());
         // One call per 100 ms comes back.

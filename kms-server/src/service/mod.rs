@@ -7,6 +7,7 @@
 mod admin;
 mod audit;
 mod backup;
+pub mod explain;
 pub mod officers;
 mod recovery;
 pub mod registry;
@@ -264,6 +265,13 @@ impl Kms {
         limiter.take(principal, std::time::Instant::now()).map_err(|retry_after| Error::RateLimited { principal: principal.to_string(), retry_after })
     }
 
+    /// How long `principal`'s next call would be refused for by its rate limit, without taking
+    /// from it (`None`: it would be let through).
+    pub fn throttled(&self, principal: &str) -> Option<std::time::Duration> {
+        let limiter = self.limiter.as_ref()?.lock().unwrap_or_else(|p| p.into_inner());
+        limiter.would_refuse(principal, std::time::Instant::now())
+    }
+
     /// Records that a probe did not come back within the deadline (it is still stuck in the HSM).
     pub fn probe_stalled(&self, why: &str) {
         self.last_probe.set(Some(why.to_string()));
@@ -408,8 +416,7 @@ impl Kms {
             return Err(Error::DecryptFailed);
         }
         let _proof = self.authorize(caller, &KeyRef::Id(key_id), operation, context)?;
-        let use_ = if operation == Operation::ReEncryptFrom { Use::DecryptForReEncrypt } else { Use::Decrypt };
-        match key_allows(entry.record.state, use_) {
+        match key_allows(entry.record.state, operation.key_use()) {
             Ok(()) => {}
             // A destroyed key is indistinguishable from an unknown one.
             Err(KeyState::Destroyed) => return Err(Error::DecryptFailed),

@@ -11,6 +11,7 @@ mod copies;
 mod crash;
 mod dry_run;
 mod envelope;
+mod explain;
 mod faults;
 mod files;
 mod fuzz;
