@@ -239,7 +239,7 @@ impl Kms {
         let Some(last) = checkpoints.last().cloned() else {
             return self.check_whole_audit(AuditCheck::Startup);
         };
-        let found = match self.from_checkpoint(&last)? {
+        let found = match self.anchor_at(&last)? {
             Err(found) => Some(found),
             Ok(anchor) => match self.walk(anchor, None, &[])? {
                 Err(found) => Some(found),
@@ -260,7 +260,7 @@ impl Kms {
     /// A signed checkpoint to walk from: its MAC checked in the HSM, and its record hashed
     /// again (from the stored hash of the record before it) and compared with the checkpoint's
     /// hash. The checkpoint retention cut the trail at has no record left: its MAC vouches alone.
-    fn from_checkpoint(&self, c: &Checkpoint) -> Result<std::result::Result<Anchor, ChainBreak>> {
+    fn anchor_at(&self, c: &Checkpoint) -> Result<std::result::Result<Anchor, ChainBreak>> {
         let at = |problem: String| Ok(Err(ChainBreak { index: c.seq as u64, problem }));
         if !self.checkpoint_signed(c)? {
             return at(format!("the checkpoint of record {} has a bad MAC", c.seq));
@@ -299,7 +299,7 @@ impl Kms {
                 index: anchor.seq as u64 + 1,
                 problem: format!("records {} to {} are gone and no signed checkpoint anchors the rest", anchor.seq + 1, first - 1),
             });
-            anchor = match cut.map(|c| self.from_checkpoint(&c)) {
+            anchor = match cut.map(|c| self.anchor_at(&c)) {
                 Ok(Ok(Ok(cut))) => cut,
                 Ok(Ok(Err(found))) | Err(found) => return self.audit_broken(found, AuditCheck::Segment),
                 Ok(Err(e)) => return Err(e),

@@ -66,23 +66,22 @@ async fn explain(admin: &mut Admin, principal: &str, operation: &str, key: &str,
         .into_inner()
 }
 
-/// Asks, then calls, and checks the two agree; returns the blob the call made, if it did.
-async fn agree(
-    admin: &mut Admin,
-    data: &mut Data,
-    step: &str,
-    operation: &str,
-    key: &str,
-    context: &[(&str, &str)],
-    blob: &[u8],
-    to: &str,
-) -> Vec<u8> {
-    let context = ctx(context);
-    let explained = explain(admin, WORKLOAD, operation, key, &context).await;
-    let decision = &explained.decisions[0];
-    let answer = real(data, operation, key, &context, blob, to).await;
-    assert_eq!(decision.allowed, answer.is_ok(), "{step}: {operation} {context:?}: explain says {decision:?}, the call answered {answer:?}");
-    answer.unwrap_or_default()
+/// Both planes' clients.
+struct Clients {
+    admin: Admin,
+    data: Data,
+}
+
+impl Clients {
+    /// Asks, then calls, and checks the two agree; returns the blob the call made, if it did.
+    async fn agree(&mut self, step: &str, operation: &str, key: &str, context: &[(&str, &str)], blob: &[u8], to: &str) -> Vec<u8> {
+        let context = ctx(context);
+        let explained = explain(&mut self.admin, WORKLOAD, operation, key, &context).await;
+        let decision = &explained.decisions[0];
+        let answer = real(&mut self.data, operation, key, &context, blob, to).await;
+        assert_eq!(decision.allowed, answer.is_ok(), "{step}: {operation} {context:?}: explain says {decision:?}, the call answered {answer:?}");
+        answer.unwrap_or_default()
+    }
 }
 
 async fn grant(admin: &mut Admin, key: &str, operations: &[&str], pairs: &[(&str, &str)], keys: &[&str], expires: i64) -> String {
@@ -106,24 +105,23 @@ async fn grant(admin: &mut Admin, key: &str, operations: &[&str], pairs: &[(&str
 #[tokio::test(flavor = "multi_thread")]
 async fn explain_agrees_with_the_real_call_for_every_principal_grant_condition_and_key_state() {
     let server = Server::start();
-    let mut admin = server.admin().await;
-    let mut data = server.data().await;
+    let mut c = Clients { admin: server.admin().await, data: server.data().await };
     let key =
-        admin.create_key(pb::CreateKeyRequest { alias: "payroll".into(), ..Default::default() }).await.unwrap().into_inner().key.unwrap().key_id;
+        c.admin.create_key(pb::CreateKeyRequest { alias: "payroll".into(), ..Default::default() }).await.unwrap().into_inner().key.unwrap().key_id;
     let (hr, other, tenant) = (&[("app", "hr")][..], &[("app", "x")][..], &[("app", "hr"), ("tenant", "t1")][..]);
 
     // An unknown principal, then a registered one without a grant.
-    let unknown = explain(&mut admin, WORKLOAD, "Encrypt", &key, &ctx(hr)).await;
+    let unknown = explain(&mut c.admin, WORKLOAD, "Encrypt", &key, &ctx(hr)).await;
     assert!(unknown.decisions[0].reasons.iter().any(|r| r.contains("is not registered")), "{unknown:?}");
-    agree(&mut admin, &mut data, "unregistered", "Encrypt", &key, hr, &[], "").await;
-    register_workload(&mut admin).await;
-    agree(&mut admin, &mut data, "no grant", "Encrypt", &key, hr, &[], "").await;
-    let dest = create_key(&mut admin, "destination").await; // grants the workload everything
+    c.agree("unregistered", "Encrypt", &key, hr, &[], "").await;
+    register_workload(&mut c.admin).await;
+    c.agree("no grant", "Encrypt", &key, hr, &[], "").await;
+    let dest = create_key(&mut c.admin, "destination").await; // grants the workload everything
 
     // A grant with a required pair, another with a required key.
-    let g1 = grant(&mut admin, &key, &["Encrypt", "Decrypt", "ReEncryptFrom"], hr, &[], 0).await;
-    grant(&mut admin, &key, &["GenerateDataKey"], &[], &["tenant"], 0).await;
-    let blob = agree(&mut admin, &mut data, "granted", "Encrypt", &key, hr, &[], "").await;
+    let g1 = grant(&mut c.admin, &key, &["Encrypt", "Decrypt", "ReEncryptFrom"], hr, &[], 0).await;
+    grant(&mut c.admin, &key, &["GenerateDataKey"], &[], &["tenant"], 0).await;
+    let blob = c.agree("granted", "Encrypt", &key, hr, &[], "").await;
     assert!(!blob.is_empty());
     for (operation, context, step) in [
         ("Encrypt", other, "wrong pair value"),
@@ -133,48 +131,52 @@ async fn explain_agrees_with_the_real_call_for_every_principal_grant_condition_a
         ("Decrypt", hr, "decrypt granted"),
         ("Decrypt", other, "decrypt with another context"),
     ] {
-        agree(&mut admin, &mut data, step, operation, &key, context, &blob, "").await;
+        c.agree(step, operation, &key, context, &blob, "").await;
     }
-    let why = explain(&mut admin, WORKLOAD, "Encrypt", &key, &ctx(other)).await;
+    let why = explain(&mut c.admin, WORKLOAD, "Encrypt", &key, &ctx(other)).await;
     assert!(why.decisions[0].reasons.iter().any(|r| r.contains(&g1) && r.contains("requires the encryption context pair app=hr")), "{why:?}");
 
     // The principal disabled, then enabled again.
-    admin.disable_principal(pb::PrincipalRequest { name: WORKLOAD.into() }).await.unwrap();
-    agree(&mut admin, &mut data, "principal disabled", "Encrypt", &key, hr, &[], "").await;
-    admin.enable_principal(pb::PrincipalRequest { name: WORKLOAD.into() }).await.unwrap();
+    c.admin.disable_principal(pb::PrincipalRequest { name: WORKLOAD.into() }).await.unwrap();
+    c.agree("principal disabled", "Encrypt", &key, hr, &[], "").await;
+    c.admin.enable_principal(pb::PrincipalRequest { name: WORKLOAD.into() }).await.unwrap();
 
     // The key disabled, then enabled again.
-    admin.disable_key(pb::DisableKeyRequest { key_id: key.clone() }).await.unwrap();
+    c.admin.disable_key(pb::DisableKeyRequest { key_id: key.clone() }).await.unwrap();
     for operation in ["Encrypt", "Decrypt", "ReEncryptFrom"] {
-        agree(&mut admin, &mut data, "key disabled", operation, &key, hr, &blob, &dest).await;
+        c.agree("key disabled", operation, &key, hr, &blob, &dest).await;
     }
-    admin.enable_key(pb::EnableKeyRequest { key_id: key.clone() }).await.unwrap();
-    agree(&mut admin, &mut data, "key enabled again", "Encrypt", &key, hr, &[], "").await;
+    c.admin.enable_key(pb::EnableKeyRequest { key_id: key.clone() }).await.unwrap();
+    c.agree("key enabled again", "Encrypt", &key, hr, &[], "").await;
 
     // Compromised: nothing new is encrypted, and blobs can only be re-encrypted out.
-    admin.mark_key_compromised(pb::MarkKeyCompromisedRequest { key_id: key.clone() }).await.unwrap();
+    c.admin.mark_key_compromised(pb::MarkKeyCompromisedRequest { key_id: key.clone() }).await.unwrap();
     for operation in ["Encrypt", "GenerateDataKey", "Decrypt", "ReEncryptFrom"] {
-        agree(&mut admin, &mut data, "compromised", operation, &key, if operation == "GenerateDataKey" { tenant } else { hr }, &blob, &dest).await;
+        c.agree("compromised", operation, &key, if operation == "GenerateDataKey" { tenant } else { hr }, &blob, &dest).await;
     }
-    let out = explain(&mut admin, WORKLOAD, "ReEncryptFrom", &key, &ctx(hr)).await;
+    let out = explain(&mut c.admin, WORKLOAD, "ReEncryptFrom", &key, &ctx(hr)).await;
     assert!(out.decisions[0].allowed, "{out:?}");
 
     // The grant revoked.
-    admin.revoke_grant(pb::RevokeGrantRequest { grant_id: g1 }).await.unwrap();
-    agree(&mut admin, &mut data, "grant revoked", "ReEncryptFrom", &key, hr, &blob, &dest).await;
+    c.admin.revoke_grant(pb::RevokeGrantRequest { grant_id: g1 }).await.unwrap();
+    c.agree("grant revoked", "ReEncryptFrom", &key, hr, &blob, &dest).await;
 
     // Who can decrypt under the destination key? The workload, through its grant.
-    let everyone = explain(&mut admin, "", "Decrypt", &dest, &HashMap::new()).await;
+    let everyone = explain(&mut c.admin, "", "Decrypt", &dest, &HashMap::new()).await;
     assert_eq!(everyone.decisions.len(), 1);
     assert!(everyone.decisions[0].allowed && everyone.decisions[0].principal == WORKLOAD, "{everyone:?}");
     // An unknown key is an error for an officer, not a decision.
-    let missing = admin
+    let missing = c
+        .admin
         .explain_access(pb::ExplainAccessRequest { operation: "Decrypt".into(), key_id: "alias/none".into(), ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
-    let bad =
-        admin.explain_access(pb::ExplainAccessRequest { operation: "Destroy".into(), key_id: dest.clone(), ..Default::default() }).await.unwrap_err();
+    let bad = c
+        .admin
+        .explain_access(pb::ExplainAccessRequest { operation: "Destroy".into(), key_id: dest.clone(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert!(bad.code() == tonic::Code::InvalidArgument && bad.message().starts_with("operation "), "{bad:?}");
 }
 
@@ -182,21 +184,21 @@ async fn explain_agrees_with_the_real_call_for_every_principal_grant_condition_a
 async fn explain_sees_expiry_and_rate_limits_as_the_call_does() {
     // Every principal has its own bucket, the officer too: a burst of 8, refilled every 20 s.
     let server = Server::start_with(Options { principal_calls_per_second: 0.05, principal_burst: 8.0, ..Options::default() });
-    let mut admin = server.admin().await;
-    let mut data = server.data().await;
+    let mut c = Clients { admin: server.admin().await, data: server.data().await };
+    let (admin, data) = (&mut c.admin, &mut c.data);
     let key = admin.create_key(pb::CreateKeyRequest::default()).await.unwrap().into_inner().key.unwrap().key_id;
-    register_workload(&mut admin).await;
+    register_workload(admin).await;
     let soon = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64 + 5;
-    grant(&mut admin, &key, &["Encrypt"], &[], &[], soon).await;
+    grant(admin, &key, &["Encrypt"], &[], &[], soon).await;
     // Within the burst, allowed; past it, refused by the rate limit, and explain says so first.
-    let allowed = explain(&mut admin, WORKLOAD, "Encrypt", &key, &HashMap::new()).await;
+    let allowed = explain(admin, WORKLOAD, "Encrypt", &key, &HashMap::new()).await;
     assert!(allowed.decisions[0].allowed, "{allowed:?}");
     for _ in 0..8 {
-        real(&mut data, "Encrypt", &key, &HashMap::new(), &[], "").await.expect("within the burst");
+        real(data, "Encrypt", &key, &HashMap::new(), &[], "").await.expect("within the burst");
     }
-    let throttled = explain(&mut admin, WORKLOAD, "Encrypt", &key, &HashMap::new()).await;
+    let throttled = explain(admin, WORKLOAD, "Encrypt", &key, &HashMap::new()).await;
     assert!(!throttled.decisions[0].allowed && throttled.decisions[0].reasons[0].contains("rate limit"), "{throttled:?}");
-    let refused = real(&mut data, "Encrypt", &key, &HashMap::new(), &[], "").await.unwrap_err();
+    let refused = real(data, "Encrypt", &key, &HashMap::new(), &[], "").await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
     // The grant expires: explain names the expiry, and once the bucket refills the call is
     // refused by the policy too.
@@ -204,7 +206,7 @@ async fn explain_sees_expiry_and_rate_limits_as_the_call_does() {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
         now > soon
     });
-    let expired = explain(&mut admin, WORKLOAD, "Encrypt", &key, &HashMap::new()).await;
+    let expired = explain(admin, WORKLOAD, "Encrypt", &key, &HashMap::new()).await;
     assert!(expired.decisions[0].reasons.iter().any(|r| r.contains(&format!("expired at {soon}"))), "{expired:?}");
     assert!(!expired.decisions[0].allowed);
 }
