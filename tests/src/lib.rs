@@ -516,6 +516,11 @@ impl Server {
 
     /// Runs `kmsctl` against this server with the session kept in `session`.
     pub fn kmsctl_with_session(&self, session: &Path, args: &[&str]) -> Output {
+        self.kmsctl_command(session, args).output().expect("kmsctl ran")
+    }
+
+    /// The `kmsctl` command `kmsctl_with_session` runs, for a test to add to (its environment).
+    pub fn kmsctl_command(&self, session: &Path, args: &[&str]) -> Command {
         let mut kmsctl = Command::new(bin("kmsctl"));
         kmsctl
             .arg("--endpoint")
@@ -533,7 +538,7 @@ impl Server {
             .env_remove("KMS_TLS_CERT")
             .env_remove("KMS_TLS_KEY")
             .env_remove("KMS_SESSION_FILE");
-        with_umask(kmsctl, self.options.umask).output().expect("kmsctl ran")
+        with_umask(kmsctl, self.options.umask)
     }
 
     /// A read-only connection to the server's database.

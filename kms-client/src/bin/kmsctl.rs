@@ -239,6 +239,28 @@ fn parse_time(s: &str) -> Result<i64, String> {
     Ok(days * 86_400 + secs)
 }
 
+/// Seconds since the Unix epoch.
+fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// A Unix time as the officer reads times: in the local time zone (`TZ`, or the system's), in
+/// the date and time form of their locale (`LC_ALL`, `LC_TIME` or `LANG`, e.g. `fr_MA.UTF-8`;
+/// POSIX's when unset or unknown). `--json` keeps the number.
+fn local_time(unix: i64) -> String {
+    use chrono::TimeZone;
+    let locale = ["LC_ALL", "LC_TIME", "LANG"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .find(|v| !v.is_empty())
+        .and_then(|v| chrono::Locale::try_from(v.split(['.', '@']).next().unwrap_or_default()).ok())
+        .unwrap_or(chrono::Locale::POSIX);
+    match chrono::Local.timestamp_opt(unix, 0).single() {
+        Some(at) => at.format_localized("%c", locale).to_string(),
+        None => unix.to_string(),
+    }
+}
+
 fn record_json(a: &pb::AuditRecord) -> Value {
     json!({
         "seq": a.seq, "time": a.time, "request_id": a.request_id, "principal": a.principal,
@@ -1025,7 +1047,8 @@ async fn execute(cli: Cli, out: Out) -> Result<(), Error> {
             let token = zeroize::Zeroizing::new(std::mem::take(&mut r.session_token));
             write_private(&session, token.as_bytes())?;
             out.print(json!({"officer": name, "role": r.role, "expiration_time": r.expiration_time}), || {
-                format!("logged in as {name} ({}) until {}", r.role, r.expiration_time)
+                let left = (r.expiration_time - now()).max(0);
+                format!("logged in as {name} ({}) until {} (in {} minutes)", r.role, local_time(r.expiration_time), (left + 30) / 60)
             });
             Ok(())
         }
@@ -1208,7 +1231,7 @@ async fn execute(cli: Cli, out: Out) -> Result<(), Error> {
                     lines.push(match (r.audit_verified, r.audit_last_full_check_time) {
                         (false, _) => format!("audit trail: DOES NOT VERIFY: {}", r.audit_problem),
                         (true, 0) => format!("audit trail: verified through record {} (the whole trail not yet)", r.audit_verified_through),
-                        (true, at) => format!("audit trail: verified through record {}; whole trail last checked at {at}", r.audit_verified_through),
+                        (true, at) => format!("audit trail: verified through record {}; whole trail last checked {}", r.audit_verified_through, local_time(at)),
                     });
                     let mut states: Vec<_> = r.keys_by_state.iter().map(|(s, n)| format!("{s} {n}")).collect();
                     states.sort();

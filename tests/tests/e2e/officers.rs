@@ -150,8 +150,24 @@ fn kmsctl_login_officer_add_and_logout() {
     let session = dir.join("dee.session");
     let as_dee = |args: &[&str]| server.kmsctl_with_session(&session, args);
     let code = totp_now(&secret, 0);
-    let out = as_dee(&["login", "--name", "dee", "--passphrase-file", pass_file.to_str().unwrap(), "--totp", &code]);
+    // The session's end in the officer's time zone and locale, and the minutes left.
+    let out = server
+        .kmsctl_command(&session, &["login", "--name", "dee", "--passphrase-file", pass_file.to_str().unwrap(), "--totp", &code])
+        .env("LC_ALL", "fr_FR.UTF-8")
+        .env("TZ", "Africa/Casablanca")
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout);
+    let french_days = ["lun.", "mar.", "mer.", "jeu.", "ven.", "sam.", "dim."];
+    assert!(said.starts_with("logged in as dee (officer) until ") && french_days.iter().any(|d| said.contains(d)), "{said}");
+    assert!(said.trim_end().ends_with("(in 15 minutes)"), "{said}");
+    // --json keeps the Unix time.
+    let code = totp_now(&secret, 1);
+    let out = as_dee(&["--json", "login", "--name", "dee", "--passphrase-file", pass_file.to_str().unwrap(), "--totp", &code]);
+    let logged: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!((now + 14 * 60..=now + 15 * 60).contains(&logged["expiration_time"].as_i64().unwrap()), "{logged}");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&session).unwrap().permissions().mode() & 0o777, 0o600);
     let out = as_dee(&["--json", "key", "create", "--alias", "dees"]);
