@@ -212,6 +212,28 @@ fn main() -> Result<()> {
         println!("created");
         return Ok(());
     }
+    if let Some(file) = action.strip_prefix("import-aes:") {
+        // Known-answer keys (TESTPLAN R16): each line `LABEL HEX`, imported as an AES token key
+        // for AES-GCM, so that the service's own HSM code can be held to published vectors.
+        let lines = std::fs::read_to_string(file)?;
+        for line in lines.lines().filter(|l| !l.is_empty()) {
+            let (label, hex) = line.split_once(' ').context("LABEL HEX")?;
+            let value = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16)).collect::<Result<Vec<u8>, _>>()?;
+            session.create_object(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::Value(value),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Encrypt(true),
+                Attribute::Decrypt(true),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])?;
+        }
+        println!("imported");
+        return Ok(());
+    }
     if let Some(label) = action.strip_prefix("destroy:") {
         // An object lost behind the service's back (a power cut, an HSM restored from an older
         // state).
