@@ -34,6 +34,7 @@ const AUDITOR_MAY: &[&str] = &[
     "ListAliases",
     "ListPrincipals",
     "ListGrants",
+    "ExplainAccess",
     "ListOfficers",
     "AccessReview",
     "DescribeService",
