@@ -341,46 +341,58 @@ async fn plane(
     Ok(())
 }
 
-async fn sweep_loop(kms: Arc<Kms>, every: Duration, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+/// Runs `job` every `every` (the first time at once) until shutdown.
+async fn periodically<F: std::future::Future<Output = ()>>(
+    every: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    mut job: impl FnMut() -> F,
+) {
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
-        let kms = kms.clone();
-        let swept = tokio::task::spawn_blocking(move || {
-            // The checkpoints signed since the last sweep, with their records (a failure here
-            // is reported by the check itself; an error reading them is logged).
-            if let Err(e) = kms.check_new_audit_segments() {
-                tracing::error!(error = %e, "the audit segment check could not run; will retry");
-            }
-            kms.sweep()
-        });
-        match swept.await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::info!(actions = n, "sweep done"),
-            Ok(Err(e)) => tracing::error!(error = %e, "sweep failed; will retry"),
-            Err(e) => tracing::error!(error = %e, "sweep task failed"),
-        }
+        job().await;
     }
+}
+
+async fn sweep_loop(kms: Arc<Kms>, every: Duration, shutdown: tokio::sync::watch::Receiver<bool>) {
+    periodically(every, shutdown, || {
+        let kms = kms.clone();
+        async move {
+            let swept = tokio::task::spawn_blocking(move || {
+                // The checkpoints signed since the last sweep, with their records (a failure
+                // here is reported by the check itself; an error reading them is logged).
+                if let Err(e) = kms.check_new_audit_segments() {
+                    tracing::error!(error = %e, "the audit segment check could not run; will retry");
+                }
+                kms.sweep()
+            });
+            match swept.await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::info!(actions = n, "sweep done"),
+                Ok(Err(e)) => tracing::error!(error = %e, "sweep failed; will retry"),
+                Err(e) => tracing::error!(error = %e, "sweep task failed"),
+            }
+        }
+    })
+    .await
 }
 
 /// Verifies the whole audit trail now (soon after startup) and then every `every`
 /// (`audit.verify_every_hours`), in the background: its length grows with the trail.
-async fn audit_check_loop(kms: Arc<Kms>, every: Duration, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(every);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.wait_for(|stop| *stop) => return,
-        }
+async fn audit_check_loop(kms: Arc<Kms>, every: Duration, shutdown: tokio::sync::watch::Receiver<bool>) {
+    periodically(every, shutdown, || {
         let kms = kms.clone();
-        let started = std::time::Instant::now();
-        match tokio::task::spawn_blocking(move || kms.check_whole_audit(crate::service::AuditCheck::Full)).await {
-            Ok(Ok(())) => tracing::info!(elapsed = ?started.elapsed(), "audit trail checked"),
-            Ok(Err(e)) => tracing::error!(error = %e, "the audit check could not run; will retry at the next one"),
-            Err(e) => tracing::error!(error = %e, "audit check task failed"),
+        async move {
+            let started = std::time::Instant::now();
+            match tokio::task::spawn_blocking(move || kms.check_whole_audit(crate::service::AuditCheck::Full)).await {
+                Ok(Ok(())) => tracing::info!(elapsed = ?started.elapsed(), "audit trail checked"),
+                Ok(Err(e)) => tracing::error!(error = %e, "the audit check could not run; will retry at the next one"),
+                Err(e) => tracing::error!(error = %e, "audit check task failed"),
+            }
         }
-    }
+    })
+    .await
 }
