@@ -1,17 +1,18 @@
-//! The metadata and audit store: SQLite, one file, every SQL statement of the service.
+//! The metadata and audit store, and every SQL statement of the service.
 //!
-//! Durability: WAL with `synchronous=FULL`, so a transaction is on disk when `COMMIT` returns.
+//! One interface, [`Store`], with its queries written once in [`Tx`] over a backend's
+//! transaction (`sql.rs`): SQLite (`sqlite.rs`), one file, the embedded default for one machine.
 //! Every state change commits with its audit record in one transaction ([`Store::write`]).
-//! Nothing outside this module knows the schema; the narrow interface below is what a future
-//! PostgreSQL store for several nodes would implement.
+//! Nothing outside this module knows the schema.
 
 mod schema;
+mod sql;
+mod sqlite;
 
 use std::fmt;
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
 
-use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+use sql::{Param, Row, Sql, first};
 
 use crate::audit::{AuditEvent, Checkpoint, GENESIS, StoredRecord};
 use crate::domain::ids::{AliasName, KeyId};
@@ -169,115 +170,53 @@ pub struct Intent {
 /// A principal's name or a grant's id, and when it was last used (never: `None`).
 pub type LastUse = (String, Option<i64>);
 
-/// The SQLite store. One connection behind a mutex: writes are serialised by SQLite anyway, and
-/// the data plane never reads the database (it reads the in-memory registry).
+/// The store: one interface, two backends. SQLite is the embedded default for one machine;
+/// PostgreSQL serves several nodes. Every query is written once, in `Tx`, over the backend's
+/// transaction (`sql::Sql`).
+#[derive(Debug)]
 pub struct Store {
-    conn: Mutex<Connection>,
-    path: std::path::PathBuf,
-    /// The storage fault last applied to the connection (`test-hooks` builds only).
-    fault: Mutex<Option<crate::hooks::StoreFault>>,
+    backend: Backend,
+}
+
+#[derive(Debug)]
+enum Backend {
+    Sqlite(sqlite::SqliteStore),
 }
 
 /// The database's file name in the data directory, and the journal files SQLite keeps beside it.
 pub const DATABASE_FILES: [&str; 3] = ["kms.db", "kms.db-wal", "kms.db-shm"];
 
-/// The suffix of the snapshot files backups are made from; one left by a crash is removed at
-/// the next open.
-const SNAPSHOT_SUFFIX: &str = ".snapshot";
-
-impl fmt::Debug for Store {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Store")
-    }
-}
-
 impl Store {
-    /// Opens the database, making it if missing. A new database file is made mode 0600 before
-    /// SQLite opens it, and SQLite gives its WAL and shared-memory files the database file's
-    /// mode, so none of the three is ever readable by other accounts (`files.rs`).
+    /// Opens (or makes) the SQLite database at `path`.
     pub fn open(path: &Path) -> Result<Store> {
-        if !path.exists() {
-            crate::files::create_new(path).map_err(|e| StoreError::io("creating the database file", e))?;
-        }
-        let mut conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        schema::migrate(&mut conn)?;
-        let stale = snapshot_path(path);
-        if stale.exists() {
-            tracing::warn!(path = %stale.display(), "removing the snapshot of an interrupted backup");
-            std::fs::remove_file(&stale).map_err(|e| StoreError::io("removing a stale snapshot", e))?;
-        }
-        Ok(Store { conn: Mutex::new(conn), path: path.to_path_buf(), fault: Mutex::new(None) })
+        Ok(Store { backend: Backend::Sqlite(sqlite::SqliteStore::open(path)?) })
     }
 
-    /// Applies the storage fault the tests asked for, or lifts it, when it changed.
-    fn apply_fault(&self, conn: &Connection) -> Result<()> {
-        use crate::hooks::StoreFault;
-        let want = crate::hooks::store_fault();
-        let mut applied = self.fault.lock().unwrap_or_else(|p| p.into_inner());
-        if *applied != want {
-            let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-            let max_pages = if want == Some(StoreFault::DiskFull) { pages } else { 4_294_967_294 };
-            conn.query_row(&format!("PRAGMA max_page_count = {max_pages}"), [], |_| Ok(()))?;
-            conn.pragma_update(None, "query_only", want == Some(StoreFault::ReadOnly))?;
-            *applied = want;
-        }
-        Ok(())
-    }
-
-    /// Writes a consistent copy of the whole database to a new file beside it (`VACUUM INTO`
-    /// on a connection of its own: in WAL mode the service goes on writing meanwhile), opens it
-    /// and unlinks it, so that only the returned handle reaches it and nothing is left behind.
-    pub fn snapshot(&self) -> Result<std::fs::File> {
-        let dest = snapshot_path(&self.path);
-        let _ = std::fs::remove_file(&dest);
-        // `VACUUM INTO` writes into an empty file: made first, so that it is private from the start.
-        crate::files::create_new(&dest).map_err(|e| StoreError::io("creating the snapshot", e))?;
-        let conn = Connection::open_with_flags(&self.path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute("VACUUM INTO ?1", params![dest.to_string_lossy()])?;
-        let file = std::fs::File::open(&dest).map_err(|e| StoreError::io("opening the snapshot", e))?;
-        std::fs::remove_file(&dest).map_err(|e| StoreError::io("unlinking the snapshot", e))?;
-        Ok(file)
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Connection> {
-        // rusqlite rolls back an unfinished transaction when it is dropped during a panic, so
-        // the connection is consistent even if the lock was poisoned.
-        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Runs `f` in one immediate (write-locked) transaction; commits if it returns `Ok`.
+    /// Runs `f` in one write transaction; commits if it returns `Ok`.
     pub fn write<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
-        let mut conn = self.lock();
-        if crate::hooks::ENABLED {
-            self.apply_fault(&conn)?;
+        match &self.backend {
+            Backend::Sqlite(s) => s.write(|sql| f(&Tx(sql))),
         }
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let out = f(&Tx(&tx))?;
-        tx.commit()?;
-        Ok(out)
     }
 
     /// Runs `f` in a read transaction (a consistent snapshot).
     pub fn read<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
-        let mut conn = self.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
-        f(&Tx(&tx))
+        match &self.backend {
+            Backend::Sqlite(s) => s.read(|sql| f(&Tx(sql))),
+        }
+    }
+
+    /// A consistent copy of the whole database as a SQLite file (the backup's database section),
+    /// already unlinked: only the returned handle reaches it.
+    pub fn snapshot(&self) -> Result<std::fs::File> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.snapshot(),
+        }
     }
 }
 
-fn snapshot_path(db: &Path) -> std::path::PathBuf {
-    let mut name = db.as_os_str().to_owned();
-    name.push(SNAPSHOT_SUFFIX);
-    name.into()
-}
-
 /// A transaction, with the service's queries as methods.
-pub struct Tx<'a>(&'a rusqlite::Transaction<'a>);
+pub struct Tx<'a>(&'a dyn Sql);
 
 impl fmt::Debug for Tx<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -285,12 +224,12 @@ impl fmt::Debug for Tx<'_> {
     }
 }
 
-fn corrupt(table: &'static str, detail: impl fmt::Display) -> rusqlite::Error {
-    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(StoreError::Corrupt { table, detail: detail.to_string() }))
+fn corrupt(table: &'static str, detail: impl fmt::Display) -> StoreError {
+    StoreError::Corrupt { table, detail: detail.to_string() }
 }
 
-fn key_id_col(row: &Row<'_>, idx: usize, table: &'static str) -> rusqlite::Result<KeyId> {
-    let text: String = row.get(idx)?;
+fn key_id_col(row: &Row, idx: usize, table: &'static str) -> Result<KeyId> {
+    let text = row.text(idx)?;
     text.parse().map_err(|_| corrupt(table, format!("bad key id {text:?}")))
 }
 
@@ -302,6 +241,18 @@ fn to_u64(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
 
+fn to_u32(n: i64, table: &'static str) -> Result<u32> {
+    u32::try_from(n).map_err(|_| corrupt(table, format!("{n} is not a version or count")))
+}
+
+fn enabled(state: bool) -> &'static str {
+    if state { "Enabled" } else { "Disabled" }
+}
+
+/// How many audit records one INSERT carries (13 parameters each: within both backends' limits,
+/// SQLite's 32,766 and PostgreSQL's 65,535 parameters a statement).
+const AUDIT_ROWS_PER_INSERT: usize = 500;
+
 impl Tx<'_> {
     // ----- keys -----
 
@@ -310,16 +261,16 @@ impl Tx<'_> {
             "INSERT INTO keys (key_id, description, state, compromised, created_at,
                 rotation_period_secs, next_rotation_at, destruction_at, primary_version)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                k.key_id.to_string(),
-                k.description,
-                k.state.as_str(),
-                k.compromised,
-                k.created_at,
-                to_i64(k.rotation_period_secs),
-                k.next_rotation_at,
-                k.destruction_at,
-                k.primary_version
+            &[
+                (&k.key_id.to_string()).into(),
+                (&k.description).into(),
+                k.state.as_str().into(),
+                k.compromised.into(),
+                k.created_at.into(),
+                to_i64(k.rotation_period_secs).into(),
+                k.next_rotation_at.into(),
+                k.destruction_at.into(),
+                k.primary_version.into(),
             ],
         )?;
         Ok(())
@@ -331,41 +282,43 @@ impl Tx<'_> {
                 rotation_period_secs = ?5, next_rotation_at = ?6, destruction_at = ?7,
                 primary_version = ?8
              WHERE key_id = ?1",
-            params![
-                k.key_id.to_string(),
-                k.description,
-                k.state.as_str(),
-                k.compromised,
-                to_i64(k.rotation_period_secs),
-                k.next_rotation_at,
-                k.destruction_at,
-                k.primary_version
+            &[
+                (&k.key_id.to_string()).into(),
+                (&k.description).into(),
+                k.state.as_str().into(),
+                k.compromised.into(),
+                to_i64(k.rotation_period_secs).into(),
+                k.next_rotation_at.into(),
+                k.destruction_at.into(),
+                k.primary_version.into(),
             ],
         )?;
         Ok(())
     }
 
     pub fn keys(&self) -> Result<Vec<KeyRecord>> {
-        let mut stmt = self.0.prepare(
+        let rows = self.0.query(
             "SELECT key_id, description, state, compromised, created_at, rotation_period_secs,
                     next_rotation_at, destruction_at, primary_version
              FROM keys ORDER BY created_at, key_id",
+            &[],
         )?;
-        let rows = stmt.query_map([], |row| {
-            let state: String = row.get(2)?;
-            Ok(KeyRecord {
-                key_id: key_id_col(row, 0, "keys")?,
-                description: row.get(1)?,
-                state: KeyState::parse(&state).ok_or_else(|| corrupt("keys", format!("state {state:?}")))?,
-                compromised: row.get(3)?,
-                created_at: row.get(4)?,
-                rotation_period_secs: to_u64(row.get(5)?),
-                next_rotation_at: row.get(6)?,
-                destruction_at: row.get(7)?,
-                primary_version: row.get(8)?,
+        rows.iter()
+            .map(|row| {
+                let state = row.text(2)?;
+                Ok(KeyRecord {
+                    key_id: key_id_col(row, 0, "keys")?,
+                    description: row.text(1)?,
+                    state: KeyState::parse(&state).ok_or_else(|| corrupt("keys", format!("state {state:?}")))?,
+                    compromised: row.flag(3)?,
+                    created_at: row.int(4)?,
+                    rotation_period_secs: to_u64(row.int(5)?),
+                    next_rotation_at: row.opt_int(6)?,
+                    destruction_at: row.opt_int(7)?,
+                    primary_version: to_u32(row.int(8)?, "keys")?,
+                })
             })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+            .collect()
     }
 
     // ----- versions -----
@@ -374,7 +327,14 @@ impl Tx<'_> {
         self.0.execute(
             "INSERT INTO key_versions (key_id, version, state, created_at, reserved, destruction_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![v.key_id.to_string(), v.version, v.state.as_str(), v.created_at, to_i64(v.reserved), v.destruction_at],
+            &[
+                (&v.key_id.to_string()).into(),
+                v.version.into(),
+                v.state.as_str().into(),
+                v.created_at.into(),
+                to_i64(v.reserved).into(),
+                v.destruction_at.into(),
+            ],
         )?;
         Ok(())
     }
@@ -382,7 +342,7 @@ impl Tx<'_> {
     pub fn update_version_state(&self, v: &VersionRecord) -> Result<()> {
         self.0.execute(
             "UPDATE key_versions SET state = ?3, destruction_at = ?4 WHERE key_id = ?1 AND version = ?2",
-            params![v.key_id.to_string(), v.version, v.state.as_str(), v.destruction_at],
+            &[(&v.key_id.to_string()).into(), v.version.into(), v.state.as_str().into(), v.destruction_at.into()],
         )?;
         Ok(())
     }
@@ -390,29 +350,31 @@ impl Tx<'_> {
     /// Raises a version's reserved count (never lowers it).
     pub fn reserve_usage(&self, key_id: KeyId, version: u32, reserved: u64) -> Result<()> {
         self.0.execute(
-            "UPDATE key_versions SET reserved = MAX(reserved, ?3) WHERE key_id = ?1 AND version = ?2",
-            params![key_id.to_string(), version, to_i64(reserved)],
+            "UPDATE key_versions SET reserved = CASE WHEN reserved > ?3 THEN reserved ELSE ?3 END WHERE key_id = ?1 AND version = ?2",
+            &[(&key_id.to_string()).into(), version.into(), to_i64(reserved).into()],
         )?;
         Ok(())
     }
 
     pub fn versions(&self) -> Result<Vec<VersionRecord>> {
-        let mut stmt = self.0.prepare(
+        let rows = self.0.query(
             "SELECT key_id, version, state, created_at, reserved, destruction_at
              FROM key_versions ORDER BY key_id, version",
+            &[],
         )?;
-        let rows = stmt.query_map([], |row| {
-            let state: String = row.get(2)?;
-            Ok(VersionRecord {
-                key_id: key_id_col(row, 0, "key_versions")?,
-                version: row.get(1)?,
-                state: VersionState::parse(&state).ok_or_else(|| corrupt("key_versions", format!("state {state:?}")))?,
-                created_at: row.get(3)?,
-                reserved: to_u64(row.get(4)?),
-                destruction_at: row.get(5)?,
+        rows.iter()
+            .map(|row| {
+                let state = row.text(2)?;
+                Ok(VersionRecord {
+                    key_id: key_id_col(row, 0, "key_versions")?,
+                    version: to_u32(row.int(1)?, "key_versions")?,
+                    state: VersionState::parse(&state).ok_or_else(|| corrupt("key_versions", format!("state {state:?}")))?,
+                    created_at: row.int(3)?,
+                    reserved: to_u64(row.int(4)?),
+                    destruction_at: row.opt_int(5)?,
+                })
             })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+            .collect()
     }
 
     // ----- aliases -----
@@ -422,27 +384,28 @@ impl Tx<'_> {
         let n = self.0.execute(
             "INSERT INTO aliases (alias, key_id, created_at) VALUES (?1, ?2, ?3)
              ON CONFLICT (alias) DO NOTHING",
-            params![a.alias.name(), a.key_id.to_string(), a.created_at],
+            &[a.alias.name().into(), (&a.key_id.to_string()).into(), a.created_at.into()],
         )?;
         Ok(n == 1)
     }
 
     /// Deletes an alias; `Ok(false)` if there was none.
     pub fn delete_alias(&self, alias: &AliasName) -> Result<bool> {
-        Ok(self.0.execute("DELETE FROM aliases WHERE alias = ?1", params![alias.name()])? == 1)
+        Ok(self.0.execute("DELETE FROM aliases WHERE alias = ?1", &[alias.name().into()])? == 1)
     }
 
     pub fn aliases(&self) -> Result<Vec<AliasRecord>> {
-        let mut stmt = self.0.prepare("SELECT alias, key_id, created_at FROM aliases ORDER BY alias")?;
-        let rows = stmt.query_map([], |row| {
-            let name: String = row.get(0)?;
-            Ok(AliasRecord {
-                alias: AliasName::parse(&name).map_err(|_| corrupt("aliases", format!("alias {name:?}")))?,
-                key_id: key_id_col(row, 1, "aliases")?,
-                created_at: row.get(2)?,
+        let rows = self.0.query("SELECT alias, key_id, created_at FROM aliases ORDER BY alias", &[])?;
+        rows.iter()
+            .map(|row| {
+                let name = row.text(0)?;
+                Ok(AliasRecord {
+                    alias: AliasName::parse(&name).map_err(|_| corrupt("aliases", format!("alias {name:?}")))?,
+                    key_id: key_id_col(row, 1, "aliases")?,
+                    created_at: row.int(2)?,
+                })
             })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+            .collect()
     }
 
     // ----- principals and grants -----
@@ -451,44 +414,50 @@ impl Tx<'_> {
     pub fn insert_principal(&self, name: &str, state: PrincipalState, now: i64) -> Result<bool> {
         let n = self.0.execute(
             "INSERT INTO principals (name, state, created_at) VALUES (?1, ?2, ?3) ON CONFLICT (name) DO NOTHING",
-            params![name, state.as_str(), now],
+            &[name.into(), state.as_str().into(), now.into()],
         )?;
         Ok(n == 1)
     }
 
     pub fn set_principal_state(&self, name: &str, state: PrincipalState) -> Result<()> {
-        self.0.execute("UPDATE principals SET state = ?2 WHERE name = ?1", params![name, state.as_str()])?;
+        self.0.execute("UPDATE principals SET state = ?2 WHERE name = ?1", &[name.into(), state.as_str().into()])?;
         Ok(())
     }
 
     pub fn principals(&self) -> Result<Vec<PrincipalRecord>> {
-        let mut stmt = self.0.prepare("SELECT name, state, created_at FROM principals ORDER BY name")?;
-        let rows = stmt.query_map([], |r| {
-            let state: String = r.get(1)?;
-            Ok(PrincipalRecord {
-                name: r.get(0)?,
-                state: PrincipalState::parse(&state).ok_or_else(|| corrupt("principals", format!("state {state:?}")))?,
-                created_at: r.get(2)?,
+        let rows = self.0.query("SELECT name, state, created_at FROM principals ORDER BY name", &[])?;
+        rows.iter()
+            .map(|r| {
+                let state = r.text(1)?;
+                Ok(PrincipalRecord {
+                    name: r.text(0)?,
+                    state: PrincipalState::parse(&state).ok_or_else(|| corrupt("principals", format!("state {state:?}")))?,
+                    created_at: r.int(2)?,
+                })
             })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+            .collect()
     }
 
     pub fn insert_grant(&self, g: &Grant) -> Result<()> {
         let ops: Vec<&str> = g.operations.iter().map(|o| o.as_str()).collect();
+        let (ops, pairs, keys) = (
+            ops.join(","),
+            serde_json::to_string(&g.required_pairs).unwrap_or_default(),
+            serde_json::to_string(&g.required_keys).unwrap_or_default(),
+        );
         self.0.execute(
             "INSERT INTO grants (grant_id, principal, key_id, operations, required_context,
                 required_context_keys, expires_at, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![
-                g.grant_id,
-                g.principal,
-                g.key_id.to_string(),
-                ops.join(","),
-                serde_json::to_string(&g.required_pairs).unwrap_or_default(),
-                serde_json::to_string(&g.required_keys).unwrap_or_default(),
-                g.expires_at,
-                g.created_at
+            &[
+                (&g.grant_id).into(),
+                (&g.principal).into(),
+                (&g.key_id.to_string()).into(),
+                (&ops).into(),
+                (&pairs).into(),
+                (&keys).into(),
+                g.expires_at.into(),
+                g.created_at.into(),
             ],
         )?;
         Ok(())
@@ -496,80 +465,75 @@ impl Tx<'_> {
 
     /// Marks a grant revoked; `Ok(false)` if there was no live grant with that id.
     pub fn revoke_grant(&self, grant_id: &str, now: i64) -> Result<bool> {
-        let n = self.0.execute("UPDATE grants SET revoked_at = ?2 WHERE grant_id = ?1 AND revoked_at IS NULL", params![grant_id, now])?;
+        let n = self.0.execute("UPDATE grants SET revoked_at = ?2 WHERE grant_id = ?1 AND revoked_at IS NULL", &[grant_id.into(), now.into()])?;
         Ok(n == 1)
     }
 
     /// Every grant not revoked (expired ones included: they stay visible until revoked).
     pub fn grants(&self) -> Result<Vec<Grant>> {
-        let mut stmt = self.0.prepare(
+        let rows = self.0.query(
             "SELECT grant_id, principal, key_id, operations, required_context, required_context_keys,
                     expires_at, created_at
              FROM grants WHERE revoked_at IS NULL ORDER BY created_at, grant_id",
+            &[],
         )?;
-        let rows = stmt.query_map([], |r| {
-            let ops: String = r.get(3)?;
-            let operations = ops
-                .split(',')
-                .map(|o| Operation::parse(o).ok_or_else(|| corrupt("grants", format!("operation {o:?}"))))
-                .collect::<rusqlite::Result<_>>()?;
-            let pairs: String = r.get(4)?;
-            let keys: String = r.get(5)?;
-            Ok(Grant {
-                grant_id: r.get(0)?,
-                principal: r.get(1)?,
-                key_id: key_id_col(r, 2, "grants")?,
-                operations,
-                required_pairs: serde_json::from_str(&pairs).map_err(|e| corrupt("grants", e))?,
-                required_keys: serde_json::from_str(&keys).map_err(|e| corrupt("grants", e))?,
-                expires_at: r.get(6)?,
-                created_at: r.get(7)?,
+        rows.iter()
+            .map(|r| {
+                let ops = r.text(3)?;
+                let operations = ops
+                    .split(',')
+                    .map(|o| Operation::parse(o).ok_or_else(|| corrupt("grants", format!("operation {o:?}"))))
+                    .collect::<Result<_>>()?;
+                Ok(Grant {
+                    grant_id: r.text(0)?,
+                    principal: r.text(1)?,
+                    key_id: key_id_col(r, 2, "grants")?,
+                    operations,
+                    required_pairs: serde_json::from_str(&r.text(4)?).map_err(|e| corrupt("grants", e))?,
+                    required_keys: serde_json::from_str(&r.text(5)?).map_err(|e| corrupt("grants", e))?,
+                    expires_at: r.opt_int(6)?,
+                    created_at: r.int(7)?,
+                })
             })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+            .collect()
     }
 
     // ----- access review -----
 
     /// Records last-use times (never moving one backwards).
     pub fn record_use(&self, principals: &[(String, i64)], grants: &[(String, i64)]) -> Result<()> {
-        let mut p = self.0.prepare_cached("UPDATE principals SET last_used_at = MAX(IFNULL(last_used_at, 0), ?2) WHERE name = ?1")?;
         for (name, at) in principals {
-            p.execute(params![name, at])?;
+            self.0.execute(
+                "UPDATE principals SET last_used_at = CASE WHEN COALESCE(last_used_at, 0) > ?2 THEN last_used_at ELSE ?2 END WHERE name = ?1",
+                &[name.into(), (*at).into()],
+            )?;
         }
-        let mut g = self.0.prepare_cached("UPDATE grants SET last_used_at = MAX(IFNULL(last_used_at, 0), ?2) WHERE grant_id = ?1")?;
         for (id, at) in grants {
-            g.execute(params![id, at])?;
+            self.0.execute(
+                "UPDATE grants SET last_used_at = CASE WHEN COALESCE(last_used_at, 0) > ?2 THEN last_used_at ELSE ?2 END WHERE grant_id = ?1",
+                &[id.into(), (*at).into()],
+            )?;
         }
         Ok(())
     }
 
     /// Last-use times of principals and (live) grants, by name and id.
     pub fn last_uses(&self) -> Result<(Vec<LastUse>, Vec<LastUse>)> {
-        let principals = self
-            .0
-            .prepare("SELECT name, last_used_at FROM principals")?
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<rusqlite::Result<_>>()?;
-        let grants = self
-            .0
-            .prepare("SELECT grant_id, last_used_at FROM grants WHERE revoked_at IS NULL")?
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<rusqlite::Result<_>>()?;
+        let pairs = |rows: Vec<Row>| rows.iter().map(|r| Ok((r.text(0)?, r.opt_int(1)?))).collect::<Result<Vec<_>>>();
+        let principals = pairs(self.0.query("SELECT name, last_used_at FROM principals", &[])?)?;
+        let grants = pairs(self.0.query("SELECT grant_id, last_used_at FROM grants WHERE revoked_at IS NULL", &[])?)?;
         Ok((principals, grants))
     }
 
     pub fn insert_signoff(&self, officer: &str, time: i64, note: &str) -> Result<()> {
-        self.0.execute("INSERT INTO review_signoffs (officer, time, note) VALUES (?1, ?2, ?3)", params![officer, time, note])?;
+        self.0.execute("INSERT INTO review_signoffs (officer, time, note) VALUES (?1, ?2, ?3)", &[officer.into(), time.into(), note.into()])?;
         Ok(())
     }
 
     /// The last sign-off: who and when.
     pub fn last_signoff(&self) -> Result<Option<(String, i64)>> {
-        Ok(self
-            .0
-            .query_row("SELECT officer, time FROM review_signoffs ORDER BY time DESC, id DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?)
+        let row = first(self.0.query("SELECT officer, time FROM review_signoffs ORDER BY time DESC, id DESC LIMIT 1", &[])?);
+        row.map(|r| Ok((r.text(0)?, r.int(1)?))).transpose()
     }
 
     // ----- officers and sessions -----
@@ -579,17 +543,17 @@ impl Tx<'_> {
             "INSERT INTO officers (name, role, state, passphrase_hash, totp_secret, last_totp_step,
                 failed_attempts, locked_until, created_at, last_login_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (name) DO NOTHING",
-            params![
-                o.name,
-                o.role.as_str(),
-                if o.enabled { "Enabled" } else { "Disabled" },
-                o.passphrase_hash,
-                o.sealed_totp,
-                to_i64(o.last_totp_step),
-                o.failed_attempts,
-                o.locked_until,
-                o.created_at,
-                o.last_login_at
+            &[
+                (&o.name).into(),
+                o.role.as_str().into(),
+                enabled(o.enabled).into(),
+                (&o.passphrase_hash).into(),
+                (&o.sealed_totp).into(),
+                to_i64(o.last_totp_step).into(),
+                o.failed_attempts.into(),
+                o.locked_until.into(),
+                o.created_at.into(),
+                o.last_login_at.into(),
             ],
         )?;
         Ok(n == 1)
@@ -601,43 +565,44 @@ impl Tx<'_> {
             "UPDATE officers SET state = ?2, passphrase_hash = ?3, totp_secret = ?4, last_totp_step = ?5,
                 failed_attempts = ?6, locked_until = ?7, last_login_at = ?8
              WHERE name = ?1",
-            params![
-                o.name,
-                if o.enabled { "Enabled" } else { "Disabled" },
-                o.passphrase_hash,
-                o.sealed_totp,
-                to_i64(o.last_totp_step),
-                o.failed_attempts,
-                o.locked_until,
-                o.last_login_at
+            &[
+                (&o.name).into(),
+                enabled(o.enabled).into(),
+                (&o.passphrase_hash).into(),
+                (&o.sealed_totp).into(),
+                to_i64(o.last_totp_step).into(),
+                o.failed_attempts.into(),
+                o.locked_until.into(),
+                o.last_login_at.into(),
             ],
         )?;
         Ok(())
     }
 
     pub fn officers(&self) -> Result<Vec<OfficerRecord>> {
-        let mut stmt = self.0.prepare(
+        let rows = self.0.query(
             "SELECT name, role, state, passphrase_hash, totp_secret, last_totp_step, failed_attempts,
                     locked_until, created_at, last_login_at
              FROM officers ORDER BY name",
+            &[],
         )?;
-        let rows = stmt.query_map([], |r| {
-            let role: String = r.get(1)?;
-            let state: String = r.get(2)?;
-            Ok(OfficerRecord {
-                name: r.get(0)?,
-                role: Role::parse(&role).ok_or_else(|| corrupt("officers", format!("role {role:?}")))?,
-                enabled: state == "Enabled",
-                passphrase_hash: r.get(3)?,
-                sealed_totp: r.get(4)?,
-                last_totp_step: to_u64(r.get(5)?),
-                failed_attempts: r.get(6)?,
-                locked_until: r.get(7)?,
-                created_at: r.get(8)?,
-                last_login_at: r.get(9)?,
+        rows.iter()
+            .map(|r| {
+                let role = r.text(1)?;
+                Ok(OfficerRecord {
+                    name: r.text(0)?,
+                    role: Role::parse(&role).ok_or_else(|| corrupt("officers", format!("role {role:?}")))?,
+                    enabled: r.text(2)? == "Enabled",
+                    passphrase_hash: r.text(3)?,
+                    sealed_totp: r.blob(4)?,
+                    last_totp_step: to_u64(r.int(5)?),
+                    failed_attempts: to_u32(r.int(6)?, "officers")?,
+                    locked_until: r.opt_int(7)?,
+                    created_at: r.int(8)?,
+                    last_login_at: r.opt_int(9)?,
+                })
             })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+            .collect()
     }
 
     pub fn officer(&self, name: &str) -> Result<Option<OfficerRecord>> {
@@ -647,74 +612,72 @@ impl Tx<'_> {
     pub fn insert_session(&self, token_hash: &[u8], officer: &str, now: i64, expires_at: i64) -> Result<()> {
         self.0.execute(
             "INSERT INTO sessions (token_hash, officer, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
-            params![token_hash, officer, now, expires_at],
+            &[token_hash.into(), officer.into(), now.into(), expires_at.into()],
         )?;
         Ok(())
     }
 
     /// The officer and expiry of a session.
     pub fn session(&self, token_hash: &[u8]) -> Result<Option<(String, i64)>> {
-        Ok(self
-            .0
-            .query_row("SELECT officer, expires_at FROM sessions WHERE token_hash = ?1", params![token_hash], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?)
+        let row = first(self.0.query("SELECT officer, expires_at FROM sessions WHERE token_hash = ?1", &[token_hash.into()])?);
+        row.map(|r| Ok((r.text(0)?, r.int(1)?))).transpose()
     }
 
     pub fn delete_session(&self, token_hash: &[u8]) -> Result<()> {
-        self.0.execute("DELETE FROM sessions WHERE token_hash = ?1", params![token_hash])?;
+        self.0.execute("DELETE FROM sessions WHERE token_hash = ?1", &[token_hash.into()])?;
         Ok(())
     }
 
     /// Ends every session of an officer, and every expired one.
     pub fn delete_sessions(&self, officer: &str, now: i64) -> Result<()> {
-        self.0.execute("DELETE FROM sessions WHERE officer = ?1 OR expires_at <= ?2", params![officer, now])?;
+        self.0.execute("DELETE FROM sessions WHERE officer = ?1 OR expires_at <= ?2", &[officer.into(), now.into()])?;
         Ok(())
     }
 
     /// Ends every officer session (a restored database must not honour tokens issued before).
     pub fn delete_all_sessions(&self) -> Result<()> {
-        self.0.execute("DELETE FROM sessions", [])?;
+        self.0.execute("DELETE FROM sessions", &[])?;
         Ok(())
     }
 
     /// Raises every version's reserved encryptions to at least `at_least` (a restore: the
     /// encryptions made after the backup are unknown, so the restored versions encrypt no more).
     pub fn reserve_all_at_least(&self, at_least: u64) -> Result<()> {
-        self.0.execute("UPDATE key_versions SET reserved = MAX(reserved, ?1)", params![to_i64(at_least)])?;
+        self.0.execute("UPDATE key_versions SET reserved = CASE WHEN reserved > ?1 THEN reserved ELSE ?1 END", &[to_i64(at_least).into()])?;
         Ok(())
     }
 
     // ----- intents -----
 
     pub fn insert_intent(&self, kind: IntentKind, key_id: KeyId, version: u32, now: i64) -> Result<i64> {
-        self.0.execute(
-            "INSERT INTO intents (kind, key_id, version, created_at) VALUES (?1, ?2, ?3, ?4)",
-            params![kind.as_str(), key_id.to_string(), version, now],
-        )?;
-        Ok(self.0.last_insert_rowid())
+        let row = first(self.0.query(
+            "INSERT INTO intents (kind, key_id, version, created_at) VALUES (?1, ?2, ?3, ?4) RETURNING id",
+            &[kind.as_str().into(), (&key_id.to_string()).into(), version.into(), now.into()],
+        )?);
+        row.ok_or_else(|| corrupt("intents", "no id returned"))?.int(0)
     }
 
     pub fn delete_intent(&self, id: i64) -> Result<()> {
-        self.0.execute("DELETE FROM intents WHERE id = ?1", params![id])?;
+        self.0.execute("DELETE FROM intents WHERE id = ?1", &[id.into()])?;
         Ok(())
     }
 
     pub fn intents(&self) -> Result<Vec<Intent>> {
-        let mut stmt = self.0.prepare("SELECT id, kind, key_id, version FROM intents ORDER BY id")?;
-        let rows = stmt.query_map([], |row| {
-            let kind: String = row.get(1)?;
-            Ok(Intent {
-                id: row.get(0)?,
-                kind: match kind.as_str() {
-                    "create" => IntentKind::Create,
-                    "destroy" => IntentKind::Destroy,
-                    other => return Err(corrupt("intents", format!("kind {other:?}"))),
-                },
-                key_id: key_id_col(row, 2, "intents")?,
-                version: row.get(3)?,
+        let rows = self.0.query("SELECT id, kind, key_id, version FROM intents ORDER BY id", &[])?;
+        rows.iter()
+            .map(|row| {
+                Ok(Intent {
+                    id: row.int(0)?,
+                    kind: match row.text(1)?.as_str() {
+                        "create" => IntentKind::Create,
+                        "destroy" => IntentKind::Destroy,
+                        other => return Err(corrupt("intents", format!("kind {other:?}"))),
+                    },
+                    key_id: key_id_col(row, 2, "intents")?,
+                    version: to_u32(row.int(3)?, "intents")?,
+                })
             })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+            .collect()
     }
 
     // ----- audit -----
@@ -725,22 +688,18 @@ impl Tx<'_> {
     }
 
     /// Appends audit records in order, each chained to the one before (a group commit writes a
-    /// whole batch in one transaction); returns the last one's sequence number and hash (none
-    /// when there were no records).
+    /// whole batch in one transaction, a few hundred records to a statement); returns the last
+    /// one's sequence number and hash (none when there were no records).
     pub fn append_audits<'e>(&self, events: impl IntoIterator<Item = &'e AuditEvent>, now: i64) -> Result<Option<(i64, Vec<u8>)>> {
         let (mut seq, mut prev) = match self.last_audit()? {
             Some((seq, hash)) => {
-                let prev: [u8; 32] = hash.try_into().map_err(|_| StoreError::Corrupt { table: "audit", detail: "hash length".into() })?;
+                let prev: [u8; 32] = hash.try_into().map_err(|_| corrupt("audit", "hash length"))?;
                 (seq, prev)
             }
             None => (0, GENESIS),
         };
-        let mut insert = self.0.prepare_cached(
-            "INSERT INTO audit (seq, time, request_id, principal, operation, key_id, key_version,
-                context, outcome, status, detail, hash, caller_context)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-        )?;
         let before = seq;
+        let mut rows: Vec<(StoredRecord, [u8; 32])> = Vec::new();
         for event in events {
             seq += 1;
             let record = StoredRecord {
@@ -757,58 +716,77 @@ impl Tx<'_> {
                 detail: event.detail.clone(),
                 caller_context: event.caller_context.clone(),
             };
-            let hash = record.chain_hash(&prev);
-            insert.execute(params![
-                record.seq,
-                record.time,
-                record.request_id,
-                record.principal,
-                record.operation,
-                record.key_id,
-                record.key_version,
-                record.context,
-                record.outcome,
-                record.status,
-                record.detail,
-                hash.to_vec(),
-                record.caller_context
-            ])?;
-            prev = hash;
+            prev = record.chain_hash(&prev);
+            rows.push((record, prev));
+        }
+        for chunk in rows.chunks(AUDIT_ROWS_PER_INSERT) {
+            let mut sql = String::from(
+                "INSERT INTO audit (seq, time, request_id, principal, operation, key_id, key_version,
+                    context, outcome, status, detail, hash, caller_context) VALUES ",
+            );
+            let mut params: Vec<Param<'_>> = Vec::with_capacity(chunk.len() * 13);
+            for (i, (r, hash)) in chunk.iter().enumerate() {
+                let n = i * 13;
+                sql.push_str(if i == 0 { "(" } else { ", (" });
+                sql.push_str(&(1..=13).map(|k| format!("?{}", n + k)).collect::<Vec<_>>().join(", "));
+                sql.push(')');
+                params.extend([
+                    r.seq.into(),
+                    r.time.into(),
+                    (&r.request_id).into(),
+                    (&r.principal).into(),
+                    (&r.operation).into(),
+                    r.key_id.as_ref().into(),
+                    r.key_version.into(),
+                    r.context.as_ref().into(),
+                    (&r.outcome).into(),
+                    (&r.status).into(),
+                    (&r.detail).into(),
+                    Param::Blob(hash),
+                    r.caller_context.as_ref().into(),
+                ]);
+            }
+            self.0.execute_dynamic(&sql, &params)?;
         }
         Ok((seq > before).then(|| (seq, prev.to_vec())))
     }
 
     /// The last audit record's sequence number and hash.
     pub fn last_audit(&self) -> Result<Option<(i64, Vec<u8>)>> {
-        let mut last = self.0.prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")?;
-        Ok(last.query_row([], |r| Ok((r.get(0)?, r.get(1)?))).optional()?)
+        let row = first(self.0.query("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[])?);
+        row.map(|r| Ok((r.int(0)?, r.blob(1)?))).transpose()
     }
 
     pub fn insert_checkpoint(&self, c: &Checkpoint) -> Result<()> {
-        self.0.execute("INSERT INTO audit_checkpoints (seq, time, hash, mac) VALUES (?1, ?2, ?3, ?4)", params![c.seq, c.time, c.hash, c.mac])?;
+        self.0.execute(
+            "INSERT INTO audit_checkpoints (seq, time, hash, mac) VALUES (?1, ?2, ?3, ?4)",
+            &[c.seq.into(), c.time.into(), (&c.hash).into(), (&c.mac).into()],
+        )?;
         Ok(())
     }
 
     /// The newest checkpoint's sequence number and time.
     pub fn last_checkpoint(&self) -> Result<Option<(i64, i64)>> {
-        Ok(self.0.query_row("SELECT seq, time FROM audit_checkpoints ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?))).optional()?)
+        let row = first(self.0.query("SELECT seq, time FROM audit_checkpoints ORDER BY seq DESC LIMIT 1", &[])?);
+        row.map(|r| Ok((r.int(0)?, r.int(1)?))).transpose()
     }
 
     pub fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
-        let mut stmt = self.0.prepare("SELECT seq, time, hash, mac FROM audit_checkpoints ORDER BY seq")?;
-        let rows = stmt.query_map([], |r| Ok(Checkpoint { seq: r.get(0)?, time: r.get(1)?, hash: r.get(2)?, mac: r.get(3)? }))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        let rows = self.0.query("SELECT seq, time, hash, mac FROM audit_checkpoints ORDER BY seq", &[])?;
+        rows.iter().map(checkpoint).collect()
     }
 
     /// The revocation epoch: it rises with every change that takes access away.
     pub fn revocation_epoch(&self) -> Result<u64> {
-        Ok(to_u64(self.0.query_row("SELECT epoch FROM revocation", [], |r| r.get(0))?))
+        let row = first(self.0.query("SELECT epoch FROM revocation", &[])?);
+        Ok(to_u64(row.ok_or_else(|| corrupt("revocation", "no row"))?.int(0)?))
     }
 
     /// Raises the revocation epoch, in the transaction of the change that takes access away;
     /// returns the new one.
     pub fn bump_revocation_epoch(&self) -> Result<u64> {
-        Ok(to_u64(self.0.query_row("UPDATE revocation SET epoch = epoch + 1 RETURNING epoch", [], |r| r.get(0))?))
+        let row = first(self.0.query("UPDATE revocation SET epoch = epoch + 1 RETURNING epoch", &[])?);
+        Ok(to_u64(row.ok_or_else(|| corrupt("revocation", "no row"))?.int(0)?))
     }
 
     /// The newest checkpoint that retention may prune through: its record and every record
@@ -821,27 +799,24 @@ impl Tx<'_> {
     /// times confirmed, by a range of the primary key, in case the clock ever went back. The
     /// sweeper calls this every minute: it never scans the whole trail by time.
     pub fn prunable_checkpoint(&self, cutoff: i64) -> Result<Option<Checkpoint>> {
-        let candidate = self
-            .0
-            .query_row(
-                "SELECT c.seq, c.time, c.hash, c.mac FROM audit_checkpoints c JOIN audit a ON a.seq = c.seq
-                 WHERE c.time <= ?1 AND c.seq < (SELECT MAX(seq) FROM audit)
-                 ORDER BY c.seq DESC LIMIT 1",
-                params![cutoff],
-                |r| Ok(Checkpoint { seq: r.get(0)?, time: r.get(1)?, hash: r.get(2)?, mac: r.get(3)? }),
-            )
-            .optional()?;
-        let Some(candidate) = candidate else { return Ok(None) };
-        let newest: i64 = self.0.query_row("SELECT MAX(time) FROM audit WHERE seq <= ?1", params![candidate.seq], |r| r.get(0))?;
+        let candidate = first(self.0.query(
+            "SELECT c.seq, c.time, c.hash, c.mac FROM audit_checkpoints c JOIN audit a ON a.seq = c.seq
+             WHERE c.time <= ?1 AND c.seq < (SELECT MAX(seq) FROM audit)
+             ORDER BY c.seq DESC LIMIT 1",
+            &[cutoff.into()],
+        )?);
+        let Some(candidate) = candidate.as_ref().map(checkpoint).transpose()? else { return Ok(None) };
+        let newest = first(self.0.query("SELECT MAX(time) FROM audit WHERE seq <= ?1", &[candidate.seq.into()])?);
+        let newest = newest.ok_or_else(|| corrupt("audit", "no time"))?.int(0)?;
         Ok((newest <= cutoff).then_some(candidate))
     }
 
     /// Removes the audit records up to and including `through`, and the checkpoints before it
     /// (the one at `through` stays: it anchors the records kept). Returns how many records went.
     pub fn prune_audit(&self, through: i64) -> Result<usize> {
-        let removed = self.0.execute("DELETE FROM audit WHERE seq <= ?1", params![through])?;
-        self.0.execute("DELETE FROM audit_checkpoints WHERE seq < ?1", params![through])?;
-        Ok(removed)
+        let removed = self.0.execute("DELETE FROM audit WHERE seq <= ?1", &[through.into()])?;
+        self.0.execute("DELETE FROM audit_checkpoints WHERE seq < ?1", &[through.into()])?;
+        Ok(removed as usize)
     }
 
     /// The audit records in order, with their stored hashes.
@@ -852,49 +827,55 @@ impl Tx<'_> {
     /// The details of the kept records of one operation, in order (the verifier reads where
     /// retention cut the trail from its `AuditPrune` records).
     pub fn audit_details(&self, operation: &str) -> Result<Vec<String>> {
-        let mut stmt = self.0.prepare_cached("SELECT detail FROM audit WHERE operation = ?1 ORDER BY seq")?;
-        let rows = stmt.query_map(params![operation], |r| r.get(0))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        let rows = self.0.query("SELECT detail FROM audit WHERE operation = ?1 ORDER BY seq", &[operation.into()])?;
+        rows.iter().map(|r| r.text(0)).collect()
     }
 
     /// How many records are kept.
     pub fn audit_count(&self) -> Result<u64> {
-        Ok(to_u64(self.0.query_row("SELECT COUNT(*) FROM audit", [], |r| r.get(0))?))
+        let row = first(self.0.query("SELECT COUNT(*) FROM audit", &[])?);
+        Ok(to_u64(row.ok_or_else(|| corrupt("audit", "no count"))?.int(0)?))
     }
 
     /// The first kept record's sequence number.
     pub fn first_audit_seq(&self) -> Result<Option<i64>> {
-        Ok(self.0.query_row("SELECT MIN(seq) FROM audit", [], |r| r.get(0))?)
+        first(self.0.query("SELECT MIN(seq) FROM audit", &[])?).map_or(Ok(None), |r| r.opt_int(0))
     }
 
     /// Up to `limit` audit records with a sequence number above `after`, in order.
     pub fn audit_page(&self, after: i64, limit: i64) -> Result<Vec<(StoredRecord, Vec<u8>)>> {
-        let mut stmt = self.0.prepare_cached(
+        let rows = self.0.query(
             "SELECT seq, time, request_id, principal, operation, key_id, key_version, context,
                     outcome, status, detail, hash, caller_context
              FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            &[after.into(), limit.into()],
         )?;
-        let rows = stmt.query_map(params![after, limit], |r| {
-            Ok((
-                StoredRecord {
-                    seq: r.get(0)?,
-                    time: r.get(1)?,
-                    request_id: r.get(2)?,
-                    principal: r.get(3)?,
-                    operation: r.get(4)?,
-                    key_id: r.get(5)?,
-                    key_version: r.get(6)?,
-                    context: r.get(7)?,
-                    outcome: r.get(8)?,
-                    status: r.get(9)?,
-                    detail: r.get(10)?,
-                    caller_context: r.get(12)?,
-                },
-                r.get(11)?,
-            ))
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    StoredRecord {
+                        seq: r.int(0)?,
+                        time: r.int(1)?,
+                        request_id: r.text(2)?,
+                        principal: r.text(3)?,
+                        operation: r.text(4)?,
+                        key_id: r.opt_text(5)?,
+                        key_version: r.opt_int(6)?,
+                        context: r.opt_text(7)?,
+                        outcome: r.text(8)?,
+                        status: r.text(9)?,
+                        detail: r.text(10)?,
+                        caller_context: r.opt_text(12)?,
+                    },
+                    r.blob(11)?,
+                ))
+            })
+            .collect()
     }
+}
+
+fn checkpoint(r: &Row) -> Result<Checkpoint> {
+    Ok(Checkpoint { seq: r.int(0)?, time: r.int(1)?, hash: r.blob(2)?, mac: r.blob(3)? })
 }
 
 #[cfg(test)]

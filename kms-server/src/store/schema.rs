@@ -114,7 +114,7 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO revocation (epoch) VALUES (1);",
 ];
 
-pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+pub fn migrate_sqlite(conn: &mut Connection) -> Result<(), StoreError> {
     let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     let supported = MIGRATIONS.len() as i64;
     if current > supported {

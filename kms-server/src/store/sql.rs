@@ -1,0 +1,185 @@
+//! What the queries need of a backend: run one statement in the current transaction, with
+//! parameters, and read its rows. `Tx`'s queries are written once, against this, in SQL both
+//! SQLite and PostgreSQL take: `?N` placeholders (a backend that numbers them otherwise rewrites
+//! them), integers as 64-bit, `COALESCE`, `CASE`, `RETURNING`, `ON CONFLICT ... DO NOTHING`.
+
+use super::StoreError;
+
+/// A parameter bound to a statement.
+#[derive(Debug, Clone, Copy)]
+pub enum Param<'a> {
+    Null,
+    Int(i64),
+    Text(&'a str),
+    Blob(&'a [u8]),
+}
+
+impl From<i64> for Param<'_> {
+    fn from(n: i64) -> Self {
+        Param::Int(n)
+    }
+}
+
+impl From<u32> for Param<'_> {
+    fn from(n: u32) -> Self {
+        Param::Int(i64::from(n))
+    }
+}
+
+impl From<bool> for Param<'_> {
+    fn from(b: bool) -> Self {
+        Param::Int(i64::from(b))
+    }
+}
+
+impl<'a> From<&'a str> for Param<'a> {
+    fn from(s: &'a str) -> Self {
+        Param::Text(s)
+    }
+}
+
+impl<'a> From<&'a String> for Param<'a> {
+    fn from(s: &'a String) -> Self {
+        Param::Text(s)
+    }
+}
+
+impl<'a> From<&'a [u8]> for Param<'a> {
+    fn from(b: &'a [u8]) -> Self {
+        Param::Blob(b)
+    }
+}
+
+impl<'a> From<&'a Vec<u8>> for Param<'a> {
+    fn from(b: &'a Vec<u8>) -> Self {
+        Param::Blob(b)
+    }
+}
+
+impl<'a, T: Into<Param<'a>>> From<Option<T>> for Param<'a> {
+    fn from(v: Option<T>) -> Self {
+        v.map_or(Param::Null, Into::into)
+    }
+}
+
+/// A value read from a row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    Null,
+    Int(i64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
+/// One row of a result, its columns in the order the statement named them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row(pub Vec<Value>);
+
+/// A column of a row could not be read as asked (a bug, or a database written by something else).
+fn wrong(i: usize, want: &str, got: &Value) -> StoreError {
+    StoreError::Corrupt { table: "row", detail: format!("column {i} is {got:?}, not {want}") }
+}
+
+impl Row {
+    fn at(&self, i: usize) -> Result<&Value, StoreError> {
+        self.0.get(i).ok_or_else(|| StoreError::Corrupt { table: "row", detail: format!("no column {i}") })
+    }
+
+    pub fn int(&self, i: usize) -> Result<i64, StoreError> {
+        match self.at(i)? {
+            Value::Int(n) => Ok(*n),
+            other => Err(wrong(i, "an integer", other)),
+        }
+    }
+
+    pub fn opt_int(&self, i: usize) -> Result<Option<i64>, StoreError> {
+        match self.at(i)? {
+            Value::Null => Ok(None),
+            _ => self.int(i).map(Some),
+        }
+    }
+
+    pub fn text(&self, i: usize) -> Result<String, StoreError> {
+        match self.at(i)? {
+            Value::Text(s) => Ok(s.clone()),
+            other => Err(wrong(i, "text", other)),
+        }
+    }
+
+    pub fn opt_text(&self, i: usize) -> Result<Option<String>, StoreError> {
+        match self.at(i)? {
+            Value::Null => Ok(None),
+            _ => self.text(i).map(Some),
+        }
+    }
+
+    pub fn blob(&self, i: usize) -> Result<Vec<u8>, StoreError> {
+        match self.at(i)? {
+            Value::Blob(b) => Ok(b.clone()),
+            other => Err(wrong(i, "bytes", other)),
+        }
+    }
+
+    pub fn flag(&self, i: usize) -> Result<bool, StoreError> {
+        self.int(i).map(|n| n != 0)
+    }
+}
+
+/// One transaction of a backend.
+pub trait Sql {
+    /// Runs a statement; returns how many rows it changed.
+    fn execute(&self, sql: &'static str, params: &[Param<'_>]) -> Result<u64, StoreError>;
+
+    /// Runs a statement and reads every row it returns.
+    fn query(&self, sql: &'static str, params: &[Param<'_>]) -> Result<Vec<Row>, StoreError>;
+
+    /// Runs a statement built at run time (a multi-row insert, whose length varies).
+    fn execute_dynamic(&self, sql: &str, params: &[Param<'_>]) -> Result<u64, StoreError>;
+}
+
+/// The first row of a query, if any.
+pub fn first(rows: Vec<Row>) -> Option<Row> {
+    rows.into_iter().next()
+}
+
+/// `?N` placeholders rewritten as `$N` (PostgreSQL's).
+pub fn dollar_placeholders(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    let mut quoted = false;
+    while let Some(c) = chars.next() {
+        if c == '\'' {
+            quoted = !quoted;
+        }
+        if c == '?' && !quoted && chars.peek().is_some_and(char::is_ascii_digit) {
+            out.push('$');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_renumbered_outside_quotes_only() {
+        assert_eq!(
+            dollar_placeholders("SELECT a FROM t WHERE b = ?1 AND c = '?2' AND d = ?12"),
+            "SELECT a FROM t WHERE b = $1 AND c = '?2' AND d = $12"
+        );
+    }
+
+    #[test]
+    fn rows_read_their_types_or_say_what_is_wrong() {
+        let row = Row(vec![Value::Int(3), Value::Null, Value::Text("x".into()), Value::Blob(vec![1])]);
+        assert_eq!(row.int(0).unwrap(), 3);
+        assert_eq!(row.opt_int(1).unwrap(), None);
+        assert_eq!(row.text(2).unwrap(), "x");
+        assert_eq!(row.blob(3).unwrap(), vec![1]);
+        assert!(row.flag(0).unwrap());
+        assert!(row.text(0).is_err() && row.int(9).is_err());
+    }
+}
