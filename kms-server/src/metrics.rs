@@ -159,7 +159,7 @@ impl Metrics {
         r.register("kms_audit_verified_through_record", "The last audit record the service has verified", g.audit_verified_through.clone());
         r.register(
             "kms_audit_full_check_age_seconds",
-            "Seconds since the service last verified the whole audit trail (absent before the first time)",
+            "Seconds since the service last checked the whole audit trail, whatever it found (absent before the first time)",
             g.audit_full_check_age.clone(),
         );
         Metrics { registry: r, ..m }

@@ -13,6 +13,12 @@
 pub mod v1 {
     tonic::include_proto!("kms.v1");
 
+    /// The request metadata asking for a dry run of a changing admin call (`1` or `true`; `0`
+    /// or `false` for none; any other value is refused), as `service KeyManagement` documents.
+    pub const DRY_RUN_HEADER: &str = "kms-dry-run";
+    /// The response metadata of a dry run: what the call would change (UTF-8).
+    pub const DRY_RUN_ANSWER_HEADER: &str = "kms-dry-run-bin";
+
     use std::fmt;
 
     /// Prints `<N bytes redacted>` in place of a secret.

@@ -753,6 +753,15 @@ fn create_private(path: &Path) -> std::io::Result<File> {
     Ok(file)
 }
 
+/// A new file only its owner can read (a session, or a temporary file beside an output): whatever
+/// stood at that name (one left by a crash, or a link someone planted) is removed first, never
+/// followed.
+fn create_fresh(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)
+}
+
 /// Writes a file only its owner can read (the session token), in a directory only its owner can
 /// enter when kmsctl makes it.
 fn write_private(path: &Path, contents: &[u8]) -> Result<(), Error> {
@@ -761,8 +770,7 @@ fn write_private(path: &Path, contents: &[u8]) -> Result<(), Error> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
     }
-    let _ = std::fs::remove_file(path);
-    create_private(path).and_then(|mut f| f.write_all(contents)).map_err(io)
+    create_fresh(path).and_then(|mut f| f.write_all(contents)).map_err(io)
 }
 
 /// Writes to `path` through a temporary file renamed into place only on success, so a failed
@@ -770,7 +778,7 @@ fn write_private(path: &Path, contents: &[u8]) -> Result<(), Error> {
 async fn write_atomically(path: &Path, f: impl AsyncFnOnce(&mut BufWriter<File>) -> Result<u64, Error>) -> Result<u64, Error> {
     let io = |e: std::io::Error| Error::Envelope(e.into());
     let tmp = path.with_extension("kmsctl-partial");
-    let mut w = BufWriter::new(create_private(&tmp).map_err(io)?);
+    let mut w = BufWriter::new(create_fresh(&tmp).map_err(io)?);
     let result = f(&mut w).await.and_then(|n| w.flush().map(|()| n).map_err(io));
     match result {
         Ok(n) => std::fs::rename(&tmp, path).map(|()| n).map_err(io),
@@ -811,9 +819,7 @@ struct Admin {
     dry_run: DryRun,
 }
 
-/// The request header asking for a dry run, and the answer's header (`kms_server::api`).
-const DRY_RUN: &str = "kms-dry-run";
-const DRY_RUN_ANSWER: &str = "kms-dry-run-bin";
+use pb::{DRY_RUN_ANSWER_HEADER as DRY_RUN_ANSWER, DRY_RUN_HEADER as DRY_RUN};
 
 type HttpRequest = tonic::codegen::http::Request<tonic::body::Body>;
 
@@ -1065,7 +1071,7 @@ async fn execute(cli: Cli, out: Out) -> Result<(), Error> {
                         out.print(Value::Null, String::new);
                         return Ok(());
                     }
-                    let mut file = BufWriter::new(create_private(&partial).map_err(io)?);
+                    let mut file = BufWriter::new(create_fresh(&partial).map_err(io)?);
                     let (mut manifest, mut written) = (None, 0u64);
                     let received = loop {
                         match stream.message().await {

@@ -81,13 +81,20 @@ pub fn status(e: &Error, request_id: &str) -> Status {
     }
 }
 
-/// The request header that asks for a dry run of a changing admin call (`1` or `true`): every
-/// check is made against the live state and the caller's rights, nothing is written, and the
-/// call answers OK with an empty response and [`DRY_RUN_ANSWER`] saying what would change. It is
-/// audited as a dry run, not as a change.
-pub const DRY_RUN: &str = "kms-dry-run";
-/// The response header of a dry run: what the call would change (UTF-8).
-pub const DRY_RUN_ANSWER: &str = "kms-dry-run-bin";
+// The request header that asks for a dry run of a changing admin call: every check is made
+// against the live state and the caller's rights, nothing is written, and the call answers OK
+// with an empty response and `DRY_RUN_ANSWER_HEADER` saying what would change. It is audited as
+// a dry run, not as a change.
+use kms_proto::v1::{DRY_RUN_ANSWER_HEADER as DRY_RUN_ANSWER, DRY_RUN_HEADER as DRY_RUN};
+
+/// What a call's dry-run header asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DryRun {
+    No,
+    Yes,
+    /// A value that is neither yes nor no: refused, never taken for either.
+    Malformed,
+}
 
 /// Calls whose length grows with the data, not with the HSM's answer time: they are not held
 /// to the HSM deadline.
@@ -205,7 +212,10 @@ impl Shared {
         };
         let deadline = wait.map(|_| (started + self.deadline, self.deadline));
         let data_plane = matches!(who, Who::Workload(_));
-        let dry_run = matches!(who, Who::Officer { dry_run: true, .. });
+        let dry_run = match who {
+            Who::Officer { dry_run, .. } => dry_run,
+            _ => DryRun::No,
+        };
         let work = move || {
             let _entered = span.enter();
             let mut facts = Facts::default();
@@ -217,9 +227,11 @@ impl Shared {
             };
             let out = match principal {
                 Ok(principal) => {
-                    let caller = Caller { request_id: task_request_id, principal, deadline, dry_run };
-                    let out = if dry_run && audit == Audit::EveryOutcome {
-                        Err(Error::invalid(DRY_RUN, format!("asks for a dry run, but {operation} changes nothing")))
+                    let caller = Caller { request_id: task_request_id, principal, deadline, dry_run: dry_run == DryRun::Yes };
+                    let out = if dry_run == DryRun::Malformed {
+                        Err(Error::invalid(DRY_RUN, "must be 1, true, 0 or false"))
+                    } else if dry_run == DryRun::Yes && audit == Audit::EveryOutcome {
+                        Err(Error::invalid(DRY_RUN, format!("asks for a dry run, which {operation} does not take")))
                     } else {
                         kms.admit(&caller.principal).and_then(|()| f(&kms, &caller, &mut facts))
                     };
@@ -406,6 +418,7 @@ fn audit_events(operation: &'static str, request_id: &str, mut facts: Facts, cod
         status: code_name(code),
         detail,
         caller_context: facts.caller_context,
+        in_dry_run: false,
     };
     if let Some(message) = refusal {
         return vec![event(facts, code, message.to_string())];
@@ -434,8 +447,8 @@ pub enum Who {
     /// The data plane: the identity mutual TLS proved, `None` if the certificate names nobody.
     Workload(Option<String>),
     /// The admin plane: the session token sent, the role the call needs, and whether it asks
-    /// for a dry run ([`DRY_RUN`]).
-    Officer { token: Option<SessionToken>, needs: Role, dry_run: bool },
+    /// for a dry run.
+    Officer { token: Option<SessionToken>, needs: Role, dry_run: DryRun },
     /// Login itself, the one call made before there is a session.
     Anonymous,
 }
@@ -454,7 +467,12 @@ pub fn officer<T>(request: &tonic::Request<T>, needs: Role) -> Who {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|t| SessionToken::new(t.trim().to_string()));
-    let dry_run = request.metadata().get(DRY_RUN).and_then(|v| v.to_str().ok()).is_some_and(|v| matches!(v.trim(), "1" | "true"));
+    let dry_run = match request.metadata().get(DRY_RUN).map(|v| v.to_str().map(|v| v.trim().to_ascii_lowercase())) {
+        None => DryRun::No,
+        Some(Ok(v)) if v == "1" || v == "true" => DryRun::Yes,
+        Some(Ok(v)) if v == "0" || v == "false" => DryRun::No,
+        Some(_) => DryRun::Malformed,
+    };
     Who::Officer { token, needs, dry_run }
 }
 

@@ -53,6 +53,10 @@ pub struct AuditEvent {
     pub detail: String,
     /// The caller's own account of who inside the workload asked and why (JSON), if given.
     pub caller_context: Option<String>,
+    /// The record of a change made for a dry run, which must never be written: the store refuses
+    /// it and the change's transaction rolls back (a backstop behind `Caller::commit_point`, for
+    /// a change that would write before it). Not part of the record.
+    pub in_dry_run: bool,
 }
 
 impl AuditEvent {
@@ -69,6 +73,7 @@ impl AuditEvent {
             status: "OK",
             detail,
             caller_context: None,
+            in_dry_run: false,
         }
     }
 

@@ -142,29 +142,21 @@ impl fmt::Display for GrantMiss {
 }
 
 impl Grant {
-    /// Everything that keeps this grant from allowing `operation` with `context` at `now` (none:
-    /// it allows it). The grant's own principal and key are not looked at. Allocates nothing
-    /// when the grant allows the call.
-    pub fn misses(&self, operation: Operation, context: &EncryptionContext, now: i64) -> Vec<GrantMiss> {
-        let mut misses = Vec::new();
-        if !self.operations.contains(&operation) {
-            misses.push(GrantMiss::Operation(operation));
-        }
-        if let Some(at) = self.expires_at.filter(|t| now >= *t) {
-            misses.push(GrantMiss::Expired(at));
-        }
-        for (k, v) in self.required_pairs.iter().filter(|(k, v)| context.get(k) != Some(v.as_str())) {
-            misses.push(GrantMiss::Pair(k.clone(), v.clone()));
-        }
-        for k in self.required_keys.iter().filter(|k| context.get(k).is_none()) {
-            misses.push(GrantMiss::Key(k.clone()));
-        }
-        misses
+    /// Everything that keeps this grant from allowing `operation` with `context` at `now`,
+    /// lazily (nothing: it allows it). The grant's own principal and key are not looked at.
+    pub fn misses<'a>(&'a self, operation: Operation, context: &'a EncryptionContext, now: i64) -> impl Iterator<Item = GrantMiss> + 'a {
+        let op = (!self.operations.contains(&operation)).then_some(GrantMiss::Operation(operation));
+        let expired = self.expires_at.filter(|t| now >= *t).map(GrantMiss::Expired);
+        let pairs =
+            self.required_pairs.iter().filter(|(k, v)| context.get(k) != Some(v.as_str())).map(|(k, v)| GrantMiss::Pair(k.clone(), v.clone()));
+        let keys = self.required_keys.iter().filter(|k| context.get(k).is_none()).map(|k| GrantMiss::Key(k.clone()));
+        op.into_iter().chain(expired).chain(pairs).chain(keys)
     }
 
-    /// Whether this grant allows `principal` to do `operation` on `key_id` with `context` at `now`.
+    /// Whether this grant allows `principal` to do `operation` on `key_id` with `context` at `now`
+    /// (the first miss ends the check: nothing is allocated on the data plane's path).
     pub fn permits(&self, principal: &str, key_id: KeyId, operation: Operation, context: &EncryptionContext, now: i64) -> bool {
-        self.principal == principal && self.key_id == key_id && self.misses(operation, context, now).is_empty()
+        self.principal == principal && self.key_id == key_id && self.misses(operation, context, now).next().is_none()
     }
 }
 
@@ -208,7 +200,7 @@ pub enum Denied {
 }
 
 /// The first step of the check: only a registered, enabled principal may be granted anything.
-fn principal_may_call(principal_state: Option<PrincipalState>) -> Result<(), Denied> {
+pub fn principal_may_call(principal_state: Option<PrincipalState>) -> Result<(), Denied> {
     match principal_state {
         None => Err(Denied::UnknownPrincipal),
         Some(PrincipalState::Disabled) => Err(Denied::DisabledPrincipal),
@@ -254,9 +246,15 @@ pub fn decide<'g>(
     context: &EncryptionContext,
     now: i64,
 ) -> Decision {
-    let grants: Vec<&Grant> = grants.into_iter().filter(|g| g.principal == principal && g.key_id == key_id).collect();
-    let outcome = authorize(principal, principal_state, grants.iter().copied(), key_id, operation, context, now).map(|proof| proof.grant_id);
-    Decision { outcome, grants: grants.iter().map(|g| (g.grant_id.clone(), g.misses(operation, context, now))).collect() }
+    let grants: Vec<(String, Vec<GrantMiss>)> = grants
+        .into_iter()
+        .filter(|g| g.principal == principal && g.key_id == key_id)
+        .map(|g| (g.grant_id.clone(), g.misses(operation, context, now).collect()))
+        .collect();
+    // `authorize`'s two steps, over the misses just listed.
+    let outcome = principal_may_call(principal_state)
+        .and_then(|()| grants.iter().find(|(_, misses)| misses.is_empty()).map(|(id, _)| id.clone()).ok_or(Denied::NoGrant));
+    Decision { outcome, grants }
 }
 
 #[cfg(test)]

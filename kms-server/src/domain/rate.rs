@@ -19,6 +19,11 @@ struct Bucket {
     at: Instant,
 }
 
+/// The tokens in `bucket` at `now`: what it held, refilled at the sustained rate up to the burst.
+fn refilled(limit: RateLimit, bucket: &Bucket, now: Instant) -> f64 {
+    (bucket.tokens + now.saturating_duration_since(bucket.at).as_secs_f64() * limit.per_second).min(limit.burst)
+}
+
 /// The buckets of every principal seen.
 #[derive(Debug)]
 pub struct RateLimiter {
@@ -31,41 +36,48 @@ impl RateLimiter {
         RateLimiter { limit, buckets: HashMap::new() }
     }
 
+    /// How long until a bucket holding `tokens` lets a call through.
+    fn wait(&self, tokens: f64) -> Duration {
+        Duration::from_secs_f64((1.0 - tokens) / self.limit.per_second)
+    }
+
     /// Takes one call from `principal`'s bucket; when it is empty, answers how long until the
     /// next call would be allowed (the retry hint).
     pub fn take(&mut self, principal: &str, now: Instant) -> Result<(), Duration> {
-        let RateLimit { per_second, burst } = self.limit;
-        if per_second <= 0.0 {
+        if self.limit.per_second <= 0.0 {
             return Ok(());
         }
-        let bucket = match self.buckets.get_mut(principal) {
-            Some(b) => b,
-            None => self.buckets.entry(principal.to_string()).or_insert(Bucket { tokens: burst, at: now }),
-        };
-        bucket.tokens = (bucket.tokens + now.saturating_duration_since(bucket.at).as_secs_f64() * per_second).min(burst);
-        bucket.at = now;
-        if bucket.tokens >= 1.0 {
+        let burst = self.limit.burst;
+        let mut bucket = self.buckets.get(principal).copied().unwrap_or(Bucket { tokens: burst, at: now });
+        bucket = Bucket { tokens: refilled(self.limit, &bucket, now), at: now };
+        let answer = if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / per_second))
+            Err(self.wait(bucket.tokens))
+        };
+        match self.buckets.get_mut(principal) {
+            Some(b) => *b = bucket,
+            None => {
+                self.buckets.insert(principal.to_string(), bucket);
+            }
         }
+        answer
+    }
+
+    /// How long `principal` would wait if it called at `now` (`None`: its call would be let
+    /// through), without taking anything from its bucket: `take`'s arithmetic, read only.
+    pub fn would_refuse(&self, principal: &str, now: Instant) -> Option<Duration> {
+        let bucket = self.buckets.get(principal).filter(|_| self.limit.per_second > 0.0)?;
+        let tokens = refilled(self.limit, bucket, now);
+        (tokens < 1.0).then(|| self.wait(tokens))
     }
 
     /// Forgets the principals whose buckets are full again (they are as if never seen), so the
     /// map does not grow with every name ever presented.
-    /// How long `principal` would wait if it called at `now` (`None`: its call would be let
-    /// through), without taking anything from its bucket: the same arithmetic as `take`.
-    pub fn would_refuse(&self, principal: &str, now: Instant) -> Option<Duration> {
-        let RateLimit { per_second, burst } = self.limit;
-        let bucket = self.buckets.get(principal).filter(|_| per_second > 0.0)?;
-        let tokens = (bucket.tokens + now.saturating_duration_since(bucket.at).as_secs_f64() * per_second).min(burst);
-        (tokens < 1.0).then(|| Duration::from_secs_f64((1.0 - tokens) / per_second))
-    }
-
     pub fn forget_idle(&mut self, now: Instant) {
-        let RateLimit { per_second, burst } = self.limit;
-        self.buckets.retain(|_, b| b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * per_second < burst);
+        let limit = self.limit;
+        self.buckets.retain(|_, b| refilled(limit, b, now) < limit.burst);
     }
 }
 

@@ -211,10 +211,6 @@ impl Kms {
         let _admin = self.admin_lock();
         let entry = self.registry.entry(key)?;
         next_key_state(entry.record.state, KeyTransition::Rotate, entry.record.compromised).map_err(Error::precondition)?;
-        caller.commit_point(|| {
-            let next = entry.versions.keys().next_back().copied().unwrap_or(0) + 1;
-            format!("rotate key {}: a new version {next} in the HSM becomes primary", entry.record.key_id)
-        })?;
         self.rotate_locked(&entry, caller, "rotated by an officer")
     }
 
@@ -236,6 +232,7 @@ impl Kms {
     fn rotate_locked(&self, entry: &KeyEntry, caller: &Caller, why: &str) -> Result<KeyView> {
         let key_id = entry.record.key_id;
         let next = entry.versions.keys().next_back().copied().unwrap_or(0) + 1;
+        caller.commit_point(|| format!("rotate key {key_id}: a new version {next} in the HSM becomes primary"))?;
         let (intent, handle) = self.create_version_object("RotateKey", caller, key_id, next)?;
         let at = now();
         let mut record = entry.record.clone();
@@ -499,10 +496,8 @@ impl Kms {
         grant.grant_id = KeyId::from_random(id).to_string();
         grant.key_id = entry.record.key_id;
         grant.created_at = now();
+        // Principals are never deleted, and the admin lock is held: the check above still holds.
         let mut state = self.registry.write();
-        if !state.principals.contains_key(&grant.principal) {
-            return Err(Error::NotFound { what: format!("principal {}", grant.principal) });
-        }
         self.store.write(|tx| {
             tx.insert_grant(&grant)?;
             tx.append_audit(

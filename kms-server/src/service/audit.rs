@@ -18,6 +18,7 @@ use super::Kms;
 use crate::audit::{Anchor, AuditEvent, ChainBreak, Checkpoint, GENESIS, checkpoint_message};
 use crate::clock::now;
 use crate::error::Result;
+use crate::store::Tx;
 
 /// The operation name of the record retention leaves in the chain.
 const PRUNE: &str = "AuditPrune";
@@ -89,7 +90,7 @@ pub struct AuditProblem {
 pub struct AuditHealth {
     /// The last record verified.
     pub verified_through: u64,
-    /// When the whole trail was last verified (Unix seconds).
+    /// When the whole trail was last checked (Unix seconds), whatever the check found.
     pub last_full_check: Option<i64>,
     /// The problem the last check found, until a check of the whole trail passes again.
     pub problem: Option<AuditProblem>,
@@ -107,6 +108,119 @@ impl AuditWatch {
 
     pub fn health(&self) -> AuditHealth {
         self.lock().0.clone()
+    }
+
+    /// The last record verified, to chain the next segment on from.
+    fn anchor(&self) -> Option<Anchor> {
+        self.lock().1
+    }
+
+    /// Records up to `end` verified (never moving backwards).
+    fn verified(&self, end: Anchor) {
+        let mut watch = self.lock();
+        if watch.1.is_none_or(|a| a.seq <= end.seq) {
+            watch.1 = Some(end);
+        }
+        watch.0.verified_through = watch.0.verified_through.max(end.seq as u64);
+    }
+
+    fn checked_whole_trail(&self) {
+        self.lock().0.last_full_check = Some(now());
+    }
+
+    /// Forgets a problem found before `at` (a check that began then passed).
+    fn clear_problem_found_before(&self, at: i64) {
+        let mut watch = self.lock();
+        if watch.0.problem.as_ref().is_some_and(|p| p.at < at) {
+            watch.0.problem = None;
+        }
+    }
+
+    /// Keeps `found` if it is the first problem (by record index); whether it is new.
+    fn found(&self, found: &ChainBreak, by: AuditCheck) -> bool {
+        let mut watch = self.lock();
+        let new = watch.0.problem.as_ref().is_none_or(|p| found.index < p.found.index);
+        if new {
+            watch.0.problem = Some(AuditProblem { found: found.clone(), by, at: now() });
+        }
+        new
+    }
+}
+
+/// What every check reads first, in its snapshot: the signed checkpoints, where retention cut
+/// the trail (from its `AuditPrune` records), and the first and last kept records.
+struct Trail {
+    checkpoints: Vec<Checkpoint>,
+    cut: Option<i64>,
+    first_seq: Option<i64>,
+    last: Option<(i64, Vec<u8>)>,
+    records: u64,
+}
+
+impl Trail {
+    fn read(tx: &Tx<'_>) -> Result<Trail> {
+        Ok(Trail {
+            checkpoints: tx.checkpoints()?,
+            cut: tx.audit_details(PRUNE)?.iter().filter_map(|d| pruned_through(d)).max(),
+            first_seq: tx.first_audit_seq()?,
+            last: tx.last_audit()?,
+            records: tx.audit_count()?,
+        })
+    }
+
+    fn checkpoint(&self, seq: i64) -> Option<&Checkpoint> {
+        self.checkpoints.iter().find(|c| c.seq == seq)
+    }
+}
+
+fn hash_of(c: &Checkpoint) -> [u8; 32] {
+    <[u8; 32]>::try_from(c.hash.as_slice()).unwrap_or(GENESIS)
+}
+
+fn truncated(last: i64, signed: i64) -> ChainBreak {
+    ChainBreak {
+        index: last as u64 + 1,
+        problem: format!("the trail ends at record {last} but a signed checkpoint covers record {signed}: the tail was truncated"),
+    }
+}
+
+fn bad_mac(seq: i64) -> ChainBreak {
+    ChainBreak { index: seq as u64, problem: format!("the checkpoint of record {seq} has a bad MAC") }
+}
+
+/// Walks the records after `from` through `through` (to the end when `None`), a page at a time,
+/// checking the chain and that every record a checkpoint of `signed` covers has the checkpoint's
+/// hash. Returns the anchor of the last record walked, or the first problem.
+fn walk(tx: &Tx<'_>, from: Anchor, through: Option<i64>, signed: &[Checkpoint]) -> Result<std::result::Result<Anchor, ChainBreak>> {
+    let mut at = from;
+    loop {
+        let mut page = tx.audit_page(at.seq, PAGE)?;
+        let more = page.len() as i64 == PAGE;
+        if let Some(through) = through {
+            page.retain(|(r, _)| r.seq <= through);
+        }
+        if page.is_empty() {
+            return Ok(Ok(at));
+        }
+        let chained = crate::audit::verify_chain(at, &page);
+        // The records before a break are in sequence, so each checkpoint up to it is found by
+        // its offset; a checkpoint that differs is the earlier problem.
+        let sound = match &chained {
+            Ok(end) => end.seq,
+            Err(b) => b.index as i64 - 1,
+        };
+        for c in signed.iter().filter(|c| c.seq > at.seq && c.seq <= sound) {
+            if page[(c.seq - at.seq - 1) as usize].1 != c.hash {
+                return Ok(Err(ChainBreak { index: c.seq as u64, problem: format!("record {} differs from its signed checkpoint", c.seq) }));
+            }
+        }
+        at = match chained {
+            Ok(end) => end,
+            Err(b) => return Ok(Err(b)),
+        };
+        if !more || through.is_some_and(|t| at.seq >= t) {
+            return Ok(Ok(at));
+        }
     }
 }
 
@@ -126,56 +240,22 @@ impl Kms {
         Ok(())
     }
 
-    /// Walks the records after `from` through `through` (to the end when `None`), a page at a
-    /// time, checking the chain and that every record a checkpoint of `signed` covers has the
-    /// checkpoint's hash. Returns the anchor of the last record walked, or the first problem.
-    fn walk(&self, from: Anchor, through: Option<i64>, signed: &[Checkpoint]) -> Result<std::result::Result<Anchor, ChainBreak>> {
-        let mut at = from;
-        loop {
-            let mut page = self.store.read(|tx| tx.audit_page(at.seq, PAGE))?;
-            let more = page.len() as i64 == PAGE;
-            if let Some(through) = through {
-                page.retain(|(r, _)| r.seq <= through);
-            }
-            if page.is_empty() {
-                return Ok(Ok(at));
-            }
-            let chained = crate::audit::verify_chain(at, &page);
-            // The records before a break are in sequence, so each checkpoint up to it is found
-            // by its offset; a checkpoint that differs is the earlier problem.
-            let sound = match &chained {
-                Ok(end) => end.seq,
-                Err(b) => b.index as i64 - 1,
-            };
-            for c in signed.iter().filter(|c| c.seq > at.seq && c.seq <= sound) {
-                if page[(c.seq - at.seq - 1) as usize].1 != c.hash {
-                    return Ok(Err(ChainBreak { index: c.seq as u64, problem: format!("record {} differs from its signed checkpoint", c.seq) }));
-                }
-            }
-            at = match chained {
-                Ok(end) => end,
-                Err(b) => return Ok(Err(b)),
-            };
-            if !more || through.is_some_and(|t| at.seq >= t) {
-                return Ok(Ok(at));
-            }
-        }
-    }
-
     /// Verifies the chain of kept records from its anchor, then every signed checkpoint against
     /// it: a checkpoint past the last record means the tail was truncated; a checkpoint whose
     /// hash differs from its record's, or whose MAC the HSM rejects, means the chain was
     /// rewritten; a head missing without a retention record and a signed anchor was deleted.
-    /// Reads the trail a page at a time.
+    /// Reads one consistent snapshot of the trail, a page at a time, beside the service's writes.
     pub fn verify_audit(&self) -> Result<AuditVerification> {
-        let (checkpoints, prunes, first_seq, last, records) =
-            self.store.read(|tx| Ok((tx.checkpoints()?, tx.audit_details(PRUNE)?, tx.first_audit_seq()?, tx.last_audit()?, tx.audit_count()?)))?;
+        self.store.read_snapshot(|tx| self.verify_in(tx))
+    }
+
+    fn verify_in(&self, tx: &Tx<'_>) -> Result<AuditVerification> {
+        let trail = Trail::read(tx)?;
+        let first_seq = trail.first_seq.unwrap_or(1);
+        let mut problem = None;
         // Where the kept records start: after the newest retention cut the chain records, whose
         // checkpoint must still be there; or at the genesis.
-        let cut = prunes.iter().filter_map(|d| pruned_through(d)).max();
-        let first_seq = first_seq.unwrap_or(1);
-        let mut problem = None;
-        let anchor = match cut {
+        let anchor = match trail.cut {
             None if first_seq > 1 => {
                 problem = Some(ChainBreak {
                     index: 1,
@@ -184,43 +264,40 @@ impl Kms {
                 Anchor { seq: first_seq - 1, hash: GENESIS }
             }
             None => Anchor::GENESIS,
-            Some(through) => {
-                let signed = checkpoints.iter().find(|c| c.seq == through).and_then(|c| <[u8; 32]>::try_from(c.hash.as_slice()).ok());
-                if signed.is_none() {
+            Some(through) => match trail.checkpoint(through).map(hash_of) {
+                Some(hash) => Anchor { seq: through, hash },
+                None => {
                     problem = Some(ChainBreak {
                         index: through as u64 + 1,
                         problem: format!("the signed checkpoint of record {through}, where retention cut the trail, is missing"),
                     });
+                    Anchor { seq: through, hash: GENESIS }
                 }
-                Anchor { seq: through, hash: signed.unwrap_or(GENESIS) }
-            }
+            },
         };
         let mut end = None;
         if problem.is_none() {
-            match self.walk(anchor, None, &checkpoints)? {
+            match walk(tx, anchor, None, &trail.checkpoints)? {
                 Ok(last) => end = Some(last),
                 Err(found) => problem = Some(found),
             }
         }
-        let last = last.map_or(anchor.seq, |(seq, _)| seq);
-        for c in &checkpoints {
+        let last = trail.last.as_ref().map_or(anchor.seq, |(seq, _)| *seq);
+        for c in &trail.checkpoints {
             let found = if c.seq > last {
-                Some(ChainBreak {
-                    index: last as u64 + 1,
-                    problem: format!("the trail ends at record {last} but a signed checkpoint covers record {}: the tail was truncated", c.seq),
-                })
+                Some(truncated(last, c.seq))
             } else if !self.checkpoint_signed(c)? {
-                Some(ChainBreak { index: c.seq as u64, problem: format!("the checkpoint of record {} has a bad MAC", c.seq) })
+                Some(bad_mac(c.seq))
             } else {
                 None
             };
             problem = first(problem, found);
         }
         Ok(AuditVerification {
-            records,
+            records: trail.records,
             pruned_through: anchor.seq as u64,
-            checkpoints: checkpoints.len() as u64,
-            last_checkpoint: checkpoints.last().map_or(0, |c| c.seq as u64),
+            checkpoints: trail.checkpoints.len() as u64,
+            last_checkpoint: trail.checkpoints.last().map_or(0, |c| c.seq as u64),
             end: end.filter(|_| problem.is_none()),
             problem,
         })
@@ -231,148 +308,156 @@ impl Kms {
         self.audit_watch.health()
     }
 
-    /// The startup check: the newest signed checkpoint (its MAC, and its record's hash) and
+    /// The startup check: the newest signed checkpoint (its MAC, and its record hashed again) and
     /// every record after it. Without a checkpoint yet, the whole (short) trail. A problem is
     /// reported (`audit_broken`), never a reason not to serve.
     pub fn check_audit_at_startup(&self) -> Result<()> {
-        let checkpoints = self.store.read(|tx| tx.checkpoints())?;
-        let Some(last) = checkpoints.last().cloned() else {
-            return self.check_whole_audit(AuditCheck::Startup);
-        };
-        let found = match self.anchor_at(&last)? {
-            Err(found) => Some(found),
-            Ok(anchor) => match self.walk(anchor, None, &[])? {
+        let found = self.store.read_snapshot(|tx| -> Result<Option<Option<ChainBreak>>> {
+            let trail = Trail::read(tx)?;
+            let Some(last) = trail.checkpoints.last() else { return Ok(None) };
+            Ok(Some(match self.anchor_at(tx, &trail, last)? {
                 Err(found) => Some(found),
-                Ok(end) => {
-                    let mut watch = self.audit_watch.lock();
-                    watch.0.verified_through = end.seq as u64;
-                    watch.1 = Some(end);
-                    None
-                }
-            },
-        };
-        if let Some(found) = found {
-            self.audit_broken(found, AuditCheck::Startup)?;
+                Ok(anchor) => match walk(tx, anchor, None, &[])? {
+                    Err(found) => Some(found),
+                    Ok(end) => {
+                        self.audit_watch.verified(end);
+                        None
+                    }
+                },
+            }))
+        })?;
+        match found {
+            None => self.check_whole_audit(AuditCheck::Startup),
+            Some(None) => Ok(()),
+            Some(Some(found)) => self.audit_broken(found, AuditCheck::Startup),
         }
-        Ok(())
     }
 
-    /// A signed checkpoint to walk from: its MAC checked in the HSM, and its record hashed
-    /// again (from the stored hash of the record before it) and compared with the checkpoint's
-    /// hash. The checkpoint retention cut the trail at has no record left: its MAC vouches alone.
-    fn anchor_at(&self, c: &Checkpoint) -> Result<std::result::Result<Anchor, ChainBreak>> {
+    /// A signed checkpoint to walk from: its MAC checked in the HSM, and its record hashed again
+    /// from the stored hash of the record before it (or the genesis, or the signed checkpoint
+    /// retention cut the trail at) and compared with the checkpoint's. The checkpoint retention
+    /// cut the trail at has no record left: its MAC and the `AuditPrune` record naming it vouch.
+    fn anchor_at(&self, tx: &Tx<'_>, trail: &Trail, c: &Checkpoint) -> Result<std::result::Result<Anchor, ChainBreak>> {
         let at = |problem: String| Ok(Err(ChainBreak { index: c.seq as u64, problem }));
         if !self.checkpoint_signed(c)? {
-            return at(format!("the checkpoint of record {} has a bad MAC", c.seq));
+            return Ok(Err(bad_mac(c.seq)));
         }
-        let anchor = Anchor { seq: c.seq, hash: <[u8; 32]>::try_from(c.hash.as_slice()).unwrap_or(GENESIS) };
-        let page = self.store.read(|tx| tx.audit_page(c.seq - 2, 2))?;
-        let Some((record, stored)) = page.iter().find(|(r, _)| r.seq == c.seq) else {
-            return match page.first() {
-                Some((r, _)) if r.seq == c.seq + 1 && self.store.read(|tx| tx.first_audit_seq())? == Some(c.seq + 1) => Ok(Ok(anchor)),
-                _ => at(format!("record {}, which a signed checkpoint covers, is missing", c.seq)),
+        let anchor = Anchor { seq: c.seq, hash: hash_of(c) };
+        let page = tx.audit_page(c.seq - 2, 2)?;
+        let Some((record, _)) = page.iter().find(|(r, _)| r.seq == c.seq) else {
+            return if trail.cut == Some(c.seq) && trail.first_seq == Some(c.seq + 1) {
+                Ok(Ok(anchor))
+            } else {
+                at(format!("record {}, which a signed checkpoint covers, is missing", c.seq))
             };
         };
         let prev = match page.iter().find(|(r, _)| r.seq == c.seq - 1) {
             Some((_, hash)) => <[u8; 32]>::try_from(hash.as_slice()).ok(),
             None if c.seq == 1 => Some(GENESIS),
+            None if trail.cut == Some(c.seq - 1) => trail.checkpoint(c.seq - 1).map(hash_of),
             None => None,
         };
-        let hash = prev.map_or_else(|| stored.clone(), |prev| record.chain_hash(&prev).to_vec());
-        if hash != c.hash {
+        let Some(prev) = prev else {
+            return Ok(Err(ChainBreak { index: c.seq as u64 - 1, problem: format!("record {}, before a signed checkpoint, is missing", c.seq - 1) }));
+        };
+        if record.chain_hash(&prev).as_slice() != c.hash.as_slice() {
             return at(format!("record {} differs from its signed checkpoint", c.seq));
         }
         Ok(Ok(anchor))
     }
 
     /// The segment check: each checkpoint signed since the last record verified, with the
-    /// records up to it, chained on from that record. When retention removed the records after
-    /// it, goes on from the signed checkpoint retention cut the trail at. Nothing to do until
-    /// the startup check passed.
+    /// records up to it, chained on from that record's hash (kept in memory, so that a record
+    /// verified once and then replaced breaks the chain here). When retention removed the
+    /// records after it, goes on from the signed checkpoint retention cut the trail at. Nothing
+    /// to do until the startup check passed.
     pub fn check_new_audit_segments(&self) -> Result<()> {
-        let Some(mut anchor) = self.audit_watch.lock().1 else { return Ok(()) };
-        let (checkpoints, first_seq) = self.store.read(|tx| Ok((tx.checkpoints()?, tx.first_audit_seq()?)))?;
-        if let Some(first) = first_seq
-            && first > anchor.seq + 1
-        {
-            let cut = checkpoints.iter().find(|c| c.seq == first - 1).cloned().ok_or_else(|| ChainBreak {
-                index: anchor.seq as u64 + 1,
-                problem: format!("records {} to {} are gone and no signed checkpoint anchors the rest", anchor.seq + 1, first - 1),
-            });
-            anchor = match cut.map(|c| self.anchor_at(&c)) {
-                Ok(Ok(Ok(cut))) => cut,
-                Ok(Ok(Err(found))) | Err(found) => return self.audit_broken(found, AuditCheck::Segment),
-                Ok(Err(e)) => return Err(e),
-            };
-        }
-        let from = anchor.seq;
-        for c in checkpoints.into_iter().filter(|c| c.seq > from) {
-            let found = if !self.checkpoint_signed(&c)? {
-                Some(ChainBreak { index: c.seq as u64, problem: format!("the checkpoint of record {} has a bad MAC", c.seq) })
-            } else {
-                match self.walk(anchor, Some(c.seq), std::slice::from_ref(&c))? {
+        let Some(mut anchor) = self.audit_watch.anchor() else { return Ok(()) };
+        let found = self.store.read_snapshot(|tx| -> Result<Option<ChainBreak>> {
+            let trail = Trail::read(tx)?;
+            if let Some(first) = trail.first_seq
+                && first > anchor.seq + 1
+            {
+                let Some(cut) = trail.checkpoint(first - 1).filter(|_| trail.cut == Some(first - 1)) else {
+                    return Ok(Some(ChainBreak {
+                        index: anchor.seq as u64 + 1,
+                        problem: format!(
+                            "records {} to {} are gone and no retention record and signed checkpoint account for them",
+                            anchor.seq + 1,
+                            first - 1
+                        ),
+                    }));
+                };
+                anchor = match self.anchor_at(tx, &trail, cut)? {
+                    Ok(cut) => cut,
+                    Err(found) => return Ok(Some(found)),
+                };
+            }
+            let from = anchor.seq;
+            for c in trail.checkpoints.iter().filter(|c| c.seq > from) {
+                if !self.checkpoint_signed(c)? {
+                    return Ok(Some(bad_mac(c.seq)));
+                }
+                match walk(tx, anchor, Some(c.seq), std::slice::from_ref(c))? {
                     Ok(end) if end.seq == c.seq => {
                         anchor = end;
-                        let mut watch = self.audit_watch.lock();
-                        watch.0.verified_through = watch.0.verified_through.max(c.seq as u64);
-                        watch.1 = Some(end);
-                        None
+                        self.audit_watch.verified(end);
                     }
-                    Ok(end) => Some(ChainBreak {
-                        index: end.seq as u64 + 1,
-                        problem: format!(
-                            "the trail ends at record {} but a signed checkpoint covers record {}: the tail was truncated",
-                            end.seq, c.seq
-                        ),
-                    }),
-                    Err(found) => Some(found),
+                    Ok(end) => return Ok(Some(truncated(end.seq, c.seq))),
+                    Err(found) => return Ok(Some(found)),
                 }
-            };
-            if let Some(found) = found {
-                return self.audit_broken(found, AuditCheck::Segment);
             }
+            Ok(None)
+        })?;
+        match found {
+            Some(found) => self.audit_broken(found, AuditCheck::Segment),
+            None => Ok(()),
         }
-        Ok(())
     }
 
-    /// The whole trail, as `kmsctl audit verify` checks it. Passing clears a problem an earlier
-    /// check found (its record stays in the chain).
+    /// The whole trail, as `kmsctl audit verify` checks it, and the last record an earlier check
+    /// verified still there, unchanged (unless retention removed it). Passing clears a problem
+    /// found before this check began (its record stays in the chain); never one found since.
     pub fn check_whole_audit(&self, by: AuditCheck) -> Result<()> {
-        let verified = self.verify_audit()?;
-        match (verified.problem, verified.end) {
-            (Some(found), _) => self.audit_broken(found, by)?,
-            (None, end) => {
-                let mut watch = self.audit_watch.lock();
-                watch.0.verified_through = verified.pruned_through + verified.records;
-                watch.0.problem = None;
-                // Segment checks go on from here, unless they are further on already.
-                if let Some(end) = end
-                    && watch.1.is_none_or(|a| a.seq < end.seq)
-                {
-                    watch.1 = Some(end);
+        let started = now();
+        let known = self.audit_watch.anchor();
+        let (verified, replaced) = self.store.read_snapshot(|tx| -> Result<_> {
+            let verified = self.verify_in(tx)?;
+            let replaced = match known {
+                Some(a) if a.seq > verified.pruned_through as i64 => {
+                    let kept = tx.audit_page(a.seq - 1, 1)?;
+                    match kept.first() {
+                        Some((r, hash)) if r.seq == a.seq && hash.as_slice() == a.hash.as_slice() => None,
+                        _ => {
+                            Some(ChainBreak { index: a.seq as u64, problem: format!("record {}, verified earlier, was replaced or removed", a.seq) })
+                        }
+                    }
                 }
+                _ => None,
+            };
+            Ok((verified, replaced))
+        })?;
+        self.audit_watch.checked_whole_trail();
+        match first(verified.problem, replaced) {
+            Some(found) => self.audit_broken(found, by),
+            None => {
+                if let Some(end) = verified.end {
+                    self.audit_watch.verified(end);
+                }
+                self.audit_watch.clear_problem_found_before(started);
+                Ok(())
             }
         }
-        self.audit_watch.lock().0.last_full_check = Some(now());
-        Ok(())
     }
 
     /// A check found the trail broken: logged, shown by `kmsctl status` and the metrics, and
     /// recorded in the trail itself. The first break (by record index) is kept until a check of
-    /// the whole trail passes, and recorded once: the other checks find it again, sometimes in
-    /// other words. The service goes on serving: a broken trail must not become a way to stop
-    /// every workload.
+    /// the whole trail that began after it passes, and recorded once: the other checks find it
+    /// again, sometimes in other words. The service goes on serving: a broken trail must not
+    /// become a way to stop every workload.
     fn audit_broken(&self, found: ChainBreak, by: AuditCheck) -> Result<()> {
         tracing::error!(record = found.index, problem = %found.problem, check = by.as_str(), "the audit trail does not verify: run kmsctl audit verify");
-        let new = {
-            let mut watch = self.audit_watch.lock();
-            let new = watch.0.problem.as_ref().is_none_or(|p| found.index < p.found.index);
-            if new {
-                watch.0.problem = Some(AuditProblem { found: found.clone(), by, at: now() });
-            }
-            new
-        };
-        if new {
+        if self.audit_watch.found(&found, by) {
             let detail = format!("record {}: {} (found by the {})", found.index, found.problem, by.as_str());
             self.record(&AuditEvent {
                 outcome: crate::audit::Outcome::Failed,

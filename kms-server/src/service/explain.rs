@@ -1,16 +1,17 @@
 //! "Would this call be allowed now, and why?" (`ExplainAccess`, `kmsctl explain`), the question
 //! of a yearly access review ("who can decrypt payroll?"), answered without making the call: the
 //! data plane's own checks, through the same functions, in the same order — the principal's rate
-//! limit (`Kms::admit`), the policy (`policy::decide`, which is `policy::authorize` with its
-//! reasons), then what the key's state allows (`lifecycle::key_allows`) — each reported.
+//! limit (the bucket `Kms::admit` takes from, looked at), the policy (`policy::decide`: the
+//! steps of `policy::authorize`, with each grant's reasons), then what the key allows
+//! (`encryption_version`, `decryption_version`) — each reported.
 
 use super::Kms;
 use crate::clock::now;
 use crate::domain::context::EncryptionContext;
 use crate::domain::ids::{KeyId, KeyRef};
-use crate::domain::lifecycle::{KeyState, Use, VersionState, key_allows};
+use crate::domain::lifecycle::{KeyState, Use};
 use crate::domain::policy::{self, Denied, Operation};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::service::registry::KeyEntry;
 
 /// The answer for one key and operation.
@@ -33,32 +34,31 @@ pub struct AccessDecision {
     pub reasons: Vec<String>,
 }
 
-/// What the key's state allows the operation, the same for every principal: `Ok` with what it
-/// allows, or `Err` with why not.
+/// What the key allows the operation, the same for every principal: `Ok` with what it allows,
+/// or `Err` with why not. The data plane's own checks (`encryption_version`,
+/// `decryption_version`), in words.
 fn key_verdict(entry: &KeyEntry, operation: Operation) -> std::result::Result<String, String> {
-    let r = &entry.record;
-    let use_ = operation.key_use();
-    key_allows(r.state, use_).map_err(|state| format!("key {} is {state}: it does not allow {operation}", r.key_id))?;
-    match use_ {
-        Use::Encrypt => {
-            let primary = entry.primary().ok_or_else(|| format!("key {} has no primary version", r.key_id))?;
-            if primary.handle.is_none() {
-                return Err(format!("the HSM object of version {} of key {}, its primary, is missing", r.primary_version, r.key_id));
-            }
-            Ok(format!("key {} is {}: {operation} uses version {}, its primary", r.key_id, r.state, r.primary_version))
+    let (key_id, state) = (entry.record.key_id, entry.record.state);
+    let why = |e: Error| match e {
+        Error::DecryptFailed => format!("key {key_id} is {state}: no blob of it decrypts"),
+        e => e.to_string(),
+    };
+    if operation.key_use() == Use::Encrypt {
+        let (version, _) = super::encryption_version(entry).map_err(why)?;
+        return Ok(format!("key {key_id} is {state}: {operation} uses version {}, its primary", version.record.version));
+    }
+    let mut decrypting = Vec::new();
+    let mut refused = None;
+    for n in entry.versions.keys() {
+        match super::decryption_version(entry, *n, operation) {
+            Ok(_) => decrypting.push(n.to_string()),
+            Err(e) => refused = Some(e),
         }
-        Use::Decrypt | Use::DecryptForReEncrypt => {
-            let usable: Vec<String> = entry
-                .versions
-                .values()
-                .filter(|v| v.record.state == VersionState::Enabled && v.handle.is_some())
-                .map(|v| v.record.version.to_string())
-                .collect();
-            if usable.is_empty() {
-                return Err(format!("key {} is {}, but none of its versions can decrypt", r.key_id, r.state));
-            }
-            Ok(format!("key {} is {}: blobs of versions {} decrypt", r.key_id, r.state, usable.join(", ")))
-        }
+    }
+    match refused {
+        Some(e) if decrypting.is_empty() => Err(why(e)),
+        _ if decrypting.is_empty() => Err(format!("key {key_id} has no version")),
+        _ => Ok(format!("key {key_id} is {state}: blobs of versions {} decrypt", decrypting.join(", "))),
     }
 }
 

@@ -81,6 +81,7 @@ impl Caller {
             status: "OK",
             detail,
             caller_context: None,
+            in_dry_run: self.dry_run,
         }
     }
 }
@@ -298,11 +299,7 @@ impl Kms {
             Error::PermissionDenied { reason }
         };
         let Ok(entry) = state.resolve(key) else {
-            return Err(denied(match principal_state {
-                None => Denied::UnknownPrincipal,
-                Some(PrincipalState::Disabled) => Denied::DisabledPrincipal,
-                Some(PrincipalState::Enabled) => Denied::NoGrant,
-            }));
+            return Err(denied(policy::principal_may_call(principal_state).err().unwrap_or(Denied::NoGrant)));
         };
         let key_id = entry.record.key_id;
         let grants = state.grants.get(&key_id).into_iter().flatten();
@@ -355,9 +352,7 @@ impl Kms {
 
     fn encrypt_with(&self, entry: &KeyEntry, plaintext: &[u8], context: &EncryptionContext, iv: Option<Iv>) -> Result<Encrypted> {
         let key_id = entry.record.key_id;
-        key_allows(entry.record.state, Use::Encrypt).map_err(|s| state_error(key_id, s))?;
-        let version = entry.primary().ok_or_else(|| Error::precondition(format!("key {key_id} has no primary version")))?;
-        let handle = usable_handle(key_id, version)?;
+        let (version, handle) = encryption_version(entry)?;
         let limits = &self.settings.limits;
         let n = version
             .usage
@@ -416,21 +411,7 @@ impl Kms {
             return Err(Error::DecryptFailed);
         }
         let _proof = self.authorize(caller, &KeyRef::Id(key_id), operation, context)?;
-        match key_allows(entry.record.state, operation.key_use()) {
-            Ok(()) => {}
-            // A destroyed key is indistinguishable from an unknown one.
-            Err(KeyState::Destroyed) => return Err(Error::DecryptFailed),
-            Err(state) => return Err(state_error(key_id, state)),
-        }
-        let version = entry.versions.get(&parsed.header.version).ok_or(Error::DecryptFailed)?;
-        match version.record.state {
-            VersionState::Enabled => {}
-            VersionState::Destroyed => return Err(Error::DecryptFailed),
-            state => {
-                return Err(Error::precondition(format!("version {} of key {key_id} is {state}", version.record.version)));
-            }
-        }
-        let handle = usable_handle(key_id, version)?;
+        let (_, handle) = decryption_version(&entry, parsed.header.version, operation)?;
         let plaintext = self.hsm.decrypt(handle, &parsed.header.iv, &parsed.header.aad(context), parsed.ciphertext)?;
         Ok(Decrypted { key_id, key_version: parsed.header.version, plaintext })
     }
@@ -472,6 +453,37 @@ impl Kms {
         self.hsm.random(out.expose_secret_mut())?;
         Ok(out)
     }
+}
+
+/// The version a new encryption under `entry` uses, and its object: what the key's state
+/// allows, its primary version, that version's material. The data plane (`encrypt_with`) and
+/// `explain_access` both ask it.
+fn encryption_version(entry: &KeyEntry) -> Result<(&Arc<VersionEntry>, crate::hsm::KeyHandle)> {
+    let key_id = entry.record.key_id;
+    key_allows(entry.record.state, Use::Encrypt).map_err(|s| state_error(key_id, s))?;
+    let version = entry.primary().ok_or_else(|| Error::precondition(format!("key {key_id} has no primary version")))?;
+    Ok((version, usable_handle(key_id, version)?))
+}
+
+/// Version `n` of `entry` when it decrypts for `operation`, and its object: what the key's state
+/// allows the operation, the version's state, its material. A destroyed key or version, or one
+/// that never was, is the uniform `DecryptFailed`. The data plane (`decrypt_for`) and
+/// `explain_access` both ask it.
+fn decryption_version(entry: &KeyEntry, n: u32, operation: Operation) -> Result<(&Arc<VersionEntry>, crate::hsm::KeyHandle)> {
+    let key_id = entry.record.key_id;
+    match key_allows(entry.record.state, operation.key_use()) {
+        Ok(()) => {}
+        // A destroyed key is indistinguishable from an unknown one.
+        Err(KeyState::Destroyed) => return Err(Error::DecryptFailed),
+        Err(state) => return Err(state_error(key_id, state)),
+    }
+    let version = entry.versions.get(&n).ok_or(Error::DecryptFailed)?;
+    match version.record.state {
+        VersionState::Enabled => {}
+        VersionState::Destroyed => return Err(Error::DecryptFailed),
+        state => return Err(Error::precondition(format!("version {n} of key {key_id} is {state}"))),
+    }
+    Ok((version, usable_handle(key_id, version)?))
 }
 
 fn state_error(key_id: KeyId, state: KeyState) -> Error {

@@ -118,7 +118,9 @@ impl Officers<'_> {
         if !passphrase.acceptable() {
             return Err(Error::invalid("passphrase", format!("must be at least {} characters", crate::domain::officer::MIN_PASSPHRASE_CHARS)));
         }
-        if by.dry_run && self.store.read(|tx| tx.officer(name))?.is_some() {
+        // Checked here, before the argon2 hash, as well as by the insert (two officers added at
+        // once under the same name).
+        if self.store.read(|tx| tx.officer(name))?.is_some() {
             return Err(Error::AlreadyExists { what: format!("officer {name}") });
         }
         by.commit_point(|| format!("add the {role} {name}, with a new TOTP enrolment shown once"))?;

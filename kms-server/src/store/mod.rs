@@ -34,6 +34,11 @@ pub enum StoreError {
         what: &'static str,
         source: String,
     },
+    /// A change's record made in a dry run reached the store: a change wrote before its commit
+    /// point. Nothing is written (the transaction rolls back).
+    DryRunWrite {
+        operation: &'static str,
+    },
     /// The database was written by a newer version of the service.
     TooNew {
         found: i64,
@@ -47,6 +52,9 @@ impl fmt::Display for StoreError {
             StoreError::Sqlite(e) => write!(f, "SQLite: {e}"),
             StoreError::Corrupt { table, detail } => write!(f, "unreadable row in {table}: {detail}"),
             StoreError::Io { what, source } => write!(f, "{what}: {source}"),
+            StoreError::DryRunWrite { operation } => {
+                write!(f, "a dry run of {operation} reached a write before its commit point; nothing was written")
+            }
             StoreError::TooNew { found, supported } => write!(f, "database schema version {found} is newer than this build supports ({supported})"),
         }
     }
@@ -203,6 +211,14 @@ impl Store {
     pub fn read<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
         match &self.backend {
             Backend::Sqlite(s) => s.read(|sql| f(&Tx(sql))),
+        }
+    }
+
+    /// Runs `f` in a read-only transaction of its own, a consistent snapshot however long it
+    /// reads, without holding up the service's writes (a verification of the whole trail).
+    pub fn read_snapshot<T, E: From<StoreError>>(&self, f: impl FnOnce(&Tx<'_>) -> std::result::Result<T, E>) -> std::result::Result<T, E> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.read_snapshot(|sql| f(&Tx(sql))),
         }
     }
 
@@ -701,6 +717,9 @@ impl Tx<'_> {
         let before = seq;
         let mut rows: Vec<(StoredRecord, [u8; 32])> = Vec::new();
         for event in events {
+            if event.in_dry_run {
+                return Err(StoreError::DryRunWrite { operation: event.operation });
+            }
             seq += 1;
             let record = StoredRecord {
                 seq,
@@ -937,6 +956,20 @@ mod tests {
         });
         assert!(r.is_err());
         assert!(store.read(|tx| tx.keys()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_change_record_made_in_a_dry_run_is_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("kms.db")).unwrap();
+        let change = AuditEvent { in_dry_run: true, ..AuditEvent::system("DisableKey", None, None, String::new()) };
+        let r = store.write(|tx| {
+            tx.insert_key(&key(1))?;
+            tx.append_audit(&change, 5)
+        });
+        assert!(matches!(r, Err(StoreError::DryRunWrite { operation: "DisableKey" })), "{r:?}");
+        assert!(store.read(|tx| tx.keys()).unwrap().is_empty(), "the change's transaction rolled back");
+        assert_eq!(store.read(|tx| tx.audit_count()).unwrap(), 0);
     }
 
     #[test]

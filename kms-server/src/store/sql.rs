@@ -142,35 +142,9 @@ pub fn first(rows: Vec<Row>) -> Option<Row> {
     rows.into_iter().next()
 }
 
-/// `?N` placeholders rewritten as `$N` (PostgreSQL's).
-pub fn dollar_placeholders(sql: &str) -> String {
-    let mut out = String::with_capacity(sql.len());
-    let mut chars = sql.chars().peekable();
-    let mut quoted = false;
-    while let Some(c) = chars.next() {
-        if c == '\'' {
-            quoted = !quoted;
-        }
-        if c == '?' && !quoted && chars.peek().is_some_and(char::is_ascii_digit) {
-            out.push('$');
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn placeholders_are_renumbered_outside_quotes_only() {
-        assert_eq!(
-            dollar_placeholders("SELECT a FROM t WHERE b = ?1 AND c = '?2' AND d = ?12"),
-            "SELECT a FROM t WHERE b = $1 AND c = '?2' AND d = $12"
-        );
-    }
 
     #[test]
     fn rows_read_their_types_or_say_what_is_wrong() {

@@ -103,6 +103,15 @@ impl SqliteStore {
         Ok(out)
     }
 
+    /// Runs `f` in a read transaction on a connection of its own: a consistent snapshot however
+    /// long `f` reads (WAL), while the service goes on writing.
+    pub fn read_snapshot<T, E: From<StoreError>>(&self, f: impl FnOnce(&dyn Sql) -> std::result::Result<T, E>) -> std::result::Result<T, E> {
+        let mut conn = Connection::open_with_flags(&self.path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(StoreError::from)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(StoreError::from)?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred).map_err(StoreError::from)?;
+        f(&SqliteTx(&tx))
+    }
+
     /// Runs `f` in a read transaction (a consistent snapshot).
     pub fn read<T>(&self, f: impl FnOnce(&dyn Sql) -> Result<T>) -> Result<T> {
         let mut conn = self.lock();

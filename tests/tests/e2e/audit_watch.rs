@@ -94,6 +94,27 @@ async fn a_record_changed_after_the_last_checkpoint_is_found_by_the_startup_chec
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_head_is_not_taken_for_retention() {
+    let mut server = Server::start_with(options());
+    let key = create_key(&mut server.admin().await, "watched").await;
+    records(&server, 30).await;
+    // The head deleted up to and including a signed checkpoint's record, with no retention
+    // record to account for it: what retention leaves, short of its record.
+    server.stop();
+    let db = rusqlite::Connection::open(server.db_path()).unwrap();
+    let cut: i64 = db.query_row("SELECT MIN(seq) FROM audit_checkpoints WHERE seq > 10", [], |r| r.get(0)).unwrap();
+    db.execute("DELETE FROM audit WHERE seq <= ?1", [cut]).unwrap();
+    db.execute("DELETE FROM audit_checkpoints WHERE seq < ?1", [cut]).unwrap();
+    drop(db);
+    server.restart();
+    eventually("the deleted head found", Duration::from_secs(30), || {
+        let s = audit_status(&server);
+        s["verified"] == false && s["problem"].as_str().unwrap_or_default().contains("the head was deleted")
+    });
+    still_serving(&server, &key).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_record_changed_while_the_service_runs_is_found_when_its_segment_is_signed() {
     let server = Server::start_with(options());
     let key = create_key(&mut server.admin().await, "watched").await;

@@ -103,6 +103,28 @@ fn every_changing_command_has_a_dry_run_that_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_header_other_than_yes_or_no_is_refused_not_guessed() {
+    let server = Server::start();
+    let mut admin = server.admin().await;
+    for (value, refused) in [("yes", true), ("TRUE", false), ("0", false), ("2", true)] {
+        let mut request = tonic::Request::new(kms_proto::v1::CreateKeyRequest { alias: format!("k{}", value.len()), ..Default::default() });
+        request.metadata_mut().insert("kms-dry-run", value.parse().unwrap());
+        let before = server.state_snapshot();
+        let answer = admin.create_key(request).await;
+        match answer {
+            Err(e) if refused => {
+                assert_eq!(e.code(), tonic::Code::InvalidArgument, "{value}: {e:?}");
+                assert!(e.message().starts_with("kms-dry-run "), "{e:?}");
+                assert_eq!(server.state_snapshot(), before, "{value}: a refused header changed something");
+            }
+            Ok(r) if value == "TRUE" => assert!(r.metadata().get_bin("kms-dry-run-bin").is_some(), "{value}: a dry run"),
+            Ok(r) => assert!(r.into_inner().key.is_some(), "{value}: the key is made"),
+            other => panic!("{value}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_dry_run_needs_the_callers_own_rights() {
     let server = Server::start();
     let secret = kms_tests::add_officer(&server, "audrey", "auditor", "an auditor's long passphrase").await;
