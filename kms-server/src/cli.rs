@@ -174,6 +174,7 @@ pub fn main() -> anyhow::Result<()> {
             let pki = crate::tls::DevPki::ensure(&data_dir.join("pki")).map_err(|e| anyhow::anyhow!("{e}"))?;
             let config = Config {
                 data_dir: data_dir.clone(),
+                store: Default::default(),
                 hsm: HsmConfig {
                     module: token.module.clone(),
                     token_label: token.label.clone(),

@@ -15,8 +15,10 @@ use crate::secret::Pin;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Holds the SQLite database (`kms.db`).
+    /// Holds the SQLite database (`kms.db`) when `store.backend` is `sqlite`.
     pub data_dir: PathBuf,
+    #[serde(default)]
+    pub store: StoreConfig,
     pub hsm: HsmConfig,
     pub listen: ListenConfig,
     pub tls: TlsConfig,
@@ -30,6 +32,30 @@ pub struct Config {
     pub audit: AuditConfig,
     #[serde(default)]
     pub officers: OfficersConfig,
+}
+
+/// Where the metadata and the audit trail live.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    #[serde(default)]
+    pub backend: StoreBackend,
+    /// PostgreSQL only: a libpq-style connection string (`host=pg1,pg2 port=5432 dbname=kms
+    /// user=kms target_session_attrs=read-write sslmode=verify-full sslrootcert=/etc/kms/pg-ca.pem`).
+    pub url: Option<String>,
+    /// PostgreSQL only: a file holding the password (mode 0600, like the PIN file).
+    pub password_file: Option<PathBuf>,
+}
+
+/// The store's engine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// One SQLite file in `data_dir`: one node (the default, and `kms-server dev`).
+    #[default]
+    Sqlite,
+    /// One PostgreSQL database shared by every node.
+    Postgres,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -275,7 +301,7 @@ impl Config {
     /// Every check that does not need the HSM.
     pub fn validate(&self) -> Result<(), ConfigError> {
         data_dir_private(&self.data_dir)?;
-        database_private(&self.data_dir)?;
+        self.validate_store()?;
         if !self.hsm.module.is_file() {
             return Err(refuse("hsm.module", format!("{} is not a file", self.hsm.module.display())));
         }
@@ -338,6 +364,43 @@ impl Config {
         Ok(())
     }
 
+    /// The store's settings: a private SQLite database, or a PostgreSQL connection string that
+    /// verifies the server (`sslmode=verify-full` with `sslrootcert`) and a private password file.
+    fn validate_store(&self) -> Result<(), ConfigError> {
+        let s = &self.store;
+        match s.backend {
+            StoreBackend::Sqlite => {
+                if s.url.is_some() || s.password_file.is_some() {
+                    return Err(refuse("store.url", "is for store.backend = \"postgres\""));
+                }
+                database_private(&self.data_dir)
+            }
+            StoreBackend::Postgres => {
+                let url = s.url.as_deref().ok_or_else(|| refuse("store.url", "is required with store.backend = \"postgres\""))?;
+                let info = crate::store::Conninfo::parse(url).map_err(|e| refuse("store.url", e))?;
+                match info.sslmode.as_deref() {
+                    Some(crate::store::VERIFY_FULL) => {}
+                    other => {
+                        return Err(refuse(
+                            "store.url",
+                            format!(
+                                "sslmode is {}; it must be verify-full (TLS, the server's certificate and host name checked)",
+                                other.unwrap_or("not set")
+                            ),
+                        ));
+                    }
+                }
+                let ca = info.sslrootcert.ok_or_else(|| refuse("store.url", "sslrootcert=FILE is required (the CA of the server's certificate)"))?;
+                if !ca.is_file() {
+                    return Err(refuse("store.url", format!("sslrootcert {} is not a file", ca.display())));
+                }
+                let password =
+                    s.password_file.as_deref().ok_or_else(|| refuse("store.password_file", "is required with store.backend = \"postgres\""))?;
+                pin_file_private("store.password_file", password)
+            }
+        }
+    }
+
     /// Reads the PIN from its file or environment variable.
     pub fn pin(&self) -> Result<Pin, ConfigError> {
         let pin = match (&self.hsm.pin_file, &self.hsm.pin_env) {
@@ -365,7 +428,7 @@ fn read_pin(setting: &'static str, path: &Path) -> Result<Pin, ConfigError> {
     pin_file_private(setting, path)?;
     let pin = Pin::new(std::fs::read_to_string(path).map_err(|e| refuse(setting, format!("{}: {e}", path.display())))?);
     if pin.is_empty() {
-        return Err(refuse(setting, "the PIN is empty"));
+        return Err(refuse(setting, format!("{} is empty", path.display())));
     }
     Ok(pin)
 }
@@ -374,6 +437,11 @@ fn read_pin(setting: &'static str, path: &Path) -> Result<Pin, ConfigError> {
 /// `kms-server backup-key --so-pin-file`), with the same checks as `hsm.pin_file`.
 pub fn read_pin_file(path: &Path) -> Result<Pin, ConfigError> {
     read_pin("pin file", path)
+}
+
+/// Reads a secret (a password) from a file only its owner can read.
+pub fn read_secret_file(path: &Path) -> Result<crate::secret::SecretText, ConfigError> {
+    read_pin("store.password_file", path)
 }
 
 #[cfg(test)]

@@ -48,16 +48,20 @@ impl fmt::Debug for SecretBytes {
     }
 }
 
-/// The HSM user PIN, read from a file or an environment variable at startup.
-pub struct Pin(Zeroizing<String>);
+/// A secret read as text from a file or an environment variable at startup: the HSM user PIN,
+/// the PostgreSQL password.
+pub struct SecretText(Zeroizing<String>);
 
-impl Pin {
-    /// Takes the PIN, without the trailing newline a PIN file usually has.
+/// The HSM user PIN.
+pub type Pin = SecretText;
+
+impl SecretText {
+    /// Takes the secret, without the trailing newline a file usually has.
     pub fn new(mut text: String) -> Self {
         while text.ends_with('\n') || text.ends_with('\r') {
             text.pop();
         }
-        Pin(Zeroizing::new(text))
+        SecretText(Zeroizing::new(text))
     }
 
     pub fn expose_secret(&self) -> &str {
@@ -70,14 +74,14 @@ impl Pin {
 
     /// A second copy, also wiped on drop: for the HSM layer, which keeps the PIN to log in again
     /// after the HSM lost the login. No `Clone`, so that every copy is deliberate.
-    pub fn clone_secret(&self) -> Pin {
-        Pin(self.0.clone())
+    pub fn clone_secret(&self) -> SecretText {
+        SecretText(self.0.clone())
     }
 }
 
-impl fmt::Debug for Pin {
+impl fmt::Debug for SecretText {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Pin(<redacted>)")
+        f.write_str("SecretText(<redacted>)")
     }
 }
 
@@ -90,7 +94,7 @@ mod tests {
         let key = SecretBytes::new(vec![0x41; 32]);
         assert_eq!(format!("{key:?}"), "SecretBytes(<32 bytes>)");
         let pin = Pin::new("123456\n".to_string());
-        assert_eq!(format!("{pin:?}"), "Pin(<redacted>)");
+        assert_eq!(format!("{pin:?}"), "SecretText(<redacted>)");
         assert_eq!(pin.expose_secret(), "123456");
     }
 }

@@ -31,7 +31,7 @@ use crate::tls::ServerTls;
 pub fn bootstrap_officer(config: &Config, name: &str, passphrase: &Passphrase) -> anyhow::Result<Enrolment> {
     let hsm = Pkcs11Hsm::open(&config.hsm.module, &config.hsm.token_label, &config.pin()?, 1)?;
     crate::files::create_dir(&config.data_dir)?;
-    let store = Store::open(&config.data_dir.join("kms.db"))?;
+    let store = Store::open_configured(config)?;
     let officers = Officers {
         hsm: &hsm,
         store: &store,
@@ -87,7 +87,7 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     })
     .await??;
     crate::files::create_dir(&config.data_dir)?;
-    let db = config.data_dir.join("kms.db");
+    let store_config = config.clone();
     let settings = Settings {
         limits: config.keys.limits(),
         session_seconds: config.officers.session_minutes * 60,
@@ -95,7 +95,7 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
         rate_limit: config.limits.rate_limit(),
     };
     let (kms, store) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Kms, Arc<Store>)> {
-        let store = Arc::new(Store::open(&db)?);
+        let store = Arc::new(Store::open_configured(&store_config)?);
         Ok((Kms::open(hsm, store.clone(), settings)?, store))
     })
     .await??;

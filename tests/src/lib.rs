@@ -6,6 +6,8 @@
 //! (`token-inspect`), so each process initialises PKCS#11 once and `SOFTHSM2_CONF` is never
 //! changed in a running process.
 
+pub mod pg;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -106,6 +108,55 @@ pub struct Options {
     pub backup_key: bool,
     /// The umask the server and `kmsctl` run under (default: the test's own).
     pub umask: Option<u32>,
+    /// The store: SQLite in the data directory, or a database of its own in PostgreSQL (the
+    /// run's shared cluster, else one started for this server). `KMS_TEST_BACKEND=postgres`
+    /// makes PostgreSQL the default.
+    pub backend: Backend,
+}
+
+/// The store a test server uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// `KMS_TEST_BACKEND`'s (`sqlite` when unset).
+    pub fn from_env() -> Backend {
+        match std::env::var("KMS_TEST_BACKEND").as_deref() {
+            Ok("postgres") => Backend::Postgres,
+            _ => Backend::Sqlite,
+        }
+    }
+}
+
+/// A server's PostgreSQL database: the cluster it lives in (kept alive with the server when it
+/// was started for it), and its connection string.
+#[derive(Debug)]
+pub struct Database {
+    pub cluster: std::sync::Arc<pg::Postgres>,
+    pub name: String,
+    pub url: String,
+}
+
+impl Database {
+    /// A fresh database in the run's shared cluster, or in a cluster started for it.
+    pub fn create() -> Result<Database> {
+        let cluster = std::sync::Arc::new(match pg::Postgres::shared() {
+            Some(shared) => shared,
+            None => pg::Postgres::start()?,
+        });
+        Database::create_in(cluster)
+    }
+
+    pub fn create_in(cluster: std::sync::Arc<pg::Postgres>) -> Result<Database> {
+        let mut raw = [0u8; 6];
+        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut raw)?;
+        let name = format!("kms_{}", raw.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        let url = cluster.create_database(&name)?;
+        Ok(Database { cluster, name, url })
+    }
 }
 
 impl Default for Options {
@@ -127,6 +178,7 @@ impl Default for Options {
             principal_burst: 1.0,
             backup_key: false,
             umask: None,
+            backend: Backend::from_env(),
         }
     }
 }
@@ -154,6 +206,8 @@ pub struct Server {
     pub officer_totp: String,
     /// The bootstrap officer's session token.
     pub session: String,
+    /// The PostgreSQL database, when the server uses one.
+    pub database: Option<Database>,
 }
 
 /// The current TOTP code of a base32 secret, one step ahead of `step_offset` steps.
@@ -190,7 +244,11 @@ impl Server {
             metrics_addr: String::new(),
             officer_totp: String::new(),
             session: String::new(),
+            database: None,
         };
+        if server.options.backend == Backend::Postgres {
+            server.database = Some(Database::create().expect("a PostgreSQL database"));
+        }
         if server.options.backup_key {
             server.provision_backup_key().expect("backup key provisioned");
         }
@@ -366,7 +424,7 @@ impl Server {
              [keys]\nrotation_threshold = {}\nencryption_limit = {}\nusage_reservation_block = {}\nsweep_interval_seconds = {}\n\
              [health]\nprobe_interval_seconds = 1\n\
              [audit]\ncheckpoint_every_records = {}\nretention_days = {}\n\
-             [limits]\nprincipal_calls_per_second = {:?}\nprincipal_burst = {:?}\n",
+             [limits]\nprincipal_calls_per_second = {:?}\nprincipal_burst = {:?}\n{}",
             self.dir.path(),
             self.token.module,
             self.token.label,
@@ -382,6 +440,10 @@ impl Server {
             o.audit_retention_days,
             o.principal_calls_per_second,
             o.principal_burst,
+            self.database.as_ref().map_or_else(String::new, |db| format!(
+                "[store]\nbackend = \"postgres\"\nurl = {:?}\npassword_file = {:?}\n",
+                db.url, db.cluster.password_file
+            )),
         );
         std::fs::write(self.config_path(), config)?;
         Ok(())

@@ -126,9 +126,10 @@ impl AuditWriter {
     /// Starts the writer thread. It stops when every `AuditWriter` clone is dropped, signing a
     /// last checkpoint on its way out.
     pub fn start(store: Arc<Store>, checkpointer: Checkpointer) -> std::io::Result<(AuditWriter, WriterThread)> {
-        let mut last = store.read(|tx| tx.last_checkpoint()).ok().flatten().unwrap_or((0, now()));
         let (queue, mut rx) = mpsc::channel::<Pending>(QUEUE);
         let thread = std::thread::Builder::new().name("audit-writer".into()).spawn(move || {
+            // Read on this thread: a store may not be called from the async runtime.
+            let mut last = store.read(|tx| tx.last_checkpoint()).ok().flatten().unwrap_or((0, now()));
             while let Some(first) = rx.blocking_recv() {
                 let mut records = first.events.len();
                 let mut batch = vec![first];

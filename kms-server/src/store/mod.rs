@@ -1,13 +1,17 @@
 //! The metadata and audit store, and every SQL statement of the service.
 //!
 //! One interface, [`Store`], with its queries written once in [`Tx`] over a backend's
-//! transaction (`sql.rs`): SQLite (`sqlite.rs`), one file, the embedded default for one machine.
+//! transaction (`sql.rs`): SQLite (`sqlite.rs`), one file, the embedded default for one machine;
+//! PostgreSQL (`postgres.rs`), one database for several nodes.
 //! Every state change commits with its audit record in one transaction ([`Store::write`]).
 //! Nothing outside this module knows the schema.
 
+mod postgres;
 mod schema;
 mod sql;
 mod sqlite;
+
+pub use postgres::{Conninfo, PgSettings, VERIFY_FULL};
 
 use std::fmt;
 use std::path::Path;
@@ -24,6 +28,11 @@ use crate::domain::policy::{Grant, Operation, PrincipalState};
 #[derive(Debug)]
 pub enum StoreError {
     Sqlite(rusqlite::Error),
+    Postgres(::postgres::Error),
+    /// The store could not be set up (a bad connection string, an unreadable CA or password).
+    Setup {
+        reason: String,
+    },
     /// A row that this version of the service cannot read (an unknown state name, a bad id).
     Corrupt {
         table: &'static str,
@@ -50,6 +59,8 @@ impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StoreError::Sqlite(e) => write!(f, "SQLite: {e}"),
+            StoreError::Postgres(e) => write!(f, "PostgreSQL: {e}"),
+            StoreError::Setup { reason } => f.write_str(reason),
             StoreError::Corrupt { table, detail } => write!(f, "unreadable row in {table}: {detail}"),
             StoreError::Io { what, source } => write!(f, "{what}: {source}"),
             StoreError::DryRunWrite { operation } => {
@@ -68,16 +79,39 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
+impl From<::postgres::Error> for StoreError {
+    fn from(e: ::postgres::Error) -> Self {
+        StoreError::Postgres(e)
+    }
+}
+
 impl StoreError {
     pub fn io(what: &'static str, e: std::io::Error) -> StoreError {
         StoreError::Io { what, source: e.to_string() }
     }
 
-    /// Whether the failure is the disk's (full, read-only, locked) rather than the data's.
+    /// Whether the failure is the storage's (a full, read-only or locked disk; a database server
+    /// that cannot be reached, is shutting down, is a standby after a failover, or aborted the
+    /// transaction to break a deadlock) rather than the data's: worth a retry later.
     pub fn is_unavailable(&self) -> bool {
         use rusqlite::ErrorCode::*;
-        matches!(self, StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _))
-            if matches!(e.code, DiskFull | ReadOnly | DatabaseBusy | DatabaseLocked | CannotOpen | SystemIoFailure))
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                matches!(e.code, DiskFull | ReadOnly | DatabaseBusy | DatabaseLocked | CannotOpen | SystemIoFailure)
+            }
+            StoreError::Postgres(e) => match e.as_db_error() {
+                // No answer from a server: the connection failed or closed.
+                None => true,
+                Some(db) => {
+                    let code = db.code().code();
+                    // Connection exceptions, operator intervention (shutdown, cannot connect
+                    // now), a read-only transaction (a standby), serialisation failures and
+                    // deadlocks.
+                    code.starts_with("08") || code.starts_with("57P") || code == "25006" || code == "40001" || code == "40P01" || code == "53300"
+                }
+            },
+            _ => false,
+        }
     }
 }
 
@@ -189,6 +223,7 @@ pub struct Store {
 #[derive(Debug)]
 enum Backend {
     Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PgStore),
 }
 
 /// The database's file name in the data directory, and the journal files SQLite keeps beside it.
@@ -200,10 +235,23 @@ impl Store {
         Ok(Store { backend: Backend::Sqlite(sqlite::SqliteStore::open(path)?) })
     }
 
+    /// Opens the store the configuration names: `data_dir/kms.db`, or the PostgreSQL database.
+    pub fn open_configured(config: &crate::config::Config) -> Result<Store> {
+        let s = &config.store;
+        match s.backend {
+            crate::config::StoreBackend::Sqlite => Store::open(&config.data_dir.join(DATABASE_FILES[0])),
+            crate::config::StoreBackend::Postgres => {
+                let settings = PgSettings { url: s.url.clone().unwrap_or_default(), password_file: s.password_file.clone().unwrap_or_default() };
+                Ok(Store { backend: Backend::Postgres(postgres::PgStore::open(&settings)?) })
+            }
+        }
+    }
+
     /// Runs `f` in one write transaction; commits if it returns `Ok`.
     pub fn write<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
         match &self.backend {
             Backend::Sqlite(s) => s.write(|sql| f(&Tx(sql))),
+            Backend::Postgres(s) => s.write(|sql| f(&Tx(sql))),
         }
     }
 
@@ -211,6 +259,7 @@ impl Store {
     pub fn read<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
         match &self.backend {
             Backend::Sqlite(s) => s.read(|sql| f(&Tx(sql))),
+            Backend::Postgres(s) => s.read(|sql| f(&Tx(sql))),
         }
     }
 
@@ -219,6 +268,7 @@ impl Store {
     pub fn read_snapshot<T, E: From<StoreError>>(&self, f: impl FnOnce(&Tx<'_>) -> std::result::Result<T, E>) -> std::result::Result<T, E> {
         match &self.backend {
             Backend::Sqlite(s) => s.read_snapshot(|sql| f(&Tx(sql))),
+            Backend::Postgres(s) => s.read_snapshot(|sql| f(&Tx(sql))),
         }
     }
 
@@ -227,6 +277,7 @@ impl Store {
     pub fn snapshot(&self) -> Result<std::fs::File> {
         match &self.backend {
             Backend::Sqlite(s) => s.snapshot(),
+            Backend::Postgres(_) => Err(StoreError::Setup { reason: "backups of a PostgreSQL store are not built yet".into() }),
         }
     }
 }
@@ -707,6 +758,7 @@ impl Tx<'_> {
     /// whole batch in one transaction, a few hundred records to a statement); returns the last
     /// one's sequence number and hash (none when there were no records).
     pub fn append_audits<'e>(&self, events: impl IntoIterator<Item = &'e AuditEvent>, now: i64) -> Result<Option<(i64, Vec<u8>)>> {
+        self.0.lock_audit_head()?;
         let (mut seq, mut prev) = match self.last_audit()? {
             Some((seq, hash)) => {
                 let prev: [u8; 32] = hash.try_into().map_err(|_| corrupt("audit", "hash length"))?;

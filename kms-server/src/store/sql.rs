@@ -135,6 +135,12 @@ pub trait Sql {
 
     /// Runs a statement built at run time (a multi-row insert, whose length varies).
     fn execute_dynamic(&self, sql: &str, params: &[Param<'_>]) -> Result<u64, StoreError>;
+
+    /// Makes this transaction the only one appending to the audit chain until it ends (a backend
+    /// whose write transactions run one at a time has nothing to do).
+    fn lock_audit_head(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// The first row of a query, if any.

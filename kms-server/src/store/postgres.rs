@@ -1,0 +1,376 @@
+//! The backend for several nodes: one PostgreSQL database (a primary with a synchronous standby
+//! in production), reached over TLS with the server's certificate and host name verified.
+//!
+//! The connection string is libpq's `key=value` form, and may name several hosts
+//! (`host=pg1,pg2 target_session_attrs=read-write`): a node reconnects by itself to whichever is
+//! the primary after a failover. `sslmode=verify-full` and `sslrootcert=FILE` are required (the
+//! driver is `tokio-postgres` through its synchronous wrapper, with rustls doing the
+//! verification); the password comes from a file only the service's user can read, never from
+//! the string.
+//!
+//! Every store call already runs on a blocking thread (a data worker, the audit writer, tokio's
+//! blocking pool), so the synchronous client fits. Connections are pooled, each with its
+//! prepared statements; one that fails is dropped and the next call opens another.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use postgres::types::{IsNull, ToSql, Type};
+use postgres::{Client, Statement};
+
+use super::sql::{Param, Row, Sql, Value};
+use super::{Result, StoreError};
+
+/// The `sslmode` the service requires outside development: TLS, the server's certificate checked
+/// against `sslrootcert`, and its name against the host connected to (libpq's `verify-full`).
+pub const VERIFY_FULL: &str = "verify-full";
+
+/// What the connection string says, split into what the driver reads and what the service
+/// handles itself (TLS verification, which the driver leaves to its TLS connector).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conninfo {
+    /// Every pair but `sslmode` and `sslrootcert`, for the driver.
+    pub driver: Vec<(String, String)>,
+    pub sslmode: Option<String>,
+    pub sslrootcert: Option<PathBuf>,
+}
+
+impl Conninfo {
+    /// Parses libpq's `key=value` form: pairs separated by spaces, a value single-quoted when it
+    /// holds spaces (`\'` and `\\` escaped inside). A password in the string is refused: it comes
+    /// from `store.password_file`.
+    pub fn parse(text: &str) -> std::result::Result<Conninfo, String> {
+        let mut info = Conninfo { driver: Vec::new(), sslmode: None, sslrootcert: None };
+        let mut chars = text.chars().peekable();
+        loop {
+            while chars.next_if(|c| c.is_whitespace()).is_some() {}
+            let Some(&first) = chars.peek() else { break };
+            if first == '=' {
+                return Err("a pair without a key".into());
+            }
+            let mut key = String::new();
+            while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+                key.push(c);
+            }
+            while chars.next_if(|c| c.is_whitespace()).is_some() {}
+            if chars.next() != Some('=') {
+                return Err(format!("{key} has no value (key=value)"));
+            }
+            while chars.next_if(|c| c.is_whitespace()).is_some() {}
+            let mut value = String::new();
+            if chars.next_if_eq(&'\'').is_some() {
+                loop {
+                    match chars.next() {
+                        None => return Err(format!("the value of {key} has no closing quote")),
+                        Some('\'') => break,
+                        Some('\\') => value.push(chars.next().ok_or_else(|| format!("the value of {key} ends in a backslash"))?),
+                        Some(c) => value.push(c),
+                    }
+                }
+            } else {
+                while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                    value.push(c);
+                }
+            }
+            match key.as_str() {
+                "password" => return Err("holds a password: put it in store.password_file instead".into()),
+                "sslmode" => info.sslmode = Some(value),
+                "sslrootcert" => info.sslrootcert = Some(PathBuf::from(value)),
+                "sslcert" | "sslkey" | "passfile" | "sslpassword" => return Err(format!("{key} is not supported")),
+                _ => info.driver.push((key, value)),
+            }
+        }
+        Ok(info)
+    }
+
+    /// The driver's configuration: its pairs, TLS required (verified by the connector), and the
+    /// password.
+    fn driver_config(&self, password: &str) -> std::result::Result<postgres::Config, String> {
+        let mut text = String::new();
+        for (k, v) in &self.driver {
+            text.push_str(&format!("{k}='{}' ", v.replace('\\', "\\\\").replace('\'', "\\'")));
+        }
+        let mut config: postgres::Config = text.parse().map_err(|e: postgres::Error| e.to_string())?;
+        config.ssl_mode(postgres::config::SslMode::Require);
+        config.password(password);
+        if config.get_application_name().is_none() {
+            config.application_name("kms-server");
+        }
+        Ok(config)
+    }
+}
+
+/// A pooled connection with the statements it prepared.
+struct Conn {
+    client: Client,
+    statements: HashMap<String, Statement>,
+}
+
+/// The PostgreSQL store.
+pub struct PgStore {
+    config: postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
+    idle: Mutex<Vec<Conn>>,
+}
+
+impl fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgStore").field("hosts", &self.config.get_hosts().len()).finish_non_exhaustive()
+    }
+}
+
+/// The settings of `[store]` for PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PgSettings {
+    pub url: String,
+    pub password_file: PathBuf,
+}
+
+/// The TLS client: the roots of `sslrootcert` only (never the system's), ring's cryptography.
+fn tls(ca: &Path) -> std::result::Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))? {
+        roots.add(cert.map_err(|e| format!("{}: {e}", ca.display()))?).map_err(|e| format!("{}: {e}", ca.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{} holds no certificate", ca.display()));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+impl PgStore {
+    /// Connects (a first connection proves the settings) and brings the schema up to date.
+    pub fn open(settings: &PgSettings) -> Result<PgStore> {
+        let setup = |e: String| StoreError::Setup { reason: e };
+        let info = Conninfo::parse(&settings.url).map_err(|e| setup(format!("store.url {e}")))?;
+        let ca = info
+            .sslrootcert
+            .clone()
+            .ok_or_else(|| setup("store.url needs sslrootcert=FILE (the CA of the PostgreSQL server's certificate)".into()))?;
+        let password = crate::config::read_secret_file(&settings.password_file).map_err(|e| setup(e.to_string()))?;
+        let config = info.driver_config(password.expose_secret()).map_err(|e| setup(format!("store.url: {e}")))?;
+        let store = PgStore { config, tls: tls(&ca).map_err(setup)?, idle: Mutex::new(Vec::new()) };
+        let mut conn = store.connect()?;
+        super::schema::migrate_postgres(&mut conn.client)?;
+        store.checkin(conn);
+        Ok(store)
+    }
+
+    fn connect(&self) -> Result<Conn> {
+        let client = self.config.connect(self.tls.clone())?;
+        Ok(Conn { client, statements: HashMap::new() })
+    }
+
+    fn checkout(&self) -> Result<Conn> {
+        let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match pooled {
+            Some(conn) if !conn.client.is_closed() => Ok(conn),
+            _ => self.connect(),
+        }
+    }
+
+    fn checkin(&self, conn: Conn) {
+        if !conn.client.is_closed() {
+            self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+        }
+    }
+
+    /// Runs `f` in a transaction on a pooled connection; commits if it returns `Ok`. A
+    /// connection that failed is not returned to the pool.
+    fn transaction<T, E: From<StoreError>>(&self, kind: &str, f: impl FnOnce(&dyn Sql) -> std::result::Result<T, E>) -> std::result::Result<T, E> {
+        let mut conn = self.checkout()?;
+        let out = (|| {
+            let Conn { client, statements } = &mut conn;
+            let tx = client.build_transaction();
+            let tx = match kind {
+                "read" => tx.isolation_level(postgres::IsolationLevel::RepeatableRead).read_only(true),
+                _ => tx.isolation_level(postgres::IsolationLevel::ReadCommitted),
+            };
+            let tx = tx.start().map_err(StoreError::from)?;
+            let pg = PgTx { tx: std::cell::RefCell::new(tx), statements: std::cell::RefCell::new(statements) };
+            let out = f(&pg)?;
+            pg.tx.into_inner().commit().map_err(StoreError::from)?;
+            Ok(out)
+        })();
+        self.checkin(conn);
+        out
+    }
+
+    pub fn write<T>(&self, f: impl FnOnce(&dyn Sql) -> Result<T>) -> Result<T> {
+        self.transaction("write", f)
+    }
+
+    /// A consistent snapshot (repeatable read, read only).
+    pub fn read<T>(&self, f: impl FnOnce(&dyn Sql) -> Result<T>) -> Result<T> {
+        self.transaction("read", f)
+    }
+
+    /// The same: every read here is a snapshot on a pooled connection, beside the writes.
+    pub fn read_snapshot<T, E: From<StoreError>>(&self, f: impl FnOnce(&dyn Sql) -> std::result::Result<T, E>) -> std::result::Result<T, E> {
+        self.transaction("read", f)
+    }
+}
+
+/// A PostgreSQL transaction, as the queries see one.
+struct PgTx<'a> {
+    tx: std::cell::RefCell<postgres::Transaction<'a>>,
+    statements: std::cell::RefCell<&'a mut HashMap<String, Statement>>,
+}
+
+/// How many prepared statements a connection keeps at most (the multi-row audit inserts vary
+/// in length; past this the cache starts again).
+const MAX_STATEMENTS: usize = 256;
+
+impl PgTx<'_> {
+    /// The statement for `sql` (its `?N` placeholders as `$N`), prepared once per connection.
+    fn statement(&self, sql: &str) -> Result<Statement> {
+        let mut statements = self.statements.borrow_mut();
+        if let Some(s) = statements.get(sql) {
+            return Ok(s.clone());
+        }
+        if statements.len() >= MAX_STATEMENTS {
+            statements.clear();
+        }
+        let prepared = self.tx.borrow_mut().prepare(&dollar_placeholders(sql))?;
+        statements.insert(sql.to_string(), prepared.clone());
+        Ok(prepared)
+    }
+
+    fn run(&self, sql: &str, params: &[Param<'_>]) -> Result<u64> {
+        let statement = self.statement(sql)?;
+        let params: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        Ok(self.tx.borrow_mut().execute(&statement, &params)?)
+    }
+}
+
+impl Sql for PgTx<'_> {
+    fn execute(&self, sql: &'static str, params: &[Param<'_>]) -> Result<u64> {
+        self.run(sql, params)
+    }
+
+    fn execute_dynamic(&self, sql: &str, params: &[Param<'_>]) -> Result<u64> {
+        self.run(sql, params)
+    }
+
+    fn query(&self, sql: &'static str, params: &[Param<'_>]) -> Result<Vec<Row>> {
+        let statement = self.statement(sql)?;
+        let params: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        let rows = self.tx.borrow_mut().query(&statement, &params)?;
+        rows.iter().map(row).collect()
+    }
+
+    fn lock_audit_head(&self) -> Result<()> {
+        // Held to the transaction's end: one appender at a time across every node, so that the
+        // chain is one sequence.
+        self.tx.borrow_mut().execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_HEAD_LOCK])?;
+        Ok(())
+    }
+}
+
+/// The advisory lock that serialises appends to the audit chain.
+const AUDIT_HEAD_LOCK: i64 = 0x6b6d_7361_7564_6974; // "kmsaudit"
+
+fn row(r: &postgres::Row) -> Result<Row> {
+    let mut values = Vec::with_capacity(r.len());
+    for (i, column) in r.columns().iter().enumerate() {
+        let ty = column.type_();
+        let value = if *ty == Type::INT8 {
+            r.try_get::<_, Option<i64>>(i)?.map(Value::Int)
+        } else if *ty == Type::INT4 {
+            r.try_get::<_, Option<i32>>(i)?.map(|n| Value::Int(i64::from(n)))
+        } else if *ty == Type::BYTEA {
+            r.try_get::<_, Option<Vec<u8>>>(i)?.map(Value::Blob)
+        } else if *ty == Type::TEXT || *ty == Type::VARCHAR {
+            r.try_get::<_, Option<String>>(i)?.map(Value::Text)
+        } else {
+            return Err(StoreError::Corrupt { table: "row", detail: format!("column {} of type {ty}", column.name()) });
+        };
+        values.push(value.unwrap_or(Value::Null));
+    }
+    Ok(Row(values))
+}
+
+impl ToSql for Param<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut postgres::types::private::BytesMut,
+    ) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match *self {
+            Param::Null => Ok(IsNull::Yes),
+            Param::Int(n) if *ty == Type::INT4 => i32::try_from(n)?.to_sql(ty, out),
+            Param::Int(n) => n.to_sql(ty, out),
+            Param::Text(s) => s.to_sql(ty, out),
+            Param::Blob(b) => b.to_sql(ty, out),
+        }
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        [Type::INT8, Type::INT4, Type::TEXT, Type::VARCHAR, Type::BYTEA].contains(ty)
+    }
+
+    postgres::types::to_sql_checked!();
+}
+
+/// `?N` placeholders rewritten as `$N` (PostgreSQL's), outside quoted strings.
+pub fn dollar_placeholders(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    let mut quoted = false;
+    while let Some(c) = chars.next() {
+        if c == '\'' {
+            quoted = !quoted;
+        }
+        if c == '?' && !quoted && chars.peek().is_some_and(char::is_ascii_digit) {
+            out.push('$');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_renumbered_outside_quotes_only() {
+        assert_eq!(
+            dollar_placeholders("SELECT a FROM t WHERE b = ?1 AND c = '?2' AND d = ?12"),
+            "SELECT a FROM t WHERE b = $1 AND c = '?2' AND d = $12"
+        );
+    }
+
+    #[test]
+    fn connection_strings_parse_as_libpq_reads_them() {
+        let info = Conninfo::parse(
+            "host=pg1,pg2 port=5432  dbname = kms user=kms target_session_attrs=read-write sslmode=verify-full sslrootcert='/etc/kms/pg ca.pem'",
+        )
+        .unwrap();
+        assert_eq!(info.sslmode.as_deref(), Some("verify-full"));
+        assert_eq!(info.sslrootcert.as_deref(), Some(Path::new("/etc/kms/pg ca.pem")));
+        assert_eq!(
+            info.driver,
+            [("host", "pg1,pg2"), ("port", "5432"), ("dbname", "kms"), ("user", "kms"), ("target_session_attrs", "read-write")]
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        );
+        let config = info.driver_config("secret").unwrap();
+        assert_eq!(config.get_hosts().len(), 2);
+        assert_eq!(config.get_dbname(), Some("kms"));
+        assert!(Conninfo::parse("host=x password=hunter2").unwrap_err().contains("password_file"));
+        assert!(Conninfo::parse("host='x").unwrap_err().contains("closing quote"));
+        assert!(Conninfo::parse("host").unwrap_err().contains("no value"));
+        assert!(Conninfo::parse("sslkey=/k").unwrap_err().contains("not supported"));
+        assert!(Conninfo { driver: vec![("colour".into(), "blue".into())], sslmode: None, sslrootcert: None }.driver_config("p").is_err());
+    }
+}
