@@ -641,8 +641,44 @@ impl Server {
         body.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
     }
 
+    /// Runs SQL on the server's database behind its back (SQL both engines take): what time or
+    /// an intruder does to the rows.
+    pub fn sql(&self, sql: &str) {
+        match &self.database {
+            None => {
+                let db = rusqlite::Connection::open(self.db_path()).expect("database opens");
+                // The service may be writing: wait for its lock rather than fail.
+                db.busy_timeout(Duration::from_secs(5)).expect("a busy timeout");
+                db.execute_batch(sql).expect("the SQL ran");
+            }
+            Some(db) => {
+                db.cluster.psql(&db.name, sql).expect("the SQL ran");
+            }
+        }
+    }
+
+    /// A read-only connection to the server's database: its SQLite file, or for PostgreSQL a
+    /// SQLite copy of the database as it is now (the copy backups are made of).
     pub fn db(&self) -> rusqlite::Connection {
-        rusqlite::Connection::open_with_flags(self.db_path(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).expect("database opens")
+        let path = match &self.database {
+            None => self.db_path(),
+            Some(_) => {
+                static EXPORTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let n = EXPORTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let path = self.dir.path().join(format!("postgres-copy-{n}.db"));
+                let config = kms_server::config::Config::load(&self.config_path()).expect("the server's configuration");
+                // On a thread of its own: the PostgreSQL client may not run inside a test's runtime.
+                std::thread::scope(|s| {
+                    s.spawn(|| {
+                        kms_server::store::Store::open_configured(&config).and_then(|store| store.export_sqlite(&path)).expect("the database copied")
+                    })
+                    .join()
+                    .expect("the copy's thread")
+                });
+                path
+            }
+        };
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).expect("database opens")
     }
 
     /// The versions the database says have material, as HSM labels (`kms:KEY:VERSION`), sorted.

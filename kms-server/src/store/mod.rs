@@ -6,6 +6,7 @@
 //! Every state change commits with its audit record in one transaction ([`Store::write`]).
 //! Nothing outside this module knows the schema.
 
+mod copy;
 mod postgres;
 mod schema;
 mod sql;
@@ -48,6 +49,8 @@ pub enum StoreError {
     DryRunWrite {
         operation: &'static str,
     },
+    /// A migration's destination already holds data.
+    NotEmpty,
     /// The database was written by a newer version of the service.
     TooNew {
         found: i64,
@@ -66,6 +69,7 @@ impl fmt::Display for StoreError {
             StoreError::DryRunWrite { operation } => {
                 write!(f, "a dry run of {operation} reached a write before its commit point; nothing was written")
             }
+            StoreError::NotEmpty => f.write_str("the destination store is not empty (it holds keys, officers, principals or audit records)"),
             StoreError::TooNew { found, supported } => write!(f, "database schema version {found} is newer than this build supports ({supported})"),
         }
     }
@@ -241,7 +245,11 @@ impl Store {
         match s.backend {
             crate::config::StoreBackend::Sqlite => Store::open(&config.data_dir.join(DATABASE_FILES[0])),
             crate::config::StoreBackend::Postgres => {
-                let settings = PgSettings { url: s.url.clone().unwrap_or_default(), password_file: s.password_file.clone().unwrap_or_default() };
+                let settings = PgSettings {
+                    url: s.url.clone().unwrap_or_default(),
+                    password_file: s.password_file.clone().unwrap_or_default(),
+                    scratch_dir: config.data_dir.clone(),
+                };
                 Ok(Store { backend: Backend::Postgres(postgres::PgStore::open(&settings)?) })
             }
         }
@@ -272,13 +280,43 @@ impl Store {
         }
     }
 
-    /// A consistent copy of the whole database as a SQLite file (the backup's database section),
-    /// already unlinked: only the returned handle reaches it.
+    /// A consistent copy of the whole database as a SQLite file (the backup's database section,
+    /// one format whichever the backend), already unlinked: only the returned handle reaches it.
     pub fn snapshot(&self) -> Result<std::fs::File> {
         match &self.backend {
             Backend::Sqlite(s) => s.snapshot(),
-            Backend::Postgres(_) => Err(StoreError::Setup { reason: "backups of a PostgreSQL store are not built yet".into() }),
+            Backend::Postgres(pg) => {
+                let path = pg.scratch_file();
+                let _ = std::fs::remove_file(&path);
+                let exported =
+                    self.export_sqlite(&path).and_then(|_| std::fs::File::open(&path).map_err(|e| StoreError::io("opening the snapshot", e)));
+                let _ = std::fs::remove_file(&path);
+                exported
+            }
         }
+    }
+
+    /// Writes every table, as one consistent snapshot, into a new SQLite database at `path`
+    /// (mode 0600); returns how many rows of each table it copied.
+    pub fn export_sqlite(&self, path: &Path) -> Result<copy::Copied> {
+        if path.exists() {
+            return Err(StoreError::io("exporting the store", std::io::Error::new(std::io::ErrorKind::AlreadyExists, path.display().to_string())));
+        }
+        let dest = sqlite::SqliteStore::open(path)?;
+        self.read_snapshot(|from| dest.write(|to| copy::copy(from, &Tx(to))))
+    }
+
+    /// Copies every table of `source` into this store, in one transaction, refusing a store that
+    /// holds keys, officers, principals or audit records already (`kms-server migrate`).
+    pub fn import(&self, source: &Store) -> Result<copy::Copied> {
+        source.read_snapshot(|from| {
+            self.write(|to| {
+                if !copy::is_empty(to)? {
+                    return Err(StoreError::NotEmpty);
+                }
+                copy::copy(from, to)
+            })
+        })
     }
 }
 

@@ -111,6 +111,7 @@ struct Conn {
 /// The PostgreSQL store.
 pub struct PgStore {
     config: postgres::Config,
+    scratch_dir: PathBuf,
     tls: tokio_postgres_rustls::MakeRustlsConnect,
     idle: Mutex<Vec<Conn>>,
 }
@@ -126,6 +127,8 @@ impl fmt::Debug for PgStore {
 pub struct PgSettings {
     pub url: String,
     pub password_file: PathBuf,
+    /// Where a backup's SQLite snapshot is written before it is streamed (`data_dir`).
+    pub scratch_dir: PathBuf,
 }
 
 /// The TLS client: the roots of `sslrootcert` only (never the system's), ring's cryptography.
@@ -158,11 +161,16 @@ impl PgStore {
             .ok_or_else(|| setup("store.url needs sslrootcert=FILE (the CA of the PostgreSQL server's certificate)".into()))?;
         let password = crate::config::read_secret_file(&settings.password_file).map_err(|e| setup(e.to_string()))?;
         let config = info.driver_config(password.expose_secret()).map_err(|e| setup(format!("store.url: {e}")))?;
-        let store = PgStore { config, tls: tls(&ca).map_err(setup)?, idle: Mutex::new(Vec::new()) };
+        let store = PgStore { config, scratch_dir: settings.scratch_dir.clone(), tls: tls(&ca).map_err(setup)?, idle: Mutex::new(Vec::new()) };
         let mut conn = store.connect()?;
         super::schema::migrate_postgres(&mut conn.client)?;
         store.checkin(conn);
         Ok(store)
+    }
+
+    /// Where a backup's snapshot is written (and removed once opened).
+    pub fn scratch_file(&self) -> PathBuf {
+        self.scratch_dir.join("kms.db.snapshot")
     }
 
     fn connect(&self) -> Result<Conn> {
@@ -220,6 +228,17 @@ impl PgStore {
     }
 }
 
+impl Drop for PgStore {
+    /// Each client of the pool owns a small runtime of its own, which may not be dropped inside
+    /// an async context (where the service drops its store at shutdown): they go on a thread.
+    fn drop(&mut self) {
+        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
+        if !idle.is_empty() {
+            let _ = std::thread::spawn(move || drop(idle)).join();
+        }
+    }
+}
+
 /// A PostgreSQL transaction, as the queries see one.
 struct PgTx<'a> {
     tx: std::cell::RefCell<postgres::Transaction<'a>>,
@@ -245,6 +264,13 @@ impl PgTx<'_> {
         Ok(prepared)
     }
 
+    fn rows(&self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>> {
+        let statement = self.statement(sql)?;
+        let params: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        let rows = self.tx.borrow_mut().query(&statement, &params)?;
+        rows.iter().map(row).collect()
+    }
+
     fn run(&self, sql: &str, params: &[Param<'_>]) -> Result<u64> {
         let statement = self.statement(sql)?;
         let params: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
@@ -262,10 +288,20 @@ impl Sql for PgTx<'_> {
     }
 
     fn query(&self, sql: &'static str, params: &[Param<'_>]) -> Result<Vec<Row>> {
-        let statement = self.statement(sql)?;
-        let params: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-        let rows = self.tx.borrow_mut().query(&statement, &params)?;
-        rows.iter().map(row).collect()
+        self.rows(sql, params)
+    }
+
+    fn query_dynamic(&self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>> {
+        self.rows(sql, params)
+    }
+
+    fn after_copy(&self) -> Result<()> {
+        for table in ["intents", "review_signoffs"] {
+            self.tx
+                .borrow_mut()
+                .execute(&format!("SELECT setval(pg_get_serial_sequence('{table}', 'id'), COALESCE(MAX(id), 0) + 1, false) FROM {table}"), &[])?;
+        }
+        Ok(())
     }
 
     fn lock_audit_head(&self) -> Result<()> {

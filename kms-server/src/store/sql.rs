@@ -136,6 +136,14 @@ pub trait Sql {
     /// Runs a statement built at run time (a multi-row insert, whose length varies).
     fn execute_dynamic(&self, sql: &str, params: &[Param<'_>]) -> Result<u64, StoreError>;
 
+    /// Runs a query built at run time (a copy of a whole table).
+    fn query_dynamic(&self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>, StoreError>;
+
+    /// After rows were copied in with their own ids: lets the next generated id follow them.
+    fn after_copy(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Makes this transaction the only one appending to the audit chain until it ends (a backend
     /// whose write transactions run one at a time has nothing to do).
     fn lock_audit_head(&self) -> Result<(), StoreError> {

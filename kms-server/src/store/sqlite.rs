@@ -163,13 +163,21 @@ impl Sql for SqliteTx<'_> {
     }
 
     fn query(&self, sql: &'static str, params: &[Param<'_>]) -> Result<Vec<Row>> {
-        let mut stmt = self.0.prepare_cached(sql)?;
-        let columns = stmt.column_count();
-        let mut rows = stmt.query(rusqlite::params_from_iter(params.iter()))?;
-        let mut out = Vec::new();
-        while let Some(row) = rows.next()? {
-            out.push(Row((0..columns).map(|i| value(row.get_ref(i)?)).collect::<Result<_>>()?));
-        }
-        Ok(out)
+        rows(&mut *self.0.prepare_cached(sql)?, params)
     }
+
+    fn query_dynamic(&self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>> {
+        rows(&mut self.0.prepare(sql)?, params)
+    }
+}
+
+/// Runs a prepared query and reads every row it returns.
+fn rows(stmt: &mut rusqlite::Statement<'_>, params: &[Param<'_>]) -> Result<Vec<Row>> {
+    let columns = stmt.column_count();
+    let mut rows = stmt.query(rusqlite::params_from_iter(params.iter()))?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        out.push(Row((0..columns).map(|i| value(row.get_ref(i)?)).collect::<Result<_>>()?));
+    }
+    Ok(out)
 }

@@ -329,13 +329,12 @@ async fn retention_prunes_only_old_records_up_to_a_checkpoint_and_the_rest_still
     assert!(String::from_utf8_lossy(&human.stdout).contains("removed by retention"), "{}", String::from_utf8_lossy(&human.stdout));
 
     // Deleting the first kept record is found at its index, not mistaken for retention.
-    let db = rusqlite::Connection::open(server.db_path()).unwrap();
-    db.execute("DELETE FROM audit WHERE seq = ?1", [anchor + 1]).unwrap();
+    server.sql(&format!("DELETE FROM audit WHERE seq = {}", anchor + 1));
     let v = verify(&server);
     assert_eq!(v["ok"], false);
     assert_eq!(v["first_bad_index"], anchor + 1, "{v}");
     // Removing the anchoring checkpoint is found too.
-    db.execute("DELETE FROM audit_checkpoints WHERE seq = ?1", [anchor]).unwrap();
+    server.sql(&format!("DELETE FROM audit_checkpoints WHERE seq = {anchor}"));
     let v = verify(&server);
     assert_eq!(v["ok"], false);
     assert!(v["problem"].as_str().unwrap().contains("missing"), "{v}");

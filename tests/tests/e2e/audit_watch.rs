@@ -57,9 +57,7 @@ async fn an_edit_and_a_deletion_made_while_stopped_are_found_without_being_asked
 
     // An insider edits one record's principal and deletes another while the service is stopped.
     server.stop();
-    let db = rusqlite::Connection::open(server.db_path()).unwrap();
-    db.execute_batch("UPDATE audit SET principal = 'someone-else' WHERE seq = 20; DELETE FROM audit WHERE seq = 40;").unwrap();
-    drop(db);
+    server.sql("UPDATE audit SET principal = 'someone-else' WHERE seq = 20; DELETE FROM audit WHERE seq = 40;");
     server.restart();
 
     // The whole trail is checked soon after startup, in the background; nobody asked.
@@ -82,10 +80,8 @@ async fn a_record_changed_after_the_last_checkpoint_is_found_by_the_startup_chec
     // A clean stop signs a last checkpoint over the last record; changing that record is seen
     // before the service serves again.
     server.stop();
-    let db = rusqlite::Connection::open(server.db_path()).unwrap();
-    let last: i64 = db.query_row("SELECT MAX(seq) FROM audit_checkpoints", [], |r| r.get(0)).unwrap();
-    db.execute("UPDATE audit SET detail = 'forged' WHERE seq = ?1", [last]).unwrap();
-    drop(db);
+    let last: i64 = server.db().query_row("SELECT MAX(seq) FROM audit_checkpoints", [], |r| r.get(0)).unwrap();
+    server.sql(&format!("UPDATE audit SET detail = 'forged' WHERE seq = {last}"));
     server.restart();
     let status = audit_status(&server);
     assert!(broken_at(&status, last, "startup check"), "{status}");
@@ -101,11 +97,8 @@ async fn a_deleted_head_is_not_taken_for_retention() {
     // The head deleted up to and including a signed checkpoint's record, with no retention
     // record to account for it: what retention leaves, short of its record.
     server.stop();
-    let db = rusqlite::Connection::open(server.db_path()).unwrap();
-    let cut: i64 = db.query_row("SELECT MIN(seq) FROM audit_checkpoints WHERE seq > 10", [], |r| r.get(0)).unwrap();
-    db.execute("DELETE FROM audit WHERE seq <= ?1", [cut]).unwrap();
-    db.execute("DELETE FROM audit_checkpoints WHERE seq < ?1", [cut]).unwrap();
-    drop(db);
+    let cut: i64 = server.db().query_row("SELECT MIN(seq) FROM audit_checkpoints WHERE seq > 10", [], |r| r.get(0)).unwrap();
+    server.sql(&format!("DELETE FROM audit WHERE seq <= {cut}; DELETE FROM audit_checkpoints WHERE seq < {cut};"));
     server.restart();
     eventually("the deleted head found", Duration::from_secs(30), || {
         let s = audit_status(&server);
@@ -124,11 +117,8 @@ async fn a_record_changed_while_the_service_runs_is_found_when_its_segment_is_si
         s["verified"] == true && s["last_full_check_time"].as_i64() > Some(0)
     });
     // An edit past the last checkpoint, through a second connection while the service writes.
-    let db = rusqlite::Connection::open(server.db_path()).unwrap();
-    db.busy_timeout(Duration::from_secs(5)).unwrap();
-    let last: i64 = db.query_row("SELECT MAX(seq) FROM audit", [], |r| r.get(0)).unwrap();
-    db.execute("UPDATE audit SET principal = 'someone-else' WHERE seq = ?1", [last]).unwrap();
-    drop(db);
+    let last: i64 = server.db().query_row("SELECT MAX(seq) FROM audit", [], |r| r.get(0)).unwrap();
+    server.sql(&format!("UPDATE audit SET principal = 'someone-else' WHERE seq = {last}"));
     // Enough records for the next checkpoint; the sweeper checks the new segment within a
     // second.
     records(&server, 12).await;

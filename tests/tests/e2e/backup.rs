@@ -101,7 +101,7 @@ async fn drill_backup_wipe_restore_every_blob_decrypts_and_the_audit_verifies() 
         admin.schedule_key_destruction(request).await.unwrap();
     }
     server.stop();
-    rusqlite::Connection::open(server.db_path()).unwrap().execute("UPDATE keys SET destruction_at = 1", []).unwrap();
+    server.sql("UPDATE keys SET destruction_at = 1");
     server.restart();
     kms_tests::eventually("key c destroyed", Duration::from_secs(20), || {
         server.db().query_row("SELECT state FROM keys WHERE key_id = ?1", [&keys[2]], |r| r.get::<_, String>(0)).unwrap() == "Destroyed"

@@ -35,7 +35,7 @@ async fn every_crash_point_leaves_each_operation_wholly_there_or_wholly_absent()
                 let request = pb::ScheduleKeyDestructionRequest { key_id: key.clone().unwrap(), pending_window_days: 7 };
                 admin.schedule_key_destruction(request).await.unwrap();
                 server.stop();
-                rusqlite::Connection::open(server.db_path()).unwrap().execute("UPDATE keys SET destruction_at = 1", []).unwrap();
+                server.sql("UPDATE keys SET destruction_at = 1");
                 server.restart();
                 false
             }

@@ -264,7 +264,7 @@ async fn a_destruction_the_hsm_refuses_is_retried_by_the_sweeper_until_done() {
     admin.rotate_key(pb::RotateKeyRequest { key_id: key.clone() }).await.unwrap();
     admin.schedule_key_destruction(pb::ScheduleKeyDestructionRequest { key_id: key.clone(), pending_window_days: 7 }).await.unwrap();
     server.stop();
-    rusqlite::Connection::open(server.db_path()).unwrap().execute("UPDATE keys SET destruction_at = 1", []).unwrap();
+    server.sql("UPDATE keys SET destruction_at = 1");
     server.hsm_fault(Some("C_DestroyObject CKR_DEVICE_ERROR"));
     server.restart();
     let state = |server: &Server| server.db().query_row("SELECT state FROM keys", [], |r| r.get::<_, String>(0)).unwrap();

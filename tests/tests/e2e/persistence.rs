@@ -94,11 +94,10 @@ async fn destruction_sweep_destroys_hsm_objects_and_keeps_a_tombstone() {
 
     // Seven days pass: move the due dates into the past while the server is stopped.
     server.stop();
-    {
-        let db = rusqlite::Connection::open(server.db_path()).unwrap();
-        db.execute("UPDATE keys SET destruction_at = 1 WHERE destruction_at IS NOT NULL", []).unwrap();
-        db.execute("UPDATE key_versions SET destruction_at = 1 WHERE destruction_at IS NOT NULL", []).unwrap();
-    }
+    server.sql(
+        "UPDATE keys SET destruction_at = 1 WHERE destruction_at IS NOT NULL;
+         UPDATE key_versions SET destruction_at = 1 WHERE destruction_at IS NOT NULL;",
+    );
     server.restart();
     let mut admin = server.admin().await;
     eventually("the sweep", Duration::from_secs(30), || labels(&server).len() == 1);
@@ -143,10 +142,7 @@ async fn an_interrupted_create_is_rolled_back_at_startup() {
     // orphan object made through PKCS#11 by a second process.
     server.stop();
     let orphan = "0badc0de-0000-4000-8000-000000000001";
-    {
-        let db = rusqlite::Connection::open(server.db_path()).unwrap();
-        db.execute("INSERT INTO intents (kind, key_id, version, created_at) VALUES ('create', ?1, 1, 0)", [orphan]).unwrap();
-    }
+    server.sql(&format!("INSERT INTO intents (kind, key_id, version, created_at) VALUES ('create', '{orphan}', 1, 0)"));
     let made = server.inspect(&format!("create-orphan:{orphan}"));
     assert!(!made.is_empty());
     assert_eq!(server.token_objects().len(), 2);
@@ -177,7 +173,7 @@ async fn a_key_rotates_when_its_rotation_period_is_due() {
     };
     // A day passes.
     server.stop();
-    rusqlite::Connection::open(server.db_path()).unwrap().execute("UPDATE keys SET next_rotation_at = 1", []).unwrap();
+    server.sql("UPDATE keys SET next_rotation_at = 1");
     server.restart();
     let mut admin = server.admin().await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

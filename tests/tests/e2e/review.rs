@@ -52,13 +52,13 @@ async fn review_lists_last_uses_flags_stale_access_and_records_sign_off() {
 
     // A hundred days pass without use, and more than a year since the sign-off.
     server.stop();
-    {
-        let db = rusqlite::Connection::open(server.db_path()).unwrap();
-        let past = now - 100 * 86_400;
-        db.execute("UPDATE principals SET last_used_at = ?1, created_at = ?1", [past]).unwrap();
-        db.execute("UPDATE grants SET last_used_at = ?1, created_at = ?1", [past]).unwrap();
-        db.execute("UPDATE review_signoffs SET time = ?1", [now - 400 * 86_400]).unwrap();
-    }
+    let past = now - 100 * 86_400;
+    server.sql(&format!(
+        "UPDATE principals SET last_used_at = {past}, created_at = {past};
+         UPDATE grants SET last_used_at = {past}, created_at = {past};
+         UPDATE review_signoffs SET time = {};",
+        now - 400 * 86_400
+    ));
     server.restart();
     let r = review(&server);
     assert_eq!(entry(&r, "principal", WORKLOAD)["unused_90_days"], true);
