@@ -49,10 +49,15 @@ fn ensure_softhsm() -> Result<(), String> {
     if on_path("softhsm2-util") && module_present {
         return Ok(());
     }
-    if !on_path("apt-get") {
-        return Err("SoftHSM2 is missing and this is not a Debian/Ubuntu system: install softhsm2 with your package manager".into());
-    }
     eprintln!("xtask: installing SoftHSM2 from the distribution's packages");
+    apt_install("softhsm2")
+}
+
+/// `apt-get install PACKAGE` (through `sudo -n` when not root).
+fn apt_install(package: &str) -> Result<(), String> {
+    if !on_path("apt-get") {
+        return Err(format!("{package} is missing and this is not a Debian/Ubuntu system: install it with your package manager"));
+    }
     let is_root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0"));
     let apt = |args: &[&str]| {
         let mut cmd = if is_root { Command::new("apt-get") } else { Command::new("sudo") };
@@ -63,7 +68,62 @@ fn ensure_softhsm() -> Result<(), String> {
         cmd
     };
     run(&mut apt(&["update", "-qq"]))?;
-    run(&mut apt(&["install", "-y", "-qq", "--no-install-recommends", "softhsm2"]))
+    run(&mut apt(&["install", "-y", "-qq", "--no-install-recommends", package]))
+}
+
+/// The PostgreSQL cluster a test run shares (`tests/src/bin/pg-cluster.rs`), stopped when
+/// dropped, whatever the run's outcome.
+struct TestCluster {
+    file: std::path::PathBuf,
+    bin: std::path::PathBuf,
+}
+
+impl TestCluster {
+    fn start(target: &Path) -> Result<TestCluster, String> {
+        let file = std::fs::canonicalize(target).map_err(|e| e.to_string())?.join("pg-test.json");
+        let bin = target.join("debug/pg-cluster");
+        if file.exists() {
+            // Left by an interrupted run.
+            let _ = Command::new(&bin).arg("stop").arg(&file).status();
+        }
+        run(Command::new(&bin).arg("start").arg(&file))?;
+        Ok(TestCluster { file, bin })
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if let Err(e) = run(Command::new(&self.bin).arg("stop").arg(&self.file)) {
+            eprintln!("xtask: {e}");
+        }
+    }
+}
+
+/// The end-to-end tests that are about SQLite itself, left out of the run over PostgreSQL: the
+/// ones that copy, lock, fill or chmod the database file, the committed SQLite fixture, restore
+/// (which writes a SQLite file), and the build and package checks.
+const SQLITE_ONLY: &[&str] = &[
+    "audit::verify_finds",
+    "audit::signed_checkpoints",
+    "audit::a_call_whose_audit_record",
+    "storage::",
+    "files::",
+    "golden::",
+    "backup::",
+    "crash::",
+    "builds::",
+    "package::",
+];
+
+/// PostgreSQL from Debian/Ubuntu's own packages (the tests' cluster and `cargo xtask cluster`),
+/// when no `initdb` is installed.
+fn ensure_postgres() -> Result<(), String> {
+    let installed = std::fs::read_dir("/usr/lib/postgresql").is_ok_and(|d| d.flatten().any(|v| v.path().join("bin/initdb").exists()));
+    if installed {
+        return Ok(());
+    }
+    eprintln!("xtask: installing PostgreSQL from the distribution's packages");
+    apt_install("postgresql")
 }
 
 fn cargo() -> Command {
@@ -114,6 +174,7 @@ fn test(args: &[String]) -> Result<(), String> {
         run(cargo().args(["clippy", "-p", "kms-server", "--all-targets", "--features", "test-hooks", "--", "-D", "warnings"]))?;
     }
     ensure_softhsm()?;
+    ensure_postgres()?;
     let python = ensure_python()?;
     // The end-to-end tests spawn kms-server-test-hooks, kms-server, kmsctl and token-inspect:
     // build them first. The hooked server alone gets the feature (`--bin`), so
@@ -123,13 +184,35 @@ fn test(args: &[String]) -> Result<(), String> {
     // The benches compile and each runs once (criterion's test mode, in the test profile so
     // nothing is compiled twice): no timing is asserted.
     run(cargo().args(["test", "-p", "kms-benches", "--benches"]))?;
+    // One PostgreSQL cluster for the run: the tests of several nodes use it, and the suite runs
+    // a second time with every server over it (less the SQLite-only tests).
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let cluster = TestCluster::start(Path::new(&target))?;
     // The suite runs last, so that its summary closes the output.
     let nextest = cargo().args(["nextest", "--version"]).output().is_ok_and(|o| o.status.success());
+    let suite = |backend: &str| {
+        let mut cmd = cargo();
+        if nextest {
+            cmd.args(["nextest", "run", "--no-fail-fast"]);
+        } else {
+            cmd.args(["test", "--no-fail-fast"]);
+        }
+        match backend {
+            "postgres" if nextest => {
+                let names: Vec<String> = SQLITE_ONLY.iter().map(|t| format!("test(/^{t}/)")).collect();
+                cmd.args(["-p", "kms-tests", "--test", "e2e", "-E"]).arg(format!("not ({})", names.join(" | ")))
+            }
+            "postgres" => cmd.args(["-p", "kms-tests", "--test", "e2e", "--"]).args(SQLITE_ONLY.iter().flat_map(|t| ["--skip", t])),
+            _ => cmd.arg("--workspace"),
+        };
+        cmd.args(args).env("KMS_PYTHON", &python).env("KMS_TEST_PG", &cluster.file).env("KMS_TEST_BACKEND", backend);
+        cmd
+    };
     if nextest {
         // nextest does not run doctests.
         run(cargo().args(["test", "--workspace", "--doc"]))?;
-        run(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]).args(args).env("KMS_PYTHON", &python))
-    } else {
-        run(cargo().args(["test", "--workspace", "--no-fail-fast"]).args(args).env("KMS_PYTHON", &python))
     }
+    let sqlite = run(&mut suite("sqlite"));
+    let postgres = run(&mut suite("postgres"));
+    sqlite.and(postgres)
 }
