@@ -168,7 +168,7 @@ pub fn restore(config: &Config, file: &Path, destroyed: &[KeyId]) -> anyhow::Res
             let detail = "destroyed after the backup was made (restore --destroyed-since); its material was not restored".to_string();
             tx.append_audit(&AuditEvent::system("DestroyKey", Some(key.key_id), None, detail), at)?;
         }
-        tx.bump_revocation_epoch()?;
+        tx.bump_marks(true)?;
         let detail = format!(
             "{report}; {} keys recorded destroyed since; every restored version retired from encryption (usage unknown after the backup)",
             forgotten.len() - unknown.len()

@@ -69,14 +69,10 @@ impl UsageLimits {
         Ok(())
     }
 
-    /// The reservation to persist when `needed` (the count about to be used) is past `reserved`:
-    /// one more block, never beyond the limit. `None` when `needed` is over the limit.
-    pub fn next_reservation(&self, reserved: u64, needed: u64) -> Option<u64> {
-        if needed > self.encryption_limit {
-            return None;
-        }
-        let block_end = reserved.max(needed).saturating_add(self.reservation_block);
-        Some(block_end.min(self.encryption_limit))
+    /// The end of the next block to reserve after `reserved` (the store's count): one block
+    /// more, never beyond the limit. `None` when the limit is reached.
+    pub fn next_block(&self, reserved: u64) -> Option<u64> {
+        (reserved < self.encryption_limit).then(|| reserved.saturating_add(self.reservation_block).min(self.encryption_limit))
     }
 }
 
@@ -95,9 +91,9 @@ mod tests {
     #[test]
     fn reservations_grow_by_blocks_and_stop_at_the_limit() {
         let l = UsageLimits { rotation_threshold: 800, encryption_limit: 1000, reservation_block: 300 };
-        assert_eq!(l.next_reservation(0, 1), Some(301));
-        assert_eq!(l.next_reservation(900, 901), Some(1000));
-        assert_eq!(l.next_reservation(1000, 1001), None);
+        assert_eq!(l.next_block(0), Some(300));
+        assert_eq!(l.next_block(900), Some(1000));
+        assert_eq!(l.next_block(1000), None);
     }
 
     #[test]

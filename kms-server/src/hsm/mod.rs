@@ -141,8 +141,12 @@ pub trait Hsm: Send + Sync {
     /// Fills `out` from the HSM's random generator.
     fn random(&self, out: &mut [u8]) -> Result<(), HsmError>;
 
-    /// Destroys a key object (`C_DestroyObject`).
+    /// Destroys a key object (`C_DestroyObject`), and its session copies first.
     fn destroy(&self, key: KeyHandle) -> Result<(), HsmError>;
+
+    /// Destroys this process's session copies of a key object and makes no more: the object
+    /// itself was destroyed, or its key compromised, by another node.
+    fn drop_copies(&self, key: KeyHandle) -> Result<(), HsmError>;
 
     fn token_info(&self) -> Result<TokenInfo, HsmError>;
 

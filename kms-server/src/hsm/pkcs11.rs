@@ -665,6 +665,11 @@ impl Hsm for Pkcs11Hsm {
 
     fn destroy(&self, key: KeyHandle) -> Result<(), HsmError> {
         // Its session copies first: no copy of a version may outlive it, nor be made after.
+        self.drop_copies(key)?;
+        self.with_session("C_DestroyObject", |s| s.destroy_object(self.resolve(s, key)?))
+    }
+
+    fn drop_copies(&self, key: KeyHandle) -> Result<(), HsmError> {
         if let KeyHandle::Object { object, generation } = key {
             let copies = self.copies.take_for_destroy(object, generation);
             for (n, copy) in copies.iter().enumerate() {
@@ -677,7 +682,7 @@ impl Hsm for Pkcs11Hsm {
                 }
             }
         }
-        self.with_session("C_DestroyObject", |s| s.destroy_object(self.resolve(s, key)?))
+        Ok(())
     }
 
     fn service_key(&self, which: ServiceKey) -> Result<KeyHandle, HsmError> {

@@ -20,6 +20,7 @@ use crate::domain::policy::{Grant, PrincipalState};
 use crate::error::{Error, Result};
 use crate::hooks::{Step, crash_point};
 use crate::hsm::{KeyHandle, ObjectName};
+use crate::store::Marks;
 use crate::store::{AliasRecord, IntentKind, KeyRecord, PrincipalRecord, VersionRecord};
 
 const DAY: i64 = 86_400;
@@ -69,11 +70,23 @@ impl KeyView {
     }
 }
 
-/// Raises the revocation epoch in `tx` when the change takes access away (a disable, a
-/// compromise, a scheduled or done destruction, a revoked grant, a disabled principal), so that
-/// clients caching data keys drop them at their next call; returns the new epoch, if raised.
-fn revoked(tx: &crate::store::Tx<'_>, revokes: bool) -> std::result::Result<Option<u64>, crate::store::StoreError> {
-    Ok(if revokes { Some(tx.bump_revocation_epoch()?) } else { None })
+/// Counts a change to what the registry holds, in `tx` (so that other nodes reload theirs), and
+/// raises the revocation epoch too when it takes access away (a disable, a compromise, a
+/// scheduled or done destruction, a revoked grant, a disabled principal), so that clients
+/// caching data keys drop them at their next call and calls running meanwhile fail at commit.
+pub(super) fn changed(tx: &crate::store::Tx<'_>, revokes: bool) -> std::result::Result<Marks, crate::store::StoreError> {
+    tx.bump_marks(revokes)
+}
+
+/// How long a change waits for another node's to end before answering UNAVAILABLE (a backup
+/// holds the cluster's admin lock for as long as it takes).
+const ADMIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// This node's admin lock and, with several nodes, the cluster's: held by every change from
+/// its first check to its commit.
+pub(super) struct AdminGuard<'a> {
+    _local: MutexGuard<'a, ()>,
+    _cluster: crate::store::AdminLease<'a>,
 }
 
 pub(super) fn system() -> Caller {
@@ -81,8 +94,13 @@ pub(super) fn system() -> Caller {
 }
 
 impl Kms {
-    pub(super) fn admin_lock(&self) -> MutexGuard<'_, ()> {
-        self.admin.lock().unwrap_or_else(|p| p.into_inner())
+    /// Takes the admin locks, and reloads the registry if another node changed anything since
+    /// it was last loaded: every change is decided on the current state.
+    pub(super) fn admin_lock(&self) -> Result<AdminGuard<'_>> {
+        let local = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let cluster = self.store.admin_lease(ADMIN_WAIT)?;
+        self.reload_if_changed()?;
+        Ok(AdminGuard { _local: local, _cluster: cluster })
     }
 
     fn view(&self, entry: &KeyEntry) -> KeyView {
@@ -153,7 +171,7 @@ impl Kms {
     }
 
     pub fn create_key(&self, caller: &Caller, description: String, alias: Option<AliasName>, rotation_period_secs: u64) -> Result<KeyView> {
-        let _admin = self.admin_lock();
+        let _admin = self.admin_lock()?;
         if let Some(alias) = &alias
             && self.registry.read().aliases.contains_key(alias)
         {
@@ -190,14 +208,19 @@ impl Kms {
                 tx.insert_alias(a)?;
             }
             tx.delete_intent(intent)?;
-            tx.append_audit(&caller.audit("CreateKey", Some(key_id), Some(1), "created Enabled".into()), created_at)
+            tx.append_audit(&caller.audit("CreateKey", Some(key_id), Some(1), "created Enabled".into()), created_at)?;
+            changed(tx, false)
         });
-        if let Err(e) = committed {
-            drop(state);
-            self.abandon_object(intent, handle);
-            return Err(e.into());
-        }
+        let marks = match committed {
+            Ok(marks) => marks,
+            Err(e) => {
+                drop(state);
+                self.abandon_object(intent, handle);
+                return Err(e.into());
+            }
+        };
         crash_point("CreateKey", Step::AfterCommit);
+        state.note(marks);
         if let Some(a) = alias_record {
             state.aliases.insert(a.alias.clone(), a);
         }
@@ -208,7 +231,7 @@ impl Kms {
     }
 
     pub fn rotate_key(&self, caller: &Caller, key: &KeyRef) -> Result<KeyView> {
-        let _admin = self.admin_lock();
+        let _admin = self.admin_lock()?;
         let entry = self.registry.entry(key)?;
         next_key_state(entry.record.state, KeyTransition::Rotate, entry.record.compromised).map_err(Error::precondition)?;
         self.rotate_locked(&entry, caller, "rotated by an officer")
@@ -217,7 +240,7 @@ impl Kms {
     /// Rotates a key whose `version` reached its usage threshold or limit, unless another
     /// request already did.
     pub(super) fn rotate_exhausted(&self, key_id: KeyId, version: u32) -> Result<()> {
-        let _admin = self.admin_lock();
+        let _admin = self.admin_lock()?;
         let entry = self.registry.entry(&KeyRef::Id(key_id))?;
         if entry.record.primary_version != version {
             return Ok(());
@@ -246,14 +269,19 @@ impl Kms {
             tx.insert_version(&version)?;
             tx.update_key(&record)?;
             tx.delete_intent(intent)?;
-            tx.append_audit(&caller.audit("RotateKey", Some(key_id), Some(next), why.to_string()), at)
+            tx.append_audit(&caller.audit("RotateKey", Some(key_id), Some(next), why.to_string()), at)?;
+            changed(tx, false)
         });
-        if let Err(e) = committed {
-            drop(state);
-            self.abandon_object(intent, handle);
-            return Err(e.into());
-        }
+        let marks = match committed {
+            Ok(marks) => marks,
+            Err(e) => {
+                drop(state);
+                self.abandon_object(intent, handle);
+                return Err(e.into());
+            }
+        };
         crash_point("RotateKey", Step::AfterCommit);
+        state.note(marks);
         let mut versions = state.versions_of(key_id);
         versions.push((version, Some(handle)));
         state.put(record, versions);
@@ -267,7 +295,7 @@ impl Kms {
     /// Enable, disable, compromise, schedule or cancel destruction. `pending_days` is used by
     /// `ScheduleDestruction` only (already validated to 7..=30 by the API layer).
     pub fn transition_key(&self, caller: &Caller, key: &KeyRef, transition: KeyTransition, pending_days: u32) -> Result<KeyView> {
-        let _admin = self.admin_lock();
+        let _admin = self.admin_lock()?;
         let entry = self.registry.entry(key)?;
         let key_id = entry.record.key_id;
         let next = next_key_state(entry.record.state, transition, entry.record.compromised).map_err(Error::precondition)?;
@@ -301,14 +329,14 @@ impl Kms {
             format!("change key {key_id} from {} to {next}{when}{cut}", entry.record.state)
         })?;
         let mut state = self.registry.write();
-        let epoch = self.store.write(|tx| {
+        let marks = self.store.write(|tx| {
             tx.update_key(&record)?;
             tx.append_audit(&caller.audit(operation, Some(key_id), None, format!("{} -> {next}", entry.record.state)), at)?;
-            revoked(tx, revokes)
+            changed(tx, revokes)
         })?;
         crash_point(operation, Step::AfterCommit);
         state.put_record(record);
-        state.revocation_epoch = epoch.unwrap_or(state.revocation_epoch);
+        state.note(marks);
         let entry = state.resolve(&KeyRef::Id(key_id))?.clone();
         tracing::info!(%key_id, state = %next, "key state changed");
         Ok(self.view(&entry))
@@ -322,7 +350,7 @@ impl Kms {
         transition: VersionTransition,
         pending_days: u32,
     ) -> Result<KeyView> {
-        let _admin = self.admin_lock();
+        let _admin = self.admin_lock()?;
         let entry = self.registry.entry(key)?;
         let key_id = entry.record.key_id;
         let current = entry.versions.get(&version).ok_or_else(|| Error::NotFound { what: format!("version {version} of key {key_id}") })?;
@@ -353,13 +381,13 @@ impl Kms {
             format!("change version {version} of key {key_id} from {} to {next}{when}", current.record.state)
         })?;
         let mut state = self.registry.write();
-        let epoch = self.store.write(|tx| {
+        let marks = self.store.write(|tx| {
             tx.update_version_state(&record)?;
             tx.append_audit(&caller.audit(operation, Some(key_id), Some(version), format!("{} -> {next}", current.record.state)), at)?;
-            revoked(tx, revokes)
+            changed(tx, revokes)
         })?;
         state.put_version(record, current.handle);
-        state.revocation_epoch = epoch.unwrap_or(state.revocation_epoch);
+        state.note(marks);
         let entry = state.resolve(&KeyRef::Id(key_id))?.clone();
         Ok(self.view(&entry))
     }
@@ -367,7 +395,7 @@ impl Kms {
     // ----- aliases -----
 
     pub fn create_alias(&self, caller: &Caller, alias: AliasName, key_id: KeyId) -> Result<AliasRecord> {
-        let _admin = self.admin_lock();
+        let _admin = self.admin_lock()?;
         let entry = self.registry.entry(&KeyRef::Id(key_id))?;
         if entry.record.state == KeyState::Destroyed {
             return Err(Error::precondition(format!("key {key_id} is Destroyed")));
@@ -378,24 +406,28 @@ impl Kms {
         }
         caller.commit_point(|| format!("name key {key_id} {alias}"))?;
         let record = AliasRecord { alias, key_id, created_at: now() };
-        self.store.write(|tx| {
+        let marks = self.store.write(|tx| {
             tx.insert_alias(&record)?;
-            tx.append_audit(&caller.audit("CreateAlias", Some(key_id), None, record.alias.to_string()), record.created_at)
+            tx.append_audit(&caller.audit("CreateAlias", Some(key_id), None, record.alias.to_string()), record.created_at)?;
+            changed(tx, false)
         })?;
+        state.note(marks);
         state.aliases.insert(record.alias.clone(), record.clone());
         state.refresh_aliases(key_id);
         Ok(record)
     }
 
     pub fn delete_alias(&self, caller: &Caller, alias: &AliasName) -> Result<()> {
-        let _admin = self.admin_lock();
+        let _admin = self.admin_lock()?;
         let mut state = self.registry.write();
         let record = state.aliases.get(alias).cloned().ok_or_else(|| Error::NotFound { what: alias.to_string() })?;
         caller.commit_point(|| format!("delete {alias}, which names key {}", record.key_id))?;
-        self.store.write(|tx| {
+        let marks = self.store.write(|tx| {
             tx.delete_alias(alias)?;
-            tx.append_audit(&caller.audit("DeleteAlias", Some(record.key_id), None, alias.to_string()), now())
+            tx.append_audit(&caller.audit("DeleteAlias", Some(record.key_id), None, alias.to_string()), now())?;
+            changed(tx, false)
         })?;
+        state.note(marks);
         state.aliases.remove(alias);
         state.refresh_aliases(record.key_id);
         Ok(())
@@ -410,24 +442,26 @@ impl Kms {
     }
 
     pub fn create_principal(&self, caller: &Caller, name: &str) -> Result<PrincipalRecord> {
-        let _admin = self.admin_lock();
+        let _admin = self.admin_lock()?;
         let mut state = self.registry.write();
         if state.principals.contains_key(name) {
             return Err(Error::AlreadyExists { what: format!("principal {name}") });
         }
         caller.commit_point(|| format!("register principal {name} (Enabled, with no grant)"))?;
         let record = PrincipalRecord { name: name.to_string(), state: PrincipalState::Enabled, created_at: now() };
-        self.store.write(|tx| {
+        let marks = self.store.write(|tx| {
             tx.insert_principal(name, PrincipalState::Enabled, record.created_at)?;
-            tx.append_audit(&caller.audit("CreatePrincipal", None, None, format!("principal {name}")), record.created_at)
+            tx.append_audit(&caller.audit("CreatePrincipal", None, None, format!("principal {name}")), record.created_at)?;
+            changed(tx, false)
         })?;
+        state.note(marks);
         state.principals.insert(name.to_string(), record.clone());
         Ok(record)
     }
 
     /// Enables or disables a principal; a disabled one is refused from its next call on.
     pub fn set_principal_state(&self, caller: &Caller, name: &str, to: PrincipalState) -> Result<PrincipalRecord> {
-        let _admin = self.admin_lock();
+        let _admin = self.admin_lock()?;
         let mut state = self.registry.write();
         let mut record = state.principals.get(name).cloned().ok_or_else(|| Error::NotFound { what: format!("principal {name}") })?;
         caller.commit_point(|| {
@@ -439,13 +473,13 @@ impl Kms {
             PrincipalState::Enabled => "EnablePrincipal",
             PrincipalState::Disabled => "DisablePrincipal",
         };
-        let epoch = self.store.write(|tx| {
+        let marks = self.store.write(|tx| {
             tx.set_principal_state(name, to)?;
             tx.append_audit(&caller.audit(operation, None, None, format!("principal {name}")), now())?;
-            revoked(tx, to == PrincipalState::Disabled)
+            changed(tx, to == PrincipalState::Disabled)
         })?;
         state.principals.insert(name.to_string(), record.clone());
-        state.revocation_epoch = epoch.unwrap_or(state.revocation_epoch);
+        state.note(marks);
         Ok(record)
     }
 
@@ -466,7 +500,7 @@ impl Kms {
     /// Creates a grant. The principal must be registered and the key must not be destroyed;
     /// the grant binds the key id an alias names now.
     pub fn create_grant(&self, caller: &Caller, mut grant: Grant, key: &KeyRef) -> Result<Grant> {
-        let _admin = self.admin_lock();
+        let _admin = self.admin_lock()?;
         let entry = self.registry.entry(key)?;
         if entry.record.state == KeyState::Destroyed {
             return Err(Error::precondition(format!("key {} is Destroyed", entry.record.key_id)));
@@ -498,32 +532,34 @@ impl Kms {
         grant.created_at = now();
         // Principals are never deleted, and the admin lock is held: the check above still holds.
         let mut state = self.registry.write();
-        self.store.write(|tx| {
+        let marks = self.store.write(|tx| {
             tx.insert_grant(&grant)?;
             tx.append_audit(
                 &caller.audit("CreateGrant", Some(grant.key_id), None, format!("grant {} to {}: {}", grant.grant_id, grant.principal, ops.join(","))),
                 grant.created_at,
-            )
+            )?;
+            changed(tx, false)
         })?;
+        state.note(marks);
         state.grants.entry(grant.key_id).or_default().push(grant.clone());
         Ok(grant)
     }
 
     /// Revokes a grant: it allows nothing from the next call on.
     pub fn revoke_grant(&self, caller: &Caller, grant_id: &str) -> Result<()> {
-        let _admin = self.admin_lock();
+        let _admin = self.admin_lock()?;
         let mut state = self.registry.write();
         let grant = state.grant(grant_id).cloned().ok_or_else(|| Error::NotFound { what: format!("grant {grant_id}") })?;
         caller.commit_point(|| {
             format!("revoke grant {grant_id} of {} on key {}; it allows nothing from the next call", grant.principal, grant.key_id)
         })?;
         let at = now();
-        let epoch = self.store.write(|tx| {
+        let marks = self.store.write(|tx| {
             tx.revoke_grant(grant_id, at)?;
             tx.append_audit(&caller.audit("RevokeGrant", Some(grant.key_id), None, format!("grant {grant_id} of {}", grant.principal)), at)?;
-            revoked(tx, true)
+            changed(tx, true)
         })?;
-        state.revocation_epoch = epoch.unwrap_or(state.revocation_epoch);
+        state.note(marks);
         if let Some(list) = state.grants.get_mut(&grant.key_id) {
             list.retain(|g| g.grant_id != grant_id);
         }
@@ -540,7 +576,7 @@ impl Kms {
             limiter.lock().unwrap_or_else(|p| p.into_inner()).forget_idle(std::time::Instant::now());
         }
         let pruned = self.prune_audit(self.settings.audit_retention_days, now() + crate::hooks::retention_clock_offset())?;
-        let _admin = self.admin_lock();
+        let _admin = self.admin_lock()?;
         let at = now() + crate::hooks::sweep_clock_offset();
         let entries: Vec<_> = self.registry.read().keys.values().cloned().collect();
         let mut actions = usize::from(pruned.is_some());
@@ -593,16 +629,16 @@ impl Kms {
         record.state = VersionState::Destroyed;
         record.destruction_at = Some(at);
         let mut state = self.registry.write();
-        let epoch = self.store.write(|tx| {
+        let marks = self.store.write(|tx| {
             tx.update_version_state(&record)?;
             if let Some(i) = intent {
                 tx.delete_intent(i)?;
             }
             tx.append_audit(&AuditEvent::system("DestroyKeyVersion", Some(key_id), Some(version), "HSM object destroyed".into()), at)?;
-            revoked(tx, true)
+            changed(tx, true)
         })?;
         state.put_version(record, None);
-        state.revocation_epoch = epoch.unwrap_or(state.revocation_epoch);
+        state.note(marks);
         tracing::info!(%key_id, version, "key version destroyed");
         Ok(())
     }
@@ -618,13 +654,14 @@ impl Kms {
                     // destroyed now; the next sweep destroys the rest and the key.
                     let at = now();
                     let mut state = self.registry.write();
-                    self.store.write(|tx| {
+                    let marks = self.store.write(|tx| {
                         for (record, intent) in &intents {
                             tx.update_version_state(&VersionRecord { state: VersionState::Destroyed, destruction_at: Some(at), ..record.clone() })?;
                             tx.delete_intent(*intent)?;
                         }
-                        Ok(())
+                        changed(tx, true)
                     })?;
+                    state.note(marks);
                     for (record, _) in intents {
                         state.put_version(VersionRecord { state: VersionState::Destroyed, destruction_at: Some(at), ..record }, None);
                     }
@@ -650,7 +687,7 @@ impl Kms {
             })
             .collect();
         let mut state = self.registry.write();
-        let epoch = self.store.write(|tx| {
+        let marks = self.store.write(|tx| {
             tx.update_key(&record)?;
             for (v, _) in &versions {
                 tx.update_version_state(v)?;
@@ -659,11 +696,11 @@ impl Kms {
                 tx.delete_intent(*i)?;
             }
             tx.append_audit(&AuditEvent::system("DestroyKey", Some(key_id), None, "HSM objects destroyed; tombstone kept".into()), at)?;
-            revoked(tx, true)
+            changed(tx, true)
         })?;
         crash_point("DestroyKey", Step::AfterCommit);
         state.put(record, versions);
-        state.revocation_epoch = epoch.unwrap_or(state.revocation_epoch);
+        state.note(marks);
         tracing::info!(%key_id, "key destroyed");
         Ok(())
     }

@@ -66,7 +66,7 @@ impl Kms {
     /// manifest. The backup is audited before it is returned.
     pub fn create_backup(&self, caller: &Caller) -> Result<BackupFile> {
         let backup_key = self.backup_wrap_key()?;
-        let _admin = self.admin_lock();
+        let _admin = self.admin_lock()?;
         let (mut objects, keys) = {
             let state = self.registry.read();
             let mut live = Vec::new();

@@ -23,10 +23,52 @@ use crate::hsm::{KeyHandle, ObjectName};
 use crate::store::{IntentKind, VersionRecord};
 
 impl Kms {
+    /// Startup: settles the intents of interrupted operations, matches rows and objects, and
+    /// loads the registry. Under the cluster's admin lock, so that no live node is in the middle
+    /// of the operation an intent belongs to.
     pub(super) fn recover(&self) -> Result<()> {
+        let _cluster = self.store.admin_lease(std::time::Duration::from_secs(60))?;
         self.handles_generation.store(self.hsm.generation(), std::sync::atomic::Ordering::Release);
         let mut objects: HashMap<ObjectName, KeyHandle> = self.hsm.find_keys()?.into_iter().collect();
+        self.settle_intents(&mut objects)?;
+
+        let versions = self.store.read(|tx| tx.versions())?;
+        for v in versions {
+            let name = ObjectName { key_id: v.key_id, version: v.version };
+            match (v.state.has_material(), objects.get(&name).copied()) {
+                (true, None) => {
+                    let detail = "HSM object missing: version unusable until the HSM is repaired".to_string();
+                    tracing::error!(key_id = %v.key_id, version = v.version, "recovery: {detail}");
+                    self.record(&AuditEvent::system("Recovery", Some(v.key_id), Some(v.version), detail))?;
+                }
+                (false, Some(handle)) => {
+                    self.hsm.destroy(handle)?;
+                    objects.remove(&name);
+                    let detail = "object of a destroyed version found and destroyed".to_string();
+                    tracing::warn!(key_id = %v.key_id, version = v.version, "recovery: {detail}");
+                    self.record(&AuditEvent::system("Recovery", Some(v.key_id), Some(v.version), detail))?;
+                }
+                _ => {}
+            }
+        }
+        let known: std::collections::HashSet<ObjectName> =
+            self.store.read(|tx| tx.versions())?.into_iter().map(|v| ObjectName { key_id: v.key_id, version: v.version }).collect();
+        for name in objects.keys().filter(|n| !known.contains(n)) {
+            tracing::warn!(label = %name.label(), "recovery: HSM object with no row and no intent left in place");
+        }
+        self.reload_registry(Some(objects))?;
+        tracing::info!(keys = self.registry.read().keys.len(), "registry loaded");
+        Ok(())
+    }
+
+    /// Settles every intent in the store: an interrupted create rolled back, an interrupted
+    /// destroy rolled forward (`objects` loses what is destroyed). The caller holds the cluster's
+    /// admin lock, so each intent belongs to a node that died (or to this one, before it
+    /// started): the leader settles a dead node's intents on its sweeps, each node its own at
+    /// startup.
+    pub(super) fn settle_intents(&self, objects: &mut HashMap<ObjectName, KeyHandle>) -> Result<usize> {
         let intents = self.store.read(|tx| tx.intents())?;
+        let settled = intents.len();
         for intent in intents {
             let name = ObjectName { key_id: intent.key_id, version: intent.version };
             let row = self.version_row(&name)?;
@@ -57,55 +99,89 @@ impl Kms {
                     tx.update_version_state(&v)?;
                 }
                 tx.delete_intent(intent.id)?;
-                tx.append_audit(&AuditEvent::system("Recovery", Some(name.key_id), Some(name.version), detail.clone()), at)
+                tx.append_audit(&AuditEvent::system("Recovery", Some(name.key_id), Some(name.version), detail.clone()), at)?;
+                super::admin::changed(tx, intent.kind == IntentKind::Destroy).map(drop)
             })?;
             tracing::warn!(key_id = %name.key_id, version = name.version, "recovery: {detail}");
         }
 
-        let (keys, versions, aliases, principals, grants, epoch) =
-            self.store.read(|tx| Ok((tx.keys()?, tx.versions()?, tx.aliases()?, tx.principals()?, tx.grants()?, tx.revocation_epoch()?)))?;
+        Ok(settled)
+    }
+
+    /// Loads keys, versions, aliases, principals, grants and the store's marks into a new state
+    /// of the registry, swapped in at once. Versions already known keep their handles and usage
+    /// counters; a new version (made by another node) gets its object from `objects`, or from
+    /// one search of the HSM when not given. A version that lost its material since (destroyed,
+    /// or its key compromised, on another node) has this process's session copies destroyed.
+    /// The caller holds the local admin lock.
+    pub(super) fn reload_registry(&self, objects: Option<HashMap<ObjectName, KeyHandle>>) -> Result<()> {
+        let (keys, versions, aliases, principals, grants, marks) =
+            self.store.read(|tx| Ok((tx.keys()?, tx.versions()?, tx.aliases()?, tx.principals()?, tx.grants()?, tx.marks()?)))?;
+        let old = self.registry.read().keys.clone();
+        let known = |key_id, version| old.get(&key_id).and_then(|e| e.versions.get(&version).cloned());
+        let compromised: std::collections::HashSet<_> = keys.iter().filter(|k| k.compromised).map(|k| k.key_id).collect();
+        // This process's copies of versions that lost their material, or whose key is compromised.
+        for v in &versions {
+            if let Some(entry) = known(v.key_id, v.version)
+                && let Some(handle) = entry.handle
+                && (!v.state.has_material() || compromised.contains(&v.key_id))
+                && (entry.record.state.has_material() || !v.state.has_material())
+            {
+                if let Err(e) = self.hsm.drop_copies(handle) {
+                    tracing::warn!(key_id = %v.key_id, version = v.version, error = %e, "a session copy could not be destroyed; retried with the version");
+                }
+            }
+        }
+        let missing = versions.iter().any(|v| v.state.has_material() && known(v.key_id, v.version).is_none_or(|e| e.handle.is_none()));
+        let objects = match objects {
+            Some(objects) => objects,
+            None if missing => self.hsm.find_keys()?.into_iter().collect(),
+            None => HashMap::new(),
+        };
         let mut by_key: HashMap<_, Vec<(VersionRecord, Option<KeyHandle>)>> = HashMap::new();
         for v in versions {
             let name = ObjectName { key_id: v.key_id, version: v.version };
-            let handle = objects.remove(&name);
-            match (v.state.has_material(), handle) {
-                (true, None) => {
-                    let detail = "HSM object missing: version unusable until the HSM is repaired".to_string();
-                    tracing::error!(key_id = %v.key_id, version = v.version, "recovery: {detail}");
-                    self.record(&AuditEvent::system("Recovery", Some(v.key_id), Some(v.version), detail))?;
-                }
-                (false, Some(handle)) => {
-                    self.hsm.destroy(handle)?;
-                    let detail = "object of a destroyed version found and destroyed".to_string();
-                    tracing::warn!(key_id = %v.key_id, version = v.version, "recovery: {detail}");
-                    self.record(&AuditEvent::system("Recovery", Some(v.key_id), Some(v.version), detail))?;
-                }
-                _ => {}
-            }
-            let handle = if v.state.has_material() { handle } else { None };
+            let handle = match v.state.has_material() {
+                false => None,
+                true => known(v.key_id, v.version).and_then(|e| e.handle).or_else(|| objects.get(&name).copied()),
+            };
             by_key.entry(v.key_id).or_default().push((v, handle));
         }
-        for name in objects.keys() {
-            tracing::warn!(label = %name.label(), "recovery: HSM object with no row and no intent left in place");
-        }
-
         let mut state = self.registry.write();
-        state.revocation_epoch = epoch;
+        // Entries are rebuilt on the old ones, so that usage counters carry over.
+        let mut fresh = super::registry::State {
+            keys: std::mem::take(&mut state.keys),
+            revocation_epoch: marks.epoch,
+            changes: marks.changes,
+            ..Default::default()
+        };
         for a in aliases {
-            state.aliases.insert(a.alias.clone(), a);
+            fresh.aliases.insert(a.alias.clone(), a);
         }
         for p in principals {
-            state.principals.insert(p.name.clone(), p);
+            fresh.principals.insert(p.name.clone(), p);
         }
         for g in grants {
-            state.grants.entry(g.key_id).or_default().push(g);
+            fresh.grants.entry(g.key_id).or_default().push(g);
         }
         for k in keys {
             let versions = by_key.remove(&k.key_id).unwrap_or_default();
-            state.put(k, versions);
+            fresh.put(k, versions);
         }
-        tracing::info!(keys = state.keys.len(), "registry loaded");
+        *state = fresh;
         Ok(())
+    }
+
+    /// Reloads the registry if the store counts changes it does not reflect (another node's).
+    /// The caller holds the local admin lock.
+    pub(super) fn reload_if_changed(&self) -> Result<bool> {
+        let marks = self.store.read(|tx| tx.marks())?;
+        if marks.changes == self.registry.read().changes {
+            return Ok(false);
+        }
+        self.reload_registry(None)?;
+        tracing::debug!(changes = marks.changes, "registry reloaded: another node changed the store");
+        Ok(true)
     }
 
     /// After a call failed with `error`: if the HSM refused a handle as stale, looks the key

@@ -15,49 +15,56 @@ use crate::error::{Error, Result};
 use crate::hsm::KeyHandle;
 use crate::store::{AliasRecord, KeyRecord, PrincipalRecord, Store, VersionRecord};
 
-/// The AES-GCM invocation count of one version (see `domain::budget`).
+/// The AES-GCM invocation count of one version (see `domain::budget`), as this node hands it
+/// out.
+///
+/// Numbers come from blocks this node reserved in the store: a block moves the store's
+/// `reserved` count from what was read to one block more, by compare and swap, so that with
+/// several nodes each block is one node's, and the store's count is always at least the number
+/// of encryptions done anywhere (the rest of a block a node did not finish is lost, as after a
+/// crash). Each number is handed out once in the whole cluster: the one equal to the rotation
+/// threshold triggers the rotation on the node that got it.
 #[derive(Debug)]
 pub struct Usage {
-    /// Invocations handed out since startup, on top of the count reserved at startup.
-    used: AtomicU64,
-    /// The count persisted in the database: `used` may not pass it without a new reservation.
-    reserved: AtomicU64,
-    /// Serialises reservations (one database write per block).
-    reserving: Mutex<()>,
+    /// The block being handed out: the last number handed out, and the block's end.
+    block: Mutex<(u64, u64)>,
+    /// The highest count this node knows of (its last number, or the store's count at its last
+    /// reservation), for status: exact with one node, a lower bound of the store's with several.
+    seen: AtomicU64,
 }
 
 impl Usage {
     /// After a restart, every count reserved before is treated as used: the unused rest of the
     /// last block is lost rather than risk counting an encryption twice as "not done".
     pub fn new(reserved: u64) -> Self {
-        Usage { used: AtomicU64::new(reserved), reserved: AtomicU64::new(reserved), reserving: Mutex::new(()) }
+        Usage { block: Mutex::new((reserved, reserved)), seen: AtomicU64::new(reserved) }
     }
 
-    /// Encryptions counted so far: every invocation handed out since startup plus everything
-    /// reserved before it, so at least the number performed, and never above the limit.
+    /// Encryptions counted so far, as this node knows them; never above the limit.
     pub fn used(&self, limits: &UsageLimits) -> u64 {
-        self.used.load(Ordering::SeqCst).min(limits.encryption_limit)
+        self.seen.load(Ordering::SeqCst).min(limits.encryption_limit)
     }
 
     /// Takes the number of the next invocation, reserving a new block in the store first when
     /// the current one is spent. Returns `None` when the limit is reached.
     pub fn take(&self, key_id: KeyId, version: u32, limits: &UsageLimits, store: &Store) -> Result<Option<u64>> {
-        let n = self.used.fetch_add(1, Ordering::SeqCst) + 1;
-        if n > limits.encryption_limit {
-            return Ok(None);
+        let mut block = self.block.lock().unwrap_or_else(|p| p.into_inner());
+        if block.0 >= block.1 {
+            *block = loop {
+                let reserved = store.read(|tx| tx.reserved(key_id, version))?;
+                let Some(end) = limits.next_block(reserved) else {
+                    self.seen.fetch_max(limits.encryption_limit, Ordering::SeqCst);
+                    return Ok(None);
+                };
+                // Another node may have moved the count since it was read: then read again.
+                if store.write(|tx| tx.reserve_block(key_id, version, reserved, end))? {
+                    break (reserved, end);
+                }
+            };
         }
-        if n <= self.reserved.load(Ordering::SeqCst) {
-            return Ok(Some(n));
-        }
-        let _guard = self.reserving.lock().unwrap_or_else(|p| p.into_inner());
-        let reserved = self.reserved.load(Ordering::SeqCst);
-        if n <= reserved {
-            return Ok(Some(n));
-        }
-        let Some(next) = limits.next_reservation(reserved, n) else { return Ok(None) };
-        store.write(|tx| tx.reserve_usage(key_id, version, next))?;
-        self.reserved.store(next, Ordering::SeqCst);
-        Ok(Some(n))
+        block.0 += 1;
+        self.seen.fetch_max(block.0, Ordering::SeqCst);
+        Ok(Some(block.0))
     }
 }
 
@@ -96,11 +103,24 @@ pub struct State {
     pub principals: HashMap<String, PrincipalRecord>,
     /// Live grants, by key.
     pub grants: HashMap<KeyId, Vec<Grant>>,
-    /// The store's revocation epoch, as of the last change committed (see `Kms::revoked`).
+    /// The store's revocation epoch, as of the last change committed or loaded.
     pub revocation_epoch: u64,
+    /// The store's count of changes this state reflects: when the store's is higher, another
+    /// node changed something, and the registry is reloaded (`Kms::reload_registry`).
+    pub changes: u64,
 }
 
 impl State {
+    /// After this node committed a change whose transaction left the store at `marks`: the
+    /// epoch is taken; the count too when this change was the only one since (otherwise another
+    /// node's change came between, and the next reload picks both up).
+    pub fn note(&mut self, marks: crate::store::Marks) {
+        self.revocation_epoch = self.revocation_epoch.max(marks.epoch);
+        if marks.changes == self.changes + 1 {
+            self.changes = marks.changes;
+        }
+    }
+
     pub fn resolve(&self, key: &KeyRef) -> Result<&Arc<KeyEntry>> {
         let id = match key {
             KeyRef::Id(id) => *id,

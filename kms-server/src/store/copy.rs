@@ -29,7 +29,7 @@ const TABLES: &[(&str, &str, &str)] = &[
     ("officers", "name, role, state, passphrase_hash, totp_secret, last_totp_step, failed_attempts, locked_until, created_at, last_login_at", "name"),
     ("sessions", "token_hash, officer, created_at, expires_at", "token_hash"),
     ("review_signoffs", "id, officer, time, note", "id"),
-    ("revocation", "epoch", "epoch"),
+    ("revocation", "epoch, changes", "epoch"),
 ];
 
 /// The audit trail's columns, copied a page at a time (it is the one table that grows large).

@@ -14,6 +14,11 @@ mod sqlite;
 
 pub use postgres::{Conninfo, PgSettings, VERIFY_FULL};
 
+/// Held while a change is made: nothing for one SQLite node (its own admin lock suffices); the
+/// cluster's admin lock for PostgreSQL.
+#[derive(Debug)]
+pub struct AdminLease<'a>(#[allow(dead_code)] Option<postgres::AdminLease<'a>>);
+
 use std::fmt;
 use std::path::Path;
 
@@ -111,7 +116,7 @@ impl StoreError {
                     // Connection exceptions, operator intervention (shutdown, cannot connect
                     // now), a read-only transaction (a standby), serialisation failures and
                     // deadlocks.
-                    code.starts_with("08") || code.starts_with("57P") || code == "25006" || code == "40001" || code == "40P01" || code == "53300"
+                    code.starts_with("08") || code.starts_with("57P") || ["25006", "40001", "40P01", "53300", "55P03"].contains(&code)
                 }
             },
             _ => false,
@@ -213,6 +218,15 @@ pub struct Intent {
     pub version: u32,
 }
 
+/// The store's two counters of change (`Tx::marks`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Marks {
+    /// Rises with every change that takes access away: every data-plane answer carries it.
+    pub epoch: u64,
+    /// Rises with every change to what the registry holds.
+    pub changes: u64,
+}
+
 /// A principal's name or a grant's id, and when it was last used (never: `None`).
 pub type LastUse = (String, Option<i64>);
 
@@ -252,6 +266,28 @@ impl Store {
                 };
                 Ok(Store { backend: Backend::Postgres(postgres::PgStore::open(&settings)?) })
             }
+        }
+    }
+
+    /// Whether several nodes may share this store (PostgreSQL).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
+    /// Takes the cluster's admin lock (nothing to take for SQLite), waiting at most `wait`.
+    pub fn admin_lease(&self, wait: std::time::Duration) -> Result<AdminLease<'_>> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(AdminLease(None)),
+            Backend::Postgres(pg) => Ok(AdminLease(Some(pg.admin_lease(wait)?))),
+        }
+    }
+
+    /// Whether this node runs the background jobs: always with SQLite; with PostgreSQL, the one
+    /// node holding the leader's lock.
+    pub fn leading(&self) -> Result<bool> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(true),
+            Backend::Postgres(pg) => pg.leading(),
         }
     }
 
@@ -452,13 +488,22 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// Raises a version's reserved count (never lowers it).
-    pub fn reserve_usage(&self, key_id: KeyId, version: u32, reserved: u64) -> Result<()> {
-        self.0.execute(
-            "UPDATE key_versions SET reserved = CASE WHEN reserved > ?3 THEN reserved ELSE ?3 END WHERE key_id = ?1 AND version = ?2",
-            &[(&key_id.to_string()).into(), version.into(), to_i64(reserved).into()],
+    /// A version's reserved count now.
+    pub fn reserved(&self, key_id: KeyId, version: u32) -> Result<u64> {
+        let row = first(
+            self.0.query("SELECT reserved FROM key_versions WHERE key_id = ?1 AND version = ?2", &[(&key_id.to_string()).into(), version.into()])?,
+        );
+        Ok(to_u64(row.ok_or_else(|| corrupt("key_versions", format!("no version {version} of {key_id}")))?.int(0)?))
+    }
+
+    /// Moves a version's reserved count from `from` to `to` if nobody moved it since it was read
+    /// (compare and swap: several nodes reserve blocks of the same version); whether it did.
+    pub fn reserve_block(&self, key_id: KeyId, version: u32, from: u64, to: u64) -> Result<bool> {
+        let n = self.0.execute(
+            "UPDATE key_versions SET reserved = ?4 WHERE key_id = ?1 AND version = ?2 AND reserved = ?3",
+            &[(&key_id.to_string()).into(), version.into(), to_i64(from).into(), to_i64(to).into()],
         )?;
-        Ok(())
+        Ok(n == 1)
     }
 
     pub fn versions(&self) -> Result<Vec<VersionRecord>> {
@@ -885,17 +930,21 @@ impl Tx<'_> {
         rows.iter().map(checkpoint).collect()
     }
 
-    /// The revocation epoch: it rises with every change that takes access away.
-    pub fn revocation_epoch(&self) -> Result<u64> {
-        let row = first(self.0.query("SELECT epoch FROM revocation", &[])?);
-        Ok(to_u64(row.ok_or_else(|| corrupt("revocation", "no row"))?.int(0)?))
+    /// The revocation epoch (it rises with every change that takes access away) and the count
+    /// of changes (it rises with every change to keys, versions, aliases, principals or grants).
+    pub fn marks(&self) -> Result<Marks> {
+        let row = first(self.0.query("SELECT epoch, changes FROM revocation", &[])?).ok_or_else(|| corrupt("revocation", "no row"))?;
+        Ok(Marks { epoch: to_u64(row.int(0)?), changes: to_u64(row.int(1)?) })
     }
 
-    /// Raises the revocation epoch, in the transaction of the change that takes access away;
-    /// returns the new one.
-    pub fn bump_revocation_epoch(&self) -> Result<u64> {
-        let row = first(self.0.query("UPDATE revocation SET epoch = epoch + 1 RETURNING epoch", &[])?);
-        Ok(to_u64(row.ok_or_else(|| corrupt("revocation", "no row"))?.int(0)?))
+    /// Counts a change, in its own transaction, and raises the revocation epoch too when the
+    /// change takes access away; returns both as they are now.
+    pub fn bump_marks(&self, revokes: bool) -> Result<Marks> {
+        let row = first(
+            self.0.query("UPDATE revocation SET changes = changes + 1, epoch = epoch + ?1 RETURNING epoch, changes", &[i64::from(revokes).into()])?,
+        )
+        .ok_or_else(|| corrupt("revocation", "no row"))?;
+        Ok(Marks { epoch: to_u64(row.int(0)?), changes: to_u64(row.int(1)?) })
     }
 
     /// The newest checkpoint that retention may prune through: its record and every record
@@ -1018,8 +1067,8 @@ mod tests {
                 tx.insert_version(&v)?;
                 assert!(tx.insert_alias(&alias)?);
                 assert!(!tx.insert_alias(&alias)?);
-                tx.reserve_usage(k.key_id, 1, 4096)?;
-                tx.reserve_usage(k.key_id, 1, 100)?;
+                assert!(tx.reserve_block(k.key_id, 1, 0, 4096)?);
+                assert!(!tx.reserve_block(k.key_id, 1, 0, 8192)?, "a block from a count that moved on is refused");
                 tx.insert_intent(IntentKind::Destroy, k.key_id, 1, 10)
             })
             .unwrap();

@@ -114,6 +114,40 @@ pub struct PgStore {
     scratch_dir: PathBuf,
     tls: tokio_postgres_rustls::MakeRustlsConnect,
     idle: Mutex<Vec<Conn>>,
+    /// The connection holding the leader's lock, while this node leads.
+    leader: Mutex<Option<Conn>>,
+}
+
+/// The advisory lock every change takes, on every node, from its intent to its commit: changes
+/// are serialised across the cluster (as the local admin lock serialises them in a node), so
+/// that each is decided on the current state, and an intent in the store while one holds it
+/// belongs to a node that died. A node that dies loses its connection and with it the lock.
+const ADMIN_LOCK: i64 = 0x6b6d_735f_6164_6d6e; // "kms_admn"
+/// The advisory lock of the one node that runs the background jobs (destruction and rotation
+/// sweeps, retention, settling a dead node's intents), held as long as its connection lives.
+const LEADER_LOCK: i64 = 0x6b6d_735f_6c65_6164; // "kms_lead"
+
+/// The cluster's admin lock, held until dropped.
+pub struct AdminLease<'a> {
+    store: &'a PgStore,
+    conn: Option<Conn>,
+}
+
+impl fmt::Debug for AdminLease<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminLease")
+    }
+}
+
+impl Drop for AdminLease<'_> {
+    fn drop(&mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            // A connection that cannot unlock is dropped: closing it releases the lock.
+            if conn.client.execute("SELECT pg_advisory_unlock($1)", &[&ADMIN_LOCK]).is_ok() {
+                self.store.checkin(conn);
+            }
+        }
+    }
 }
 
 impl fmt::Debug for PgStore {
@@ -161,11 +195,45 @@ impl PgStore {
             .ok_or_else(|| setup("store.url needs sslrootcert=FILE (the CA of the PostgreSQL server's certificate)".into()))?;
         let password = crate::config::read_secret_file(&settings.password_file).map_err(|e| setup(e.to_string()))?;
         let config = info.driver_config(password.expose_secret()).map_err(|e| setup(format!("store.url: {e}")))?;
-        let store = PgStore { config, scratch_dir: settings.scratch_dir.clone(), tls: tls(&ca).map_err(setup)?, idle: Mutex::new(Vec::new()) };
+        let store = PgStore {
+            config,
+            scratch_dir: settings.scratch_dir.clone(),
+            tls: tls(&ca).map_err(setup)?,
+            idle: Mutex::new(Vec::new()),
+            leader: Mutex::new(None),
+        };
         let mut conn = store.connect()?;
         super::schema::migrate_postgres(&mut conn.client)?;
         store.checkin(conn);
         Ok(store)
+    }
+
+    /// Takes the cluster's admin lock, waiting at most `wait` for another node's change to end
+    /// (then a retryable error).
+    pub fn admin_lease(&self, wait: std::time::Duration) -> Result<AdminLease<'_>> {
+        let mut conn = self.checkout()?;
+        conn.client.batch_execute(&format!("SET lock_timeout = {}", wait.as_millis().max(1)))?;
+        conn.client.execute("SELECT pg_advisory_lock($1)", &[&ADMIN_LOCK])?;
+        conn.client.batch_execute("SET lock_timeout = 0")?;
+        Ok(AdminLease { store: self, conn: Some(conn) })
+    }
+
+    /// Whether this node leads (holds the leader's lock), taking the lock when nobody does. A
+    /// leader whose connection failed leads no more; another node takes over at its next try.
+    pub fn leading(&self) -> Result<bool> {
+        let mut leader = self.leader.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(conn) = leader.as_mut() {
+            if conn.client.simple_query("SELECT 1").is_ok() {
+                return Ok(true);
+            }
+            *leader = None;
+        }
+        let mut conn = self.connect()?;
+        let taken: bool = conn.client.query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])?.get(0);
+        if taken {
+            *leader = Some(conn);
+        }
+        Ok(taken)
     }
 
     /// Where a backup's snapshot is written (and removed once opened).
@@ -232,9 +300,10 @@ impl Drop for PgStore {
     /// Each client of the pool owns a small runtime of its own, which may not be dropped inside
     /// an async context (where the service drops its store at shutdown): they go on a thread.
     fn drop(&mut self) {
-        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
-        if !idle.is_empty() {
-            let _ = std::thread::spawn(move || drop(idle)).join();
+        let mut conns = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
+        conns.extend(self.leader.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if !conns.is_empty() {
+            let _ = std::thread::spawn(move || drop(conns)).join();
         }
     }
 }

@@ -115,6 +115,9 @@ const MIGRATIONS: &[&str] = &[
     // 7: the revocation epoch that clients caching data keys watch (one row).
     "CREATE TABLE revocation (epoch INTEGER NOT NULL);
     INSERT INTO revocation (epoch) VALUES (1);",
+    // 8: a count of every change to keys, versions, aliases, principals and grants, which each
+    // node watches to reload its registry (several nodes over PostgreSQL).
+    "ALTER TABLE revocation ADD COLUMN changes INTEGER NOT NULL DEFAULT 0;",
 ];
 
 pub fn migrate_sqlite(conn: &mut Connection) -> Result<(), StoreError> {
@@ -132,7 +135,7 @@ pub fn migrate_sqlite(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// PostgreSQL's schema. Its version 1 is SQLite's version 7.
+/// PostgreSQL's schema. Its version 1 is SQLite's version 7, and each after it SQLite's next.
 const POSTGRES: &[&str] = &[
     // 1: everything SQLite's migrations 1 to 7 made.
     "CREATE TABLE keys (
@@ -232,6 +235,8 @@ const POSTGRES: &[&str] = &[
     );
     CREATE TABLE revocation (epoch BIGINT NOT NULL);
     INSERT INTO revocation (epoch) VALUES (1);",
+    // 2: SQLite's 8.
+    "ALTER TABLE revocation ADD COLUMN changes BIGINT NOT NULL DEFAULT 0;",
 ];
 
 /// The advisory lock held while the schema migrates: nodes starting together migrate once.
