@@ -116,8 +116,11 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     // and the service serves anyway); the whole trail soon after, in the background.
     let checked = kms.clone();
     tokio::task::spawn_blocking(move || checked.check_audit_at_startup()).await??;
-    let (audit_writer, audit_thread) =
-        AuditWriter::start(store, kms.checkpointer(config.audit.checkpoint_every_records, config.audit.checkpoint_every_seconds))?;
+    let (audit_writer, audit_thread) = AuditWriter::start(
+        store,
+        kms.checkpointer(config.audit.checkpoint_every_records, config.audit.checkpoint_every_seconds),
+        kms.changes_seen(),
+    )?;
     let hsm_deadline = Duration::from_millis(config.hsm.deadline_ms);
     let workers = crate::workers::Workers::start(config.hsm.worker_threads())?;
     let shared = Shared { kms: kms.clone(), ids: Arc::new(RequestIds::default()), audit: audit_writer, workers, deadline: hsm_deadline };
@@ -148,6 +151,7 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let sweeper = tokio::spawn(sweep_loop(kms.clone(), Duration::from_secs(config.keys.sweep_interval_seconds), shutdown_rx.clone()));
     let auditor = tokio::spawn(audit_check_loop(kms.clone(), Duration::from_secs(config.audit.verify_every_hours * 3600), shutdown_rx.clone()));
+    let follower = tokio::spawn(follow_loop(kms.clone(), shutdown_rx.clone()));
 
     let (data_health, data_health_service) = tonic_health::server::health_reporter();
     let (admin_health, admin_health_service) = tonic_health::server::health_reporter();
@@ -196,6 +200,7 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     }
     sweeper.abort();
     auditor.abort();
+    follower.abort();
     prober.abort();
     if let Some(metrics) = metrics {
         metrics.abort();
@@ -374,6 +379,25 @@ async fn sweep_loop(kms: Arc<Kms>, every: Duration, shutdown: tokio::sync::watch
                 Ok(Ok(n)) => tracing::info!(actions = n, "sweep done"),
                 Ok(Err(e)) => tracing::error!(error = %e, "sweep failed; will retry"),
                 Err(e) => tracing::error!(error = %e, "sweep task failed"),
+            }
+        }
+    })
+    .await
+}
+
+/// With several nodes, keeps this node's registry up with the others' changes: every 100 ms it
+/// looks at what the audit writer saw at its last commit, and every second at the store itself.
+async fn follow_loop(kms: Arc<Kms>, shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut ticks = 0u64;
+    periodically(Duration::from_millis(100), shutdown, || {
+        let kms = kms.clone();
+        ticks += 1;
+        let ask_store = ticks % 10 == 0;
+        async move {
+            match tokio::task::spawn_blocking(move || kms.follow_other_nodes(ask_store)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not follow the other nodes' changes; will retry"),
+                Err(e) => tracing::error!(error = %e, "follow task failed"),
             }
         }
     })

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tonic::Status;
 
-use crate::audit::writer::{AuditUnavailable, AuditWriter};
+use crate::audit::writer::{AuditUnavailable, AuditWriter, Recorded};
 use crate::audit::{AuditEvent, Outcome};
 use crate::domain::context::EncryptionContext;
 use crate::domain::ids::{KeyId, KeyRef};
@@ -154,6 +154,9 @@ pub struct Facts {
     pub items: Vec<(Facts, tonic::Code, String)>,
     /// What a dry run would have changed.
     pub dry_run: Option<String>,
+    /// The revocation epoch a data-plane call was authorised under: its success is checked
+    /// against the store's at commit.
+    pub epoch: Option<u64>,
 }
 
 /// Which outcomes of a call the API layer audits.
@@ -228,6 +231,11 @@ impl Shared {
             let out = match principal {
                 Ok(principal) => {
                     let caller = Caller { request_id: task_request_id, principal, deadline, dry_run: dry_run == DryRun::Yes };
+                    if data_plane {
+                        // Read before anything is authorised: a change that commits later is
+                        // seen at commit.
+                        facts.epoch = Some(kms.revocation_epoch());
+                    }
                     let out = if dry_run == DryRun::Malformed {
                         Err(Error::invalid(DRY_RUN, "must be 1, true, 0 or false"))
                     } else if dry_run == DryRun::Yes && audit == Audit::EveryOutcome {
@@ -277,7 +285,7 @@ impl Shared {
             };
             let would = facts.dry_run.clone();
             let answered = if result.is_ok() && audit == Audit::FailuresInTransactionSuccesses && would.is_none() {
-                Answered { result, statuses: vec![code_name(tonic::Code::Ok)], audited: Ok(()) }
+                Answered { result, statuses: vec![code_name(tonic::Code::Ok)], audited: Ok(Recorded::Durable) }
             } else {
                 self.record(operation, &request_id, result, facts).await
             };
@@ -286,10 +294,17 @@ impl Shared {
         let (Answered { result, statuses, audited }, would) = answered;
         let elapsed = started.elapsed();
         for status in statuses {
-            crate::metrics::metrics().request(operation, if audited.is_ok() { status } else { "UNAVAILABLE" }, elapsed);
+            crate::metrics::metrics().request(operation, if audited == Ok(Recorded::Durable) { status } else { "UNAVAILABLE" }, elapsed);
         }
         match audited {
-            Ok(()) => {
+            Ok(Recorded::Stale { epoch, now }) => {
+                // Whatever the call made (a data key among it) is dropped, and so wiped.
+                tracing::info!(request_id = %request_id, epoch, now, "a call that raced a revocation answered UNAVAILABLE");
+                Err(Status::unavailable(format!(
+                    "access changed while the call ran (revocation epoch {epoch}, now {now}); retry (request id {request_id})"
+                )))
+            }
+            Ok(Recorded::Durable) => {
                 if result.is_ok() {
                     crate::hooks::crash_point(operation, crate::hooks::Step::BeforeReply);
                 }
@@ -336,8 +351,9 @@ impl Shared {
                     return;
                 }
                 let result = out.map_err(|e| status(&e, &request_id));
+                let epoch = facts.epoch.filter(|_| result.is_ok());
                 let (events, statuses) = records(operation, &request_id, &result, facts);
-                audit.submit(events, move |audited| drop(tx.send(Answered { result, statuses, audited })));
+                audit.submit(events, epoch, move |audited| drop(tx.send(Answered { result, statuses, audited })));
             }
         };
         if let Err(Busy) = self.workers.spawn(job) {
@@ -379,7 +395,7 @@ impl Shared {
 struct Answered<T> {
     result: Result<T, Status>,
     statuses: Vec<&'static str>,
-    audited: Result<(), AuditUnavailable>,
+    audited: Result<Recorded, AuditUnavailable>,
 }
 
 /// The generic answer to an internal failure (a bug, or an HSM or store error that is not

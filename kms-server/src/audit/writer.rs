@@ -10,6 +10,13 @@
 //! The records of one call (a batch call has one per item) go into the same transaction. A
 //! data worker hands them over itself (`submit`) with a callback that answers the call once
 //! they are durable; the async side waits on `record_all`.
+//!
+//! Revocation holds at commit, on every node: a successful data-plane call carries the
+//! revocation epoch it was authorised under; the batch's transaction, once it is the only one
+//! appending to the chain (`Tx::lock_audit_head`), reads the store's epoch, and a call
+//! authorised under an older one (a disable, a revoked grant, a destruction committed anywhere
+//! while it ran) is recorded and answered as failed, retryable, instead of as a success. So no
+//! success is committed after the change that took its access away.
 
 use std::sync::Arc;
 
@@ -49,12 +56,25 @@ impl WriterThread {
     }
 }
 
+/// How a call's records went in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// As they were.
+    Durable,
+    /// As a failure: the call was authorised under a revocation epoch older than the store's at
+    /// commit (`epoch` then, `now` at commit). It must not answer as a success.
+    Stale { epoch: u64, now: u64 },
+}
+
 /// What is told a submission's outcome once its records are durable (or could not be written).
-type Done = Box<dyn FnOnce(Result<(), AuditUnavailable>) + Send>;
+type Done = Box<dyn FnOnce(Result<Recorded, AuditUnavailable>) + Send>;
 
 /// The records of one call, written in one transaction.
 struct Pending {
     events: Vec<AuditEvent>,
+    /// For a success that depends on access (a data-plane call), the revocation epoch it was
+    /// authorised under.
+    epoch: Option<u64>,
     done: Done,
 }
 
@@ -62,6 +82,15 @@ struct Pending {
 #[derive(Debug, Clone)]
 pub struct AuditWriter {
     queue: mpsc::Sender<Pending>,
+}
+
+/// Marks a call's records as failed at commit: what it was, and why it was not answered.
+fn stale(events: &mut [AuditEvent], epoch: u64, now: u64) {
+    for e in events {
+        e.outcome = super::Outcome::Failed;
+        e.status = "UNAVAILABLE";
+        e.detail = format!("refused at commit: access changed while the call ran (revocation epoch {epoch}, now {now}); retry");
+    }
 }
 
 impl std::fmt::Debug for Pending {
@@ -124,8 +153,13 @@ impl Checkpointer {
 
 impl AuditWriter {
     /// Starts the writer thread. It stops when every `AuditWriter` clone is dropped, signing a
-    /// last checkpoint on its way out.
-    pub fn start(store: Arc<Store>, checkpointer: Checkpointer) -> std::io::Result<(AuditWriter, WriterThread)> {
+    /// last checkpoint on its way out. `changes_seen` is given the store's count of changes at
+    /// each commit, for the node to see that another one changed something.
+    pub fn start(
+        store: Arc<Store>,
+        checkpointer: Checkpointer,
+        changes_seen: Arc<std::sync::atomic::AtomicU64>,
+    ) -> std::io::Result<(AuditWriter, WriterThread)> {
         let (queue, mut rx) = mpsc::channel::<Pending>(QUEUE);
         let thread = std::thread::Builder::new().name("audit-writer".into()).spawn(move || {
             // Read on this thread: a store may not be called from the async runtime.
@@ -143,19 +177,36 @@ impl AuditWriter {
                     }
                 }
                 let started = std::time::Instant::now();
-                let written = store.write(|tx| tx.append_audits(batch.iter().flat_map(|p| &p.events), now()));
+                let mut outcomes = vec![Recorded::Durable; batch.len()];
+                let written = store.write(|tx| {
+                    tx.lock_audit_head()?;
+                    let marks = tx.marks()?;
+                    for (p, outcome) in batch.iter_mut().zip(outcomes.iter_mut()) {
+                        if let Some(epoch) = p.epoch.filter(|e| *e < marks.epoch) {
+                            stale(&mut p.events, epoch, marks.epoch);
+                            *outcome = Recorded::Stale { epoch, now: marks.epoch };
+                        }
+                    }
+                    Ok((tx.append_audits(batch.iter().flat_map(|p| &p.events), now())?, marks))
+                });
                 crate::metrics::metrics().audit_commit(records, started.elapsed());
-                let (outcome, head) = match written {
-                    Ok(head) => (Ok(()), head),
+                let head = match written {
+                    Ok((head, marks)) => {
+                        changes_seen.fetch_max(marks.changes, std::sync::atomic::Ordering::SeqCst);
+                        for (p, outcome) in batch.into_iter().zip(outcomes) {
+                            (p.done)(Ok(outcome));
+                        }
+                        head
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, records, "audit write failed: failing the requests closed");
-                        (Err(AuditUnavailable), None)
+                        for p in batch {
+                            (p.done)(Err(AuditUnavailable));
+                        }
+                        None
                     }
                 };
                 tracing::trace!(records, "audit batch committed");
-                for p in batch {
-                    (p.done)(outcome);
-                }
                 if let Some(head) = head {
                     checkpointer.maybe_checkpoint(&store, head, &mut last);
                 }
@@ -169,21 +220,22 @@ impl AuditWriter {
 
     /// Records every event of a call (in order, in one transaction) and returns once they are
     /// durable, or fails if they could not be written.
-    pub async fn record_all(&self, events: Vec<AuditEvent>) -> Result<(), AuditUnavailable> {
+    pub async fn record_all(&self, events: Vec<AuditEvent>) -> Result<Recorded, AuditUnavailable> {
         let (done, wait) = oneshot::channel();
         // A caller that went away no longer needs the answer.
         let done: Done = Box::new(move |outcome| {
             let _ = done.send(outcome);
         });
-        self.queue.send(Pending { events, done }).await.map_err(|_| AuditUnavailable)?;
+        self.queue.send(Pending { events, epoch: None, done }).await.map_err(|_| AuditUnavailable)?;
         wait.await.map_err(|_| AuditUnavailable)?
     }
 
     /// Records every event of a call from a thread outside the async runtime (a data worker),
     /// without waiting: `done` is told the outcome, on the writer thread, once they are durable.
-    /// Waits only for room in the queue (back-pressure).
-    pub fn submit(&self, events: Vec<AuditEvent>, done: impl FnOnce(Result<(), AuditUnavailable>) + Send + 'static) {
-        if let Err(refused) = self.queue.blocking_send(Pending { events, done: Box::new(done) }) {
+    /// A success authorised under revocation `epoch` is recorded as failed if access changed
+    /// since. Waits only for room in the queue (back-pressure).
+    pub fn submit(&self, events: Vec<AuditEvent>, epoch: Option<u64>, done: impl FnOnce(Result<Recorded, AuditUnavailable>) + Send + 'static) {
+        if let Err(refused) = self.queue.blocking_send(Pending { events, epoch, done: Box::new(done) }) {
             (refused.0.done)(Err(AuditUnavailable));
         }
     }

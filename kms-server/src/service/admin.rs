@@ -568,18 +568,31 @@ impl Kms {
 
     // ----- background work -----
 
-    /// Destroys what is due, rotates what is due, and removes audit records past retention.
-    /// Returns how many actions it took.
+    /// Destroys what is due, rotates what is due, removes audit records past retention, and
+    /// settles the intents a node that died left. With several nodes, only the leader does (its
+    /// lock in the store: one node at a time, another taking over when it dies). Returns how
+    /// many actions it took.
     pub fn sweep(&self) -> Result<usize> {
         self.flush_uses()?;
         if let Some(limiter) = &self.limiter {
             limiter.lock().unwrap_or_else(|p| p.into_inner()).forget_idle(std::time::Instant::now());
         }
+        if !self.store.leading()? {
+            return Ok(0);
+        }
         let pruned = self.prune_audit(self.settings.audit_retention_days, now() + crate::hooks::retention_clock_offset())?;
         let _admin = self.admin_lock()?;
+        // Under the cluster's admin lock no live node is in the middle of a change: an intent in
+        // the store is a dead node's.
+        let mut settled = 0;
+        if self.store.is_shared() && !self.store.read(|tx| tx.intents())?.is_empty() {
+            let mut objects = self.hsm.find_keys()?.into_iter().collect();
+            settled = self.settle_intents(&mut objects)?;
+            self.reload_if_changed()?;
+        }
         let at = now() + crate::hooks::sweep_clock_offset();
         let entries: Vec<_> = self.registry.read().keys.values().cloned().collect();
-        let mut actions = usize::from(pruned.is_some());
+        let mut actions = usize::from(pruned.is_some()) + settled;
         for entry in entries {
             let r = &entry.record;
             if r.state == KeyState::PendingDestruction && r.destruction_at.is_some_and(|t| t <= at) {

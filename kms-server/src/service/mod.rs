@@ -173,6 +173,12 @@ pub struct Kms {
     limiter: Option<Mutex<crate::domain::rate::RateLimiter>>,
     /// What the service's own checks of the audit trail found.
     audit_watch: audit::AuditWatch,
+    /// The store's count of changes as the audit writer last saw it at a commit: above the
+    /// registry's, another node changed something.
+    changes_seen: Arc<std::sync::atomic::AtomicU64>,
+    /// How often a refused call may ask the store whether another node just made what it
+    /// missed: a flood of refused calls must not become a flood of reads.
+    miss_checks: MissChecks,
     /// Whether the token's backup key pair lacks its unwrap template, as last looked at
     /// (`check_backup_key`: at startup and after each backup, not on every status or scrape).
     backup_key_unguarded: std::sync::atomic::AtomicBool,
@@ -207,6 +213,8 @@ impl Kms {
             admin: Mutex::new(()),
             backup_key_unguarded: std::sync::atomic::AtomicBool::new(false),
             audit_watch: audit::AuditWatch::default(),
+            changes_seen: Arc::default(),
+            miss_checks: MissChecks::default(),
         };
         kms.recover()?;
         Ok(kms)
@@ -235,10 +243,14 @@ impl Kms {
     /// HSM that restarted or reloaded its objects hands out new ones): they are looked up again
     /// and the probe tried once more.
     pub fn probe_hsm(&self) -> Result<()> {
-        let result = self.probe_once().or_else(|first| {
-            tracing::warn!(error = %first, "HSM probe failed; looking the key objects up again");
-            self.repair_handles()
-        });
+        let result = self
+            .probe_once()
+            .or_else(|first| {
+                tracing::warn!(error = %first, "HSM probe failed; looking the key objects up again");
+                self.repair_handles()
+            })
+            // And the store: without it no call can be audited, so none is answered.
+            .and_then(|()| self.store.read(|tx| tx.marks()).map(drop).map_err(Error::from));
         self.last_probe.set(result.as_ref().err().map(ToString::to_string));
         result
     }
@@ -250,6 +262,42 @@ impl Kms {
         self.hsm.random(&mut iv)?;
         self.hsm.encrypt(self.canary, &Iv(iv), b"kms-health-probe", &[0u8; 16])?;
         Ok(())
+    }
+
+    /// Where the audit writer tells the store's count of changes at each commit.
+    pub fn changes_seen(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.changes_seen.clone()
+    }
+
+    /// Keeps the registry up with the other nodes' changes (several nodes only): reloads it when
+    /// the audit writer saw the store count more changes than it reflects, or, with
+    /// `ask_store`, when the store does now (a node that writes nothing still follows).
+    pub fn follow_other_nodes(&self, ask_store: bool) -> Result<()> {
+        if !self.store.is_shared() {
+            return Ok(());
+        }
+        let seen = self.changes_seen.load(std::sync::atomic::Ordering::SeqCst);
+        if !ask_store && seen <= self.registry.read().changes {
+            return Ok(());
+        }
+        let _local = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        self.reload_if_changed().map(drop)
+    }
+
+    /// Runs `f`; if it failed for want of a key, alias or principal this node does not know yet
+    /// (made on another node a moment ago), reloads the registry and runs it once more. Never
+    /// waits behind a change running on this node.
+    fn with_fresh_registry<T>(&self, f: impl Fn() -> Result<T>) -> Result<T> {
+        let first = f();
+        if matches!(first, Err(Error::NotFound { .. } | Error::PermissionDenied { .. } | Error::DecryptFailed))
+            && self.store.is_shared()
+            && self.miss_checks.admit()
+            && let Ok(_local) = self.admin.try_lock()
+            && self.reload_if_changed().unwrap_or(false)
+        {
+            return f();
+        }
+        first
     }
 
     /// The revocation epoch every data-plane answer carries: it rises with every change that
@@ -288,6 +336,10 @@ impl Kms {
     /// The policy check: is `caller` allowed to do `operation` on `key` with `context`, now?
     /// An unknown key is refused exactly like a key without a grant.
     pub fn authorize(&self, caller: &Caller, key: &KeyRef, operation: Operation, context: &EncryptionContext) -> Result<Authorized> {
+        self.with_fresh_registry(|| self.authorize_now(caller, key, operation, context))
+    }
+
+    fn authorize_now(&self, caller: &Caller, key: &KeyRef, operation: Operation, context: &EncryptionContext) -> Result<Authorized> {
         let state = self.registry.read();
         let principal_state = state.principals.get(&caller.principal).map(|p| p.state);
         let denied = |why: Denied| {
@@ -406,7 +458,7 @@ impl Kms {
         }
         // A blob naming no live key gets the uniform answer, like any other bad blob (R3); only
         // for a key that exists does a missing grant show as PERMISSION_DENIED.
-        let entry = self.registry.entry(&KeyRef::Id(key_id)).map_err(|_| Error::DecryptFailed)?;
+        let entry = self.with_fresh_registry(|| self.registry.entry(&KeyRef::Id(key_id)).map_err(|_| Error::DecryptFailed))?;
         if entry.record.state == KeyState::Destroyed {
             return Err(Error::DecryptFailed);
         }
@@ -484,6 +536,25 @@ fn decryption_version(entry: &KeyEntry, n: u32, operation: Operation) -> Result<
         state => return Err(Error::precondition(format!("version {n} of key {key_id} is {state}"))),
     }
     Ok((version, usable_handle(key_id, version)?))
+}
+
+/// At most one store read in `MissChecks::EVERY` for calls that missed a key, alias or principal.
+#[derive(Debug, Default)]
+struct MissChecks(Mutex<Option<std::time::Instant>>);
+
+impl MissChecks {
+    /// 50 ms: a key made on another node is usable here at once, or within this.
+    const EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
+    fn admit(&self) -> bool {
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if last.is_some_and(|at| now.duration_since(at) < Self::EVERY) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
 }
 
 fn state_error(key_id: KeyId, state: KeyState) -> Error {

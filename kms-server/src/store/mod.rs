@@ -832,6 +832,12 @@ impl Tx<'_> {
 
     // ----- audit -----
 
+    /// Makes this transaction the only one appending to the audit chain until it ends (the
+    /// audit writer takes it before reading the revocation epoch its batch is checked against).
+    pub fn lock_audit_head(&self) -> Result<()> {
+        self.0.lock_audit_head()
+    }
+
     /// Appends one audit record, chained to the last one.
     pub fn append_audit(&self, event: &AuditEvent, now: i64) -> Result<()> {
         self.append_audits(std::iter::once(event), now).map(drop)
