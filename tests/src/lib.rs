@@ -6,6 +6,7 @@
 //! (`token-inspect`), so each process initialises PKCS#11 once and `SOFTHSM2_CONF` is never
 //! changed in a running process.
 
+pub mod cluster;
 pub mod pg;
 
 use std::collections::HashMap;
@@ -132,8 +133,8 @@ impl Backend {
 }
 
 /// A server's PostgreSQL database: the cluster it lives in (kept alive with the server when it
-/// was started for it), and its connection string.
-#[derive(Debug)]
+/// was started for it), and its connection string. Several nodes share one.
+#[derive(Debug, Clone)]
 pub struct Database {
     pub cluster: std::sync::Arc<pg::Postgres>,
     pub name: String,
@@ -234,6 +235,19 @@ impl Server {
 
     /// Starts on an existing directory (token and database), e.g. a committed fixture.
     pub fn start_in(dir: tempfile::TempDir, token: Token, options: Options) -> Server {
+        let database = (options.backend == Backend::Postgres).then(|| Database::create().expect("a PostgreSQL database"));
+        Server::start_node(dir, token, options, database, None)
+    }
+
+    /// Starts one node of a cluster: on `database`, and with `officer` (the TOTP secret and a
+    /// session of the officer the first node bootstrapped) when it is not the first.
+    pub fn start_node(
+        dir: tempfile::TempDir,
+        token: Token,
+        options: Options,
+        database: Option<Database>,
+        officer: Option<(String, String)>,
+    ) -> Server {
         let mut server = Server {
             dir,
             token,
@@ -244,10 +258,16 @@ impl Server {
             metrics_addr: String::new(),
             officer_totp: String::new(),
             session: String::new(),
-            database: None,
+            database,
         };
-        if server.options.backend == Backend::Postgres {
-            server.database = Some(Database::create().expect("a PostgreSQL database"));
+        if let Some((totp, session)) = officer {
+            // A later node of a cluster: the officer and the backup key are the first node's,
+            // and any officer session works on any node.
+            server.officer_totp = totp;
+            server.spawn().expect("server started");
+            std::fs::write(server.session_path(), &session).expect("session written");
+            server.session = session;
+            return server;
         }
         if server.options.backup_key {
             server.provision_backup_key().expect("backup key provisioned");

@@ -7,6 +7,7 @@ mod backup;
 mod batch;
 mod builds;
 mod cache;
+mod cluster;
 mod copies;
 mod crash;
 mod dry_run;
