@@ -153,15 +153,21 @@ pub const CRASH_POINTS: &[(&str, Step)] = &[
 ];
 
 /// Aborts the process (no unwinding, no cleanup: like `kill -9`) when `KMS_TEST_CRASH_AT` names
-/// this point as `Operation/step`, e.g. `RotateKey/after_hsm`. A constant no-op without the
-/// `test-hooks` feature.
+/// this point as `Operation/step`, e.g. `RotateKey/after_hsm`; waits there for three seconds
+/// when `KMS_TEST_PAUSE_AT` names it (a node in the middle of a change, for the cluster tests). A
+/// constant no-op without the `test-hooks` feature.
 #[cfg(feature = "test-hooks")]
 pub fn crash_point(operation: &str, step: Step) {
-    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let at = AT.get_or_init(|| std::env::var("KMS_TEST_CRASH_AT").ok());
-    if at.as_deref().is_some_and(|at| at.split_once('/') == Some((operation, step.as_str()))) {
+    static AT: std::sync::OnceLock<(Option<String>, Option<String>)> = std::sync::OnceLock::new();
+    let (crash, pause) = AT.get_or_init(|| (std::env::var("KMS_TEST_CRASH_AT").ok(), std::env::var("KMS_TEST_PAUSE_AT").ok()));
+    let here = |at: &Option<String>| at.as_deref().is_some_and(|at| at.split_once('/') == Some((operation, step.as_str())));
+    if here(crash) {
         eprintln!("test hook: crashing at {operation}/{}", step.as_str());
         std::process::abort();
+    }
+    if here(pause) {
+        eprintln!("test hook: pausing at {operation}/{}", step.as_str());
+        std::thread::sleep(std::time::Duration::from_secs(3));
     }
 }
 

@@ -66,6 +66,8 @@ pub struct Gauges {
     pub audit_verified_through: u64,
     /// Seconds since the whole trail was last verified; `None` before the first full check.
     pub audit_full_check_age_seconds: Option<i64>,
+    /// Whether this node runs the background jobs.
+    pub leader: bool,
 }
 
 /// The process's metrics. One registry per process, like the PKCS#11 library it watches.
@@ -101,6 +103,7 @@ struct GaugeFamilies {
     audit_verified: Family<OwnedLabels, Gauge>,
     audit_verified_through: Family<OwnedLabels, Gauge>,
     audit_full_check_age: Family<OwnedLabels, Gauge>,
+    leader: Family<OwnedLabels, Gauge>,
 }
 
 /// The registry.
@@ -162,6 +165,11 @@ impl Metrics {
             "Seconds since the service last checked the whole audit trail, whatever it found (absent before the first time)",
             g.audit_full_check_age.clone(),
         );
+        r.register(
+            "kms_leader",
+            "1 on the node that runs the background jobs (sweeps, retention), 0 on the others; 1 on a single node",
+            g.leader.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 
@@ -212,6 +220,7 @@ impl Metrics {
             &f.audit_verified,
             &f.audit_verified_through,
             &f.audit_full_check_age,
+            &f.leader,
         ] {
             family.clear();
         }
@@ -247,6 +256,7 @@ impl Metrics {
         if let Some(age) = g.audit_full_check_age_seconds {
             set(&f.audit_full_check_age, vec![], age);
         }
+        set(&f.leader, vec![], i64::from(g.leader));
     }
 }
 

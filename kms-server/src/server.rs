@@ -392,7 +392,7 @@ async fn follow_loop(kms: Arc<Kms>, shutdown: tokio::sync::watch::Receiver<bool>
     periodically(Duration::from_millis(100), shutdown, || {
         let kms = kms.clone();
         ticks += 1;
-        let ask_store = ticks % 10 == 0;
+        let ask_store = ticks.is_multiple_of(10);
         async move {
             match tokio::task::spawn_blocking(move || kms.follow_other_nodes(ask_store)).await {
                 Ok(Ok(())) => {}

@@ -35,6 +35,22 @@ impl Cluster {
         Cluster { nodes, database }
     }
 
+    /// One more node, with `options` of its own (on the cluster's token, database and officer).
+    pub fn add_node(&mut self, options: Options) -> &Server {
+        let first = &self.nodes[0];
+        let options = Options { backend: Backend::Postgres, ..options };
+        let officer = (first.officer_totp.clone(), first.session.clone());
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let node = Server::start_node(dir, first.token.clone(), options, Some(self.database.clone()), Some(officer));
+        self.nodes.push(node);
+        self.nodes.last().expect("just added")
+    }
+
+    /// The nodes that say they run the background jobs.
+    pub fn leaders(&self) -> Vec<usize> {
+        (0..self.nodes.len()).filter(|&i| self.nodes[i].is_running() && self.nodes[i].metric("kms_leader") == Some(1.0)).collect()
+    }
+
     pub fn node(&self, i: usize) -> &Server {
         &self.nodes[i]
     }

@@ -100,6 +100,10 @@ pub struct Options {
     pub json_logs: bool,
     /// `KMS_TEST_CRASH_AT`: the crash point (`Operation/step`) the server aborts at.
     pub crash_at: Option<String>,
+    /// `KMS_TEST_PAUSE_AT`: the crash point the server waits three seconds at.
+    pub pause_at: Option<String>,
+    /// `hsm.deadline_ms`.
+    pub hsm_deadline_ms: u64,
     /// `limits.principal_calls_per_second` (0: no limit) and `limits.principal_burst`.
     pub principal_calls_per_second: f64,
     pub principal_burst: f64,
@@ -175,6 +179,8 @@ impl Default for Options {
             log: "debug",
             json_logs: false,
             crash_at: None,
+            pause_at: None,
+            hsm_deadline_ms: 2000,
             principal_calls_per_second: 0.0,
             principal_burst: 1.0,
             backup_key: false,
@@ -332,6 +338,7 @@ impl Server {
             .arg(self.config_path())
             .env(hsm_sim::SOFTHSM2_CONF, &self.token.conf)
             .env("KMS_TEST_CRASH_AT", self.options.crash_at.as_deref().unwrap_or_default())
+            .env("KMS_TEST_PAUSE_AT", self.options.pause_at.as_deref().unwrap_or_default())
             .output()?)
     }
 
@@ -438,7 +445,7 @@ impl Server {
         let o = &self.options;
         let config = format!(
             "data_dir = {:?}\n\
-             [hsm]\nmodule = {:?}\ntoken_label = {:?}\npin_file = {:?}\nsessions = 4\n\
+             [hsm]\nmodule = {:?}\ntoken_label = {:?}\npin_file = {:?}\nsessions = 4\ndeadline_ms = {}\n\
              [listen]\ndata = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\n\
              [tls]\ncert_file = {:?}\nkey_file = {:?}\nclient_ca_file = {:?}\n\
              [keys]\nrotation_threshold = {}\nencryption_limit = {}\nusage_reservation_block = {}\nsweep_interval_seconds = {}\n\
@@ -449,6 +456,7 @@ impl Server {
             self.token.module,
             self.token.label,
             self.token.pin_file,
+            o.hsm_deadline_ms,
             pki.server_cert,
             pki.server_key,
             pki.ca_cert,
@@ -481,6 +489,7 @@ impl Server {
             .env("KMS_TEST_SWEEP_CLOCK_OFFSET", self.options.sweep_clock_offset.to_string())
             .env("KMS_TEST_SESSION_COPY_IDLE_MS", self.options.session_copy_idle_ms.map(|ms| ms.to_string()).unwrap_or_default())
             .env("KMS_TEST_CRASH_AT", self.options.crash_at.as_deref().unwrap_or_default())
+            .env("KMS_TEST_PAUSE_AT", self.options.pause_at.as_deref().unwrap_or_default())
             .env("KMS_TEST_HSM_FAULTS", self.hsm_faults_path())
             .env("KMS_TEST_STORE_FAULTS", self.dir.path().join("store-faults"))
             .stdout(Stdio::piped())
@@ -559,6 +568,11 @@ impl Server {
     }
 
     /// SIGKILL: no chance to clean up.
+    /// Whether the server's process was started and not stopped or killed since.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

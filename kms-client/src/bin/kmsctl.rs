@@ -1217,13 +1217,13 @@ async fn execute(cli: Cli, out: Out) -> Result<(), Error> {
                        "last_review_signoff_time": r.last_review_signoff_time, "last_review_signoff_by": r.last_review_signoff_by,
                        "review_overdue": r.review_overdue, "warnings": r.warnings,
                        "hsm_sessions": {"open": r.hsm_sessions_open, "in_use": r.hsm_sessions_in_use, "size": r.hsm_sessions_size},
-                       "hsm_session_copies": r.hsm_session_copies,
+                       "hsm_session_copies": r.hsm_session_copies, "leader": r.leader,
                        "audit": {"verified": r.audit_verified, "verified_through": r.audit_verified_through,
                                  "last_full_check_time": r.audit_last_full_check_time, "problem": r.audit_problem}}),
                 || {
                     let detail = if r.health_detail.is_empty() { String::new() } else { format!(" ({})", r.health_detail) };
                     let mut lines = vec![
-                        format!("kms-server {}, up {} s", r.version, r.uptime_seconds),
+                        format!("kms-server {}, up {} s{}", r.version, r.uptime_seconds, if r.leader { ", runs the background jobs" } else { "" }),
                         format!("health: {}{detail}", r.health),
                         format!("HSM token: {} ({} {}, serial {})", token.label, token.manufacturer, token.model, token.serial_number),
                         format!(

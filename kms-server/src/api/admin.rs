@@ -638,6 +638,7 @@ impl KeyManagement for AdminService {
                     hsm_sessions_size: s.sessions.size as u32,
                     hsm_session_copies: s.sessions.copies.map(|n| n as u32),
                     recent_hsm_errors: s.hsm_failures.iter().map(|f| format!("{} {} {}", f.at, f.function, f.code)).collect(),
+                    leader: s.leader,
                     audit_verified: s.audit.problem.is_none(),
                     audit_verified_through: s.audit.verified_through,
                     audit_last_full_check_time: s.audit.last_full_check.unwrap_or(0),

@@ -335,6 +335,13 @@ impl Kms {
             changed(tx, revokes)
         })?;
         crash_point(operation, Step::AfterCommit);
+        if transition == KeyTransition::Compromise {
+            for (version, handle) in state.versions_of(key_id) {
+                if let Some(handle) = handle {
+                    self.drop_copies(key_id, version.version, handle);
+                }
+            }
+        }
         state.put_record(record);
         state.note(marks);
         let entry = state.resolve(&KeyRef::Id(key_id))?.clone();
@@ -577,7 +584,9 @@ impl Kms {
         if let Some(limiter) = &self.limiter {
             limiter.lock().unwrap_or_else(|p| p.into_inner()).forget_idle(std::time::Instant::now());
         }
-        if !self.store.leading()? {
+        let leading = self.store.leading()?;
+        self.leading.store(leading, std::sync::atomic::Ordering::SeqCst);
+        if !leading {
             return Ok(0);
         }
         let pruned = self.prune_audit(self.settings.audit_retention_days, now() + crate::hooks::retention_clock_offset())?;

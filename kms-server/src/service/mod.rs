@@ -24,7 +24,7 @@ use crate::domain::ids::{KeyId, KeyRef};
 use crate::domain::lifecycle::{KeyState, Use, VersionState, key_allows};
 use crate::domain::policy::{self, Authorized, Denied, Operation, PrincipalState};
 use crate::error::{Error, Result};
-use crate::hsm::{Hsm, ServiceKey};
+use crate::hsm::{Hsm, KeyHandle, ServiceKey};
 use crate::secret::SecretBytes;
 use crate::store::Store;
 pub use admin::{KeyView, VersionView};
@@ -179,6 +179,8 @@ pub struct Kms {
     /// How often a refused call may ask the store whether another node just made what it
     /// missed: a flood of refused calls must not become a flood of reads.
     miss_checks: MissChecks,
+    /// Whether this node ran the background jobs at its last sweep (the leader).
+    leading: std::sync::atomic::AtomicBool,
     /// Whether the token's backup key pair lacks its unwrap template, as last looked at
     /// (`check_backup_key`: at startup and after each backup, not on every status or scrape).
     backup_key_unguarded: std::sync::atomic::AtomicBool,
@@ -215,8 +217,10 @@ impl Kms {
             audit_watch: audit::AuditWatch::default(),
             changes_seen: Arc::default(),
             miss_checks: MissChecks::default(),
+            leading: std::sync::atomic::AtomicBool::new(false),
         };
         kms.recover()?;
+        kms.leading.store(kms.store.leading()?, std::sync::atomic::Ordering::SeqCst);
         Ok(kms)
     }
 
@@ -262,6 +266,20 @@ impl Kms {
         self.hsm.random(&mut iv)?;
         self.hsm.encrypt(self.canary, &Iv(iv), b"kms-health-probe", &[0u8; 16])?;
         Ok(())
+    }
+
+    /// Destroys this process's session copies of a version's object and makes no more: its
+    /// material was destroyed, or its key compromised, here or on another node. The data plane
+    /// uses the token object from now on; a copy that could not be destroyed goes with it.
+    fn drop_copies(&self, key_id: KeyId, version: u32, handle: KeyHandle) {
+        if let Err(e) = self.hsm.drop_copies(handle) {
+            tracing::warn!(%key_id, version, error = %e, "a session copy could not be destroyed; retried with the version");
+        }
+    }
+
+    /// Whether this node ran the background jobs at its last sweep.
+    pub fn leading(&self) -> bool {
+        self.leading.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Where the audit writer tells the store's count of changes at each commit.

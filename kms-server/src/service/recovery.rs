@@ -120,15 +120,15 @@ impl Kms {
         let old = self.registry.read().keys.clone();
         let known = |key_id, version| old.get(&key_id).and_then(|e| e.versions.get(&version).cloned());
         let compromised: std::collections::HashSet<_> = keys.iter().filter(|k| k.compromised).map(|k| k.key_id).collect();
-        // This process's copies of versions that lost their material, or whose key is compromised.
+        // This process's copies of versions that lost their material, or whose key was compromised.
         for v in &versions {
             if let Some(entry) = known(v.key_id, v.version)
                 && let Some(handle) = entry.handle
-                && (!v.state.has_material() || compromised.contains(&v.key_id))
-                && (entry.record.state.has_material() || !v.state.has_material())
             {
-                if let Err(e) = self.hsm.drop_copies(handle) {
-                    tracing::warn!(key_id = %v.key_id, version = v.version, error = %e, "a session copy could not be destroyed; retried with the version");
+                let lost = entry.record.state.has_material() && !v.state.has_material();
+                let was_compromised = old.get(&v.key_id).is_some_and(|e| e.record.compromised);
+                if lost || (compromised.contains(&v.key_id) && !was_compromised) {
+                    self.drop_copies(v.key_id, v.version, handle);
                 }
             }
         }

@@ -111,6 +111,8 @@ pub struct ServiceStatus {
     pub review_overdue: bool,
     /// What the service's own checks of the audit trail found.
     pub audit: super::AuditHealth,
+    /// Whether this node runs the background jobs (always, for one node).
+    pub leader: bool,
     pub warnings: Vec<String>,
 }
 
@@ -132,6 +134,7 @@ impl ServiceStatus {
             audit_verified: self.audit.problem.is_none(),
             audit_verified_through: self.audit.verified_through,
             audit_full_check_age_seconds: self.audit.last_full_check.map(|at| now() - at),
+            leader: self.leader,
         }
     }
 }
@@ -210,6 +213,7 @@ impl Kms {
             last_signoff,
             review_overdue,
             audit,
+            leader: self.leading(),
             warnings,
         })
     }

@@ -241,7 +241,7 @@ pub struct Store {
 #[derive(Debug)]
 enum Backend {
     Sqlite(sqlite::SqliteStore),
-    Postgres(postgres::PgStore),
+    Postgres(Box<postgres::PgStore>),
 }
 
 /// The database's file name in the data directory, and the journal files SQLite keeps beside it.
@@ -264,7 +264,7 @@ impl Store {
                     password_file: s.password_file.clone().unwrap_or_default(),
                     scratch_dir: config.data_dir.clone(),
                 };
-                Ok(Store { backend: Backend::Postgres(postgres::PgStore::open(&settings)?) })
+                Ok(Store { backend: Backend::Postgres(Box::new(postgres::PgStore::open(&settings)?)) })
             }
         }
     }

@@ -9,6 +9,7 @@ use std::process::Command;
 /// has them, and in no other.
 const HOOK_VARIABLES: &[&str] = &[
     "KMS_TEST_CRASH_AT",
+    "KMS_TEST_PAUSE_AT",
     "KMS_TEST_STORE_FAULTS",
     "KMS_TEST_HSM_FAULTS",
     "KMS_TEST_RETENTION_CLOCK_OFFSET",

@@ -9,6 +9,8 @@ use std::time::Duration;
 use kms_proto::v1 as pb;
 use kms_tests::cluster::Cluster;
 use kms_tests::{Options, create_key, ctx, eventually, gdk};
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
 
 /// How many successes of `operation` on `key` the audit trail holds, and the last one's place.
 fn successes(cluster: &Cluster, key: &str) -> (i64, i64) {
@@ -179,4 +181,219 @@ async fn a_key_made_on_one_node_is_usable_at_once_on_another_and_sessions_work_o
     assert!(r.is_ok(), "a key made on node B a moment ago, on node A: {r:?}");
     let listed = cluster.node(0).kmsctl(&["--json", "key", "list"]);
     assert!(String::from_utf8_lossy(&listed.stdout).contains(&key));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exactly_one_node_leads_and_another_takes_over_when_it_is_killed() {
+    // The sweeps' clock runs 8 days ahead: a version scheduled for destruction in 7 days is
+    // destroyed at the leader's next sweep.
+    let mut cluster = Cluster::start(3, Options { sweep_clock_offset: 8 * 86_400, ..Options::default() });
+    eventually("one leader", Duration::from_secs(10), || cluster.leaders().len() == 1);
+    let leader = cluster.leaders()[0];
+    for i in 0..3 {
+        let status: serde_json::Value = serde_json::from_slice(&cluster.node(i).kmsctl(&["--json", "status"]).stdout).unwrap();
+        assert_eq!(status["leader"], i == leader, "node {i}: {status}");
+    }
+    // A version due for destruction: only the leader's sweep may destroy it, once.
+    let key = create_key(&mut cluster.node(0).admin().await, "swept").await;
+    let mut admin = cluster.node(0).admin().await;
+    admin.rotate_key(pb::RotateKeyRequest { key_id: key.clone() }).await.unwrap();
+    cluster.nodes[leader].kill9();
+    admin = cluster.node((leader + 1) % 3).admin().await;
+    admin
+        .schedule_key_version_destruction(pb::ScheduleKeyVersionDestructionRequest { key_id: key.clone(), key_version: 1, pending_window_days: 7 })
+        .await
+        .unwrap();
+    // Taken over within a few sweeps (the lock dies with the killed node's connection).
+    eventually("a new leader", Duration::from_secs(15), || cluster.leaders().len() == 1);
+    let new_leader = cluster.leaders()[0];
+    assert_ne!(new_leader, leader);
+    eventually("version 1 destroyed by the new leader", Duration::from_secs(30), || {
+        cluster.node(new_leader).live_version_labels() == [format!("kms:{key}:2")]
+    });
+    let destroyed: i64 = cluster
+        .node(new_leader)
+        .db()
+        .query_row("SELECT COUNT(*) FROM audit WHERE operation = 'DestroyKeyVersion' AND key_id = ?1", [&key], |r| r.get(0))
+        .unwrap();
+    assert_eq!(destroyed, 1, "destroyed once");
+    // The killed node comes back as a follower.
+    cluster.nodes[leader].restart();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(cluster.leaders(), [new_leader]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_destroyed_or_compromised_version_loses_its_session_copy_on_every_node() {
+    let options = Options { backup_key: true, sweep_clock_offset: 8 * 86_400, ..Options::default() };
+    let cluster = Cluster::start(3, options);
+    let mut admin = cluster.node(0).admin().await;
+    let destroyed = create_key(&mut admin, "destroyed").await;
+    let compromised = create_key(&mut admin, "compromised").await;
+    cluster.wait_until_every_node_knows(&compromised);
+    let mut blobs = Vec::new();
+    for i in 0..3 {
+        let mut data = cluster.node(i).data().await;
+        for key in [&destroyed, &compromised] {
+            blobs.push((i, data.generate_data_key(gdk(key, &[])).await.unwrap().into_inner()));
+        }
+    }
+    let copies = |i: usize| cluster.node(i).metric(crate::copies::COPIES);
+    for i in 0..3 {
+        eventually(&format!("node {i}'s copies"), Duration::from_secs(10), || copies(i) == Some(2.0));
+    }
+    admin.rotate_key(pb::RotateKeyRequest { key_id: destroyed.clone() }).await.unwrap();
+    admin
+        .schedule_key_version_destruction(pb::ScheduleKeyVersionDestructionRequest {
+            key_id: destroyed.clone(),
+            key_version: 1,
+            pending_window_days: 7,
+        })
+        .await
+        .unwrap();
+    admin.mark_key_compromised(pb::MarkKeyCompromisedRequest { key_id: compromised.clone() }).await.unwrap();
+    // The compromise: refused at once on every node (retryable while a node has yet to hear of
+    // it, then for what it is: what holds for any revocation), and the copies destroyed within a
+    // second or two.
+    for i in 0..3 {
+        let mut data = cluster.node(i).data().await;
+        let mut e = data.generate_data_key(gdk(&compromised, &[])).await.unwrap_err();
+        while e.code() == tonic::Code::Unavailable {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            e = data.generate_data_key(gdk(&compromised, &[])).await.unwrap_err();
+        }
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "node {i}: {e}");
+    }
+    let live = || cluster.node(0).live_version_labels().into_iter().filter(|l| l.contains(&destroyed)).collect::<Vec<_>>();
+    eventually("version 1 destroyed", Duration::from_secs(30), || live() == [format!("kms:{destroyed}:2")]);
+    for i in 0..3 {
+        eventually(&format!("node {i}'s copies destroyed"), Duration::from_secs(10), || copies(i) == Some(0.0));
+    }
+    // What the token holds: the versions' objects (one of them destroyed), no copy anywhere.
+    let mut expected = vec![format!("kms:{compromised}:1"), format!("kms:{destroyed}:2")];
+    expected.sort();
+    let mut labels = cluster.node(0).object_labels();
+    labels.sort();
+    assert_eq!(labels, expected);
+    for (i, r) in &blobs {
+        if r.key_id == destroyed {
+            let e = cluster
+                .node(*i)
+                .data()
+                .await
+                .decrypt(pb::DecryptRequest {
+                    ciphertext_blob: r.ciphertext_blob.clone(),
+                    encryption_context: Default::default(),
+                    key_id: String::new(),
+                    caller_context: None,
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "node {i}: {e}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_its_database_every_node_fails_closed_and_resumes_by_itself() {
+    let postgres = Arc::new(kms_tests::pg::Postgres::start().expect("PostgreSQL started"));
+    let database = kms_tests::Database::create_in(postgres.clone()).expect("a database");
+    let cluster = Cluster::start_on(3, Options::default(), database);
+    let key = create_key(&mut cluster.node(0).admin().await, "closed").await;
+    cluster.wait_until_every_node_knows(&key);
+    // Two clients per node, calling without pause throughout.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acknowledged = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for node in 0..3 {
+        for _ in 0..2 {
+            let mut data = cluster.node(node).data().await;
+            let (key, stop, acknowledged) = (key.clone(), stop.clone(), acknowledged.clone());
+            clients.push(tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    match data.generate_data_key(gdk(&key, &[])).await {
+                        Ok(_) => _ = acknowledged.fetch_add(1, Ordering::SeqCst),
+                        Err(e) => assert_eq!(e.code(), tonic::Code::Unavailable, "{e}"),
+                    }
+                }
+            }));
+        }
+    }
+    eventually("load on every node", Duration::from_secs(20), || acknowledged.load(Ordering::SeqCst) > 100);
+    postgres.stop().expect("PostgreSQL stopped");
+    let while_down = acknowledged.load(Ordering::SeqCst);
+    for i in 0..3 {
+        let e = cluster.node(i).data().await.generate_data_key(gdk(&key, &[])).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "node {i}: {e}");
+        let mut health = HealthClient::new(cluster.node(i).channel(&cluster.node(i).data_addr).await);
+        let mut serving = true;
+        for _ in 0..100 {
+            let r = health.check(HealthCheckRequest { service: "kms.v1.Crypto".into() }).await.unwrap().into_inner();
+            serving = r.status != ServingStatus::NotServing as i32;
+            if !serving {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(!serving, "node {i} still SERVING ten seconds after its database went away");
+    }
+    assert_eq!(acknowledged.load(Ordering::SeqCst), while_down, "a success answered without a database");
+    postgres.start_again().expect("PostgreSQL started again");
+    // Each node serves again within seconds, without a restart.
+    eventually("service resumed", Duration::from_secs(10), || acknowledged.load(Ordering::SeqCst) > while_down + 300);
+    for i in 0..3 {
+        let r = cluster.node(i).data().await.generate_data_key(gdk(&key, &[])).await;
+        assert!(r.is_ok(), "node {i}: {r:?}");
+    }
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.await.unwrap();
+    }
+    // Every success answered has its record (the last three direct calls' too), and the chain is
+    // whole. A call whose commit PostgreSQL made as it went down, but could not confirm, was
+    // answered UNAVAILABLE with its record kept: at most one per client.
+    let (count, _) = successes(&cluster, &key);
+    let answered = acknowledged.load(Ordering::SeqCst) + 3;
+    assert!((answered..=answered + 6).contains(&(count as u64)), "{count} records for {answered} successes");
+    assert_eq!(cluster.node(0).kmsctl(&["--json", "audit", "verify"]).status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_starting_node_and_the_leader_leave_a_live_nodes_change_alone() {
+    let mut cluster = Cluster::start(2, Options::default());
+    let key = create_key(&mut cluster.node(0).admin().await, "rotated").await;
+    // A third node that waits three seconds between making the new version's HSM object and
+    // committing it (the intent in the store all that time).
+    let paused = cluster.add_node(Options { pause_at: Some("RotateKey/after_hsm".into()), hsm_deadline_ms: 10_000, ..Options::default() });
+    let mut admin = paused.admin().await;
+    let rotation = tokio::spawn({
+        let key = key.clone();
+        async move { admin.rotate_key(pb::RotateKeyRequest { key_id: key }).await }
+    });
+    let intent = |cluster: &Cluster| cluster.node(0).db().query_row("SELECT COUNT(*) FROM intents", [], |r| r.get::<_, i64>(0)).unwrap();
+    eventually("the rotation's intent", Duration::from_secs(5), || intent(&cluster) == 1);
+    // Meanwhile the leader sweeps (every second) and a fourth node starts and recovers.
+    cluster.add_node(Options::default());
+    let rotated = rotation.await.unwrap().expect("the rotation completes");
+    assert_eq!(rotated.into_inner().version.unwrap().version, 2);
+    assert_eq!(intent(&cluster), 0);
+    let repairs: i64 = cluster.node(0).db().query_row("SELECT COUNT(*) FROM audit WHERE operation = 'Recovery'", [], |r| r.get(0)).unwrap();
+    assert_eq!(repairs, 0, "nobody settled the live node's intent");
+    let mut labels = cluster.node(0).object_labels();
+    labels.sort();
+    assert_eq!(labels, [format!("kms:{key}:1"), format!("kms:{key}:2")]);
+    // Every node follows the rotation within a second (a rotation revokes nothing: until then a
+    // node may still encrypt under version 1).
+    for i in 0..4 {
+        let mut data = cluster.node(i).data().await;
+        let mut version = 0;
+        for _ in 0..20 {
+            version = data.generate_data_key(gdk(&key, &[])).await.unwrap().into_inner().key_version;
+            if version == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(version, 2, "node {i} still encrypts under version 1 two seconds after the rotation");
+    }
 }
