@@ -13,11 +13,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use kms_client::Channel;
 use kms_client::{AdminChannel, Bearer, Tls};
 use kms_proto::v1 as pb;
 use kms_proto::v1::crypto_client::CryptoClient;
 use kms_proto::v1::key_management_client::KeyManagementClient;
-use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 

@@ -4,7 +4,7 @@
 //!
 //! ```toml
 //! # kms-client.toml
-//! endpoint = "https://kms.example:7400"   # the data plane
+//! endpoint = "https://kms.example:7400"   # the data plane: one URL, or several comma-separated
 //! ca_file = "/etc/kms-client/ca.pem"      # the CA that issued the service's certificate
 //! cert_file = "/etc/kms-client/workload.pem"
 //! key_file = "/etc/kms-client/workload.key"
@@ -161,8 +161,10 @@ impl ClientConfig {
     }
 
     fn validate(&self) -> Result<(), Error> {
-        if !self.endpoint.starts_with("https://") && !self.endpoint.starts_with("http://") {
-            return Err(bad(format!("endpoint {:?} is not an http(s) URL", self.endpoint)));
+        for endpoint in self.endpoint.split(',').map(str::trim) {
+            if !endpoint.starts_with("https://") && !endpoint.starts_with("http://") {
+                return Err(bad(format!("endpoint {endpoint:?} is not an http(s) URL")));
+            }
         }
         if self.retry.attempts == 0 || self.retry.timeout_ms == 0 {
             return Err(bad("retry.attempts and retry.timeout_ms must be at least 1"));

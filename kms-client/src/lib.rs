@@ -20,10 +20,12 @@
 pub mod cache;
 pub mod config;
 pub mod envelope;
+mod failover;
 pub mod totp;
 
 pub use cache::{CacheLimits, DataKeyCache};
 pub use config::ClientConfig;
+pub use failover::Channel;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -34,7 +36,7 @@ pub use kms_proto::v1 as pb;
 use kms_proto::v1::crypto_client::CryptoClient;
 use std::path::{Path, PathBuf};
 
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use zeroize::Zeroizing;
 
 /// A data key in clear, wiped on drop; `Debug` shows only its length.
@@ -185,14 +187,11 @@ impl tonic::service::Interceptor for Bearer {
 /// An admin-plane channel that carries the officer's session.
 pub type AdminChannel = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
 
-/// Opens a channel to one plane (`https://` endpoints use `tls`), for the generated clients in
-/// [`pb`] (example at [`Bearer::new`]).
-pub async fn channel(endpoint: &str, tls: &Tls) -> Result<Channel, Error> {
-    let mut ep = Endpoint::from_shared(endpoint.to_string())?.connect_timeout(std::time::Duration::from_secs(5));
-    if endpoint.starts_with("https://") {
-        ep = ep.tls_config(tls.config()?)?;
-    }
-    Ok(ep.connect().await?)
+/// Opens a channel to one plane over one or several endpoints, comma-separated (`https://`
+/// endpoints use `tls`), for the generated clients in [`pb`] (example at [`Bearer::new`]).
+/// Calls fail over between the endpoints: see [`Channel`].
+pub async fn channel(endpoints: &str, tls: &Tls) -> Result<Channel, Error> {
+    Channel::connect(endpoints, tls).await
 }
 
 /// How `DataClient` retries: calls that failed on the service's side for now (UNAVAILABLE, or

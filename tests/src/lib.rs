@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use hsm_sim::Token;
+use kms_client::Channel;
 use kms_proto::v1 as pb;
 use kms_proto::v1::crypto_client::CryptoClient;
 use kms_proto::v1::key_management_client::KeyManagementClient;
-use tonic::transport::Channel;
 
 /// The server binary the harness runs: `kms-server` built with the end-to-end test hooks
 /// (`cargo xtask test` builds it; no workspace build does). Every command made by

@@ -15,15 +15,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
+use kms_client::Channel;
 use kms_client::{Tls, channel};
 use kms_proto::v1 as pb;
 use kms_proto::v1::crypto_client::CryptoClient;
 use serde_json::{Value, json};
-use tonic::transport::Channel;
 
 #[derive(Parser, Clone)]
 #[command(name = "kms-load", about = "Load generator for the key management service's data plane")]
 struct Args {
+    /// The data plane: one endpoint, or several comma-separated (the nodes of a cluster): the
+    /// connections are spread over them, each failing over to the next.
     #[arg(long, default_value = "https://127.0.0.1:7400")]
     data_endpoint: String,
     /// ca.pem, workload.pem and workload.key (what `kms-server dev` writes to DATA_DIR/pki).
@@ -320,9 +322,12 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let mix = parse_mix(&args.mix, args.batch)?;
     let tls = Tls::dev(&args.pki);
+    let endpoints: Vec<&str> = args.data_endpoint.split(',').map(str::trim).filter(|e| !e.is_empty()).collect();
     let mut channels = Vec::new();
-    for _ in 0..args.channels.max(1) {
-        channels.push(channel(&args.data_endpoint, &tls).await.map_err(|e| anyhow::anyhow!("{e}"))?);
+    for i in 0..args.channels.max(1).max(endpoints.len()) {
+        // Connection i starts at endpoint i (modulo their number) and fails over to the next.
+        let from_here = [&endpoints[i % endpoints.len().max(1)..], &endpoints[..i % endpoints.len().max(1)]].concat().join(",");
+        channels.push(channel(&from_here, &tls).await.map_err(|e| anyhow::anyhow!("{e}"))?);
     }
     // One data key to decrypt and re-encrypt throughout.
     let mut setup = CryptoClient::new(channels[0].clone());

@@ -22,10 +22,11 @@ use serde_json::{Value, json};
 #[derive(Parser)]
 #[command(name = "kmsctl", version, about = "Manage keys of the client-held key management service")]
 struct Cli {
-    /// The admin plane.
+    /// The admin plane: one URL, or several comma-separated (a cluster's nodes: the first that
+    /// answers and serves is used).
     #[arg(long, global = true, env = "KMS_ENDPOINT", default_value = "https://127.0.0.1:7401")]
     endpoint: String,
-    /// The data plane (data-key, encrypt, decrypt).
+    /// The data plane (data-key, encrypt, decrypt): one URL or several, failed over between.
     #[arg(long, global = true, env = "KMS_DATA_ENDPOINT", default_value = "https://127.0.0.1:7400")]
     data_endpoint: String,
     /// A directory with ca.pem, workload.pem and workload.key (what `kms-server dev` writes to

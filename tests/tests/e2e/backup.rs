@@ -11,12 +11,12 @@ use kms_proto::v1 as pb;
 use kms_tests::{Options, Server, create_key, ctx};
 
 /// A data key made under `key`: (blob, plaintext, context pair).
-async fn data_key(data: &mut kms_proto::v1::crypto_client::CryptoClient<tonic::transport::Channel>, key: &str, n: usize) -> (Vec<u8>, Vec<u8>) {
+async fn data_key(data: &mut kms_proto::v1::crypto_client::CryptoClient<kms_client::Channel>, key: &str, n: usize) -> (Vec<u8>, Vec<u8>) {
     let mut r = data.generate_data_key(kms_tests::gdk(key, &[("n", &n.to_string())])).await.unwrap().into_inner();
     (std::mem::take(&mut r.ciphertext_blob), std::mem::take(&mut r.plaintext))
 }
 
-async fn decrypts(data: &mut kms_proto::v1::crypto_client::CryptoClient<tonic::transport::Channel>, blob: &[u8], n: usize) -> Option<Vec<u8>> {
+async fn decrypts(data: &mut kms_proto::v1::crypto_client::CryptoClient<kms_client::Channel>, blob: &[u8], n: usize) -> Option<Vec<u8>> {
     let request = pb::DecryptRequest {
         ciphertext_blob: blob.to_vec(),
         encryption_context: ctx(&[("n", &n.to_string())]),

@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use kms_client::Channel;
 use kms_proto::v1 as pb;
 use kms_tests::{Admin, Options, Server, WORKLOAD, create_key, ctx, eventually, register_workload};
-use tonic::transport::Channel;
 
 type Data = pb::crypto_client::CryptoClient<Channel>;
 

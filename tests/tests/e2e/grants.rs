@@ -1,11 +1,11 @@
 //! Least privilege on the data plane (TESTPLAN R11, the workload half): nothing is allowed
 //! unless a grant allows it, and every refusal is audited and changes nothing.
 
+use kms_client::Channel;
 use kms_proto::v1 as pb;
 use kms_proto::v1::crypto_client::CryptoClient;
 use kms_tests::{Server, WORKLOAD, ctx};
 use tonic::Code;
-use tonic::transport::Channel;
 
 async fn encrypt(data: &mut CryptoClient<Channel>, key: &str, context: &[(&str, &str)]) -> Result<Vec<u8>, Code> {
     data.encrypt(pb::EncryptRequest { key_id: key.into(), plaintext: b"p".to_vec(), encryption_context: ctx(context), caller_context: None })

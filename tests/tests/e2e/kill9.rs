@@ -7,17 +7,18 @@
 //! least the encryptions acknowledged under it. `scripts/soak-kill9.sh` runs 500.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kms_client::Channel;
 use kms_proto::v1 as pb;
 use kms_proto::v1::crypto_client::CryptoClient;
 use kms_tests::{Admin, Options, Server, create_key, ctx};
-use tonic::transport::Channel;
 
 /// A blob a client got an answer for: what it must decrypt to, under which context.
 #[derive(Clone)]
-struct Acknowledged {
+pub(crate) struct Acknowledged {
     blob: Vec<u8>,
     plaintext: Vec<u8>,
     context: HashMap<String, String>,
@@ -26,18 +27,37 @@ struct Acknowledged {
 
 /// What the officer loop was told.
 #[derive(Default)]
-struct OfficerView {
+pub(crate) struct OfficerView {
     /// Keys it created, and the state its last acknowledged change left (true: Disabled).
-    keys: HashMap<String, bool>,
+    pub keys: HashMap<String, bool>,
     /// A change sent but not acknowledged: the key may be in either state.
-    uncertain: Option<String>,
+    pub uncertain: Option<String>,
     /// The highest version of the data key a rotation was acknowledged for.
-    data_key_version: u32,
+    pub data_key_version: u32,
 }
 
-async fn data_client(mut data: CryptoClient<Channel>, key: String, seed: u64, acked: Arc<Mutex<Vec<Acknowledged>>>) {
+/// When a data client stops: at its first error (one server, killed), or once `stop` is set,
+/// riding out errors until then (a cluster: the client fails over to another node).
+#[derive(Clone)]
+pub(crate) enum Until {
+    FirstError,
+    Stopped(Arc<AtomicBool>),
+}
+
+impl Until {
+    fn stopped(&self) -> bool {
+        matches!(self, Until::Stopped(stop) if stop.load(Ordering::SeqCst))
+    }
+
+    /// Whether the loop goes on after an error.
+    fn go_on(&self) -> bool {
+        matches!(self, Until::Stopped(_)) && !self.stopped()
+    }
+}
+
+pub(crate) async fn data_client(mut data: CryptoClient<Channel>, key: String, seed: u64, acked: Arc<Mutex<Vec<Acknowledged>>>, until: Until) {
     let mut n = seed;
-    loop {
+    while !until.stopped() {
         n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let context = ctx(&[("client", &seed.to_string()), ("n", &n.to_string())]);
         let earlier = acked.lock().unwrap().last().cloned();
@@ -105,15 +125,22 @@ async fn data_client(mut data: CryptoClient<Channel>, key: String, seed: u64, ac
         match result {
             Ok(Some((blob, plaintext, key_version))) => acked.lock().unwrap().push(Acknowledged { blob, plaintext, context, key_version }),
             Ok(None) => {}
+            // Another node answers the next call.
+            Err(_) if until.go_on() => tokio::time::sleep(Duration::from_millis(20)).await,
             // The server is gone: this client's run is over.
             Err(_) => return,
         }
     }
 }
 
-async fn officer_loop(mut admin: Admin, data_key: String, view: Arc<Mutex<OfficerView>>) {
+/// The officer's changes until the first error (a change then may or may not have committed)
+/// or `until` stops it.
+pub(crate) async fn officer_loop(mut admin: Admin, data_key: String, view: Arc<Mutex<OfficerView>>, until: Until) {
     let mut own: Option<String> = None;
     for step in 0u64.. {
+        if until.stopped() {
+            return;
+        }
         let result = match (step % 4, &own) {
             (0, _) | (_, None) => admin.create_key(pb::CreateKeyRequest::default()).await.map(|r| {
                 let id = r.into_inner().key.unwrap().key_id;
@@ -160,9 +187,9 @@ async fn kill9_at_random_instants_under_load_loses_nothing_acknowledged() {
         let mut tasks = Vec::new();
         for client in 0..8 {
             let (data, k, a) = (server.data().await, data_key.clone(), acked.clone());
-            tasks.push(tokio::spawn(data_client(data, k, iteration * 8 + client + 1, a)));
+            tasks.push(tokio::spawn(data_client(data, k, iteration * 8 + client + 1, a, Until::FirstError)));
         }
-        let officer = tokio::spawn(officer_loop(server.admin().await, data_key.clone(), view.clone()));
+        let officer = tokio::spawn(officer_loop(server.admin().await, data_key.clone(), view.clone(), Until::FirstError));
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
         let kill_after = Duration::from_millis(50 + (seed >> 33) % 1950);
         tokio::time::sleep(kill_after).await;
@@ -179,18 +206,25 @@ async fn kill9_at_random_instants_under_load_loses_nothing_acknowledged() {
     }
 }
 
-async fn check(server: &Server, data_key: &str, acked: &[Acknowledged], view: &mut OfficerView, iteration: u64, after: Duration) {
+pub(crate) async fn check(server: &Server, data_key: &str, acked: &[Acknowledged], view: &mut OfficerView, iteration: u64, after: Duration) {
     let at = format!("iteration {iteration} (killed after {after:?}, {} blobs acknowledged)", acked.len());
-    let mut data = server.data().await;
+    let data = server.data().await;
     let mut acknowledged_per_version: HashMap<u32, u64> = HashMap::new();
+    // As a workload would: UNAVAILABLE retried (a node of a cluster that has yet to hear of the
+    // other nodes' latest changes answers it once).
+    let retry = kms_client::RetryPolicy { attempts: 5, ..Default::default() };
     for a in acked {
         *acknowledged_per_version.entry(a.key_version).or_default() += 1;
-        let mut r = data
-            .decrypt(pb::DecryptRequest {
-                ciphertext_blob: a.blob.clone(),
-                encryption_context: a.context.clone(),
-                key_id: String::new(),
-                caller_context: None,
+        let request = pb::DecryptRequest {
+            ciphertext_blob: a.blob.clone(),
+            encryption_context: a.context.clone(),
+            key_id: String::new(),
+            caller_context: None,
+        };
+        let mut r = retry
+            .run(|_| {
+                let (mut data, request) = (data.clone(), request.clone());
+                async move { data.decrypt(request).await }
             })
             .await
             .unwrap_or_else(|e| panic!("{at}: an acknowledged blob no longer decrypts: {e}"));
@@ -199,9 +233,14 @@ async fn check(server: &Server, data_key: &str, acked: &[Acknowledged], view: &m
     let mut admin = server.admin().await;
     let described = admin.describe_key(pb::DescribeKeyRequest { key_id: data_key.into() }).await.unwrap().into_inner();
     assert!(described.key.unwrap().primary_version >= view.data_key_version, "{at}: an acknowledged rotation was lost");
+    // The persisted count (every node's reservations) covers every acknowledged encryption.
+    let db = server.db();
     for v in &described.versions {
         let acknowledged = acknowledged_per_version.get(&v.version).copied().unwrap_or(0);
-        assert!(v.encryptions >= acknowledged, "{at}: version {} counts {} < {acknowledged} acknowledged", v.version, v.encryptions);
+        let reserved: i64 = db
+            .query_row("SELECT reserved FROM key_versions WHERE key_id = ?1 AND version = ?2", rusqlite::params![data_key, v.version], |r| r.get(0))
+            .unwrap();
+        assert!(reserved as u64 >= acknowledged, "{at}: version {} counts {reserved} < {acknowledged} acknowledged", v.version);
     }
     let uncertain = view.uncertain.take();
     for (key, disabled) in view.keys.iter_mut() {
@@ -216,9 +255,8 @@ async fn check(server: &Server, data_key: &str, acked: &[Acknowledged], view: &m
             assert_eq!(state, want, "{at}: key {key}");
         }
     }
-    let integrity: String = server.db().query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+    let integrity: String = db.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
     assert_eq!(integrity, "ok", "{at}");
-    let db = server.db();
     let mut stmt = db.prepare("SELECT key_id, version FROM key_versions WHERE state != 'Destroyed' ORDER BY key_id, version").unwrap();
     let mut live: Vec<String> =
         stmt.query_map([], |r| Ok(format!("kms:{}:{}", r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).unwrap().map(Result::unwrap).collect();

@@ -6,11 +6,11 @@
 //! operation, a context condition, an expired grant, a disabled principal) are in `grants.rs`;
 //! certificates from another CA, and none, in `identity.rs`.
 
+use kms_client::Channel;
 use kms_client::{AdminChannel, Bearer};
 use kms_tests::Server;
 use prost::Message;
 use tonic::Code;
-use tonic::transport::Channel;
 
 /// Every RPC of every service in `kms.v1`, as (service, method) names.
 fn rpcs() -> Vec<(String, String)> {

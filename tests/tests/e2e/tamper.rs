@@ -2,11 +2,11 @@
 //! refused with one identical status (code and message), no plaintext comes back, and nothing
 //! in the database changes.
 
+use kms_client::Channel;
 use kms_proto::v1 as pb;
 use kms_proto::v1::crypto_client::CryptoClient;
 use kms_tests::{Server, create_key, ctx};
 use std::collections::HashMap;
-use tonic::transport::Channel;
 
 const UNIFORM: &str = "ciphertext_blob could not be decrypted with this encryption context";
 
