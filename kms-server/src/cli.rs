@@ -91,6 +91,17 @@ enum Command {
         #[arg(long)]
         none_destroyed_since: bool,
     },
+    /// Moves a single node's SQLite database into the PostgreSQL database the configuration
+    /// names (`[store] backend = "postgres"`), offline, on the same HSM: every key, version and
+    /// usage counter, alias, principal, grant, officer, sign-off and the whole audit trail, then
+    /// verifies the trail there. Refuses a database that holds anything; FILE is not changed.
+    Migrate {
+        #[arg(long)]
+        config: PathBuf,
+        /// The node's database (its data directory's kms.db), the node stopped.
+        #[arg(long)]
+        from_sqlite: PathBuf,
+    },
     /// Creates the first officer, on the server's host (refused once any officer exists), and
     /// prints the TOTP enrolment URI once. The passphrase is read from --passphrase-file, or
     /// from the first line of standard input.
@@ -144,6 +155,11 @@ pub fn main() -> anyhow::Result<()> {
             };
             let report = crate::backup::restore(&config, &file, &destroyed)?;
             println!("{report}");
+            return Ok(());
+        }
+        Command::Migrate { config, from_sqlite } => {
+            let config = Config::load(&config)?;
+            println!("{}", crate::migrate::migrate(&config, &from_sqlite)?);
             return Ok(());
         }
         Command::CheckConfig { config } => {

@@ -25,6 +25,7 @@ pub mod files;
 pub mod hooks;
 pub mod hsm;
 pub mod metrics;
+pub mod migrate;
 pub mod secret;
 pub mod server;
 pub mod service;

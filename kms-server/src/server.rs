@@ -88,12 +88,7 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     .await??;
     crate::files::create_dir(&config.data_dir)?;
     let store_config = config.clone();
-    let settings = Settings {
-        limits: config.keys.limits(),
-        session_seconds: config.officers.session_minutes * 60,
-        audit_retention_days: config.audit.retention_days,
-        rate_limit: config.limits.rate_limit(),
-    };
+    let settings = Settings::of(&config);
     let (kms, store) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Kms, Arc<Store>)> {
         let store = Arc::new(Store::open_configured(&store_config)?);
         Ok((Kms::open(hsm, store.clone(), settings)?, store))

@@ -61,6 +61,23 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// A committed fixture's SoftHSM2 token (its `softhsm/tokens` and `softhsm/user.pin`), copied
+/// into `dir/softhsm` with a configuration of its own.
+pub fn token_from_fixture(fixture: &Path, dir: &Path, label: &str) -> Result<Token> {
+    let softhsm = dir.join("softhsm");
+    copy_dir(&fixture.join("softhsm"), &softhsm)?;
+    let conf = softhsm.join("softhsm2.conf");
+    std::fs::write(&conf, format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", softhsm.join("tokens").display()))?;
+    Ok(Token {
+        dir: softhsm.clone(),
+        conf,
+        module: hsm_sim::find_module()?,
+        label: label.to_string(),
+        pin_file: softhsm.join("user.pin"),
+        so_pin_file: softhsm.join("so.pin"),
+    })
+}
+
 /// Copies a directory tree (a SoftHSM2 token's files), each file private to its owner.
 pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
@@ -245,16 +262,10 @@ impl Server {
         Server::start_node(dir, token, options, database, None)
     }
 
-    /// Starts one node of a cluster: on `database`, and with `officer` (the TOTP secret and a
-    /// session of the officer the first node bootstrapped) when it is not the first.
-    pub fn start_node(
-        dir: tempfile::TempDir,
-        token: Token,
-        options: Options,
-        database: Option<Database>,
-        officer: Option<(String, String)>,
-    ) -> Server {
-        let mut server = Server {
+    /// A server set up on `dir` and `token`, its configuration written, not started: for a
+    /// command to run first (`server_command`, e.g. `kms-server migrate`); `restart` starts it.
+    pub fn configured(dir: tempfile::TempDir, token: Token, options: Options, database: Option<Database>) -> Server {
+        let server = Server {
             dir,
             token,
             options,
@@ -266,6 +277,20 @@ impl Server {
             session: String::new(),
             database,
         };
+        server.write_config().expect("configuration written");
+        server
+    }
+
+    /// Starts one node of a cluster: on `database`, and with `officer` (the TOTP secret and a
+    /// session of the officer the first node bootstrapped) when it is not the first.
+    pub fn start_node(
+        dir: tempfile::TempDir,
+        token: Token,
+        options: Options,
+        database: Option<Database>,
+        officer: Option<(String, String)>,
+    ) -> Server {
+        let mut server = Server::configured(dir, token, options, database);
         if let Some((totp, session)) = officer {
             // A later node of a cluster: the officer and the backup key are the first node's,
             // and any officer session works on any node.

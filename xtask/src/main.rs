@@ -101,8 +101,8 @@ impl Drop for TestCluster {
 
 /// The end-to-end tests left out of the second run, over PostgreSQL: the ones about SQLite itself
 /// (that copy, lock, fill or chmod the database file, the committed SQLite fixture, restore,
-/// which writes a SQLite file), the build and package checks, and the cluster's, which start
-/// their nodes over PostgreSQL in either run.
+/// which writes a SQLite file), the build and package checks, and the cluster's and the
+/// migration's, which use PostgreSQL in either run.
 const FIRST_RUN_ONLY: &[&str] = &[
     "audit::verify_finds",
     "audit::signed_checkpoints",
@@ -115,6 +115,7 @@ const FIRST_RUN_ONLY: &[&str] = &[
     "builds::",
     "package::",
     "cluster::",
+    "migrate::",
 ];
 
 /// PostgreSQL from Debian/Ubuntu's own packages (the tests' cluster and `cargo xtask cluster`),

@@ -147,6 +147,18 @@ pub struct Settings {
     pub rate_limit: crate::domain::rate::RateLimit,
 }
 
+impl Settings {
+    /// The service's settings in a configuration.
+    pub fn of(config: &crate::config::Config) -> Settings {
+        Settings {
+            limits: config.keys.limits(),
+            session_seconds: config.officers.session_minutes * 60,
+            audit_retention_days: config.audit.retention_days,
+            rate_limit: config.limits.rate_limit(),
+        }
+    }
+}
+
 pub struct Kms {
     hsm: Arc<dyn Hsm>,
     /// The audit checkpoint key (`ServiceKey::AuditMac`).

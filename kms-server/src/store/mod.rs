@@ -253,6 +253,13 @@ impl Store {
         Ok(Store { backend: Backend::Sqlite(sqlite::SqliteStore::open(path)?) })
     }
 
+    /// Opens a copy, written to `copy` (a new file), of the SQLite database at `source`, which
+    /// is left as it is: the copy is brought to this build's schema.
+    pub fn open_copy_of(source: &Path, copy: &Path) -> Result<Store> {
+        sqlite::copy_into(source, copy)?;
+        Store::open(copy)
+    }
+
     /// Opens the store the configuration names: `data_dir/kms.db`, or the PostgreSQL database.
     pub fn open_configured(config: &crate::config::Config) -> Result<Store> {
         let s = &config.store;

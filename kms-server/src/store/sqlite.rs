@@ -75,11 +75,7 @@ impl SqliteStore {
     pub fn snapshot(&self) -> Result<std::fs::File> {
         let dest = snapshot_path(&self.path);
         let _ = std::fs::remove_file(&dest);
-        // `VACUUM INTO` writes into an empty file: made first, so that it is private from the start.
-        crate::files::create_new(&dest).map_err(|e| StoreError::io("creating the snapshot", e))?;
-        let conn = Connection::open_with_flags(&self.path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute("VACUUM INTO ?1", [dest.to_string_lossy()])?;
+        copy_into(&self.path, &dest)?;
         let file = std::fs::File::open(&dest).map_err(|e| StoreError::io("opening the snapshot", e))?;
         std::fs::remove_file(&dest).map_err(|e| StoreError::io("unlinking the snapshot", e))?;
         Ok(file)
@@ -118,6 +114,18 @@ impl SqliteStore {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
         f(&SqliteTx(&tx))
     }
+}
+
+/// Writes one consistent copy of the database at `source` into `dest`, a new private file,
+/// through a read-only connection: the source is not changed, not even brought to this build's
+/// schema (a backup's snapshot; the copy `kms-server migrate` moves).
+pub fn copy_into(source: &Path, dest: &Path) -> Result<()> {
+    // `VACUUM INTO` writes into an empty file: made first, so that it is private from the start.
+    crate::files::create_new(dest).map_err(|e| StoreError::io("creating the copy", e))?;
+    let conn = Connection::open_with_flags(source, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.execute("VACUUM INTO ?1", [dest.to_string_lossy()])?;
+    Ok(())
 }
 
 fn snapshot_path(db: &Path) -> PathBuf {

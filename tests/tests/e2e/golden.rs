@@ -17,22 +17,10 @@ fn fixture() -> PathBuf {
 fn start_on_fixture() -> (Server, serde_json::Value) {
     let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture().join("golden.json")).unwrap()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    kms_tests::copy_dir(&fixture().join("softhsm"), &dir.path().join("softhsm")).unwrap();
+    let token = kms_tests::token_from_fixture(&fixture(), dir.path(), golden["token_label"].as_str().unwrap()).unwrap();
     std::fs::copy(fixture().join("kms.db"), dir.path().join("kms.db")).unwrap();
     // A checkout gives the committed database the umask's mode; the service wants it private.
     std::fs::set_permissions(dir.path().join("kms.db"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let softhsm = dir.path().join("softhsm");
-    let conf = softhsm.join("softhsm2.conf");
-    std::fs::write(&conf, format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", softhsm.join("tokens").display()))
-        .unwrap();
-    let token = hsm_sim::Token {
-        dir: softhsm.clone(),
-        conf,
-        module: hsm_sim::find_module().unwrap(),
-        label: golden["token_label"].as_str().unwrap().to_string(),
-        pin_file: softhsm.join("user.pin"),
-        so_pin_file: softhsm.join("so.pin"),
-    };
     (Server::start_in(dir, token, Options::default()), golden)
 }
 

@@ -29,6 +29,7 @@ mod limits;
 mod load;
 mod matrix;
 mod metrics;
+mod migrate;
 mod officers;
 mod package;
 mod persistence;
