@@ -37,14 +37,12 @@ pub fn migrate(config: &Config, from: &Path) -> anyhow::Result<String> {
     let copy = config.data_dir.join("kms.db.migrating");
     let _ = std::fs::remove_file(&copy);
     let moved = (|| -> anyhow::Result<String> {
-        let source = Store::open_copy_of(from, &copy).with_context(|| format!("reading {}", from.display()))?;
         let target = Arc::new(Store::open_configured(config)?);
-        let copied = target.import(&source).map_err(|e| match e {
-            crate::store::StoreError::NotEmpty => {
-                anyhow::anyhow!("the PostgreSQL database already holds keys, officers, principals or audit records: migrate only into an empty one")
-            }
-            e => e.into(),
-        })?;
+        if !target.is_empty()? {
+            bail!("the PostgreSQL database already holds keys, officers, principals or audit records: migrate only into an empty one");
+        }
+        let source = Store::open_copy_of(from, &copy).with_context(|| format!("reading {}", from.display()))?;
+        let copied = target.import(&source)?;
         let rows = copied.iter().map(|(table, n)| format!("{table} {n}")).collect::<Vec<_>>().join(", ");
         let hsm = Arc::new(Pkcs11Hsm::open(&config.hsm.module, &config.hsm.token_label, &config.pin()?, 1)?);
         let kms = Kms::open(hsm, target, Settings::of(config))?;

@@ -354,6 +354,13 @@ impl Server {
         copy_dir(&self.token_replica(), &tokens).expect("replica copied");
     }
 
+    /// Moves the server onto another PostgreSQL database (its configuration rewritten). The
+    /// server must be stopped.
+    pub fn use_database(&mut self, database: Database) {
+        self.database = Some(database);
+        self.write_config().expect("configuration written");
+    }
+
     /// Runs `kms-server ARGS --config <this server's config>` on the server's host (with the
     /// token and the crash point the options name) and returns its output.
     pub fn server_command(&self, args: &[&str]) -> Result<Output> {

@@ -1,5 +1,6 @@
 //! `kms-server restore FILE`: offline, on the server's host, into an empty token that holds the
-//! same backup key, and a data directory with no database.
+//! same backup key, and a data directory with no database (or, with PostgreSQL, an empty
+//! database: the backup's database section is the same SQLite snapshot for both backends).
 //!
 //! 1. The file is read and checked before anything is written: the objects section against its
 //!    hash, the audit key unwrapped as a *session* object (gone with its session) to check the
@@ -12,7 +13,8 @@
 //!    version encrypts again: the first encryption under each key rotates it), officers'
 //!    sessions are ended, the keys destroyed since are recorded as destroyed, the revocation
 //!    epoch is raised, and a `Restore` record is chained to the audit trail.
-//! 4. `kms.db.restoring` is renamed to `kms.db`: the commit point.
+//! 4. `kms.db.restoring` is renamed to `kms.db`, or with PostgreSQL copied into the database in
+//!    one transaction: the commit point.
 //!
 //! A restore interrupted before step 4 is run again with the same file: it finds
 //! `kms.db.restoring` and the marker beside it naming this backup (its manifest's SHA-256),
@@ -32,7 +34,7 @@ use sha2::{Digest, Sha256};
 use super::{Header, SERVICE_KEYS, WrappedObject, copy_checked, expect_end, hex, mac_message, parse_objects};
 use crate::audit::AuditEvent;
 use crate::clock::now;
-use crate::config::Config;
+use crate::config::{Config, StoreBackend};
 use crate::domain::ids::KeyId;
 use crate::domain::lifecycle::{KeyState, VersionState};
 use crate::hooks::{Step, crash_point};
@@ -54,8 +56,17 @@ pub fn read_key_list(path: &Path) -> anyhow::Result<Vec<KeyId>> {
 /// Restores `file`; returns a report for the operator.
 pub fn restore(config: &Config, file: &Path, destroyed: &[KeyId]) -> anyhow::Result<String> {
     let db_path = config.data_dir.join("kms.db");
-    if db_path.exists() {
-        bail!("{} already exists: restore only into a data directory without a database", db_path.display());
+    // With PostgreSQL, the database the restored one is copied into at the commit point.
+    let shared = match config.store.backend {
+        StoreBackend::Sqlite => None,
+        StoreBackend::Postgres => Some(Store::open_configured(config)?),
+    };
+    match &shared {
+        None if db_path.exists() => bail!("{} already exists: restore only into a data directory without a database", db_path.display()),
+        Some(store) if !store.is_empty()? => {
+            bail!("the PostgreSQL database already holds keys, officers, principals or audit records: restore only into an empty one")
+        }
+        _ => {}
     }
     crate::files::create_dir(&config.data_dir)?;
     let restoring = config.data_dir.join("kms.db.restoring");
@@ -175,11 +186,21 @@ pub fn restore(config: &Config, file: &Path, destroyed: &[KeyId]) -> anyhow::Res
         );
         tx.append_audit(&AuditEvent::system("Restore", None, None, detail), at)
     })?;
-    drop(store);
 
-    // 4. The commit point.
-    fs::rename(&restoring, &db_path)?;
-    fs::File::open(&config.data_dir)?.sync_all()?;
+    // 4. The commit point: the file renamed into place, or copied into PostgreSQL in one
+    //    transaction (then a run after an interruption finds the database no longer empty).
+    match &shared {
+        None => {
+            drop(store);
+            fs::rename(&restoring, &db_path)?;
+            fs::File::open(&config.data_dir)?.sync_all()?;
+        }
+        Some(shared) => {
+            shared.import(&store)?;
+            drop(store);
+            fs::remove_file(&restoring)?;
+        }
+    }
     let _ = fs::remove_file(&marker);
     crash_point("Restore", Step::AfterCommit);
     if !unknown.is_empty() {

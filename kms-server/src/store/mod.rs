@@ -349,6 +349,12 @@ impl Store {
         self.read_snapshot(|from| dest.write(|to| copy::copy(from, &Tx(to))))
     }
 
+    /// Whether the store holds no key, officer, principal or audit record (a migration's or a
+    /// restore's target).
+    pub fn is_empty(&self) -> Result<bool> {
+        self.read(|tx| copy::is_empty(tx))
+    }
+
     /// Copies every table of `source` into this store, in one transaction, refusing a store that
     /// holds keys, officers, principals or audit records already (`kms-server migrate`).
     pub fn import(&self, source: &Store) -> Result<copy::Copied> {

@@ -203,3 +203,47 @@ async fn a_token_without_a_backup_key_refuses_backups_and_leaves_no_file() {
     assert!(stderr.contains("FailedPrecondition") && stderr.contains("backup-key"), "{stderr}");
     assert!(!server.dir.path().join("b.kmsbak").exists() && !server.dir.path().join("b.kmsbak.partial").exists());
 }
+
+/// The same drill over PostgreSQL: the backup's database section is the same SQLite snapshot,
+/// and the restore copies it into an empty database at its commit point.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgresql_store_restores_into_an_empty_database() {
+    let mut server = Server::start_with(Options { backup_key: true, backend: kms_tests::Backend::Postgres, ..Options::default() });
+    let mut blobs = Vec::new();
+    {
+        let mut admin = server.admin().await;
+        let mut data = server.data().await;
+        let key = create_key(&mut admin, "pg").await;
+        for n in 0..4 {
+            blobs.push(data_key(&mut data, &key, n).await);
+            if n == 1 {
+                admin.rotate_key(pb::RotateKeyRequest { key_id: key.clone() }).await.unwrap();
+            }
+        }
+    }
+    let file = server.dir.path().join("pg.kmsbak").display().to_string();
+    let out = server.kmsctl(&["backup", "create", "--out", &file]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    server.stop();
+    server.replace_token_with_replica();
+    // Into the database it came from (not empty): refused, and nothing unwrapped.
+    let refused = server.server_command(&["restore", &file, "--none-destroyed-since"]).unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("restore only into an empty one"), "{}", String::from_utf8_lossy(&refused.stderr));
+    assert!(server.object_labels().is_empty(), "a refused restore unwrapped objects");
+
+    server.use_database(kms_tests::Database::create().unwrap());
+    let out = server.server_command(&["restore", &file, "--none-destroyed-since"]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!server.dir.path().join("kms.db.restoring").exists() && !server.db_path().exists(), "nothing left in the data directory");
+    server.restart();
+    server.relogin();
+    let mut data = server.data().await;
+    for (n, (blob, plaintext)) in blobs.iter().enumerate() {
+        assert_eq!(decrypts(&mut data, blob, n).await.as_ref(), Some(plaintext), "blob {n}");
+    }
+    let verify: serde_json::Value = serde_json::from_slice(&server.kmsctl(&["--json", "audit", "verify"]).stdout).unwrap();
+    assert_eq!(verify["ok"], true, "{verify}");
+    let restored: i64 = server.db().query_row("SELECT COUNT(*) FROM audit WHERE operation = 'Restore'", [], |r| r.get(0)).unwrap();
+    assert_eq!(restored, 1);
+}
