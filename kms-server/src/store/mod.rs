@@ -352,7 +352,7 @@ impl Store {
     /// Whether the store holds no key, officer, principal or audit record (a migration's or a
     /// restore's target).
     pub fn is_empty(&self) -> Result<bool> {
-        self.read(|tx| copy::is_empty(tx))
+        self.read(copy::is_empty)
     }
 
     /// Copies every table of `source` into this store, in one transaction, refusing a store that
