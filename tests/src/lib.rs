@@ -665,7 +665,8 @@ impl Server {
             .env_remove("KMS_CA")
             .env_remove("KMS_TLS_CERT")
             .env_remove("KMS_TLS_KEY")
-            .env_remove("KMS_SESSION_FILE");
+            .env_remove("KMS_SESSION_FILE")
+            .env_remove("KMS_DEV_DIR");
         with_umask(kmsctl, self.options.umask)
     }
 

@@ -2,6 +2,9 @@
 //!
 //! * `cargo xtask dev [ARGS]`: installs what is missing (SoftHSM2, from the distribution's
 //!   packages), builds, and starts `kms-server dev` (token, PIN and database under `.kms-dev/`).
+//! * `cargo xtask cluster [DIR]`: installs what is missing (SoftHSM2, PostgreSQL), builds, and
+//!   starts three nodes over one PostgreSQL database and one token on loopback, under
+//!   `.kms-cluster/` (`tests/src/bin/local-cluster.rs`).
 //! * `cargo xtask test`: installs what is missing (SoftHSM2; a Python virtual environment with
 //!   grpcio for the Python example client, from PyPI), builds every binary the end-to-end tests
 //!   spawn (among them `kms-server-test-hooks`, the one binary with the test hooks), and runs
@@ -19,9 +22,13 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("dev") => dev(&args[1..]),
+        Some("cluster") => cluster(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("deb") => deb(&args[1..]),
-        _ => Err("usage: cargo xtask dev [kms-server dev options] | cargo xtask test [test filter] | cargo xtask deb [OUT_DIR]".to_string()),
+        _ => Err(
+            "usage: cargo xtask dev [kms-server dev options] | cargo xtask cluster [DIR] | cargo xtask test [test filter] | cargo xtask deb [OUT_DIR]"
+                .to_string(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -147,6 +154,16 @@ fn dev(args: &[String]) -> Result<(), String> {
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
     run(Command::new(Path::new(&target).join("debug/kms-server")).arg("dev").args(args))
+}
+
+/// A local cluster to try several nodes with (`tests/src/bin/local-cluster.rs`): PostgreSQL,
+/// one SoftHSM2 token and three nodes on loopback, under `.kms-cluster` unless DIR is given.
+fn cluster(args: &[String]) -> Result<(), String> {
+    ensure_softhsm()?;
+    ensure_postgres()?;
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    run(Command::new(Path::new(&target).join("debug/local-cluster")).args(args))
 }
 
 /// A virtual environment under `target/` with what `examples/python/requirements.txt` pins, for

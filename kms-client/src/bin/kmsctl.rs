@@ -30,7 +30,7 @@ struct Cli {
     #[arg(long, global = true, env = "KMS_DATA_ENDPOINT", default_value = "https://127.0.0.1:7400")]
     data_endpoint: String,
     /// A directory with ca.pem, workload.pem and workload.key (what `kms-server dev` writes to
-    /// DATA_DIR/pki). Default: .kms-dev/pki when it exists.
+    /// DATA_DIR/pki). Default: DEV_DIR/pki when it exists.
     #[arg(long, global = true, env = "KMS_PKI")]
     pki: Option<PathBuf>,
     /// The CA certificate that issued the server's certificate (PEM).
@@ -42,6 +42,10 @@ struct Cli {
     /// The client certificate's private key (PEM).
     #[arg(long, global = true, env = "KMS_TLS_KEY")]
     tls_key: Option<PathBuf>,
+    /// Where the development set-up keeps its PKI (`pki/`) and officer credentials:
+    /// `kms-server dev` writes .kms-dev, `cargo xtask cluster` .kms-cluster.
+    #[arg(long, global = true, env = "KMS_DEV_DIR", default_value = ".kms-dev")]
+    dev_dir: PathBuf,
     /// Where `kmsctl login` keeps the officer's session token (mode 0600).
     /// Default: $HOME/.config/kmsctl/session.
     #[arg(long, global = true, env = "KMS_SESSION_FILE")]
@@ -80,7 +84,7 @@ enum Command {
         #[arg(long)]
         totp: Option<String>,
         /// Development mode only: log in as dev-officer with the credentials `kms-server dev`
-        /// wrote to .kms-dev/.
+        /// wrote to .kms-dev/ (or `cargo xtask cluster` to .kms-cluster/: see --dev-dir).
         #[arg(long, conflicts_with_all = ["name", "passphrase_file", "totp"])]
         dev: bool,
     },
@@ -871,7 +875,7 @@ impl Cli {
 
     /// Explicit files win over --pki, which wins over the development default.
     fn tls(&self) -> Tls {
-        let dev = PathBuf::from(".kms-dev/pki");
+        let dev = self.dev_dir.join("pki");
         let base = match &self.pki {
             Some(dir) => Tls::dev(dir),
             None if dev.join("ca.pem").exists() => Tls::dev(&dev),
@@ -1031,10 +1035,10 @@ async fn execute(cli: Cli, out: Out) -> Result<(), Error> {
         }
         Command::Login { name, passphrase_file, totp, dev } => {
             let (name, passphrase, code) = if dev {
-                let dir = PathBuf::from(".kms-dev");
+                let dir = &cli.dev_dir;
                 let read = |f: &str| {
                     std::fs::read_to_string(dir.join(f))
-                        .map_err(|e| Error::Config(format!(".kms-dev/{f}: {e} (is `cargo xtask dev` running from here?)")))
+                        .map_err(|e| Error::Config(format!("{}: {e} (is `cargo xtask dev` running from here?)", dir.join(f).display())))
                 };
                 let secret = read("dev-officer.totp")?;
                 let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);

@@ -482,3 +482,53 @@ async fn clients_and_kmsctl_fail_over_to_a_node_that_serves() {
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["health"], "ACTIVE", "kmsctl went to a node that serves: {status}");
 }
+
+/// `cargo xtask cluster`'s binary: three nodes come up, kmsctl reaches them as it says, a node
+/// killed is failed over, and Ctrl-C stops everything, PostgreSQL included.
+#[test]
+fn the_local_cluster_starts_serves_through_a_killed_node_and_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = dir.path().join("cluster");
+    let cluster = Command::new(kms_tests::bin("local-cluster")).arg(&at).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    /// Stops what is left of the cluster however the test ends.
+    struct Stopped(std::process::Child, std::path::PathBuf);
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            let _ = Command::new("pkill").args(["-INT", "-f", &format!("{}/node", self.1.display())]).status();
+            let _ = Command::new("kill").args(["-INT", &self.0.id().to_string()]).status();
+            let _ = kms_tests::wait_for(&mut self.0, Duration::from_secs(30));
+        }
+    }
+    let mut cluster = Stopped(cluster, at.clone());
+    let stdout = cluster.0.stdout.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok);
+    let said: Vec<String> = lines.by_ref().take_while(|l| !l.starts_with("Ctrl-C")).collect();
+    std::thread::spawn(move || lines.for_each(drop));
+    let export = said.iter().find(|l| l.trim_start().starts_with("export KMS_DEV_DIR")).unwrap_or_else(|| panic!("{said:?}"));
+    let kmsctl = |args: &[&str]| {
+        let mut cmd = Command::new(kms_tests::bin("kmsctl"));
+        for pair in export.trim_start().trim_start_matches("export ").split(' ') {
+            let (name, value) = pair.split_once('=').unwrap();
+            cmd.env(name, value);
+        }
+        cmd.env("KMS_SESSION_FILE", dir.path().join("session")).env_remove("KMS_PKI").args(args).output().unwrap()
+    };
+    let login = kmsctl(&["login", "--dev"]);
+    assert!(login.status.success(), "{}", String::from_utf8_lossy(&login.stderr));
+    let created = kmsctl(&["--json", "key", "create", "--alias", "demo"]);
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let pid = |node: &str| {
+        let out = Command::new("pgrep").args(["-f", &format!("{}/{node}/kms.toml", at.display())]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    Command::new("kill").args(["-9", &pid("node1")]).status().unwrap();
+    let listed = kmsctl(&["key", "list"]);
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("alias/demo"), "{listed:?}");
+    // The terminal's Ctrl-C reaches the whole process group.
+    for node in ["node2", "node3"] {
+        Command::new("kill").args(["-INT", &pid(node)]).status().unwrap();
+    }
+    Command::new("kill").args(["-INT", &cluster.0.id().to_string()]).status().unwrap();
+    assert!(kms_tests::wait_for(&mut cluster.0, Duration::from_secs(30)).is_some_and(|s| s.success()));
+    assert!(pid("node2").is_empty() && pid("node3").is_empty(), "the nodes stopped");
+}
