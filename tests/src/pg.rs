@@ -132,6 +132,75 @@ impl Postgres {
         run(self.as_user("pg_ctl").arg("-D").arg(self.data()).args(["-w", "-m", "fast", "stop"]))
     }
 
+    /// Stops at once, without a checkpoint: the primary's machine lost.
+    pub fn crash(&self) -> Result<()> {
+        run(self.as_user("pg_ctl").arg("-D").arg(self.data()).args(["-w", "-m", "immediate", "stop"]))
+    }
+
+    /// A streaming standby of this cluster on a port of its own, in synchronous replication: a
+    /// commit returns once the standby has it on disk (`synchronous_standby_names`).
+    pub fn start_standby(&self) -> Result<Postgres> {
+        let password = random_hex(16)?;
+        self.psql("postgres", &format!("CREATE ROLE replicator REPLICATION LOGIN PASSWORD '{password}'"))?;
+        let dir = tempfile::Builder::new().prefix("kms-pg-standby-").tempdir_in(std::env::temp_dir())?.keep();
+        let standby = Postgres {
+            port: free_port()?,
+            dir,
+            ca: self.ca.clone(),
+            password_file: self.password_file.clone(),
+            bin: self.bin.clone(),
+            os_user: self.os_user.clone(),
+            owned: true,
+        };
+        if let Some(user) = &standby.os_user {
+            run(Command::new("chown").arg(user).arg(&standby.dir))?;
+        }
+        let primary = self.port.to_string();
+        run(standby
+            .as_user("pg_basebackup")
+            .args(["-h", "127.0.0.1", "-p", &primary, "-U", "replicator", "-X", "stream", "-R", "--checkpoint=fast", "-D"])
+            .arg(standby.data())
+            .env("PGPASSWORD", &password)
+            .env("PGSSLMODE", "require"))?;
+        // Its own port and socket, and a name the primary waits for (after what -R wrote).
+        append(
+            &standby.data().join("postgresql.conf"),
+            &format!("port = {}\nunix_socket_directories = '{}'\n", standby.port, standby.dir.display()),
+        )?;
+        append(
+            &standby.data().join("postgresql.auto.conf"),
+            &format!(
+                "primary_conninfo = 'host=127.0.0.1 port={primary} user=replicator password={password} sslmode=require application_name=standby'\n"
+            ),
+        )?;
+        standby.start_again()?;
+        self.psql("postgres", "ALTER SYSTEM SET synchronous_standby_names = 'standby'")?;
+        self.psql("postgres", "SELECT pg_reload_conf()")?;
+        for _ in 0..300 {
+            if self.psql("postgres", "SELECT sync_state FROM pg_stat_replication")? == "sync" {
+                return Ok(standby);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        bail!("the standby never became synchronous")
+    }
+
+    /// Promotes a standby to primary (`pg_ctl promote`), waiting until it takes writes.
+    pub fn promote(&self) -> Result<()> {
+        run(self.as_user("pg_ctl").arg("-D").arg(self.data()).args(["-w", "promote"]))
+    }
+
+    /// The service's connection string for `database` on this cluster or `other`, whichever
+    /// takes writes (libpq's multi-host form, as a deployment with a standby writes it).
+    pub fn url_with(&self, other: &Postgres, database: &str) -> String {
+        format!(
+            "host=127.0.0.1,127.0.0.1 port={},{} dbname={database} user={ROLE} target_session_attrs=read-write sslmode=verify-full sslrootcert={} connect_timeout=5",
+            self.port,
+            other.port,
+            self.ca.display()
+        )
+    }
+
     /// Runs SQL as the superuser over the local socket.
     pub fn psql(&self, database: &str, sql: &str) -> Result<String> {
         let out = run_output(self.as_user("psql").args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"]).arg(&self.dir).args([
