@@ -26,7 +26,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("deb") => deb(&args[1..]),
         _ => Err(
-            "usage: cargo xtask dev [kms-server dev options] | cargo xtask cluster [DIR] | cargo xtask test [test filter] | cargo xtask deb [OUT_DIR]"
+            "usage: cargo xtask dev [kms-server dev options] | cargo xtask cluster [DIR [NODES]] | cargo xtask test [test filter] | cargo xtask deb [OUT_DIR]"
                 .to_string(),
         ),
     };
@@ -157,7 +157,8 @@ fn dev(args: &[String]) -> Result<(), String> {
 }
 
 /// A local cluster to try several nodes with (`tests/src/bin/local-cluster.rs`): PostgreSQL,
-/// one SoftHSM2 token and three nodes on loopback, under `.kms-cluster` unless DIR is given.
+/// one SoftHSM2 token and three nodes (or NODES) on loopback, under `.kms-cluster` unless DIR
+/// is given.
 fn cluster(args: &[String]) -> Result<(), String> {
     ensure_softhsm()?;
     ensure_postgres()?;

@@ -272,7 +272,8 @@ impl PgStore {
                 _ => tx.isolation_level(postgres::IsolationLevel::ReadCommitted),
             };
             let tx = tx.start().map_err(StoreError::from)?;
-            let pg = PgTx { tx: std::cell::RefCell::new(tx), statements: std::cell::RefCell::new(statements) };
+            let pg =
+                PgTx { tx: std::cell::RefCell::new(tx), statements: std::cell::RefCell::new(statements), head_locked: std::cell::Cell::new(false) };
             let out = f(&pg)?;
             pg.tx.into_inner().commit().map_err(StoreError::from)?;
             Ok(out)
@@ -312,6 +313,8 @@ impl Drop for PgStore {
 struct PgTx<'a> {
     tx: std::cell::RefCell<postgres::Transaction<'a>>,
     statements: std::cell::RefCell<&'a mut HashMap<String, Statement>>,
+    /// Whether this transaction holds the audit head's lock already.
+    head_locked: std::cell::Cell<bool>,
 }
 
 /// How many prepared statements a connection keeps at most (the multi-row audit inserts vary
@@ -375,8 +378,10 @@ impl Sql for PgTx<'_> {
 
     fn lock_audit_head(&self) -> Result<()> {
         // Held to the transaction's end: one appender at a time across every node, so that the
-        // chain is one sequence.
-        self.tx.borrow_mut().execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_HEAD_LOCK])?;
+        // chain is one sequence. Taken once (a second request would cost a round trip).
+        if !self.head_locked.replace(true) {
+            self.tx.borrow_mut().execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_HEAD_LOCK])?;
+        }
         Ok(())
     }
 }

@@ -1,4 +1,4 @@
-//! `cargo xtask cluster [DIR]` runs this: a cluster on loopback to try several nodes with, the
+//! `cargo xtask cluster [DIR [NODES]]` runs this: a cluster on loopback to try several nodes with, the
 //! way `kms-server dev` is one node to try the service with. A fresh one each time, under DIR
 //! (default `.kms-cluster`):
 //!
@@ -8,8 +8,9 @@
 //!   partition seen by several hosts;
 //! * a development PKI (`DIR/pki`), the token's backup key pair, and the first officer
 //!   `dev-officer` (its passphrase and TOTP secret under DIR, for `kmsctl login --dev`);
-//! * three `kms-server run` nodes (the build without test hooks), each with its `kms.toml` and
-//!   log under `DIR/nodeN`, data plane on 74N0, admin plane on 74N1, metrics on 74N2.
+//! * three `kms-server run` nodes (or NODES, 1 to 9: `local-cluster DIR NODES`), the build
+//!   without test hooks beside this binary, each with its `kms.toml` and log under `DIR/nodeN`,
+//!   data plane on 74N0, admin plane on 74N1, metrics on 74N2.
 //!
 //! Ctrl-C stops the nodes and PostgreSQL and removes its files (DIR stays, to read the logs).
 
@@ -20,10 +21,13 @@ use std::process::{Child, Command, Stdio};
 use anyhow::{Context, Result, bail};
 use kms_tests::pg::Postgres;
 
-const NODES: usize = 3;
-
 fn main() -> Result<()> {
     let dir = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| ".kms-cluster".into()));
+    // How many nodes (1 to 9: their ports are 74N0 to 74N2).
+    let nodes: usize = match std::env::args().nth(2) {
+        None => 3,
+        Some(n) => n.parse().ok().filter(|n| (1..=9).contains(n)).with_context(|| format!("{n}: the number of nodes is 1 to 9"))?,
+    };
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing the last cluster's {}", dir.display()))?;
     }
@@ -34,7 +38,7 @@ fn main() -> Result<()> {
     let url = postgres.create_database("kms")?;
     let token = hsm_sim::Token::open_or_provision(&dir.join("softhsm"), "kms-cluster")?;
     let pki = kms_server::tls::DevPki::ensure(&dir.join("pki")).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let configs: Vec<PathBuf> = (1..=NODES)
+    let configs: Vec<PathBuf> = (1..=nodes)
         .map(|n| {
             let node = dir.join(format!("node{n}"));
             kms_server::files::create_dir(&node)?;
@@ -77,7 +81,7 @@ fn main() -> Result<()> {
     let secret = kms_tests::otpauth_secret(enrolled.lines().find(|l| l.starts_with("otpauth://")).context("no enrolment URI")?);
     kms_server::files::write(&dir.join("dev-officer.totp"), secret.as_bytes())?;
 
-    let mut nodes: Vec<Child> = Vec::new();
+    let mut children: Vec<Child> = Vec::new();
     for (n, config) in configs.iter().enumerate() {
         let log = std::fs::File::create(dir.join(format!("node{}/kms.log", n + 1)))?;
         let mut child = server(&["run"], config).stdout(Stdio::piped()).stderr(log).spawn().context("starting a node")?;
@@ -89,11 +93,11 @@ fn main() -> Result<()> {
         }
         // The rest of its output, read so that the node never writes into a closed pipe.
         std::thread::spawn(move || lines.for_each(drop));
-        nodes.push(child);
+        children.push(child);
     }
-    let list = |port: u8| (1..=NODES).map(|n| format!("https://127.0.0.1:74{n}{port}")).collect::<Vec<_>>().join(",");
+    let list = |port: u8| (1..=nodes).map(|n| format!("https://127.0.0.1:74{n}{port}")).collect::<Vec<_>>().join(",");
     println!(
-        "{NODES} nodes over PostgreSQL on 127.0.0.1:{} (database kms), one SoftHSM2 token, files under {}\n\n\
+        "{nodes} nodes over PostgreSQL on 127.0.0.1:{} (database kms), one SoftHSM2 token, files under {}\n\n\
          officers (every node takes any session):\n  \
          export KMS_DEV_DIR={} KMS_ENDPOINT={} KMS_DATA_ENDPOINT={}\n  \
          kmsctl login --dev && kmsctl status && kmsctl key create --alias demo\n\n\
@@ -111,7 +115,7 @@ fn main() -> Result<()> {
     );
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(tokio::signal::ctrl_c())?;
-    for node in &mut nodes {
+    for node in &mut children {
         // The terminal's Ctrl-C reached the nodes too; wait for their graceful stop.
         let _ = kms_tests::wait_for(node, std::time::Duration::from_secs(15)).map_or_else(|| node.kill(), |_| Ok(()));
     }
