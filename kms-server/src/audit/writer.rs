@@ -13,7 +13,7 @@
 //!
 //! Revocation holds at commit, on every node: a successful data-plane call carries the
 //! revocation epoch it was authorised under; the batch's transaction, once it is the only one
-//! appending to the chain (`Tx::lock_audit_head`), reads the store's epoch, and a call
+//! appending to the chain, reads the store's epoch (`Tx::audit_head`), and a call
 //! authorised under an older one (a disable, a revoked grant, a destruction committed anywhere
 //! while it ran) is recorded and answered as failed, retryable, instead of as a success. So no
 //! success is committed after the change that took its access away.
@@ -179,15 +179,15 @@ impl AuditWriter {
                 let started = std::time::Instant::now();
                 let mut outcomes = vec![Recorded::Durable; batch.len()];
                 let written = store.write(|tx| {
-                    tx.lock_audit_head()?;
-                    let marks = tx.marks()?;
+                    let head = tx.audit_head()?;
+                    let marks = head.marks;
                     for (p, outcome) in batch.iter_mut().zip(outcomes.iter_mut()) {
                         if let Some(epoch) = p.epoch.filter(|e| *e < marks.epoch) {
                             stale(&mut p.events, epoch, marks.epoch);
                             *outcome = Recorded::Stale { epoch, now: marks.epoch };
                         }
                     }
-                    Ok((tx.append_audits(batch.iter().flat_map(|p| &p.events), now())?, marks))
+                    Ok((tx.append_audits(&head, batch.iter().flat_map(|p| &p.events), now())?, marks))
                 });
                 crate::metrics::metrics().audit_commit(records, started.elapsed());
                 let head = match written {

@@ -34,7 +34,7 @@ use crate::domain::policy::{Grant, Operation, PrincipalState};
 #[derive(Debug)]
 pub enum StoreError {
     Sqlite(rusqlite::Error),
-    Postgres(::postgres::Error),
+    Postgres(tokio_postgres::Error),
     /// The store could not be set up (a bad connection string, an unreadable CA or password).
     Setup {
         reason: String,
@@ -88,8 +88,8 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-impl From<::postgres::Error> for StoreError {
-    fn from(e: ::postgres::Error) -> Self {
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
         StoreError::Postgres(e)
     }
 }
@@ -225,6 +225,14 @@ pub struct Marks {
     pub epoch: u64,
     /// Rises with every change to what the registry holds.
     pub changes: u64,
+}
+
+/// The audit chain's head as an appender sees it, holding the head's lock.
+#[derive(Debug, Clone, Copy)]
+pub struct AuditHead {
+    pub marks: Marks,
+    /// The last record's sequence number and hash (0 and the genesis hash: none yet).
+    pub last: (i64, [u8; 32]),
 }
 
 /// A principal's name or a grant's id, and when it was last used (never: `None`).
@@ -845,29 +853,36 @@ impl Tx<'_> {
 
     // ----- audit -----
 
-    /// Makes this transaction the only one appending to the audit chain until it ends (the
-    /// audit writer takes it before reading the revocation epoch its batch is checked against).
-    pub fn lock_audit_head(&self) -> Result<()> {
-        self.0.lock_audit_head()
+    /// Makes this transaction the only one appending to the audit chain until it ends, then
+    /// reads the chain's head and the marks as they are once it is (one statement after the
+    /// lock: the audit writer checks its batch against this epoch).
+    pub fn audit_head(&self) -> Result<AuditHead> {
+        self.0.lock_audit_head()?;
+        let row = first(self.0.query(
+            "SELECT r.epoch, r.changes, a.seq, a.hash
+             FROM revocation r LEFT JOIN (SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1) a ON 1 = 1",
+            &[],
+        )?)
+        .ok_or_else(|| corrupt("revocation", "no row"))?;
+        let last = match row.opt_int(2)? {
+            Some(seq) => (seq, row.blob(3)?.try_into().map_err(|_| corrupt("audit", "hash length"))?),
+            None => (0, GENESIS),
+        };
+        Ok(AuditHead { marks: Marks { epoch: to_u64(row.int(0)?), changes: to_u64(row.int(1)?) }, last })
     }
 
     /// Appends one audit record, chained to the last one.
     pub fn append_audit(&self, event: &AuditEvent, now: i64) -> Result<()> {
-        self.append_audits(std::iter::once(event), now).map(drop)
+        let head = self.audit_head()?;
+        self.append_audits(&head, std::iter::once(event), now).map(drop)
     }
 
-    /// Appends audit records in order, each chained to the one before (a group commit writes a
-    /// whole batch in one transaction, a few hundred records to a statement); returns the last
-    /// one's sequence number and hash (none when there were no records).
-    pub fn append_audits<'e>(&self, events: impl IntoIterator<Item = &'e AuditEvent>, now: i64) -> Result<Option<(i64, Vec<u8>)>> {
-        self.0.lock_audit_head()?;
-        let (mut seq, mut prev) = match self.last_audit()? {
-            Some((seq, hash)) => {
-                let prev: [u8; 32] = hash.try_into().map_err(|_| corrupt("audit", "hash length"))?;
-                (seq, prev)
-            }
-            None => (0, GENESIS),
-        };
+    /// Appends audit records in order after `head` (read in this transaction by `audit_head`),
+    /// each chained to the one before (a group commit writes a whole batch in one transaction, a
+    /// few hundred records to a statement); returns the last one's sequence number and hash
+    /// (none when there were no records).
+    pub fn append_audits<'e>(&self, head: &AuditHead, events: impl IntoIterator<Item = &'e AuditEvent>, now: i64) -> Result<Option<(i64, Vec<u8>)>> {
+        let (mut seq, mut prev) = head.last;
         let before = seq;
         let mut rows: Vec<(StoredRecord, [u8; 32])> = Vec::new();
         for event in events {
@@ -919,7 +934,7 @@ impl Tx<'_> {
                     r.caller_context.as_ref().into(),
                 ]);
             }
-            self.0.execute_dynamic(&sql, &params)?;
+            self.0.execute_last(&sql, &params)?;
         }
         Ok((seq > before).then(|| (seq, prev.to_vec())))
     }

@@ -9,16 +9,18 @@
 //! the string.
 //!
 //! Every store call already runs on a blocking thread (a data worker, the audit writer, tokio's
-//! blocking pool), so the synchronous client fits. Connections are pooled, each with its
-//! prepared statements; one that fails is dropped and the next call opens another.
+//! blocking pool): each connection is `tokio-postgres`'s client driven by a small runtime of its
+//! own, on the calling thread, as its synchronous wrapper does; unlike the wrapper, it lets a
+//! transaction pipeline its statements (`PgTx`). Connections are pooled, each with its prepared
+//! statements; one that fails is dropped and the next call opens another.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use postgres::types::{IsNull, ToSql, Type};
-use postgres::{Client, Statement};
+use tokio_postgres::types::{IsNull, ToSql, Type};
+use tokio_postgres::{Client, Statement};
 
 use super::sql::{Param, Row, Sql, Value};
 use super::{Result, StoreError};
@@ -87,13 +89,13 @@ impl Conninfo {
 
     /// The driver's configuration: its pairs, TLS required (verified by the connector), and the
     /// password.
-    fn driver_config(&self, password: &str) -> std::result::Result<postgres::Config, String> {
+    fn driver_config(&self, password: &str) -> std::result::Result<tokio_postgres::Config, String> {
         let mut text = String::new();
         for (k, v) in &self.driver {
             text.push_str(&format!("{k}='{}' ", v.replace('\\', "\\\\").replace('\'', "\\'")));
         }
-        let mut config: postgres::Config = text.parse().map_err(|e: postgres::Error| e.to_string())?;
-        config.ssl_mode(postgres::config::SslMode::Require);
+        let mut config: tokio_postgres::Config = text.parse().map_err(|e: tokio_postgres::Error| e.to_string())?;
+        config.ssl_mode(tokio_postgres::config::SslMode::Require);
         config.password(password);
         if config.get_application_name().is_none() {
             config.application_name("kms-server");
@@ -102,15 +104,34 @@ impl Conninfo {
     }
 }
 
-/// A pooled connection with the statements it prepared.
-struct Conn {
+/// A pooled connection: the client, the runtime that drives its connection (only while a call
+/// waits on it, on the caller's thread), and the statements it prepared.
+pub(super) struct Conn {
+    runtime: tokio::runtime::Runtime,
     client: Client,
     statements: HashMap<String, Statement>,
 }
 
+impl Conn {
+    /// Waits for `f`, driving the connection meanwhile.
+    fn block_on<T>(&self, f: impl std::future::Future<Output = std::result::Result<T, tokio_postgres::Error>>) -> Result<T> {
+        Ok(self.runtime.block_on(f)?)
+    }
+
+    /// Runs statements without parameters (the simple protocol, one round trip).
+    pub(super) fn simple(&self, sql: &str) -> Result<()> {
+        self.block_on(self.client.batch_execute(sql))
+    }
+
+    /// The integer in the first column of a query's first row, if any.
+    pub(super) fn int(&self, sql: &str) -> Result<Option<i64>> {
+        Ok(self.block_on(self.client.query_opt(sql, &[]))?.map(|r| r.get(0)))
+    }
+}
+
 /// The PostgreSQL store.
 pub struct PgStore {
-    config: postgres::Config,
+    config: tokio_postgres::Config,
     scratch_dir: PathBuf,
     tls: tokio_postgres_rustls::MakeRustlsConnect,
     idle: Mutex<Vec<Conn>>,
@@ -141,9 +162,9 @@ impl fmt::Debug for AdminLease<'_> {
 
 impl Drop for AdminLease<'_> {
     fn drop(&mut self) {
-        if let Some(mut conn) = self.conn.take() {
+        if let Some(conn) = self.conn.take() {
             // A connection that cannot unlock is dropped: closing it releases the lock.
-            if conn.client.execute("SELECT pg_advisory_unlock($1)", &[&ADMIN_LOCK]).is_ok() {
+            if conn.simple(&format!("SELECT pg_advisory_unlock({ADMIN_LOCK})")).is_ok() {
                 self.store.checkin(conn);
             }
         }
@@ -202,8 +223,8 @@ impl PgStore {
             idle: Mutex::new(Vec::new()),
             leader: Mutex::new(None),
         };
-        let mut conn = store.connect()?;
-        super::schema::migrate_postgres(&mut conn.client)?;
+        let conn = store.connect()?;
+        super::schema::migrate_postgres(&conn)?;
         store.checkin(conn);
         Ok(store)
     }
@@ -211,10 +232,8 @@ impl PgStore {
     /// Takes the cluster's admin lock, waiting at most `wait` for another node's change to end
     /// (then a retryable error).
     pub fn admin_lease(&self, wait: std::time::Duration) -> Result<AdminLease<'_>> {
-        let mut conn = self.checkout()?;
-        conn.client.batch_execute(&format!("SET lock_timeout = {}", wait.as_millis().max(1)))?;
-        conn.client.execute("SELECT pg_advisory_lock($1)", &[&ADMIN_LOCK])?;
-        conn.client.batch_execute("SET lock_timeout = 0")?;
+        let conn = self.checkout()?;
+        conn.simple(&format!("SET lock_timeout = {}; SELECT pg_advisory_lock({ADMIN_LOCK}); SET lock_timeout = 0", wait.as_millis().max(1)))?;
         Ok(AdminLease { store: self, conn: Some(conn) })
     }
 
@@ -222,14 +241,14 @@ impl PgStore {
     /// leader whose connection failed leads no more; another node takes over at its next try.
     pub fn leading(&self) -> Result<bool> {
         let mut leader = self.leader.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(conn) = leader.as_mut() {
-            if conn.client.simple_query("SELECT 1").is_ok() {
+        if let Some(conn) = leader.as_ref() {
+            if conn.simple("SELECT 1").is_ok() {
                 return Ok(true);
             }
             *leader = None;
         }
-        let mut conn = self.connect()?;
-        let taken: bool = conn.client.query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])?.get(0);
+        let conn = self.connect()?;
+        let taken = conn.int(&format!("SELECT pg_try_advisory_lock({LEADER_LOCK})::int::int8"))? == Some(1);
         if taken {
             *leader = Some(conn);
         }
@@ -242,8 +261,13 @@ impl PgStore {
     }
 
     fn connect(&self) -> Result<Conn> {
-        let client = self.config.connect(self.tls.clone())?;
-        Ok(Conn { client, statements: HashMap::new() })
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| StoreError::io("the PostgreSQL client's runtime", e))?;
+        let (client, connection) = runtime.block_on(self.config.connect(self.tls.clone()))?;
+        // Driven whenever the thread waits on a call; it ends (and the client reports itself
+        // closed) when the connection fails.
+        runtime.spawn(connection);
+        Ok(Conn { runtime, client, statements: HashMap::new() })
     }
 
     fn checkout(&self) -> Result<Conn> {
@@ -260,26 +284,34 @@ impl PgStore {
         }
     }
 
-    /// Runs `f` in a transaction on a pooled connection; commits if it returns `Ok`. A
-    /// connection that failed is not returned to the pool.
+    /// Runs `f` in a transaction on a pooled connection; commits if it returns `Ok`, rolls back
+    /// otherwise. A connection that failed, or could not roll back, is not returned to the pool.
     fn transaction<T, E: From<StoreError>>(&self, kind: &str, f: impl FnOnce(&dyn Sql) -> std::result::Result<T, E>) -> std::result::Result<T, E> {
         let mut conn = self.checkout()?;
-        let out = (|| {
-            let Conn { client, statements } = &mut conn;
-            let tx = client.build_transaction();
-            let tx = match kind {
-                "read" => tx.isolation_level(postgres::IsolationLevel::RepeatableRead).read_only(true),
-                _ => tx.isolation_level(postgres::IsolationLevel::ReadCommitted),
-            };
-            let tx = tx.start().map_err(StoreError::from)?;
-            let pg =
-                PgTx { tx: std::cell::RefCell::new(tx), statements: std::cell::RefCell::new(statements), head_locked: std::cell::Cell::new(false) };
-            let out = f(&pg)?;
-            pg.tx.into_inner().commit().map_err(StoreError::from)?;
-            Ok(out)
-        })();
-        self.checkin(conn);
-        out
+        let begin = match kind {
+            "read" => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+            _ => "BEGIN ISOLATION LEVEL READ COMMITTED",
+        };
+        let pg = PgTx {
+            conn: std::cell::RefCell::new(&mut conn),
+            ahead: std::cell::RefCell::new(Ahead { simple: begin.to_string(), last: None }),
+            begun: std::cell::Cell::new(false),
+            head_locked: std::cell::Cell::new(false),
+        };
+        let out = f(&pg);
+        let ended = match (&out, pg.begun.get()) {
+            (_, false) => Ok(()),
+            (Ok(_), true) => pg.commit(),
+            (Err(_), true) => pg.conn.borrow().simple("ROLLBACK"),
+        };
+        match ended {
+            Ok(()) => {
+                self.checkin(conn);
+                out
+            }
+            // The connection goes, with its transaction if it was still open.
+            Err(e) => out.and(Err(e.into())),
+        }
     }
 
     pub fn write<T>(&self, f: impl FnOnce(&dyn Sql) -> Result<T>) -> Result<T> {
@@ -309,44 +341,128 @@ impl Drop for PgStore {
     }
 }
 
-/// A PostgreSQL transaction, as the queries see one.
+/// A PostgreSQL transaction, as the queries see one. Its statements are pipelined where the
+/// answer allows: `BEGIN` (and the audit head's lock) go in the round trip of the first
+/// statement, and a transaction's last insert (`Sql::execute_last`) in the round trip of the
+/// `COMMIT`. The audit writer's transaction is so two round trips: the lock with the head's read,
+/// then the records with the commit; only the second holds up the other nodes' writers.
 struct PgTx<'a> {
-    tx: std::cell::RefCell<postgres::Transaction<'a>>,
-    statements: std::cell::RefCell<&'a mut HashMap<String, Statement>>,
-    /// Whether this transaction holds the audit head's lock already.
+    conn: std::cell::RefCell<&'a mut Conn>,
+    ahead: std::cell::RefCell<Ahead>,
+    /// Whether `BEGIN` was sent.
+    begun: std::cell::Cell<bool>,
+    /// Whether this transaction holds (or has asked for) the audit head's lock.
     head_locked: std::cell::Cell<bool>,
+}
+
+/// What goes to the server before the next statement, in its round trip.
+#[derive(Default)]
+struct Ahead {
+    /// Statements without parameters (`BEGIN`, a lock), or nothing.
+    simple: String,
+    /// A statement whose answer nobody waits for.
+    last: Option<(Statement, Vec<Owned>)>,
+}
+
+/// A parameter kept until its statement is sent.
+#[derive(Debug)]
+enum Owned {
+    Null,
+    Int(i64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
+impl Owned {
+    fn of(p: &Param<'_>) -> Owned {
+        match *p {
+            Param::Null => Owned::Null,
+            Param::Int(n) => Owned::Int(n),
+            Param::Text(s) => Owned::Text(s.to_string()),
+            Param::Blob(b) => Owned::Blob(b.to_vec()),
+        }
+    }
+
+    fn param(&self) -> Param<'_> {
+        match self {
+            Owned::Null => Param::Null,
+            Owned::Int(n) => Param::Int(*n),
+            Owned::Text(s) => Param::Text(s),
+            Owned::Blob(b) => Param::Blob(b),
+        }
+    }
 }
 
 /// How many prepared statements a connection keeps at most (the multi-row audit inserts vary
 /// in length; past this the cache starts again).
 const MAX_STATEMENTS: usize = 256;
 
+/// Sends what was put ahead, in order, without waiting between them.
+async fn send_ahead(client: &Client, ahead: Ahead) -> std::result::Result<(), tokio_postgres::Error> {
+    let simple = async { if ahead.simple.is_empty() { Ok(()) } else { client.batch_execute(&ahead.simple).await } };
+    let last = async {
+        match &ahead.last {
+            Some((statement, owned)) => {
+                let params: Vec<Param<'_>> = owned.iter().map(Owned::param).collect();
+                client.execute(statement, &refs(&params)).await.map(drop)
+            }
+            None => Ok(()),
+        }
+    };
+    tokio::try_join!(simple, last).map(drop)
+}
+
+fn refs<'p>(params: &'p [Param<'_>]) -> Vec<&'p (dyn ToSql + Sync)> {
+    params.iter().map(|p| p as &(dyn ToSql + Sync)).collect()
+}
+
 impl PgTx<'_> {
     /// The statement for `sql` (its `?N` placeholders as `$N`), prepared once per connection.
     fn statement(&self, sql: &str) -> Result<Statement> {
-        let mut statements = self.statements.borrow_mut();
-        if let Some(s) = statements.get(sql) {
+        let mut conn = self.conn.borrow_mut();
+        if let Some(s) = conn.statements.get(sql) {
             return Ok(s.clone());
         }
-        if statements.len() >= MAX_STATEMENTS {
-            statements.clear();
+        if conn.statements.len() >= MAX_STATEMENTS {
+            conn.statements.clear();
         }
-        let prepared = self.tx.borrow_mut().prepare(&dollar_placeholders(sql))?;
-        statements.insert(sql.to_string(), prepared.clone());
+        let prepared = conn.block_on(conn.client.prepare(&dollar_placeholders(sql)))?;
+        conn.statements.insert(sql.to_string(), prepared.clone());
         Ok(prepared)
+    }
+
+    /// What goes before the next statement (the transaction has begun once it is sent).
+    fn take_ahead(&self) -> Ahead {
+        self.begun.set(true);
+        std::mem::take(&mut *self.ahead.borrow_mut())
     }
 
     fn rows(&self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>> {
         let statement = self.statement(sql)?;
-        let params: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-        let rows = self.tx.borrow_mut().query(&statement, &params)?;
+        let ahead = self.take_ahead();
+        let conn = self.conn.borrow();
+        let client = &conn.client;
+        let params = refs(params);
+        let (_, rows) = conn.block_on(async { tokio::try_join!(send_ahead(client, ahead), client.query(&statement, &params)) })?;
         rows.iter().map(row).collect()
     }
 
     fn run(&self, sql: &str, params: &[Param<'_>]) -> Result<u64> {
         let statement = self.statement(sql)?;
-        let params: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-        Ok(self.tx.borrow_mut().execute(&statement, &params)?)
+        let ahead = self.take_ahead();
+        let conn = self.conn.borrow();
+        let client = &conn.client;
+        let params = refs(params);
+        let (_, changed) = conn.block_on(async { tokio::try_join!(send_ahead(client, ahead), client.execute(&statement, &params)) })?;
+        Ok(changed)
+    }
+
+    /// Sends what is ahead with the `COMMIT`, in one round trip.
+    fn commit(&self) -> Result<()> {
+        let ahead = self.take_ahead();
+        let conn = self.conn.borrow();
+        let client = &conn.client;
+        conn.block_on(async { tokio::try_join!(send_ahead(client, ahead), client.batch_execute("COMMIT")) }).map(drop)
     }
 }
 
@@ -367,20 +483,33 @@ impl Sql for PgTx<'_> {
         self.rows(sql, params)
     }
 
+    fn execute_last(&self, sql: &str, params: &[Param<'_>]) -> Result<()> {
+        let statement = self.statement(sql)?;
+        if self.ahead.borrow().last.is_some() {
+            // One waits at a time: the earlier one goes now.
+            let ahead = self.take_ahead();
+            let conn = self.conn.borrow();
+            conn.block_on(send_ahead(&conn.client, ahead))?;
+        }
+        self.ahead.borrow_mut().last = Some((statement, params.iter().map(Owned::of).collect()));
+        Ok(())
+    }
+
     fn after_copy(&self) -> Result<()> {
         for table in ["intents", "review_signoffs"] {
-            self.tx
-                .borrow_mut()
-                .execute(&format!("SELECT setval(pg_get_serial_sequence('{table}', 'id'), COALESCE(MAX(id), 0) + 1, false) FROM {table}"), &[])?;
+            self.rows(&format!("SELECT setval(pg_get_serial_sequence('{table}', 'id'), COALESCE(MAX(id), 0) + 1, false) FROM {table}"), &[])?;
         }
         Ok(())
     }
 
     fn lock_audit_head(&self) -> Result<()> {
         // Held to the transaction's end: one appender at a time across every node, so that the
-        // chain is one sequence. Taken once (a second request would cost a round trip).
+        // chain is one sequence. Taken once (a second request would cost a round trip), with
+        // the `BEGIN` when it is the transaction's first statement.
         if !self.head_locked.replace(true) {
-            self.tx.borrow_mut().execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_HEAD_LOCK])?;
+            let mut ahead = self.ahead.borrow_mut();
+            let sep = if ahead.simple.is_empty() { "" } else { "; " };
+            ahead.simple.push_str(&format!("{sep}SELECT pg_advisory_xact_lock({AUDIT_HEAD_LOCK})"));
         }
         Ok(())
     }
@@ -389,7 +518,7 @@ impl Sql for PgTx<'_> {
 /// The advisory lock that serialises appends to the audit chain.
 const AUDIT_HEAD_LOCK: i64 = 0x6b6d_7361_7564_6974; // "kmsaudit"
 
-fn row(r: &postgres::Row) -> Result<Row> {
+fn row(r: &tokio_postgres::Row) -> Result<Row> {
     let mut values = Vec::with_capacity(r.len());
     for (i, column) in r.columns().iter().enumerate() {
         let ty = column.type_();
@@ -413,7 +542,7 @@ impl ToSql for Param<'_> {
     fn to_sql(
         &self,
         ty: &Type,
-        out: &mut postgres::types::private::BytesMut,
+        out: &mut tokio_postgres::types::private::BytesMut,
     ) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
         match *self {
             Param::Null => Ok(IsNull::Yes),
@@ -428,7 +557,7 @@ impl ToSql for Param<'_> {
         [Type::INT8, Type::INT4, Type::TEXT, Type::VARCHAR, Type::BYTEA].contains(ty)
     }
 
-    postgres::types::to_sql_checked!();
+    tokio_postgres::types::to_sql_checked!();
 }
 
 /// `?N` placeholders rewritten as `$N` (PostgreSQL's), outside quoted strings.

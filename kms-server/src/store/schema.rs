@@ -242,24 +242,25 @@ const POSTGRES: &[&str] = &[
 /// The advisory lock held while the schema migrates: nodes starting together migrate once.
 const MIGRATION_LOCK: i64 = 0x6b6d_735f_6d69_6772; // "kms_migr"
 
-pub fn migrate_postgres(client: &mut postgres::Client) -> Result<(), StoreError> {
-    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])?;
+pub(super) fn migrate_postgres(conn: &super::postgres::Conn) -> Result<(), StoreError> {
+    conn.simple(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))?;
     let migrated = (|| {
-        client.batch_execute("CREATE TABLE IF NOT EXISTS kms_schema (version BIGINT NOT NULL)")?;
-        let current: i64 = client.query_opt("SELECT version FROM kms_schema", &[])?.map_or(0, |r| r.get(0));
+        conn.simple("CREATE TABLE IF NOT EXISTS kms_schema (version BIGINT NOT NULL)")?;
+        let current = conn.int("SELECT version FROM kms_schema")?.unwrap_or(0);
         let supported = POSTGRES.len() as i64;
         if current > supported {
             return Err(StoreError::TooNew { found: current, supported });
         }
         for (i, sql) in POSTGRES.iter().enumerate().skip(current as usize) {
-            let mut tx = client.transaction()?;
-            tx.batch_execute(sql)?;
-            tx.execute("DELETE FROM kms_schema", &[])?;
-            tx.execute("INSERT INTO kms_schema (version) VALUES ($1)", &[&(i as i64 + 1)])?;
-            tx.commit()?;
+            // One transaction for each step, with its new version.
+            conn.simple(&format!("BEGIN; {sql}; DELETE FROM kms_schema; INSERT INTO kms_schema (version) VALUES ({}); COMMIT", i + 1))?;
         }
         Ok(())
     })();
-    client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])?;
+    if migrated.is_err() {
+        // A step that failed left its transaction open.
+        let _ = conn.simple("ROLLBACK");
+    }
+    conn.simple(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"))?;
     migrated
 }

@@ -139,6 +139,13 @@ pub trait Sql {
     /// Runs a query built at run time (a copy of a whole table).
     fn query_dynamic(&self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>, StoreError>;
 
+    /// Runs a statement whose answer nobody reads, as the last of its transaction but for
+    /// reads: a backend may send it with the next statement or the commit, in one round trip (its
+    /// failure then fails that one).
+    fn execute_last(&self, sql: &str, params: &[Param<'_>]) -> Result<(), StoreError> {
+        self.execute_dynamic(sql, params).map(drop)
+    }
+
     /// After rows were copied in with their own ids: lets the next generated id follow them.
     fn after_copy(&self) -> Result<(), StoreError> {
         Ok(())
