@@ -167,31 +167,33 @@ impl AuditWriter {
             while let Some(first) = rx.blocking_recv() {
                 let mut records = first.events.len();
                 let mut batch = vec![first];
-                while records < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(p) => {
-                            records += p.events.len();
-                            batch.push(p);
-                        }
-                        Err(_) => break,
-                    }
-                }
                 let started = std::time::Instant::now();
-                let mut outcomes = vec![Recorded::Durable; batch.len()];
                 let written = store.write(|tx| {
                     let head = tx.audit_head()?;
+                    // What arrived while the head's lock was awaited joins the batch: when other
+                    // nodes' writers hold it, the wait fills the batch instead of the next one.
+                    while records < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(p) => {
+                                records += p.events.len();
+                                batch.push(p);
+                            }
+                            Err(_) => break,
+                        }
+                    }
                     let marks = head.marks;
+                    let mut outcomes = vec![Recorded::Durable; batch.len()];
                     for (p, outcome) in batch.iter_mut().zip(outcomes.iter_mut()) {
                         if let Some(epoch) = p.epoch.filter(|e| *e < marks.epoch) {
                             stale(&mut p.events, epoch, marks.epoch);
                             *outcome = Recorded::Stale { epoch, now: marks.epoch };
                         }
                     }
-                    Ok((tx.append_audits(&head, batch.iter().flat_map(|p| &p.events), now())?, marks))
+                    Ok((tx.append_audits(&head, batch.iter().flat_map(|p| &p.events), now())?, marks, outcomes))
                 });
                 crate::metrics::metrics().audit_commit(records, started.elapsed());
                 let head = match written {
-                    Ok((head, marks)) => {
+                    Ok((head, marks, outcomes)) => {
                         changes_seen.fetch_max(marks.changes, std::sync::atomic::Ordering::SeqCst);
                         for (p, outcome) in batch.into_iter().zip(outcomes) {
                             (p.done)(Ok(outcome));
