@@ -345,11 +345,12 @@ impl Drop for PgStore {
 /// answer allows: `BEGIN` (and the audit head's lock) go in the round trip of the first
 /// statement, and a transaction's last insert (`Sql::execute_last`) in the round trip of the
 /// `COMMIT`. The audit writer's transaction is so two round trips: the lock with the head's read,
-/// then the records with the commit; only the second holds up the other nodes' writers.
+/// then the records with the commit (one more per 500 records past the first 500). The lock is
+/// held from the head's read to the commit's flush.
 struct PgTx<'a> {
     conn: std::cell::RefCell<&'a mut Conn>,
     ahead: std::cell::RefCell<Ahead>,
-    /// Whether `BEGIN` was sent.
+    /// Whether `BEGIN` was sent, or a statement queued behind it: the transaction must end.
     begun: std::cell::Cell<bool>,
     /// Whether this transaction holds (or has asked for) the audit head's lock.
     head_locked: std::cell::Cell<bool>,
@@ -393,11 +394,14 @@ impl Owned {
     }
 }
 
-/// How many prepared statements a connection keeps at most (the multi-row audit inserts vary
-/// in length; past this the cache starts again).
-const MAX_STATEMENTS: usize = 256;
+/// How many prepared statements a connection keeps at most: the service's statements and the
+/// multi-row audit insert of every length up to 500 rows, so that a writer holding the audit
+/// head's lock seldom prepares (past this the cache starts again).
+const MAX_STATEMENTS: usize = 1024;
 
-/// Sends what was put ahead, in order, without waiting between them.
+/// Sends what was put ahead, in order, without waiting between them. (Each request is queued
+/// when its future is first polled; `biased` polls in the order written, here and at every
+/// `try_join!` below, so the first failure reported is the first statement's.)
 async fn send_ahead(client: &Client, ahead: Ahead) -> std::result::Result<(), tokio_postgres::Error> {
     let simple = async { if ahead.simple.is_empty() { Ok(()) } else { client.batch_execute(&ahead.simple).await } };
     let last = async {
@@ -409,7 +413,7 @@ async fn send_ahead(client: &Client, ahead: Ahead) -> std::result::Result<(), to
             None => Ok(()),
         }
     };
-    tokio::try_join!(simple, last).map(drop)
+    tokio::try_join!(biased; simple, last).map(drop)
 }
 
 fn refs<'p>(params: &'p [Param<'_>]) -> Vec<&'p (dyn ToSql + Sync)> {
@@ -443,7 +447,7 @@ impl PgTx<'_> {
         let conn = self.conn.borrow();
         let client = &conn.client;
         let params = refs(params);
-        let (_, rows) = conn.block_on(async { tokio::try_join!(send_ahead(client, ahead), client.query(&statement, &params)) })?;
+        let (_, rows) = conn.block_on(async { tokio::try_join!(biased; send_ahead(client, ahead), client.query(&statement, &params)) })?;
         rows.iter().map(row).collect()
     }
 
@@ -453,8 +457,19 @@ impl PgTx<'_> {
         let conn = self.conn.borrow();
         let client = &conn.client;
         let params = refs(params);
-        let (_, changed) = conn.block_on(async { tokio::try_join!(send_ahead(client, ahead), client.execute(&statement, &params)) })?;
+        let (_, changed) = conn.block_on(async { tokio::try_join!(biased; send_ahead(client, ahead), client.execute(&statement, &params)) })?;
         Ok(changed)
+    }
+
+    /// Sends a statement put off by `execute_last` now (one waits at a time), with what is ahead
+    /// of it.
+    fn send_waiting(&self) -> Result<()> {
+        if self.ahead.borrow().last.is_some() {
+            let ahead = self.take_ahead();
+            let conn = self.conn.borrow();
+            conn.block_on(send_ahead(&conn.client, ahead))?;
+        }
+        Ok(())
     }
 
     /// Sends what is ahead with the `COMMIT`, in one round trip.
@@ -462,7 +477,7 @@ impl PgTx<'_> {
         let ahead = self.take_ahead();
         let conn = self.conn.borrow();
         let client = &conn.client;
-        conn.block_on(async { tokio::try_join!(send_ahead(client, ahead), client.batch_execute("COMMIT")) }).map(drop)
+        conn.block_on(async { tokio::try_join!(biased; send_ahead(client, ahead), client.batch_execute("COMMIT")) }).map(drop)
     }
 }
 
@@ -485,13 +500,9 @@ impl Sql for PgTx<'_> {
 
     fn execute_last(&self, sql: &str, params: &[Param<'_>]) -> Result<()> {
         let statement = self.statement(sql)?;
-        if self.ahead.borrow().last.is_some() {
-            // One waits at a time: the earlier one goes now.
-            let ahead = self.take_ahead();
-            let conn = self.conn.borrow();
-            conn.block_on(send_ahead(&conn.client, ahead))?;
-        }
+        self.send_waiting()?;
         self.ahead.borrow_mut().last = Some((statement, params.iter().map(Owned::of).collect()));
+        self.begun.set(true);
         Ok(())
     }
 
@@ -507,6 +518,8 @@ impl Sql for PgTx<'_> {
         // chain is one sequence. Taken once (a second request would cost a round trip), with
         // the `BEGIN` when it is the transaction's first statement.
         if !self.head_locked.replace(true) {
+            // After a waiting statement, not before it.
+            self.send_waiting()?;
             let mut ahead = self.ahead.borrow_mut();
             let sep = if ahead.simple.is_empty() { "" } else { "; " };
             ahead.simple.push_str(&format!("{sep}SELECT pg_advisory_xact_lock({AUDIT_HEAD_LOCK})"));

@@ -139,9 +139,8 @@ pub trait Sql {
     /// Runs a query built at run time (a copy of a whole table).
     fn query_dynamic(&self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>, StoreError>;
 
-    /// Runs a statement whose answer nobody reads, as the last of its transaction but for
-    /// reads: a backend may send it with the next statement or the commit, in one round trip (its
-    /// failure then fails that one).
+    /// Runs a statement whose answer nobody reads: a backend may send it with the transaction's
+    /// next statement or with its commit, in one round trip (its failure then fails that one).
     fn execute_last(&self, sql: &str, params: &[Param<'_>]) -> Result<(), StoreError> {
         self.execute_dynamic(sql, params).map(drop)
     }
