@@ -115,8 +115,12 @@ fn main() -> Result<()> {
     );
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(tokio::signal::ctrl_c())?;
+    // A terminal's Ctrl-C reached the nodes too, a `kill -INT` of this process did not: each is
+    // told (again), all at once, then waited for in its graceful stop.
+    for node in &children {
+        let _ = std::process::Command::new("kill").arg("-TERM").arg(node.id().to_string()).status();
+    }
     for node in &mut children {
-        // The terminal's Ctrl-C reached the nodes too; wait for their graceful stop.
         let _ = kms_tests::wait_for(node, std::time::Duration::from_secs(15)).map_or_else(|| node.kill(), |_| Ok(()));
     }
     println!("stopped; PostgreSQL is stopped and removed with this process, the nodes' logs stay under {}", dir.display());
