@@ -863,6 +863,26 @@ pub fn gdk(key: &str, context: &[(&str, &str)]) -> pb::GenerateDataKeyRequest {
     }
 }
 
+/// Encrypts `calls` one-byte plaintexts under `key`, one after the other; how many each key
+/// version took.
+pub async fn encrypt_counting_versions(mut data: CryptoClient<Channel>, key: String, calls: usize) -> HashMap<u32, u64> {
+    let mut per_version: HashMap<u32, u64> = HashMap::new();
+    for _ in 0..calls {
+        let r = data
+            .encrypt(pb::EncryptRequest {
+                key_id: key.clone(),
+                plaintext: b"x".to_vec(),
+                encryption_context: Default::default(),
+                caller_context: None,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        *per_version.entry(r.key_version).or_default() += 1;
+    }
+    per_version
+}
+
 /// Creates a key over gRPC, grants the development workload every operation on it, and
 /// returns its id.
 pub async fn create_key(admin: &mut Admin, alias: &str) -> String {

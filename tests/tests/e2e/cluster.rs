@@ -96,25 +96,7 @@ async fn the_usage_budget_holds_with_two_nodes_racing_at_the_limit() {
     let mut tasks = Vec::new();
     for node in [0, 1] {
         for _ in 0..8 {
-            let mut data = cluster.node(node).data().await;
-            let key = key.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut per_version: HashMap<u32, u64> = HashMap::new();
-                for _ in 0..100 {
-                    let r = data
-                        .encrypt(pb::EncryptRequest {
-                            key_id: key.clone(),
-                            plaintext: b"x".to_vec(),
-                            encryption_context: Default::default(),
-                            caller_context: None,
-                        })
-                        .await
-                        .unwrap()
-                        .into_inner();
-                    *per_version.entry(r.key_version).or_default() += 1;
-                }
-                per_version
-            }));
+            tasks.push(tokio::spawn(kms_tests::encrypt_counting_versions(cluster.node(node).data().await, key.clone(), 100)));
         }
     }
     let mut per_version: HashMap<u32, u64> = HashMap::new();

@@ -62,25 +62,7 @@ async fn the_usage_budget_rotates_at_the_threshold_and_never_passes_the_limit() 
     let key = create_key(&mut admin, "budget").await;
     let mut tasks = Vec::new();
     for _ in 0..16 {
-        let mut data = server.data().await;
-        let key = key.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut per_version: HashMap<u32, u64> = HashMap::new();
-            for _ in 0..100 {
-                let r = data
-                    .encrypt(pb::EncryptRequest {
-                        key_id: key.clone(),
-                        plaintext: b"x".to_vec(),
-                        encryption_context: Default::default(),
-                        caller_context: None,
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner();
-                *per_version.entry(r.key_version).or_default() += 1;
-            }
-            per_version
-        }));
+        tasks.push(tokio::spawn(kms_tests::encrypt_counting_versions(server.data().await, key.clone(), 100)));
     }
     let mut acknowledged: HashMap<u32, u64> = HashMap::new();
     for t in tasks {
