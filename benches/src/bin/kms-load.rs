@@ -37,7 +37,7 @@ struct Args {
     /// Concurrent clients (calls in flight, closed loop).
     #[arg(long, default_value_t = 16)]
     clients: usize,
-    /// HTTP/2 connections shared by the clients.
+    /// HTTP/2 connections shared by the clients (rounded up to a multiple of the endpoints).
     #[arg(long, default_value_t = 4)]
     channels: usize,
     /// Seconds to run (default 10); with `--requests`, the most seconds to run (default an hour).
@@ -324,7 +324,9 @@ async fn main() -> Result<()> {
     let tls = Tls::dev(&args.pki);
     let endpoints: Vec<&str> = args.data_endpoint.split(',').map(str::trim).filter(|e| !e.is_empty()).collect();
     let mut channels = Vec::new();
-    for i in 0..args.channels.max(1).max(endpoints.len()) {
+    // As many connections on each endpoint (so that no node takes a bigger share of the load).
+    let per_endpoint = args.channels.max(1).div_ceil(endpoints.len().max(1));
+    for i in 0..per_endpoint * endpoints.len().max(1) {
         // Connection i starts at endpoint i (modulo their number) and fails over to the next.
         let from_here = [&endpoints[i % endpoints.len().max(1)..], &endpoints[..i % endpoints.len().max(1)]].concat().join(",");
         channels.push(channel(&from_here, &tls).await.map_err(|e| anyhow::anyhow!("{e}"))?);

@@ -315,15 +315,16 @@ impl Kms {
     }
 
     /// Runs `f`; if it failed for want of a key, alias or principal this node does not know yet
-    /// (made on another node a moment ago), reloads the registry and runs it once more. Never
-    /// waits behind a change running on this node.
+    /// (made on another node a moment ago), reloads the registry (or waits for the reload
+    /// another call started) and runs it once more. Never waits behind a change running on
+    /// this node.
     fn with_fresh_registry<T>(&self, f: impl Fn() -> Result<T>) -> Result<T> {
+        let seen = self.registry.read().changes;
         let first = f();
         if matches!(first, Err(Error::NotFound { .. } | Error::PermissionDenied { .. } | Error::DecryptFailed))
             && self.store.is_shared()
-            && self.miss_checks.admit()
-            && let Ok(_local) = self.admin.try_lock()
-            && self.reload_if_changed().unwrap_or(false)
+            && (self.registry.read().changes != seen
+                || self.miss_checks.run_or_join(|| self.admin.try_lock().is_ok_and(|_local| self.reload_if_changed().unwrap_or(false))))
         {
             return f();
         }
@@ -568,22 +569,63 @@ fn decryption_version(entry: &KeyEntry, n: u32, operation: Operation) -> Result<
     Ok((version, usable_handle(key_id, version)?))
 }
 
-/// At most one store read in `MissChecks::EVERY` for calls that missed a key, alias or principal.
+/// The store reads of calls that missed a key, alias, grant or principal: one at a time, and at
+/// most one that finds nothing in `EVERY`. A call that misses while a read runs waits for that
+/// read and shares its result, so that a burst of calls on a key just made on another node all
+/// see it; a flood of refused calls becomes at most one read per `EVERY`, and none waits.
 #[derive(Debug, Default)]
-struct MissChecks(Mutex<Option<std::time::Instant>>);
+struct MissChecks {
+    state: Mutex<MissCheck>,
+    done: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct MissCheck {
+    /// When the last read that found nothing new started.
+    last_empty: Option<std::time::Instant>,
+    running: bool,
+    /// Reads finished so far, and whether the last one found (and loaded) a change.
+    rounds: u64,
+    last_found: bool,
+}
 
 impl MissChecks {
-    /// 50 ms: a key made on another node is usable here at once, or within this.
+    /// 50 ms: a refused call after a read that found nothing is refused without another read
+    /// within this (a key made on another node in that window waits for the next read).
     const EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
-    fn admit(&self) -> bool {
-        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+    /// Whether a change was loaded, by `read` run here or by the call already running it;
+    /// `false` without a read when the last one found nothing less than `EVERY` ago.
+    fn run_or_join(&self, read: impl FnOnce() -> bool) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.running {
+            let round = state.rounds;
+            let state = self.done.wait_while(state, |s| s.running && s.rounds == round).unwrap_or_else(|p| p.into_inner());
+            return state.rounds > round && state.last_found;
+        }
         let now = std::time::Instant::now();
-        if last.is_some_and(|at| now.duration_since(at) < Self::EVERY) {
+        if state.last_empty.is_some_and(|at| now.duration_since(at) < Self::EVERY) {
             return false;
         }
-        *last = Some(now);
-        true
+        state.running = true;
+        drop(state);
+        // Whatever `read` does (a panic included), the waiters are let go.
+        struct Finish<'a>(&'a MissChecks, std::time::Instant, bool);
+        impl Drop for Finish<'_> {
+            fn drop(&mut self) {
+                let mut state = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+                state.running = false;
+                state.rounds += 1;
+                state.last_found = self.2;
+                if !self.2 {
+                    state.last_empty = Some(self.1);
+                }
+                self.0.done.notify_all();
+            }
+        }
+        let mut finish = Finish(self, now, false);
+        finish.2 = read();
+        finish.2
     }
 }
 

@@ -163,8 +163,18 @@ async fn a_key_made_on_one_node_is_usable_at_once_on_another_and_sessions_work_o
     let cluster = Cluster::start(2, Options::default());
     // The officer logged in on node A; the same session works on node B.
     let key = create_key(&mut cluster.node(1).admin().await, "elsewhere").await;
-    let r = cluster.node(0).data().await.generate_data_key(gdk(&key, &[])).await;
-    assert!(r.is_ok(), "a key made on node B a moment ago, on node A: {r:?}");
+    // A burst of first uses on node A, all at once: every call sees the key (they share one
+    // read of the store; none is refused while another call reloads).
+    let data = cluster.node(0).data().await;
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let (mut data, key) = (data.clone(), key.clone());
+        burst.spawn(async move { data.generate_data_key(gdk(&key, &[])).await });
+    }
+    while let Some(r) = burst.join_next().await {
+        let r = r.unwrap();
+        assert!(r.is_ok(), "a key made on node B a moment ago, on node A: {r:?}");
+    }
     let listed = cluster.node(0).kmsctl(&["--json", "key", "list"]);
     assert!(String::from_utf8_lossy(&listed.stdout).contains(&key));
 }
