@@ -12,6 +12,7 @@
 //! * [`audit`]: audit records and their hash chain.
 //! * [`service`]: the operations, startup recovery and background work.
 //! * [`api`]: the gRPC boundary.
+//! * [`facade`]: the cloud providers' own APIs (AWS XKS), beside `api` over the same service.
 
 pub mod api;
 pub mod audit;
@@ -21,6 +22,7 @@ pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod facade;
 pub mod files;
 pub mod hooks;
 pub mod hsm;
