@@ -3,8 +3,10 @@
 //! each call authenticated (SigV4), authorised (the key store's allowed keys), audited in the
 //! same chain and refused as soon as an officer disables the key.
 //!
+//! * [`auth`]: SigV4 verification of each request.
 //! * [`framing`]: the ciphertext metadata (our key version), the AAD, the integrity value.
 //! * [`wire`]: the JSON requests, answers and errors.
 
+pub mod auth;
 pub mod framing;
 pub mod wire;
