@@ -32,6 +32,21 @@ pub struct Config {
     pub audit: AuditConfig,
     #[serde(default)]
     pub officers: OfficersConfig,
+    /// The AWS external key store proxy (XKS) listener; absent, there is none.
+    #[serde(default)]
+    pub xks: Option<XksConfig>,
+}
+
+/// The XKS listener: HTTPS only (TLS 1.2 and 1.3), with its own certificate, since AWS KMS
+/// checks it against public CAs (the planes' certificates come from the customer's CA).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XksConfig {
+    pub listen: SocketAddr,
+    /// The certificate chain AWS KMS sees (PEM).
+    pub cert_file: PathBuf,
+    /// Its private key (PEM, mode 0600 or stricter).
+    pub key_file: PathBuf,
 }
 
 /// Where the metadata and the audit trail live.

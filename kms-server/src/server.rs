@@ -125,6 +125,15 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     let (data_addr, admin_addr) = (data.local_addr()?, admin.local_addr()?);
     println!("data plane (kms.v1.Crypto) listening on {data_addr}");
     println!("admin plane (kms.v1.KeyManagement) listening on {admin_addr}");
+    let xks = match &config.xks {
+        Some(xks) => {
+            let tls = crate::tls::https_server(&xks.cert_file, &xks.key_file)?;
+            let listener = TcpListener::bind(xks.listen).await?;
+            println!("xks (AWS external key store proxy, HTTPS) listening on {}", listener.local_addr()?);
+            Some((listener, tls))
+        }
+        None => None,
+    };
     let metrics = match config.listen.metrics {
         Some(addr) => {
             let listener = TcpListener::bind(addr).await?;
@@ -155,6 +164,8 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     let prober =
         tokio::spawn(probe_loop(kms.clone(), health, Duration::from_secs(config.health.probe_interval_seconds), hsm_deadline, shutdown_rx.clone()));
 
+    let xks = xks
+        .map(|(listener, tls)| tokio::spawn(crate::facade::xks::listener::serve(listener, tls, shared.clone(), shutdown_rx.clone(), SHUTDOWN_GRACE)));
     let crypto = CryptoServer::new(CryptoService(shared.clone())).max_decoding_message_size(MAX_DATA_MESSAGE_BYTES);
     let keymgmt = KeyManagementServer::new(AdminService(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let audit = AuditLogServer::new(AuditService(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
@@ -192,6 +203,10 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
                 Err(_) => tracing::warn!(grace = ?SHUTDOWN_GRACE, "calls still in flight after the grace period; stopping without them"),
             }
         }
+    }
+    if let Some(xks) = xks {
+        // It returns within its own grace once told to stop.
+        let _ = xks.await;
     }
     sweeper.abort();
     auditor.abort();

@@ -81,6 +81,35 @@ impl ServerTls {
     }
 }
 
+/// A rustls server configuration for an HTTPS listener (the XKS facade): the certificate
+/// chain and private key from PEM files (the key readable by the service's user only), TLS 1.2
+/// and 1.3 with rustls' safe defaults, HTTP/2 and HTTP/1.1 offered by ALPN.
+pub fn https_server(cert_file: &Path, key_file: &Path) -> Result<rustls::ServerConfig, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let refuse = |path: &Path, reason: String| TlsError { path: path.to_path_buf(), reason };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|certs| certs.collect())
+        .map_err(|e| refuse(cert_file, format!("no usable PEM certificate chain: {e}")))?;
+    if chain.is_empty() {
+        return Err(refuse(cert_file, "no PEM certificate in the file".into()));
+    }
+    let mode = std::fs::metadata(key_file).map_err(|e| refuse(key_file, e.to_string()))?;
+    if mode.permissions().mode() & 0o077 != 0 {
+        return Err(refuse(key_file, "the private key is readable by others; chmod 600 it".into()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| refuse(key_file, format!("no usable PEM private key: {e}")))?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| refuse(cert_file, e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| refuse(key_file, format!("the key does not go with the certificate: {e}")))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 /// The workload identity in a client certificate (DER): its first URI SAN, else its subject CN.
 pub fn workload_identity(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;

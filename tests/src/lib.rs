@@ -226,6 +226,8 @@ pub struct Server {
     pub admin_addr: String,
     /// The Prometheus metrics listener.
     pub metrics_addr: String,
+    /// The XKS facade's HTTPS listener.
+    pub xks_addr: String,
     /// The bootstrap officer's TOTP secret (base32), from its enrolment URI.
     pub officer_totp: String,
     /// The bootstrap officer's session token.
@@ -273,6 +275,7 @@ impl Server {
             data_addr: String::new(),
             admin_addr: String::new(),
             metrics_addr: String::new(),
+            xks_addr: String::new(),
             officer_totp: String::new(),
             session: String::new(),
             database,
@@ -483,7 +486,8 @@ impl Server {
              [keys]\nrotation_threshold = {}\nencryption_limit = {}\nusage_reservation_block = {}\nsweep_interval_seconds = {}\n\
              [health]\nprobe_interval_seconds = 1\n\
              [audit]\ncheckpoint_every_records = {}\nretention_days = {}\n\
-             [limits]\nprincipal_calls_per_second = {:?}\nprincipal_burst = {:?}\n{}",
+             [limits]\nprincipal_calls_per_second = {:?}\nprincipal_burst = {:?}\n\
+             [xks]\nlisten = \"127.0.0.1:0\"\ncert_file = {:?}\nkey_file = {:?}\n{}",
             self.dir.path(),
             self.token.module,
             self.token.label,
@@ -500,6 +504,8 @@ impl Server {
             o.audit_retention_days,
             o.principal_calls_per_second,
             o.principal_burst,
+            pki.server_cert,
+            pki.server_key,
             self.database.as_ref().map_or_else(String::new, |db| format!(
                 "[store]\nbackend = \"postgres\"\nurl = {:?}\npassword_file = {:?}\n",
                 db.url, db.cluster.password_file
@@ -558,6 +564,8 @@ impl Server {
                 admin = Some(addr);
             } else if line.starts_with("metrics") {
                 metrics = Some(addr);
+            } else if line.starts_with("xks") {
+                self.xks_addr = addr;
             }
         }
         self.data_addr = data.unwrap_or_default();

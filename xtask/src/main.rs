@@ -136,6 +136,16 @@ fn ensure_postgres() -> Result<(), String> {
     apt_install("postgresql")
 }
 
+/// curl from the distribution's packages: the XKS facade's tests sign their requests with
+/// curl's own SigV4 (`--aws-sigv4`), a signer independent of the server's verifier.
+fn ensure_curl() -> Result<(), String> {
+    if on_path("curl") {
+        return Ok(());
+    }
+    eprintln!("xtask: installing curl from the distribution's packages");
+    apt_install("curl")
+}
+
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
@@ -196,6 +206,7 @@ fn test(args: &[String]) -> Result<(), String> {
     }
     ensure_softhsm()?;
     ensure_postgres()?;
+    ensure_curl()?;
     let python = ensure_python()?;
     // The end-to-end tests spawn kms-server-test-hooks, kms-server, kmsctl and token-inspect:
     // build them first. The hooked server alone gets the feature (`--bin`), so

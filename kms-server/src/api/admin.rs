@@ -10,7 +10,7 @@ use crate::domain::lifecycle::{DEFAULT_PENDING_DAYS, KeyState, KeyTransition, MA
 use crate::domain::officer::{Passphrase, Role};
 use crate::domain::policy::{Grant, Operation, PrincipalState, valid_principal};
 use crate::error::Error;
-use crate::service::{KeyView, VersionView};
+use crate::service::{KeyView, Kms, VersionView};
 use crate::store::PrincipalRecord;
 
 /// The admin plane's gRPC service.
@@ -116,6 +116,30 @@ fn operation(field: &'static str, name: &str) -> Result<Operation, Error> {
 
 fn principal(p: PrincipalRecord) -> pb::Principal {
     pb::Principal { name: p.name, state: p.state.as_str().to_string(), creation_time: p.created_at }
+}
+
+fn xks_key_store(directory: &crate::service::xks::Directory, s: &crate::store::XksKeyStoreRecord) -> pb::XksKeyStore {
+    pb::XksKeyStore {
+        name: s.name.clone(),
+        uri_prefix: s.uri_prefix.clone(),
+        region: s.region.clone(),
+        creation_time: s.created_at,
+        credentials: directory
+            .credentials_of(&s.name)
+            .into_iter()
+            .map(|c| pb::XksCredential { access_key_id: c.access_key_id.clone(), creation_time: c.created_at })
+            .collect(),
+    }
+}
+
+/// The answer that shows a credential's secret, the one time it is shown.
+fn xks_credential(kms: &Kms, key_store: &str, new: crate::service::xks::NewCredential) -> pb::XksCredentialResponse {
+    let directory = kms.xks_directory();
+    pb::XksCredentialResponse {
+        key_store: directory.stores().find(|s| s.name == key_store).map(|s| xks_key_store(&directory, s)),
+        access_key_id: new.access_key_id,
+        secret_access_key: new.secret.expose_secret().to_string(),
+    }
 }
 
 fn grant(g: Grant) -> pb::Grant {
@@ -382,6 +406,54 @@ impl KeyManagement for AdminService {
             .call("CreatePrincipal", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let name = principal_name("name", &r.name)?;
                 Ok(pb::PrincipalResponse { principal: Some(principal(kms.create_principal(caller, name)?)) })
+            })
+            .await
+    }
+
+    async fn create_xks_key_store(&self, request: Request<pb::CreateXksKeyStoreRequest>) -> Result<Response<pb::XksCredentialResponse>, Status> {
+        let who = officer(&request, Role::Officer);
+        let r = request.into_inner();
+        self.0
+            .call("CreateXksKeyStore", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                let (_, new) = kms.create_xks_key_store(caller, &r.name, &r.uri_prefix, &r.region)?;
+                Ok(xks_credential(kms, &r.name, new))
+            })
+            .await
+    }
+
+    async fn list_xks_key_stores(&self, request: Request<pb::ListXksKeyStoresRequest>) -> Result<Response<pb::ListXksKeyStoresResponse>, Status> {
+        let who = officer(&request, Role::Auditor);
+        self.0
+            .call("ListXksKeyStores", who, Audit::EveryOutcome, move |kms, _, _| {
+                let directory = kms.xks_directory();
+                Ok(pb::ListXksKeyStoresResponse { key_stores: directory.stores().map(|s| xks_key_store(&directory, s)).collect() })
+            })
+            .await
+    }
+
+    async fn add_xks_credential(&self, request: Request<pb::AddXksCredentialRequest>) -> Result<Response<pb::XksCredentialResponse>, Status> {
+        let who = officer(&request, Role::Officer);
+        let r = request.into_inner();
+        self.0
+            .call("AddXksCredential", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                let new = kms.add_xks_credential(caller, &r.key_store)?;
+                Ok(xks_credential(kms, &r.key_store, new))
+            })
+            .await
+    }
+
+    async fn remove_xks_credential(
+        &self,
+        request: Request<pb::RemoveXksCredentialRequest>,
+    ) -> Result<Response<pb::RemoveXksCredentialResponse>, Status> {
+        let who = officer(&request, Role::Officer);
+        let r = request.into_inner();
+        self.0
+            .call("RemoveXksCredential", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                let removed = kms.remove_xks_credential(caller, &r.access_key_id)?;
+                let directory = kms.xks_directory();
+                let key_store = directory.stores().find(|s| s.name == removed.key_store).map(|s| xks_key_store(&directory, s));
+                Ok(pb::RemoveXksCredentialResponse { key_store })
             })
             .await
     }

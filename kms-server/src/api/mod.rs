@@ -192,7 +192,7 @@ impl Shared {
     /// for the admin plane on tokio's blocking pool; then its audit record, durable before the
     /// answer leaves (group commit). If the record cannot be written the call fails closed with
     /// UNAVAILABLE, whatever its result was; a result holding a secret is dropped, and so wiped.
-    async fn call<T: Default + Send + 'static>(
+    pub(crate) async fn call<T: Default + Send + 'static>(
         &self,
         operation: &'static str,
         who: Who,
@@ -211,10 +211,11 @@ impl Shared {
         let (claimed, wait) = match &who {
             _ if LONG_RUNNING.contains(&operation) => (None, None),
             Who::Workload(name) => (name.clone(), Some(self.deadline)),
+            Who::Facade(who) => (who.as_ref().ok().cloned(), Some(self.deadline)),
             _ => (None, Some(self.deadline + ADMIN_DEADLINE_GRACE)),
         };
         let deadline = wait.map(|_| (started + self.deadline, self.deadline));
-        let data_plane = matches!(who, Who::Workload(_));
+        let data_plane = matches!(who, Who::Workload(_) | Who::Facade(_));
         let dry_run = match who {
             Who::Officer { dry_run, .. } => dry_run,
             _ => DryRun::No,
@@ -223,8 +224,12 @@ impl Shared {
             let _entered = span.enter();
             let mut facts = Facts::default();
             let principal = match who {
-                Who::Workload(Some(name)) => Ok(name),
                 Who::Workload(None) => Err(Error::Unauthenticated { reason: "the client certificate names no workload (URI SAN or CN)".into() }),
+                Who::Workload(Some(name)) if name.starts_with(crate::service::xks::PRINCIPAL_PREFIX) => Err(Error::Unauthenticated {
+                    reason: format!("{name}: names starting {} are AWS external key stores', not workloads'", crate::service::xks::PRINCIPAL_PREFIX),
+                }),
+                Who::Facade(who) => who.map_err(|reason| Error::Unauthenticated { reason }),
+                Who::Workload(Some(name)) => Ok(name),
                 Who::Officer { token, needs, .. } => kms.officers().authenticate(token.as_ref(), needs),
                 Who::Anonymous => Ok("anonymous".to_string()),
             };
@@ -471,6 +476,9 @@ pub enum Who {
     Officer { token: Option<SessionToken>, needs: Role, dry_run: DryRun },
     /// Login itself, the one call made before there is a session.
     Anonymous,
+    /// A facade's caller (a cloud provider's service), as the facade authenticated it: its
+    /// principal, or why it was refused. Served like the data plane.
+    Facade(Result<String, String>),
 }
 
 /// The workload identity the data plane's mutual TLS proved: the client certificate's URI SAN

@@ -449,6 +449,12 @@ impl Kms {
     }
 
     pub fn create_principal(&self, caller: &Caller, name: &str) -> Result<PrincipalRecord> {
+        if name.starts_with(super::xks::PRINCIPAL_PREFIX) {
+            return Err(Error::invalid(
+                "name",
+                format!("{name}: names starting {} are AWS external key stores' (CreateXksKeyStore)", super::xks::PRINCIPAL_PREFIX),
+            ));
+        }
         let _admin = self.admin_lock()?;
         let mut state = self.registry.write();
         if state.principals.contains_key(name) {

@@ -13,6 +13,7 @@ mod recovery;
 pub mod registry;
 pub mod review;
 pub mod status;
+pub mod xks;
 
 use std::sync::{Arc, Mutex};
 
@@ -92,6 +93,14 @@ pub struct Encrypted {
     pub key_id: KeyId,
     pub key_version: u32,
     pub blob: Vec<u8>,
+}
+
+/// What the HSM made of one encryption: the version used, the IV, the ciphertext with its tag.
+#[derive(Debug)]
+pub struct Sealed {
+    pub version: u32,
+    pub iv: Iv,
+    pub ciphertext: Vec<u8>,
 }
 
 /// The longest data key GenerateDataKey makes (AES-256).
@@ -419,21 +428,33 @@ impl Kms {
         if plaintext.len() > MAX_PLAINTEXT {
             return Err(Error::invalid("plaintext", format!("is {} bytes; at most {MAX_PLAINTEXT} are allowed", plaintext.len())));
         }
+        let key_id = proof.key_id();
+        let sealed = self.encrypt_primary(proof, plaintext, iv, &|version, iv| BlobHeader { key_id, version, iv: *iv }.aad(context))?;
+        let header = BlobHeader { key_id, version: sealed.version, iv: sealed.iv };
+        Ok(Encrypted { key_id, key_version: sealed.version, blob: Blob::encode(&header, &sealed.ciphertext) })
+    }
+
+    /// Encrypts `plaintext` in the HSM under the primary version of the key `proof` names,
+    /// counting the use against the version's budget (and rotating first if the primary is
+    /// spent), under `iv` or a fresh one and the AAD `aad` makes for the version and IV used.
+    /// Every encryption under a customer key goes through here: the gRPC blobs and the
+    /// facades' own formats.
+    fn encrypt_primary(&self, proof: &Authorized, plaintext: &[u8], iv: Option<Iv>, aad: &dyn Fn(u32, &Iv) -> Vec<u8>) -> Result<Sealed> {
         let key = KeyRef::Id(proof.key_id());
         let entry = self.registry.entry(&key)?;
-        match self.encrypt_with(&entry, plaintext, context, iv) {
+        match self.encrypt_with(&entry, plaintext, iv, aad) {
             Err(Error::UsageExhausted { key_id, version }) => {
                 // The primary is spent: rotate now (if nobody did yet) and try once more. The IV
                 // was not used: the budget is checked before anything is encrypted.
                 self.rotate_exhausted(key_id, version)?;
                 let entry = self.registry.entry(&key)?;
-                self.encrypt_with(&entry, plaintext, context, iv)
+                self.encrypt_with(&entry, plaintext, iv, aad)
             }
             other => other,
         }
     }
 
-    fn encrypt_with(&self, entry: &KeyEntry, plaintext: &[u8], context: &EncryptionContext, iv: Option<Iv>) -> Result<Encrypted> {
+    fn encrypt_with(&self, entry: &KeyEntry, plaintext: &[u8], iv: Option<Iv>, aad: &dyn Fn(u32, &Iv) -> Vec<u8>) -> Result<Sealed> {
         let key_id = entry.record.key_id;
         let (version, handle) = encryption_version(entry)?;
         let limits = &self.settings.limits;
@@ -458,9 +479,8 @@ impl Kms {
                 iv
             }
         };
-        let header = BlobHeader { key_id, version: version.record.version, iv };
-        let ciphertext = self.hsm.encrypt(handle, &header.iv, &header.aad(context), plaintext)?;
-        Ok(Encrypted { key_id, key_version: version.record.version, blob: Blob::encode(&header, &ciphertext) })
+        let ciphertext = self.hsm.encrypt(handle, &iv, &aad(version.record.version, &iv), plaintext)?;
+        Ok(Sealed { version: version.record.version, iv, ciphertext })
     }
 
     /// Decrypts a blob with exactly the version it names, if `caller` holds a Decrypt grant on

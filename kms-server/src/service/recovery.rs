@@ -115,8 +115,10 @@ impl Kms {
     /// or its key compromised, on another node) has this process's session copies destroyed.
     /// The caller holds the local admin lock.
     pub(super) fn reload_registry(&self, objects: Option<HashMap<ObjectName, KeyHandle>>) -> Result<()> {
-        let (keys, versions, aliases, principals, grants, marks) =
-            self.store.read(|tx| Ok((tx.keys()?, tx.versions()?, tx.aliases()?, tx.principals()?, tx.grants()?, tx.marks()?)))?;
+        let (keys, versions, aliases, principals, grants, marks, xks_stores, xks_credentials) = self.store.read(|tx| {
+            Ok((tx.keys()?, tx.versions()?, tx.aliases()?, tx.principals()?, tx.grants()?, tx.marks()?, tx.xks_key_stores()?, tx.xks_credentials()?))
+        })?;
+        let xks = self.xks_directory_of(&self.registry.read().xks, xks_stores, xks_credentials)?;
         let old = self.registry.read().keys.clone();
         let known = |key_id, version| old.get(&key_id).and_then(|e| e.versions.get(&version).cloned());
         let compromised: std::collections::HashSet<_> = keys.iter().filter(|k| k.compromised).map(|k| k.key_id).collect();
@@ -153,6 +155,7 @@ impl Kms {
             keys: std::mem::take(&mut state.keys),
             revocation_epoch: marks.epoch,
             changes: marks.changes,
+            xks: std::sync::Arc::new(xks),
             ..Default::default()
         };
         for a in aliases {

@@ -108,6 +108,8 @@ pub struct State {
     /// The store's count of changes this state reflects: when the store's is higher, another
     /// node changed something, and the registry is reloaded (`Kms::reload_registry`).
     pub changes: u64,
+    /// AWS external key stores and their credentials (`service::xks`).
+    pub xks: Arc<super::xks::Directory>,
 }
 
 impl State {

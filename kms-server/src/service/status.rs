@@ -139,7 +139,26 @@ impl ServiceStatus {
     }
 }
 
+/// The HSM's health from the last probe (a canary encryption) and the last failed HSM calls.
+fn health_of(probe: &Probe, hsm_failures: &[FailedCall], at: i64) -> Health {
+    match (&probe.error, hsm_failures.first()) {
+        (Some(_), _) => Health::Unavailable,
+        (None, Some(last)) if at - last.at < DEGRADED_FOR_SECONDS => Health::Degraded,
+        _ => Health::Active,
+    }
+}
+
 impl Kms {
+    /// The HSM's health as `status` reports it, without the rest of the status.
+    pub fn hsm_health(&self) -> Health {
+        health_of(&self.last_probe.get(), &self.hsm.recent_failures(), now())
+    }
+
+    /// The HSM token's label, maker, model and serial number, if it answers.
+    pub fn hsm_token(&self) -> Option<TokenInfo> {
+        self.hsm.token_info().ok()
+    }
+
     pub fn status(&self) -> Result<ServiceStatus> {
         let at = now();
         let probe = self.last_probe.get();
@@ -170,11 +189,7 @@ impl Kms {
         let (last_signoff, review_overdue) = self.review_signoff()?;
 
         let hsm_failures = self.hsm.recent_failures();
-        let health = match (&probe.error, hsm_failures.first()) {
-            (Some(_), _) => Health::Unavailable,
-            (None, Some(last)) if at - last.at < DEGRADED_FOR_SECONDS => Health::Degraded,
-            _ => Health::Active,
-        };
+        let health = health_of(&probe, &hsm_failures, at);
         let mut warnings = Vec::new();
         if let Some(e) = &probe.error {
             warnings.push(format!("the HSM is unavailable: {e}"));

@@ -30,6 +30,8 @@ const TABLES: &[(&str, &str, &str)] = &[
     ("sessions", "token_hash, officer, created_at, expires_at", "token_hash"),
     ("review_signoffs", "id, officer, time, note", "id"),
     ("revocation", "epoch, changes", "epoch"),
+    ("xks_key_stores", "name, uri_prefix, region, created_at", "name"),
+    ("xks_credentials", "access_key_id, key_store, sealed_secret, created_at", "access_key_id"),
 ];
 
 /// The audit trail's columns, copied a page at a time (it is the one table that grows large).

@@ -161,6 +161,36 @@ pub struct PrincipalRecord {
     pub created_at: i64,
 }
 
+/// An AWS external key store (the XKS facade): where AWS KMS reaches it (the URI path prefix
+/// before `/kms/xks/v1`) and the region AWS signs for. Its principal, `xks:NAME`, holds its
+/// grants: which keys it may use, for what, under which request metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XksKeyStoreRecord {
+    pub name: String,
+    pub uri_prefix: String,
+    pub region: String,
+    pub created_at: i64,
+}
+
+/// One of a key store's SigV4 credentials; the secret sealed in the HSM (`Debug` leaves it out).
+#[derive(Clone, PartialEq, Eq)]
+pub struct XksCredentialRecord {
+    pub access_key_id: String,
+    pub key_store: String,
+    pub sealed_secret: Vec<u8>,
+    pub created_at: i64,
+}
+
+impl std::fmt::Debug for XksCredentialRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XksCredentialRecord")
+            .field("access_key_id", &self.access_key_id)
+            .field("key_store", &self.key_store)
+            .field("created_at", &self.created_at)
+            .finish_non_exhaustive()
+    }
+}
+
 /// An officer's row. The passphrase hash and sealed TOTP secret are not secrets in clear, but
 /// are still left out of `Debug`.
 #[derive(Clone, PartialEq, Eq)]
@@ -606,6 +636,43 @@ impl Tx<'_> {
                     created_at: r.int(2)?,
                 })
             })
+            .collect()
+    }
+
+    // ----- external key stores (XKS) -----
+
+    /// Inserts a key store; `Ok(false)` if its name or URI prefix is taken.
+    pub fn insert_xks_key_store(&self, k: &XksKeyStoreRecord) -> Result<bool> {
+        let n = self.0.execute(
+            "INSERT INTO xks_key_stores (name, uri_prefix, region, created_at) VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+            &[k.name.as_str().into(), k.uri_prefix.as_str().into(), k.region.as_str().into(), k.created_at.into()],
+        )?;
+        Ok(n == 1)
+    }
+
+    pub fn xks_key_stores(&self) -> Result<Vec<XksKeyStoreRecord>> {
+        let rows = self.0.query("SELECT name, uri_prefix, region, created_at FROM xks_key_stores ORDER BY name", &[])?;
+        rows.iter().map(|r| Ok(XksKeyStoreRecord { name: r.text(0)?, uri_prefix: r.text(1)?, region: r.text(2)?, created_at: r.int(3)? })).collect()
+    }
+
+    pub fn insert_xks_credential(&self, c: &XksCredentialRecord) -> Result<()> {
+        self.0.execute(
+            "INSERT INTO xks_credentials (access_key_id, key_store, sealed_secret, created_at) VALUES (?1, ?2, ?3, ?4)",
+            &[c.access_key_id.as_str().into(), c.key_store.as_str().into(), c.sealed_secret.as_slice().into(), c.created_at.into()],
+        )?;
+        Ok(())
+    }
+
+    /// Deletes a credential; `Ok(false)` if there was none by that id.
+    pub fn delete_xks_credential(&self, access_key_id: &str) -> Result<bool> {
+        Ok(self.0.execute("DELETE FROM xks_credentials WHERE access_key_id = ?1", &[access_key_id.into()])? == 1)
+    }
+
+    pub fn xks_credentials(&self) -> Result<Vec<XksCredentialRecord>> {
+        let rows =
+            self.0.query("SELECT access_key_id, key_store, sealed_secret, created_at FROM xks_credentials ORDER BY key_store, created_at", &[])?;
+        rows.iter()
+            .map(|r| Ok(XksCredentialRecord { access_key_id: r.text(0)?, key_store: r.text(1)?, sealed_secret: r.blob(2)?, created_at: r.int(3)? }))
             .collect()
     }
 

@@ -118,6 +118,20 @@ const MIGRATIONS: &[&str] = &[
     // 8: a count of every change to keys, versions, aliases, principals and grants, which each
     // node watches to reload its registry (several nodes over PostgreSQL).
     "ALTER TABLE revocation ADD COLUMN changes INTEGER NOT NULL DEFAULT 0;",
+    // 9: AWS external key stores (the XKS facade) and their SigV4 credentials, the secrets
+    // sealed in the HSM.
+    "CREATE TABLE xks_key_stores (
+        name       TEXT PRIMARY KEY,
+        uri_prefix TEXT NOT NULL UNIQUE,
+        region     TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE xks_credentials (
+        access_key_id TEXT PRIMARY KEY,
+        key_store     TEXT NOT NULL REFERENCES xks_key_stores (name),
+        sealed_secret BLOB NOT NULL,
+        created_at    INTEGER NOT NULL
+    );",
 ];
 
 pub fn migrate_sqlite(conn: &mut Connection) -> Result<(), StoreError> {
@@ -237,6 +251,19 @@ const POSTGRES: &[&str] = &[
     INSERT INTO revocation (epoch) VALUES (1);",
     // 2: SQLite's 8.
     "ALTER TABLE revocation ADD COLUMN changes BIGINT NOT NULL DEFAULT 0;",
+    // 3: SQLite's 9.
+    "CREATE TABLE xks_key_stores (
+        name       TEXT PRIMARY KEY,
+        uri_prefix TEXT NOT NULL UNIQUE,
+        region     TEXT NOT NULL,
+        created_at BIGINT NOT NULL
+    );
+    CREATE TABLE xks_credentials (
+        access_key_id TEXT PRIMARY KEY,
+        key_store     TEXT NOT NULL REFERENCES xks_key_stores (name),
+        sealed_secret BYTEA NOT NULL,
+        created_at    BIGINT NOT NULL
+    );",
 ];
 
 /// The advisory lock held while the schema migrates: nodes starting together migrate once.

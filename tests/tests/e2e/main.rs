@@ -41,3 +41,4 @@ mod status;
 mod storage;
 mod tamper;
 mod usage;
+mod xks;

@@ -33,6 +33,7 @@ const AUDITOR_MAY: &[&str] = &[
     "ListKeyVersions",
     "ListAliases",
     "ListPrincipals",
+    "ListXksKeyStores",
     "ListGrants",
     "ExplainAccess",
     "ListOfficers",

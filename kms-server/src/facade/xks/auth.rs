@@ -1,14 +1,12 @@
-//! SigV4 authentication of XKS requests (spec, "Authentication"): the signature must be by one of
-//! the key store's access keys, for the service `kms-xks-proxy` and the key store's region, over
-//! at least `host` and `x-amz-date`, made within five minutes of now. The verification itself
-//! (canonical request, signing key chain, constant-time comparison) is
-//! `scratchstack-aws-signature`'s.
+//! SigV4 authentication of XKS requests (spec, "Authentication"; AWS's "Signature Version 4
+//! signing process"): the signature must be by one of the key store's access keys, for the
+//! service `kms-xks-proxy` and the key store's region, over at least `host` and `x-amz-date`,
+//! made within five minutes of now. HMAC-SHA256 and the constant-time check are the `hmac`
+//! crate's; this module builds the canonical request and the string to sign.
 
 use chrono::{DateTime, NaiveDateTime, Utc};
-use scratchstack_aws_signature::{
-    GetSigningKeyRequest, GetSigningKeyResponse, KSecretKey, NO_ADDITIONAL_SIGNED_HEADERS, SignatureOptions, service_for_signing_key_fn,
-    sigv4_validate_request,
-};
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
 
 use super::wire::{ErrorName, XksError};
 use crate::secret::SecretText;
@@ -19,68 +17,151 @@ pub const SERVICE: &str = "kms-xks-proxy";
 /// How far a request's `x-amz-date` may be from now (the spec: five minutes, either way).
 pub const MAX_SKEW: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 
+const ALGORITHM: &str = "AWS4-HMAC-SHA256";
+
 fn refused(why: impl AsRef<str>) -> XksError {
     XksError::new(ErrorName::AuthenticationFailed, why)
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hmac(key: &[u8], data: &[u8]) -> Result<Hmac<Sha256>, XksError> {
+    // HMAC takes keys of any length: this cannot fail.
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).map_err(|_| XksError::new(ErrorName::Internal, "HMAC refused its key"))?;
+    mac.update(data);
+    Ok(mac)
+}
+
+/// SigV4's URI encoding: every byte but the unreserved characters, as `%XX` in upper case.
+fn uri_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The parts of an `Authorization: AWS4-HMAC-SHA256 Credential=..., SignedHeaders=...,
+/// Signature=...` header.
+struct Authorization<'a> {
+    access_key_id: &'a str,
+    day: &'a str,
+    region: &'a str,
+    service: &'a str,
+    signed_headers: &'a str,
+    signature: &'a str,
+}
+
+fn parse_authorization(value: &str) -> Option<Authorization<'_>> {
+    let rest = value.strip_prefix(ALGORITHM)?.trim_start();
+    let (mut credential, mut signed_headers, mut signature) = (None, None, None);
+    for part in rest.split(',') {
+        let (name, v) = part.trim().split_once('=')?;
+        match name {
+            "Credential" => credential = Some(v),
+            "SignedHeaders" => signed_headers = Some(v),
+            "Signature" => signature = Some(v),
+            _ => return None,
+        }
+    }
+    let scope: Vec<&str> = credential?.split('/').collect();
+    let [access_key_id, day, region, service, "aws4_request"] = scope.as_slice() else { return None };
+    Some(Authorization { access_key_id, day, region, service, signed_headers: signed_headers?, signature: signature? })
+}
+
+/// The canonical request (SigV4's first step) of `request` with `body`, over `signed_headers`.
+fn canonical_request(request: &http::request::Parts, body: &[u8], signed_headers: &str) -> Result<String, XksError> {
+    let path = request.uri.path();
+    // Each segment encoded once more (non-S3 services: the path as sent is encoded again).
+    let uri = if path.is_empty() { "/".to_string() } else { path.split('/').map(uri_encode).collect::<Vec<_>>().join("/") };
+    let mut query: Vec<(String, String)> = request
+        .uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (uri_encode(k), uri_encode(v))
+        })
+        .collect();
+    query.sort();
+    let query = query.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&");
+    let mut headers = String::new();
+    for name in signed_headers.split(';') {
+        let values: Vec<String> = match (name, request.headers.get_all(name).iter().count()) {
+            // HTTP/2 carries the host in the URI's authority (`:authority`), which SigV4 signs as `host`.
+            ("host", 0) => request.uri.authority().map(|a| vec![a.as_str().to_string()]).unwrap_or_default(),
+            _ => request
+                .headers
+                .get_all(name)
+                .iter()
+                .map(|v| v.to_str().map(|v| v.split_whitespace().collect::<Vec<_>>().join(" ")))
+                .collect::<Result<_, _>>()
+                .map_err(|_| refused(format!("the signed header {name} is not text")))?,
+        };
+        if values.is_empty() {
+            return Err(refused(format!("the signed header {name} is not in the request")));
+        }
+        headers.push_str(&format!("{name}:{}\n", values.join(",")));
+    }
+    Ok(format!("{}\n{uri}\n{query}\n{headers}\n{signed_headers}\n{}", request.method, hex(&Sha256::digest(body))))
+}
+
 /// Verifies `request`'s signature (its body is `body`) against the secrets `secret_of` gives for
 /// access key ids, in `region`, at `now`. Returns the access key id that signed it.
-pub async fn authenticate(
+pub fn authenticate(
     request: &http::request::Parts,
     body: &[u8],
     region: &str,
-    secret_of: impl Fn(&str) -> Option<SecretText> + Send + 'static,
+    secret_of: impl Fn(&str) -> Option<SecretText>,
     now: DateTime<Utc>,
 ) -> Result<String, XksError> {
-    let date = request
-        .headers
-        .get("x-amz-date")
-        .ok_or_else(|| refused("the request has no X-Amz-Date header"))?
-        .to_str()
-        .ok()
-        .and_then(|d| NaiveDateTime::parse_from_str(d, "%Y%m%dT%H%M%SZ").ok())
-        .ok_or_else(|| refused("X-Amz-Date is not YYYYMMDDTHHMMSSZ"))?
-        .and_utc();
+    let header = |name: &str| request.headers.get(name).and_then(|v| v.to_str().ok());
+    let auth = header("authorization").ok_or_else(|| refused("the request has no Authorization header"))?;
+    let auth = parse_authorization(auth)
+        .ok_or_else(|| refused(format!("the Authorization header is not {ALGORITHM} Credential=..., SignedHeaders=..., Signature=...")))?;
+    let stamp = header("x-amz-date").ok_or_else(|| refused("the request has no X-Amz-Date header"))?;
+    let date = NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%SZ").map_err(|_| refused("X-Amz-Date is not YYYYMMDDTHHMMSSZ"))?.and_utc();
     if (now - date).abs() > MAX_SKEW {
         return Err(refused(format!("X-Amz-Date is more than {} minutes from the proxy's clock", MAX_SKEW.num_minutes())));
     }
-    let mut rebuilt = http::Request::builder().method(request.method.clone()).uri(request.uri.clone()).version(request.version);
-    for (name, value) in &request.headers {
-        rebuilt = rebuilt.header(name, value);
+    if !stamp.starts_with(auth.day) || auth.day.len() != 8 {
+        return Err(refused("the credential's date is not X-Amz-Date's"));
     }
-    // HTTP/2 carries the host in the URI's authority (`:authority`), which SigV4 signs as `host`.
-    if !request.headers.contains_key(http::header::HOST)
-        && let Some(authority) = request.uri.authority()
-    {
-        rebuilt = rebuilt.header(http::header::HOST, authority.as_str());
+    if auth.region != region {
+        return Err(refused(format!("signed for region {}, where this key store's is {region}", auth.region)));
     }
-    let rebuilt = rebuilt.body(body.to_vec()).map_err(|_| refused("the request cannot be canonicalised"))?;
-    let signed_by = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
-    let mut keys = {
-        let signed_by = signed_by.clone();
-        // Bound first: passed straight to `service_for_signing_key_fn` (an `FnOnce` bound), the
-        // closure would be taken for `FnOnce` only, and a service must be callable again.
-        let lookup = move |asked: GetSigningKeyRequest| {
-            let found = secret_of(asked.access_key());
-            let signer = signed_by.clone();
-            async move {
-                let secret: KSecretKey = found.ok_or("unknown access key")?.expose_secret().parse().map_err(|_| "unusable secret")?;
-                *signer.lock().unwrap_or_else(|p| p.into_inner()) = Some(asked.access_key().to_string());
-                let key = secret.to_ksigning(asked.request_date(), asked.region(), asked.service());
-                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(GetSigningKeyResponse::builder().signing_key(key).build()?)
-            }
-        };
-        service_for_signing_key_fn(lookup)
+    if auth.service != SERVICE {
+        return Err(refused(format!("signed for service {}, not {SERVICE}", auth.service)));
+    }
+    let signed: Vec<&str> = auth.signed_headers.split(';').collect();
+    if !signed.contains(&"host") || !signed.contains(&"x-amz-date") {
+        return Err(refused("SignedHeaders must include host and x-amz-date"));
+    }
+    let Some(secret) = secret_of(auth.access_key_id) else {
+        return Err(refused(format!("access key {} is not one of this key store's", auth.access_key_id)));
     };
-    sigv4_validate_request(rebuilt, region, SERVICE, &mut keys, now, &NO_ADDITIONAL_SIGNED_HEADERS, SignatureOptions::default()).await.map_err(
-        |e| {
-            // The crate's message says which check failed (scope, date, signature), never a secret.
-            tracing::debug!(error = %e, "SigV4 refused");
-            refused(format!("the request's signature was refused: {e}"))
-        },
-    )?;
-    let signed_by = signed_by.lock().unwrap_or_else(|p| p.into_inner()).take();
-    signed_by.ok_or_else(|| refused("no access key signed the request"))
+    let scope = format!("{}/{region}/{SERVICE}/aws4_request", auth.day);
+    let canonical = canonical_request(request, body, auth.signed_headers)?;
+    let to_sign = format!("{ALGORITHM}\n{stamp}\n{scope}\n{}", hex(&Sha256::digest(canonical.as_bytes())));
+    let prefixed = zeroize::Zeroizing::new(format!("AWS4{}", secret.expose_secret()));
+    let mut key = hmac(prefixed.as_bytes(), auth.day.as_bytes())?.finalize().into_bytes();
+    for part in [region, SERVICE, "aws4_request"] {
+        key = hmac(&key, part.as_bytes())?.finalize().into_bytes();
+    }
+    let signature = (auth.signature.len() == 64)
+        .then(|| (0..32).map(|i| u8::from_str_radix(&auth.signature[2 * i..2 * i + 2], 16).ok()).collect::<Option<Vec<u8>>>())
+        .flatten()
+        .ok_or_else(|| refused("the signature is not 64 hexadecimal digits"))?;
+    hmac(&key, to_sign.as_bytes())?.verify_slice(&signature).map_err(|_| refused("the signature does not match the request"))?;
+    Ok(auth.access_key_id.to_string())
 }
 
 #[cfg(test)]
@@ -142,26 +223,26 @@ mod tests {
         NaiveDateTime::parse_from_str(s, "%Y%m%dT%H%M%SZ").unwrap().and_utc()
     }
 
-    #[tokio::test]
-    async fn a_request_signed_with_the_key_stores_secret_is_let_in_and_nothing_else() {
+    #[test]
+    fn a_request_signed_with_the_key_stores_secret_is_let_in_and_nothing_else() {
         let body = br#"{"requestMetadata":{}}"#;
         let date = "20261207T101500Z";
         let ok = signed(date, "eu-west-3", SERVICE, body, SECRET);
-        assert_eq!(authenticate(&ok, body, "eu-west-3", secrets, at(date)).await.unwrap(), ACCESS_KEY);
+        assert_eq!(authenticate(&ok, body, "eu-west-3", secrets, at(date)).unwrap(), ACCESS_KEY);
         // Four minutes off either way: still in.
-        assert!(authenticate(&ok, body, "eu-west-3", secrets, at("20261207T101900Z")).await.is_ok());
-        assert!(authenticate(&ok, body, "eu-west-3", secrets, at("20261207T101100Z")).await.is_ok());
+        assert!(authenticate(&ok, body, "eu-west-3", secrets, at("20261207T101900Z")).is_ok());
+        assert!(authenticate(&ok, body, "eu-west-3", secrets, at("20261207T101100Z")).is_ok());
 
         let refused = [
-            ("a changed body", authenticate(&ok, br#"{"requestMetadata":{ }}"#, "eu-west-3", secrets, at(date)).await),
-            ("another region", authenticate(&ok, body, "us-east-1", secrets, at(date)).await),
-            ("six minutes late", authenticate(&ok, body, "eu-west-3", secrets, at("20261207T102100Z")).await),
-            ("six minutes early", authenticate(&ok, body, "eu-west-3", secrets, at("20261207T100900Z")).await),
-            ("an unknown access key", authenticate(&ok, body, "eu-west-3", |_: &str| None, at(date)).await),
-            ("another service", authenticate(&signed(date, "eu-west-3", "kms", body, SECRET), body, "eu-west-3", secrets, at(date)).await),
+            ("a changed body", authenticate(&ok, br#"{"requestMetadata":{ }}"#, "eu-west-3", secrets, at(date))),
+            ("another region", authenticate(&ok, body, "us-east-1", secrets, at(date))),
+            ("six minutes late", authenticate(&ok, body, "eu-west-3", secrets, at("20261207T102100Z"))),
+            ("six minutes early", authenticate(&ok, body, "eu-west-3", secrets, at("20261207T100900Z"))),
+            ("an unknown access key", authenticate(&ok, body, "eu-west-3", |_: &str| None, at(date))),
+            ("another service", authenticate(&signed(date, "eu-west-3", "kms", body, SECRET), body, "eu-west-3", secrets, at(date))),
             (
                 "another secret",
-                authenticate(&signed(date, "eu-west-3", SERVICE, body, "x".repeat(40).as_str()), body, "eu-west-3", secrets, at(date)).await,
+                authenticate(&signed(date, "eu-west-3", SERVICE, body, "x".repeat(40).as_str()), body, "eu-west-3", secrets, at(date)),
             ),
         ];
         for (what, result) in refused {
@@ -171,6 +252,6 @@ mod tests {
         }
         let mut unsigned = ok.clone();
         unsigned.headers.remove("authorization");
-        assert_eq!(authenticate(&unsigned, body, "eu-west-3", secrets, at(date)).await.unwrap_err().name, ErrorName::AuthenticationFailed);
+        assert_eq!(authenticate(&unsigned, body, "eu-west-3", secrets, at(date)).unwrap_err().name, ErrorName::AuthenticationFailed);
     }
 }

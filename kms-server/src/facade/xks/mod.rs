@@ -5,8 +5,10 @@
 //!
 //! * [`auth`]: SigV4 verification of each request.
 //! * [`framing`]: the ciphertext metadata (our key version), the AAD, the integrity value.
+//! * [`listener`]: the HTTPS listener, its routes, and each call through `api::Shared`.
 //! * [`wire`]: the JSON requests, answers and errors.
 
 pub mod auth;
 pub mod framing;
+pub mod listener;
 pub mod wire;

@@ -1,0 +1,330 @@
+//! The XKS listener: HTTPS (TLS 1.2 and 1.3, HTTP/1.1 and HTTP/2), the four routes of the XKS
+//! Proxy API under each key store's URI prefix, SigV4, and every call through the same
+//! `Shared::call` as gRPC's: the worker pool, the HSM deadline, the revocation epoch, and the
+//! audit record (with the whole `requestMetadata`) durable before the answer leaves.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use tokio::net::TcpListener;
+
+use super::auth;
+use super::framing;
+use super::wire::{self, Call, ErrorName, XksError};
+use crate::api::{Audit, DECRYPT_FAILED, Shared, Who};
+use crate::domain::ids::KeyId;
+use crate::domain::policy::Operation;
+use crate::error::Error;
+use crate::service::xks::{KEY_USAGE_REFUSED, metadata_context};
+
+/// The path every route starts with after the key store's prefix.
+const API: &str = "/kms/xks/v1";
+
+/// The largest request body read: the spec's largest fields (8,192 bytes of plaintext and of
+/// AAD, ARNs of 2,048 characters) in Base64 and JSON, with room to spare.
+const MAX_BODY: usize = 64 * 1024;
+
+/// What a request asks, once its path is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Route {
+    Health,
+    Metadata(String),
+    Encrypt(String),
+    Decrypt(String),
+}
+
+impl Route {
+    /// The audit trail's name of the operation.
+    fn operation(&self) -> &'static str {
+        match self {
+            Route::Health => "XksGetHealthStatus",
+            Route::Metadata(_) => "XksGetKeyMetadata",
+            Route::Encrypt(_) => "XksEncrypt",
+            Route::Decrypt(_) => "XksDecrypt",
+        }
+    }
+}
+
+/// The key store prefix and the route of `path`, if it is one of the API's.
+fn route(path: &str) -> Option<(&str, Route)> {
+    let (prefix, rest) = path.rsplit_once(API)?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    let route = match parts.as_slice() {
+        ["", "health"] => Route::Health,
+        ["", "keys", id, call] if !id.is_empty() => match *call {
+            "metadata" => Route::Metadata(id.to_string()),
+            "encrypt" => Route::Encrypt(id.to_string()),
+            "decrypt" => Route::Decrypt(id.to_string()),
+            _ => return None,
+        },
+        _ => return None,
+    };
+    Some((prefix, route))
+}
+
+/// Serves the XKS API on `listener` until `shutdown`; then closes idle connections, lets the
+/// requests in flight finish within `grace`, and returns (dropping every handle on the audit
+/// writer it held).
+pub async fn serve(
+    listener: TcpListener,
+    tls: rustls::ServerConfig,
+    shared: Shared,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    grace: std::time::Duration,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let shared = Arc::new(shared);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "XKS listener: accept failed");
+                    continue;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        let (acceptor, shared, mut stop) = (acceptor.clone(), shared.clone(), shutdown.clone());
+        connections.spawn(async move {
+            let stream = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "XKS listener: TLS handshake failed"),
+                Err(_) => return tracing::debug!(%peer, "XKS listener: TLS handshake timed out"),
+            };
+            let service = hyper::service::service_fn(move |request| {
+                let shared = shared.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(&shared, request).await) }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let stopping = tokio::select! {
+                served = connection.as_mut() => Err(served),
+                stopped = stop.wait_for(|stop| *stop) => Ok(stopped.is_ok()),
+            };
+            let served = match stopping {
+                Err(served) => served,
+                Ok(_) => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "XKS connection ended");
+            }
+        });
+    }
+    if tokio::time::timeout(grace, async { while connections.join_next().await.is_some() {} }).await.is_err() {
+        tracing::warn!(?grace, "XKS requests still in flight after the grace period; stopping without them");
+    }
+    connections.shutdown().await;
+}
+
+fn answer(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    response
+}
+
+fn error(e: &XksError) -> Response<Full<Bytes>> {
+    answer(StatusCode::from_u16(e.name.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), e.body())
+}
+
+/// One request: its route, its body, its signature, then the call.
+async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    // The body first, whatever the answer: answering before it is read resets an HTTP/2 stream.
+    let (parts, body) = request.into_parts();
+    let body = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => return error(&XksError::new(ErrorName::UnsupportedOperation, format!("the request body is over {MAX_BODY} bytes or broken"))),
+    };
+    let Some((prefix, route)) = route(parts.uri.path()) else {
+        return error(&XksError::new(ErrorName::InvalidUriPath, "no XKS API at this path"));
+    };
+    if parts.method != Method::POST {
+        let mut response = error(&XksError::new(ErrorName::Validation, "the XKS API takes POST only"));
+        *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+        response.headers_mut().insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("POST"));
+        return response;
+    }
+    let directory = shared.kms.xks_directory();
+    let Some(store) = directory.store_at(prefix).cloned() else {
+        return error(&XksError::new(ErrorName::InvalidUriPath, "no key store at this path"));
+    };
+    let name = store.name.clone();
+    let signed = auth::authenticate(&parts, &body, &store.region, |id| directory.secret(&name, id), chrono::Utc::now());
+    let who = Who::Facade(signed.as_ref().map(|_| crate::service::xks::principal(&store.name)).map_err(|e| e.message().to_string()));
+    let operation = route.operation();
+    let result = match (signed, &route) {
+        // Refused before anything else is read, and audited as such.
+        (Err(e), _) => {
+            let _ = shared.call(operation, who, Audit::EveryOutcome, |_, _, _| Ok::<Vec<u8>, _>(Vec::new())).await;
+            return error(&e);
+        }
+        (Ok(_), Route::Health) => health(shared, who, &body).await,
+        (Ok(_), Route::Metadata(id)) => metadata(shared, who, id, &body).await,
+        (Ok(_), Route::Encrypt(id)) => encrypt(shared, who, id, &body).await,
+        (Ok(_), Route::Decrypt(id)) => decrypt(shared, who, id, &body).await,
+    };
+    match result {
+        Ok(body) => answer(StatusCode::OK, body),
+        Err(e) => error(&e),
+    }
+}
+
+/// A gRPC status from `Shared::call` as the XKS error the spec names for it.
+fn xks_error(status: &tonic::Status) -> XksError {
+    use tonic::Code;
+    let message = status.message();
+    let name = match status.code() {
+        Code::Unauthenticated => ErrorName::AuthenticationFailed,
+        Code::InvalidArgument if message == DECRYPT_FAILED => {
+            return XksError::new(
+                ErrorName::InvalidCiphertext,
+                "the ciphertext, IV, tag, AAD or ciphertext metadata does not decrypt under this key",
+            );
+        }
+        Code::InvalidArgument => ErrorName::Validation,
+        Code::NotFound => ErrorName::KeyNotFound,
+        Code::PermissionDenied => ErrorName::AccessDenied,
+        Code::FailedPrecondition if message.starts_with(KEY_USAGE_REFUSED) => ErrorName::InvalidKeyUsage,
+        Code::FailedPrecondition => ErrorName::InvalidState,
+        Code::ResourceExhausted => ErrorName::Throttling,
+        Code::DeadlineExceeded | Code::Unavailable => ErrorName::DependencyTimeout,
+        _ => ErrorName::Internal,
+    };
+    XksError::new(name, message)
+}
+
+/// Runs `f` as the call `operation` by `who`, its request's metadata in the audit record.
+async fn run(
+    shared: &Shared,
+    operation: &'static str,
+    who: Who,
+    metadata: &wire::RequestMetadata,
+    f: impl FnOnce(&crate::service::Kms, &crate::service::Caller, &mut crate::api::Facts) -> Result<Vec<u8>, Error> + Send + 'static,
+) -> Result<Vec<u8>, XksError> {
+    let recorded = metadata.to_json();
+    shared
+        .call(operation, who, Audit::EveryOutcome, move |kms, caller, facts| {
+            facts.caller_context = Some(recorded);
+            f(kms, caller, facts)
+        })
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|s| xks_error(&s))
+}
+
+/// The external key id: our key id (anything else names no key).
+fn key_id(id: &str) -> Result<KeyId, Error> {
+    id.parse().map_err(|_| Error::NotFound { what: format!("key {id:?}") })
+}
+
+fn json(value: &impl serde::Serialize) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(value).map_err(|e| Error::invalid("answer", e))
+}
+
+async fn health(shared: &Shared, who: Who, body: &[u8]) -> Result<Vec<u8>, XksError> {
+    let metadata = wire::parse_metadata_only(body, Call::Health)?;
+    run(shared, "XksGetHealthStatus", who, &metadata, |kms, _, _| {
+        let token = kms.hsm_token();
+        json(&wire::HealthAnswer {
+            xks_proxy_fleet_size: 1,
+            xks_proxy_vendor: "client-held KMS",
+            xks_proxy_model: format!("kms-server {}", env!("CARGO_PKG_VERSION")),
+            ekm_vendor: token.as_ref().map_or_else(|| "PKCS#11".to_string(), |t| t.manufacturer.clone()),
+            ekm_fleet_details: vec![wire::EkmDetail {
+                id: token.as_ref().map_or_else(|| "hsm".to_string(), |t| format!("{}/{}", t.label, t.serial_number)),
+                model: token.as_ref().map_or_else(|| "unknown".to_string(), |t| t.model.clone()),
+                health_status: kms.hsm_health().as_str(),
+            }],
+        })
+    })
+    .await
+}
+
+async fn metadata(shared: &Shared, who: Who, id: &str, body: &[u8]) -> Result<Vec<u8>, XksError> {
+    let metadata = wire::parse_metadata_only(body, Call::Metadata)?;
+    let id = id.to_string();
+    run(shared, "XksGetKeyMetadata", who, &metadata, move |kms, caller, facts| {
+        let key_id = key_id(&id)?;
+        facts.key_id = Some(key_id);
+        let view = kms.xks_key(caller, key_id)?;
+        let usage = [("ENCRYPT", view.encrypt), ("DECRYPT", view.decrypt)].into_iter().filter(|u| u.1).map(|u| u.0).collect();
+        json(&wire::KeyMetadataAnswer { key_spec: "AES_256", key_usage: usage, key_status: if view.enabled { "ENABLED" } else { "DISABLED" } })
+    })
+    .await
+}
+
+fn context_of(m: &wire::RequestMetadata) -> Result<crate::domain::context::EncryptionContext, Error> {
+    metadata_context(m.aws_principal_arn.as_deref(), m.kms_operation.as_deref(), m.kms_via_service.as_deref())
+}
+
+async fn encrypt(shared: &Shared, who: Who, id: &str, body: &[u8]) -> Result<Vec<u8>, XksError> {
+    let request = wire::parse_encrypt(body)?;
+    let metadata = request.metadata.clone();
+    let id = id.to_string();
+    run(shared, "XksEncrypt", who, &metadata, move |kms, caller, facts| {
+        let key_id = key_id(&id)?;
+        facts.key_id = Some(key_id);
+        let proof = kms.authorize_xks(caller, key_id, Operation::Encrypt, &context_of(&request.metadata)?)?;
+        let aad = |version| framing::aad(request.aad.as_deref(), &framing::metadata(version));
+        let sealed = kms.xks_encrypt(&proof, request.plaintext.expose_secret(), &aad)?;
+        facts.key_version = Some(sealed.version);
+        let (ciphertext, tag) = sealed.ciphertext.split_at(sealed.ciphertext.len().saturating_sub(wire::TAG_LEN));
+        json(&wire::EncryptAnswer::new(&request, &framing::metadata(sealed.version), &sealed.iv.0, ciphertext, tag))
+    })
+    .await
+}
+
+async fn decrypt(shared: &Shared, who: Who, id: &str, body: &[u8]) -> Result<Vec<u8>, XksError> {
+    let request = wire::parse_decrypt(body)?;
+    let metadata = request.metadata.clone();
+    let id = id.to_string();
+    run(shared, "XksDecrypt", who, &metadata, move |kms, caller, facts| {
+        let key_id = key_id(&id)?;
+        facts.key_id = Some(key_id);
+        let proof = kms.authorize_xks(caller, key_id, Operation::Decrypt, &context_of(&request.metadata)?)?;
+        let version = framing::version_of(request.ciphertext_metadata.as_deref()).map_err(|_| Error::DecryptFailed)?;
+        facts.key_version = Some(version);
+        let md = request.ciphertext_metadata.as_deref().unwrap_or_default();
+        let aad = framing::aad(request.aad.as_deref(), md);
+        let sealed = [request.ciphertext.as_slice(), &request.tag].concat();
+        let plaintext = kms.xks_decrypt(&proof, version, &request.iv, &aad, &sealed)?;
+        let encoded = zeroize::Zeroizing::new(B64.encode(plaintext.expose_secret()));
+        json(&serde_json::json!({ "plaintext": encoded.as_str() }))
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_route_to_their_call_and_their_key_stores_prefix() {
+        assert_eq!(route("/kms/xks/v1/health"), Some(("", Route::Health)));
+        assert_eq!(route("/tenant/a/kms/xks/v1/keys/k-1/encrypt"), Some(("/tenant/a", Route::Encrypt("k-1".into()))));
+        assert_eq!(route("/p/kms/xks/v1/keys/k/metadata"), Some(("/p", Route::Metadata("k".into()))));
+        assert_eq!(route("/p/kms/xks/v1/keys/k/decrypt"), Some(("/p", Route::Decrypt("k".into()))));
+        for bad in [
+            "/",
+            "/p/kms/xks/v1",
+            "/p/kms/xks/v1/",
+            "/p/kms/xks/v1/keys//encrypt",
+            "/p/kms/xks/v1/keys/k/sign",
+            "/p/kms/xks/v1/keys/k/encrypt/x",
+            "/p/kms/xks/v2/health",
+        ] {
+            assert_eq!(route(bad), None, "{bad}");
+        }
+    }
+}

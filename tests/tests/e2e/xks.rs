@@ -1,0 +1,305 @@
+//! The AWS external key store facade (XKS Proxy API v1) through its real HTTPS listener, every
+//! request signed by curl's own SigV4 (`--aws-sigv4`, the signer AWS's XKS test client uses),
+//! so that the server is not only checked against its own verifier.
+
+use std::process::Command;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use kms_proto::v1 as pb;
+use kms_tests::{Admin, Server};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+const REGION: &str = "eu-west-3";
+
+/// A key store's credential.
+#[derive(Clone)]
+struct Credential {
+    id: String,
+    secret: String,
+}
+
+/// Sends `body` to `path` on the XKS listener, signed by curl with `credential` for `region`;
+/// the HTTP status and the JSON answer.
+fn xks(server: &Server, method: &str, path: &str, body: &Value, credential: &Credential, region: &str) -> (u16, Value) {
+    xks_over(&[], server, method, path, body, credential, region)
+}
+
+/// `xks`, with more curl options (`--http1.1`).
+fn xks_over(options: &[&str], server: &Server, method: &str, path: &str, body: &Value, credential: &Credential, region: &str) -> (u16, Value) {
+    let out = Command::new("curl")
+        .args(options)
+        .args(["--silent", "--show-error", "--max-time", "10", "--request", method])
+        .arg("--cacert")
+        .arg(server.pki_dir().join("ca.pem"))
+        .args(["--aws-sigv4", &format!("aws:amz:{region}:kms-xks-proxy")])
+        .args(["--user", &format!("{}:{}", credential.id, credential.secret)])
+        .args(["--header", "content-type: application/json", "--data-binary", &body.to_string()])
+        .args(["--write-out", "\n%{http_code}"])
+        .arg(format!("https://{}{path}", server.xks_addr))
+        .output()
+        .expect("curl runs");
+    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (json, code) = text.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), serde_json::from_str(json).unwrap_or(Value::Null))
+}
+
+fn metadata(operation: &str) -> Value {
+    json!({
+        "awsPrincipalArn": "arn:aws:iam::123456789012:role/s3-writer",
+        "kmsKeyArn": "arn:aws:kms:eu-west-3:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+        "kmsOperation": operation,
+        "kmsRequestId": format!("req-{operation}-4112f4d6"),
+        "kmsViaService": "s3",
+    })
+}
+
+async fn key_store(admin: &mut Admin, name: &str, prefix: &str) -> Credential {
+    let r = admin
+        .create_xks_key_store(pb::CreateXksKeyStoreRequest { name: name.into(), uri_prefix: prefix.into(), region: REGION.into() })
+        .await
+        .expect("key store created")
+        .into_inner();
+    Credential { id: r.access_key_id, secret: r.secret_access_key }
+}
+
+async fn allow(admin: &mut Admin, store: &str, key: &str, operations: &[&str]) {
+    admin
+        .create_grant(pb::CreateGrantRequest {
+            principal: format!("xks:{store}"),
+            key_id: key.into(),
+            operations: operations.iter().map(|o| o.to_string()).collect(),
+            ..Default::default()
+        })
+        .await
+        .expect("grant created");
+}
+
+async fn new_key(admin: &mut Admin, alias: &str) -> String {
+    admin
+        .create_key(pb::CreateKeyRequest { description: String::new(), alias: alias.into(), rotation_period_seconds: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap()
+        .key_id
+}
+
+fn b64(v: &Value) -> Vec<u8> {
+    B64.decode(v.as_str().expect("a Base64 string")).expect("Base64")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn aws_encrypts_and_decrypts_under_our_keys_signed_by_an_independent_signer() {
+    let server = Server::start();
+    let mut admin = server.admin().await;
+    let key = new_key(&mut admin, "s3").await;
+    let credential = key_store(&mut admin, "aws-prod", "/aws/prod").await;
+    assert!((20..=30).contains(&credential.id.len()) && credential.id.bytes().all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b)));
+    assert!((43..=64).contains(&credential.secret.len()));
+    allow(&mut admin, "aws-prod", &key, &["Encrypt", "Decrypt"]).await;
+    let call = |path: &str, body: Value| xks(&server, "POST", &format!("/aws/prod/kms/xks/v1{path}"), &body, &credential, REGION);
+
+    // Health: the deep check's answer.
+    let (status, health) = call("/health", json!({"requestMetadata": {"kmsRequestId": "h1", "kmsOperation": "KmsHealthCheck"}}));
+    assert_eq!(status, 200, "{health}");
+    assert_eq!(health["ekmFleetDetails"][0]["healthStatus"], "ACTIVE", "{health}");
+    assert_eq!(health["xksProxyFleetSize"], 1);
+    // HTTP/1.1 as well as HTTP/2 (the spec: the proxy must be able to fall back to 1.1).
+    let body = json!({"requestMetadata": {"kmsRequestId": "h2", "kmsOperation": "KmsHealthCheck"}});
+    assert_eq!(xks_over(&["--http1.1"], &server, "POST", "/aws/prod/kms/xks/v1/health", &body, &credential, REGION).0, 200);
+
+    // Metadata: what AWS's CreateKey checks.
+    let (status, meta) = call(&format!("/keys/{key}/metadata"), json!({"requestMetadata": metadata("CreateKey")}));
+    assert_eq!(status, 200, "{meta}");
+    assert_eq!(meta, json!({"keySpec": "AES_256", "keyUsage": ["ENCRYPT", "DECRYPT"], "keyStatus": "ENABLED"}));
+
+    // Encrypt with AAD and an integrity value; the plaintext at the spec's 4,300 bytes.
+    let plaintext = vec![0x5a; 4300];
+    let aad = b"bucket=payroll";
+    let (status, sealed) = call(
+        &format!("/keys/{key}/encrypt"),
+        json!({"requestMetadata": metadata("Encrypt"), "plaintext": B64.encode(&plaintext), "encryptionAlgorithm": "AES_GCM",
+               "additionalAuthenticatedData": B64.encode(aad), "ciphertextDataIntegrityValueAlgorithm": "SHA_256"}),
+    );
+    assert_eq!(status, 200, "{sealed}");
+    let (ct, iv, tag, md) =
+        (b64(&sealed["ciphertext"]), b64(&sealed["initializationVector"]), b64(&sealed["authenticationTag"]), b64(&sealed["ciphertextMetadata"]));
+    assert_eq!((ct.len(), iv.len(), tag.len()), (4300, 12, 16));
+    assert_ne!(ct, plaintext);
+    assert_eq!(md, [1, 0, 0, 0, 1], "the metadata names version 1");
+    let cdiv: Vec<u8> = Sha256::new().chain_update(aad).chain_update(&md).chain_update(&iv).chain_update(&ct).chain_update(&tag).finalize().to_vec();
+    assert_eq!(b64(&sealed["ciphertextDataIntegrityValue"]), cdiv);
+
+    let decrypt = |sealed: &Value, aad: &[u8]| {
+        json!({"requestMetadata": metadata("Decrypt"), "encryptionAlgorithm": "AES_GCM", "ciphertext": sealed["ciphertext"],
+               "initializationVector": sealed["initializationVector"], "authenticationTag": sealed["authenticationTag"],
+               "ciphertextMetadata": sealed["ciphertextMetadata"], "additionalAuthenticatedData": B64.encode(aad)})
+    };
+    let (status, opened) = call(&format!("/keys/{key}/decrypt"), decrypt(&sealed, aad));
+    assert_eq!(status, 200, "{opened}");
+    assert_eq!(b64(&opened["plaintext"]), plaintext);
+
+    // Rotation: new encryptions name version 2, the old ciphertext still decrypts under 1.
+    admin.rotate_key(pb::RotateKeyRequest { key_id: key.clone() }).await.unwrap();
+    let (_, sealed2) = call(
+        &format!("/keys/{key}/encrypt"),
+        json!({"requestMetadata": metadata("Encrypt"), "plaintext": B64.encode(b"after rotation"), "encryptionAlgorithm": "AES_GCM"}),
+    );
+    assert_eq!(b64(&sealed2["ciphertextMetadata"]), [1, 0, 0, 0, 2], "{sealed2}");
+    assert!(sealed2.get("ciphertextDataIntegrityValue").is_none(), "not asked for: {sealed2}");
+    assert_eq!(call(&format!("/keys/{key}/decrypt"), decrypt(&sealed, aad)).0, 200);
+    let (status, opened2) = call(&format!("/keys/{key}/decrypt"), decrypt(&sealed2, b""));
+    assert_eq!((status, b64(&opened2["plaintext"])), (200, b"after rotation".to_vec()));
+
+    // Anything changed in the ciphertext, IV, tag, AAD or metadata: InvalidCiphertextException.
+    let flip = |field: &str| {
+        let mut v = sealed.clone();
+        let mut bytes = b64(&v[field]);
+        bytes[0] ^= 1;
+        v[field] = json!(B64.encode(bytes));
+        v
+    };
+    for (what, body) in [
+        ("ciphertext", decrypt(&flip("ciphertext"), aad)),
+        ("IV", decrypt(&flip("initializationVector"), aad)),
+        ("tag", decrypt(&flip("authenticationTag"), aad)),
+        ("AAD", decrypt(&sealed, b"bucket=payrolL")),
+        ("metadata naming version 2", {
+            let mut v = sealed.clone();
+            v["ciphertextMetadata"] = json!(B64.encode([1, 0, 0, 0, 2]));
+            decrypt(&v, aad)
+        }),
+    ] {
+        let (status, e) = call(&format!("/keys/{key}/decrypt"), body);
+        assert_eq!((status, e["errorName"].as_str()), (400, Some("InvalidCiphertextException")), "{what}: {e}");
+    }
+
+    // Every call is in the audit trail, with its request metadata.
+    let recorded: Vec<(String, String, Option<String>)> = server
+        .db()
+        .prepare("SELECT operation, outcome, caller_context FROM audit WHERE principal = 'xks:aws-prod' ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let ops: Vec<&str> = recorded.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(
+        &ops[..6],
+        ["XksGetHealthStatus", "XksGetHealthStatus", "XksGetKeyMetadata", "XksEncrypt", "XksDecrypt", "XksEncrypt"],
+        "{recorded:?}"
+    );
+    let encrypt = &recorded[3];
+    assert_eq!(encrypt.1, "allowed");
+    let context: Value = serde_json::from_str(encrypt.2.as_deref().unwrap()).unwrap();
+    assert_eq!(context["kmsRequestId"], "req-Encrypt-4112f4d6");
+    assert_eq!(context["awsPrincipalArn"], "arn:aws:iam::123456789012:role/s3-writer");
+    assert!(recorded.iter().filter(|r| r.0 == "XksDecrypt").any(|r| r.1 == "denied"), "the tampered decrypts are audited: {recorded:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_refusal_is_the_specs_error() {
+    let server = Server::start();
+    let mut admin = server.admin().await;
+    let key = new_key(&mut admin, "k").await;
+    let encrypt_only = new_key(&mut admin, "encrypt-only").await;
+    let not_allowed = new_key(&mut admin, "not-allowed").await;
+    let credential = key_store(&mut admin, "aws", "/aws").await;
+    allow(&mut admin, "aws", &key, &["Encrypt", "Decrypt"]).await;
+    allow(&mut admin, "aws", &encrypt_only, &["Encrypt"]).await;
+    let post = |path: &str, body: Value| xks(&server, "POST", path, &body, &credential, REGION);
+    let encrypt = json!({"requestMetadata": metadata("Encrypt"), "plaintext": B64.encode(b"x"), "encryptionAlgorithm": "AES_GCM"});
+    let expect = |(status, body): (u16, Value), want: (u16, &str), what: &str| {
+        assert_eq!((status, body["errorName"].as_str().unwrap_or_default()), want, "{what}: {body}");
+        let message = body["errorMessage"].as_str().unwrap_or_default();
+        assert!(message.len() < 512 && message.bytes().all(|b| (0x20..=0x7e).contains(&b)), "{what}: {message:?}");
+    };
+
+    expect(post(&format!("/elsewhere/kms/xks/v1/keys/{key}/encrypt"), encrypt.clone()), (404, "InvalidUriPathException"), "unknown prefix");
+    expect(post("/aws/kms/xks/v1/keys/x/sign", encrypt.clone()), (404, "InvalidUriPathException"), "unknown call");
+    let (status, _) = xks(&server, "GET", &format!("/aws/kms/xks/v1/keys/{key}/metadata"), &json!({}), &credential, REGION);
+    assert_eq!(status, 405, "GET");
+    let wrong = Credential { secret: "A".repeat(44), ..credential.clone() };
+    expect(
+        xks(&server, "POST", &format!("/aws/kms/xks/v1/keys/{key}/encrypt"), &encrypt, &wrong, REGION),
+        (401, "AuthenticationFailedException"),
+        "wrong secret",
+    );
+    expect(
+        xks(&server, "POST", &format!("/aws/kms/xks/v1/keys/{key}/encrypt"), &encrypt, &credential, "us-east-1"),
+        (401, "AuthenticationFailedException"),
+        "wrong region",
+    );
+    expect(post("/aws/kms/xks/v1/keys/00000000-0000-4000-8000-000000000000/encrypt", encrypt.clone()), (404, "KeyNotFoundException"), "unknown key");
+    expect(
+        post("/aws/kms/xks/v1/keys/not-a-key-id/metadata", json!({"requestMetadata": metadata("DescribeKey")})),
+        (404, "KeyNotFoundException"),
+        "not a key id",
+    );
+    expect(
+        post(&format!("/aws/kms/xks/v1/keys/{not_allowed}/encrypt"), encrypt.clone()),
+        (404, "KeyNotFoundException"),
+        "a key not in the key store",
+    );
+    expect(
+        post(&format!("/aws/kms/xks/v1/keys/{key}/encrypt"), json!({"requestMetadata": metadata("Encrypt"), "encryptionAlgorithm": "AES_GCM"})),
+        (400, "ValidationException"),
+        "no plaintext",
+    );
+    expect(post(&format!("/aws/kms/xks/v1/keys/{key}/encrypt"), json!("not an object")), (400, "ValidationException"), "malformed JSON");
+    let big = json!({"requestMetadata": metadata("Encrypt"), "plaintext": B64.encode(vec![0u8; 8193]), "encryptionAlgorithm": "AES_GCM"});
+    expect(post(&format!("/aws/kms/xks/v1/keys/{key}/encrypt"), big), (501, "UnsupportedOperationException"), "oversize plaintext");
+    // An unknown kmsOperation is accepted (forward compatibility).
+    let future = json!({"requestMetadata": metadata("SomeFutureOperation"), "plaintext": B64.encode(b"x"), "encryptionAlgorithm": "AES_GCM"});
+    assert_eq!(post(&format!("/aws/kms/xks/v1/keys/{key}/encrypt"), future).0, 200);
+
+    // Usage: the key store may encrypt with this key, not decrypt, and metadata says so.
+    let (_, meta) = post(&format!("/aws/kms/xks/v1/keys/{encrypt_only}/metadata"), json!({"requestMetadata": metadata("DescribeKey")}));
+    assert_eq!(meta["keyUsage"], json!(["ENCRYPT"]), "{meta}");
+    let (_, sealed) = post(&format!("/aws/kms/xks/v1/keys/{encrypt_only}/encrypt"), encrypt.clone());
+    let decrypt = json!({"requestMetadata": metadata("Decrypt"), "encryptionAlgorithm": "AES_GCM", "ciphertext": sealed["ciphertext"],
+                         "initializationVector": sealed["initializationVector"], "authenticationTag": sealed["authenticationTag"],
+                         "ciphertextMetadata": sealed["ciphertextMetadata"]});
+    expect(post(&format!("/aws/kms/xks/v1/keys/{encrypt_only}/decrypt"), decrypt), (400, "InvalidKeyUsageException"), "decrypt not allowed");
+
+    // A disabled key: InvalidStateException, and metadata reports it DISABLED; enabled again, it serves.
+    admin.disable_key(pb::DisableKeyRequest { key_id: key.clone() }).await.unwrap();
+    expect(post(&format!("/aws/kms/xks/v1/keys/{key}/encrypt"), encrypt.clone()), (400, "InvalidStateException"), "disabled key");
+    let (status, meta) = post(&format!("/aws/kms/xks/v1/keys/{key}/metadata"), json!({"requestMetadata": metadata("DescribeKey")}));
+    assert_eq!((status, &meta["keyStatus"]), (200, &json!("DISABLED")), "{meta}");
+    admin.enable_key(pb::EnableKeyRequest { key_id: key.clone() }).await.unwrap();
+    assert_eq!(post(&format!("/aws/kms/xks/v1/keys/{key}/encrypt"), encrypt.clone()).0, 200);
+
+    // A disabled key store: InvalidStateException.
+    admin.disable_principal(pb::PrincipalRequest { name: "xks:aws".into() }).await.unwrap();
+    expect(post(&format!("/aws/kms/xks/v1/keys/{key}/encrypt"), encrypt.clone()), (400, "InvalidStateException"), "disabled key store");
+    admin.enable_principal(pb::PrincipalRequest { name: "xks:aws".into() }).await.unwrap();
+
+    // Rotating the credential: a second one works at once; the first, removed, is refused at once.
+    let second = admin.add_xks_credential(pb::AddXksCredentialRequest { key_store: "aws".into() }).await.unwrap().into_inner();
+    let second = Credential { id: second.access_key_id, secret: second.secret_access_key };
+    let third = admin.add_xks_credential(pb::AddXksCredentialRequest { key_store: "aws".into() }).await.unwrap_err();
+    assert_eq!(third.code(), tonic::Code::FailedPrecondition, "at most two: {third:?}");
+    assert_eq!(xks(&server, "POST", &format!("/aws/kms/xks/v1/keys/{key}/encrypt"), &encrypt, &second, REGION).0, 200);
+    admin.remove_xks_credential(pb::RemoveXksCredentialRequest { access_key_id: credential.id.clone() }).await.unwrap();
+    expect(post(&format!("/aws/kms/xks/v1/keys/{key}/encrypt"), encrypt.clone()), (401, "AuthenticationFailedException"), "removed credential");
+    assert_eq!(xks(&server, "POST", &format!("/aws/kms/xks/v1/keys/{key}/encrypt"), &encrypt, &second, REGION).0, 200);
+
+    // The key store's name is no workload's: a principal cannot be registered under it.
+    let taken = admin.create_principal(pb::PrincipalRequest { name: "xks:other".into() }).await.unwrap_err();
+    assert_eq!(taken.code(), tonic::Code::InvalidArgument, "{taken:?}");
+    let listed = admin.list_xks_key_stores(pb::ListXksKeyStoresRequest {}).await.unwrap().into_inner();
+    assert_eq!(listed.key_stores.len(), 1);
+    assert_eq!(listed.key_stores[0].credentials.iter().map(|c| c.access_key_id.clone()).collect::<Vec<_>>(), std::slice::from_ref(&second.id));
+    // The secrets are nowhere in the database in clear.
+    let db = server.db();
+    let path = db.path().expect("a database file").to_string();
+    // The file and its write-ahead log (where the last changes may still be).
+    let dump: Vec<u8> = [std::fs::read(&path).unwrap(), std::fs::read(format!("{path}-wal")).unwrap_or_default()].concat();
+    assert!(dump.windows(second.id.len()).any(|w| w == second.id.as_bytes()), "the file read is the database");
+    assert!(!dump.windows(second.secret.len()).any(|w| w == second.secret.as_bytes()), "a secret in the database file");
+}
