@@ -350,6 +350,13 @@ impl Config {
             return Err(refuse("listen.metrics", format!("{metrics} is not a loopback address; the metrics listener has no TLS")));
         }
         crate::tls::ServerTls::load(&self.tls.cert_file, &self.tls.key_file, &self.tls.client_ca_file).map_err(|e| refuse("tls", e))?;
+        if let Some(xks) = &self.xks {
+            let taken = [Some(self.listen.data), Some(self.listen.admin), self.listen.metrics];
+            if xks.listen.port() != 0 && taken.contains(&Some(xks.listen)) {
+                return Err(refuse("xks.listen", format!("{} is another listener's", xks.listen)));
+            }
+            crate::tls::https_server(&xks.cert_file, &xks.key_file).map_err(|e| refuse("xks", e))?;
+        }
         self.keys.limits().validate().map_err(|e| refuse("keys", e))?;
         if !(1..=720).contains(&self.officers.session_minutes) {
             return Err(refuse("officers.session_minutes", "must be 1 to 720"));
@@ -472,6 +479,7 @@ mod tests {
         assert_eq!(config.limits.principal_calls_per_second, 5500.0);
         assert_eq!(config.audit.retention_days, 0);
         assert_eq!(config.hsm.workers, None);
+        assert_eq!(config.xks.as_ref().map(|x| x.listen.port()), Some(8443));
         let cores = std::thread::available_parallelism().map_or(2, usize::from);
         assert_eq!(config.hsm.worker_threads(), cores.min(config.hsm.sessions));
     }

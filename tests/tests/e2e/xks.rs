@@ -303,3 +303,39 @@ async fn each_refusal_is_the_specs_error() {
     assert!(dump.windows(second.id.len()).any(|w| w == second.id.as_bytes()), "the file read is the database");
     assert!(!dump.windows(second.secret.len()).any(|w| w == second.secret.as_bytes()), "a secret in the database file");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_officer_narrows_a_key_to_aws_principals_and_the_key_store_is_throttled() {
+    let server = Server::start_with(kms_tests::Options { principal_calls_per_second: 2.0, principal_burst: 4.0, ..Default::default() });
+    let mut admin = server.admin().await;
+    let key = new_key(&mut admin, "narrow").await;
+    let credential = key_store(&mut admin, "aws", "").await;
+    // Encrypt only for the S3 writer's role, through S3.
+    admin
+        .create_grant(pb::CreateGrantRequest {
+            principal: "xks:aws".into(),
+            key_id: key.clone(),
+            operations: vec!["Encrypt".into()],
+            required_encryption_context: kms_tests::ctx(&[("awsPrincipalArn", "arn:aws:iam::123456789012:role/s3-writer"), ("kmsViaService", "s3")]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let path = format!("/kms/xks/v1/keys/{key}/encrypt");
+    let encrypt = |metadata: Value| json!({"requestMetadata": metadata, "plaintext": B64.encode(b"x"), "encryptionAlgorithm": "AES_GCM"});
+    assert_eq!(xks(&server, "POST", &path, &encrypt(metadata("Encrypt")), &credential, REGION).0, 200, "the allowed role through S3");
+    let mut other = metadata("Encrypt");
+    other["awsPrincipalArn"] = json!("arn:aws:iam::123456789012:role/intruder");
+    let (status, e) = xks(&server, "POST", &path, &encrypt(other), &credential, REGION);
+    assert_eq!((status, e["errorName"].as_str()), (403, Some("AccessDeniedException")), "{e}");
+    let mut direct = metadata("Encrypt");
+    direct.as_object_mut().unwrap().remove("kmsViaService");
+    let (status, e) = xks(&server, "POST", &path, &encrypt(direct), &credential, REGION);
+    assert_eq!((status, e["errorName"].as_str()), (403, Some("AccessDeniedException")), "not through S3: {e}");
+
+    // The key store's calls are limited like any principal's: past the burst, ThrottlingException.
+    let statuses: Vec<u16> = (0..8).map(|_| xks(&server, "POST", &path, &encrypt(metadata("Encrypt")), &credential, REGION).0).collect();
+    assert!(statuses.contains(&429), "{statuses:?}");
+    let (_, e) = (0..8).map(|_| xks(&server, "POST", &path, &encrypt(metadata("Encrypt")), &credential, REGION)).find(|r| r.0 == 429).unwrap();
+    assert_eq!(e["errorName"], "ThrottlingException", "{e}");
+}
