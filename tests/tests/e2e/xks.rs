@@ -339,3 +339,53 @@ async fn an_officer_narrows_a_key_to_aws_principals_and_the_key_store_is_throttl
     let (_, e) = (0..8).map(|_| xks(&server, "POST", &path, &encrypt(metadata("Encrypt")), &credential, REGION)).find(|r| r.0 == 429).unwrap();
     assert_eq!(e["errorName"], "ThrottlingException", "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_officer_connects_aws_with_kmsctl() {
+    let server = Server::start();
+    let mut admin = server.admin().await;
+    let key = new_key(&mut admin, "ebs").await;
+    let kmsctl = |args: &[&str]| {
+        let out = server.kmsctl(args);
+        assert!(out.status.success(), "kmsctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let endpoint = format!("https://{}", server.xks_addr);
+    // Text mode prints the file the AWS console imports.
+    let file: Value =
+        serde_json::from_str(&kmsctl(&["xks", "create", "prod", "--uri-prefix", "/xks", "--region", REGION, "--xks-url", &endpoint])).unwrap();
+    assert_eq!(file["XksProxyUriEndpoint"], json!(endpoint));
+    assert_eq!(file["XksProxyUriPath"], "/xks/kms/xks/v1");
+    assert_eq!(file["XksProxyConnectivity"], "PUBLIC_ENDPOINT");
+    let credential = Credential {
+        id: file["XksProxyAuthenticationCredential"]["AccessKeyId"].as_str().unwrap().into(),
+        secret: file["XksProxyAuthenticationCredential"]["RawSecretAccessKey"].as_str().unwrap().into(),
+    };
+    let allowed: Value = serde_json::from_str(&kmsctl(&["--json", "xks", "allow", "prod", "--key", "alias/ebs", "--via-service", "ebs"])).unwrap();
+    assert_eq!(allowed["external_key_id"], json!(key), "the alias resolves to the key id AWS binds to");
+    let keys: Value = serde_json::from_str(&kmsctl(&["--json", "xks", "keys", "prod"])).unwrap();
+    assert_eq!(keys[0]["operations"], json!(["Encrypt", "Decrypt"]), "{keys}");
+
+    let path = format!("/xks/kms/xks/v1/keys/{key}/metadata");
+    let mut via_ebs = metadata("CreateKey");
+    via_ebs["kmsViaService"] = json!("ebs");
+    let (status, meta) = xks(&server, "POST", &path, &json!({"requestMetadata": via_ebs}), &credential, REGION);
+    assert_eq!((status, &meta["keyUsage"]), (200, &json!(["ENCRYPT", "DECRYPT"])), "{meta}");
+
+    // Rotation of the credential, through kmsctl.
+    let second: Value = serde_json::from_str(&kmsctl(&["--json", "xks", "credential", "add", "prod"])).unwrap();
+    let second_id = second["credential"]["AccessKeyId"].as_str().unwrap().to_string();
+    kmsctl(&["xks", "credential", "remove", &credential.id]);
+    assert_eq!(xks(&server, "POST", &path, &json!({"requestMetadata": via_ebs}), &credential, REGION).0, 401);
+    let listed: Value = serde_json::from_str(&kmsctl(&["--json", "xks", "list"])).unwrap();
+    assert_eq!(listed[0]["credentials"][0]["access_key_id"], json!(second_id), "{listed}");
+    assert!(!listed.to_string().contains("RawSecretAccessKey") && !listed.to_string().contains(&credential.secret), "no secret is listed");
+
+    // Bad input is refused with the field named, and changes nothing.
+    let out = server.kmsctl(&["xks", "create", "Bad Name", "--region", REGION, "--xks-url", &endpoint]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("name"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = server.kmsctl(&["xks", "allow", "prod", "--key", "alias/ebs", "--operations", "sign"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--operations"), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed: Value = serde_json::from_str(&kmsctl(&["--json", "xks", "list"])).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+}

@@ -143,7 +143,7 @@ fn principal_json(p: &pb::Principal) -> Value {
     json!({"name": p.name, "state": p.state, "creation_time": p.creation_time})
 }
 
-fn grant_json(g: &pb::Grant) -> Value {
+pub(crate) fn grant_json(g: &pb::Grant) -> Value {
     json!({
         "grant_id": g.grant_id, "principal": g.principal, "key_id": g.key_id, "operations": g.operations,
         "required_encryption_context": g.required_encryption_context,
@@ -152,7 +152,7 @@ fn grant_json(g: &pb::Grant) -> Value {
     })
 }
 
-fn grant_text(g: &pb::Grant) -> String {
+pub(crate) fn grant_text(g: &pb::Grant) -> String {
     format!("{}  {}  {}  {}", g.grant_id, g.principal, g.key_id, g.operations.join(","))
 }
 

@@ -17,6 +17,7 @@ mod key;
 mod officer;
 mod output;
 mod status;
+mod xks;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -107,6 +108,9 @@ enum Command {
     /// Grants: what a principal may do with a key (nothing is allowed without one).
     #[command(subcommand)]
     Grant(access::GrantCommand),
+    /// AWS external key stores (XKS): key stores, their credentials, and the keys AWS may use.
+    #[command(subcommand)]
+    Xks(xks::XksCommand),
     /// Envelope-encrypts a file of any size under a fresh data key (docs/file-format.md).
     Encrypt(data::EncryptArgs),
     /// Whether a data-plane call would be allowed now, and why: for one principal, or for every
@@ -136,6 +140,7 @@ impl Command {
             Command::Backup(c) => c.changes(),
             Command::Principal(c) => c.changes(),
             Command::Grant(c) => c.changes(),
+            Command::Xks(c) => c.changes(),
             Command::Login(_)
             | Command::Logout
             | Command::Status
@@ -209,6 +214,7 @@ async fn execute(cli: Cli, out: Out) -> Result<(), Error> {
         Command::Review(args) => args.run(&ctx).await,
         Command::Principal(cmd) => cmd.run(&ctx).await,
         Command::Grant(cmd) => cmd.run(&ctx).await,
+        Command::Xks(cmd) => cmd.run(&ctx).await,
         Command::Audit(cmd) => cmd.run(&ctx).await,
         Command::DataKey(cmd) => cmd.run(&ctx).await,
         Command::Encrypt(args) => args.run(&ctx).await,
