@@ -38,7 +38,7 @@ both() {
 
 # One node over SQLite.
 mkdir -p "$work/sqlite" && cd "$work/sqlite"
-"$bin/kms-server" dev --data-listen 127.0.0.1:17400 --admin-listen 127.0.0.1:17401 --metrics-listen 127.0.0.1:17402 >server.out 2>server.log &
+"$bin/kms-server" dev --data-listen 127.0.0.1:17400 --admin-listen 127.0.0.1:17401 --metrics-listen 127.0.0.1:17402 --xks-listen 127.0.0.1:17403 >server.out 2>server.log &
 pids+=($!)
 until grep -q "admin plane" server.out; do sleep 0.2; done
 KMS_ENDPOINT=https://127.0.0.1:17401 KMS_SESSION_FILE="$work/sqlite/session" setup

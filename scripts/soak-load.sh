@@ -12,7 +12,7 @@ clients="${2:-32}"
 cargo build --release --workspace --bins
 dir=$(mktemp -d)
 target/release/kms-server dev --data-dir "$dir/.kms-dev" --data-listen 127.0.0.1:17500 \
-    --admin-listen 127.0.0.1:17501 --metrics-listen 127.0.0.1:17502 >"$dir/server.out" 2>"$dir/server.log" &
+    --admin-listen 127.0.0.1:17501 --metrics-listen 127.0.0.1:17502 --xks-listen 127.0.0.1:17503 >"$dir/server.out" 2>"$dir/server.log" &
 server=$!
 # The server's database grows by ~200 MB a minute of load: the directory goes with the run.
 trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true; rm -rf "$dir"' EXIT

@@ -77,9 +77,20 @@ fn development_mode_makes_every_directory_0700_and_every_file_0600_under_a_permi
     let root = tempfile::tempdir().unwrap();
     let data_dir = root.path().join("new/dev");
     let mut dev = Command::new(bin("kms-server"));
-    dev.args(["dev", "--data-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data_dir)
-        .env("KMS_LOG", "warn");
+    dev.args([
+        "dev",
+        "--data-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--xks-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+    ])
+    .arg(&data_dir)
+    .env("KMS_LOG", "warn");
     let mut child = with_umask(dev, Some(0)).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     // Serving means the database, the token, the PKI and the development officer are made.
     let stdout = child.stdout.take().unwrap();
