@@ -325,19 +325,33 @@ impl Kms {
 
     /// Runs `f`; if it failed for want of a key, alias or principal this node does not know yet
     /// (made on another node a moment ago), reloads the registry (or waits for the reload
-    /// another call started) and runs it once more. Never waits behind a change running on
-    /// this node.
+    /// another call started) and runs it once more. Waits at most `MISS_WAIT` for this node's
+    /// admin lock (held by the follow loop's reload, or a local change).
     fn with_fresh_registry<T>(&self, f: impl Fn() -> Result<T>) -> Result<T> {
         let seen = self.registry.read().changes;
         let first = f();
-        if matches!(first, Err(Error::NotFound { .. } | Error::PermissionDenied { .. } | Error::DecryptFailed))
-            && self.store.is_shared()
-            && (self.registry.read().changes != seen
-                || self.miss_checks.run_or_join(|| self.admin.try_lock().is_ok_and(|_local| self.reload_if_changed().unwrap_or(false))))
-        {
+        if !matches!(first, Err(Error::NotFound { .. } | Error::PermissionDenied { .. } | Error::DecryptFailed)) || !self.store.is_shared() {
+            return first;
+        }
+        let moved = || self.registry.read().changes != seen;
+        if moved() || self.miss_checks.run_or_join(|| self.reload_after_miss()) || moved() {
             return f();
         }
         first
+    }
+
+    /// `reload_if_changed` under this node's admin lock, if it is free within `MISS_WAIT`.
+    fn reload_after_miss(&self) -> bool {
+        let deadline = std::time::Instant::now() + MISS_WAIT;
+        loop {
+            if let Ok(_local) = self.admin.try_lock() {
+                return self.reload_if_changed().unwrap_or(false);
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
     }
 
     /// The revocation epoch every data-plane answer carries: it rises with every change that
@@ -588,6 +602,10 @@ fn decryption_version(entry: &KeyEntry, n: u32, operation: Operation) -> Result<
     }
     Ok((version, usable_handle(key_id, version)?))
 }
+
+/// How long a call that missed waits for this node's admin lock before it is refused: a reload
+/// by the follow loop takes milliseconds; a local change may take longer, and is not waited for.
+const MISS_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The store reads of calls that missed a key, alias, grant or principal: one at a time, and at
 /// most one that finds nothing in `EVERY`. A call that misses while a read runs waits for that

@@ -147,6 +147,15 @@ impl Kms {
         self.registry.read().xks.clone()
     }
 
+    /// The directory, first reloaded if `knows` says it lacks what a request names (a key store
+    /// or credential made on another node a moment ago): one store read, shared by the calls
+    /// that miss together and spaced out for a flood of them (`with_fresh_registry`).
+    pub fn xks_directory_knowing(&self, knows: impl Fn(&Directory) -> bool) -> Arc<Directory> {
+        let missing = || Error::NotFound { what: "a key store or credential".into() };
+        let _ = self.with_fresh_registry(|| if knows(&self.xks_directory()) { Ok(()) } else { Err(missing()) });
+        self.xks_directory()
+    }
+
     /// A fresh credential of `key_store`, its secret sealed in the HSM: an access key id of 24
     /// characters of `A-Z2-7` and a secret of 44 Base64 characters (the spec's formats), from
     /// 120 and 256 random bits.

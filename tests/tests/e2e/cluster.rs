@@ -592,3 +592,28 @@ async fn the_nodes_ride_out_a_database_failover_and_nothing_acknowledged_is_lost
     let verify: serde_json::Value = serde_json::from_slice(&cluster.node(2).kmsctl(&["--json", "audit", "verify"]).stdout).unwrap();
     assert_eq!(verify["ok"], true, "{verify}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_xks_key_store_made_on_one_node_serves_on_another_at_once_and_its_revocation_holds() {
+    use crate::xks::{REGION, allow, key_store, metadata, new_key, xks};
+    use serde_json::json;
+    let cluster = Cluster::start(2, Options::default());
+    let mut admin = cluster.node(0).admin().await;
+    let key = new_key(&mut admin, "for-xks").await;
+    let credential = key_store(&mut admin, "aws", "/aws").await;
+    allow(&mut admin, "aws", &key, &["Encrypt", "Decrypt"]).await;
+    // At once on node B: the key store, its credential and its grant, made on node A.
+    let path = format!("/aws/kms/xks/v1/keys/{key}/encrypt");
+    let body = json!({"requestMetadata": metadata("Encrypt"), "plaintext": "eA==", "encryptionAlgorithm": "AES_GCM"});
+    let (status, answer) = xks(cluster.node(1), "POST", &path, &body, &credential, REGION);
+    assert_eq!(status, 200, "{answer}");
+    // The credential removed on node A: no success on node B from then on.
+    admin.remove_xks_credential(pb::RemoveXksCredentialRequest { access_key_id: credential.id.clone() }).await.unwrap();
+    for _ in 0..3 {
+        let (status, answer) = xks(cluster.node(1), "POST", &path, &body, &credential, REGION);
+        assert_ne!(status, 200, "a removed credential signed a success: {answer}");
+    }
+    eventually("node B to refuse the removed credential as such", Duration::from_secs(5), || {
+        xks(cluster.node(1), "POST", &path, &body, &credential, REGION).0 == 401
+    });
+}

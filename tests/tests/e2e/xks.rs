@@ -11,18 +11,18 @@ use kms_tests::{Admin, Server};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-const REGION: &str = "eu-west-3";
+pub(crate) const REGION: &str = "eu-west-3";
 
 /// A key store's credential.
 #[derive(Clone)]
-struct Credential {
-    id: String,
-    secret: String,
+pub(crate) struct Credential {
+    pub(crate) id: String,
+    pub(crate) secret: String,
 }
 
 /// Sends `body` to `path` on the XKS listener, signed by curl with `credential` for `region`;
 /// the HTTP status and the JSON answer.
-fn xks(server: &Server, method: &str, path: &str, body: &Value, credential: &Credential, region: &str) -> (u16, Value) {
+pub(crate) fn xks(server: &Server, method: &str, path: &str, body: &Value, credential: &Credential, region: &str) -> (u16, Value) {
     xks_over(&[], server, method, path, body, credential, region)
 }
 
@@ -46,7 +46,7 @@ fn xks_over(options: &[&str], server: &Server, method: &str, path: &str, body: &
     (code.parse().unwrap(), serde_json::from_str(json).unwrap_or(Value::Null))
 }
 
-fn metadata(operation: &str) -> Value {
+pub(crate) fn metadata(operation: &str) -> Value {
     json!({
         "awsPrincipalArn": "arn:aws:iam::123456789012:role/s3-writer",
         "kmsKeyArn": "arn:aws:kms:eu-west-3:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab",
@@ -56,7 +56,7 @@ fn metadata(operation: &str) -> Value {
     })
 }
 
-async fn key_store(admin: &mut Admin, name: &str, prefix: &str) -> Credential {
+pub(crate) async fn key_store(admin: &mut Admin, name: &str, prefix: &str) -> Credential {
     let r = admin
         .create_xks_key_store(pb::CreateXksKeyStoreRequest { name: name.into(), uri_prefix: prefix.into(), region: REGION.into() })
         .await
@@ -65,7 +65,7 @@ async fn key_store(admin: &mut Admin, name: &str, prefix: &str) -> Credential {
     Credential { id: r.access_key_id, secret: r.secret_access_key }
 }
 
-async fn allow(admin: &mut Admin, store: &str, key: &str, operations: &[&str]) {
+pub(crate) async fn allow(admin: &mut Admin, store: &str, key: &str, operations: &[&str]) {
     admin
         .create_grant(pb::CreateGrantRequest {
             principal: format!("xks:{store}"),
@@ -77,7 +77,7 @@ async fn allow(admin: &mut Admin, store: &str, key: &str, operations: &[&str]) {
         .expect("grant created");
 }
 
-async fn new_key(admin: &mut Admin, alias: &str) -> String {
+pub(crate) async fn new_key(admin: &mut Admin, alias: &str) -> String {
     admin
         .create_key(pb::CreateKeyRequest { description: String::new(), alias: alias.into(), rotation_period_seconds: 0 })
         .await

@@ -114,6 +114,12 @@ fn canonical_request(request: &http::request::Parts, body: &[u8], signed_headers
     Ok(format!("{}\n{uri}\n{query}\n{headers}\n{signed_headers}\n{}", request.method, hex(&Sha256::digest(body))))
 }
 
+/// The access key id a request's `Authorization` header names, if it is well formed.
+pub fn access_key_id(request: &http::request::Parts) -> Option<&str> {
+    let header = request.headers.get("authorization")?.to_str().ok()?;
+    parse_authorization(header).map(|a| a.access_key_id)
+}
+
 /// Verifies `request`'s signature (its body is `body`) against the secrets `secret_of` gives for
 /// access key ids, in `region`, at `now`. Returns the access key id that signed it.
 pub fn authenticate(

@@ -155,13 +155,28 @@ async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Full<By
         response.headers_mut().insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("POST"));
         return response;
     }
-    let directory = shared.kms.xks_directory();
-    let Some(store) = directory.store_at(prefix).cloned() else {
-        return error(&XksError::new(ErrorName::InvalidUriPath, "no key store at this path"));
+    // What this node knows of the key stores; if the request names one, or a credential, it
+    // does not know, it looks again in the store (made on another node a moment ago?).
+    let mut directory = shared.kms.xks_directory();
+    let mut signed = authenticated(&directory, prefix, &parts, &body);
+    if signed.is_err() {
+        let (kms, wanted) = (shared.kms.clone(), prefix.to_string());
+        let access_key = auth::access_key_id(&parts).map(str::to_string);
+        let fresh = tokio::task::spawn_blocking(move || {
+            kms.xks_directory_knowing(|d| d.store_at(&wanted).is_some_and(|s| access_key.as_deref().is_none_or(|id| d.secret(&s.name, id).is_some())))
+        });
+        if let Ok(fresh) = fresh.await
+            && !Arc::ptr_eq(&fresh, &directory)
+        {
+            directory = fresh;
+            signed = authenticated(&directory, prefix, &parts, &body);
+        }
+    }
+    let signed = match signed {
+        Err(e) if e.name == ErrorName::InvalidUriPath => return error(&e),
+        other => other,
     };
-    let name = store.name.clone();
-    let signed = auth::authenticate(&parts, &body, &store.region, |id| directory.secret(&name, id), chrono::Utc::now());
-    let who = Who::Facade(signed.as_ref().map(|_| crate::service::xks::principal(&store.name)).map_err(|e| e.message().to_string()));
+    let who = Who::Facade(signed.as_ref().map(|store| crate::service::xks::principal(store)).map_err(|e| e.message().to_string()));
     let operation = route.operation();
     let result = match (signed, &route) {
         // Refused before anything else is read, and audited as such.
@@ -178,6 +193,13 @@ async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Full<By
         Ok(body) => answer(StatusCode::OK, body),
         Err(e) => error(&e),
     }
+}
+
+/// The key store at `prefix` whose credential signed the request, by `directory`.
+fn authenticated(directory: &crate::service::xks::Directory, prefix: &str, parts: &http::request::Parts, body: &[u8]) -> Result<String, XksError> {
+    let store = directory.store_at(prefix).ok_or_else(|| XksError::new(ErrorName::InvalidUriPath, "no key store at this path"))?;
+    auth::authenticate(parts, body, &store.region, |id| directory.secret(&store.name, id), chrono::Utc::now())?;
+    Ok(store.name.clone())
 }
 
 /// A gRPC status from `Shared::call` as the XKS error the spec names for it.
