@@ -389,9 +389,23 @@ impl Kms {
     }
 
     /// Encrypts for AWS under the primary version of the key `proof` names, with the AAD
-    /// `aad` makes for the version used (the facade's framing, which names the version).
-    pub fn xks_encrypt(&self, proof: &Authorized, plaintext: &[u8], aad: &dyn Fn(u32) -> Vec<u8>) -> Result<Sealed> {
-        self.encrypt_primary(proof, plaintext, None, &|version, _| aad(version))
+    /// `aad` makes for the version used (the facade's framing, which names the version). With
+    /// `self_test`, decrypts the result back in the HSM and compares it with `plaintext` before
+    /// answering (the spec's advice when AWS asks for an integrity value: corruption between
+    /// the HSM and AWS is caught by the value, corruption in the HSM only by this).
+    pub fn xks_encrypt(&self, proof: &Authorized, plaintext: &[u8], aad: &dyn Fn(u32) -> Vec<u8>, self_test: bool) -> Result<Sealed> {
+        let sealed = self.encrypt_primary(proof, plaintext, None, &|version, _| aad(version))?;
+        if self_test {
+            let entry = self.registry.entry(&KeyRef::Id(proof.key_id()))?;
+            let (_, handle) = decryption_version(&entry, sealed.version, Operation::Decrypt)?;
+            let back = self.hsm.decrypt(handle, &sealed.iv, &aad(sealed.version), &sealed.ciphertext);
+            if !back.is_ok_and(|b| b.expose_secret() == plaintext) {
+                tracing::error!(key_id = %proof.key_id(), version = sealed.version, "an XKS encryption did not decrypt back to its plaintext");
+                let code = cryptoki::error::RvError::GeneralError;
+                return Err(Error::Hsm(crate::hsm::HsmError::Unavailable { function: "C_Decrypt (XKS self-test)", code }));
+            }
+        }
+        Ok(sealed)
     }
 
     /// Decrypts for AWS with version `version` of the key `proof` names. Any failure of the

@@ -389,3 +389,29 @@ async fn an_officer_connects_aws_with_kmsctl() {
     let listed: Value = serde_json::from_str(&kmsctl(&["--json", "xks", "list"])).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_hsm_fault_is_a_retryable_error_and_an_integrity_value_is_answered_only_after_the_self_test() {
+    let server = Server::start();
+    let mut admin = server.admin().await;
+    let key = new_key(&mut admin, "faulty").await;
+    let credential = key_store(&mut admin, "aws", "").await;
+    allow(&mut admin, "aws", &key, &["Encrypt", "Decrypt"]).await;
+    let path = format!("/kms/xks/v1/keys/{key}/encrypt");
+    let plain = json!({"requestMetadata": metadata("Encrypt"), "plaintext": B64.encode(b"x"), "encryptionAlgorithm": "AES_GCM"});
+    let mut checked = plain.clone();
+    checked["ciphertextDataIntegrityValueAlgorithm"] = json!("SHA_256");
+
+    // The HSM's encryption fails: 503, which AWS retries; nothing leaks in the message.
+    server.hsm_fault(Some("C_Encrypt CKR_DEVICE_ERROR"));
+    let (status, e) = xks(&server, "POST", &path, &plain, &credential, REGION);
+    assert_eq!((status, e["errorName"].as_str()), (503, Some("DependencyTimeoutException")), "{e}");
+    // Only its decryption fails: an encryption without an integrity value is answered (it
+    // decrypts nothing); one with it is not, since its self-test could not decrypt it back.
+    server.hsm_fault(Some("C_Decrypt CKR_DEVICE_ERROR"));
+    assert_eq!(xks(&server, "POST", &path, &plain, &credential, REGION).0, 200);
+    let (status, e) = xks(&server, "POST", &path, &checked, &credential, REGION);
+    assert_eq!((status, e["errorName"].as_str()), (503, Some("DependencyTimeoutException")), "{e}");
+    server.hsm_fault(None);
+    assert_eq!(xks(&server, "POST", &path, &checked, &credential, REGION).0, 200);
+}

@@ -299,7 +299,7 @@ async fn encrypt(shared: &Shared, who: Who, id: &str, body: &[u8]) -> Result<Vec
         facts.key_id = Some(key_id);
         let proof = kms.authorize_xks(caller, key_id, Operation::Encrypt, &context_of(&request.metadata)?)?;
         let aad = |version| framing::aad(request.aad.as_deref(), &framing::metadata(version));
-        let sealed = kms.xks_encrypt(&proof, request.plaintext.expose_secret(), &aad)?;
+        let sealed = kms.xks_encrypt(&proof, request.plaintext.expose_secret(), &aad, request.integrity_value)?;
         facts.key_version = Some(sealed.version);
         let (ciphertext, tag) = sealed.ciphertext.split_at(sealed.ciphertext.len().saturating_sub(wire::TAG_LEN));
         json(&wire::EncryptAnswer::new(&request, &framing::metadata(sealed.version), &sealed.iv.0, ciphertext, tag))
