@@ -108,6 +108,9 @@ async fn aws_encrypts_and_decrypts_under_our_keys_signed_by_an_independent_signe
     assert_eq!(status, 200, "{health}");
     assert_eq!(health["ekmFleetDetails"][0]["healthStatus"], "ACTIVE", "{health}");
     assert_eq!(health["xksProxyFleetSize"], 1);
+    // The load balancers' check: a plain GET, no signature needed, no HSM call.
+    let nobody = Credential { id: "NOBODY".into(), secret: "x".into() };
+    assert_eq!(xks(&server, "GET", "/ping", &json!({}), &nobody, REGION), (200, json!({"status": "ACTIVE"})));
     // HTTP/1.1 as well as HTTP/2 (the spec: the proxy must be able to fall back to 1.1).
     let body = json!({"requestMetadata": {"kmsRequestId": "h2", "kmsOperation": "KmsHealthCheck"}});
     assert_eq!(xks_over(&["--http1.1"], &server, "POST", "/aws/prod/kms/xks/v1/health", &body, &credential, REGION).0, 200);

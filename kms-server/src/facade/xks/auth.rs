@@ -154,20 +154,53 @@ pub fn authenticate(
     let Some(secret) = secret_of(auth.access_key_id) else {
         return Err(refused(format!("access key {} is not one of this key store's", auth.access_key_id)));
     };
-    let scope = format!("{}/{region}/{SERVICE}/aws4_request", auth.day);
     let canonical = canonical_request(request, body, auth.signed_headers)?;
-    let to_sign = format!("{ALGORITHM}\n{stamp}\n{scope}\n{}", hex(&Sha256::digest(canonical.as_bytes())));
-    let prefixed = zeroize::Zeroizing::new(format!("AWS4{}", secret.expose_secret()));
-    let mut key = hmac(prefixed.as_bytes(), auth.day.as_bytes())?.finalize().into_bytes();
-    for part in [region, SERVICE, "aws4_request"] {
-        key = hmac(&key, part.as_bytes())?.finalize().into_bytes();
-    }
     let signature = (auth.signature.len() == 64)
         .then(|| (0..32).map(|i| u8::from_str_radix(&auth.signature[2 * i..2 * i + 2], 16).ok()).collect::<Option<Vec<u8>>>())
         .flatten()
         .ok_or_else(|| refused("the signature is not 64 hexadecimal digits"))?;
-    hmac(&key, to_sign.as_bytes())?.verify_slice(&signature).map_err(|_| refused("the signature does not match the request"))?;
+    signing_mac(secret.expose_secret(), stamp, region, &canonical)?
+        .verify_slice(&signature)
+        .map_err(|_| refused("the signature does not match the request"))?;
     Ok(auth.access_key_id.to_string())
+}
+
+/// The HMAC whose output is the signature of `canonical` (a canonical request) made at `stamp`
+/// (`YYYYMMDDTHHMMSSZ`) in `region` with `secret`: SigV4's string to sign, under its derived
+/// signing key.
+fn signing_mac(secret: &str, stamp: &str, region: &str, canonical: &str) -> Result<Hmac<Sha256>, XksError> {
+    let day = stamp.get(..8).ok_or_else(|| refused("X-Amz-Date is too short"))?;
+    let to_sign = format!("{ALGORITHM}\n{stamp}\n{day}/{region}/{SERVICE}/aws4_request\n{}", hex(&Sha256::digest(canonical.as_bytes())));
+    let prefixed = zeroize::Zeroizing::new(format!("AWS4{secret}"));
+    let mut key = hmac(prefixed.as_bytes(), day.as_bytes())?.finalize().into_bytes();
+    for part in [region, SERVICE, "aws4_request"] {
+        key = hmac(&key, part.as_bytes())?.finalize().into_bytes();
+    }
+    hmac(&key, to_sign.as_bytes())
+}
+
+/// Signs `request` (with `body`) as AWS KMS does, over `host` and `x-amz-date`: sets
+/// `x-amz-date` to `now` and `authorization`. For the load generator (`xks-load`); the tests
+/// sign with curl, independently of this module.
+pub fn sign(
+    request: &mut http::request::Parts,
+    body: &[u8],
+    region: &str,
+    access_key_id: &str,
+    secret: &str,
+    now: DateTime<Utc>,
+) -> Result<(), XksError> {
+    let stamp = now.format("%Y%m%dT%H%M%SZ").to_string();
+    let header = |v: &str| http::HeaderValue::from_str(v).map_err(|_| XksError::new(ErrorName::Validation, "a header that is not text"));
+    request.headers.insert("x-amz-date", header(&stamp)?);
+    let signed_headers = "host;x-amz-date";
+    let canonical = canonical_request(request, body, signed_headers)?;
+    let signature = hex(&signing_mac(secret, &stamp, region, &canonical)?.finalize().into_bytes());
+    let credential = format!("{access_key_id}/{}/{region}/{SERVICE}/aws4_request", &stamp[..8]);
+    request
+        .headers
+        .insert("authorization", header(&format!("{ALGORITHM} Credential={credential}, SignedHeaders={signed_headers}, Signature={signature}"))?);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -256,6 +289,11 @@ mod tests {
             assert_eq!(e.name, ErrorName::AuthenticationFailed, "{what}: {e}");
             assert!(!e.message().contains(SECRET), "{what}: {e}");
         }
+        // `sign` (the load generator's) makes the hand signer's signature.
+        let mut ours = ok.clone();
+        ours.headers.remove("authorization");
+        super::sign(&mut ours, body, "eu-west-3", ACCESS_KEY, SECRET, at(date)).unwrap();
+        assert_eq!(ours.headers["authorization"], ok.headers["authorization"]);
         let mut unsigned = ok.clone();
         unsigned.headers.remove("authorization");
         assert_eq!(authenticate(&unsigned, body, "eu-west-3", secrets, at(date)).unwrap_err().name, ErrorName::AuthenticationFailed);

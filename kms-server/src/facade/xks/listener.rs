@@ -24,6 +24,9 @@ use crate::service::xks::{KEY_USAGE_REFUSED, metadata_context};
 /// The path every route starts with after the key store's prefix.
 const API: &str = "/kms/xks/v1";
 
+/// The load balancers' health check: `GET /ping` answers 200 unless the HSM is unavailable.
+const PING: &str = "/ping";
+
 /// The largest request body read: the spec's largest fields (8,192 bytes of plaintext and of
 /// AAD, ARNs of 2,048 characters) in Base64 and JSON, with room to spare.
 const MAX_BODY: usize = 64 * 1024;
@@ -146,6 +149,13 @@ async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Full<By
         Ok(body) => body.to_bytes(),
         Err(_) => return error(&XksError::new(ErrorName::UnsupportedOperation, format!("the request body is over {MAX_BODY} bytes or broken"))),
     };
+    if parts.uri.path() == PING && parts.method == Method::GET {
+        // For load balancers (the spec asks for one): unauthenticated, no HSM call, no audit.
+        return match shared.kms.hsm_health() {
+            crate::service::status::Health::Unavailable => answer(StatusCode::SERVICE_UNAVAILABLE, br#"{"status":"UNAVAILABLE"}"#.to_vec()),
+            health => answer(StatusCode::OK, format!(r#"{{"status":"{}"}}"#, health.as_str()).into_bytes()),
+        };
+    }
     let Some((prefix, route)) = route(parts.uri.path()) else {
         return error(&XksError::new(ErrorName::InvalidUriPath, "no XKS API at this path"));
     };
