@@ -256,6 +256,14 @@ async fn each_refusal_is_the_specs_error() {
     expect(post(&format!("/aws/kms/xks/v1/keys/{key}/encrypt"), json!("not an object")), (400, "ValidationException"), "malformed JSON");
     let big = json!({"requestMetadata": metadata("Encrypt"), "plaintext": B64.encode(vec![0u8; 8193]), "encryptionAlgorithm": "AES_GCM"});
     expect(post(&format!("/aws/kms/xks/v1/keys/{key}/encrypt"), big), (501, "UnsupportedOperationException"), "oversize plaintext");
+    let bad64 = json!({"requestMetadata": metadata("Encrypt"), "plaintext": "not base64!", "encryptionAlgorithm": "AES_GCM"});
+    expect(post(&format!("/aws/kms/xks/v1/keys/{key}/encrypt"), bad64), (400, "ValidationException"), "plaintext not Base64");
+    // Signed ten minutes ago (curl signs with the X-Amz-Date it is given).
+    let stale = Command::new("date").args(["-u", "-d", "-10 min", "+%Y%m%dT%H%M%SZ"]).output().unwrap().stdout;
+    let stale = format!("x-amz-date: {}", String::from_utf8(stale).unwrap().trim());
+    let old = xks_over(&["--header", &stale], &server, "POST", &format!("/aws/kms/xks/v1/keys/{key}/encrypt"), &encrypt, &credential, REGION);
+    assert!(old.1["errorMessage"].as_str().unwrap_or_default().contains("X-Amz-Date"), "{}", old.1);
+    expect(old, (401, "AuthenticationFailedException"), "a signature ten minutes old");
     // An unknown kmsOperation is accepted (forward compatibility).
     let future = json!({"requestMetadata": metadata("SomeFutureOperation"), "plaintext": B64.encode(b"x"), "encryptionAlgorithm": "AES_GCM"});
     assert_eq!(post(&format!("/aws/kms/xks/v1/keys/{key}/encrypt"), future).0, 200);
@@ -384,6 +392,14 @@ async fn an_officer_connects_aws_with_kmsctl() {
     assert_eq!(listed[0]["credentials"][0]["access_key_id"], json!(second_id), "{listed}");
     assert!(!listed.to_string().contains("RawSecretAccessKey") && !listed.to_string().contains(&credential.secret), "no secret is listed");
 
+    // Removing the key from the key store: AWS no longer finds it.
+    kmsctl(&["xks", "remove", "prod", "--key", "alias/ebs"]);
+    let second = Credential { id: second_id.clone(), secret: second["credential"]["RawSecretAccessKey"].as_str().unwrap().into() };
+    let (status, e) = xks(&server, "POST", &path, &json!({"requestMetadata": via_ebs}), &second, REGION);
+    assert_eq!((status, e["errorName"].as_str()), (404, Some("KeyNotFoundException")), "{e}");
+    let out = server.kmsctl(&["xks", "remove", "prod", "--key", "alias/ebs"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("nothing to remove"));
+
     // Bad input is refused with the field named, and changes nothing.
     let out = server.kmsctl(&["xks", "create", "Bad Name", "--region", REGION, "--xks-url", &endpoint]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("name"), "{}", String::from_utf8_lossy(&out.stderr));
@@ -417,4 +433,53 @@ async fn an_hsm_fault_is_a_retryable_error_and_an_integrity_value_is_answered_on
     assert_eq!((status, e["errorName"].as_str()), (503, Some("DependencyTimeoutException")), "{e}");
     server.hsm_fault(None);
     assert_eq!(xks(&server, "POST", &path, &checked, &credential, REGION).0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_keys_lifecycle_cuts_aws_off_as_it_cuts_grpc_callers() {
+    // The sweep's clock runs 8 days ahead: a destruction scheduled in 7 days happens at once.
+    let server = Server::start_with(kms_tests::Options { sweep_clock_offset: 8 * 86_400, ..Default::default() });
+    let mut admin = server.admin().await;
+    let mut data = server.data().await;
+    let key = kms_tests::create_key(&mut admin, "shared").await;
+    let credential = key_store(&mut admin, "aws", "/aws").await;
+    allow(&mut admin, "aws", &key, &["Encrypt", "Decrypt"]).await;
+    let post = |call: &str, body: &Value| xks(&server, "POST", &format!("/aws/kms/xks/v1/keys/{key}/{call}"), body, &credential, REGION);
+    let encrypt = json!({"requestMetadata": metadata("Encrypt"), "plaintext": B64.encode(b"x"), "encryptionAlgorithm": "AES_GCM"});
+    let (_, sealed) = post("encrypt", &encrypt);
+    let decrypt = json!({"requestMetadata": metadata("Decrypt"), "encryptionAlgorithm": "AES_GCM", "ciphertext": sealed["ciphertext"],
+                         "initializationVector": sealed["initializationVector"], "authenticationTag": sealed["authenticationTag"],
+                         "ciphertextMetadata": sealed["ciphertextMetadata"]});
+    let describe = json!({"requestMetadata": metadata("DescribeKey")});
+    let grpc = |data: &mut kms_proto::v1::crypto_client::CryptoClient<kms_client::Channel>| {
+        let request =
+            pb::EncryptRequest { key_id: key.clone(), plaintext: b"x".to_vec(), encryption_context: Default::default(), caller_context: None };
+        let mut data = data.clone();
+        async move { data.encrypt(request).await.map(drop).map_err(|s| s.code()) }
+    };
+    assert_eq!(grpc(&mut data).await, Ok(()));
+
+    // Disabled: AWS and gRPC callers refused on the next call.
+    admin.disable_key(pb::DisableKeyRequest { key_id: key.clone() }).await.unwrap();
+    assert_eq!(post("encrypt", &encrypt).1["errorName"], "InvalidStateException");
+    assert_eq!(post("decrypt", &decrypt).1["errorName"], "InvalidStateException");
+    assert_eq!(grpc(&mut data).await, Err(tonic::Code::FailedPrecondition));
+    admin.enable_key(pb::EnableKeyRequest { key_id: key.clone() }).await.unwrap();
+    assert_eq!(post("decrypt", &decrypt).0, 200);
+
+    // Compromised: nothing for AWS (only a gRPC ReEncrypt out remains), metadata says DISABLED.
+    admin.mark_key_compromised(pb::MarkKeyCompromisedRequest { key_id: key.clone() }).await.unwrap();
+    assert_eq!(post("encrypt", &encrypt).1["errorName"], "InvalidStateException");
+    assert_eq!(post("decrypt", &decrypt).1["errorName"], "InvalidStateException");
+    assert_eq!(post("metadata", &describe).1["keyStatus"], "DISABLED");
+
+    // Destroyed: the key is not found, as if it never was.
+    admin.schedule_key_destruction(pb::ScheduleKeyDestructionRequest { key_id: key.clone(), pending_window_days: 7 }).await.unwrap();
+    kms_tests::eventually("the key destroyed", std::time::Duration::from_secs(30), || {
+        post("metadata", &describe).1["errorName"] == "KeyNotFoundException"
+    });
+    for (call, body) in [("encrypt", &encrypt), ("decrypt", &decrypt)] {
+        let (status, e) = post(call, body);
+        assert_eq!((status, e["errorName"].as_str()), (404, Some("KeyNotFoundException")), "{call}: {e}");
+    }
 }

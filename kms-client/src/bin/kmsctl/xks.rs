@@ -48,7 +48,14 @@ pub(crate) enum XksCommand {
         #[arg(long)]
         via_service: Option<String>,
     },
-    /// The keys the key store may use: its grants (revoke one with `kmsctl grant revoke`).
+    /// Stops the key store using a key: revokes every grant of xks:NAME on it (AWS then gets
+    /// KeyNotFoundException for it, from the next call, on every node).
+    Remove {
+        name: String,
+        #[arg(long)]
+        key: String,
+    },
+    /// The keys the key store may use: its grants.
     Keys { name: String },
 }
 
@@ -171,6 +178,19 @@ impl XksCommand {
                 out.print(json!({"grant": grant_json(&g), "external_key_id": g.key_id}), || {
                     format!("{}\nexternal key id (AWS KMS CreateKey): {}", grant_text(&g), g.key_id)
                 });
+                Ok(())
+            }
+            XksCommand::Remove { name, key } => {
+                let grants =
+                    c.list_grants(pb::ListGrantsRequest { key_id: key.clone(), principal: format!("xks:{name}") }).await?.into_inner().grants;
+                if grants.is_empty() {
+                    return Err(Error::Config(format!("key store {name} may not use {key}: nothing to remove")));
+                }
+                for g in &grants {
+                    c.revoke_grant(pb::RevokeGrantRequest { grant_id: g.grant_id.clone() }).await?;
+                }
+                let ids: Vec<&str> = grants.iter().map(|g| g.grant_id.as_str()).collect();
+                out.print(json!({"revoked": ids}), || format!("revoked {}", ids.join(", ")));
                 Ok(())
             }
             XksCommand::Keys { name } => {
