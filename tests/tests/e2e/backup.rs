@@ -247,3 +247,34 @@ async fn a_postgresql_store_restores_into_an_empty_database() {
     let restored: i64 = server.db().query_row("SELECT COUNT(*) FROM audit WHERE operation = 'Restore'", [], |r| r.get(0)).unwrap();
     assert_eq!(restored, 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_aws_key_store_comes_back_with_a_restore_and_decrypts_what_aws_holds() {
+    use crate::xks::{REGION, allow, key_store, metadata, new_key, xks};
+    use serde_json::json;
+    let mut server = Server::start_with(Options { backup_key: true, ..Options::default() });
+    let mut admin = server.admin().await;
+    let key = new_key(&mut admin, "s3").await;
+    let credential = key_store(&mut admin, "aws", "/aws").await;
+    allow(&mut admin, "aws", &key, &["Encrypt", "Decrypt"]).await;
+    let path = |call: &str| format!("/aws/kms/xks/v1/keys/{key}/{call}");
+    let encrypt = json!({"requestMetadata": metadata("Encrypt"), "plaintext": "c2VjcmV0", "encryptionAlgorithm": "AES_GCM"});
+    let (status, sealed) = xks(&server, "POST", &path("encrypt"), &encrypt, &credential, REGION);
+    assert_eq!(status, 200, "{sealed}");
+    drop(admin);
+    let file = server.dir.path().join("xks.kmsbak").display().to_string();
+    let out = server.kmsctl(&["backup", "create", "--out", &file]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    server.stop();
+    wipe(&server);
+    let out = server.server_command(&["restore", &file, "--none-destroyed-since"]).unwrap();
+    assert!(out.status.success(), "restore failed: {}", String::from_utf8_lossy(&out.stderr));
+    server.restart();
+    // The key store, its credential (sealed under a restored HSM key) and its grant are back:
+    // what AWS holds decrypts, signed with the credential AWS holds.
+    let decrypt = json!({"requestMetadata": metadata("Decrypt"), "encryptionAlgorithm": "AES_GCM", "ciphertext": sealed["ciphertext"],
+                         "initializationVector": sealed["initializationVector"], "authenticationTag": sealed["authenticationTag"],
+                         "ciphertextMetadata": sealed["ciphertextMetadata"]});
+    let (status, opened) = xks(&server, "POST", &path("decrypt"), &decrypt, &credential, REGION);
+    assert_eq!((status, opened["plaintext"].as_str()), (200, Some("c2VjcmV0")), "{opened}");
+}
