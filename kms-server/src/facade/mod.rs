@@ -3,5 +3,7 @@
 //! service calls and the service's errors into its protocol's.
 //!
 //! * [`xks`]: the AWS KMS external key store proxy API (XKS Proxy API v1).
+//! * [`cse`]: Google Workspace client-side encryption's key service (KACLS), in progress.
 
+pub mod cse;
 pub mod xks;

@@ -1,0 +1,279 @@
+//! Google Workspace CSE's JSON and rules (the KACLS reference): the requests, the two tokens'
+//! claims and the checks between them, the wrapped key's envelope, the resource key hash, and
+//! the structured error. No I/O.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+/// The most bytes of a data encryption key Google wraps.
+pub const MAX_KEY: usize = 128;
+/// The most bytes of a wrapped key, a resource name, a perimeter id, a reason.
+pub const MAX_WRAPPED_KEY: usize = 1024;
+pub const MAX_RESOURCE_NAME: usize = 128;
+pub const MAX_PERIMETER_ID: usize = 128;
+pub const MAX_REASON: usize = 1024;
+
+/// The structured error reply: `{"code", "message", "details"}`, `code` the HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CseError {
+    pub code: u16,
+    pub message: String,
+    pub details: String,
+}
+
+impl CseError {
+    fn new(code: u16, message: impl Into<String>) -> CseError {
+        let message: String = message.into().chars().take(512).map(|c| if c.is_control() { '?' } else { c }).collect();
+        CseError { code, message, details: String::new() }
+    }
+
+    /// Malformed JSON, Base64 or sizes.
+    pub fn bad_request(message: impl Into<String>) -> CseError {
+        CseError::new(400, message)
+    }
+
+    /// A token that is missing, malformed, unsigned by a trusted issuer or expired.
+    pub fn unauthenticated(message: impl Into<String>) -> CseError {
+        CseError::new(401, message)
+    }
+
+    /// Valid tokens that do not allow the call: another user, role, resource or KACLS.
+    pub fn forbidden(message: impl Into<String>) -> CseError {
+        CseError::new(403, message)
+    }
+
+    pub fn body(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// The authentication token's claims this service reads (the IdP's).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Authentication {
+    pub email: String,
+    /// The user's Google Workspace address when `email` is another (compared instead of it).
+    #[serde(default)]
+    pub google_email: Option<String>,
+    #[serde(default)]
+    pub delegated_to: Option<String>,
+    #[serde(default)]
+    pub resource_name: Option<String>,
+}
+
+/// The authorization token's claims (Google's).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Authorization {
+    pub email: String,
+    pub role: String,
+    pub resource_name: String,
+    pub kacls_url: String,
+    #[serde(default)]
+    pub perimeter_id: Option<String>,
+    /// `google` (also when absent), `google-visitor` or `customer-idp`.
+    #[serde(default)]
+    pub email_type: Option<String>,
+    #[serde(default)]
+    pub delegated_to: Option<String>,
+}
+
+/// What a call does with a key, for the role check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    Wrap,
+    Unwrap,
+    Digest,
+}
+
+impl Use {
+    /// The roles Google's authorization token may name for this use.
+    fn roles(self) -> &'static [&'static str] {
+        match self {
+            Use::Wrap => &["writer", "upgrader"],
+            Use::Unwrap => &["writer", "reader"],
+            Use::Digest => &["writer", "reader", "verifier"],
+        }
+    }
+}
+
+/// The checks between the two tokens and this service (the KACLS reference, "Encrypt and
+/// decrypt data"): the same user (case-insensitively; the IdP's `google_email` when it has
+/// one), the same delegation, a role that allows `what`, this service's own URL, and guests
+/// only where allowed.
+pub fn check_tokens(authn: Option<&Authentication>, authz: &Authorization, what: Use, kacls_url: &str, guests: bool) -> Result<(), CseError> {
+    if let Some(authn) = authn {
+        let user = authn.google_email.as_deref().unwrap_or(&authn.email);
+        if !user.eq_ignore_ascii_case(&authz.email) {
+            return Err(CseError::forbidden("the authentication and authorization tokens are for different users"));
+        }
+        if let Some(delegate) = &authn.delegated_to {
+            let same = authz.delegated_to.as_deref().is_some_and(|d| d.eq_ignore_ascii_case(delegate))
+                && authn.resource_name.as_deref() == Some(authz.resource_name.as_str());
+            if !same {
+                return Err(CseError::forbidden("the authentication token's delegation does not match the authorization token's"));
+            }
+        }
+    }
+    if !what.roles().contains(&authz.role.as_str()) {
+        return Err(CseError::forbidden(format!("the role {:?} does not allow {what:?}", authz.role.chars().take(32).collect::<String>())));
+    }
+    if authz.kacls_url.trim_end_matches('/') != kacls_url.trim_end_matches('/') {
+        return Err(CseError::forbidden("the authorization token is for another key service (kacls_url)"));
+    }
+    match authz.email_type.as_deref() {
+        None | Some("google") => {}
+        Some("google-visitor" | "customer-idp") if guests => {}
+        Some(_) => return Err(CseError::forbidden("guest access (email_type) is not allowed by this key service")),
+    }
+    if authz.resource_name.len() > MAX_RESOURCE_NAME || authz.perimeter_id.as_ref().is_some_and(|p| p.len() > MAX_PERIMETER_ID) {
+        return Err(CseError::bad_request(format!("resource_name and perimeter_id are at most {MAX_RESOURCE_NAME} bytes")));
+    }
+    Ok(())
+}
+
+/// Decodes Base64 `field`, at most `max` bytes.
+pub fn decode(field: &str, text: &str, max: usize) -> Result<Vec<u8>, CseError> {
+    let bytes = B64.decode(text).map_err(|_| CseError::bad_request(format!("{field} is not Base64")))?;
+    if bytes.is_empty() || bytes.len() > max {
+        return Err(CseError::bad_request(format!("{field} must be 1 to {max} bytes")));
+    }
+    Ok(bytes)
+}
+
+/// The wrapped key Google keeps: our blob, whose AAD binds the resource name and the perimeter
+/// id, behind the perimeter id in clear (a call must know which perimeter to check before it
+/// can open the blob):
+///
+/// ```text
+/// 0x01 || u8 len(perimeter_id) || perimeter_id || blob
+/// ```
+pub fn envelope(perimeter_id: &str, blob: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + perimeter_id.len() + blob.len());
+    out.push(1);
+    out.push(perimeter_id.len() as u8);
+    out.extend_from_slice(perimeter_id.as_bytes());
+    out.extend_from_slice(blob);
+    out
+}
+
+/// The perimeter id and the blob of a wrapped key.
+pub fn open_envelope(wrapped: &[u8]) -> Result<(String, &[u8]), CseError> {
+    let bad = || CseError::bad_request("wrapped_key was not made by this key service");
+    let [1, len, rest @ ..] = wrapped else { return Err(bad()) };
+    let len = usize::from(*len);
+    if rest.len() <= len {
+        return Err(bad());
+    }
+    let perimeter = std::str::from_utf8(&rest[..len]).map_err(|_| bad())?;
+    Ok((perimeter.to_string(), &rest[len..]))
+}
+
+/// The encryption context a wrapped key's blob is bound to.
+pub fn context_pairs(resource_name: &str, perimeter_id: &str) -> std::collections::HashMap<String, String> {
+    [("cse_resource_name", resource_name), ("cse_perimeter_id", perimeter_id)].into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// The resource key hash (the KACLS reference, "Resource key hash"): HMAC-SHA256 keyed with the
+/// data encryption key over `"ResourceKeyDigest:" resource_name ":" perimeter_id`.
+pub fn resource_key_hash(dek: &[u8], resource_name: &str, perimeter_id: &str) -> Result<[u8; 32], CseError> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(dek).map_err(|_| CseError::bad_request("the key cannot key an HMAC"))?;
+    mac.update(format!("ResourceKeyDigest:{resource_name}:{perimeter_id}").as_bytes());
+    Ok(mac.finalize().into_bytes().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    }
+
+    #[test]
+    fn the_resource_key_hash_is_googles_test_vectors() {
+        let cases = [
+            (
+                "6a68079290123ed8f23c845cc8bda91cd961c0246b79446662919e336920cbef",
+                "//googleapis.com/testcase/hJB0PzRI7nl79LC18qaV8WMDCBALBSs9BREcq79MfVw",
+                "",
+                "4d9aafeb06cd0e812d0f3c10f18573a5aee4c86300a104fad9b258f0b71bd813",
+            ),
+            (
+                "05b62b91cb66f19e27789fb69eb680fac113a70a120178d6cfa6b1b4cb11bb95",
+                "//googleapis.com/testcase/od8yfZiS5ZF2RN27X4ClalsV6LobL2FwKRk4qOJxWdE",
+                "perimeter1",
+                "1b6231a171bc10ef99dd3b08f0742620811a59191570284d32b674c531cc2da5",
+            ),
+        ];
+        for (dek, resource, perimeter, want) in cases {
+            assert_eq!(resource_key_hash(&hex(dek), resource, perimeter).unwrap().to_vec(), hex(want), "{resource}");
+        }
+    }
+
+    #[test]
+    fn the_envelope_gives_back_its_perimeter_and_blob_and_refuses_anything_else() {
+        let wrapped = envelope("eu-only", b"BLOB");
+        assert_eq!(open_envelope(&wrapped).unwrap(), ("eu-only".to_string(), &b"BLOB"[..]));
+        assert_eq!(open_envelope(&envelope("", b"B")).unwrap(), (String::new(), &b"B"[..]));
+        for bad in [&b""[..], &[2, 0, 1], &[1, 5, b'a'], &[1, 1, b'a'], &[1, 1, 0xff, 1]] {
+            assert_eq!(open_envelope(bad).unwrap_err().code, 400, "{bad:?}");
+        }
+    }
+
+    fn authz(role: &str) -> Authorization {
+        Authorization {
+            email: "Ana@Example.com".into(),
+            role: role.into(),
+            resource_name: "//googleapis.com/drive/files/1".into(),
+            kacls_url: "https://kacls.example.com/cse".into(),
+            perimeter_id: None,
+            email_type: None,
+            delegated_to: None,
+        }
+    }
+
+    #[test]
+    fn the_tokens_must_agree_with_each_other_and_with_this_service() {
+        let authn = Authentication { email: "ana@example.com".into(), google_email: None, delegated_to: None, resource_name: None };
+        let url = "https://kacls.example.com/cse/";
+        assert!(check_tokens(Some(&authn), &authz("writer"), Use::Wrap, url, false).is_ok());
+        assert!(check_tokens(Some(&authn), &authz("reader"), Use::Unwrap, url, false).is_ok());
+        let refusals = [
+            (check_tokens(Some(&authn), &authz("reader"), Use::Wrap, url, false), "does not allow"),
+            (check_tokens(Some(&authn), &authz("upgrader"), Use::Unwrap, url, false), "does not allow"),
+            (
+                check_tokens(Some(&Authentication { email: "bob@example.com".into(), ..authn.clone() }), &authz("writer"), Use::Wrap, url, false),
+                "different users",
+            ),
+            (check_tokens(Some(&authn), &authz("writer"), Use::Wrap, "https://other.example.com", false), "kacls_url"),
+            (
+                check_tokens(Some(&authn), &Authorization { email_type: Some("google-visitor".into()), ..authz("reader") }, Use::Unwrap, url, false),
+                "guest",
+            ),
+            (
+                check_tokens(
+                    Some(&Authentication { delegated_to: Some("svc@example.com".into()), ..authn.clone() }),
+                    &authz("reader"),
+                    Use::Unwrap,
+                    url,
+                    false,
+                ),
+                "delegation",
+            ),
+        ];
+        for (result, why) in refusals {
+            let e = result.unwrap_err();
+            assert_eq!(e.code, 403, "{why}");
+            assert!(e.message.contains(why), "{why}: {}", e.message);
+        }
+        // The IdP's google_email is what is compared, when it has one.
+        let aliased = Authentication { email: "ana@corp.example".into(), google_email: Some("ana@example.com".into()), ..authn };
+        assert!(check_tokens(Some(&aliased), &authz("writer"), Use::Wrap, url, false).is_ok());
+        assert!(
+            check_tokens(Some(&aliased), &Authorization { email_type: Some("customer-idp".into()), ..authz("reader") }, Use::Unwrap, url, true)
+                .is_ok()
+        );
+    }
+}
