@@ -241,6 +241,7 @@ impl Kms {
             leading: std::sync::atomic::AtomicBool::new(false),
         };
         kms.recover()?;
+        kms.store.keep_present()?;
         kms.leading.store(kms.store.leading()?, std::sync::atomic::Ordering::SeqCst);
         Ok(kms)
     }
@@ -298,6 +299,11 @@ impl Kms {
         }
     }
 
+    /// How many nodes serve (1 over SQLite): the XKS health's fleet size.
+    pub fn fleet_size(&self) -> Result<u64> {
+        Ok(self.store.fleet_size()?)
+    }
+
     /// Whether this node ran the background jobs at its last sweep.
     pub fn leading(&self) -> bool {
         self.leading.load(std::sync::atomic::Ordering::SeqCst)
@@ -314,6 +320,9 @@ impl Kms {
     pub fn follow_other_nodes(&self, ask_store: bool) -> Result<()> {
         if !self.store.is_shared() {
             return Ok(());
+        }
+        if ask_store && let Err(e) = self.store.keep_present() {
+            tracing::warn!(error = %e, "could not hold this node's place in the fleet; will retry");
         }
         let seen = self.changes_seen.load(std::sync::atomic::Ordering::SeqCst);
         if !ask_store && seen <= self.registry.read().changes {

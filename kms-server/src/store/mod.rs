@@ -336,6 +336,22 @@ impl Store {
         }
     }
 
+    /// Keeps this node counted in the fleet (several nodes only; the follow loop calls it).
+    pub fn keep_present(&self) -> Result<()> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(()),
+            Backend::Postgres(pg) => pg.keep_present(),
+        }
+    }
+
+    /// How many nodes serve: one with SQLite; with PostgreSQL, the live nodes.
+    pub fn fleet_size(&self) -> Result<u64> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(1),
+            Backend::Postgres(pg) => pg.fleet_size(),
+        }
+    }
+
     /// Runs `f` in one write transaction; commits if it returns `Ok`.
     pub fn write<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
         match &self.backend {

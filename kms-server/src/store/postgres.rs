@@ -137,6 +137,8 @@ pub struct PgStore {
     idle: Mutex<Vec<Conn>>,
     /// The connection holding the leader's lock, while this node leads.
     leader: Mutex<Option<Conn>>,
+    /// The connection holding this node's share of `PRESENCE_LOCK`.
+    presence: Mutex<Option<Conn>>,
 }
 
 /// The advisory lock every change takes, on every node, from its intent to its commit: changes
@@ -147,6 +149,9 @@ const ADMIN_LOCK: i64 = 0x6b6d_735f_6164_6d6e; // "kms_admn"
 /// The advisory lock of the one node that runs the background jobs (destruction and rotation
 /// sweeps, retention, settling a dead node's intents), held as long as its connection lives.
 const LEADER_LOCK: i64 = 0x6b6d_735f_6c65_6164; // "kms_lead"
+/// The advisory lock every live node holds shared, as long as its connection lives: how many
+/// hold it is the size of the fleet (a killed node's connection, and its share, go with it).
+const PRESENCE_LOCK: i64 = 0x6b6d_735f_6e6f_6465; // "kms_node"
 
 /// The cluster's admin lock, held until dropped.
 pub struct AdminLease<'a> {
@@ -222,6 +227,7 @@ impl PgStore {
             tls: tls(&ca).map_err(setup)?,
             idle: Mutex::new(Vec::new()),
             leader: Mutex::new(None),
+            presence: Mutex::new(None),
         };
         let conn = store.connect()?;
         super::schema::migrate_postgres(&conn)?;
@@ -253,6 +259,35 @@ impl PgStore {
             *leader = Some(conn);
         }
         Ok(taken)
+    }
+
+    /// Keeps this node counted in the fleet: holds its share of the presence lock on a
+    /// connection of its own, made again if it failed.
+    pub fn keep_present(&self) -> Result<()> {
+        let mut presence = self.presence.lock().unwrap_or_else(|p| p.into_inner());
+        if presence.as_ref().is_some_and(|conn| conn.simple("SELECT 1").is_ok()) {
+            return Ok(());
+        }
+        *presence = None;
+        let conn = self.connect()?;
+        conn.simple(&format!("SELECT pg_advisory_lock_shared({PRESENCE_LOCK})"))?;
+        *presence = Some(conn);
+        Ok(())
+    }
+
+    /// How many nodes are live: the sessions holding a share of the presence lock (this node's
+    /// taken first).
+    pub fn fleet_size(&self) -> Result<u64> {
+        self.keep_present()?;
+        // A bigint advisory key shows in pg_locks as its high and low halves, objsubid 1, in
+        // this database (advisory locks are per database; the server may hold others).
+        let (high, low) = ((PRESENCE_LOCK as u64) >> 32, (PRESENCE_LOCK as u64) & 0xffff_ffff);
+        let sql = format!(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = {high} AND objid = {low} AND objsubid = 1 \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        );
+        let n = self.read(|db| db.query_dynamic(&sql, &[]))?.first().map(|r| r.int(0)).transpose()?.unwrap_or(0);
+        Ok(n.max(1) as u64)
     }
 
     /// Where a backup's snapshot is written (and removed once opened).

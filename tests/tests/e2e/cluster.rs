@@ -617,3 +617,18 @@ async fn an_xks_key_store_made_on_one_node_serves_on_another_at_once_and_its_rev
         xks(cluster.node(1), "POST", &path, &body, &credential, REGION).0 == 401
     });
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_xks_health_counts_the_live_nodes() {
+    use crate::xks::{REGION, key_store, xks};
+    use serde_json::json;
+    let mut cluster = Cluster::start(3, Options::default());
+    let credential = key_store(&mut cluster.node(0).admin().await, "aws", "").await;
+    let health = json!({"requestMetadata": {"kmsRequestId": "h", "kmsOperation": "KmsHealthCheck"}});
+    let fleet = |cluster: &Cluster| xks(cluster.node(0), "POST", "/kms/xks/v1/health", &health, &credential, REGION).1["xksProxyFleetSize"].clone();
+    assert_eq!(fleet(&cluster), json!(3));
+    cluster.nodes[2].kill9();
+    eventually("the killed node out of the count", Duration::from_secs(10), || fleet(&cluster) == json!(2));
+    cluster.nodes[2].restart();
+    eventually("the restarted node counted again", Duration::from_secs(10), || fleet(&cluster) == json!(3));
+}

@@ -269,7 +269,7 @@ async fn health(shared: &Shared, who: Who, body: &[u8]) -> Result<Vec<u8>, XksEr
     run(shared, "XksGetHealthStatus", who, &metadata, |kms, _, _| {
         let token = kms.hsm_token();
         json(&wire::HealthAnswer {
-            xks_proxy_fleet_size: 1,
+            xks_proxy_fleet_size: kms.fleet_size()?,
             xks_proxy_vendor: "client-held KMS",
             xks_proxy_model: format!("kms-server {}", env!("CARGO_PKG_VERSION")),
             ekm_vendor: token.as_ref().map_or_else(|| "PKCS#11".to_string(), |t| t.manufacturer.clone()),

@@ -352,7 +352,7 @@ pub struct KeyMetadataAnswer {
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HealthAnswer {
-    pub xks_proxy_fleet_size: u32,
+    pub xks_proxy_fleet_size: u64,
     pub xks_proxy_vendor: &'static str,
     pub xks_proxy_model: String,
     pub ekm_vendor: String,
