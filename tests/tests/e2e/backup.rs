@@ -250,15 +250,14 @@ async fn a_postgresql_store_restores_into_an_empty_database() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_aws_key_store_comes_back_with_a_restore_and_decrypts_what_aws_holds() {
-    use crate::xks::{REGION, allow, key_store, metadata, new_key, xks};
-    use serde_json::json;
+    use crate::xks::{REGION, allow, decrypt_body, encrypt_body, key_store, new_key, xks};
     let mut server = Server::start_with(Options { backup_key: true, ..Options::default() });
     let mut admin = server.admin().await;
     let key = new_key(&mut admin, "s3").await;
     let credential = key_store(&mut admin, "aws", "/aws").await;
     allow(&mut admin, "aws", &key, &["Encrypt", "Decrypt"]).await;
     let path = |call: &str| format!("/aws/kms/xks/v1/keys/{key}/{call}");
-    let encrypt = json!({"requestMetadata": metadata("Encrypt"), "plaintext": "c2VjcmV0", "encryptionAlgorithm": "AES_GCM"});
+    let encrypt = encrypt_body(b"secret");
     let (status, sealed) = xks(&server, "POST", &path("encrypt"), &encrypt, &credential, REGION);
     assert_eq!(status, 200, "{sealed}");
     drop(admin);
@@ -272,9 +271,7 @@ async fn an_aws_key_store_comes_back_with_a_restore_and_decrypts_what_aws_holds(
     server.restart();
     // The key store, its credential (sealed under a restored HSM key) and its grant are back:
     // what AWS holds decrypts, signed with the credential AWS holds.
-    let decrypt = json!({"requestMetadata": metadata("Decrypt"), "encryptionAlgorithm": "AES_GCM", "ciphertext": sealed["ciphertext"],
-                         "initializationVector": sealed["initializationVector"], "authenticationTag": sealed["authenticationTag"],
-                         "ciphertextMetadata": sealed["ciphertextMetadata"]});
+    let decrypt = decrypt_body(&sealed, None);
     let (status, opened) = xks(&server, "POST", &path("decrypt"), &decrypt, &credential, REGION);
     assert_eq!((status, opened["plaintext"].as_str()), (200, Some("c2VjcmV0")), "{opened}");
 }

@@ -595,8 +595,7 @@ async fn the_nodes_ride_out_a_database_failover_and_nothing_acknowledged_is_lost
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_xks_key_store_made_on_one_node_serves_on_another_at_once_and_its_revocation_holds() {
-    use crate::xks::{REGION, allow, key_store, metadata, new_key, xks};
-    use serde_json::json;
+    use crate::xks::{REGION, allow, encrypt_body, key_store, new_key, xks};
     let cluster = Cluster::start(2, Options::default());
     let mut admin = cluster.node(0).admin().await;
     let key = new_key(&mut admin, "for-xks").await;
@@ -604,7 +603,7 @@ async fn an_xks_key_store_made_on_one_node_serves_on_another_at_once_and_its_rev
     allow(&mut admin, "aws", &key, &["Encrypt", "Decrypt"]).await;
     // At once on node B: the key store, its credential and its grant, made on node A.
     let path = format!("/aws/kms/xks/v1/keys/{key}/encrypt");
-    let body = json!({"requestMetadata": metadata("Encrypt"), "plaintext": "eA==", "encryptionAlgorithm": "AES_GCM"});
+    let body = encrypt_body(b"x");
     let (status, answer) = xks(cluster.node(1), "POST", &path, &body, &credential, REGION);
     assert_eq!(status, 200, "{answer}");
     // The credential removed on node A: no success on node B from then on.

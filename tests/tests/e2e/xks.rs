@@ -56,6 +56,22 @@ pub(crate) fn metadata(operation: &str) -> Value {
     })
 }
 
+/// An Encrypt request of `plaintext`, as AWS KMS sends it for an Encrypt.
+pub(crate) fn encrypt_body(plaintext: &[u8]) -> Value {
+    json!({"requestMetadata": metadata("Encrypt"), "plaintext": B64.encode(plaintext), "encryptionAlgorithm": "AES_GCM"})
+}
+
+/// The Decrypt request of what an Encrypt answered (`sealed`), with `aad` if there was one.
+pub(crate) fn decrypt_body(sealed: &Value, aad: Option<&[u8]>) -> Value {
+    let mut body = json!({"requestMetadata": metadata("Decrypt"), "encryptionAlgorithm": "AES_GCM", "ciphertext": sealed["ciphertext"],
+                          "initializationVector": sealed["initializationVector"], "authenticationTag": sealed["authenticationTag"],
+                          "ciphertextMetadata": sealed["ciphertextMetadata"]});
+    if let Some(aad) = aad {
+        body["additionalAuthenticatedData"] = json!(B64.encode(aad));
+    }
+    body
+}
+
 pub(crate) async fn key_store(admin: &mut Admin, name: &str, prefix: &str) -> Credential {
     let r = admin
         .create_xks_key_store(pb::CreateXksKeyStoreRequest { name: name.into(), uri_prefix: prefix.into(), region: REGION.into() })
@@ -137,21 +153,14 @@ async fn aws_encrypts_and_decrypts_under_our_keys_signed_by_an_independent_signe
     let cdiv: Vec<u8> = Sha256::new().chain_update(aad).chain_update(&md).chain_update(&iv).chain_update(&ct).chain_update(&tag).finalize().to_vec();
     assert_eq!(b64(&sealed["ciphertextDataIntegrityValue"]), cdiv);
 
-    let decrypt = |sealed: &Value, aad: &[u8]| {
-        json!({"requestMetadata": metadata("Decrypt"), "encryptionAlgorithm": "AES_GCM", "ciphertext": sealed["ciphertext"],
-               "initializationVector": sealed["initializationVector"], "authenticationTag": sealed["authenticationTag"],
-               "ciphertextMetadata": sealed["ciphertextMetadata"], "additionalAuthenticatedData": B64.encode(aad)})
-    };
+    let decrypt = |sealed: &Value, aad: &[u8]| decrypt_body(sealed, Some(aad));
     let (status, opened) = call(&format!("/keys/{key}/decrypt"), decrypt(&sealed, aad));
     assert_eq!(status, 200, "{opened}");
     assert_eq!(b64(&opened["plaintext"]), plaintext);
 
     // Rotation: new encryptions name version 2, the old ciphertext still decrypts under 1.
     admin.rotate_key(pb::RotateKeyRequest { key_id: key.clone() }).await.unwrap();
-    let (_, sealed2) = call(
-        &format!("/keys/{key}/encrypt"),
-        json!({"requestMetadata": metadata("Encrypt"), "plaintext": B64.encode(b"after rotation"), "encryptionAlgorithm": "AES_GCM"}),
-    );
+    let (_, sealed2) = call(&format!("/keys/{key}/encrypt"), encrypt_body(b"after rotation"));
     assert_eq!(b64(&sealed2["ciphertextMetadata"]), [1, 0, 0, 0, 2], "{sealed2}");
     assert!(sealed2.get("ciphertextDataIntegrityValue").is_none(), "not asked for: {sealed2}");
     assert_eq!(call(&format!("/keys/{key}/decrypt"), decrypt(&sealed, aad)).0, 200);
@@ -215,7 +224,7 @@ async fn each_refusal_is_the_specs_error() {
     allow(&mut admin, "aws", &key, &["Encrypt", "Decrypt"]).await;
     allow(&mut admin, "aws", &encrypt_only, &["Encrypt"]).await;
     let post = |path: &str, body: Value| xks(&server, "POST", path, &body, &credential, REGION);
-    let encrypt = json!({"requestMetadata": metadata("Encrypt"), "plaintext": B64.encode(b"x"), "encryptionAlgorithm": "AES_GCM"});
+    let encrypt = encrypt_body(b"x");
     let expect = |(status, body): (u16, Value), want: (u16, &str), what: &str| {
         assert_eq!((status, body["errorName"].as_str().unwrap_or_default()), want, "{what}: {body}");
         let message = body["errorMessage"].as_str().unwrap_or_default();
@@ -254,7 +263,7 @@ async fn each_refusal_is_the_specs_error() {
         "no plaintext",
     );
     expect(post(&format!("/aws/kms/xks/v1/keys/{key}/encrypt"), json!("not an object")), (400, "ValidationException"), "malformed JSON");
-    let big = json!({"requestMetadata": metadata("Encrypt"), "plaintext": B64.encode(vec![0u8; 8193]), "encryptionAlgorithm": "AES_GCM"});
+    let big = encrypt_body(&[0u8; 8193]);
     expect(post(&format!("/aws/kms/xks/v1/keys/{key}/encrypt"), big), (501, "UnsupportedOperationException"), "oversize plaintext");
     let bad64 = json!({"requestMetadata": metadata("Encrypt"), "plaintext": "not base64!", "encryptionAlgorithm": "AES_GCM"});
     expect(post(&format!("/aws/kms/xks/v1/keys/{key}/encrypt"), bad64), (400, "ValidationException"), "plaintext not Base64");
@@ -272,9 +281,7 @@ async fn each_refusal_is_the_specs_error() {
     let (_, meta) = post(&format!("/aws/kms/xks/v1/keys/{encrypt_only}/metadata"), json!({"requestMetadata": metadata("DescribeKey")}));
     assert_eq!(meta["keyUsage"], json!(["ENCRYPT"]), "{meta}");
     let (_, sealed) = post(&format!("/aws/kms/xks/v1/keys/{encrypt_only}/encrypt"), encrypt.clone());
-    let decrypt = json!({"requestMetadata": metadata("Decrypt"), "encryptionAlgorithm": "AES_GCM", "ciphertext": sealed["ciphertext"],
-                         "initializationVector": sealed["initializationVector"], "authenticationTag": sealed["authenticationTag"],
-                         "ciphertextMetadata": sealed["ciphertextMetadata"]});
+    let decrypt = decrypt_body(&sealed, None);
     expect(post(&format!("/aws/kms/xks/v1/keys/{encrypt_only}/decrypt"), decrypt), (400, "InvalidKeyUsageException"), "decrypt not allowed");
 
     // A disabled key: InvalidStateException, and metadata reports it DISABLED; enabled again, it serves.
@@ -417,7 +424,7 @@ async fn an_hsm_fault_is_a_retryable_error_and_an_integrity_value_is_answered_on
     let credential = key_store(&mut admin, "aws", "").await;
     allow(&mut admin, "aws", &key, &["Encrypt", "Decrypt"]).await;
     let path = format!("/kms/xks/v1/keys/{key}/encrypt");
-    let plain = json!({"requestMetadata": metadata("Encrypt"), "plaintext": B64.encode(b"x"), "encryptionAlgorithm": "AES_GCM"});
+    let plain = encrypt_body(b"x");
     let mut checked = plain.clone();
     checked["ciphertextDataIntegrityValueAlgorithm"] = json!("SHA_256");
 
@@ -445,11 +452,9 @@ async fn the_keys_lifecycle_cuts_aws_off_as_it_cuts_grpc_callers() {
     let credential = key_store(&mut admin, "aws", "/aws").await;
     allow(&mut admin, "aws", &key, &["Encrypt", "Decrypt"]).await;
     let post = |call: &str, body: &Value| xks(&server, "POST", &format!("/aws/kms/xks/v1/keys/{key}/{call}"), body, &credential, REGION);
-    let encrypt = json!({"requestMetadata": metadata("Encrypt"), "plaintext": B64.encode(b"x"), "encryptionAlgorithm": "AES_GCM"});
+    let encrypt = encrypt_body(b"x");
     let (_, sealed) = post("encrypt", &encrypt);
-    let decrypt = json!({"requestMetadata": metadata("Decrypt"), "encryptionAlgorithm": "AES_GCM", "ciphertext": sealed["ciphertext"],
-                         "initializationVector": sealed["initializationVector"], "authenticationTag": sealed["authenticationTag"],
-                         "ciphertextMetadata": sealed["ciphertextMetadata"]});
+    let decrypt = decrypt_body(&sealed, None);
     let describe = json!({"requestMetadata": metadata("DescribeKey")});
     let grpc = |data: &mut kms_proto::v1::crypto_client::CryptoClient<kms_client::Channel>| {
         let request =
