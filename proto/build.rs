@@ -17,6 +17,7 @@ const REDACTED: &[&str] = &[
     "kms.v1.CreateOfficerResponse",
     "kms.v1.ChangePassphraseRequest",
     "kms.v1.ReenrollTotpResponse",
+    "kms.v1.XksCredentialResponse",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -120,6 +120,16 @@ pub mod v1 {
         }
     }
 
+    impl fmt::Debug for XksCredentialResponse {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("XksCredentialResponse")
+                .field("key_store", &self.key_store)
+                .field("access_key_id", &self.access_key_id)
+                .field("secret_access_key", &Redacted(self.secret_access_key.len()))
+                .finish()
+        }
+    }
+
     /// Messages that carry a secret wipe it when dropped, on both sides of the wire, so a data
     /// key, a passphrase or a session token does not linger in freed memory. (The copy in the HTTP/2 buffers that gRPC
     /// encodes into is outside our reach; ARCHITECTURE.md lists it.) Because of this `Drop`,
@@ -145,6 +155,7 @@ pub mod v1 {
         CreateOfficerResponse => otpauth_uri;
         ChangePassphraseRequest => current_passphrase, new_passphrase;
         ReenrollTotpResponse => otpauth_uri;
+        XksCredentialResponse => secret_access_key;
     }
 
     /// The encoded `FileDescriptorSet` of `kms.v1`, for gRPC server reflection.

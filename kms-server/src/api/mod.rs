@@ -211,7 +211,7 @@ impl Shared {
         let (claimed, wait) = match &who {
             _ if LONG_RUNNING.contains(&operation) => (None, None),
             Who::Workload(name) => (name.clone(), Some(self.deadline)),
-            Who::Facade(who) => (who.as_ref().ok().cloned(), Some(self.deadline)),
+            Who::Facade(name) => (Some(name.clone()), Some(self.deadline)),
             _ => (None, Some(self.deadline + ADMIN_DEADLINE_GRACE)),
         };
         let deadline = wait.map(|_| (started + self.deadline, self.deadline));
@@ -228,7 +228,7 @@ impl Shared {
                 Who::Workload(Some(name)) if name.starts_with(crate::service::xks::PRINCIPAL_PREFIX) => Err(Error::Unauthenticated {
                     reason: format!("{name}: names starting {} are AWS external key stores', not workloads'", crate::service::xks::PRINCIPAL_PREFIX),
                 }),
-                Who::Facade(who) => who.map_err(|reason| Error::Unauthenticated { reason }),
+                Who::Facade(name) => Ok(name),
                 Who::Workload(Some(name)) => Ok(name),
                 Who::Officer { token, needs, .. } => kms.officers().authenticate(token.as_ref(), needs),
                 Who::Anonymous => Ok("anonymous".to_string()),
@@ -391,6 +391,17 @@ impl Shared {
         }
     }
 
+    /// Audits a call a facade refused before it reached the service (its signature failed), as
+    /// `principal`, from the caller's task: no data worker is taken for it.
+    pub(crate) async fn refusal(&self, operation: &'static str, principal: &str, status: Status) {
+        let request_id = self.ids.next();
+        let facts = Facts { principal: Some(principal.to_string()), ..Facts::default() };
+        let answered = self.record::<()>(operation, &request_id, Err(status), facts).await;
+        for status in answered.statuses {
+            crate::metrics::metrics().request(operation, status, std::time::Duration::ZERO);
+        }
+    }
+
     /// Records a call's outcome from its async task and waits until the records are durable.
     async fn record<T>(&self, operation: &'static str, request_id: &str, result: Result<T, Status>, facts: Facts) -> Answered<T> {
         let (events, statuses) = records(operation, request_id, &result, facts);
@@ -477,8 +488,8 @@ pub enum Who {
     /// Login itself, the one call made before there is a session.
     Anonymous,
     /// A facade's caller (a cloud provider's service), as the facade authenticated it: its
-    /// principal, or why it was refused. Served like the data plane.
-    Facade(Result<String, String>),
+    /// principal. Served like the data plane.
+    Facade(String),
 }
 
 /// The workload identity the data plane's mutual TLS proved: the client certificate's URI SAN

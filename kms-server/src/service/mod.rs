@@ -202,6 +202,8 @@ pub struct Kms {
     miss_checks: MissChecks,
     /// Whether this node ran the background jobs at its last sweep (the leader).
     leading: std::sync::atomic::AtomicBool,
+    /// The live nodes as the follow loop last counted them (1 over SQLite).
+    fleet: std::sync::atomic::AtomicU64,
     /// Whether the token's backup key pair lacks its unwrap template, as last looked at
     /// (`check_backup_key`: at startup and after each backup, not on every status or scrape).
     backup_key_unguarded: std::sync::atomic::AtomicBool,
@@ -239,9 +241,11 @@ impl Kms {
             changes_seen: Arc::default(),
             miss_checks: MissChecks::default(),
             leading: std::sync::atomic::AtomicBool::new(false),
+            fleet: std::sync::atomic::AtomicU64::new(1),
         };
         kms.recover()?;
         kms.store.keep_present()?;
+        kms.fleet.store(kms.store.fleet_size()?, std::sync::atomic::Ordering::Relaxed);
         kms.leading.store(kms.store.leading()?, std::sync::atomic::Ordering::SeqCst);
         Ok(kms)
     }
@@ -299,9 +303,10 @@ impl Kms {
         }
     }
 
-    /// How many nodes serve (1 over SQLite): the XKS health's fleet size.
-    pub fn fleet_size(&self) -> Result<u64> {
-        Ok(self.store.fleet_size()?)
+    /// How many nodes serve (1 over SQLite), as counted within the last second or so: the XKS
+    /// health's fleet size.
+    pub fn fleet_size(&self) -> u64 {
+        self.fleet.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether this node ran the background jobs at its last sweep.
@@ -321,8 +326,11 @@ impl Kms {
         if !self.store.is_shared() {
             return Ok(());
         }
-        if ask_store && let Err(e) = self.store.keep_present() {
-            tracing::warn!(error = %e, "could not hold this node's place in the fleet; will retry");
+        if ask_store {
+            match self.store.fleet_size() {
+                Ok(n) => self.fleet.store(n, std::sync::atomic::Ordering::Relaxed),
+                Err(e) => tracing::warn!(error = %e, "could not hold this node's place in the fleet or count it; will retry"),
+            }
         }
         let seen = self.changes_seen.load(std::sync::atomic::Ordering::SeqCst);
         if !ask_store && seen <= self.registry.read().changes {
@@ -614,7 +622,7 @@ fn decryption_version(entry: &KeyEntry, n: u32, operation: Operation) -> Result<
 
 /// How long a call that missed waits for this node's admin lock before it is refused: a reload
 /// by the follow loop takes milliseconds; a local change may take longer, and is not waited for.
-const MISS_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+const MISS_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The store reads of calls that missed a key, alias, grant or principal: one at a time, and at
 /// most one that finds nothing in `EVERY`. A call that misses while a read runs waits for that

@@ -118,7 +118,7 @@ impl Kms {
         let (keys, versions, aliases, principals, grants, marks, xks_stores, xks_credentials) = self.store.read(|tx| {
             Ok((tx.keys()?, tx.versions()?, tx.aliases()?, tx.principals()?, tx.grants()?, tx.marks()?, tx.xks_key_stores()?, tx.xks_credentials()?))
         })?;
-        let xks = self.xks_directory_of(&self.registry.read().xks, xks_stores, xks_credentials)?;
+        let xks = self.xks_directory_of(&self.registry.read().xks, xks_stores, xks_credentials);
         let old = self.registry.read().keys.clone();
         let known = |key_id, version| old.get(&key_id).and_then(|e| e.versions.get(&version).cloned());
         let compromised: std::collections::HashSet<_> = keys.iter().filter(|k| k.compromised).map(|k| k.key_id).collect();

@@ -194,21 +194,24 @@ impl Kms {
 
     /// The directory for `stores` and `credentials` as the store holds them, reusing the
     /// secrets `old` already unsealed (one HSM call for each new or changed credential only).
-    pub(super) fn xks_directory_of(
-        &self,
-        old: &Directory,
-        stores: Vec<XksKeyStoreRecord>,
-        credentials: Vec<XksCredentialRecord>,
-    ) -> Result<Directory> {
+    pub(super) fn xks_directory_of(&self, old: &Directory, stores: Vec<XksKeyStoreRecord>, credentials: Vec<XksCredentialRecord>) -> Directory {
         let mut directory = Directory { stores: stores.into_iter().map(|s| (s.name.clone(), s)).collect(), credentials: HashMap::new() };
         for record in credentials {
             let secret = match old.credentials.get(&record.access_key_id) {
                 Some(c) if c.record == record => c.secret.clone_secret(),
-                _ => self.unseal_credential(&record)?,
+                _ => match self.unseal_credential(&record) {
+                    Ok(secret) => secret,
+                    // One credential that cannot be opened signs nothing; the rest still serve,
+                    // and the registry (every key, grant and principal) still loads.
+                    Err(e) => {
+                        tracing::error!(access_key_id = %record.access_key_id, key_store = %record.key_store, error = %e, "an XKS credential cannot be unsealed; it is not usable");
+                        continue;
+                    }
+                },
             };
             directory.credentials.insert(record.access_key_id.clone(), Credential { record, secret });
         }
-        Ok(directory)
+        directory
     }
 
     /// Creates a key store, its principal `xks:NAME` (with no grant yet) and its first
@@ -339,15 +342,18 @@ impl Kms {
     /// grants whose conditions the request metadata does not meet are a denial
     /// (`AccessDeniedException`).
     pub fn authorize_xks(&self, caller: &Caller, key_id: KeyId, operation: Operation, metadata: &EncryptionContext) -> Result<Authorized> {
+        let proof = self.check_xks(caller, key_id, operation, metadata)?;
+        self.uses.principal(&caller.principal, Some(proof.grant_id()));
+        Ok(proof)
+    }
+
+    /// `authorize_xks` without counting a use of the grant (for what metadata reports).
+    fn check_xks(&self, caller: &Caller, key_id: KeyId, operation: Operation, metadata: &EncryptionContext) -> Result<Authorized> {
         let not_found = || Error::NotFound { what: format!("key {key_id} in this key store") };
         self.with_fresh_registry(|| {
+            self.check_key_store(caller)?;
             let state = self.registry.read();
             let principal_state = state.principals.get(&caller.principal).map(|p| p.state);
-            match principal_state {
-                None => return Err(Error::NotFound { what: format!("key store {}", caller.principal) }),
-                Some(PrincipalState::Disabled) => return Err(Error::precondition(format!("key store {} is disabled", caller.principal))),
-                Some(PrincipalState::Enabled) => {}
-            }
             let entry = state.resolve(&KeyRef::Id(key_id)).map_err(|_| not_found())?;
             if entry.record.state == KeyState::Destroyed {
                 return Err(not_found());
@@ -366,19 +372,25 @@ impl Kms {
             if !live.iter().any(|g| g.operations.contains(&operation)) {
                 return Err(Error::precondition(format!("{KEY_USAGE_REFUSED} {operation} with key {key_id}")));
             }
-            let proof = policy::authorize(&caller.principal, principal_state, live, key_id, operation, metadata, at).map_err(|_| {
-                Error::PermissionDenied {
-                    reason: format!("no grant of {} allows {operation} on key {key_id} with this request metadata", caller.principal),
-                }
-            })?;
-            self.uses.principal(&caller.principal, Some(proof.grant_id()));
-            Ok(proof)
+            policy::authorize(&caller.principal, principal_state, live, key_id, operation, metadata, at).map_err(|_| Error::PermissionDenied {
+                reason: format!("no grant of {} allows {operation} on key {key_id} with this request metadata", caller.principal),
+            })
         })
+    }
+
+    /// That `caller`'s key store exists and is enabled (a disabled one is a failed
+    /// precondition: XKS's `InvalidStateException`, on every call, health included).
+    pub fn check_key_store(&self, caller: &Caller) -> Result<()> {
+        match self.registry.read().principals.get(&caller.principal).map(|p| p.state) {
+            None => Err(Error::NotFound { what: format!("key store {}", caller.principal) }),
+            Some(PrincipalState::Disabled) => Err(Error::precondition(format!("key store {} is disabled", caller.principal))),
+            Some(PrincipalState::Enabled) => Ok(()),
+        }
     }
 
     /// What GetKeyMetadata reports of `key_id` to `caller`'s key store.
     pub fn xks_key(&self, caller: &Caller, key_id: KeyId) -> Result<XksKeyView> {
-        let may = |operation| match self.authorize_xks(caller, key_id, operation, &EncryptionContext::default()) {
+        let may = |operation| match self.check_xks(caller, key_id, operation, &EncryptionContext::default()) {
             Ok(_) | Err(Error::PermissionDenied { .. }) => Ok(true),
             Err(Error::FailedPrecondition { reason }) if reason.starts_with(KEY_USAGE_REFUSED) => Ok(false),
             Err(e) => Err(e),

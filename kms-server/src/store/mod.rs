@@ -336,7 +336,7 @@ impl Store {
         }
     }
 
-    /// Keeps this node counted in the fleet (several nodes only; the follow loop calls it).
+    /// Keeps this node counted in the fleet (several nodes only).
     pub fn keep_present(&self) -> Result<()> {
         match &self.backend {
             Backend::Sqlite(_) => Ok(()),
@@ -344,7 +344,8 @@ impl Store {
         }
     }
 
-    /// How many nodes serve: one with SQLite; with PostgreSQL, the live nodes.
+    /// How many nodes serve: one with SQLite; with PostgreSQL, the live nodes (this one kept
+    /// counted first).
     pub fn fleet_size(&self) -> Result<u64> {
         match &self.backend {
             Backend::Sqlite(_) => Ok(1),

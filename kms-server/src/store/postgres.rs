@@ -276,7 +276,7 @@ impl PgStore {
     }
 
     /// How many nodes are live: the sessions holding a share of the presence lock (this node's
-    /// taken first).
+    /// taken first, or again if its connection failed).
     pub fn fleet_size(&self) -> Result<u64> {
         self.keep_present()?;
         // A bigint advisory key shows in pg_locks as its high and low halves, objsubid 1, in

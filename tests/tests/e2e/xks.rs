@@ -78,7 +78,7 @@ pub(crate) async fn key_store(admin: &mut Admin, name: &str, prefix: &str) -> Cr
         .await
         .expect("key store created")
         .into_inner();
-    Credential { id: r.access_key_id, secret: r.secret_access_key }
+    Credential { id: r.access_key_id.clone(), secret: r.secret_access_key.clone() }
 }
 
 pub(crate) async fn allow(admin: &mut Admin, store: &str, key: &str, operations: &[&str]) {
@@ -299,7 +299,7 @@ async fn each_refusal_is_the_specs_error() {
 
     // Rotating the credential: a second one works at once; the first, removed, is refused at once.
     let second = admin.add_xks_credential(pb::AddXksCredentialRequest { key_store: "aws".into() }).await.unwrap().into_inner();
-    let second = Credential { id: second.access_key_id, secret: second.secret_access_key };
+    let second = Credential { id: second.access_key_id.clone(), secret: second.secret_access_key.clone() };
     let third = admin.add_xks_credential(pb::AddXksCredentialRequest { key_store: "aws".into() }).await.unwrap_err();
     assert_eq!(third.code(), tonic::Code::FailedPrecondition, "at most two: {third:?}");
     assert_eq!(xks(&server, "POST", &format!("/aws/kms/xks/v1/keys/{key}/encrypt"), &encrypt, &second, REGION).0, 200);
@@ -487,4 +487,39 @@ async fn the_keys_lifecycle_cuts_aws_off_as_it_cuts_grpc_callers() {
         let (status, e) = post(call, body);
         assert_eq!((status, e["errorName"].as_str()), (404, Some("KeyNotFoundException")), "{call}: {e}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_bad_signatures_is_audited_within_a_budget_and_counted() {
+    let server = Server::start();
+    let mut admin = server.admin().await;
+    let key = new_key(&mut admin, "flood").await;
+    let credential = key_store(&mut admin, "aws", "").await;
+    let wrong = Credential { secret: "A".repeat(44), ..credential.clone() };
+    // 400 requests, 16 at a time (curl takes many URLs), each signed with a wrong secret.
+    let url = format!("https://{}/kms/xks/v1/keys/{key}/encrypt", server.xks_addr);
+    let out = Command::new("curl")
+        .args(["--silent", "--output", "/dev/null", "--parallel", "--parallel-max", "16", "--cacert"])
+        .arg(server.pki_dir().join("ca.pem"))
+        .args(["--aws-sigv4", &format!("aws:amz:{REGION}:kms-xks-proxy"), "--user", &format!("{}:{}", wrong.id, wrong.secret)])
+        .args(["--header", "content-type: application/json", "--data-binary", &encrypt_body(b"x").to_string()])
+        .args(std::iter::repeat_n(url.as_str(), 400))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let refusals = |server: &Server| -> Vec<String> {
+        let db = server.db();
+        let mut q = db.prepare("SELECT detail FROM audit WHERE principal = 'unauthenticated' AND operation = 'XksEncrypt' ORDER BY seq").unwrap();
+        q.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
+    };
+    let recorded = refusals(&server).len();
+    assert!((100..400).contains(&recorded), "{recorded} of 400 refusals recorded one by one");
+    // A refusal after the spell; then every refusal is in the trail, one by one or counted.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(xks(&server, "POST", &format!("/kms/xks/v1/keys/{key}/encrypt"), &encrypt_body(b"x"), &wrong, REGION).0, 401);
+    let counted: usize = refusals(&server)
+        .iter()
+        .filter_map(|d| d.split_once(" (")?.1.split_once(" refusals before this one not recorded one by one)")?.0.parse::<usize>().ok())
+        .sum();
+    assert_eq!(recorded + counted, 400, "{recorded} recorded and {counted} counted");
 }

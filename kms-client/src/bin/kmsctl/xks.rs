@@ -116,8 +116,8 @@ impl XksCommand {
         let mut c = KeyManagementClient::new(admin_channel(&ctx.endpoint, &ctx.tls, &ctx.session, &out.dry_run).await?);
         match self {
             XksCommand::Create { name, uri_prefix, region, xks_url } => {
-                let r = c.create_xks_key_store(pb::CreateXksKeyStoreRequest { name, uri_prefix, region }).await?.into_inner();
-                let store = r.key_store.unwrap_or_default();
+                let mut r = c.create_xks_key_store(pb::CreateXksKeyStoreRequest { name, uri_prefix, region }).await?.into_inner();
+                let store = r.key_store.take().unwrap_or_default();
                 let file = console_file(&xks_url, &store, &r.access_key_id, &r.secret_access_key);
                 if !out.json && out.dry_run.answer().is_none() {
                     eprintln!("import this file in the AWS console (Create external key store); the secret is not shown again");
@@ -135,8 +135,8 @@ impl XksCommand {
                 Ok(())
             }
             XksCommand::Credential(CredentialCommand::Add { name, xks_url }) => {
-                let r = c.add_xks_credential(pb::AddXksCredentialRequest { key_store: name }).await?.into_inner();
-                let store = r.key_store.unwrap_or_default();
+                let mut r = c.add_xks_credential(pb::AddXksCredentialRequest { key_store: name }).await?.into_inner();
+                let store = r.key_store.take().unwrap_or_default();
                 let credential = json!({"AccessKeyId": r.access_key_id, "RawSecretAccessKey": r.secret_access_key});
                 let shown = match &xks_url {
                     Some(url) => console_file(url, &store, &r.access_key_id, &r.secret_access_key),

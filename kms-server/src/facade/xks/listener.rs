@@ -24,6 +24,55 @@ use crate::service::xks::{KEY_USAGE_REFUSED, metadata_context};
 /// The path every route starts with after the key store's prefix.
 const API: &str = "/kms/xks/v1";
 
+/// Connections served at once; more wait, unaccepted. AWS KMS keeps a few hundred at most.
+const MAX_CONNECTIONS: usize = 1024;
+/// Requests in flight on one HTTP/2 connection.
+const MAX_STREAMS: u32 = 32;
+/// How long a TLS handshake, a request's headers, or its body may take (AWS gives a call 250
+/// ms in all): a client that sends slowly holds nothing for long.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What the listener's connections share.
+struct State {
+    shared: Shared,
+    refusals: std::sync::Mutex<RefusalLog>,
+}
+
+/// The audit of requests refused for their signature: anyone who reaches the listener can send
+/// them, so each is recorded only within a budget (20 a second, bursts of 100), and the
+/// record after a spell over it says how many were not recorded one by one.
+struct RefusalLog {
+    budget: crate::domain::rate::RateLimiter,
+    unrecorded: u64,
+}
+
+impl Default for RefusalLog {
+    fn default() -> Self {
+        let limit = crate::domain::rate::RateLimit { per_second: 20.0, burst: 100.0 };
+        RefusalLog { budget: crate::domain::rate::RateLimiter::new(limit), unrecorded: 0 }
+    }
+}
+
+impl RefusalLog {
+    /// Whether to record this refusal, and how many before it were not.
+    fn admit(&mut self) -> Option<u64> {
+        match self.budget.take("xks", std::time::Instant::now()) {
+            Ok(()) => Some(std::mem::take(&mut self.unrecorded)),
+            Err(_) => {
+                self.unrecorded += 1;
+                None
+            }
+        }
+    }
+}
+
+/// The key store and the credential that signed a request.
+struct Signed {
+    store: String,
+    access_key_id: String,
+}
+
 /// The load balancers' health check: `GET /ping` answers 200 unless the HSM is unavailable.
 const PING: &str = "/ping";
 
@@ -80,9 +129,12 @@ pub async fn serve(
     grace: std::time::Duration,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let shared = Arc::new(shared);
+    let state = Arc::new(State { shared, refusals: std::sync::Mutex::new(RefusalLog::default()) });
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut connections = tokio::task::JoinSet::new();
     loop {
+        // A connection past the limit waits here, unaccepted, in the kernel's backlog.
+        let Ok(slot) = slots.clone().acquire_owned().await else { break };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -94,18 +146,21 @@ pub async fn serve(
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             _ = shutdown.wait_for(|stop| *stop) => break,
         };
-        let (acceptor, shared, mut stop) = (acceptor.clone(), shared.clone(), shutdown.clone());
+        let (acceptor, state, mut stop) = (acceptor.clone(), state.clone(), shutdown.clone());
         connections.spawn(async move {
-            let stream = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream)).await {
+            let _slot = slot;
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "XKS listener: TLS handshake failed"),
                 Err(_) => return tracing::debug!(%peer, "XKS listener: TLS handshake timed out"),
             };
             let service = hyper::service::service_fn(move |request| {
-                let shared = shared.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(&shared, request).await) }
+                let state = state.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(&state, request).await) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(REQUEST_TIMEOUT);
+            builder.http2().timer(hyper_util::rt::TokioTimer::new()).max_concurrent_streams(MAX_STREAMS);
             let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             tokio::pin!(connection);
             let stopping = tokio::select! {
@@ -142,12 +197,14 @@ fn error(e: &XksError) -> Response<Full<Bytes>> {
 }
 
 /// One request: its route, its body, its signature, then the call.
-async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(state: &State, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let shared = &state.shared;
     // The body first, whatever the answer: answering before it is read resets an HTTP/2 stream.
     let (parts, body) = request.into_parts();
-    let body = match Limited::new(body, MAX_BODY).collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(_) => return error(&XksError::new(ErrorName::UnsupportedOperation, format!("the request body is over {MAX_BODY} bytes or broken"))),
+    let body = match tokio::time::timeout(REQUEST_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await {
+        Ok(Ok(body)) => body.to_bytes(),
+        Ok(Err(_)) => return error(&XksError::new(ErrorName::UnsupportedOperation, format!("the request body is over {MAX_BODY} bytes or broken"))),
+        Err(_) => return error(&XksError::new(ErrorName::Validation, "the request body did not arrive in time")),
     };
     if parts.uri.path() == PING && parts.method == Method::GET {
         // For load balancers (the spec asks for one): unauthenticated, no HSM call, no audit.
@@ -183,21 +240,26 @@ async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Full<By
         }
     }
     let signed = match signed {
+        Ok(signed) => signed,
         Err(e) if e.name == ErrorName::InvalidUriPath => return error(&e),
-        other => other,
-    };
-    let who = Who::Facade(signed.as_ref().map(|store| crate::service::xks::principal(store)).map_err(|e| e.message().to_string()));
-    let operation = route.operation();
-    let result = match (signed, &route) {
-        // Refused before anything else is read, and audited as such.
-        (Err(e), _) => {
-            let _ = shared.call(operation, who, Audit::EveryOutcome, |_, _, _| Ok::<Vec<u8>, _>(Vec::new())).await;
+        Err(e) => {
+            // Audited, within a budget, off the data workers (anyone can send these).
+            let admitted = state.refusals.lock().unwrap_or_else(|p| p.into_inner()).admit();
+            if let Some(unrecorded) = admitted {
+                let detail = match unrecorded {
+                    0 => e.message().to_string(),
+                    n => format!("{} ({n} refusals before this one not recorded one by one)", e.message()),
+                };
+                shared.refusal(route.operation(), "unauthenticated", tonic::Status::unauthenticated(detail)).await;
+            }
             return error(&e);
         }
-        (Ok(_), Route::Health) => health(shared, who, &body).await,
-        (Ok(_), Route::Metadata(id)) => metadata(shared, who, id, &body).await,
-        (Ok(_), Route::Encrypt(id)) => encrypt(shared, who, id, &body).await,
-        (Ok(_), Route::Decrypt(id)) => decrypt(shared, who, id, &body).await,
+    };
+    let result = match &route {
+        Route::Health => health(shared, signed, &body).await,
+        Route::Metadata(id) => metadata(shared, signed, id, &body).await,
+        Route::Encrypt(id) => encrypt(shared, signed, id, &body).await,
+        Route::Decrypt(id) => decrypt(shared, signed, id, &body).await,
     };
     match result {
         Ok(body) => answer(StatusCode::OK, body),
@@ -205,11 +267,11 @@ async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Full<By
     }
 }
 
-/// The key store at `prefix` whose credential signed the request, by `directory`.
-fn authenticated(directory: &crate::service::xks::Directory, prefix: &str, parts: &http::request::Parts, body: &[u8]) -> Result<String, XksError> {
+/// The key store at `prefix` and its credential that signed the request, by `directory`.
+fn authenticated(directory: &crate::service::xks::Directory, prefix: &str, parts: &http::request::Parts, body: &[u8]) -> Result<Signed, XksError> {
     let store = directory.store_at(prefix).ok_or_else(|| XksError::new(ErrorName::InvalidUriPath, "no key store at this path"))?;
-    auth::authenticate(parts, body, &store.region, |id| directory.secret(&store.name, id), chrono::Utc::now())?;
-    Ok(store.name.clone())
+    let access_key_id = auth::authenticate(parts, body, &store.region, |id| directory.secret(&store.name, id), chrono::Utc::now())?;
+    Ok(Signed { store: store.name.clone(), access_key_id })
 }
 
 /// A gRPC status from `Shared::call` as the XKS error the spec names for it.
@@ -236,18 +298,26 @@ fn xks_error(status: &tonic::Status) -> XksError {
     XksError::new(name, message)
 }
 
-/// Runs `f` as the call `operation` by `who`, its request's metadata in the audit record.
+/// Runs `f` as the call `operation` by the key store that `signed` it, its request's metadata
+/// in the audit record. The credential is looked up again once the call has read the
+/// revocation epoch: a credential removed before that is refused here, and one removed after
+/// it fails the call at commit (the epoch moved), so that no success is answered on a
+/// credential whose removal was acknowledged.
 async fn run(
     shared: &Shared,
     operation: &'static str,
-    who: Who,
+    signed: Signed,
     metadata: &wire::RequestMetadata,
     f: impl FnOnce(&crate::service::Kms, &crate::service::Caller, &mut crate::api::Facts) -> Result<Vec<u8>, Error> + Send + 'static,
 ) -> Result<Vec<u8>, XksError> {
     let recorded = metadata.to_json();
+    let who = Who::Facade(crate::service::xks::principal(&signed.store));
     shared
         .call(operation, who, Audit::EveryOutcome, move |kms, caller, facts| {
             facts.caller_context = Some(recorded);
+            if kms.xks_directory().secret(&signed.store, &signed.access_key_id).is_none() {
+                return Err(Error::Unauthenticated { reason: "the credential that signed the request was removed".into() });
+            }
             f(kms, caller, facts)
         })
         .await
@@ -257,19 +327,20 @@ async fn run(
 
 /// The external key id: our key id (anything else names no key).
 fn key_id(id: &str) -> Result<KeyId, Error> {
-    id.parse().map_err(|_| Error::NotFound { what: format!("key {id:?}") })
+    id.parse().map_err(|_| Error::NotFound { what: "the external key id (it is a key id of this service)".into() })
 }
 
 fn json(value: &impl serde::Serialize) -> Result<Vec<u8>, Error> {
     serde_json::to_vec(value).map_err(|e| Error::invalid("answer", e))
 }
 
-async fn health(shared: &Shared, who: Who, body: &[u8]) -> Result<Vec<u8>, XksError> {
+async fn health(shared: &Shared, signed: Signed, body: &[u8]) -> Result<Vec<u8>, XksError> {
     let metadata = wire::parse_metadata_only(body, Call::Health)?;
-    run(shared, "XksGetHealthStatus", who, &metadata, |kms, _, _| {
+    run(shared, "XksGetHealthStatus", signed, &metadata, |kms, caller, _| {
+        kms.check_key_store(caller)?;
         let token = kms.hsm_token();
         json(&wire::HealthAnswer {
-            xks_proxy_fleet_size: kms.fleet_size()?,
+            xks_proxy_fleet_size: kms.fleet_size(),
             xks_proxy_vendor: "client-held KMS",
             xks_proxy_model: format!("kms-server {}", env!("CARGO_PKG_VERSION")),
             ekm_vendor: token.as_ref().map_or_else(|| "PKCS#11".to_string(), |t| t.manufacturer.clone()),
@@ -283,10 +354,10 @@ async fn health(shared: &Shared, who: Who, body: &[u8]) -> Result<Vec<u8>, XksEr
     .await
 }
 
-async fn metadata(shared: &Shared, who: Who, id: &str, body: &[u8]) -> Result<Vec<u8>, XksError> {
+async fn metadata(shared: &Shared, signed: Signed, id: &str, body: &[u8]) -> Result<Vec<u8>, XksError> {
     let metadata = wire::parse_metadata_only(body, Call::Metadata)?;
     let id = id.to_string();
-    run(shared, "XksGetKeyMetadata", who, &metadata, move |kms, caller, facts| {
+    run(shared, "XksGetKeyMetadata", signed, &metadata, move |kms, caller, facts| {
         let key_id = key_id(&id)?;
         facts.key_id = Some(key_id);
         let view = kms.xks_key(caller, key_id)?;
@@ -300,11 +371,11 @@ fn context_of(m: &wire::RequestMetadata) -> Result<crate::domain::context::Encry
     metadata_context(m.aws_principal_arn.as_deref(), m.kms_operation.as_deref(), m.kms_via_service.as_deref())
 }
 
-async fn encrypt(shared: &Shared, who: Who, id: &str, body: &[u8]) -> Result<Vec<u8>, XksError> {
+async fn encrypt(shared: &Shared, signed: Signed, id: &str, body: &[u8]) -> Result<Vec<u8>, XksError> {
     let request = wire::parse_encrypt(body)?;
     let metadata = request.metadata.clone();
     let id = id.to_string();
-    run(shared, "XksEncrypt", who, &metadata, move |kms, caller, facts| {
+    run(shared, "XksEncrypt", signed, &metadata, move |kms, caller, facts| {
         let key_id = key_id(&id)?;
         facts.key_id = Some(key_id);
         let proof = kms.authorize_xks(caller, key_id, Operation::Encrypt, &context_of(&request.metadata)?)?;
@@ -317,11 +388,11 @@ async fn encrypt(shared: &Shared, who: Who, id: &str, body: &[u8]) -> Result<Vec
     .await
 }
 
-async fn decrypt(shared: &Shared, who: Who, id: &str, body: &[u8]) -> Result<Vec<u8>, XksError> {
+async fn decrypt(shared: &Shared, signed: Signed, id: &str, body: &[u8]) -> Result<Vec<u8>, XksError> {
     let request = wire::parse_decrypt(body)?;
     let metadata = request.metadata.clone();
     let id = id.to_string();
-    run(shared, "XksDecrypt", who, &metadata, move |kms, caller, facts| {
+    run(shared, "XksDecrypt", signed, &metadata, move |kms, caller, facts| {
         let key_id = key_id(&id)?;
         facts.key_id = Some(key_id);
         let proof = kms.authorize_xks(caller, key_id, Operation::Decrypt, &context_of(&request.metadata)?)?;
