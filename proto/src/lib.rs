@@ -190,5 +190,10 @@ mod tests {
         let mut session = LoginResponse::default();
         session.session_token = "tok-secret".into();
         assert!(!format!("{session:?}").contains("tok-secret"));
+        let mut credential = XksCredentialResponse::default();
+        credential.access_key_id = "KMSXACCESSKEY".into();
+        credential.secret_access_key = "c2VjcmV0LXNlY3JldA==".into();
+        let text = format!("{credential:?}");
+        assert!(text.contains("KMSXACCESSKEY") && !text.contains("c2VjcmV0"), "{text}");
     }
 }
