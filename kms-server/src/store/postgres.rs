@@ -370,6 +370,7 @@ impl Drop for PgStore {
     fn drop(&mut self) {
         let mut conns = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
         conns.extend(self.leader.lock().unwrap_or_else(|p| p.into_inner()).take());
+        conns.extend(self.presence.lock().unwrap_or_else(|p| p.into_inner()).take());
         if !conns.is_empty() {
             let _ = std::thread::spawn(move || drop(conns)).join();
         }
