@@ -73,6 +73,13 @@ impl fmt::Display for HsmError {
 impl std::error::Error for HsmError {}
 
 impl HsmError {
+    /// An operation whose output the service checked and found wrong (a decryption that does
+    /// not give back what was encrypted): reported as the device failing, so that the caller
+    /// retries.
+    pub fn wrong_output(function: &'static str) -> HsmError {
+        HsmError::Unavailable { function, code: RvError::GeneralError }
+    }
+
     /// Whether the HSM refused an object handle: after a repaired link (a restored login, a
     /// re-initialised library) handles are renumbered, and the service must look its key objects
     /// up again (`Kms::repair_after`).

@@ -413,8 +413,7 @@ impl Kms {
             let back = self.hsm.decrypt(handle, &sealed.iv, &aad(sealed.version), &sealed.ciphertext);
             if !back.is_ok_and(|b| b.expose_secret() == plaintext) {
                 tracing::error!(key_id = %proof.key_id(), version = sealed.version, "an XKS encryption did not decrypt back to its plaintext");
-                let code = cryptoki::error::RvError::GeneralError;
-                return Err(Error::Hsm(crate::hsm::HsmError::Unavailable { function: "C_Decrypt (XKS self-test)", code }));
+                return Err(Error::Hsm(crate::hsm::HsmError::wrong_output("C_Decrypt (XKS self-test)")));
             }
         }
         Ok(sealed)

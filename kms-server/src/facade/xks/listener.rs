@@ -367,8 +367,20 @@ async fn metadata(shared: &Shared, signed: Signed, id: &str, body: &[u8]) -> Res
     .await
 }
 
-fn context_of(m: &wire::RequestMetadata) -> Result<crate::domain::context::EncryptionContext, Error> {
-    metadata_context(m.aws_principal_arn.as_deref(), m.kms_operation.as_deref(), m.kms_via_service.as_deref())
+/// The key an Encrypt or Decrypt names (noted for its audit record), if the key store may do
+/// `operation` with it under the request's metadata.
+fn authorized(
+    kms: &crate::service::Kms,
+    caller: &crate::service::Caller,
+    facts: &mut crate::api::Facts,
+    id: &str,
+    operation: Operation,
+    m: &wire::RequestMetadata,
+) -> Result<crate::domain::policy::Authorized, Error> {
+    let key_id = key_id(id)?;
+    facts.key_id = Some(key_id);
+    let context = metadata_context(m.aws_principal_arn.as_deref(), m.kms_operation.as_deref(), m.kms_via_service.as_deref())?;
+    kms.authorize_xks(caller, key_id, operation, &context)
 }
 
 async fn encrypt(shared: &Shared, signed: Signed, id: &str, body: &[u8]) -> Result<Vec<u8>, XksError> {
@@ -376,9 +388,7 @@ async fn encrypt(shared: &Shared, signed: Signed, id: &str, body: &[u8]) -> Resu
     let metadata = request.metadata.clone();
     let id = id.to_string();
     run(shared, "XksEncrypt", signed, &metadata, move |kms, caller, facts| {
-        let key_id = key_id(&id)?;
-        facts.key_id = Some(key_id);
-        let proof = kms.authorize_xks(caller, key_id, Operation::Encrypt, &context_of(&request.metadata)?)?;
+        let proof = authorized(kms, caller, facts, &id, Operation::Encrypt, &request.metadata)?;
         let aad = |version| framing::aad(request.aad.as_deref(), &framing::metadata(version));
         let sealed = kms.xks_encrypt(&proof, request.plaintext.expose_secret(), &aad, request.integrity_value)?;
         facts.key_version = Some(sealed.version);
@@ -393,9 +403,7 @@ async fn decrypt(shared: &Shared, signed: Signed, id: &str, body: &[u8]) -> Resu
     let metadata = request.metadata.clone();
     let id = id.to_string();
     run(shared, "XksDecrypt", signed, &metadata, move |kms, caller, facts| {
-        let key_id = key_id(&id)?;
-        facts.key_id = Some(key_id);
-        let proof = kms.authorize_xks(caller, key_id, Operation::Decrypt, &context_of(&request.metadata)?)?;
+        let proof = authorized(kms, caller, facts, &id, Operation::Decrypt, &request.metadata)?;
         let version = framing::version_of(request.ciphertext_metadata.as_deref()).map_err(|_| Error::DecryptFailed)?;
         facts.key_version = Some(version);
         let md = request.ciphertext_metadata.as_deref().unwrap_or_default();
