@@ -225,9 +225,9 @@ impl Shared {
             let mut facts = Facts::default();
             let principal = match who {
                 Who::Workload(None) => Err(Error::Unauthenticated { reason: "the client certificate names no workload (URI SAN or CN)".into() }),
-                Who::Workload(Some(name)) if name.starts_with(crate::service::xks::PRINCIPAL_PREFIX) => Err(Error::Unauthenticated {
-                    reason: format!("{name}: names starting {} are AWS external key stores', not workloads'", crate::service::xks::PRINCIPAL_PREFIX),
-                }),
+                Who::Workload(Some(name)) if let Some(whose) = crate::service::facade_principal(&name) => {
+                    Err(Error::Unauthenticated { reason: format!("{name}: this name is {whose}, not a workload's") })
+                }
                 Who::Facade(name) => Ok(name),
                 Who::Workload(Some(name)) => Ok(name),
                 Who::Officer { token, needs, .. } => kms.officers().authenticate(token.as_ref(), needs),

@@ -6,4 +6,5 @@
 //! * [`cse`]: Google Workspace client-side encryption's key service (KACLS), in progress.
 
 pub mod cse;
+pub mod https;
 pub mod xks;

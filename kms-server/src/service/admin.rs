@@ -449,11 +449,8 @@ impl Kms {
     }
 
     pub fn create_principal(&self, caller: &Caller, name: &str) -> Result<PrincipalRecord> {
-        if name.starts_with(super::xks::PRINCIPAL_PREFIX) {
-            return Err(Error::invalid(
-                "name",
-                format!("{name}: names starting {} are AWS external key stores' (CreateXksKeyStore)", super::xks::PRINCIPAL_PREFIX),
-            ));
+        if let Some(whose) = super::facade_principal(name) {
+            return Err(Error::invalid("name", format!("{name}: this name is {whose} (kmsctl xks, kmsctl cse)")));
         }
         let _admin = self.admin_lock()?;
         let mut state = self.registry.write();

@@ -14,6 +14,7 @@ pub mod registry;
 pub mod review;
 pub mod status;
 pub mod xks;
+pub mod cse;
 
 use std::sync::{Arc, Mutex};
 
@@ -212,6 +213,18 @@ pub struct Kms {
 impl std::fmt::Debug for Kms {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Kms").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+/// Whose a facade's principal name is (`xks:…`, `cse:…`), if it is one: such names are the
+/// facades' own, never a workload's or an officer-made principal's.
+pub fn facade_principal(name: &str) -> Option<&'static str> {
+    if name.starts_with(xks::PRINCIPAL_PREFIX) {
+        Some("AWS external key stores'")
+    } else if name.starts_with(cse::PRINCIPAL_PREFIX) {
+        Some("Google Workspace CSE's")
+    } else {
+        None
     }
 }
 

@@ -108,15 +108,16 @@ impl Kms {
         Ok(settled)
     }
 
-    /// Loads keys, versions, aliases, principals, grants and the store's marks into a new state
-    /// of the registry, swapped in at once. Versions already known keep their handles and usage
-    /// counters; a new version (made by another node) gets its object from `objects`, or from
+    /// Loads keys, versions, aliases, principals, grants, the facades' settings and the store's
+    /// marks into a new state of the registry, swapped in at once. Versions already known keep
+    /// their handles and usage counters; a new version (made by another node) gets its object from `objects`, or from
     /// one search of the HSM when not given. A version that lost its material since (destroyed,
     /// or its key compromised, on another node) has this process's session copies destroyed.
     /// The caller holds the local admin lock.
     pub(super) fn reload_registry(&self, objects: Option<HashMap<ObjectName, KeyHandle>>) -> Result<()> {
-        let (keys, versions, aliases, principals, grants, marks, xks_stores, xks_credentials) = self.store.read(|tx| {
-            Ok((tx.keys()?, tx.versions()?, tx.aliases()?, tx.principals()?, tx.grants()?, tx.marks()?, tx.xks_key_stores()?, tx.xks_credentials()?))
+        let (keys, versions, aliases, principals, grants, marks, (xks_stores, xks_credentials), (cse_settings, cse_issuers)) = self.store.read(|tx| {
+            let facades = ((tx.xks_key_stores()?, tx.xks_credentials()?), (tx.cse_settings()?, tx.cse_issuers()?));
+            Ok((tx.keys()?, tx.versions()?, tx.aliases()?, tx.principals()?, tx.grants()?, tx.marks()?, facades.0, facades.1))
         })?;
         let xks = self.xks_directory_of(&self.registry.read().xks, xks_stores, xks_credentials);
         let old = self.registry.read().keys.clone();
@@ -156,6 +157,7 @@ impl Kms {
             revocation_epoch: marks.epoch,
             changes: marks.changes,
             xks: std::sync::Arc::new(xks),
+            cse: std::sync::Arc::new(super::cse::Config::new(cse_settings, cse_issuers)),
             ..Default::default()
         };
         for a in aliases {

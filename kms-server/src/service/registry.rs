@@ -110,6 +110,8 @@ pub struct State {
     pub changes: u64,
     /// AWS external key stores and their credentials (`service::xks`).
     pub xks: Arc<super::xks::Directory>,
+    /// Google Workspace CSE's settings and trusted issuers (`service::cse`).
+    pub cse: Arc<super::cse::Config>,
 }
 
 impl State {

@@ -191,6 +191,32 @@ impl std::fmt::Debug for XksCredentialRecord {
     }
 }
 
+/// Google Workspace client-side encryption's settings (the CSE facade): the KACLS URL Google is
+/// given (its path is where the listener serves the API), the key new wraps use, whether
+/// guests (`email_type` other than `google`) may unwrap, and the users who may call
+/// `privilegedunwrap` (none: nobody).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CseSettingsRecord {
+    pub kacls_url: String,
+    pub key_id: KeyId,
+    pub guests: bool,
+    pub privileged_users: Vec<String>,
+    pub updated_at: i64,
+}
+
+/// An issuer whose tokens the CSE facade trusts: for the `authentication` token (the customer's
+/// identity provider) or the `authorization` token (Google's), the audiences its tokens may
+/// name, and its key set (a JWKS document; fetched again from `jwks_url` when there is one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CseIssuerRecord {
+    pub iss: String,
+    pub token: String,
+    pub audiences: Vec<String>,
+    pub jwks: String,
+    pub jwks_url: Option<String>,
+    pub updated_at: i64,
+}
+
 /// An officer's row. The passphrase hash and sealed TOTP secret are not secrets in clear, but
 /// are still left out of `Debug`.
 #[derive(Clone, PartialEq, Eq)]
@@ -690,6 +716,82 @@ impl Tx<'_> {
             self.0.query("SELECT access_key_id, key_store, sealed_secret, created_at FROM xks_credentials ORDER BY key_store, created_at", &[])?;
         rows.iter()
             .map(|r| Ok(XksCredentialRecord { access_key_id: r.text(0)?, key_store: r.text(1)?, sealed_secret: r.blob(2)?, created_at: r.int(3)? }))
+            .collect()
+    }
+
+    // ----- Google Workspace client-side encryption (CSE) -----
+
+    pub fn put_cse_settings(&self, c: &CseSettingsRecord) -> Result<()> {
+        self.0.execute(
+            "INSERT INTO cse_settings (id, kacls_url, key_id, guests, privileged_users, updated_at) VALUES (1, ?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (id) DO UPDATE SET kacls_url = excluded.kacls_url, key_id = excluded.key_id, guests = excluded.guests,
+                 privileged_users = excluded.privileged_users, updated_at = excluded.updated_at",
+            &[
+                c.kacls_url.as_str().into(),
+                (&c.key_id.to_string()).into(),
+                i64::from(c.guests).into(),
+                serde_json::to_string(&c.privileged_users).unwrap_or_default().as_str().into(),
+                c.updated_at.into(),
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn cse_settings(&self) -> Result<Option<CseSettingsRecord>> {
+        let rows = self.0.query("SELECT kacls_url, key_id, guests, privileged_users, updated_at FROM cse_settings", &[])?;
+        rows.iter()
+            .map(|r| {
+                let (key_id, privileged) = (r.text(1)?, r.text(3)?);
+                Ok(CseSettingsRecord {
+                    kacls_url: r.text(0)?,
+                    key_id: key_id.parse().map_err(|_| corrupt("cse_settings", format!("key_id {key_id:?}")))?,
+                    guests: r.int(2)? != 0,
+                    privileged_users: serde_json::from_str(&privileged).map_err(|_| corrupt("cse_settings", "privileged_users"))?,
+                    updated_at: r.int(4)?,
+                })
+            })
+            .next()
+            .transpose()
+    }
+
+    /// Adds an issuer or replaces the one with its `iss`.
+    pub fn put_cse_issuer(&self, i: &CseIssuerRecord) -> Result<()> {
+        let audiences = serde_json::to_string(&i.audiences).unwrap_or_default();
+        self.0.execute(
+            "INSERT INTO cse_issuers (iss, token, audiences, jwks, jwks_url, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (iss) DO UPDATE SET token = excluded.token, audiences = excluded.audiences, jwks = excluded.jwks,
+                 jwks_url = excluded.jwks_url, updated_at = excluded.updated_at",
+            &[
+                i.iss.as_str().into(),
+                i.token.as_str().into(),
+                audiences.as_str().into(),
+                i.jwks.as_str().into(),
+                i.jwks_url.as_deref().into(),
+                i.updated_at.into(),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Deletes an issuer; `Ok(false)` if there was none by that `iss`.
+    pub fn delete_cse_issuer(&self, iss: &str) -> Result<bool> {
+        Ok(self.0.execute("DELETE FROM cse_issuers WHERE iss = ?1", &[iss.into()])? == 1)
+    }
+
+    pub fn cse_issuers(&self) -> Result<Vec<CseIssuerRecord>> {
+        let rows = self.0.query("SELECT iss, token, audiences, jwks, jwks_url, updated_at FROM cse_issuers ORDER BY iss", &[])?;
+        rows.iter()
+            .map(|r| {
+                let audiences = r.text(2)?;
+                Ok(CseIssuerRecord {
+                    iss: r.text(0)?,
+                    token: r.text(1)?,
+                    audiences: serde_json::from_str(&audiences).map_err(|_| corrupt("cse_issuers", format!("audiences {audiences:?}")))?,
+                    jwks: r.text(3)?,
+                    jwks_url: r.opt_text(4)?,
+                    updated_at: r.int(5)?,
+                })
+            })
             .collect()
     }
 

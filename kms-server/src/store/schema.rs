@@ -132,6 +132,24 @@ const MIGRATIONS: &[&str] = &[
         sealed_secret BLOB NOT NULL,
         created_at    INTEGER NOT NULL
     );",
+    // 10: Google Workspace client-side encryption (the CSE facade): its settings (one row) and
+    // the issuers whose tokens it trusts, with their key sets.
+    "CREATE TABLE cse_settings (
+        id         INTEGER PRIMARY KEY CHECK (id = 1),
+        kacls_url  TEXT NOT NULL,
+        key_id     TEXT NOT NULL REFERENCES keys (key_id),
+        guests     INTEGER NOT NULL,
+        privileged_users TEXT NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE TABLE cse_issuers (
+        iss        TEXT PRIMARY KEY,
+        token      TEXT NOT NULL,
+        audiences  TEXT NOT NULL,
+        jwks       TEXT NOT NULL,
+        jwks_url   TEXT,
+        updated_at INTEGER NOT NULL
+    );",
 ];
 
 pub fn migrate_sqlite(conn: &mut Connection) -> Result<(), StoreError> {
@@ -263,6 +281,23 @@ const POSTGRES: &[&str] = &[
         key_store     TEXT NOT NULL REFERENCES xks_key_stores (name),
         sealed_secret BYTEA NOT NULL,
         created_at    BIGINT NOT NULL
+    );",
+    // 4: SQLite's 10.
+    "CREATE TABLE cse_settings (
+        id         BIGINT PRIMARY KEY CHECK (id = 1),
+        kacls_url  TEXT NOT NULL,
+        key_id     TEXT NOT NULL REFERENCES keys (key_id),
+        guests     BIGINT NOT NULL,
+        privileged_users TEXT NOT NULL,
+        updated_at BIGINT NOT NULL
+    );
+    CREATE TABLE cse_issuers (
+        iss        TEXT PRIMARY KEY,
+        token      TEXT NOT NULL,
+        audiences  TEXT NOT NULL,
+        jwks       TEXT NOT NULL,
+        jwks_url   TEXT,
+        updated_at BIGINT NOT NULL
     );",
 ];
 

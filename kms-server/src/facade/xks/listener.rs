@@ -7,12 +7,12 @@ use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Bytes, Incoming};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
 use tokio::net::TcpListener;
 
 use super::auth;
+use crate::facade::https::{self, Answer, BodyError, RefusalLog};
 use super::framing;
 use super::wire::{self, Call, ErrorName, XksError};
 use crate::api::{Audit, DECRYPT_FAILED, Shared, Who};
@@ -24,47 +24,10 @@ use crate::service::xks::{KEY_USAGE_REFUSED, metadata_context};
 /// The path every route starts with after the key store's prefix.
 const API: &str = "/kms/xks/v1";
 
-/// Connections served at once; more wait, unaccepted. AWS KMS keeps a few hundred at most.
-const MAX_CONNECTIONS: usize = 1024;
-/// Requests in flight on one HTTP/2 connection.
-const MAX_STREAMS: u32 = 32;
-/// How long a TLS handshake, a request's headers, or its body may take (AWS gives a call 250
-/// ms in all): a client that sends slowly holds nothing for long.
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
-
 /// What the listener's connections share.
 struct State {
     shared: Shared,
-    refusals: std::sync::Mutex<RefusalLog>,
-}
-
-/// The audit of requests refused for their signature: anyone who reaches the listener can send
-/// them, so each is recorded only within a budget (20 a second, bursts of 100), and the
-/// record after a spell over it says how many were not recorded one by one.
-struct RefusalLog {
-    budget: crate::domain::rate::RateLimiter,
-    unrecorded: u64,
-}
-
-impl Default for RefusalLog {
-    fn default() -> Self {
-        let limit = crate::domain::rate::RateLimit { per_second: 20.0, burst: 100.0 };
-        RefusalLog { budget: crate::domain::rate::RateLimiter::new(limit), unrecorded: 0 }
-    }
-}
-
-impl RefusalLog {
-    /// Whether to record this refusal, and how many before it were not.
-    fn admit(&mut self) -> Option<u64> {
-        match self.budget.take("xks", std::time::Instant::now()) {
-            Ok(()) => Some(std::mem::take(&mut self.unrecorded)),
-            Err(_) => {
-                self.unrecorded += 1;
-                None
-            }
-        }
-    }
+    refusals: RefusalLog,
 }
 
 /// The key store and the credential that signed a request.
@@ -118,93 +81,39 @@ fn route(path: &str) -> Option<(&str, Route)> {
     Some((prefix, route))
 }
 
-/// Serves the XKS API on `listener` until `shutdown`; then closes idle connections, lets the
-/// requests in flight finish within `grace`, and returns (dropping every handle on the audit
-/// writer it held).
+/// Serves the XKS API on `listener` until `shutdown` (`https::serve`).
 pub async fn serve(
     listener: TcpListener,
     tls: rustls::ServerConfig,
     shared: Shared,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
     grace: std::time::Duration,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let state = Arc::new(State { shared, refusals: std::sync::Mutex::new(RefusalLog::default()) });
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let mut connections = tokio::task::JoinSet::new();
-    loop {
-        // A connection past the limit waits here, unaccepted, in the kernel's backlog.
-        let Ok(slot) = slots.clone().acquire_owned().await else { break };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "XKS listener: accept failed");
-                    continue;
-                }
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            _ = shutdown.wait_for(|stop| *stop) => break,
-        };
-        let (acceptor, state, mut stop) = (acceptor.clone(), state.clone(), shutdown.clone());
-        connections.spawn(async move {
-            let _slot = slot;
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "XKS listener: TLS handshake failed"),
-                Err(_) => return tracing::debug!(%peer, "XKS listener: TLS handshake timed out"),
-            };
-            let service = hyper::service::service_fn(move |request| {
-                let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(&state, request).await) }
-            });
-            let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(REQUEST_TIMEOUT);
-            builder.http2().timer(hyper_util::rt::TokioTimer::new()).max_concurrent_streams(MAX_STREAMS);
-            let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            let stopping = tokio::select! {
-                served = connection.as_mut() => Err(served),
-                stopped = stop.wait_for(|stop| *stop) => Ok(stopped.is_ok()),
-            };
-            let served = match stopping {
-                Err(served) => served,
-                Ok(_) => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
-            if let Err(e) = served {
-                tracing::debug!(%peer, error = %e, "XKS connection ended");
-            }
-        });
-    }
-    if tokio::time::timeout(grace, async { while connections.join_next().await.is_some() {} }).await.is_err() {
-        tracing::warn!(?grace, "XKS requests still in flight after the grace period; stopping without them");
-    }
-    connections.shutdown().await;
+    let state = Arc::new(State { shared, refusals: RefusalLog::default() });
+    let handler = move |request| {
+        let state = state.clone();
+        async move { handle(&state, request).await }
+    };
+    https::serve("xks", listener, tls, handler, shutdown, grace).await
 }
 
-fn answer(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
-    response
+fn answer(status: StatusCode, body: Vec<u8>) -> Answer {
+    https::json(status, body)
 }
 
-fn error(e: &XksError) -> Response<Full<Bytes>> {
+fn error(e: &XksError) -> Answer {
     answer(StatusCode::from_u16(e.name.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), e.body())
 }
 
 /// One request: its route, its body, its signature, then the call.
-async fn handle(state: &State, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(state: &State, request: Request<Incoming>) -> Answer {
     let shared = &state.shared;
     // The body first, whatever the answer: answering before it is read resets an HTTP/2 stream.
     let (parts, body) = request.into_parts();
-    let body = match tokio::time::timeout(REQUEST_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await {
-        Ok(Ok(body)) => body.to_bytes(),
-        Ok(Err(_)) => return error(&XksError::new(ErrorName::UnsupportedOperation, format!("the request body is over {MAX_BODY} bytes or broken"))),
-        Err(_) => return error(&XksError::new(ErrorName::Validation, "the request body did not arrive in time")),
+    let body = match https::body(body, MAX_BODY).await {
+        Ok(body) => body,
+        Err(BodyError::TooLarge) => return error(&XksError::new(ErrorName::UnsupportedOperation, format!("the request body is over {MAX_BODY} bytes or broken"))),
+        Err(BodyError::Late) => return error(&XksError::new(ErrorName::Validation, "the request body did not arrive in time")),
     };
     if parts.uri.path() == PING && parts.method == Method::GET {
         // For load balancers (the spec asks for one): unauthenticated, no HSM call, no audit.
@@ -244,14 +153,7 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<Full<Byte
         Err(e) if e.name == ErrorName::InvalidUriPath => return error(&e),
         Err(e) => {
             // Audited, within a budget, off the data workers (anyone can send these).
-            let admitted = state.refusals.lock().unwrap_or_else(|p| p.into_inner()).admit();
-            if let Some(unrecorded) = admitted {
-                let detail = match unrecorded {
-                    0 => e.message().to_string(),
-                    n => format!("{} ({n} refusals before this one not recorded one by one)", e.message()),
-                };
-                shared.refusal(route.operation(), "unauthenticated", tonic::Status::unauthenticated(detail)).await;
-            }
+            state.refusals.record(shared, route.operation(), e.message()).await;
             return error(&e);
         }
     };

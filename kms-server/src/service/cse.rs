@@ -1,0 +1,264 @@
+//! Google Workspace client-side encryption: the service's side of the CSE facade
+//! (`facade::cse`).
+//!
+//! Google's side is one principal, `cse:workspace`: its grants say which keys Drive, Gmail,
+//! Meet and Calendar may wrap and unwrap under (a grant's context conditions can name
+//! `cse_perimeter_id` or `cse_resource_name`), so that an officer allows, narrows and revokes
+//! Google's use exactly as a workload's. The settings (one row) say where Google reaches the
+//! service (the KACLS URL, checked against every authorization token), which key new wraps use,
+//! whether guests may unwrap, and which users may call `privilegedunwrap`; the issuers say whose
+//! tokens are trusted, with their key sets.
+
+use std::sync::Arc;
+
+use super::admin::changed;
+use super::{Caller, Kms, now};
+use crate::domain::ids::KeyRef;
+use crate::domain::lifecycle::KeyState;
+use crate::domain::policy::{Grant, Operation, PrincipalState};
+use crate::error::{Error, Result};
+use crate::facade::cse::jwt::Issuer;
+use crate::store::{CseIssuerRecord, CseSettingsRecord, PrincipalRecord};
+
+/// The principal Google Workspace's calls run as; no workload or officer can take a name
+/// starting `cse:`.
+pub const PRINCIPAL_PREFIX: &str = "cse:";
+pub const PRINCIPAL: &str = "cse:workspace";
+
+/// Which token an issuer signs.
+pub const AUTHENTICATION: &str = "authentication";
+pub const AUTHORIZATION: &str = "authorization";
+
+/// The most issuers of each kind, audiences of an issuer, privileged users; the largest key set.
+const MAX_ISSUERS: usize = 16;
+const MAX_AUDIENCES: usize = 8;
+const MAX_PRIVILEGED: usize = 32;
+const MAX_JWKS: usize = 64 * 1024;
+
+/// What every CSE call reads: the settings, if any, and the trusted issuers (part of the
+/// registry, rebuilt with it).
+#[derive(Debug, Default)]
+pub struct Config {
+    pub settings: Option<CseSettingsRecord>,
+    pub issuers: Vec<CseIssuerRecord>,
+    pub authentication: Vec<Issuer>,
+    pub authorization: Vec<Issuer>,
+}
+
+impl Config {
+    /// The configuration for these rows; an issuer whose key set cannot be read is left out
+    /// (logged), so that one bad row does not stop the others, nor the registry's load.
+    pub fn new(settings: Option<CseSettingsRecord>, issuers: Vec<CseIssuerRecord>) -> Config {
+        let mut config = Config { settings, ..Default::default() };
+        for record in &issuers {
+            let audiences: Vec<&str> = record.audiences.iter().map(String::as_str).collect();
+            match Issuer::new(&record.iss, &audiences, &record.jwks) {
+                Ok(issuer) if record.token == AUTHENTICATION => config.authentication.push(issuer),
+                Ok(issuer) => config.authorization.push(issuer),
+                Err(e) => tracing::error!(iss = %record.iss, error = %e, "a CSE issuer's key set cannot be read; its tokens are refused"),
+            }
+        }
+        config.issuers = issuers;
+        config
+    }
+
+    /// The path Google's calls arrive under: the KACLS URL's (`https://host/PATH`).
+    pub fn path_prefix(&self) -> Option<&str> {
+        let url = &self.settings.as_ref()?.kacls_url;
+        let rest = url.strip_prefix("https://")?;
+        Some(rest.find('/').map_or("", |i| rest[i..].trim_end_matches('/')))
+    }
+
+    /// Whether `email` may call `privilegedunwrap`.
+    pub fn privileged(&self, email: &str) -> bool {
+        self.settings.as_ref().is_some_and(|s| s.privileged_users.iter().any(|u| u.eq_ignore_ascii_case(email)))
+    }
+}
+
+/// The KACLS URL: `https://HOST[:PORT][/PATH]`, no query, fragment or user, at most 256 bytes.
+fn check_url(url: &str) -> Result<()> {
+    let bad = || Error::invalid("kacls_url", "must be https://HOST[:PORT][/PATH] without a query, fragment or user, at most 256 bytes");
+    let rest = url.strip_prefix("https://").ok_or_else(bad)?;
+    let host = rest.split('/').next().unwrap_or_default();
+    let ok = url.len() <= 256
+        && !host.is_empty()
+        && !rest.contains(['?', '#', '@', ' '])
+        && rest.chars().all(|c| c.is_ascii_graphic())
+        && !rest.trim_end_matches('/').contains("//");
+    if ok { Ok(()) } else { Err(bad()) }
+}
+
+/// An e-mail address as a token names it (for the privileged users).
+fn check_email(email: &str) -> Result<()> {
+    let ok = email.len() <= 254 && email.split_once('@').is_some_and(|(u, d)| !u.is_empty() && d.contains('.')) && !email.contains(char::is_whitespace);
+    if ok { Ok(()) } else { Err(Error::invalid("privileged_users", format!("{email:?} is not an e-mail address"))) }
+}
+
+impl Kms {
+    /// The CSE settings and issuers every CSE call reads.
+    pub fn cse_config(&self) -> Arc<Config> {
+        self.registry.read().cse.clone()
+    }
+
+    /// Sets where Google reaches the service, which key new wraps use, whether guests may
+    /// unwrap, and who may call `privilegedunwrap`. The first time, registers the principal
+    /// `cse:workspace`; and when it holds no grant for both Encrypt and Decrypt on the key,
+    /// grants them (without conditions: an officer narrows them like any grant).
+    pub fn configure_cse(&self, caller: &Caller, kacls_url: &str, key: &KeyRef, guests: bool, privileged_users: Vec<String>) -> Result<CseSettingsRecord> {
+        check_url(kacls_url)?;
+        if privileged_users.len() > MAX_PRIVILEGED {
+            return Err(Error::invalid("privileged_users", format!("at most {MAX_PRIVILEGED}")));
+        }
+        privileged_users.iter().try_for_each(|u| check_email(u))?;
+        let needs_grant = {
+            let _admin = self.admin_lock()?;
+            let entry = self.registry.entry(key)?;
+            if entry.record.state != KeyState::Enabled {
+                return Err(Error::precondition(format!("key {} is {:?}; CSE needs an enabled key", entry.record.key_id, entry.record.state)));
+            }
+            let record = CseSettingsRecord { kacls_url: kacls_url.trim_end_matches('/').to_string(), key_id: entry.record.key_id, guests, privileged_users, updated_at: now() };
+            let registered = self.registry.read().principals.contains_key(PRINCIPAL);
+            caller.commit_point(|| {
+                format!(
+                    "serve Google Workspace CSE at {} with key {}{}{}",
+                    record.kacls_url,
+                    record.key_id,
+                    if guests { ", guests allowed" } else { "" },
+                    if registered { String::new() } else { format!("; register principal {PRINCIPAL}") }
+                )
+            })?;
+            let mut state = self.registry.write();
+            let marks = self.store.write(|tx| {
+                if !registered {
+                    tx.insert_principal(PRINCIPAL, PrincipalState::Enabled, record.updated_at)?;
+                }
+                tx.put_cse_settings(&record)?;
+                let detail = format!(
+                    "KACLS URL {}, key {}, guests {}, privileged users {}",
+                    record.kacls_url,
+                    record.key_id,
+                    if guests { "allowed" } else { "refused" },
+                    record.privileged_users.join(",")
+                );
+                tx.append_audit(&caller.audit("ConfigureCse", Some(record.key_id), None, detail), record.updated_at)?;
+                changed(tx, false)
+            })?;
+            state.note(marks);
+            if !registered {
+                let p = PrincipalRecord { name: PRINCIPAL.to_string(), state: PrincipalState::Enabled, created_at: record.updated_at };
+                state.principals.insert(PRINCIPAL.to_string(), p);
+            }
+            let granted = |op| state.grants.get(&record.key_id).into_iter().flatten().any(|g| g.principal == PRINCIPAL && g.operations.contains(&op));
+            let needs_grant = !(granted(Operation::Encrypt) && granted(Operation::Decrypt));
+            state.cse = Arc::new(Config::new(Some(record.clone()), state.cse.issuers.clone()));
+            needs_grant.then_some(record)
+        };
+        let Some(record) = needs_grant else { return self.cse_config().settings.clone().ok_or_else(|| Error::NotFound { what: "CSE settings".into() }) };
+        let grant = Grant {
+            grant_id: String::new(),
+            principal: PRINCIPAL.to_string(),
+            key_id: record.key_id,
+            operations: [Operation::Encrypt, Operation::Decrypt].into(),
+            required_pairs: Default::default(),
+            required_keys: Default::default(),
+            expires_at: None,
+            created_at: 0,
+        };
+        self.create_grant(caller, grant, &KeyRef::Id(record.key_id))?;
+        Ok(record)
+    }
+
+    /// Trusts `iss` for `token` (`authentication` or `authorization`) tokens naming one of
+    /// `audiences`, verified with the key set `jwks`; replaces its earlier entry.
+    pub fn put_cse_issuer(&self, caller: &Caller, token: &str, iss: &str, audiences: Vec<String>, jwks: &str, jwks_url: Option<String>) -> Result<CseIssuerRecord> {
+        if token != AUTHENTICATION && token != AUTHORIZATION {
+            return Err(Error::invalid("token", format!("must be {AUTHENTICATION} or {AUTHORIZATION}")));
+        }
+        if iss.is_empty() || iss.len() > 256 || !iss.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(Error::invalid("iss", "must be 1 to 256 printable ASCII characters"));
+        }
+        if audiences.is_empty() || audiences.len() > MAX_AUDIENCES || audiences.iter().any(|a| a.is_empty() || a.len() > 256) {
+            return Err(Error::invalid("audiences", format!("1 to {MAX_AUDIENCES}, each 1 to 256 characters")));
+        }
+        if jwks.len() > MAX_JWKS {
+            return Err(Error::invalid("jwks", format!("is {} bytes; at most {MAX_JWKS}", jwks.len())));
+        }
+        if let Some(url) = &jwks_url
+            && (!url.starts_with("https://") || url.len() > 1024)
+        {
+            return Err(Error::invalid("jwks_url", "must be an https:// URL of at most 1,024 bytes"));
+        }
+        let refs: Vec<&str> = audiences.iter().map(String::as_str).collect();
+        Issuer::new(iss, &refs, jwks).map_err(|e| Error::invalid("jwks", e))?;
+        let _admin = self.admin_lock()?;
+        let config = self.cse_config();
+        if config.issuers.iter().filter(|i| i.token == token && i.iss != iss).count() >= MAX_ISSUERS {
+            return Err(Error::precondition(format!("{MAX_ISSUERS} {token} issuers are trusted already; remove one first")));
+        }
+        let record = CseIssuerRecord { iss: iss.to_string(), token: token.to_string(), audiences, jwks: jwks.to_string(), jwks_url, updated_at: now() };
+        caller.commit_point(|| format!("trust {} tokens from {iss} for the audiences {}", record.token, record.audiences.join(", ")))?;
+        let mut state = self.registry.write();
+        let marks = self.store.write(|tx| {
+            tx.put_cse_issuer(&record)?;
+            let detail = format!("{} issuer {iss}, audiences {}", record.token, record.audiences.join(","));
+            tx.append_audit(&caller.audit("PutCseIssuer", None, None, detail), record.updated_at)?;
+            changed(tx, false)
+        })?;
+        state.note(marks);
+        let mut issuers: Vec<_> = state.cse.issuers.iter().filter(|i| i.iss != iss).cloned().collect();
+        issuers.push(record.clone());
+        issuers.sort_by(|a, b| a.iss.cmp(&b.iss));
+        state.cse = Arc::new(Config::new(state.cse.settings.clone(), issuers));
+        Ok(record)
+    }
+
+    /// Stops trusting `iss`: its tokens are refused from now on, on every node.
+    pub fn remove_cse_issuer(&self, caller: &Caller, iss: &str) -> Result<()> {
+        let _admin = self.admin_lock()?;
+        if !self.cse_config().issuers.iter().any(|i| i.iss == iss) {
+            return Err(Error::NotFound { what: format!("CSE issuer {iss}") });
+        }
+        caller.commit_point(|| format!("stop trusting tokens from {iss}; they are refused at once"))?;
+        let mut state = self.registry.write();
+        let marks = self.store.write(|tx| {
+            tx.delete_cse_issuer(iss)?;
+            tx.append_audit(&caller.audit("RemoveCseIssuer", None, None, format!("issuer {iss}")), now())?;
+            changed(tx, true)
+        })?;
+        state.note(marks);
+        let issuers = state.cse.issuers.iter().filter(|i| i.iss != iss).cloned().collect();
+        state.cse = Arc::new(Config::new(state.cse.settings.clone(), issuers));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kacls_urls_and_privileged_users_are_checked() {
+        for good in ["https://kacls.example.com", "https://kacls.example.com:8443/v1/cse", "https://k.example.com/"] {
+            assert!(check_url(good).is_ok(), "{good}");
+        }
+        for bad in ["http://kacls.example.com", "https://", "https:///x", "https://k.example.com/a?b", "https://u@k.example.com", "https://k.example.com/a//b"] {
+            assert!(check_url(bad).is_err(), "{bad}");
+        }
+        assert!(check_email("admin@example.com").is_ok());
+        for bad in ["admin", "@example.com", "a@b", "a b@example.com"] {
+            assert!(check_email(bad).is_err(), "{bad}");
+        }
+        let settings = |url: &str| CseSettingsRecord {
+            kacls_url: url.into(),
+            key_id: crate::domain::ids::KeyId::from_bytes([1; 16]),
+            guests: false,
+            privileged_users: vec!["Admin@Example.com".into()],
+            updated_at: 0,
+        };
+        let config = Config::new(Some(settings("https://kacls.example.com/v1/cse")), vec![]);
+        assert_eq!(config.path_prefix(), Some("/v1/cse"));
+        assert!(config.privileged("admin@example.com") && !config.privileged("ana@example.com"));
+        assert_eq!(Config::new(Some(settings("https://kacls.example.com")), vec![]).path_prefix(), Some(""));
+        assert_eq!(Config::default().path_prefix(), None);
+    }
+}
