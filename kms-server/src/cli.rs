@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{AuditConfig, Config, HealthConfig, HsmConfig, KeysConfig, ListenConfig, OfficersConfig, TlsConfig, XksConfig};
+use crate::config::{AuditConfig, Config, FacadeListenerConfig, HealthConfig, HsmConfig, KeysConfig, ListenConfig, OfficersConfig, TlsConfig};
 use crate::domain::officer::Passphrase;
 
 /// `--version`: a build with the test hooks says so.
@@ -51,6 +51,9 @@ enum Command {
         /// The AWS external key store proxy (XKS, HTTPS with the development certificate).
         #[arg(long, default_value = "127.0.0.1:7403")]
         xks_listen: std::net::SocketAddr,
+        /// Google Workspace CSE's key service (KACLS, HTTPS with the development certificate).
+        #[arg(long, default_value = "127.0.0.1:7404")]
+        cse_listen: std::net::SocketAddr,
         /// Seconds between destruction and rotation sweeps.
         #[arg(long, default_value_t = 60)]
         sweep_interval: u64,
@@ -170,7 +173,7 @@ pub fn main() -> anyhow::Result<()> {
             println!("{}: ok", config.display());
             return Ok(());
         }
-        Command::Dev { data_dir, data_listen, admin_listen, metrics_listen, xks_listen, sweep_interval, session_copies } => {
+        Command::Dev { data_dir, data_listen, admin_listen, metrics_listen, xks_listen, cse_listen, sweep_interval, session_copies } => {
             crate::files::create_dir(&data_dir)?;
             let data_dir = data_dir.canonicalize()?;
             let token = hsm_sim::Token::open_or_provision(&data_dir.join("softhsm"), "kms-dev")?;
@@ -211,7 +214,8 @@ pub fn main() -> anyhow::Result<()> {
                 limits: Default::default(),
                 audit: AuditConfig::default(),
                 officers: OfficersConfig::default(),
-                xks: Some(XksConfig { listen: xks_listen, cert_file: pki.server_cert.clone(), key_file: pki.server_key.clone() }),
+                xks: Some(FacadeListenerConfig { listen: xks_listen, cert_file: pki.server_cert.clone(), key_file: pki.server_key.clone() }),
+                cse: Some(FacadeListenerConfig { listen: cse_listen, cert_file: pki.server_cert.clone(), key_file: pki.server_key.clone() }),
             };
             config.validate()?;
             println!("development mode: token, PIN, database and TLS certificates under {}", data_dir.display());

@@ -34,16 +34,21 @@ pub struct Config {
     pub officers: OfficersConfig,
     /// The AWS external key store proxy (XKS) listener; absent, there is none.
     #[serde(default)]
-    pub xks: Option<XksConfig>,
+    pub xks: Option<FacadeListenerConfig>,
+    /// Google Workspace client-side encryption's key service (KACLS) listener; absent, there is
+    /// none.
+    #[serde(default)]
+    pub cse: Option<FacadeListenerConfig>,
 }
 
-/// The XKS listener: HTTPS only (TLS 1.2 and 1.3), with its own certificate, since AWS KMS
-/// checks it against public CAs (the planes' certificates come from the customer's CA).
+/// A cloud facade's listener (`[xks]`, `[cse]`): HTTPS only (TLS 1.2 and 1.3), with its own
+/// certificate, since the cloud checks it against public CAs (the planes' certificates come
+/// from the customer's CA).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct XksConfig {
+pub struct FacadeListenerConfig {
     pub listen: SocketAddr,
-    /// The certificate chain AWS KMS sees (PEM).
+    /// The certificate chain the cloud sees (PEM).
     pub cert_file: PathBuf,
     /// Its private key (PEM, mode 0600 or stricter).
     pub key_file: PathBuf,
@@ -350,12 +355,14 @@ impl Config {
             return Err(refuse("listen.metrics", format!("{metrics} is not a loopback address; the metrics listener has no TLS")));
         }
         crate::tls::ServerTls::load(&self.tls.cert_file, &self.tls.key_file, &self.tls.client_ca_file).map_err(|e| refuse("tls", e))?;
-        if let Some(xks) = &self.xks {
-            let taken = [Some(self.listen.data), Some(self.listen.admin), self.listen.metrics];
-            if xks.listen.port() != 0 && taken.contains(&Some(xks.listen)) {
-                return Err(refuse("xks.listen", format!("{} is another listener's", xks.listen)));
+        let mut taken = vec![Some(self.listen.data), Some(self.listen.admin), self.listen.metrics];
+        for (name, listen, facade) in [("xks", "xks.listen", &self.xks), ("cse", "cse.listen", &self.cse)] {
+            let Some(facade) = facade else { continue };
+            if facade.listen.port() != 0 && taken.contains(&Some(facade.listen)) {
+                return Err(refuse(listen, format!("{} is another listener's", facade.listen)));
             }
-            crate::tls::https_server(&xks.cert_file, &xks.key_file).map_err(|e| refuse("xks", e))?;
+            taken.push(Some(facade.listen));
+            crate::tls::https_server(&facade.cert_file, &facade.key_file).map_err(|e| refuse(name, e))?;
         }
         self.keys.limits().validate().map_err(|e| refuse("keys", e))?;
         if !(1..=720).contains(&self.officers.session_minutes) {

@@ -125,15 +125,16 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     let (data_addr, admin_addr) = (data.local_addr()?, admin.local_addr()?);
     println!("data plane (kms.v1.Crypto) listening on {data_addr}");
     println!("admin plane (kms.v1.KeyManagement) listening on {admin_addr}");
-    let xks = match &config.xks {
-        Some(xks) => {
-            let tls = crate::tls::https_server(&xks.cert_file, &xks.key_file)?;
-            let listener = TcpListener::bind(xks.listen).await?;
-            println!("xks (AWS external key store proxy, HTTPS) listening on {}", listener.local_addr()?);
-            Some((listener, tls))
-        }
-        None => None,
+    let facade = |listen: &Option<crate::config::FacadeListenerConfig>, what: &str| {
+        let Some(listen) = listen else { return anyhow::Ok(None) };
+        let tls = crate::tls::https_server(&listen.cert_file, &listen.key_file)?;
+        let listener = std::net::TcpListener::bind(listen.listen)?;
+        listener.set_nonblocking(true)?;
+        println!("{what} listening on {}", listener.local_addr()?);
+        Ok(Some((TcpListener::from_std(listener)?, tls)))
     };
+    let xks = facade(&config.xks, "xks (AWS external key store proxy, HTTPS)")?;
+    let cse = facade(&config.cse, "cse (Google Workspace client-side encryption key service, HTTPS)")?;
     let metrics = match config.listen.metrics {
         Some(addr) => {
             let listener = TcpListener::bind(addr).await?;
@@ -166,6 +167,8 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
 
     let xks = xks
         .map(|(listener, tls)| tokio::spawn(crate::facade::xks::listener::serve(listener, tls, shared.clone(), shutdown_rx.clone(), SHUTDOWN_GRACE)));
+    let cse = cse
+        .map(|(listener, tls)| tokio::spawn(crate::facade::cse::listener::serve(listener, tls, shared.clone(), shutdown_rx.clone(), SHUTDOWN_GRACE)));
     let crypto = CryptoServer::new(CryptoService(shared.clone())).max_decoding_message_size(MAX_DATA_MESSAGE_BYTES);
     let keymgmt = KeyManagementServer::new(AdminService(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let audit = AuditLogServer::new(AuditService(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
@@ -204,9 +207,9 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
             }
         }
     }
-    if let Some(xks) = xks {
-        // It returns within its own grace once told to stop.
-        let _ = xks.await;
+    for facade in [xks, cse].into_iter().flatten() {
+        // Each returns within its own grace once told to stop.
+        let _ = facade.await;
     }
     sweeper.abort();
     auditor.abort();

@@ -228,6 +228,8 @@ pub struct Server {
     pub metrics_addr: String,
     /// The XKS facade's HTTPS listener.
     pub xks_addr: String,
+    /// The CSE facade's HTTPS listener.
+    pub cse_addr: String,
     /// The bootstrap officer's TOTP secret (base32), from its enrolment URI.
     pub officer_totp: String,
     /// The bootstrap officer's session token.
@@ -276,6 +278,7 @@ impl Server {
             admin_addr: String::new(),
             metrics_addr: String::new(),
             xks_addr: String::new(),
+            cse_addr: String::new(),
             officer_totp: String::new(),
             session: String::new(),
             database,
@@ -487,7 +490,8 @@ impl Server {
              [health]\nprobe_interval_seconds = 1\n\
              [audit]\ncheckpoint_every_records = {}\nretention_days = {}\n\
              [limits]\nprincipal_calls_per_second = {:?}\nprincipal_burst = {:?}\n\
-             [xks]\nlisten = \"127.0.0.1:0\"\ncert_file = {:?}\nkey_file = {:?}\n{}",
+             [xks]\nlisten = \"127.0.0.1:0\"\ncert_file = {:?}\nkey_file = {:?}\n\
+             [cse]\nlisten = \"127.0.0.1:0\"\ncert_file = {:?}\nkey_file = {:?}\n{}",
             self.dir.path(),
             self.token.module,
             self.token.label,
@@ -504,6 +508,8 @@ impl Server {
             o.audit_retention_days,
             o.principal_calls_per_second,
             o.principal_burst,
+            pki.server_cert,
+            pki.server_key,
             pki.server_cert,
             pki.server_key,
             self.database.as_ref().map_or_else(String::new, |db| format!(
@@ -566,6 +572,8 @@ impl Server {
                 metrics = Some(addr);
             } else if line.starts_with("xks") {
                 self.xks_addr = addr;
+            } else if line.starts_with("cse") {
+                self.cse_addr = addr;
             }
         }
         self.data_addr = data.unwrap_or_default();

@@ -133,6 +133,37 @@ fn xks_key_store(directory: &crate::service::xks::Directory, s: &crate::store::X
 }
 
 /// The answer that shows a credential's secret, the one time it is shown.
+/// Google Workspace CSE's settings and issuers as the admin plane shows them.
+fn cse_configuration(config: &crate::service::cse::Config) -> pb::CseConfiguration {
+    let issuers = config
+        .issuers
+        .iter()
+        .map(|i| pb::CseIssuer {
+            iss: i.iss.clone(),
+            token: i.token.clone(),
+            audiences: i.audiences.clone(),
+            key_ids: serde_json::from_str::<serde_json::Value>(&i.jwks)
+                .ok()
+                .and_then(|v| v["keys"].as_array().map(|keys| keys.iter().filter_map(|k| k["kid"].as_str().map(str::to_string)).collect()))
+                .unwrap_or_default(),
+            jwks_url: i.jwks_url.clone().unwrap_or_default(),
+            update_time: i.updated_at,
+        })
+        .collect();
+    match &config.settings {
+        Some(s) => pb::CseConfiguration {
+            configured: true,
+            kacls_url: s.kacls_url.clone(),
+            key_id: s.key_id.to_string(),
+            allow_guests: s.guests,
+            privileged_users: s.privileged_users.clone(),
+            update_time: s.updated_at,
+            issuers,
+        },
+        None => pb::CseConfiguration { issuers, ..Default::default() },
+    }
+}
+
 fn xks_credential(kms: &Kms, key_store: &str, new: crate::service::xks::NewCredential) -> pb::XksCredentialResponse {
     let directory = kms.xks_directory();
     pb::XksCredentialResponse {
@@ -438,6 +469,46 @@ impl KeyManagement for AdminService {
             .call("AddXksCredential", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let new = kms.add_xks_credential(caller, &r.key_store)?;
                 Ok(xks_credential(kms, &r.key_store, new))
+            })
+            .await
+    }
+
+    async fn configure_cse(&self, request: Request<pb::ConfigureCseRequest>) -> Result<Response<pb::CseConfiguration>, Status> {
+        let who = officer(&request, Role::Officer);
+        let r = request.into_inner();
+        self.0
+            .call("ConfigureCse", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                let key = key_ref("key", &r.key)?;
+                kms.configure_cse(caller, &r.kacls_url, &key, r.allow_guests, r.privileged_users)?;
+                Ok(cse_configuration(&kms.cse_config()))
+            })
+            .await
+    }
+
+    async fn get_cse_configuration(&self, request: Request<pb::GetCseConfigurationRequest>) -> Result<Response<pb::CseConfiguration>, Status> {
+        let who = officer(&request, Role::Auditor);
+        self.0.call("GetCseConfiguration", who, Audit::EveryOutcome, move |kms, _, _| Ok(cse_configuration(&kms.cse_config()))).await
+    }
+
+    async fn put_cse_issuer(&self, request: Request<pb::PutCseIssuerRequest>) -> Result<Response<pb::CseConfiguration>, Status> {
+        let who = officer(&request, Role::Officer);
+        let r = request.into_inner();
+        self.0
+            .call("PutCseIssuer", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                let url = Some(r.jwks_url).filter(|u| !u.is_empty());
+                kms.put_cse_issuer(caller, &r.token, &r.iss, r.audiences, &r.jwks, url)?;
+                Ok(cse_configuration(&kms.cse_config()))
+            })
+            .await
+    }
+
+    async fn remove_cse_issuer(&self, request: Request<pb::RemoveCseIssuerRequest>) -> Result<Response<pb::CseConfiguration>, Status> {
+        let who = officer(&request, Role::Officer);
+        let r = request.into_inner();
+        self.0
+            .call("RemoveCseIssuer", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                kms.remove_cse_issuer(caller, &r.iss)?;
+                Ok(cse_configuration(&kms.cse_config()))
             })
             .await
     }

@@ -90,7 +90,8 @@ fn check_url(url: &str) -> Result<()> {
 
 /// An e-mail address as a token names it (for the privileged users).
 fn check_email(email: &str) -> Result<()> {
-    let ok = email.len() <= 254 && email.split_once('@').is_some_and(|(u, d)| !u.is_empty() && d.contains('.')) && !email.contains(char::is_whitespace);
+    let ok =
+        email.len() <= 254 && email.split_once('@').is_some_and(|(u, d)| !u.is_empty() && d.contains('.')) && !email.contains(char::is_whitespace);
     if ok { Ok(()) } else { Err(Error::invalid("privileged_users", format!("{email:?} is not an e-mail address"))) }
 }
 
@@ -104,7 +105,14 @@ impl Kms {
     /// unwrap, and who may call `privilegedunwrap`. The first time, registers the principal
     /// `cse:workspace`; and when it holds no grant for both Encrypt and Decrypt on the key,
     /// grants them (without conditions: an officer narrows them like any grant).
-    pub fn configure_cse(&self, caller: &Caller, kacls_url: &str, key: &KeyRef, guests: bool, privileged_users: Vec<String>) -> Result<CseSettingsRecord> {
+    pub fn configure_cse(
+        &self,
+        caller: &Caller,
+        kacls_url: &str,
+        key: &KeyRef,
+        guests: bool,
+        privileged_users: Vec<String>,
+    ) -> Result<CseSettingsRecord> {
         check_url(kacls_url)?;
         if privileged_users.len() > MAX_PRIVILEGED {
             return Err(Error::invalid("privileged_users", format!("at most {MAX_PRIVILEGED}")));
@@ -116,7 +124,13 @@ impl Kms {
             if entry.record.state != KeyState::Enabled {
                 return Err(Error::precondition(format!("key {} is {:?}; CSE needs an enabled key", entry.record.key_id, entry.record.state)));
             }
-            let record = CseSettingsRecord { kacls_url: kacls_url.trim_end_matches('/').to_string(), key_id: entry.record.key_id, guests, privileged_users, updated_at: now() };
+            let record = CseSettingsRecord {
+                kacls_url: kacls_url.trim_end_matches('/').to_string(),
+                key_id: entry.record.key_id,
+                guests,
+                privileged_users,
+                updated_at: now(),
+            };
             let registered = self.registry.read().principals.contains_key(PRINCIPAL);
             caller.commit_point(|| {
                 format!(
@@ -153,7 +167,9 @@ impl Kms {
             state.cse = Arc::new(Config::new(Some(record.clone()), state.cse.issuers.clone()));
             needs_grant.then_some(record)
         };
-        let Some(record) = needs_grant else { return self.cse_config().settings.clone().ok_or_else(|| Error::NotFound { what: "CSE settings".into() }) };
+        let Some(record) = needs_grant else {
+            return self.cse_config().settings.clone().ok_or_else(|| Error::NotFound { what: "CSE settings".into() });
+        };
         let grant = Grant {
             grant_id: String::new(),
             principal: PRINCIPAL.to_string(),
@@ -170,7 +186,15 @@ impl Kms {
 
     /// Trusts `iss` for `token` (`authentication` or `authorization`) tokens naming one of
     /// `audiences`, verified with the key set `jwks`; replaces its earlier entry.
-    pub fn put_cse_issuer(&self, caller: &Caller, token: &str, iss: &str, audiences: Vec<String>, jwks: &str, jwks_url: Option<String>) -> Result<CseIssuerRecord> {
+    pub fn put_cse_issuer(
+        &self,
+        caller: &Caller,
+        token: &str,
+        iss: &str,
+        audiences: Vec<String>,
+        jwks: &str,
+        jwks_url: Option<String>,
+    ) -> Result<CseIssuerRecord> {
         if token != AUTHENTICATION && token != AUTHORIZATION {
             return Err(Error::invalid("token", format!("must be {AUTHENTICATION} or {AUTHORIZATION}")));
         }
@@ -195,7 +219,8 @@ impl Kms {
         if config.issuers.iter().filter(|i| i.token == token && i.iss != iss).count() >= MAX_ISSUERS {
             return Err(Error::precondition(format!("{MAX_ISSUERS} {token} issuers are trusted already; remove one first")));
         }
-        let record = CseIssuerRecord { iss: iss.to_string(), token: token.to_string(), audiences, jwks: jwks.to_string(), jwks_url, updated_at: now() };
+        let record =
+            CseIssuerRecord { iss: iss.to_string(), token: token.to_string(), audiences, jwks: jwks.to_string(), jwks_url, updated_at: now() };
         caller.commit_point(|| format!("trust {} tokens from {iss} for the audiences {}", record.token, record.audiences.join(", ")))?;
         let mut state = self.registry.write();
         let marks = self.store.write(|tx| {
@@ -241,7 +266,14 @@ mod tests {
         for good in ["https://kacls.example.com", "https://kacls.example.com:8443/v1/cse", "https://k.example.com/"] {
             assert!(check_url(good).is_ok(), "{good}");
         }
-        for bad in ["http://kacls.example.com", "https://", "https:///x", "https://k.example.com/a?b", "https://u@k.example.com", "https://k.example.com/a//b"] {
+        for bad in [
+            "http://kacls.example.com",
+            "https://",
+            "https:///x",
+            "https://k.example.com/a?b",
+            "https://u@k.example.com",
+            "https://k.example.com/a//b",
+        ] {
             assert!(check_url(bad).is_err(), "{bad}");
         }
         assert!(check_email("admin@example.com").is_ok());

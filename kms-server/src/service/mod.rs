@@ -7,6 +7,7 @@
 mod admin;
 mod audit;
 mod backup;
+pub mod cse;
 pub mod explain;
 pub mod officers;
 mod recovery;
@@ -14,7 +15,6 @@ pub mod registry;
 pub mod review;
 pub mod status;
 pub mod xks;
-pub mod cse;
 
 use std::sync::{Arc, Mutex};
 

@@ -115,10 +115,11 @@ impl Kms {
     /// or its key compromised, on another node) has this process's session copies destroyed.
     /// The caller holds the local admin lock.
     pub(super) fn reload_registry(&self, objects: Option<HashMap<ObjectName, KeyHandle>>) -> Result<()> {
-        let (keys, versions, aliases, principals, grants, marks, (xks_stores, xks_credentials), (cse_settings, cse_issuers)) = self.store.read(|tx| {
-            let facades = ((tx.xks_key_stores()?, tx.xks_credentials()?), (tx.cse_settings()?, tx.cse_issuers()?));
-            Ok((tx.keys()?, tx.versions()?, tx.aliases()?, tx.principals()?, tx.grants()?, tx.marks()?, facades.0, facades.1))
-        })?;
+        let (keys, versions, aliases, principals, grants, marks, (xks_stores, xks_credentials), (cse_settings, cse_issuers)) =
+            self.store.read(|tx| {
+                let facades = ((tx.xks_key_stores()?, tx.xks_credentials()?), (tx.cse_settings()?, tx.cse_issuers()?));
+                Ok((tx.keys()?, tx.versions()?, tx.aliases()?, tx.principals()?, tx.grants()?, tx.marks()?, facades.0, facades.1))
+            })?;
         let xks = self.xks_directory_of(&self.registry.read().xks, xks_stores, xks_credentials);
         let old = self.registry.read().keys.clone();
         let known = |key_id, version| old.get(&key_id).and_then(|e| e.versions.get(&version).cloned());

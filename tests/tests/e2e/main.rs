@@ -10,6 +10,7 @@ mod cache;
 mod cluster;
 mod copies;
 mod crash;
+mod cse;
 mod dry_run;
 mod envelope;
 mod explain;

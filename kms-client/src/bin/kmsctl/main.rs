@@ -12,6 +12,7 @@ mod access;
 mod admin;
 mod audit;
 mod backup;
+mod cse;
 mod data;
 mod key;
 mod officer;
@@ -111,6 +112,9 @@ enum Command {
     /// AWS external key stores (XKS): key stores, their credentials, and the keys AWS may use.
     #[command(subcommand)]
     Xks(xks::XksCommand),
+    /// Google Workspace client-side encryption: the KACLS URL, the key, the trusted issuers.
+    #[command(subcommand)]
+    Cse(cse::CseCommand),
     /// Envelope-encrypts a file of any size under a fresh data key (docs/file-format.md).
     Encrypt(data::EncryptArgs),
     /// Whether a data-plane call would be allowed now, and why: for one principal, or for every
@@ -141,6 +145,7 @@ impl Command {
             Command::Principal(c) => c.changes(),
             Command::Grant(c) => c.changes(),
             Command::Xks(c) => c.changes(),
+            Command::Cse(c) => c.changes(),
             Command::Login(_)
             | Command::Logout
             | Command::Status
@@ -215,6 +220,7 @@ async fn execute(cli: Cli, out: Out) -> Result<(), Error> {
         Command::Principal(cmd) => cmd.run(&ctx).await,
         Command::Grant(cmd) => cmd.run(&ctx).await,
         Command::Xks(cmd) => cmd.run(&ctx).await,
+        Command::Cse(cmd) => cmd.run(&ctx).await,
         Command::Audit(cmd) => cmd.run(&ctx).await,
         Command::DataKey(cmd) => cmd.run(&ctx).await,
         Command::Encrypt(args) => args.run(&ctx).await,

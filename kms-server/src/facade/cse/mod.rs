@@ -10,4 +10,5 @@
 //! the structured error). The listener and its operations are not served yet.
 
 pub mod jwt;
+pub mod listener;
 pub mod wire;

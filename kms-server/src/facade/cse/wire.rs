@@ -25,7 +25,7 @@ pub struct CseError {
 }
 
 impl CseError {
-    fn new(code: u16, message: impl Into<String>) -> CseError {
+    pub fn new(code: u16, message: impl Into<String>) -> CseError {
         let message: String = message.into().chars().take(512).map(|c| if c.is_control() { '?' } else { c }).collect();
         CseError { code, message, details: String::new() }
     }
@@ -85,6 +85,7 @@ pub enum Use {
     Wrap,
     Unwrap,
     Digest,
+    Rewrap,
 }
 
 impl Use {
@@ -93,9 +94,75 @@ impl Use {
         match self {
             Use::Wrap => &["writer", "upgrader"],
             Use::Unwrap => &["writer", "reader"],
-            Use::Digest => &["writer", "reader", "verifier"],
+            Use::Digest => &["verifier"],
+            Use::Rewrap => &["migrator"],
         }
     }
+}
+
+/// `POST wrap`.
+#[derive(Debug, Deserialize)]
+pub struct WrapRequest {
+    pub authentication: String,
+    pub authorization: String,
+    pub key: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// `POST unwrap`.
+#[derive(Debug, Deserialize)]
+pub struct UnwrapRequest {
+    pub authentication: String,
+    pub authorization: String,
+    pub wrapped_key: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// `POST digest`.
+#[derive(Debug, Deserialize)]
+pub struct DigestRequest {
+    pub authorization: String,
+    pub wrapped_key: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// `POST rewrap`.
+#[derive(Debug, Deserialize)]
+pub struct RewrapRequest {
+    pub authorization: String,
+    pub original_kacls_url: String,
+    pub wrapped_key: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// `POST privilegedunwrap`.
+#[derive(Debug, Deserialize)]
+pub struct PrivilegedUnwrapRequest {
+    pub authentication: String,
+    pub resource_name: String,
+    pub wrapped_key: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// Reads a request's JSON (unknown fields are ignored: Google adds fields over time).
+pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, CseError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let why = e.to_string();
+        CseError::bad_request(format!("the request is not the JSON this call takes ({})", why.split(" at line").next().unwrap_or_default()))
+    })
+}
+
+/// `reason`: at most `MAX_REASON` bytes, logged and audited as given.
+pub fn check_reason(reason: &str) -> Result<(), CseError> {
+    if reason.len() > MAX_REASON {
+        return Err(CseError::bad_request(format!("reason is over {MAX_REASON} bytes")));
+    }
+    Ok(())
 }
 
 /// The checks between the two tokens and this service (the KACLS reference, "Encrypt and

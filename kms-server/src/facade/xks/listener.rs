@@ -12,13 +12,13 @@ use hyper::{Method, Request, StatusCode};
 use tokio::net::TcpListener;
 
 use super::auth;
-use crate::facade::https::{self, Answer, BodyError, RefusalLog};
 use super::framing;
 use super::wire::{self, Call, ErrorName, XksError};
 use crate::api::{Audit, DECRYPT_FAILED, Shared, Who};
 use crate::domain::ids::KeyId;
 use crate::domain::policy::Operation;
 use crate::error::Error;
+use crate::facade::https::{self, Answer, BodyError, RefusalLog};
 use crate::service::xks::{KEY_USAGE_REFUSED, metadata_context};
 
 /// The path every route starts with after the key store's prefix.
@@ -112,7 +112,9 @@ async fn handle(state: &State, request: Request<Incoming>) -> Answer {
     let (parts, body) = request.into_parts();
     let body = match https::body(body, MAX_BODY).await {
         Ok(body) => body,
-        Err(BodyError::TooLarge) => return error(&XksError::new(ErrorName::UnsupportedOperation, format!("the request body is over {MAX_BODY} bytes or broken"))),
+        Err(BodyError::TooLarge) => {
+            return error(&XksError::new(ErrorName::UnsupportedOperation, format!("the request body is over {MAX_BODY} bytes or broken")));
+        }
         Err(BodyError::Late) => return error(&XksError::new(ErrorName::Validation, "the request body did not arrive in time")),
     };
     if parts.uri.path() == PING && parts.method == Method::GET {

@@ -1,0 +1,359 @@
+//! The CSE listener: HTTPS (`facade::https`), Google Workspace's KACLS calls under the KACLS
+//! URL's path, CORS for the Workspace web clients, both tokens checked on every call, and every
+//! call through the same `Shared::call` as gRPC's: the worker pool, the HSM deadline, the
+//! revocation epoch, and the audit record (the user, role, resource, perimeter and reason)
+//! durable before the answer leaves.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, StatusCode};
+use tokio::net::TcpListener;
+
+use super::jwt;
+use super::wire::{self, Authentication, Authorization, CseError, Use};
+use crate::api::{Audit, DECRYPT_FAILED, Facts, Shared, Who};
+use crate::domain::context::EncryptionContext;
+use crate::domain::ids::KeyRef;
+use crate::domain::policy::Operation;
+use crate::error::Error;
+use crate::facade::https::{self, Answer, BodyError, RefusalLog};
+use crate::secret::SecretBytes;
+use crate::service::cse::{Config, PRINCIPAL};
+use crate::service::{Caller, Kms};
+
+/// The Workspace web clients' origin: the one origin CORS lets call.
+const GOOGLE_ORIGIN: &str = "https://client-side-encryption.google.com";
+
+/// The largest request body read: two tokens of a few KiB, a wrapped key of 1 KiB, a reason.
+const MAX_BODY: usize = 64 * 1024;
+
+/// The operations this key service serves (`status`'s `operations_supported`).
+const OPERATIONS: [&str; 5] = ["wrap", "unwrap", "rewrap", "digest", "privilegedunwrap"];
+
+/// What the listener's connections share.
+struct State {
+    shared: Shared,
+    refusals: RefusalLog,
+}
+
+/// Serves the CSE API on `listener` until `shutdown` (`https::serve`).
+pub async fn serve(
+    listener: TcpListener,
+    tls: rustls::ServerConfig,
+    shared: Shared,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    grace: std::time::Duration,
+) {
+    let state = Arc::new(State { shared, refusals: RefusalLog::default() });
+    let handler = move |request| {
+        let state = state.clone();
+        async move { handle(&state, request).await }
+    };
+    https::serve("cse", listener, tls, handler, shutdown, grace).await
+}
+
+fn error(e: &CseError) -> Answer {
+    https::json(StatusCode::from_u16(e.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), e.body())
+}
+
+/// One request: CORS, its route, its body, its tokens, then the call.
+async fn handle(state: &State, request: Request<Incoming>) -> Answer {
+    let google = request.headers().get(header::ORIGIN).is_some_and(|o| o == GOOGLE_ORIGIN);
+    let mut answer = route(state, request).await;
+    if google {
+        let headers = answer.headers_mut();
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static(GOOGLE_ORIGIN));
+        headers.insert(header::VARY, HeaderValue::from_static("origin"));
+    }
+    answer
+}
+
+async fn route(state: &State, request: Request<Incoming>) -> Answer {
+    let (parts, body) = request.into_parts();
+    let body = match https::body(body, MAX_BODY).await {
+        Ok(body) => body,
+        Err(BodyError::TooLarge) => return error(&CseError::new(413, format!("the request body is over {MAX_BODY} bytes or broken"))),
+        Err(BodyError::Late) => return error(&CseError::new(408, "the request body did not arrive in time")),
+    };
+    let config = state.shared.kms.cse_config();
+    let Some(operation) = config.path_prefix().and_then(|prefix| parts.uri.path().strip_prefix(prefix)).and_then(|rest| rest.strip_prefix('/'))
+    else {
+        return error(&CseError::new(404, "no key service at this path"));
+    };
+    let post = match operation {
+        "status" => false,
+        "wrap" | "unwrap" | "digest" | "rewrap" | "privilegedunwrap" => true,
+        _ => return error(&CseError::new(404, "no such operation")),
+    };
+    if parts.method == Method::OPTIONS {
+        return preflight(&parts);
+    }
+    let method = if post { Method::POST } else { Method::GET };
+    if parts.method != method {
+        let mut answer = error(&CseError::new(405, format!("{operation} takes {method} only")));
+        answer.headers_mut().insert(header::ALLOW, HeaderValue::from_static(if post { "POST, OPTIONS" } else { "GET, OPTIONS" }));
+        return answer;
+    }
+    let result = match operation {
+        "status" => Ok(status()),
+        "wrap" => wrap(state, &config, &body).await,
+        "unwrap" => unwrap(state, &config, &body).await,
+        "digest" => digest(state, &config, &body).await,
+        "rewrap" => rewrap(state, &config, &body).await,
+        _ => privileged_unwrap(state, &config, &body).await,
+    };
+    match result {
+        Ok(body) => https::json(StatusCode::OK, body),
+        Err(e) => error(&e),
+    }
+}
+
+/// The CORS preflight: Google's web clients may POST JSON; any other origin is refused.
+fn preflight(parts: &http::request::Parts) -> Answer {
+    if parts.headers.get(header::ORIGIN).is_none_or(|o| o != GOOGLE_ORIGIN) {
+        return error(&CseError::forbidden("this origin may not call the key service"));
+    }
+    let mut answer = https::json(StatusCode::NO_CONTENT, Vec::new());
+    let headers = answer.headers_mut();
+    headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
+    headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("content-type, authorization"));
+    headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("3600"));
+    answer
+}
+
+fn status() -> Vec<u8> {
+    let status = serde_json::json!({
+        "server_type": "KACLS",
+        "vendor_id": "client-held-kms",
+        "version": env!("CARGO_PKG_VERSION"),
+        "name": "kms-server",
+        "operations_supported": OPERATIONS,
+    });
+    status.to_string().into_bytes()
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Checks a token against the issuers of its kind; a refusal is audited (within the budget:
+/// anyone can send tokens) and answered 401.
+async fn token<C: serde::de::DeserializeOwned>(
+    state: &State,
+    operation: &'static str,
+    which: &str,
+    token: &str,
+    issuers: &[jwt::Issuer],
+) -> Result<C, CseError> {
+    match jwt::verify(which, token, issuers, unix_now()) {
+        Ok(claims) => Ok(claims),
+        Err(refused) => {
+            state.refusals.record(&state.shared, operation, &refused.0).await;
+            Err(CseError::unauthenticated(refused.0))
+        }
+    }
+}
+
+/// What a call records of its caller: the user, their role and delegation, the reason.
+fn caller_context(operation: &str, email: &str, authz: Option<&Authorization>, reason: &str) -> String {
+    serde_json::json!({
+        "kacls_operation": operation,
+        "email": email,
+        "role": authz.map(|a| a.role.as_str()),
+        "email_type": authz.and_then(|a| a.email_type.as_deref()),
+        "delegated_to": authz.and_then(|a| a.delegated_to.as_deref()),
+        "reason": reason,
+    })
+    .to_string()
+}
+
+/// A gRPC status from `Shared::call` as CSE's structured error.
+fn cse_error(status: &tonic::Status) -> CseError {
+    use tonic::Code;
+    let message = status.message();
+    match status.code() {
+        Code::InvalidArgument if message == DECRYPT_FAILED => {
+            CseError::bad_request("wrapped_key does not open for this resource_name and perimeter, or it was altered")
+        }
+        Code::InvalidArgument => CseError::bad_request(message),
+        Code::Unauthenticated => CseError::unauthenticated(message),
+        Code::PermissionDenied | Code::FailedPrecondition => CseError::forbidden(message),
+        Code::NotFound => CseError::new(404, message),
+        Code::ResourceExhausted => CseError::new(429, message),
+        Code::DeadlineExceeded | Code::Unavailable => CseError::new(503, message),
+        _ => CseError::new(500, message),
+    }
+}
+
+/// Runs `f` as `operation` by Google Workspace's principal, `caller_context` in its record.
+async fn run(
+    shared: &Shared,
+    operation: &'static str,
+    caller_context: String,
+    f: impl FnOnce(&Kms, &Caller, &mut Facts) -> Result<Vec<u8>, Error> + Send + 'static,
+) -> Result<Vec<u8>, CseError> {
+    shared
+        .call(operation, Who::Facade(PRINCIPAL.to_string()), Audit::EveryOutcome, move |kms, caller, facts| {
+            facts.caller_context = Some(caller_context);
+            f(kms, caller, facts)
+        })
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|s| cse_error(&s))
+}
+
+/// A refusal of the facade's own (the tokens disagree, a field is malformed) as the service
+/// error that `cse_error` turns back into it, so that the call audits it.
+fn refused(e: CseError) -> Error {
+    match e.code {
+        400 => Error::InvalidArgument { field: "request", reason: e.message },
+        503 => Error::precondition(e.message),
+        _ => Error::PermissionDenied { reason: e.message },
+    }
+}
+
+fn json(value: serde_json::Value) -> Vec<u8> {
+    value.to_string().into_bytes()
+}
+
+/// Wraps `dek` for `resource_name` in `perimeter` under the key CSE is set to use.
+fn wrap_key(
+    kms: &Kms,
+    caller: &Caller,
+    facts: &mut Facts,
+    config: &Config,
+    dek: &[u8],
+    resource_name: &str,
+    perimeter: &str,
+) -> Result<Vec<u8>, Error> {
+    let key_id = config.settings.as_ref().map(|s| s.key_id).ok_or_else(|| Error::precondition("Google Workspace CSE is not configured"))?;
+    let context = EncryptionContext::new(wire::context_pairs(resource_name, perimeter)).map_err(|e| Error::invalid("resource_name", e))?;
+    facts.key_id = Some(key_id);
+    facts.context = Some(context.clone());
+    let proof = kms.authorize(caller, &KeyRef::Id(key_id), Operation::Encrypt, &context)?;
+    let encrypted = kms.encrypt(&proof, dek, &context)?;
+    facts.key_version = Some(encrypted.key_version);
+    Ok(wire::envelope(perimeter, &encrypted.blob))
+}
+
+/// The data encryption key in `wrapped` (Base64), if it was wrapped for `resource_name`, and
+/// the perimeter it was wrapped in.
+fn unwrap_key(kms: &Kms, caller: &Caller, facts: &mut Facts, wrapped: &str, resource_name: &str) -> Result<(SecretBytes, String), Error> {
+    let bytes = wire::decode("wrapped_key", wrapped, wire::MAX_WRAPPED_KEY).map_err(refused)?;
+    let (perimeter, blob) = wire::open_envelope(&bytes).map_err(refused)?;
+    let context = EncryptionContext::new(wire::context_pairs(resource_name, &perimeter)).map_err(|e| Error::invalid("resource_name", e))?;
+    facts.context = Some(context.clone());
+    if let Ok(parsed) = crate::domain::blob::Blob::parse(blob) {
+        (facts.key_id, facts.key_version) = (Some(parsed.header.key_id), Some(parsed.header.version));
+    }
+    let decrypted = kms.decrypt(caller, blob, &context, None)?;
+    Ok((decrypted.plaintext, perimeter))
+}
+
+fn key_answer(field: &str, key: &[u8]) -> Vec<u8> {
+    let encoded = zeroize::Zeroizing::new(B64.encode(key));
+    json(serde_json::json!({ field: encoded.as_str() }))
+}
+
+async fn wrap(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<u8>, CseError> {
+    let request: wire::WrapRequest = wire::parse(body)?;
+    wire::check_reason(&request.reason)?;
+    let dek = zeroize::Zeroizing::new(wire::decode("key", &request.key, wire::MAX_KEY)?);
+    let authn: Authentication = token(state, "CseWrap", "authentication", &request.authentication, &config.authentication).await?;
+    let authz: Authorization = token(state, "CseWrap", "authorization", &request.authorization, &config.authorization).await?;
+    let context = caller_context("wrap", &authz.email, Some(&authz), &request.reason);
+    let config = config.clone();
+    run(&state.shared, "CseWrap", context, move |kms, caller, facts| {
+        check(&config, Some(&authn), &authz, Use::Wrap)?;
+        let perimeter = authz.perimeter_id.as_deref().unwrap_or_default();
+        let wrapped = wrap_key(kms, caller, facts, &config, &dek, &authz.resource_name, perimeter)?;
+        Ok(json(serde_json::json!({ "wrapped_key": B64.encode(wrapped) })))
+    })
+    .await
+}
+
+/// The checks between the tokens and this service's settings.
+fn check(config: &Config, authn: Option<&Authentication>, authz: &Authorization, what: Use) -> Result<(), Error> {
+    let settings = config.settings.as_ref().ok_or_else(|| Error::precondition("Google Workspace CSE is not configured"))?;
+    wire::check_tokens(authn, authz, what, &settings.kacls_url, settings.guests).map_err(refused)
+}
+
+async fn unwrap(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<u8>, CseError> {
+    let request: wire::UnwrapRequest = wire::parse(body)?;
+    wire::check_reason(&request.reason)?;
+    let authn: Authentication = token(state, "CseUnwrap", "authentication", &request.authentication, &config.authentication).await?;
+    let authz: Authorization = token(state, "CseUnwrap", "authorization", &request.authorization, &config.authorization).await?;
+    let context = caller_context("unwrap", &authz.email, Some(&authz), &request.reason);
+    let config = config.clone();
+    run(&state.shared, "CseUnwrap", context, move |kms, caller, facts| {
+        check(&config, Some(&authn), &authz, Use::Unwrap)?;
+        let (dek, _) = unwrap_key(kms, caller, facts, &request.wrapped_key, &authz.resource_name)?;
+        Ok(key_answer("key", dek.expose_secret()))
+    })
+    .await
+}
+
+async fn digest(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<u8>, CseError> {
+    let request: wire::DigestRequest = wire::parse(body)?;
+    wire::check_reason(&request.reason)?;
+    let authz: Authorization = token(state, "CseDigest", "authorization", &request.authorization, &config.authorization).await?;
+    let context = caller_context("digest", &authz.email, Some(&authz), &request.reason);
+    let config = config.clone();
+    run(&state.shared, "CseDigest", context, move |kms, caller, facts| {
+        check(&config, None, &authz, Use::Digest)?;
+        let (dek, perimeter) = unwrap_key(kms, caller, facts, &request.wrapped_key, &authz.resource_name)?;
+        let hash = wire::resource_key_hash(dek.expose_secret(), &authz.resource_name, &perimeter).map_err(refused)?;
+        Ok(json(serde_json::json!({ "resource_key_hash": B64.encode(hash) })))
+    })
+    .await
+}
+
+/// Rewraps a key this service wrapped under the key CSE uses now (after an officer changed it):
+/// unwrapping keys wrapped by another key service needs that service's `privilegedunwrap`,
+/// which this one does not call.
+async fn rewrap(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<u8>, CseError> {
+    let request: wire::RewrapRequest = wire::parse(body)?;
+    wire::check_reason(&request.reason)?;
+    let authz: Authorization = token(state, "CseRewrap", "authorization", &request.authorization, &config.authorization).await?;
+    let context = caller_context("rewrap", &authz.email, Some(&authz), &request.reason);
+    let config = config.clone();
+    run(&state.shared, "CseRewrap", context, move |kms, caller, facts| {
+        check(&config, None, &authz, Use::Rewrap)?;
+        let ours = config.settings.as_ref().is_some_and(|s| s.kacls_url == request.original_kacls_url.trim_end_matches('/'));
+        if !ours {
+            return Err(refused(CseError::bad_request("original_kacls_url is another key service's; this one rewraps only keys it wrapped itself")));
+        }
+        let (dek, perimeter) = unwrap_key(kms, caller, facts, &request.wrapped_key, &authz.resource_name)?;
+        let wrapped = wrap_key(kms, caller, facts, &config, dek.expose_secret(), &authz.resource_name, &perimeter)?;
+        let hash = wire::resource_key_hash(dek.expose_secret(), &authz.resource_name, &perimeter).map_err(refused)?;
+        Ok(json(serde_json::json!({ "wrapped_key": B64.encode(wrapped), "resource_key_hash": B64.encode(hash) })))
+    })
+    .await
+}
+
+/// Unwraps for an administrator named in the settings (Google's takeout and migration tools),
+/// on the authentication token alone: no authorization token, no role, no perimeter; the
+/// resource name must still be the one the key was wrapped for.
+async fn privileged_unwrap(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<u8>, CseError> {
+    let request: wire::PrivilegedUnwrapRequest = wire::parse(body)?;
+    wire::check_reason(&request.reason)?;
+    if request.resource_name.is_empty() || request.resource_name.len() > wire::MAX_RESOURCE_NAME {
+        return Err(CseError::bad_request(format!("resource_name must be 1 to {} bytes", wire::MAX_RESOURCE_NAME)));
+    }
+    let authn: Authentication = token(state, "CsePrivilegedUnwrap", "authentication", &request.authentication, &config.authentication).await?;
+    let email = authn.google_email.clone().unwrap_or_else(|| authn.email.clone());
+    let context = caller_context("privilegedunwrap", &email, None, &request.reason);
+    let config = config.clone();
+    run(&state.shared, "CsePrivilegedUnwrap", context, move |kms, caller, facts| {
+        if !config.privileged(&email) {
+            return Err(refused(CseError::forbidden("this user may not call privilegedunwrap (kmsctl cse configure --privileged-user)")));
+        }
+        let (dek, _) = unwrap_key(kms, caller, facts, &request.wrapped_key, &request.resource_name)?;
+        Ok(key_answer("key", dek.expose_secret()))
+    })
+    .await
+}

@@ -1,0 +1,461 @@
+//! Google Workspace client-side encryption (the KACLS API) through its real HTTPS listener:
+//! tokens made here by an identity provider and a "Google" of the test's own (ES256 keys from
+//! ring, signed by jsonwebtoken), requests sent by curl.
+
+use std::process::Command;
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD as B64URL};
+use hmac::{Hmac, Mac};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use kms_proto::v1 as pb;
+use kms_tests::{Admin, Server};
+use ring::rand::SystemRandom;
+use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+use serde_json::{Value, json};
+
+const IDP: &str = "https://idp.example.com";
+const IDP_AUDIENCE: &str = "kacls-client";
+const GOOGLE: &str = "gsuitecse-tokenissuer-drive@system.gserviceaccount.com";
+const RESOURCE: &str = "//googleapis.com/drive/files/1AbC";
+
+/// A token issuer of the test's own: an ES256 key pair, its JWKS.
+struct Issuer {
+    iss: String,
+    kid: String,
+    pkcs8: Vec<u8>,
+    jwks: String,
+}
+
+impl Issuer {
+    fn new(iss: &str, kid: &str) -> Issuer {
+        let rng = SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap().as_ref().to_vec();
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8, &rng).unwrap();
+        let point = pair.public_key().as_ref();
+        let jwks = json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": kid, "use": "sig", "alg": "ES256",
+                                     "x": B64URL.encode(&point[1..33]), "y": B64URL.encode(&point[33..65])}]});
+        Issuer { iss: iss.into(), kid: kid.into(), pkcs8, jwks: jwks.to_string() }
+    }
+
+    fn sign(&self, claims: Value) -> String {
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ec_der(&self.pkcs8)).unwrap()
+    }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// The tenant: its identity provider, Google, and the KACLS URL Google was given.
+struct Tenant {
+    idp: Issuer,
+    google: Issuer,
+    kacls_url: String,
+}
+
+impl Tenant {
+    fn authentication(&self, email: &str) -> String {
+        self.idp.sign(json!({"iss": self.idp.iss, "aud": IDP_AUDIENCE, "email": email, "iat": now(), "exp": now() + 300}))
+    }
+
+    fn authorization_claims(&self, email: &str, role: &str) -> Value {
+        json!({"iss": self.google.iss, "aud": "cse-authorization", "email": email, "role": role, "resource_name": RESOURCE,
+               "perimeter_id": "eu", "kacls_url": self.kacls_url, "iat": now(), "exp": now() + 300})
+    }
+
+    fn authorization(&self, email: &str, role: &str) -> String {
+        self.google.sign(self.authorization_claims(email, role))
+    }
+
+    fn wrap(&self, key: &[u8]) -> Value {
+        json!({"authentication": self.authentication("ana@example.com"), "authorization": self.authorization("ana@example.com", "writer"),
+               "key": B64.encode(key), "reason": "{\"client\":\"drive\"}"})
+    }
+
+    fn unwrap(&self, wrapped: &Value, email: &str, role: &str) -> Value {
+        json!({"authentication": self.authentication(email), "authorization": self.authorization(email, role),
+               "wrapped_key": wrapped, "reason": "open"})
+    }
+}
+
+/// Sends `body` (if any) to `operation` on the CSE listener with `headers`; the status and JSON.
+fn cse_with(server: &Server, method: &str, path: &str, body: Option<&str>, headers: &[&str]) -> (u16, Value, String) {
+    let mut curl = Command::new("curl");
+    curl.args(["--silent", "--show-error", "--max-time", "10", "--request", method, "--include"])
+        .arg("--cacert")
+        .arg(server.pki_dir().join("ca.pem"));
+    for h in headers {
+        curl.args(["--header", h]);
+    }
+    if let Some(body) = body {
+        curl.args(["--header", "content-type: application/json", "--data-binary", body]);
+    }
+    let out = curl.args(["--write-out", "\n%{http_code}"]).arg(format!("https://{}{path}", server.cse_addr)).output().expect("curl runs");
+    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (response, code) = text.rsplit_once('\n').unwrap();
+    let (head, json) = response.split_once("\r\n\r\n").unwrap_or((response, ""));
+    (code.parse().unwrap(), serde_json::from_str(json).unwrap_or(Value::Null), head.to_ascii_lowercase())
+}
+
+fn post(server: &Server, operation: &str, body: &Value) -> (u16, Value) {
+    let (status, json, _) = cse_with(server, "POST", &format!("/v1/cse/{operation}"), Some(&body.to_string()), &[]);
+    (status, json)
+}
+
+/// A server whose CSE serves `key` at /v1/cse, trusting the tenant's two issuers.
+async fn tenant(server: &Server, admin: &mut Admin, key: &str) -> Tenant {
+    let tenant =
+        Tenant { idp: Issuer::new(IDP, "idp-1"), google: Issuer::new(GOOGLE, "google-1"), kacls_url: format!("https://{}/v1/cse", server.cse_addr) };
+    admin
+        .configure_cse(pb::ConfigureCseRequest {
+            kacls_url: tenant.kacls_url.clone(),
+            key: key.into(),
+            allow_guests: false,
+            privileged_users: vec!["admin@example.com".into()],
+        })
+        .await
+        .expect("CSE configured");
+    for (issuer, token, audience) in [(&tenant.idp, "authentication", IDP_AUDIENCE), (&tenant.google, "authorization", "cse-authorization")] {
+        admin
+            .put_cse_issuer(pb::PutCseIssuerRequest {
+                iss: issuer.iss.clone(),
+                token: token.into(),
+                audiences: vec![audience.into()],
+                jwks: issuer.jwks.clone(),
+                jwks_url: String::new(),
+            })
+            .await
+            .expect("issuer trusted");
+    }
+    tenant
+}
+
+fn resource_key_hash(dek: &[u8], perimeter: &str) -> String {
+    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(dek).unwrap();
+    mac.update(format!("ResourceKeyDigest:{RESOURCE}:{perimeter}").as_bytes());
+    B64.encode(mac.finalize().into_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn google_wraps_and_unwraps_under_our_key_with_both_tokens_checked() {
+    let server = Server::start();
+    let mut admin = server.admin().await;
+    let key = kms_tests::create_key(&mut admin, "drive").await;
+    let t = tenant(&server, &mut admin, "alias/drive").await;
+
+    let (status, answer, _) = cse_with(&server, "GET", "/v1/cse/status", None, &[]);
+    assert_eq!((status, &answer["server_type"]), (200, &json!("KACLS")), "{answer}");
+    assert!(answer["operations_supported"].as_array().unwrap().contains(&json!("privilegedunwrap")), "{answer}");
+
+    // Wrap as a writer, unwrap as a reader: the same data key; the wrapped key is our blob.
+    let dek: Vec<u8> = (0..32).collect();
+    let (status, wrapped) = post(&server, "wrap", &t.wrap(&dek));
+    assert_eq!(status, 200, "{wrapped}");
+    let wrapped = wrapped["wrapped_key"].clone();
+    assert!(!B64.decode(wrapped.as_str().unwrap()).unwrap().windows(dek.len()).any(|w| w == dek), "no clear key in the wrapped key");
+    let (status, opened) = post(&server, "unwrap", &t.unwrap(&wrapped, "Ana@Example.com", "reader"));
+    assert_eq!((status, B64.decode(opened["key"].as_str().unwrap_or_default()).unwrap_or_default()), (200, dek.clone()), "{opened}");
+
+    // The resource key hash, as Google's reference defines it, for a verifier.
+    let digest = json!({"authorization": t.authorization("ana@example.com", "verifier"), "wrapped_key": wrapped, "reason": "check"});
+    let (status, hash) = post(&server, "digest", &digest);
+    assert_eq!((status, hash["resource_key_hash"].as_str()), (200, Some(resource_key_hash(&dek, "eu").as_str())), "{hash}");
+
+    // The officer moves CSE to a new key; a migrator rewraps: the new wrapped key is under it,
+    // and the old one still opens (its key's grant stays until the officer revokes it).
+    let newer = kms_tests::create_key(&mut admin, "drive-2026").await;
+    admin
+        .configure_cse(pb::ConfigureCseRequest {
+            kacls_url: t.kacls_url.clone(),
+            key: newer.clone(),
+            allow_guests: false,
+            privileged_users: vec!["admin@example.com".into()],
+        })
+        .await
+        .unwrap();
+    let rewrap = json!({"authorization": t.authorization("migrator@example.com", "migrator"), "original_kacls_url": t.kacls_url,
+                        "wrapped_key": wrapped, "reason": "migration"});
+    let (status, rewrapped) = post(&server, "rewrap", &rewrap);
+    assert_eq!((status, rewrapped["resource_key_hash"].as_str()), (200, Some(resource_key_hash(&dek, "eu").as_str())), "{rewrapped}");
+    assert_ne!(rewrapped["wrapped_key"], wrapped);
+    let (status, opened) = post(&server, "unwrap", &t.unwrap(&rewrapped["wrapped_key"], "ana@example.com", "writer"));
+    assert_eq!((status, B64.decode(opened["key"].as_str().unwrap_or_default()).unwrap_or_default()), (200, dek.clone()));
+    let elsewhere = json!({"authorization": t.authorization("migrator@example.com", "migrator"),
+                           "original_kacls_url": "https://other-kacls.example.com", "wrapped_key": wrapped, "reason": "migration"});
+    assert_eq!(post(&server, "rewrap", &elsewhere).0, 400);
+
+    // privilegedunwrap: the authentication token alone, for a privileged user, bound to the resource.
+    let privileged = |email: &str, resource: &str| json!({"authentication": t.authentication(email), "resource_name": resource, "wrapped_key": wrapped, "reason": "takeout"});
+    let (status, opened) = post(&server, "privilegedunwrap", &privileged("admin@example.com", RESOURCE));
+    assert_eq!((status, B64.decode(opened["key"].as_str().unwrap_or_default()).unwrap_or_default()), (200, dek.clone()));
+    let (status, e) = post(&server, "privilegedunwrap", &privileged("ana@example.com", RESOURCE));
+    assert_eq!(status, 403, "{e}");
+    assert_eq!(post(&server, "privilegedunwrap", &privileged("admin@example.com", "//googleapis.com/drive/files/other")).0, 400);
+
+    // Every call is in the audit trail as cse:workspace, with the user, role, reason and resource.
+    type Record = (String, String, Option<String>, Option<String>, Option<String>);
+    let recorded: Vec<Record> = server
+        .db()
+        .prepare("SELECT operation, outcome, key_id, context, caller_context FROM audit WHERE principal = 'cse:workspace' ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let ops: Vec<&str> = recorded.iter().map(|r| r.0.as_str()).collect();
+    for op in ["CseWrap", "CseUnwrap", "CseDigest", "CseRewrap", "CsePrivilegedUnwrap"] {
+        assert!(ops.contains(&op), "{op} audited: {ops:?}");
+    }
+    let wrap = recorded.iter().find(|r| r.0 == "CseWrap").unwrap();
+    assert_eq!(wrap.2.as_deref(), Some(key.as_str()));
+    assert!(wrap.3.as_deref().unwrap_or_default().contains(RESOURCE), "{wrap:?}");
+    let who: Value = serde_json::from_str(wrap.4.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        (who["email"].as_str(), who["role"].as_str(), who["reason"].as_str()),
+        (Some("ana@example.com"), Some("writer"), Some("{\"client\":\"drive\"}"))
+    );
+    assert!(recorded.iter().any(|r| r.0 == "CsePrivilegedUnwrap" && r.1 == "denied"), "the refused privileged unwrap is audited: {recorded:?}");
+    assert!(!format!("{recorded:?}").contains(&B64.encode(&dek)), "no key in the audit");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_refusal_is_the_specs_error() {
+    let server = Server::start();
+    let mut admin = server.admin().await;
+    kms_tests::create_key(&mut admin, "drive").await;
+    let t = tenant(&server, &mut admin, "alias/drive").await;
+    let dek = [7u8; 32];
+    let (_, wrapped) = post(&server, "wrap", &t.wrap(&dek));
+    let wrapped = wrapped["wrapped_key"].clone();
+    let stranger = Issuer::new(GOOGLE, "google-1");
+    let mut tampered = B64.decode(wrapped.as_str().unwrap()).unwrap();
+    *tampered.last_mut().unwrap() ^= 1;
+
+    let with = |mut body: Value, field: &str, value: Value| {
+        body[field] = value;
+        body
+    };
+    let authz = |claims: Value| t.google.sign(claims);
+    let claims = t.authorization_claims("ana@example.com", "reader");
+    let unwrap = t.unwrap(&wrapped, "ana@example.com", "reader");
+    let cases: Vec<(&str, &str, Value, u16, &str)> = vec![
+        ("a reader wraps", "wrap", with(t.wrap(&dek), "authorization", json!(t.authorization("ana@example.com", "reader"))), 403, "does not allow"),
+        (
+            "another user's token",
+            "unwrap",
+            with(unwrap.clone(), "authentication", json!(t.authentication("bob@example.com"))),
+            403,
+            "different users",
+        ),
+        (
+            "an expired token",
+            "unwrap",
+            with(unwrap.clone(), "authorization", json!(authz(with(claims.clone(), "exp", json!(now() - 600))))),
+            401,
+            "expired",
+        ),
+        (
+            "a token signed by another key",
+            "unwrap",
+            with(unwrap.clone(), "authorization", json!(stranger.sign(claims.clone()))),
+            401,
+            "does not verify",
+        ),
+        (
+            "an untrusted issuer",
+            "unwrap",
+            with(unwrap.clone(), "authorization", json!(authz(with(claims.clone(), "iss", json!("evil@example.com"))))),
+            401,
+            "does not trust",
+        ),
+        (
+            "another audience",
+            "unwrap",
+            with(unwrap.clone(), "authorization", json!(authz(with(claims.clone(), "aud", json!("other"))))),
+            401,
+            "another audience",
+        ),
+        (
+            "another KACLS",
+            "unwrap",
+            with(unwrap.clone(), "authorization", json!(authz(with(claims.clone(), "kacls_url", json!("https://evil.example.com"))))),
+            403,
+            "kacls_url",
+        ),
+        (
+            "a guest",
+            "unwrap",
+            with(unwrap.clone(), "authorization", json!(authz(with(claims.clone(), "email_type", json!("google-visitor"))))),
+            403,
+            "guest",
+        ),
+        (
+            "another resource",
+            "unwrap",
+            with(unwrap.clone(), "authorization", json!(authz(with(claims.clone(), "resource_name", json!("//googleapis.com/drive/files/2"))))),
+            400,
+            "does not open",
+        ),
+        ("a tampered wrapped key", "unwrap", with(unwrap.clone(), "wrapped_key", json!(B64.encode(tampered.clone()))), 400, "does not open"),
+        ("not Base64", "unwrap", with(unwrap.clone(), "wrapped_key", json!("%%%")), 400, "Base64"),
+        ("not a token", "unwrap", with(unwrap.clone(), "authentication", json!("x.y.z")), 401, "not a JWT"),
+        ("no authorization", "unwrap", json!({"authentication": t.authentication("ana@example.com"), "wrapped_key": wrapped}), 400, "authorization"),
+        ("a key over 128 bytes", "wrap", with(t.wrap(&dek), "key", json!(B64.encode([1u8; 129]))), 400, "key must be"),
+        ("a reason over 1 KiB", "unwrap", with(unwrap.clone(), "reason", json!("r".repeat(1025))), 400, "reason"),
+        (
+            "a digest by a reader",
+            "digest",
+            json!({"authorization": t.authorization("ana@example.com", "reader"), "wrapped_key": wrapped}),
+            403,
+            "does not allow",
+        ),
+    ];
+    for (what, operation, body, status, why) in cases {
+        let (got, e) = post(&server, operation, &body);
+        assert_eq!(got, status, "{what}: {e}");
+        assert_eq!(e["code"], json!(status), "{what}: {e}");
+        assert!(e["message"].as_str().unwrap_or_default().contains(why), "{what}: {e}");
+    }
+    // Malformed JSON, a GET of a POST, an unknown operation, another path.
+    let (status, e, _) = cse_with(&server, "POST", "/v1/cse/unwrap", Some("{not json"), &[]);
+    assert_eq!((status, e["code"].as_u64()), (400, Some(400)), "{e}");
+    assert_eq!(cse_with(&server, "GET", "/v1/cse/wrap", None, &[]).0, 405);
+    assert_eq!(cse_with(&server, "POST", "/v1/cse/privatekeysign", Some("{}"), &[]).0, 404);
+    assert_eq!(cse_with(&server, "GET", "/status", None, &[]).0, 404);
+
+    // CORS: Google's web clients may call; no other origin.
+    let google = "origin: https://client-side-encryption.google.com";
+    let (status, _, head) = cse_with(&server, "OPTIONS", "/v1/cse/unwrap", None, &[google, "access-control-request-method: POST"]);
+    assert_eq!(status, 204);
+    assert!(head.contains("access-control-allow-origin: https://client-side-encryption.google.com"), "{head}");
+    assert!(head.contains("access-control-allow-methods:") && head.contains("post"), "{head}");
+    assert_eq!(cse_with(&server, "OPTIONS", "/v1/cse/unwrap", None, &["origin: https://evil.example.com"]).0, 403);
+    let (_, _, head) = cse_with(&server, "POST", "/v1/cse/unwrap", Some(&unwrap.to_string()), &[google]);
+    assert!(head.contains("access-control-allow-origin: https://client-side-encryption.google.com"), "{head}");
+
+    // A token refusal is audited (as unauthenticated, within its budget).
+    let refused: i64 = server
+        .db()
+        .query_row("SELECT count(*) FROM audit WHERE principal = 'unauthenticated' AND operation = 'CseUnwrap'", [], |r| r.get(0))
+        .unwrap();
+    assert!(refused >= 5, "{refused}");
+    // And the valid unwrap still works after all that.
+    assert_eq!(post(&server, "unwrap", &unwrap).0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_disable_cuts_google_aws_and_grpc_callers_off_on_the_next_call() {
+    use crate::xks;
+    let server = Server::start();
+    let mut admin = server.admin().await;
+    let data = server.data().await;
+    let key = kms_tests::create_key(&mut admin, "shared").await;
+    let t = tenant(&server, &mut admin, &key).await;
+    let credential = xks::key_store(&mut admin, "aws", "").await;
+    xks::allow(&mut admin, "aws", &key, &["Encrypt", "Decrypt"]).await;
+    let (_, wrapped) = post(&server, "wrap", &t.wrap(b"0123456789abcdef"));
+    let unwrap = t.unwrap(&wrapped["wrapped_key"], "ana@example.com", "reader");
+    let aws = || xks::xks(&server, "POST", &format!("/kms/xks/v1/keys/{key}/encrypt"), &xks::encrypt_body(b"x"), &credential, xks::REGION).0;
+    let grpc = || {
+        let request =
+            pb::EncryptRequest { key_id: key.clone(), plaintext: b"x".to_vec(), encryption_context: Default::default(), caller_context: None };
+        let mut data = data.clone();
+        async move { data.encrypt(request).await.map(drop).map_err(|s| s.code()) }
+    };
+    assert_eq!((post(&server, "unwrap", &unwrap).0, aws(), grpc().await), (200, 200, Ok(())));
+
+    admin.disable_key(pb::DisableKeyRequest { key_id: key.clone() }).await.unwrap();
+    let (status, e) = post(&server, "unwrap", &unwrap);
+    assert_eq!((status, aws(), grpc().await), (403, 400, Err(tonic::Code::FailedPrecondition)), "{e}");
+    assert_eq!(post(&server, "wrap", &t.wrap(b"0123456789abcdef")).0, 403);
+    admin.enable_key(pb::EnableKeyRequest { key_id: key.clone() }).await.unwrap();
+    assert_eq!(post(&server, "unwrap", &unwrap).0, 200);
+
+    // Google alone: its principal disabled, then an issuer no longer trusted.
+    admin.disable_principal(pb::PrincipalRequest { name: "cse:workspace".into() }).await.unwrap();
+    assert_eq!((post(&server, "unwrap", &unwrap).0, aws()), (403, 200));
+    admin.enable_principal(pb::PrincipalRequest { name: "cse:workspace".into() }).await.unwrap();
+    assert_eq!(post(&server, "unwrap", &unwrap).0, 200);
+    admin.remove_cse_issuer(pb::RemoveCseIssuerRequest { iss: GOOGLE.into() }).await.unwrap();
+    assert_eq!(post(&server, "unwrap", &unwrap).0, 401);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_officer_connects_google_workspace_with_kmsctl() {
+    let server = Server::start();
+    let mut admin = server.admin().await;
+    let key = kms_tests::create_key(&mut admin, "workspace").await;
+    let kmsctl = |args: &[&str]| {
+        let out = server.kmsctl(args);
+        assert!(out.status.success(), "kmsctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let url = format!("https://{}/cse", server.cse_addr);
+    let shown: Value = serde_json::from_str(&kmsctl(&["--json", "cse", "show"])).unwrap();
+    assert_eq!(shown["configured"], false);
+    let configured: Value = serde_json::from_str(&kmsctl(&[
+        "--json",
+        "cse",
+        "configure",
+        "--kacls-url",
+        &url,
+        "--key",
+        "alias/workspace",
+        "--privileged-user",
+        "admin@example.com",
+    ]))
+    .unwrap();
+    assert_eq!((configured["key_id"].as_str(), configured["kacls_url"].as_str()), (Some(key.as_str()), Some(url.as_str())), "{configured}");
+    // It granted Encrypt and Decrypt to Google's principal.
+    let grants = admin.list_grants(pb::ListGrantsRequest { key_id: key.clone(), principal: "cse:workspace".into() }).await.unwrap().into_inner();
+    assert_eq!(grants.grants.len(), 1);
+    // Again: no second grant.
+    kmsctl(&["cse", "configure", "--kacls-url", &url, "--key", &key]);
+    let grants = admin.list_grants(pb::ListGrantsRequest { key_id: key.clone(), principal: "cse:workspace".into() }).await.unwrap().into_inner();
+    assert_eq!(grants.grants.len(), 1);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (idp, google) = (Issuer::new(IDP, "idp-1"), Issuer::new(GOOGLE, "google-1"));
+    for (issuer, token, audience) in [(&idp, "authentication", IDP_AUDIENCE), (&google, "authorization", "cse-authorization")] {
+        let file = dir.path().join(format!("{token}.jwks"));
+        std::fs::write(&file, &issuer.jwks).unwrap();
+        kmsctl(&["cse", "issuer", "add", &issuer.iss, "--token", token, "--audience", audience, "--jwks-file", file.to_str().unwrap()]);
+    }
+    let shown: Value = serde_json::from_str(&kmsctl(&["--json", "cse", "show"])).unwrap();
+    assert_eq!(shown["issuers"].as_array().map(Vec::len), Some(2), "{shown}");
+    assert!(shown["issuers"].to_string().contains("google-1"), "the key ids are shown: {shown}");
+    let text = kmsctl(&["cse", "show"]);
+    assert!(text.contains(&url) && text.contains(GOOGLE), "{text}");
+
+    // Google can now wrap through the listener at the URL's path.
+    let t = Tenant { idp, google, kacls_url: url };
+    let (status, _, _) = cse_with(&server, "POST", "/cse/wrap", Some(&t.wrap(b"k").to_string()), &[]);
+    assert_eq!(status, 200);
+
+    // Bad input is refused with the field named, and changes nothing.
+    let bad = |args: &[&str], why: &str| {
+        let out = server.kmsctl(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success() && stderr.contains(why), "{args:?}: {stderr}");
+    };
+    bad(&["cse", "configure", "--kacls-url", "http://kacls.example.com", "--key", &key], "kacls_url");
+    bad(&["cse", "configure", "--kacls-url", "https://kacls.example.com", "--key", &key, "--privileged-user", "nobody"], "privileged_users");
+    let junk = dir.path().join("junk.jwks");
+    std::fs::write(&junk, "{\"keys\": []}").unwrap();
+    bad(&["cse", "issuer", "add", "x", "--token", "authorization", "--audience", "a", "--jwks-file", junk.to_str().unwrap()], "jwks");
+    bad(&["cse", "issuer", "add", "x", "--token", "id", "--audience", "a", "--jwks-file", junk.to_str().unwrap()], "token");
+    bad(&["cse", "issuer", "remove", "nobody"], "nobody");
+    let out = server.kmsctl(&["principal", "add", "cse:other"]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Google Workspace CSE"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown_after: Value = serde_json::from_str(&kmsctl(&["--json", "cse", "show"])).unwrap();
+    assert_eq!(shown_after["kacls_url"], shown["kacls_url"]);
+    assert_eq!(shown_after["issuers"], shown["issuers"]);
+}
