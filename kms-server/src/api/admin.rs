@@ -782,6 +782,17 @@ impl KeyManagement for AdminService {
                     hsm_session_copies: s.sessions.copies.map(|n| n as u32),
                     recent_hsm_errors: s.hsm_failures.iter().map(|f| format!("{} {} {}", f.at, f.function, f.code)).collect(),
                     leader: s.leader,
+                    facades: s
+                        .facades
+                        .into_iter()
+                        .map(|f| pb::FacadeActivity {
+                            facade: f.facade.into(),
+                            calls_last_hour: f.calls,
+                            refusals_last_hour: f.refusals,
+                            last_refusal_time: f.last_refusal.as_ref().map_or(0, |r| r.0),
+                            last_refusal: f.last_refusal.map(|r| r.1).unwrap_or_default(),
+                        })
+                        .collect(),
                     audit_verified: s.audit.problem.is_none(),
                     audit_verified_through: s.audit.verified_through,
                     audit_last_full_check_time: s.audit.last_full_check.unwrap_or(0),

@@ -25,11 +25,27 @@ pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// The answer type of every facade.
 pub type Answer = Response<Full<Bytes>>;
 
-/// Serves `handler` on `listener` (`name` in logs) until `shutdown`; then closes idle
-/// connections, lets the requests in flight finish within `grace`, and returns (dropping every
-/// handle on the audit writer the handler held).
+/// What an answer was, for the facade's activity in `kmsctl status`: a call of the API
+/// answered, or refused with this message. Answers without it (a load balancer's ping, a CORS
+/// preflight) are not counted.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Answered,
+    Refused(String),
+}
+
+/// `answer`, noted as `outcome`.
+pub fn noted(mut answer: Answer, outcome: Outcome) -> Answer {
+    answer.extensions_mut().insert(outcome);
+    answer
+}
+
+/// Serves `handler` on `listener` (`name` in logs and in the activity `kms` counts) until
+/// `shutdown`; then closes idle connections, lets the requests in flight finish within `grace`,
+/// and returns (dropping every handle on the audit writer the handler held).
 pub async fn serve<H, F>(
     name: &'static str,
+    kms: Arc<crate::service::Kms>,
     listener: TcpListener,
     tls: rustls::ServerConfig,
     handler: H,
@@ -55,7 +71,7 @@ pub async fn serve<H, F>(
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             _ = shutdown.wait_for(|stop| *stop) => break,
         };
-        let (acceptor, handler, mut stop) = (acceptor.clone(), handler.clone(), shutdown.clone());
+        let (acceptor, handler, mut stop, kms) = (acceptor.clone(), handler.clone(), shutdown.clone(), kms.clone());
         connections.spawn(async move {
             let _slot = slot;
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -64,8 +80,16 @@ pub async fn serve<H, F>(
                 Err(_) => return tracing::debug!(listener = name, %peer, "TLS handshake timed out"),
             };
             let service = hyper::service::service_fn(move |request| {
-                let answer = handler(request);
-                async move { Ok::<_, std::convert::Infallible>(answer.await) }
+                let (answer, kms) = (handler(request), kms.clone());
+                async move {
+                    let answer = answer.await;
+                    match answer.extensions().get::<Outcome>() {
+                        Some(Outcome::Answered) => kms.facade_answered(name, None),
+                        Some(Outcome::Refused(why)) => kms.facade_answered(name, Some(why)),
+                        None => {}
+                    }
+                    Ok::<_, std::convert::Infallible>(answer)
+                }
             });
             let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
             builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(REQUEST_TIMEOUT);

@@ -191,6 +191,8 @@ pub struct Kms {
     started_at: i64,
     /// What the last health probe found.
     last_probe: status::LastProbe,
+    /// What the cloud facades answered in the last hour.
+    facade_activity: status::FacadeActivity,
     /// Per-principal rate limits; `None` when they are off, so that no call takes a lock for them.
     limiter: Option<Mutex<crate::domain::rate::RateLimiter>>,
     /// What the service's own checks of the audit trail found.
@@ -244,6 +246,7 @@ impl Kms {
             uses: review::Uses::default(),
             started_at: now(),
             last_probe: status::LastProbe::default(),
+            facade_activity: status::FacadeActivity::default(),
             limiter: (settings.rate_limit.per_second > 0.0).then(|| Mutex::new(crate::domain::rate::RateLimiter::new(settings.rate_limit))),
             store,
             registry: Registry::default(),
@@ -403,6 +406,11 @@ impl Kms {
     pub fn throttled(&self, principal: &str) -> Option<std::time::Duration> {
         let limiter = self.limiter.as_ref()?.lock().unwrap_or_else(|p| p.into_inner());
         limiter.would_refuse(principal, std::time::Instant::now())
+    }
+
+    /// Counts a call a cloud facade answered, refused with `refusal` if it was.
+    pub fn facade_answered(&self, facade: &'static str, refusal: Option<&str>) {
+        self.facade_activity.record(facade, now(), refusal);
     }
 
     /// Records that a probe did not come back within the deadline (it is still stuck in the HSM).

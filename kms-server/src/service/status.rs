@@ -67,6 +67,63 @@ impl LastProbe {
     }
 }
 
+/// What the cloud facades (AWS XKS, Google CSE) answered on this node in the last hour: calls
+/// and refusals by minute, and the last refusal, for `kmsctl status`.
+#[derive(Debug, Default)]
+pub struct FacadeActivity(Mutex<BTreeMap<&'static str, Window>>);
+
+#[derive(Debug, Default)]
+struct Window {
+    /// (minute, calls, refusals), oldest first, the last hour only.
+    minutes: std::collections::VecDeque<(i64, u64, u64)>,
+    last_refusal: Option<(i64, String)>,
+}
+
+/// One facade's last hour.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FacadeSummary {
+    pub facade: &'static str,
+    pub calls: u64,
+    pub refusals: u64,
+    /// When, and the error answered (the facade's own message: it quotes no request value).
+    pub last_refusal: Option<(i64, String)>,
+}
+
+impl FacadeActivity {
+    /// Counts a call `facade` answered at `at` (Unix seconds), refused with `refusal` if any.
+    pub fn record(&self, facade: &'static str, at: i64, refusal: Option<&str>) {
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let window = all.entry(facade).or_default();
+        let minute = at.div_euclid(60);
+        match window.minutes.back_mut() {
+            Some(last) if last.0 == minute => {
+                last.1 += 1;
+                last.2 += u64::from(refusal.is_some());
+            }
+            _ => window.minutes.push_back((minute, 1, u64::from(refusal.is_some()))),
+        }
+        while window.minutes.front().is_some_and(|m| m.0 <= minute - 60) {
+            window.minutes.pop_front();
+        }
+        if let Some(refusal) = refusal {
+            window.last_refusal = Some((at, refusal.to_string()));
+        }
+    }
+
+    /// Each facade's calls and refusals in the hour before `at`.
+    pub fn last_hour(&self, at: i64) -> Vec<FacadeSummary> {
+        let all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let minute = at.div_euclid(60);
+        all.iter()
+            .map(|(facade, w)| {
+                let recent = w.minutes.iter().filter(|m| m.0 > minute - 60);
+                let (calls, refusals) = recent.fold((0, 0), |(c, r), m| (c + m.1, r + m.2));
+                FacadeSummary { facade, calls, refusals, last_refusal: w.last_refusal.clone() }
+            })
+            .collect()
+    }
+}
+
 /// One version's AES-GCM usage.
 #[derive(Debug, Clone)]
 pub struct VersionUsage {
@@ -113,6 +170,8 @@ pub struct ServiceStatus {
     pub audit: super::AuditHealth,
     /// Whether this node runs the background jobs (always, for one node).
     pub leader: bool,
+    /// The cloud facades' last hour on this node.
+    pub facades: Vec<FacadeSummary>,
     pub warnings: Vec<String>,
 }
 
@@ -229,7 +288,32 @@ impl Kms {
             review_overdue,
             audit,
             leader: self.leading(),
+            facades: self.facade_activity.last_hour(at),
             warnings,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn facade_activity_counts_the_last_hour_only_and_keeps_the_last_refusal() {
+        let activity = FacadeActivity::default();
+        let t = 1_800_000_000;
+        activity.record("xks", t - 3_700, Some("old"));
+        activity.record("xks", t - 10, None);
+        activity.record("xks", t - 5, Some("ThrottlingException"));
+        activity.record("cse", t, None);
+        let summary = activity.last_hour(t);
+        assert_eq!(
+            summary,
+            vec![
+                FacadeSummary { facade: "cse", calls: 1, refusals: 0, last_refusal: None },
+                FacadeSummary { facade: "xks", calls: 2, refusals: 1, last_refusal: Some((t - 5, "ThrottlingException".into())) },
+            ]
+        );
+        assert_eq!(activity.last_hour(t + 3_600)[1].calls, 0, "an hour later, nothing is recent");
     }
 }

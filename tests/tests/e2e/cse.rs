@@ -382,6 +382,18 @@ async fn a_disable_cuts_google_aws_and_grpc_callers_off_on_the_next_call() {
     assert_eq!(post(&server, "unwrap", &unwrap).0, 200);
     admin.remove_cse_issuer(pb::RemoveCseIssuerRequest { iss: GOOGLE.into() }).await.unwrap();
     assert_eq!(post(&server, "unwrap", &unwrap).0, 401);
+
+    // kmsctl status shows each facade's last hour: its calls, refusals and the last refusal.
+    let out = server.kmsctl(&["--json", "status"]);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let facade = |name: &str| status["facades"].as_array().unwrap().iter().find(|f| f["facade"] == name).cloned().unwrap_or_default();
+    let (cse, xks) = (facade("cse"), facade("xks"));
+    assert_eq!((cse["calls_last_hour"].as_u64(), cse["refusals_last_hour"].as_u64()), (Some(8), Some(4)), "{status}");
+    assert!(cse["last_refusal"].as_str().unwrap().starts_with("401 the authorization token is from an issuer"), "{cse}");
+    assert_eq!((xks["calls_last_hour"].as_u64(), xks["refusals_last_hour"].as_u64()), (Some(3), Some(1)), "{status}");
+    assert!(xks["last_refusal"].as_str().unwrap().starts_with("InvalidStateException"), "{xks}");
+    let text = String::from_utf8(server.kmsctl(&["status"]).stdout).unwrap();
+    assert!(text.contains("Google Workspace CSE: 8 calls, 4 refused in the last hour; last refused"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

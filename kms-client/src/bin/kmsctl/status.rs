@@ -30,6 +30,9 @@ pub(crate) async fn run(ctx: &Context) -> Result<(), Error> {
                        "review_overdue": r.review_overdue, "warnings": r.warnings,
                        "hsm_sessions": {"open": r.hsm_sessions_open, "in_use": r.hsm_sessions_in_use, "size": r.hsm_sessions_size},
                        "hsm_session_copies": r.hsm_session_copies, "leader": r.leader,
+                       "facades": r.facades.iter().map(|f| json!({"facade": f.facade, "calls_last_hour": f.calls_last_hour,
+                           "refusals_last_hour": f.refusals_last_hour, "last_refusal_time": f.last_refusal_time,
+                           "last_refusal": f.last_refusal})).collect::<Vec<_>>(),
                        "audit": {"verified": r.audit_verified, "verified_through": r.audit_verified_through,
                                  "last_full_check_time": r.audit_last_full_check_time, "problem": r.audit_problem}}),
                 || {
@@ -59,6 +62,18 @@ pub(crate) async fn run(ctx: &Context) -> Result<(), Error> {
                     }
                     for d in &r.due_soon {
                         lines.push(format!("due: {} of {} at {}", d.action, d.key_id, d.due_time));
+                    }
+                    for f in &r.facades {
+                        let name = match f.facade.as_str() {
+                            "xks" => "AWS external key store (XKS)",
+                            "cse" => "Google Workspace CSE",
+                            other => other,
+                        };
+                        let last = match f.last_refusal_time {
+                            0 => String::new(),
+                            at => format!("; last refused {}: {}", local_time(at), f.last_refusal),
+                        };
+                        lines.push(format!("{name}: {} calls, {} refused in the last hour{last}", f.calls_last_hour, f.refusals_last_hour));
                     }
                     lines.extend(r.recent_hsm_errors.iter().map(|e| format!("HSM error: {e}")));
                     lines.extend(r.warnings.iter().map(|w| format!("WARNING: {w}")));

@@ -48,16 +48,18 @@ pub async fn serve(
     shutdown: tokio::sync::watch::Receiver<bool>,
     grace: std::time::Duration,
 ) {
+    let kms = shared.kms.clone();
     let state = Arc::new(State { shared, refusals: RefusalLog::default() });
     let handler = move |request| {
         let state = state.clone();
         async move { handle(&state, request).await }
     };
-    https::serve("cse", listener, tls, handler, shutdown, grace).await
+    https::serve("cse", kms, listener, tls, handler, shutdown, grace).await
 }
 
 fn error(e: &CseError) -> Answer {
-    https::json(StatusCode::from_u16(e.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), e.body())
+    let answer = https::json(StatusCode::from_u16(e.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), e.body());
+    https::noted(answer, https::Outcome::Refused(format!("{} {}", e.code, e.message)))
 }
 
 /// One request: CORS, its route, its body, its tokens, then the call.
@@ -99,7 +101,7 @@ async fn route(state: &State, request: Request<Incoming>) -> Answer {
         return answer;
     }
     let result = match operation {
-        "status" => Ok(status()),
+        "status" => return https::json(StatusCode::OK, status()),
         "wrap" => wrap(state, &config, &body).await,
         "unwrap" => unwrap(state, &config, &body).await,
         "digest" => digest(state, &config, &body).await,
@@ -107,7 +109,7 @@ async fn route(state: &State, request: Request<Incoming>) -> Answer {
         _ => privileged_unwrap(state, &config, &body).await,
     };
     match result {
-        Ok(body) => https::json(StatusCode::OK, body),
+        Ok(body) => https::noted(https::json(StatusCode::OK, body), https::Outcome::Answered),
         Err(e) => error(&e),
     }
 }

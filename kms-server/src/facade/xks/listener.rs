@@ -89,12 +89,13 @@ pub async fn serve(
     shutdown: tokio::sync::watch::Receiver<bool>,
     grace: std::time::Duration,
 ) {
+    let kms = shared.kms.clone();
     let state = Arc::new(State { shared, refusals: RefusalLog::default() });
     let handler = move |request| {
         let state = state.clone();
         async move { handle(&state, request).await }
     };
-    https::serve("xks", listener, tls, handler, shutdown, grace).await
+    https::serve("xks", kms, listener, tls, handler, shutdown, grace).await
 }
 
 fn answer(status: StatusCode, body: Vec<u8>) -> Answer {
@@ -102,7 +103,8 @@ fn answer(status: StatusCode, body: Vec<u8>) -> Answer {
 }
 
 fn error(e: &XksError) -> Answer {
-    answer(StatusCode::from_u16(e.name.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), e.body())
+    let answer = answer(StatusCode::from_u16(e.name.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), e.body());
+    https::noted(answer, https::Outcome::Refused(format!("{}: {}", e.name.as_str(), e.message())))
 }
 
 /// One request: its route, its body, its signature, then the call.
@@ -166,7 +168,7 @@ async fn handle(state: &State, request: Request<Incoming>) -> Answer {
         Route::Decrypt(id) => decrypt(shared, signed, id, &body).await,
     };
     match result {
-        Ok(body) => answer(StatusCode::OK, body),
+        Ok(body) => https::noted(answer(StatusCode::OK, body), https::Outcome::Answered),
         Err(e) => error(&e),
     }
 }
