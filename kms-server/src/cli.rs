@@ -7,7 +7,9 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{AuditConfig, Config, FacadeListenerConfig, HealthConfig, HsmConfig, KeysConfig, ListenConfig, OfficersConfig, TlsConfig};
+use crate::config::{
+    AuditConfig, Config, CseConfig, FacadeListenerConfig, HealthConfig, HsmConfig, KeysConfig, ListenConfig, OfficersConfig, TlsConfig,
+};
 use crate::domain::officer::Passphrase;
 
 /// `--version`: a build with the test hooks says so.
@@ -215,7 +217,12 @@ pub fn main() -> anyhow::Result<()> {
                 audit: AuditConfig::default(),
                 officers: OfficersConfig::default(),
                 xks: Some(FacadeListenerConfig { listen: xks_listen, cert_file: pki.server_cert.clone(), key_file: pki.server_key.clone() }),
-                cse: Some(FacadeListenerConfig { listen: cse_listen, cert_file: pki.server_cert.clone(), key_file: pki.server_key.clone() }),
+                cse: Some(CseConfig {
+                    listen: cse_listen,
+                    cert_file: pki.server_cert.clone(),
+                    key_file: pki.server_key.clone(),
+                    ca_file: crate::config::system_ca_file(),
+                }),
             };
             config.validate()?;
             println!("development mode: token, PIN, database and TLS certificates under {}", data_dir.display());

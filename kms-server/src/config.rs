@@ -38,7 +38,33 @@ pub struct Config {
     /// Google Workspace client-side encryption's key service (KACLS) listener; absent, there is
     /// none.
     #[serde(default)]
-    pub cse: Option<FacadeListenerConfig>,
+    pub cse: Option<CseConfig>,
+}
+
+/// The CSE listener (`[cse]`): a facade listener, and the certificates its own calls out trust
+/// (issuers' published key sets, the key service a migration rewraps from).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CseConfig {
+    pub listen: SocketAddr,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// The CA certificates (PEM) that outgoing HTTPS calls trust; the system's bundle when not
+    /// set. Read at each call, so that a renewed bundle needs no restart.
+    #[serde(default = "system_ca_file")]
+    pub ca_file: PathBuf,
+}
+
+impl CseConfig {
+    /// Its listener's part.
+    pub fn listener(&self) -> FacadeListenerConfig {
+        FacadeListenerConfig { listen: self.listen, cert_file: self.cert_file.clone(), key_file: self.key_file.clone() }
+    }
+}
+
+/// Debian's bundle of the system's trusted CAs (`ca-certificates`).
+pub fn system_ca_file() -> PathBuf {
+    PathBuf::from("/etc/ssl/certs/ca-certificates.crt")
 }
 
 /// A cloud facade's listener (`[xks]`, `[cse]`): HTTPS only (TLS 1.2 and 1.3), with its own
@@ -356,7 +382,7 @@ impl Config {
         }
         crate::tls::ServerTls::load(&self.tls.cert_file, &self.tls.key_file, &self.tls.client_ca_file).map_err(|e| refuse("tls", e))?;
         let mut taken = vec![Some(self.listen.data), Some(self.listen.admin), self.listen.metrics];
-        for (name, listen, facade) in [("xks", "xks.listen", &self.xks), ("cse", "cse.listen", &self.cse)] {
+        for (name, listen, facade) in [("xks", "xks.listen", &self.xks.clone()), ("cse", "cse.listen", &self.cse.as_ref().map(CseConfig::listener))] {
             let Some(facade) = facade else { continue };
             if facade.listen.port() != 0 && taken.contains(&Some(facade.listen)) {
                 return Err(refuse(listen, format!("{} is another listener's", facade.listen)));

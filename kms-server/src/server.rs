@@ -118,7 +118,14 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     )?;
     let hsm_deadline = Duration::from_millis(config.hsm.deadline_ms);
     let workers = crate::workers::Workers::start(config.hsm.worker_threads())?;
-    let shared = Shared { kms: kms.clone(), ids: Arc::new(RequestIds::default()), audit: audit_writer, workers, deadline: hsm_deadline };
+    let shared = Shared {
+        kms: kms.clone(),
+        ids: Arc::new(RequestIds::default()),
+        audit: audit_writer,
+        workers,
+        deadline: hsm_deadline,
+        outgoing_ca: config.cse.as_ref().map(|c| c.ca_file.clone()),
+    };
 
     let data = TcpListener::bind(config.listen.data).await?;
     let admin = TcpListener::bind(config.listen.admin).await?;
@@ -134,7 +141,8 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
         Ok(Some((TcpListener::from_std(listener)?, tls)))
     };
     let xks = facade(&config.xks, "xks (AWS external key store proxy, HTTPS)")?;
-    let cse = facade(&config.cse, "cse (Google Workspace client-side encryption key service, HTTPS)")?;
+    let cse =
+        facade(&config.cse.as_ref().map(crate::config::CseConfig::listener), "cse (Google Workspace client-side encryption key service, HTTPS)")?;
     let metrics = match config.listen.metrics {
         Some(addr) => {
             let listener = TcpListener::bind(addr).await?;

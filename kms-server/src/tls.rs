@@ -81,6 +81,26 @@ impl ServerTls {
     }
 }
 
+/// A rustls client configuration that trusts the certificates of the PEM file `ca` only (never
+/// the system's unless `ca` is the system's bundle), with ring's cryptography: for the store's
+/// PostgreSQL connections and the facades' outgoing HTTPS calls.
+pub fn client_config(ca: &Path) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))? {
+        roots.add(cert.map_err(|e| format!("{}: {e}", ca.display()))?).map_err(|e| format!("{}: {e}", ca.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{} holds no certificate", ca.display()));
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// A rustls server configuration for an HTTPS listener (the XKS facade): the certificate
 /// chain and private key from PEM files (the key readable by the service's user only), TLS 1.2
 /// and 1.3 with rustls' safe defaults, HTTP/2 and HTTP/1.1 offered by ALPN.

@@ -134,6 +134,9 @@ pub struct Options {
     /// run's shared cluster, else one started for this server). `KMS_TEST_BACKEND=postgres`
     /// makes PostgreSQL the default.
     pub backend: Backend,
+    /// Another server's development PKI directory, copied before the first start: the two
+    /// trust each other's listeners (one CA), as two key services calling each other do.
+    pub pki_from: Option<PathBuf>,
 }
 
 /// The store a test server uses.
@@ -203,6 +206,7 @@ impl Default for Options {
             backup_key: false,
             umask: None,
             backend: Backend::from_env(),
+            pki_from: None,
         }
     }
 }
@@ -479,6 +483,15 @@ impl Server {
     }
 
     fn write_config(&self) -> Result<()> {
+        if let Some(from) = &self.options.pki_from
+            && !self.pki_dir().exists()
+        {
+            std::fs::create_dir_all(self.pki_dir())?;
+            for file in std::fs::read_dir(from)? {
+                let file = file?;
+                std::fs::copy(file.path(), self.pki_dir().join(file.file_name()))?;
+            }
+        }
         let pki = kms_server::tls::DevPki::ensure(&self.pki_dir()).map_err(|e| anyhow::anyhow!("{e}"))?;
         let o = &self.options;
         let config = format!(
@@ -491,7 +504,7 @@ impl Server {
              [audit]\ncheckpoint_every_records = {}\nretention_days = {}\n\
              [limits]\nprincipal_calls_per_second = {:?}\nprincipal_burst = {:?}\n\
              [xks]\nlisten = \"127.0.0.1:0\"\ncert_file = {:?}\nkey_file = {:?}\n\
-             [cse]\nlisten = \"127.0.0.1:0\"\ncert_file = {:?}\nkey_file = {:?}\n{}",
+             [cse]\nlisten = \"127.0.0.1:0\"\ncert_file = {:?}\nkey_file = {:?}\nca_file = {:?}\n{}",
             self.dir.path(),
             self.token.module,
             self.token.label,
@@ -512,6 +525,7 @@ impl Server {
             pki.server_key,
             pki.server_cert,
             pki.server_key,
+            pki.ca_cert,
             self.database.as_ref().map_or_else(String::new, |db| format!(
                 "[store]\nbackend = \"postgres\"\nurl = {:?}\npassword_file = {:?}\n",
                 db.url, db.cluster.password_file

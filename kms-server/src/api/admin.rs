@@ -157,6 +157,7 @@ fn cse_configuration(config: &crate::service::cse::Config) -> pb::CseConfigurati
             key_id: s.key_id.to_string(),
             allow_guests: s.guests,
             privileged_users: s.privileged_users.clone(),
+            migration_sources: s.migration_sources.clone(),
             update_time: s.updated_at,
             issuers,
         },
@@ -479,7 +480,7 @@ impl KeyManagement for AdminService {
         self.0
             .call("ConfigureCse", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let key = key_ref("key", &r.key)?;
-                kms.configure_cse(caller, &r.kacls_url, &key, r.allow_guests, r.privileged_users)?;
+                kms.configure_cse(caller, &r.kacls_url, &key, r.allow_guests, r.privileged_users, r.migration_sources)?;
                 Ok(cse_configuration(&kms.cse_config()))
             })
             .await
@@ -493,10 +494,19 @@ impl KeyManagement for AdminService {
     async fn put_cse_issuer(&self, request: Request<pb::PutCseIssuerRequest>) -> Result<Response<pb::CseConfiguration>, Status> {
         let who = officer(&request, Role::Officer);
         let r = request.into_inner();
+        let ca = self.0.outgoing_ca.clone();
         self.0
             .call("PutCseIssuer", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                // A key set given by its URL only is fetched now, once the officer is known (an
+                // admin call runs on the blocking pool, where it may wait on the runtime).
+                let jwks = match (r.jwks.is_empty(), r.jwks_url.is_empty()) {
+                    (true, false) => tokio::runtime::Handle::current()
+                        .block_on(crate::facade::cse::listener::fetch_jwks(ca.as_deref(), &r.jwks_url))
+                        .map_err(|e| Error::invalid("jwks_url", e))?,
+                    _ => r.jwks,
+                };
                 let url = Some(r.jwks_url).filter(|u| !u.is_empty());
-                kms.put_cse_issuer(caller, &r.token, &r.iss, r.audiences, &r.jwks, url)?;
+                kms.put_cse_issuer(caller, &r.token, &r.iss, r.audiences, &jwks, url)?;
                 Ok(cse_configuration(&kms.cse_config()))
             })
             .await

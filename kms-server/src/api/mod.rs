@@ -96,9 +96,9 @@ pub enum DryRun {
     Malformed,
 }
 
-/// Calls whose length grows with the data, not with the HSM's answer time: they are not held
-/// to the HSM deadline.
-const LONG_RUNNING: &[&str] = &["CreateBackup", "VerifyAudit"];
+/// Calls whose length grows with the data or waits on another server (an issuer's key set
+/// fetched), not with the HSM's answer time: they are not held to the HSM deadline.
+const LONG_RUNNING: &[&str] = &["CreateBackup", "VerifyAudit", "PutCseIssuer"];
 
 /// How much longer than the HSM deadline an admin call may take: time for the service to roll
 /// back a change whose HSM step came back late and answer DEADLINE_EXCEEDED itself.
@@ -135,6 +135,9 @@ pub struct Shared {
     pub workers: crate::workers::Workers,
     /// How long a data-plane call may take before it answers DEADLINE_EXCEEDED (`hsm.deadline_ms`).
     pub deadline: std::time::Duration,
+    /// The CA certificates the facades' outgoing HTTPS calls trust (`[cse] ca_file`); `None`:
+    /// no outgoing calls.
+    pub outgoing_ca: Option<std::path::PathBuf>,
 }
 
 /// What a call's audit record says about its key, filled in by the handler as it learns it

@@ -185,3 +185,42 @@ impl RefusalLog {
         }
     }
 }
+
+/// How long an outgoing call may take, connection and TLS included.
+const OUTGOING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The largest answer an outgoing call reads.
+const MAX_OUTGOING_ANSWER: usize = 256 * 1024;
+
+/// An outgoing HTTPS call: `GET url`, or `POST url` with a JSON `body`, trusting the CA
+/// certificates of `ca_file` only; the answer's status and body. Errors say what failed, never
+/// with the body sent.
+pub async fn call(ca_file: &std::path::Path, url: &str, body: Option<Vec<u8>>) -> Result<(StatusCode, Bytes), String> {
+    let rest = url.strip_prefix("https://").ok_or_else(|| format!("{url}: only https:// URLs are called"))?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() { "/" } else { path };
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) => (host, port.parse::<u16>().map_err(|_| format!("{url}: a bad port"))?),
+        None => (authority, 443),
+    };
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|_| format!("{url}: a bad host name"))?;
+    let config = crate::tls::client_config(ca_file)?;
+    let work = async {
+        let tcp = tokio::net::TcpStream::connect((host, port)).await.map_err(|e| format!("connecting to {authority}: {e}"))?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|e| format!("TLS with {authority}: {e}"))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.map_err(|e| format!("HTTP with {authority}: {e}"))?;
+        tokio::spawn(connection);
+        let request = Request::builder()
+            .method(if body.is_some() { hyper::Method::POST } else { hyper::Method::GET })
+            .uri(path)
+            .header(hyper::header::HOST, authority)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| format!("{url}: {e}"))?;
+        let answer = sender.send_request(request).await.map_err(|e| format!("calling {url}: {e}"))?;
+        let status = answer.status();
+        let body = Limited::new(answer.into_body(), MAX_OUTGOING_ANSWER).collect().await.map_err(|e| format!("reading {url}'s answer: {e}"))?;
+        Ok((status, body.to_bytes()))
+    };
+    tokio::time::timeout(OUTGOING_TIMEOUT, work).await.map_err(|_| format!("{url} did not answer within {OUTGOING_TIMEOUT:?}"))?
+}

@@ -194,4 +194,19 @@ pub trait Hsm: Send + Sync {
 
     /// Checks an HMAC-SHA-256 inside the HSM; `Ok(false)` for a wrong MAC.
     fn verify_mac(&self, key: KeyHandle, data: &[u8], mac: &[u8]) -> Result<bool, HsmError>;
+
+    /// The public halves of the service's signing key pairs (`templates::signing_key_pair`),
+    /// the pair made first if the token has none: what verifies the tokens the service signs.
+    fn signing_keys(&self) -> Result<Vec<RsaPublicKey>, HsmError>;
+
+    /// Signs `data` with RSASSA-PKCS1-v1_5 over SHA-256 (JWT's RS256), inside the HSM, with the
+    /// private half of the signing key pair whose public half is `key`.
+    fn sign(&self, key: &RsaPublicKey, data: &[u8]) -> Result<Vec<u8>, HsmError>;
+}
+
+/// An RSA public key, as the token holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RsaPublicKey {
+    pub modulus: Vec<u8>,
+    pub exponent: Vec<u8>,
 }

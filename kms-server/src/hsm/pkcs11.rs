@@ -39,7 +39,9 @@ use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
 use super::copies::Copies;
-use super::{BackupKey, FailedCall, Hsm, HsmError, KeyHandle, ObjectName, RECENT_FAILURES, ServiceKey, SessionUse, TokenInfo, Wrapped, templates};
+use super::{
+    BackupKey, FailedCall, Hsm, HsmError, KeyHandle, ObjectName, RECENT_FAILURES, RsaPublicKey, ServiceKey, SessionUse, TokenInfo, Wrapped, templates,
+};
 use crate::domain::blob::{Iv, TAG_LEN};
 use crate::secret::{Pin, SecretBytes};
 
@@ -575,6 +577,20 @@ pub fn create_backup_key(module: &Path, token_label: &str, user_pin: &Pin, so_pi
     Ok(BackupKeyOutcome::Created)
 }
 
+/// The modulus and public exponent of an RSA key object (public, or private: neither is
+/// sensitive).
+fn rsa_public(s: &Session, object: ObjectHandle) -> Result<RsaPublicKey, CkError> {
+    let mut key = RsaPublicKey { modulus: Vec::new(), exponent: Vec::new() };
+    for a in s.get_attributes(object, &[AttributeType::Modulus, AttributeType::PublicExponent])? {
+        match a {
+            Attribute::Modulus(m) => key.modulus = m,
+            Attribute::PublicExponent(e) => key.exponent = e,
+            _ => {}
+        }
+    }
+    Ok(key)
+}
+
 fn find_slot(ctx: &Pkcs11, token_label: &str) -> Result<Slot, HsmError> {
     ctx.get_slots_with_initialized_token()
         .map_err(|e| HsmError::Setup { reason: format!("listing slots: {e}") })?
@@ -742,6 +758,30 @@ impl Hsm for Pkcs11Hsm {
             Err(HsmError::Refused { code: RvError::SignatureInvalid | RvError::SignatureLenRange, .. }) => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    fn signing_keys(&self) -> Result<Vec<RsaPublicKey>, HsmError> {
+        self.with_session("C_GenerateKeyPair", |s| {
+            let find = |class| s.find_objects(&templates::backup_half(templates::SIGNING_LABEL, class));
+            let mut public = find(ObjectClass::PUBLIC_KEY)?;
+            if public.is_empty() || find(ObjectClass::PRIVATE_KEY)?.is_empty() {
+                // Two nodes making it at once make two pairs: both are published, either signs.
+                let (public_template, private_template) = templates::signing_key_pair();
+                public.push(s.generate_key_pair(&Mechanism::RsaPkcsKeyPairGen, &public_template, &private_template)?.0);
+            }
+            public.into_iter().map(|o| rsa_public(s, o)).collect()
+        })
+    }
+
+    fn sign(&self, key: &RsaPublicKey, data: &[u8]) -> Result<Vec<u8>, HsmError> {
+        self.with_session("C_Sign", |s| {
+            let mut template = templates::backup_half(templates::SIGNING_LABEL, ObjectClass::PRIVATE_KEY);
+            template.push(Attribute::Modulus(key.modulus.clone()));
+            let Some(private) = s.find_objects(&template)?.first().copied() else {
+                return Err(CkError::Pkcs11(RvError::KeyHandleInvalid, cryptoki::context::Function::Sign));
+            };
+            s.sign(&Mechanism::Sha256RsaPkcs, private, data)
+        })
     }
 
     fn generation(&self) -> u64 {

@@ -279,7 +279,43 @@ pub fn backup_wrap_key(modulus: Vec<u8>, public_exponent: Vec<u8>) -> Vec<Attrib
     ]
 }
 
-/// A half of the backup key pair, as found on a token.
+/// The label of the service's signing key pair (both halves), for the tokens it signs: Google
+/// CSE's KACLS-to-KACLS migration tokens, verified by the other key service with the public
+/// halves this one publishes (`certs`).
+pub const SIGNING_LABEL: &str = "kms-token-signing";
+/// RSA-2048 with SHA-256: RS256, which every JWT library verifies.
+const SIGNING_RSA_BITS: u64 = 2048;
+
+/// The signing key pair's (public, private) templates: both on the token; the private half
+/// private, sensitive, never extractable, and for RS256 signatures only.
+pub fn signing_key_pair() -> (Vec<Attribute>, Vec<Attribute>) {
+    let label = || Attribute::Label(SIGNING_LABEL.as_bytes().to_vec());
+    let public = vec![
+        Attribute::Token(true),
+        Attribute::Private(false),
+        Attribute::ModulusBits(SIGNING_RSA_BITS.into()),
+        Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
+        Attribute::Verify(true),
+        Attribute::Encrypt(false),
+        Attribute::Wrap(false),
+        label(),
+    ];
+    let private = vec![
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(true),
+        Attribute::Decrypt(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+        Attribute::AllowedMechanisms(vec![MechanismType::SHA256_RSA_PKCS]),
+        label(),
+    ];
+    (public, private)
+}
+
+/// A half of the backup or signing key pair, as found on a token.
 pub fn backup_half(label: &str, class: ObjectClass) -> Vec<Attribute> {
     vec![Attribute::Class(class), Attribute::Token(true), Attribute::Label(label.as_bytes().to_vec())]
 }

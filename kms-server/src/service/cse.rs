@@ -6,8 +6,11 @@
 //! `cse_perimeter_id` or `cse_resource_name`), so that an officer allows, narrows and revokes
 //! Google's use exactly as a workload's. The settings (one row) say where Google reaches the
 //! service (the KACLS URL, checked against every authorization token), which key new wraps use,
-//! whether guests may unwrap, and which users may call `privilegedunwrap`; the issuers say whose
-//! tokens are trusted, with their key sets.
+//! whether guests may unwrap, which users may call `privilegedunwrap`, and which other key
+//! services `rewrap` may migrate keys from; the issuers say whose tokens are trusted, with their
+//! key sets: the customer's identity provider (`authentication`), Google (`authorization`), and
+//! other key services migrating keys out of this one (`kacls`: their migration tokens stand in
+//! for the authentication token of `privilegedunwrap`).
 
 use std::sync::Arc;
 
@@ -28,6 +31,10 @@ pub const PRINCIPAL: &str = "cse:workspace";
 /// Which token an issuer signs.
 pub const AUTHENTICATION: &str = "authentication";
 pub const AUTHORIZATION: &str = "authorization";
+pub const KACLS: &str = "kacls";
+
+/// The audience of migration tokens between key services.
+pub const MIGRATION_AUDIENCE: &str = "kacls-migration";
 
 /// The most issuers of each kind, audiences of an issuer, privileged users; the largest key set.
 const MAX_ISSUERS: usize = 16;
@@ -43,6 +50,8 @@ pub struct Config {
     pub issuers: Vec<CseIssuerRecord>,
     pub authentication: Vec<Issuer>,
     pub authorization: Vec<Issuer>,
+    /// Other key services, whose migration tokens open keys for them (`privilegedunwrap`).
+    pub kacls: Vec<Issuer>,
 }
 
 impl Config {
@@ -54,6 +63,7 @@ impl Config {
             let audiences: Vec<&str> = record.audiences.iter().map(String::as_str).collect();
             match Issuer::new(&record.iss, &audiences, &record.jwks) {
                 Ok(issuer) if record.token == AUTHENTICATION => config.authentication.push(issuer),
+                Ok(issuer) if record.token == KACLS => config.kacls.push(issuer),
                 Ok(issuer) => config.authorization.push(issuer),
                 Err(e) => tracing::error!(iss = %record.iss, error = %e, "a CSE issuer's key set cannot be read; its tokens are refused"),
             }
@@ -69,15 +79,21 @@ impl Config {
         Some(rest.find('/').map_or("", |i| rest[i..].trim_end_matches('/')))
     }
 
+    /// Whether `rewrap` may fetch keys from the key service at `url`.
+    pub fn migrates_from(&self, url: &str) -> bool {
+        self.settings.as_ref().is_some_and(|s| s.migration_sources.iter().any(|u| u == url.trim_end_matches('/')))
+    }
+
     /// Whether `email` may call `privilegedunwrap`.
     pub fn privileged(&self, email: &str) -> bool {
         self.settings.as_ref().is_some_and(|s| s.privileged_users.iter().any(|u| u.eq_ignore_ascii_case(email)))
     }
 }
 
-/// The KACLS URL: `https://HOST[:PORT][/PATH]`, no query, fragment or user, at most 256 bytes.
-fn check_url(url: &str) -> Result<()> {
-    let bad = || Error::invalid("kacls_url", "must be https://HOST[:PORT][/PATH] without a query, fragment or user, at most 256 bytes");
+/// A key service's URL: `https://HOST[:PORT][/PATH]`, no query, fragment or user, at most 256
+/// bytes.
+fn check_url(field: &'static str, url: &str) -> Result<()> {
+    let bad = || Error::invalid(field, "must be https://HOST[:PORT][/PATH] without a query, fragment or user, at most 256 bytes");
     let rest = url.strip_prefix("https://").ok_or_else(bad)?;
     let host = rest.split('/').next().unwrap_or_default();
     let ok = url.len() <= 256
@@ -112,8 +128,14 @@ impl Kms {
         key: &KeyRef,
         guests: bool,
         privileged_users: Vec<String>,
+        migration_sources: Vec<String>,
     ) -> Result<CseSettingsRecord> {
-        check_url(kacls_url)?;
+        check_url("kacls_url", kacls_url)?;
+        if migration_sources.len() > MAX_PRIVILEGED {
+            return Err(Error::invalid("migration_sources", format!("at most {MAX_PRIVILEGED}")));
+        }
+        migration_sources.iter().try_for_each(|u| check_url("migration_sources", u))?;
+        let migration_sources = migration_sources.iter().map(|u| u.trim_end_matches('/').to_string()).collect();
         if privileged_users.len() > MAX_PRIVILEGED {
             return Err(Error::invalid("privileged_users", format!("at most {MAX_PRIVILEGED}")));
         }
@@ -129,6 +151,7 @@ impl Kms {
                 key_id: entry.record.key_id,
                 guests,
                 privileged_users,
+                migration_sources,
                 updated_at: now(),
             };
             let registered = self.registry.read().principals.contains_key(PRINCIPAL);
@@ -148,11 +171,12 @@ impl Kms {
                 }
                 tx.put_cse_settings(&record)?;
                 let detail = format!(
-                    "KACLS URL {}, key {}, guests {}, privileged users {}",
+                    "KACLS URL {}, key {}, guests {}, privileged users {}, migration sources {}",
                     record.kacls_url,
                     record.key_id,
                     if guests { "allowed" } else { "refused" },
-                    record.privileged_users.join(",")
+                    record.privileged_users.join(","),
+                    record.migration_sources.join(",")
                 );
                 tx.append_audit(&caller.audit("ConfigureCse", Some(record.key_id), None, detail), record.updated_at)?;
                 changed(tx, false)
@@ -195,8 +219,8 @@ impl Kms {
         jwks: &str,
         jwks_url: Option<String>,
     ) -> Result<CseIssuerRecord> {
-        if token != AUTHENTICATION && token != AUTHORIZATION {
-            return Err(Error::invalid("token", format!("must be {AUTHENTICATION} or {AUTHORIZATION}")));
+        if ![AUTHENTICATION, AUTHORIZATION, KACLS].contains(&token) {
+            return Err(Error::invalid("token", format!("must be {AUTHENTICATION}, {AUTHORIZATION} or {KACLS}")));
         }
         if iss.is_empty() || iss.len() > 256 || !iss.chars().all(|c| c.is_ascii_graphic()) {
             return Err(Error::invalid("iss", "must be 1 to 256 printable ASCII characters"));
@@ -237,6 +261,50 @@ impl Kms {
         Ok(record)
     }
 
+    /// Replaces `iss`'s key set with `jwks` as fetched again from its URL, if it changed (the
+    /// background job's refresh; audited as the system's). `Ok(false)`: unchanged, or no such
+    /// issuer any more.
+    pub fn refresh_cse_issuer(&self, iss: &str, jwks: &str) -> Result<bool> {
+        let _admin = self.admin_lock()?;
+        let Some(old) = self.cse_config().issuers.iter().find(|i| i.iss == iss).cloned() else { return Ok(false) };
+        if old.jwks == jwks {
+            return Ok(false);
+        }
+        let audiences: Vec<&str> = old.audiences.iter().map(String::as_str).collect();
+        Issuer::new(iss, &audiences, jwks).map_err(|e| Error::invalid("jwks", e))?;
+        let record = CseIssuerRecord { jwks: jwks.to_string(), updated_at: now(), ..old };
+        let mut state = self.registry.write();
+        let marks = self.store.write(|tx| {
+            tx.put_cse_issuer(&record)?;
+            let detail = format!("{} issuer {iss}: its key set fetched again from {}", record.token, record.jwks_url.as_deref().unwrap_or_default());
+            tx.append_audit(&crate::audit::AuditEvent::system("RefreshCseIssuer", None, None, detail), record.updated_at)?;
+            changed(tx, true)
+        })?;
+        state.note(marks);
+        let issuers = state.cse.issuers.iter().map(|i| if i.iss == iss { record.clone() } else { i.clone() }).collect();
+        state.cse = Arc::new(Config::new(state.cse.settings.clone(), issuers));
+        Ok(true)
+    }
+
+    /// The public halves of the signing keys that verify the migration tokens this service
+    /// signs (`certs`).
+    pub fn cse_signing_keys(&self) -> Result<Vec<crate::hsm::RsaPublicKey>> {
+        Ok(self.hsm.signing_keys()?)
+    }
+
+    /// A migration token (Google's KACLS-to-KACLS authentication token) for the key service at
+    /// `original` to open a key of `resource_name` for this one: issued by this service's KACLS
+    /// URL, for `kacls-migration`, naming `original`, valid 15 minutes, signed in the HSM.
+    pub fn cse_migration_token(&self, original: &str, resource_name: &str) -> Result<String> {
+        let config = self.cse_config();
+        let settings = config.settings.as_ref().ok_or_else(|| Error::precondition("Google Workspace CSE is not configured"))?;
+        let key = self.hsm.signing_keys()?.into_iter().next().ok_or_else(|| Error::precondition("the HSM made no signing key"))?;
+        let at = now();
+        let claims = serde_json::json!({"iss": settings.kacls_url, "aud": MIGRATION_AUDIENCE, "kacls_url": original.trim_end_matches('/'),
+                                        "resource_name": resource_name, "iat": at, "exp": at + 900});
+        crate::facade::cse::jwt::sign_rs256(&claims, &crate::facade::cse::jwt::kid(&key), |input| self.hsm.sign(&key, input)).map_err(Error::from)
+    }
+
     /// Stops trusting `iss`: its tokens are refused from now on, on every node.
     pub fn remove_cse_issuer(&self, caller: &Caller, iss: &str) -> Result<()> {
         let _admin = self.admin_lock()?;
@@ -264,7 +332,7 @@ mod tests {
     #[test]
     fn kacls_urls_and_privileged_users_are_checked() {
         for good in ["https://kacls.example.com", "https://kacls.example.com:8443/v1/cse", "https://k.example.com/"] {
-            assert!(check_url(good).is_ok(), "{good}");
+            assert!(check_url("kacls_url", good).is_ok(), "{good}");
         }
         for bad in [
             "http://kacls.example.com",
@@ -274,7 +342,7 @@ mod tests {
             "https://u@k.example.com",
             "https://k.example.com/a//b",
         ] {
-            assert!(check_url(bad).is_err(), "{bad}");
+            assert!(check_url("kacls_url", bad).is_err(), "{bad}");
         }
         assert!(check_email("admin@example.com").is_ok());
         for bad in ["admin", "@example.com", "a@b", "a b@example.com"] {
@@ -285,11 +353,13 @@ mod tests {
             key_id: crate::domain::ids::KeyId::from_bytes([1; 16]),
             guests: false,
             privileged_users: vec!["Admin@Example.com".into()],
+            migration_sources: vec!["https://old.example.com/kacls".into()],
             updated_at: 0,
         };
         let config = Config::new(Some(settings("https://kacls.example.com/v1/cse")), vec![]);
         assert_eq!(config.path_prefix(), Some("/v1/cse"));
         assert!(config.privileged("admin@example.com") && !config.privileged("ana@example.com"));
+        assert!(config.migrates_from("https://old.example.com/kacls/") && !config.migrates_from("https://evil.example.com"));
         assert_eq!(Config::new(Some(settings("https://kacls.example.com")), vec![]).path_prefix(), Some(""));
         assert_eq!(Config::default().path_prefix(), None);
     }

@@ -194,13 +194,15 @@ impl std::fmt::Debug for XksCredentialRecord {
 /// Google Workspace client-side encryption's settings (the CSE facade): the KACLS URL Google is
 /// given (its path is where the listener serves the API), the key new wraps use, whether
 /// guests (`email_type` other than `google`) may unwrap, and the users who may call
-/// `privilegedunwrap` (none: nobody).
+/// `privilegedunwrap` (none: nobody), and the key services whose wrapped keys `rewrap` may
+/// fetch and wrap again (Google's migration between key services).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CseSettingsRecord {
     pub kacls_url: String,
     pub key_id: KeyId,
     pub guests: bool,
     pub privileged_users: Vec<String>,
+    pub migration_sources: Vec<String>,
     pub updated_at: i64,
 }
 
@@ -723,14 +725,17 @@ impl Tx<'_> {
 
     pub fn put_cse_settings(&self, c: &CseSettingsRecord) -> Result<()> {
         self.0.execute(
-            "INSERT INTO cse_settings (id, kacls_url, key_id, guests, privileged_users, updated_at) VALUES (1, ?1, ?2, ?3, ?4, ?5)
+            "INSERT INTO cse_settings (id, kacls_url, key_id, guests, privileged_users, migration_sources, updated_at)
+             VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT (id) DO UPDATE SET kacls_url = excluded.kacls_url, key_id = excluded.key_id, guests = excluded.guests,
-                 privileged_users = excluded.privileged_users, updated_at = excluded.updated_at",
+                 privileged_users = excluded.privileged_users, migration_sources = excluded.migration_sources,
+                 updated_at = excluded.updated_at",
             &[
                 c.kacls_url.as_str().into(),
                 (&c.key_id.to_string()).into(),
                 i64::from(c.guests).into(),
                 serde_json::to_string(&c.privileged_users).unwrap_or_default().as_str().into(),
+                serde_json::to_string(&c.migration_sources).unwrap_or_default().as_str().into(),
                 c.updated_at.into(),
             ],
         )?;
@@ -738,16 +743,17 @@ impl Tx<'_> {
     }
 
     pub fn cse_settings(&self) -> Result<Option<CseSettingsRecord>> {
-        let rows = self.0.query("SELECT kacls_url, key_id, guests, privileged_users, updated_at FROM cse_settings", &[])?;
+        let rows = self.0.query("SELECT kacls_url, key_id, guests, privileged_users, migration_sources, updated_at FROM cse_settings", &[])?;
         rows.iter()
             .map(|r| {
-                let (key_id, privileged) = (r.text(1)?, r.text(3)?);
+                let (key_id, privileged, sources) = (r.text(1)?, r.text(3)?, r.text(4)?);
                 Ok(CseSettingsRecord {
                     kacls_url: r.text(0)?,
                     key_id: key_id.parse().map_err(|_| corrupt("cse_settings", format!("key_id {key_id:?}")))?,
                     guests: r.int(2)? != 0,
                     privileged_users: serde_json::from_str(&privileged).map_err(|_| corrupt("cse_settings", "privileged_users"))?,
-                    updated_at: r.int(4)?,
+                    migration_sources: serde_json::from_str(&sources).map_err(|_| corrupt("cse_settings", "migration_sources"))?,
+                    updated_at: r.int(5)?,
                 })
             })
             .next()

@@ -140,6 +140,7 @@ const MIGRATIONS: &[&str] = &[
         key_id     TEXT NOT NULL REFERENCES keys (key_id),
         guests     INTEGER NOT NULL,
         privileged_users TEXT NOT NULL,
+        migration_sources TEXT NOT NULL,
         updated_at INTEGER NOT NULL
     );
     CREATE TABLE cse_issuers (
@@ -289,6 +290,7 @@ const POSTGRES: &[&str] = &[
         key_id     TEXT NOT NULL REFERENCES keys (key_id),
         guests     BIGINT NOT NULL,
         privileged_users TEXT NOT NULL,
+        migration_sources TEXT NOT NULL,
         updated_at BIGINT NOT NULL
     );
     CREATE TABLE cse_issuers (

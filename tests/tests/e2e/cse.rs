@@ -116,6 +116,7 @@ async fn tenant(server: &Server, admin: &mut Admin, key: &str) -> Tenant {
             key: key.into(),
             allow_guests: false,
             privileged_users: vec!["admin@example.com".into()],
+            migration_sources: vec![],
         })
         .await
         .expect("CSE configured");
@@ -174,6 +175,7 @@ async fn google_wraps_and_unwraps_under_our_key_with_both_tokens_checked() {
             key: newer.clone(),
             allow_guests: false,
             privileged_users: vec!["admin@example.com".into()],
+            migration_sources: vec![],
         })
         .await
         .unwrap();
@@ -186,7 +188,9 @@ async fn google_wraps_and_unwraps_under_our_key_with_both_tokens_checked() {
     assert_eq!((status, B64.decode(opened["key"].as_str().unwrap_or_default()).unwrap_or_default()), (200, dek.clone()));
     let elsewhere = json!({"authorization": t.authorization("migrator@example.com", "migrator"),
                            "original_kacls_url": "https://other-kacls.example.com", "wrapped_key": wrapped, "reason": "migration"});
-    assert_eq!(post(&server, "rewrap", &elsewhere).0, 400);
+    let (status, e) = post(&server, "rewrap", &elsewhere);
+    assert_eq!(status, 403, "{e}");
+    assert!(e["message"].as_str().unwrap().contains("not a migration source"), "{e}");
 
     // privilegedunwrap: the authentication token alone, for a privileged user, bound to the resource.
     let privileged = |email: &str, resource: &str| json!({"authentication": t.authentication(email), "resource_name": resource, "wrapped_key": wrapped, "reason": "takeout"});
@@ -470,4 +474,103 @@ async fn an_officer_connects_google_workspace_with_kmsctl() {
     let shown_after: Value = serde_json::from_str(&kmsctl(&["--json", "cse", "show"])).unwrap();
     assert_eq!(shown_after["kacls_url"], shown["kacls_url"]);
     assert_eq!(shown_after["issuers"], shown["issuers"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_migrate_from_one_key_service_to_another_with_a_token_signed_in_the_hsm() {
+    // The old key service (A) and the new one (B), each with its own HSM token and store; one
+    // CA, so that each trusts the other's listener.
+    let old = Server::start();
+    let new = Server::start_with(kms_tests::Options { pki_from: Some(old.pki_dir()), ..Default::default() });
+    let (mut old_admin, mut new_admin) = (old.admin().await, new.admin().await);
+    kms_tests::create_key(&mut old_admin, "drive").await;
+    let t = tenant(&old, &mut old_admin, "alias/drive").await;
+    let dek: Vec<u8> = (100..132).collect();
+    let (_, wrapped) = post(&old, "wrap", &t.wrap(&dek));
+    let wrapped = wrapped["wrapped_key"].clone();
+
+    // B: its own KACLS URL, A as a migration source, trusting Google's tokens.
+    let new_url = format!("https://{}/v1/cse", new.cse_addr);
+    let new_key = kms_tests::create_key(&mut new_admin, "drive").await;
+    new_admin
+        .configure_cse(pb::ConfigureCseRequest {
+            kacls_url: new_url.clone(),
+            key: new_key.clone(),
+            allow_guests: false,
+            privileged_users: vec![],
+            migration_sources: vec![t.kacls_url.clone()],
+        })
+        .await
+        .unwrap();
+    new_admin
+        .put_cse_issuer(pb::PutCseIssuerRequest {
+            iss: GOOGLE.into(),
+            token: "authorization".into(),
+            audiences: vec!["cse-authorization".into()],
+            jwks: t.google.jwks.clone(),
+            jwks_url: String::new(),
+        })
+        .await
+        .unwrap();
+    // B publishes the keys that verify its migration tokens; A trusts B, fetching them itself.
+    let (status, certs, _) = cse_with(&new, "GET", "/v1/cse/certs", None, &[]);
+    assert_eq!((status, &certs["keys"][0]["alg"], &certs["keys"][0]["kty"]), (200, &json!("RS256"), &json!("RSA")), "{certs}");
+    let out = old.kmsctl(&[
+        "--json",
+        "cse",
+        "issuer",
+        "add",
+        &new_url,
+        "--token",
+        "kacls",
+        "--audience",
+        "kacls-migration",
+        "--jwks-url",
+        &format!("{new_url}/certs"),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let trusted = shown["issuers"].as_array().unwrap().iter().find(|i| i["token"] == "kacls").cloned().unwrap();
+    assert_eq!(trusted["key_ids"], json!([certs["keys"][0]["kid"]]), "A holds B's published key: {shown}");
+
+    // Google's migration: B rewraps A's wrapped key; A opens it for B, B wraps it under its key.
+    let migrator = |kacls_url: &str| {
+        let mut claims = t.authorization_claims("migrator@example.com", "migrator");
+        claims["kacls_url"] = json!(kacls_url);
+        t.google.sign(claims)
+    };
+    let rewrap = json!({"authorization": migrator(&new_url), "original_kacls_url": t.kacls_url, "wrapped_key": wrapped, "reason": "migration"});
+    let (status, moved) = post(&new, "rewrap", &rewrap);
+    assert_eq!((status, moved["resource_key_hash"].as_str()), (200, Some(resource_key_hash(&dek, "eu").as_str())), "{moved}");
+    let mut verifier = t.authorization_claims("ana@example.com", "verifier");
+    verifier["kacls_url"] = json!(new_url);
+    let digest = json!({"authorization": t.google.sign(verifier), "wrapped_key": moved["wrapped_key"]});
+    let (status, hash) = post(&new, "digest", &digest);
+    assert_eq!((status, hash["resource_key_hash"].as_str()), (200, Some(resource_key_hash(&dek, "eu").as_str())), "B opens what it wrapped: {hash}");
+    let recorded: Vec<(String, String)> = new
+        .db()
+        .prepare("SELECT outcome, key_id FROM audit WHERE operation = 'CseRewrap'")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(recorded, vec![("allowed".to_string(), new_key.clone())]);
+    let opened_for: String = old
+        .db()
+        .query_row("SELECT caller_context FROM audit WHERE operation = 'CsePrivilegedUnwrap' AND outcome = 'allowed'", [], |r| r.get(0))
+        .unwrap();
+    assert!(opened_for.contains(&new_url), "A's trail names the key service it opened the key for: {opened_for}");
+
+    // Refused: a source the officer did not name (no call is made), and B's token replayed to A
+    // for another resource.
+    let elsewhere = json!({"authorization": migrator(&new_url), "original_kacls_url": "https://127.0.0.1:1/v1/cse", "wrapped_key": wrapped});
+    let (status, e) = post(&new, "rewrap", &elsewhere);
+    assert_eq!(status, 403, "{e}");
+    assert!(e["message"].as_str().unwrap().contains("migration source"), "{e}");
+    // A stops trusting B: the migration is refused by A, and B says so.
+    old_admin.remove_cse_issuer(pb::RemoveCseIssuerRequest { iss: new_url.clone() }).await.unwrap();
+    let (status, e) = post(&new, "rewrap", &rewrap);
+    assert_eq!(status, 403, "{e}");
+    assert!(e["message"].as_str().unwrap().contains("401"), "{e}");
 }

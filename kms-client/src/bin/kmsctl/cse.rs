@@ -27,6 +27,10 @@ pub(crate) enum CseCommand {
         /// A user who may call privilegedunwrap (Google's takeout and migration); repeatable.
         #[arg(long = "privileged-user")]
         privileged_users: Vec<String>,
+        /// Another key service (its KACLS URL) whose wrapped keys rewrap may fetch and wrap
+        /// again here, for Google's migration between key services; repeatable.
+        #[arg(long = "migration-source")]
+        migration_sources: Vec<String>,
     },
     /// The settings and the trusted issuers.
     Show,
@@ -42,16 +46,18 @@ pub(crate) enum IssuerCommand {
     Add {
         /// The tokens' iss claim, such as gsuitecse-tokenissuer-drive@system.gserviceaccount.com.
         iss: String,
-        /// authentication or authorization.
+        /// authentication (the identity provider), authorization (Google) or kacls (another key
+        /// service migrating keys out of this one; ISS is its KACLS URL).
         #[arg(long)]
         token: String,
         /// An aud value its tokens may name (Google's: cse-authorization); repeatable.
         #[arg(long = "audience", required = true)]
         audiences: Vec<String>,
         /// Its key set, a JWKS file (RSA and EC keys only).
-        #[arg(long)]
-        jwks_file: std::path::PathBuf,
-        /// Where the key set is published, recorded for the officer (https).
+        #[arg(long, required_unless_present = "jwks_url")]
+        jwks_file: Option<std::path::PathBuf>,
+        /// Where the key set is published (https): fetched by the service now (unless
+        /// --jwks-file gives it) and again every hour.
         #[arg(long)]
         jwks_url: Option<String>,
     },
@@ -62,7 +68,8 @@ pub(crate) enum IssuerCommand {
 fn configuration_json(c: &pb::CseConfiguration) -> Value {
     json!({
         "configured": c.configured, "principal": "cse:workspace", "kacls_url": c.kacls_url, "key_id": c.key_id,
-        "allow_guests": c.allow_guests, "privileged_users": c.privileged_users, "update_time": c.update_time,
+        "allow_guests": c.allow_guests, "privileged_users": c.privileged_users, "migration_sources": c.migration_sources,
+        "update_time": c.update_time,
         "issuers": c.issuers.iter().map(|i| json!({
             "iss": i.iss, "token": i.token, "audiences": i.audiences, "key_ids": i.key_ids,
             "jwks_url": i.jwks_url, "update_time": i.update_time,
@@ -101,12 +108,15 @@ impl CseCommand {
         let out = &ctx.out;
         let mut c = KeyManagementClient::new(admin_channel(&ctx.endpoint, &ctx.tls, &ctx.session, &out.dry_run).await?);
         let r = match self {
-            CseCommand::Configure { kacls_url, key, allow_guests, privileged_users } => {
-                c.configure_cse(pb::ConfigureCseRequest { kacls_url, key, allow_guests, privileged_users }).await?
+            CseCommand::Configure { kacls_url, key, allow_guests, privileged_users, migration_sources } => {
+                c.configure_cse(pb::ConfigureCseRequest { kacls_url, key, allow_guests, privileged_users, migration_sources }).await?
             }
             CseCommand::Show => c.get_cse_configuration(pb::GetCseConfigurationRequest {}).await?,
             CseCommand::Issuer(IssuerCommand::Add { iss, token, audiences, jwks_file, jwks_url }) => {
-                let jwks = std::fs::read_to_string(&jwks_file).map_err(|e| Error::Config(format!("--jwks-file {}: {e}", jwks_file.display())))?;
+                let jwks = match &jwks_file {
+                    Some(file) => std::fs::read_to_string(file).map_err(|e| Error::Config(format!("--jwks-file {}: {e}", file.display())))?,
+                    None => String::new(),
+                };
                 c.put_cse_issuer(pb::PutCseIssuerRequest { iss, token, audiences, jwks, jwks_url: jwks_url.unwrap_or_default() }).await?
             }
             CseCommand::Issuer(IssuerCommand::Remove { iss }) => c.remove_cse_issuer(pb::RemoveCseIssuerRequest { iss }).await?,

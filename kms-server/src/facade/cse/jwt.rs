@@ -107,6 +107,31 @@ pub fn verify<C: DeserializeOwned>(which: &str, token: &str, issuers: &[Issuer],
     })
 }
 
+/// A public key of the service's signing key pairs as a JWK (RS256), its `kid` the first 16
+/// bytes of the modulus's SHA-256, so that it names the key whichever node publishes it.
+pub fn jwk(key: &crate::hsm::RsaPublicKey) -> serde_json::Value {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+    serde_json::json!({"kty": "RSA", "use": "sig", "alg": "RS256", "kid": kid(key),
+                       "n": B64URL.encode(&key.modulus), "e": B64URL.encode(&key.exponent)})
+}
+
+pub fn kid(key: &crate::hsm::RsaPublicKey) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&sha2::Sha256::digest(&key.modulus)[..16])
+}
+
+/// A JWT of `claims` signed RS256 by `sign` (the HSM, with the key `kid` names).
+pub fn sign_rs256<E>(claims: &serde_json::Value, kid: &str, sign: impl FnOnce(&[u8]) -> Result<Vec<u8>, E>) -> Result<String, E> {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+    let header = serde_json::json!({"alg": "RS256", "typ": "JWT", "kid": kid});
+    let input = format!("{}.{}", B64URL.encode(header.to_string()), B64URL.encode(claims.to_string()));
+    let signature = sign(input.as_bytes())?;
+    Ok(format!("{input}.{}", B64URL.encode(signature)))
+}
+
 /// The `iss` claim of a token, unverified.
 fn unverified_issuer(token: &str) -> Option<String> {
     use base64::Engine;

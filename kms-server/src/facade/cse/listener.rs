@@ -32,12 +32,20 @@ const GOOGLE_ORIGIN: &str = "https://client-side-encryption.google.com";
 const MAX_BODY: usize = 64 * 1024;
 
 /// The operations this key service serves (`status`'s `operations_supported`).
-const OPERATIONS: [&str; 5] = ["wrap", "unwrap", "rewrap", "digest", "privilegedunwrap"];
+const OPERATIONS: [&str; 6] = ["wrap", "unwrap", "rewrap", "digest", "privilegedunwrap", "certs"];
+
+/// How long `certs` answers from what it last read of the HSM.
+const CERTS_FOR: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// How often the node that runs the background jobs fetches the issuers' key sets again.
+const REFRESH_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// What the listener's connections share.
 struct State {
     shared: Shared,
     refusals: RefusalLog,
+    /// `certs`'s last answer, and when it was read.
+    certs: tokio::sync::Mutex<Option<(std::time::Instant, Vec<u8>)>>,
 }
 
 /// Serves the CSE API on `listener` until `shutdown` (`https::serve`).
@@ -49,12 +57,51 @@ pub async fn serve(
     grace: std::time::Duration,
 ) {
     let kms = shared.kms.clone();
-    let state = Arc::new(State { shared, refusals: RefusalLog::default() });
+    let refresher = tokio::spawn(refresh_loop(shared.clone(), shutdown.clone()));
+    let state = Arc::new(State { shared, refusals: RefusalLog::default(), certs: Default::default() });
     let handler = move |request| {
         let state = state.clone();
         async move { handle(&state, request).await }
     };
-    https::serve("cse", kms, listener, tls, handler, shutdown, grace).await
+    https::serve("cse", kms, listener, tls, handler, shutdown, grace).await;
+    refresher.abort();
+}
+
+/// Fetches the key set of every issuer that has a URL again, every `REFRESH_EVERY`, on the node
+/// that runs the background jobs: issuers rotate their signing keys, and a token signed with a
+/// key the service does not know yet is refused.
+async fn refresh_loop(shared: Shared, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(REFRESH_EVERY) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        if shared.kms.leading() {
+            for issuer in shared.kms.cse_config().issuers.iter().filter(|i| i.jwks_url.is_some()) {
+                if let Err(e) = refresh(&shared, &issuer.iss, issuer.jwks_url.as_deref().unwrap_or_default()).await {
+                    tracing::warn!(iss = %issuer.iss, error = %e, "fetching a CSE issuer's key set again failed; the one held stays");
+                }
+            }
+        }
+    }
+}
+
+/// Fetches `iss`'s key set from `url` and takes it if it changed.
+async fn refresh(shared: &Shared, iss: &str, url: &str) -> Result<(), String> {
+    let jwks = fetch_jwks(shared.outgoing_ca.as_deref(), url).await?;
+    let (kms, iss) = (shared.kms.clone(), iss.to_string());
+    let changed = tokio::task::spawn_blocking(move || kms.refresh_cse_issuer(&iss, &jwks)).await.map_err(|e| e.to_string())?;
+    changed.map(|changed| tracing::info!(changed, url, "a CSE issuer's key set fetched again")).map_err(|e| e.to_string())
+}
+
+/// The JWKS document published at `url`, trusting the CAs of `ca` (`Shared::outgoing_ca`).
+pub async fn fetch_jwks(ca: Option<&std::path::Path>, url: &str) -> Result<String, String> {
+    let ca = ca.ok_or("this node makes no outgoing calls (no [cse] listener)")?;
+    let (status, body) = https::call(ca, url, None).await?;
+    if !status.is_success() {
+        return Err(format!("{url} answered {status}"));
+    }
+    String::from_utf8(body.to_vec()).map_err(|_| format!("{url} answered something that is not text"))
 }
 
 fn error(e: &CseError) -> Answer {
@@ -87,7 +134,7 @@ async fn route(state: &State, request: Request<Incoming>) -> Answer {
         return error(&CseError::new(404, "no key service at this path"));
     };
     let post = match operation {
-        "status" => false,
+        "status" | "certs" => false,
         "wrap" | "unwrap" | "digest" | "rewrap" | "privilegedunwrap" => true,
         _ => return error(&CseError::new(404, "no such operation")),
     };
@@ -102,6 +149,7 @@ async fn route(state: &State, request: Request<Incoming>) -> Answer {
     }
     let result = match operation {
         "status" => return https::json(StatusCode::OK, status()),
+        "certs" => return certs(state).await,
         "wrap" => wrap(state, &config, &body).await,
         "unwrap" => unwrap(state, &config, &body).await,
         "digest" => digest(state, &config, &body).await,
@@ -136,6 +184,29 @@ fn status() -> Vec<u8> {
         "operations_supported": OPERATIONS,
     });
     status.to_string().into_bytes()
+}
+
+/// The public keys that verify the migration tokens this service signs, as a JWKS.
+async fn certs(state: &State) -> Answer {
+    let mut cached = state.certs.lock().await;
+    if let Some((at, body)) = cached.as_ref()
+        && at.elapsed() < CERTS_FOR
+    {
+        return https::json(StatusCode::OK, body.clone());
+    }
+    let kms = state.shared.kms.clone();
+    match tokio::task::spawn_blocking(move || kms.cse_signing_keys()).await {
+        Ok(Ok(keys)) => {
+            let body = json(serde_json::json!({ "keys": keys.iter().map(jwt::jwk).collect::<Vec<_>>() }));
+            *cached = Some((std::time::Instant::now(), body.clone()));
+            https::json(StatusCode::OK, body)
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "reading the signing keys for certs failed");
+            error(&CseError::new(503, "the HSM did not give the signing keys; retry later"))
+        }
+        Err(_) => error(&CseError::new(500, "internal error")),
+    }
 }
 
 fn unix_now() -> i64 {
@@ -314,22 +385,28 @@ async fn digest(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<
     .await
 }
 
-/// Rewraps a key this service wrapped under the key CSE uses now (after an officer changed it):
-/// unwrapping keys wrapped by another key service needs that service's `privilegedunwrap`,
-/// which this one does not call.
+/// Rewraps a key under the key CSE uses now: one this service wrapped (after an officer
+/// changed the key), or, in a migration between key services, one the key service at
+/// `original_kacls_url` wrapped, which opens it for this one (its `privilegedunwrap`, with a
+/// migration token signed here) if it is one of the settings' migration sources.
 async fn rewrap(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<u8>, CseError> {
     let request: wire::RewrapRequest = wire::parse(body)?;
     wire::check_reason(&request.reason)?;
     let authz: Authorization = token(state, "CseRewrap", "authorization", &request.authorization, &config.authorization).await?;
     let context = caller_context("rewrap", &authz.email, Some(&authz), &request.reason);
+    let original = request.original_kacls_url.trim_end_matches('/').to_string();
+    let ours = config.settings.as_ref().is_some_and(|s| s.kacls_url == original);
+    let fetched = match ours {
+        true => None,
+        false => Some(open_elsewhere(state, config, &authz, &original, &request).await),
+    };
     let config = config.clone();
     run(&state.shared, "CseRewrap", context, move |kms, caller, facts| {
         check(&config, None, &authz, Use::Rewrap)?;
-        let ours = config.settings.as_ref().is_some_and(|s| s.kacls_url == request.original_kacls_url.trim_end_matches('/'));
-        if !ours {
-            return Err(refused(CseError::bad_request("original_kacls_url is another key service's; this one rewraps only keys it wrapped itself")));
-        }
-        let (dek, perimeter) = unwrap_key(kms, caller, facts, &request.wrapped_key, &authz.resource_name)?;
+        let (dek, perimeter) = match fetched {
+            None => unwrap_key(kms, caller, facts, &request.wrapped_key, &authz.resource_name)?,
+            Some(fetched) => (fetched?, authz.perimeter_id.clone().unwrap_or_default()),
+        };
         let wrapped = wrap_key(kms, caller, facts, &config, dek.expose_secret(), &authz.resource_name, &perimeter)?;
         let hash = wire::resource_key_hash(dek.expose_secret(), &authz.resource_name, &perimeter).map_err(refused)?;
         Ok(json(serde_json::json!({ "wrapped_key": B64.encode(wrapped), "resource_key_hash": B64.encode(hash) })))
@@ -337,21 +414,85 @@ async fn rewrap(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<
     .await
 }
 
-/// Unwraps for an administrator named in the settings (Google's takeout and migration tools),
-/// on the authentication token alone: no authorization token, no role, no perimeter; the
-/// resource name must still be the one the key was wrapped for.
+/// The data key in a key the service at `original` wrapped, as it opens it for this one: its
+/// `privilegedunwrap`, with a migration token signed here. Only for a migration source the
+/// officer named (no call to any other address), and only once the tokens agree.
+async fn open_elsewhere(
+    state: &State,
+    config: &Config,
+    authz: &Authorization,
+    original: &str,
+    request: &wire::RewrapRequest,
+) -> Result<SecretBytes, Error> {
+    if !config.migrates_from(original) {
+        return Err(refused(CseError::forbidden(
+            "original_kacls_url is not a migration source of this key service (kmsctl cse configure --migration-source)",
+        )));
+    }
+    check(config, None, authz, Use::Rewrap)?;
+    let (kms, from, resource) = (state.shared.kms.clone(), original.to_string(), authz.resource_name.clone());
+    let token = tokio::task::spawn_blocking(move || kms.cse_migration_token(&from, &resource))
+        .await
+        .map_err(|_| Error::precondition("signing the migration token failed"))??;
+    let body = serde_json::json!({"authentication": token, "resource_name": authz.resource_name, "wrapped_key": request.wrapped_key,
+                                  "reason": request.reason});
+    let ca = state.shared.outgoing_ca.as_deref().ok_or_else(|| Error::precondition("this node makes no outgoing calls"))?;
+    let unreachable = |why: String| Error::precondition(format!("the key service at {original} did not open the key: {why}"));
+    let (status, answer) =
+        https::call(ca, &format!("{original}/privilegedunwrap"), Some(body.to_string().into_bytes())).await.map_err(unreachable)?;
+    let answer: serde_json::Value = serde_json::from_slice(&answer).map_err(|_| unreachable(format!("it answered {status} and no JSON")))?;
+    if !status.is_success() {
+        let message: String = answer["message"].as_str().unwrap_or_default().chars().take(200).collect();
+        return Err(unreachable(format!("it answered {status}: {message}")));
+    }
+    let key = answer["key"].as_str().ok_or_else(|| unreachable("its answer has no key".into()))?;
+    Ok(SecretBytes::new(wire::decode("key", key, wire::MAX_KEY).map_err(refused)?))
+}
+
+/// The claims `privilegedunwrap` reads of its authentication token: a user's (the identity
+/// provider's) or another key service's migration token.
+#[derive(Debug, serde::Deserialize)]
+struct PrivilegedClaims {
+    iss: String,
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    google_email: Option<String>,
+    #[serde(default)]
+    kacls_url: Option<String>,
+    #[serde(default)]
+    resource_name: Option<String>,
+}
+
+/// Unwraps on the authentication token alone (no authorization token, no role, no perimeter):
+/// for a user the settings name (Google's takeout and migration tools), or for another key
+/// service migrating keys out of this one (its migration token, from a trusted `kacls` issuer,
+/// naming this service and this resource). The resource name must still be the one the key
+/// was wrapped for.
 async fn privileged_unwrap(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<u8>, CseError> {
     let request: wire::PrivilegedUnwrapRequest = wire::parse(body)?;
     wire::check_reason(&request.reason)?;
     if request.resource_name.is_empty() || request.resource_name.len() > wire::MAX_RESOURCE_NAME {
         return Err(CseError::bad_request(format!("resource_name must be 1 to {} bytes", wire::MAX_RESOURCE_NAME)));
     }
-    let authn: Authentication = token(state, "CsePrivilegedUnwrap", "authentication", &request.authentication, &config.authentication).await?;
-    let email = authn.google_email.clone().unwrap_or_else(|| authn.email.clone());
-    let context = caller_context("privilegedunwrap", &email, None, &request.reason);
+    let issuers: Vec<jwt::Issuer> = config.authentication.iter().chain(&config.kacls).cloned().collect();
+    let claims: PrivilegedClaims = token(state, "CsePrivilegedUnwrap", "authentication", &request.authentication, &issuers).await?;
+    let migration = config.kacls.iter().any(|i| i.iss == claims.iss);
+    let who = match (migration, &claims.google_email, &claims.email) {
+        (true, _, _) => claims.iss.clone(),
+        (false, Some(email), _) | (false, None, Some(email)) => email.clone(),
+        (false, None, None) => return Err(CseError::unauthenticated("the authentication token names no user (email)")),
+    };
+    let context = caller_context("privilegedunwrap", &who, None, &request.reason);
     let config = config.clone();
     run(&state.shared, "CsePrivilegedUnwrap", context, move |kms, caller, facts| {
-        if !config.privileged(&email) {
+        if migration {
+            let ours =
+                config.settings.as_ref().is_some_and(|s| claims.kacls_url.as_deref().map(|u| u.trim_end_matches('/')) == Some(s.kacls_url.as_str()));
+            if !ours || claims.resource_name.as_deref() != Some(request.resource_name.as_str()) {
+                return Err(refused(CseError::forbidden("the migration token is for another key service or resource")));
+            }
+        } else if !config.privileged(&who) {
             return Err(refused(CseError::forbidden("this user may not call privilegedunwrap (kmsctl cse configure --privileged-user)")));
         }
         let (dek, _) = unwrap_key(kms, caller, facts, &request.wrapped_key, &request.resource_name)?;
