@@ -34,6 +34,7 @@ const AUDITOR_MAY: &[&str] = &[
     "ListAliases",
     "ListPrincipals",
     "ListXksKeyStores",
+    "GetCseConfiguration",
     "ListGrants",
     "ExplainAccess",
     "ListOfficers",
