@@ -249,7 +249,7 @@ async fn a_postgresql_store_restores_into_an_empty_database() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_aws_key_store_comes_back_with_a_restore_and_decrypts_what_aws_holds() {
+async fn the_cloud_facades_come_back_with_a_restore_and_open_what_aws_and_google_hold() {
     use crate::xks::{REGION, allow, decrypt_body, encrypt_body, key_store, new_key, xks};
     let mut server = Server::start_with(Options { backup_key: true, ..Options::default() });
     let mut admin = server.admin().await;
@@ -260,6 +260,9 @@ async fn an_aws_key_store_comes_back_with_a_restore_and_decrypts_what_aws_holds(
     let encrypt = encrypt_body(b"secret");
     let (status, sealed) = xks(&server, "POST", &path("encrypt"), &encrypt, &credential, REGION);
     assert_eq!(status, 200, "{sealed}");
+    let google = crate::cse::tenant(&server, &mut admin, &key).await;
+    let (status, wrapped) = crate::cse::post(&server, "wrap", &google.wrap(b"data key"));
+    assert_eq!(status, 200, "{wrapped}");
     drop(admin);
     let file = server.dir.path().join("xks.kmsbak").display().to_string();
     let out = server.kmsctl(&["backup", "create", "--out", &file]);
@@ -274,4 +277,7 @@ async fn an_aws_key_store_comes_back_with_a_restore_and_decrypts_what_aws_holds(
     let decrypt = decrypt_body(&sealed, None);
     let (status, opened) = xks(&server, "POST", &path("decrypt"), &decrypt, &credential, REGION);
     assert_eq!((status, opened["plaintext"].as_str()), (200, Some("c2VjcmV0")), "{opened}");
+    // Google's settings, issuers and grant too: what Google holds unwraps.
+    let (status, opened) = crate::cse::post(&server, "unwrap", &google.unwrap(&wrapped["wrapped_key"], "ana@example.com", "reader"));
+    assert_eq!((status, opened["key"].as_str()), (200, Some("ZGF0YSBrZXk=")), "{opened}");
 }

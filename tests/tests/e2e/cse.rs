@@ -50,7 +50,7 @@ fn now() -> i64 {
 }
 
 /// The tenant: its identity provider, Google, and the KACLS URL Google was given.
-struct Tenant {
+pub(crate) struct Tenant {
     idp: Issuer,
     google: Issuer,
     kacls_url: String,
@@ -70,12 +70,12 @@ impl Tenant {
         self.google.sign(self.authorization_claims(email, role))
     }
 
-    fn wrap(&self, key: &[u8]) -> Value {
+    pub(crate) fn wrap(&self, key: &[u8]) -> Value {
         json!({"authentication": self.authentication("ana@example.com"), "authorization": self.authorization("ana@example.com", "writer"),
                "key": B64.encode(key), "reason": "{\"client\":\"drive\"}"})
     }
 
-    fn unwrap(&self, wrapped: &Value, email: &str, role: &str) -> Value {
+    pub(crate) fn unwrap(&self, wrapped: &Value, email: &str, role: &str) -> Value {
         json!({"authentication": self.authentication(email), "authorization": self.authorization(email, role),
                "wrapped_key": wrapped, "reason": "open"})
     }
@@ -101,13 +101,13 @@ fn cse_with(server: &Server, method: &str, path: &str, body: Option<&str>, heade
     (code.parse().unwrap(), serde_json::from_str(json).unwrap_or(Value::Null), head.to_ascii_lowercase())
 }
 
-fn post(server: &Server, operation: &str, body: &Value) -> (u16, Value) {
+pub(crate) fn post(server: &Server, operation: &str, body: &Value) -> (u16, Value) {
     let (status, json, _) = cse_with(server, "POST", &format!("/v1/cse/{operation}"), Some(&body.to_string()), &[]);
     (status, json)
 }
 
 /// A server whose CSE serves `key` at /v1/cse, trusting the tenant's two issuers.
-async fn tenant(server: &Server, admin: &mut Admin, key: &str) -> Tenant {
+pub(crate) async fn tenant(server: &Server, admin: &mut Admin, key: &str) -> Tenant {
     let tenant =
         Tenant { idp: Issuer::new(IDP, "idp-1"), google: Issuer::new(GOOGLE, "google-1"), kacls_url: format!("https://{}/v1/cse", server.cse_addr) };
     admin
