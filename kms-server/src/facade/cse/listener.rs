@@ -91,7 +91,10 @@ async fn refresh(shared: &Shared, iss: &str, url: &str) -> Result<(), String> {
     let jwks = fetch_jwks(shared.outgoing_ca.as_deref(), url).await?;
     let (kms, iss) = (shared.kms.clone(), iss.to_string());
     let changed = tokio::task::spawn_blocking(move || kms.refresh_cse_issuer(&iss, &jwks)).await.map_err(|e| e.to_string())?;
-    changed.map(|changed| tracing::info!(changed, url, "a CSE issuer's key set fetched again")).map_err(|e| e.to_string())
+    if changed.map_err(|e| e.to_string())? {
+        tracing::info!(url, "a CSE issuer published a new key set; it is taken");
+    }
+    Ok(())
 }
 
 /// The JWKS document published at `url`, trusting the CAs of `ca` (`Shared::outgoing_ca`).
