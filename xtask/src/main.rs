@@ -123,6 +123,7 @@ const FIRST_RUN_ONLY: &[&str] = &[
     "package::",
     "cluster::",
     "migrate::",
+    "report::a_tampered",
 ];
 
 /// PostgreSQL from Debian/Ubuntu's own packages (the tests' cluster and `cargo xtask cluster`),

@@ -474,6 +474,41 @@ impl KeyManagement for AdminService {
             .await
     }
 
+    async fn evidence_report(&self, request: Request<pb::EvidenceReportRequest>) -> Result<Response<pb::EvidenceReportResponse>, Status> {
+        use crate::service::report::{Format, Verdict};
+        let who = officer(&request, Role::Auditor);
+        let r = request.into_inner();
+        self.0
+            .call("EvidenceReport", who, Audit::EveryOutcome, move |kms, caller, facts| {
+                let format = Format::parse(&r.format)?;
+                let report = kms.evidence_report(&caller.principal)?;
+                let (passed, warnings, failures) = (report.count(Verdict::Pass), report.count(Verdict::Warn), report.count(Verdict::Fail));
+                facts.detail = format!("{passed} pass, {warnings} warn, {failures} fail");
+                Ok(pb::EvidenceReportResponse {
+                    document: kms.render_report(&report, format)?,
+                    passed: passed as u32,
+                    warnings: warnings as u32,
+                    failures: failures as u32,
+                })
+            })
+            .await
+    }
+
+    async fn verify_evidence_report(
+        &self,
+        request: Request<pb::VerifyEvidenceReportRequest>,
+    ) -> Result<Response<pb::VerifyEvidenceReportResponse>, Status> {
+        let who = officer(&request, Role::Auditor);
+        let r = request.into_inner();
+        self.0
+            .call("VerifyEvidenceReport", who, Audit::EveryOutcome, move |kms, _, facts| {
+                let (valid, sha256) = kms.verify_report(&r.document)?;
+                facts.detail = format!("{} {sha256}", if valid { "valid" } else { "NOT valid" });
+                Ok(pb::VerifyEvidenceReportResponse { valid, sha256 })
+            })
+            .await
+    }
+
     async fn configure_cse(&self, request: Request<pb::ConfigureCseRequest>) -> Result<Response<pb::CseConfiguration>, Status> {
         let who = officer(&request, Role::Officer);
         let r = request.into_inner();

@@ -98,7 +98,7 @@ pub enum DryRun {
 
 /// Calls whose length grows with the data or waits on another server (an issuer's key set
 /// fetched), not with the HSM's answer time: they are not held to the HSM deadline.
-const LONG_RUNNING: &[&str] = &["CreateBackup", "VerifyAudit", "PutCseIssuer"];
+const LONG_RUNNING: &[&str] = &["CreateBackup", "VerifyAudit", "EvidenceReport", "PutCseIssuer"];
 
 /// How much longer than the HSM deadline an admin call may take: time for the service to roll
 /// back a change whose HSM step came back late and answer DEADLINE_EXCEEDED itself.

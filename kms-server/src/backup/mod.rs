@@ -75,9 +75,7 @@ impl Section {
     }
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use crate::domain::hex::hex;
 
 impl Manifest {
     /// The length of the whole file whose manifest, as written, is `manifest_len` bytes long.

@@ -4,6 +4,7 @@
 pub mod blob;
 pub mod budget;
 pub mod context;
+pub mod hex;
 pub mod ids;
 pub mod lifecycle;
 pub mod officer;

@@ -195,6 +195,9 @@ pub trait Hsm: Send + Sync {
     /// Checks an HMAC-SHA-256 inside the HSM; `Ok(false)` for a wrong MAC.
     fn verify_mac(&self, key: KeyHandle, data: &[u8], mac: &[u8]) -> Result<bool, HsmError>;
 
+    /// The protection attributes of a key object.
+    fn key_protection(&self, key: KeyHandle) -> Result<KeyProtection, HsmError>;
+
     /// The public halves of the service's signing key pairs (`templates::signing_key_pair`),
     /// the pair made first if the token has none: what verifies the tokens the service signs.
     fn signing_keys(&self) -> Result<Vec<RsaPublicKey>, HsmError>;
@@ -202,6 +205,19 @@ pub trait Hsm: Send + Sync {
     /// Signs `data` with RSASSA-PKCS1-v1_5 over SHA-256 (JWT's RS256), inside the HSM, with the
     /// private half of the signing key pair whose public half is `key`.
     fn sign(&self, key: &RsaPublicKey, data: &[u8]) -> Result<Vec<u8>, HsmError>;
+}
+
+/// What the token says of a key object's protection (PKCS#11's attributes), for the evidence
+/// report: whether its value can ever be read, and how it may leave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyProtection {
+    pub sensitive: bool,
+    pub always_sensitive: bool,
+    pub extractable: bool,
+    pub never_extractable: bool,
+    pub wrap_with_trusted: bool,
+    /// Generated on the token (not imported).
+    pub local: bool,
 }
 
 /// An RSA public key, as the token holds it.

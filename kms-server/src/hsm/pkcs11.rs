@@ -40,7 +40,8 @@ use cryptoki::types::AuthPin;
 
 use super::copies::Copies;
 use super::{
-    BackupKey, FailedCall, Hsm, HsmError, KeyHandle, ObjectName, RECENT_FAILURES, RsaPublicKey, ServiceKey, SessionUse, TokenInfo, Wrapped, templates,
+    BackupKey, FailedCall, Hsm, HsmError, KeyHandle, KeyProtection, ObjectName, RECENT_FAILURES, RsaPublicKey, ServiceKey, SessionUse, TokenInfo,
+    Wrapped, templates,
 };
 use crate::domain::blob::{Iv, TAG_LEN};
 use crate::secret::{Pin, SecretBytes};
@@ -758,6 +759,39 @@ impl Hsm for Pkcs11Hsm {
             Err(HsmError::Refused { code: RvError::SignatureInvalid | RvError::SignatureLenRange, .. }) => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    fn key_protection(&self, key: KeyHandle) -> Result<KeyProtection, HsmError> {
+        self.with_session("C_GetAttributeValue", |s| {
+            let wanted = [
+                AttributeType::Sensitive,
+                AttributeType::AlwaysSensitive,
+                AttributeType::Extractable,
+                AttributeType::NeverExtractable,
+                AttributeType::WrapWithTrusted,
+                AttributeType::Local,
+            ];
+            let mut p = KeyProtection {
+                sensitive: false,
+                always_sensitive: false,
+                extractable: true,
+                never_extractable: false,
+                wrap_with_trusted: false,
+                local: false,
+            };
+            for a in s.get_attributes(self.resolve(s, key)?, &wanted)? {
+                match a {
+                    Attribute::Sensitive(v) => p.sensitive = v,
+                    Attribute::AlwaysSensitive(v) => p.always_sensitive = v,
+                    Attribute::Extractable(v) => p.extractable = v,
+                    Attribute::NeverExtractable(v) => p.never_extractable = v,
+                    Attribute::WrapWithTrusted(v) => p.wrap_with_trusted = v,
+                    Attribute::Local(v) => p.local = v,
+                    _ => {}
+                }
+            }
+            Ok(p)
+        })
     }
 
     fn signing_keys(&self) -> Result<Vec<RsaPublicKey>, HsmError> {

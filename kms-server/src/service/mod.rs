@@ -12,6 +12,7 @@ pub mod explain;
 pub mod officers;
 mod recovery;
 pub mod registry;
+pub mod report;
 pub mod review;
 pub mod status;
 pub mod xks;

@@ -1226,6 +1226,35 @@ impl Tx<'_> {
         first(self.0.query("SELECT MIN(seq) FROM audit", &[])?).map_or(Ok(None), |r| r.opt_int(0))
     }
 
+    /// The time of the first kept record.
+    pub fn oldest_audit_time(&self) -> Result<Option<i64>> {
+        first(self.0.query("SELECT time FROM audit WHERE seq = (SELECT MIN(seq) FROM audit)", &[])?).map_or(Ok(None), |r| r.opt_int(0))
+    }
+
+    /// The last allowed record of any of `operations`: its time and principal (a scan of the
+    /// trail from its end: for reports, not for calls).
+    pub fn last_allowed(&self, operations: &[&str]) -> Result<Option<(i64, String)>> {
+        let marks: Vec<String> = (1..=operations.len()).map(|i| format!("?{i}")).collect();
+        let sql =
+            format!("SELECT time, principal FROM audit WHERE operation IN ({}) AND outcome = 'allowed' ORDER BY seq DESC LIMIT 1", marks.join(", "));
+        let params: Vec<Param<'_>> = operations.iter().map(|o| (*o).into()).collect();
+        let rows = self.0.query_dynamic(&sql, &params)?;
+        first(rows).map(|r| Ok((r.int(0)?, r.text(1)?))).transpose()
+    }
+
+    /// For each key, each of `operations` allowed on it: how many times, and when last.
+    pub fn key_histories(&self, operations: &[&str]) -> Result<Vec<(String, String, i64, i64)>> {
+        let marks: Vec<String> = (1..=operations.len()).map(|i| format!("?{i}")).collect();
+        let sql = format!(
+            "SELECT key_id, operation, COUNT(*), MAX(time) FROM audit
+             WHERE key_id IS NOT NULL AND operation IN ({}) AND outcome = 'allowed' GROUP BY key_id, operation ORDER BY key_id, operation",
+            marks.join(", ")
+        );
+        let params: Vec<Param<'_>> = operations.iter().map(|o| (*o).into()).collect();
+        let rows = self.0.query_dynamic(&sql, &params)?;
+        rows.iter().map(|r| Ok((r.text(0)?, r.text(1)?, r.int(2)?, r.int(3)?))).collect()
+    }
+
     /// Up to `limit` audit records with a sequence number above `after`, in order.
     pub fn audit_page(&self, after: i64, limit: i64) -> Result<Vec<(StoredRecord, Vec<u8>)>> {
         let rows = self.0.query(

@@ -36,6 +36,7 @@ mod package;
 mod persistence;
 mod python;
 mod rate;
+mod report;
 mod review;
 mod shutdown;
 mod status;

@@ -42,6 +42,8 @@ const AUDITOR_MAY: &[&str] = &[
     "DescribeService",
     "VerifyBackup",
     "VerifyAudit",
+    "EvidenceReport",
+    "VerifyEvidenceReport",
     "ListAuditRecords",
     "ChangePassphrase",
     "ReenrollTotp",

@@ -17,6 +17,7 @@ mod data;
 mod key;
 mod officer;
 mod output;
+mod report;
 mod status;
 mod xks;
 
@@ -115,6 +116,9 @@ enum Command {
     /// Google Workspace client-side encryption: the KACLS URL, the key, the trusted issuers.
     #[command(subcommand)]
     Cse(cse::CseCommand),
+    /// The Level 2 evidence report, signed in the HSM, and its verification.
+    #[command(subcommand)]
+    Report(report::ReportCommand),
     /// Envelope-encrypts a file of any size under a fresh data key (docs/file-format.md).
     Encrypt(data::EncryptArgs),
     /// Whether a data-plane call would be allowed now, and why: for one principal, or for every
@@ -147,6 +151,7 @@ impl Command {
             Command::Xks(c) => c.changes(),
             Command::Cse(c) => c.changes(),
             Command::Login(_)
+            | Command::Report(_)
             | Command::Logout
             | Command::Status
             | Command::Encrypt(_)
@@ -221,6 +226,7 @@ async fn execute(cli: Cli, out: Out) -> Result<(), Error> {
         Command::Grant(cmd) => cmd.run(&ctx).await,
         Command::Xks(cmd) => cmd.run(&ctx).await,
         Command::Cse(cmd) => cmd.run(&ctx).await,
+        Command::Report(cmd) => cmd.run(&ctx).await,
         Command::Audit(cmd) => cmd.run(&ctx).await,
         Command::DataKey(cmd) => cmd.run(&ctx).await,
         Command::Encrypt(args) => args.run(&ctx).await,

@@ -23,15 +23,7 @@ fn refused(why: impl AsRef<str>) -> XksError {
     XksError::new(ErrorName::AuthenticationFailed, why)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)] as char);
-        out.push(DIGITS[usize::from(b & 15)] as char);
-    }
-    out
-}
+use crate::domain::hex::hex;
 
 fn hmac(key: &[u8], data: &[u8]) -> Result<Hmac<Sha256>, XksError> {
     // HMAC takes keys of any length: this cannot fail.
