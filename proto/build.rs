@@ -18,6 +18,7 @@ const REDACTED: &[&str] = &[
     "kms.v1.ChangePassphraseRequest",
     "kms.v1.ReenrollTotpResponse",
     "kms.v1.XksCredentialResponse",
+    "kms.v1.VoteRequest",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -34,6 +34,12 @@ pub enum Error {
     FailedPrecondition {
         reason: String,
     },
+    /// A call a quorum policy covers: it did not run; request `request_id` was made, and runs
+    /// once `required` officers other than the caller approve it.
+    ApprovalRequired {
+        request_id: String,
+        required: u32,
+    },
     /// A blob could not be decrypted. Deliberately without detail: every cause (bad tag, wrong
     /// context, unknown key or version, destroyed version, truncation, bad header) is this one
     /// variant, so the caller cannot learn which.
@@ -92,6 +98,11 @@ impl fmt::Display for Error {
             }
             Error::Overloaded => f.write_str("the service is overloaded: every worker is busy and the queue is full"),
             Error::DryRun { would } => write!(f, "dry run: would {would}"),
+            Error::ApprovalRequired { request_id, required } => write!(
+                f,
+                "approval required: request {request_id} was made; it runs once {required} officers other than you approve it \
+                 (kmsctl approval approve {request_id})"
+            ),
             Error::Hsm(e) => e.fmt(f),
             Error::Store(e) => e.fmt(f),
         }

@@ -18,6 +18,11 @@ pub mod v1 {
     pub const DRY_RUN_HEADER: &str = "kms-dry-run";
     /// The response metadata of a dry run: what the call would change (UTF-8).
     pub const DRY_RUN_ANSWER_HEADER: &str = "kms-dry-run-bin";
+    /// The request metadata giving the reason for a change (printable ASCII, at most 256
+    /// characters): kept with the approval request a quorum policy makes of the call.
+    pub const REASON_HEADER: &str = "kms-reason";
+    /// The error metadata of a call a quorum policy covers: the approval request it made.
+    pub const APPROVAL_REQUEST_HEADER: &str = "kms-approval-request";
 
     use std::fmt;
 
@@ -73,6 +78,16 @@ pub mod v1 {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.debug_struct("LoginRequest")
                 .field("name", &self.name)
+                .field("passphrase", &Redacted(self.passphrase.len()))
+                .field("totp_code", &Redacted(self.totp_code.len()))
+                .finish()
+        }
+    }
+
+    impl fmt::Debug for VoteRequest {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("VoteRequest")
+                .field("id", &self.id)
                 .field("passphrase", &Redacted(self.passphrase.len()))
                 .field("totp_code", &Redacted(self.totp_code.len()))
                 .finish()
@@ -150,6 +165,7 @@ pub mod v1 {
         DecryptResponse => plaintext;
         GenerateRandomResponse => plaintext;
         LoginRequest => passphrase, totp_code;
+        VoteRequest => passphrase, totp_code;
         LoginResponse => session_token;
         CreateOfficerRequest => passphrase;
         CreateOfficerResponse => otpauth_uri;
@@ -187,6 +203,12 @@ mod tests {
         login.totp_code = "123456".into();
         let text = format!("{login:?}");
         assert!(text.contains("ana") && !text.contains("hunter2") && !text.contains("123456"), "{text}");
+        let mut vote = VoteRequest::default();
+        vote.id = "R-1".into();
+        vote.passphrase = "hunter2-hunter2".into();
+        vote.totp_code = "123456".into();
+        let text = format!("{vote:?}");
+        assert!(text.contains("R-1") && !text.contains("hunter2") && !text.contains("123456"), "{text}");
         let mut session = LoginResponse::default();
         session.session_token = "tok-secret".into();
         assert!(!format!("{session:?}").contains("tok-secret"));

@@ -124,6 +124,7 @@ const FIRST_RUN_ONLY: &[&str] = &[
     "cluster::",
     "migrate::",
     "report::a_tampered",
+    "quorum::a_request_expires",
 ];
 
 /// PostgreSQL from Debian/Ubuntu's own packages (the tests' cluster and `cargo xtask cluster`),

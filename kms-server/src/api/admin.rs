@@ -4,12 +4,13 @@ use kms_proto::v1 as pb;
 use kms_proto::v1::key_management_server::KeyManagement;
 use tonic::{Request, Response, Status};
 
-use super::{Audit, Shared, Who, context, key_ref, officer, optional_key_ref};
+use super::{Audit, Shared, Who, context, key_ref, officer, optional_key_ref, reason};
 use crate::domain::ids::{AliasName, KeyId, KeyRef};
 use crate::domain::lifecycle::{DEFAULT_PENDING_DAYS, KeyState, KeyTransition, MAX_PENDING_DAYS, MIN_PENDING_DAYS, VersionState, VersionTransition};
 use crate::domain::officer::{Passphrase, Role};
 use crate::domain::policy::{Grant, Operation, PrincipalState, valid_principal};
 use crate::error::Error;
+use crate::service::quorum::Covered;
 use crate::service::{KeyView, Kms, VersionView};
 use crate::store::PrincipalRecord;
 
@@ -133,6 +134,34 @@ fn xks_key_store(directory: &crate::service::xks::Directory, s: &crate::store::X
 }
 
 /// The answer that shows a credential's secret, the one time it is shown.
+fn quorum_policy(p: crate::store::QuorumPolicyRecord) -> pb::QuorumPolicy {
+    pb::QuorumPolicy {
+        operation: p.operation,
+        key_id: p.key_id.map(|k| k.to_string()).unwrap_or_default(),
+        required: p.required,
+        update_time: p.updated_at,
+    }
+}
+
+fn approval_request(r: crate::store::ApprovalRequestRecord, votes: Vec<crate::store::VoteRecord>) -> pb::ApprovalRequest {
+    pb::ApprovalRequest {
+        id: r.id,
+        operation: r.operation,
+        key_id: r.key_id.map(|k| k.to_string()).unwrap_or_default(),
+        summary: r.summary,
+        arguments: r.arguments,
+        requester: r.requester,
+        reason: r.reason,
+        required: r.required,
+        state: r.state,
+        creation_time: r.created_at,
+        expiration_time: r.expires_at,
+        decision_time: r.decided_at.unwrap_or(0),
+        result: r.result,
+        votes: votes.into_iter().map(|v| pb::ApprovalVote { officer: v.officer, approve: v.approve, time: v.time }).collect(),
+    }
+}
+
 /// Google Workspace CSE's settings and issuers as the admin plane shows them.
 fn cse_configuration(config: &crate::service::cse::Config) -> pb::CseConfiguration {
     let issuers = config
@@ -203,6 +232,20 @@ impl AdminService {
             .await
     }
 
+    /// An officer's approval or rejection of a request, with their credentials again.
+    async fn vote(&self, operation: &'static str, request: Request<pb::VoteRequest>, approve: bool) -> Result<Response<pb::ApprovalRequest>, Status> {
+        let who = officer(&request, Role::Officer);
+        let mut r = request.into_inner();
+        let passphrase = Passphrase::new(std::mem::take(&mut r.passphrase));
+        let code = zeroize::Zeroizing::new(std::mem::take(&mut r.totp_code));
+        self.0
+            .call(operation, who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                let view = kms.vote(caller, &r.id, approve, &passphrase, &code)?;
+                Ok(approval_request(view.request, view.votes))
+            })
+            .await
+    }
+
     async fn key_transition(
         &self,
         who: Who,
@@ -210,11 +253,22 @@ impl AdminService {
         key_id: String,
         t: KeyTransition,
         days: u32,
+        reason: String,
     ) -> Result<Response<pb::KeyMetadataResponse>, Status> {
         self.0
             .call(operation, who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let key = key_ref("key_id", &key_id)?;
                 let days = if t == KeyTransition::ScheduleDestruction { pending_days(days)? } else { 0 };
+                if let Some(id) = kms.key_id_of(&key) {
+                    let key_id = id.to_string();
+                    match t {
+                        KeyTransition::ScheduleDestruction => {
+                            kms.gate(caller, Covered::ScheduleKeyDestruction { key_id, pending_days: days }, &reason)?
+                        }
+                        KeyTransition::Compromise => kms.gate(caller, Covered::MarkKeyCompromised { key_id }, &reason)?,
+                        _ => {}
+                    }
+                }
                 kms.transition_key(caller, &key, t, days).map(key_view_response)
             })
             .await
@@ -224,16 +278,20 @@ impl AdminService {
         &self,
         who: Who,
         operation: &'static str,
-        key_id: String,
-        n: u32,
+        (key_id, n): (String, u32),
         t: VersionTransition,
         days: u32,
+        reason: String,
     ) -> Result<Response<pb::KeyVersionResponse>, Status> {
         self.0
             .call(operation, who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let key = key_ref("key_id", &key_id)?;
                 let n = version_number(n)?;
                 let days = if t == VersionTransition::ScheduleDestruction { pending_days(days)? } else { 0 };
+                if let (VersionTransition::ScheduleDestruction, Some(id)) = (t, kms.key_id_of(&key)) {
+                    let covered = Covered::ScheduleKeyVersionDestruction { key_id: id.to_string(), version: n, pending_days: days };
+                    kms.gate(caller, covered, &reason)?;
+                }
                 version_response(kms.transition_version(caller, &key, n, t, days)?, n)
             })
             .await
@@ -324,17 +382,20 @@ impl KeyManagement for AdminService {
 
     async fn enable_key(&self, request: Request<pb::EnableKeyRequest>) -> Result<Response<pb::KeyMetadataResponse>, Status> {
         let who = officer(&request, Role::Officer);
-        self.key_transition(who, "EnableKey", request.into_inner().key_id, KeyTransition::Enable, 0).await
+        let why = reason(&request);
+        self.key_transition(who, "EnableKey", request.into_inner().key_id, KeyTransition::Enable, 0, why).await
     }
 
     async fn disable_key(&self, request: Request<pb::DisableKeyRequest>) -> Result<Response<pb::KeyMetadataResponse>, Status> {
         let who = officer(&request, Role::Officer);
-        self.key_transition(who, "DisableKey", request.into_inner().key_id, KeyTransition::Disable, 0).await
+        let why = reason(&request);
+        self.key_transition(who, "DisableKey", request.into_inner().key_id, KeyTransition::Disable, 0, why).await
     }
 
     async fn mark_key_compromised(&self, request: Request<pb::MarkKeyCompromisedRequest>) -> Result<Response<pb::KeyMetadataResponse>, Status> {
         let who = officer(&request, Role::Officer);
-        self.key_transition(who, "MarkKeyCompromised", request.into_inner().key_id, KeyTransition::Compromise, 0).await
+        let why = reason(&request);
+        self.key_transition(who, "MarkKeyCompromised", request.into_inner().key_id, KeyTransition::Compromise, 0, why).await
     }
 
     async fn schedule_key_destruction(
@@ -342,25 +403,29 @@ impl KeyManagement for AdminService {
         request: Request<pb::ScheduleKeyDestructionRequest>,
     ) -> Result<Response<pb::KeyMetadataResponse>, Status> {
         let who = officer(&request, Role::Officer);
+        let why = reason(&request);
         let r = request.into_inner();
-        self.key_transition(who, "ScheduleKeyDestruction", r.key_id, KeyTransition::ScheduleDestruction, r.pending_window_days).await
+        self.key_transition(who, "ScheduleKeyDestruction", r.key_id, KeyTransition::ScheduleDestruction, r.pending_window_days, why).await
     }
 
     async fn cancel_key_destruction(&self, request: Request<pb::CancelKeyDestructionRequest>) -> Result<Response<pb::KeyMetadataResponse>, Status> {
         let who = officer(&request, Role::Officer);
-        self.key_transition(who, "CancelKeyDestruction", request.into_inner().key_id, KeyTransition::CancelDestruction, 0).await
+        let why = reason(&request);
+        self.key_transition(who, "CancelKeyDestruction", request.into_inner().key_id, KeyTransition::CancelDestruction, 0, why).await
     }
 
     async fn enable_key_version(&self, request: Request<pb::KeyVersionRequest>) -> Result<Response<pb::KeyVersionResponse>, Status> {
         let who = officer(&request, Role::Officer);
+        let why = reason(&request);
         let r = request.into_inner();
-        self.version_transition(who, "EnableKeyVersion", r.key_id, r.key_version, VersionTransition::Enable, 0).await
+        self.version_transition(who, "EnableKeyVersion", (r.key_id, r.key_version), VersionTransition::Enable, 0, why).await
     }
 
     async fn disable_key_version(&self, request: Request<pb::KeyVersionRequest>) -> Result<Response<pb::KeyVersionResponse>, Status> {
         let who = officer(&request, Role::Officer);
+        let why = reason(&request);
         let r = request.into_inner();
-        self.version_transition(who, "DisableKeyVersion", r.key_id, r.key_version, VersionTransition::Disable, 0).await
+        self.version_transition(who, "DisableKeyVersion", (r.key_id, r.key_version), VersionTransition::Disable, 0, why).await
     }
 
     async fn schedule_key_version_destruction(
@@ -368,22 +433,24 @@ impl KeyManagement for AdminService {
         request: Request<pb::ScheduleKeyVersionDestructionRequest>,
     ) -> Result<Response<pb::KeyVersionResponse>, Status> {
         let who = officer(&request, Role::Officer);
+        let why = reason(&request);
         let r = request.into_inner();
         self.version_transition(
             who,
             "ScheduleKeyVersionDestruction",
-            r.key_id,
-            r.key_version,
+            (r.key_id, r.key_version),
             VersionTransition::ScheduleDestruction,
             r.pending_window_days,
+            why,
         )
         .await
     }
 
     async fn cancel_key_version_destruction(&self, request: Request<pb::KeyVersionRequest>) -> Result<Response<pb::KeyVersionResponse>, Status> {
         let who = officer(&request, Role::Officer);
+        let why = reason(&request);
         let r = request.into_inner();
-        self.version_transition(who, "CancelKeyVersionDestruction", r.key_id, r.key_version, VersionTransition::CancelDestruction, 0).await
+        self.version_transition(who, "CancelKeyVersionDestruction", (r.key_id, r.key_version), VersionTransition::CancelDestruction, 0, why).await
     }
 
     async fn create_alias(&self, request: Request<pb::CreateAliasRequest>) -> Result<Response<pb::CreateAliasResponse>, Status> {
@@ -472,6 +539,64 @@ impl KeyManagement for AdminService {
                 Ok(xks_credential(kms, &r.key_store, new))
             })
             .await
+    }
+
+    async fn set_quorum_policy(&self, request: Request<pb::SetQuorumPolicyRequest>) -> Result<Response<pb::QuorumPolicy>, Status> {
+        let who = officer(&request, Role::Officer);
+        let why = reason(&request);
+        let r = request.into_inner();
+        self.0
+            .call("SetQuorumPolicy", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                let key = optional_key_ref("key_id", &r.key_id)?;
+                Ok(quorum_policy(kms.set_quorum_policy(caller, &r.operation, key.as_ref(), r.required, &why)?))
+            })
+            .await
+    }
+
+    async fn list_quorum_policies(
+        &self,
+        request: Request<pb::ListQuorumPoliciesRequest>,
+    ) -> Result<Response<pb::ListQuorumPoliciesResponse>, Status> {
+        let who = officer(&request, Role::Auditor);
+        self.0
+            .call("ListQuorumPolicies", who, Audit::EveryOutcome, move |kms, _, _| {
+                Ok(pb::ListQuorumPoliciesResponse { policies: kms.quorum_policies()?.into_iter().map(quorum_policy).collect() })
+            })
+            .await
+    }
+
+    async fn list_approval_requests(
+        &self,
+        request: Request<pb::ListApprovalRequestsRequest>,
+    ) -> Result<Response<pb::ListApprovalRequestsResponse>, Status> {
+        let who = officer(&request, Role::Auditor);
+        let r = request.into_inner();
+        self.0
+            .call("ListApprovalRequests", who, Audit::EveryOutcome, move |kms, _, _| {
+                let state = (!r.state.is_empty()).then_some(r.state.as_str());
+                let requests = kms.approval_requests(state)?;
+                Ok(pb::ListApprovalRequestsResponse { requests: requests.into_iter().map(|r| approval_request(r, Vec::new())).collect() })
+            })
+            .await
+    }
+
+    async fn get_approval_request(&self, request: Request<pb::GetApprovalRequestRequest>) -> Result<Response<pb::ApprovalRequest>, Status> {
+        let who = officer(&request, Role::Auditor);
+        let r = request.into_inner();
+        self.0
+            .call("GetApprovalRequest", who, Audit::EveryOutcome, move |kms, _, _| {
+                let view = kms.approval_request(&r.id)?;
+                Ok(approval_request(view.request, view.votes))
+            })
+            .await
+    }
+
+    async fn approve_request(&self, request: Request<pb::VoteRequest>) -> Result<Response<pb::ApprovalRequest>, Status> {
+        self.vote("ApproveRequest", request, true).await
+    }
+
+    async fn reject_request(&self, request: Request<pb::VoteRequest>) -> Result<Response<pb::ApprovalRequest>, Status> {
+        self.vote("RejectRequest", request, false).await
     }
 
     async fn evidence_report(&self, request: Request<pb::EvidenceReportRequest>) -> Result<Response<pb::EvidenceReportResponse>, Status> {
@@ -595,6 +720,7 @@ impl KeyManagement for AdminService {
 
     async fn create_grant(&self, request: Request<pb::CreateGrantRequest>) -> Result<Response<pb::CreateGrantResponse>, Status> {
         let who = officer(&request, Role::Officer);
+        let why = reason(&request);
         let r = request.into_inner();
         self.0
             .call("CreateGrant", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
@@ -622,6 +748,17 @@ impl KeyManagement for AdminService {
                     expires_at: (r.expiration_time > 0).then_some(r.expiration_time),
                     created_at: 0,
                 };
+                if let Some(id) = kms.key_id_of(&key) {
+                    let covered = Covered::CreateGrant {
+                        principal: draft.principal.clone(),
+                        key_id: id.to_string(),
+                        operations: draft.operations.iter().map(|o| o.as_str().to_string()).collect(),
+                        required_pairs: draft.required_pairs.clone(),
+                        required_keys: draft.required_keys.iter().cloned().collect(),
+                        expires_at: draft.expires_at,
+                    };
+                    kms.gate(caller, covered, &why)?;
+                }
                 Ok(pb::CreateGrantResponse { grant: Some(grant(kms.create_grant(caller, draft, &key)?)) })
             })
             .await
@@ -673,11 +810,15 @@ impl KeyManagement for AdminService {
 
     async fn revoke_grant(&self, request: Request<pb::RevokeGrantRequest>) -> Result<Response<pb::RevokeGrantResponse>, Status> {
         let who = officer(&request, Role::Officer);
+        let why = reason(&request);
         let r = request.into_inner();
         self.0
             .call("RevokeGrant", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 if r.grant_id.is_empty() {
                     return Err(Error::invalid("grant_id", "is required"));
+                }
+                if let Some(g) = kms.list_grants(None, None)?.into_iter().find(|g| g.grant_id == r.grant_id) {
+                    kms.gate(caller, Covered::RevokeGrant { grant_id: g.grant_id, key_id: g.key_id.to_string() }, &why)?;
                 }
                 kms.revoke_grant(caller, &r.grant_id)?;
                 Ok(pb::RevokeGrantResponse {})
@@ -709,9 +850,13 @@ impl KeyManagement for AdminService {
 
     async fn disable_officer(&self, request: Request<pb::DisableOfficerRequest>) -> Result<Response<pb::DisableOfficerResponse>, Status> {
         let who = officer(&request, Role::Officer);
+        let why = reason(&request);
         let r = request.into_inner();
         self.0
             .call("DisableOfficer", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                if kms.officers().list()?.iter().any(|o| o.name == r.name && o.enabled) {
+                    kms.gate(caller, Covered::DisableOfficer { name: r.name.clone() }, &why)?;
+                }
                 Ok(pb::DisableOfficerResponse { officer: Some(officer_message(kms.officers().disable(caller, &r.name)?)) })
             })
             .await

@@ -46,6 +46,13 @@ pub fn status(e: &Error, request_id: &str) -> Status {
         Error::PermissionDenied { .. } => Status::permission_denied(e.to_string()),
         Error::Unauthenticated { .. } => Status::unauthenticated(e.to_string()),
         Error::FailedPrecondition { .. } | Error::UsageExhausted { .. } => Status::failed_precondition(e.to_string()),
+        Error::ApprovalRequired { request_id, .. } => {
+            let mut st = Status::failed_precondition(e.to_string());
+            if let Ok(id) = request_id.parse() {
+                st.metadata_mut().insert(kms_proto::v1::APPROVAL_REQUEST_HEADER, id);
+            }
+            st
+        }
         // `Shared::call` answers a dry run as a success before any status is made; a dry run
         // anywhere else did not happen, and says so.
         Error::DryRun { .. } => Status::failed_precondition(e.to_string()),
@@ -96,9 +103,10 @@ pub enum DryRun {
     Malformed,
 }
 
-/// Calls whose length grows with the data or waits on another server (an issuer's key set
-/// fetched), not with the HSM's answer time: they are not held to the HSM deadline.
-const LONG_RUNNING: &[&str] = &["CreateBackup", "VerifyAudit", "EvidenceReport", "PutCseIssuer"];
+/// Calls whose length grows with the data, waits on another server (an issuer's key set
+/// fetched) or runs another call (the approval that runs an approved request), not with the
+/// HSM's answer time: they are not held to the HSM deadline.
+const LONG_RUNNING: &[&str] = &["CreateBackup", "VerifyAudit", "EvidenceReport", "PutCseIssuer", "ApproveRequest"];
 
 /// How much longer than the HSM deadline an admin call may take: time for the service to roll
 /// back a change whose HSM step came back late and answer DEADLINE_EXCEEDED itself.
@@ -502,6 +510,13 @@ pub fn workload<T>(request: &tonic::Request<T>) -> Who {
 }
 
 /// The officer session a call carries (`authorization: Bearer TOKEN`), and the role it needs.
+/// The reason a change gives (`kms-reason` metadata): printable ASCII, at most 256
+/// characters; anything else is dropped.
+pub fn reason<T>(request: &tonic::Request<T>) -> String {
+    let text = request.metadata().get(kms_proto::v1::REASON_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    text.chars().take(256).filter(|c| (' '..='~').contains(c)).collect()
+}
+
 pub fn officer<T>(request: &tonic::Request<T>, needs: Role) -> Who {
     let token = request
         .metadata()

@@ -593,6 +593,8 @@ impl Kms {
             return Ok(0);
         }
         let pruned = self.prune_audit(self.settings.audit_retention_days, now() + crate::hooks::retention_clock_offset())?;
+        // Before the admin lock: running an approved request takes it.
+        let approvals = self.expire_requests()? + self.run_approved()?;
         let _admin = self.admin_lock()?;
         // Under the cluster's admin lock no live node is in the middle of a change: an intent in
         // the store is a dead node's.
@@ -604,7 +606,7 @@ impl Kms {
         }
         let at = now() + crate::hooks::sweep_clock_offset();
         let entries: Vec<_> = self.registry.read().keys.values().cloned().collect();
-        let mut actions = usize::from(pruned.is_some()) + settled;
+        let mut actions = usize::from(pruned.is_some()) + settled + approvals;
         for entry in entries {
             let r = &entry.record;
             if r.state == KeyState::PendingDestruction && r.destruction_at.is_some_and(|t| t <= at) {

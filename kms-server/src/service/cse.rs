@@ -204,6 +204,16 @@ impl Kms {
             expires_at: None,
             created_at: 0,
         };
+        // A grant like any other: under a CreateGrant quorum policy it waits for its approvals.
+        let covered = super::quorum::Covered::CreateGrant {
+            principal: PRINCIPAL.to_string(),
+            key_id: record.key_id.to_string(),
+            operations: grant.operations.iter().map(|o| o.as_str().to_string()).collect(),
+            required_pairs: Default::default(),
+            required_keys: Vec::new(),
+            expires_at: None,
+        };
+        self.gate(caller, covered, "grant for the key Google Workspace CSE uses")?;
         self.create_grant(caller, grant, &KeyRef::Id(record.key_id))?;
         Ok(record)
     }

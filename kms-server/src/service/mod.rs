@@ -10,6 +10,7 @@ mod backup;
 pub mod cse;
 pub mod explain;
 pub mod officers;
+pub mod quorum;
 mod recovery;
 pub mod registry;
 pub mod report;

@@ -165,6 +165,31 @@ impl Officers<'_> {
     /// Checks name, passphrase and TOTP code; opens a session.
     pub fn login(&self, name: &str, passphrase: &Passphrase, code: &str) -> Result<Session> {
         let at = now();
+        let mut officer = self.check_credentials(name, passphrase, code, at)?;
+        officer.last_login_at = Some(at);
+        let mut raw = SecretBytes::zeroed(32);
+        self.hsm.random(raw.expose_secret_mut())?;
+        let token = SessionToken::new(raw.expose_secret().iter().map(|b| format!("{b:02x}")).collect());
+        let expires_at = at + self.session_seconds;
+        self.store.write(|tx| {
+            tx.update_officer(&officer)?;
+            tx.insert_session(&token.hash(), name, at, expires_at)
+        })?;
+        Ok(Session { token, expires_at, role: officer.role })
+    }
+
+    /// Checks an officer's passphrase and TOTP code again, as a login does (a code used once is
+    /// refused the second time; failures count towards the lock-out): what an approval asks
+    /// beyond an open session.
+    pub fn reauthenticate(&self, name: &str, passphrase: &Passphrase, code: &str) -> Result<()> {
+        let officer = self.check_credentials(name, passphrase, code, now())?;
+        Ok(self.store.write(|tx| tx.update_officer(&officer))?)
+    }
+
+    /// The officer `name` if the passphrase and code are theirs (the code's step noted, the
+    /// failure count cleared: the caller writes it back); a failure is counted, written, and
+    /// slowed down.
+    fn check_credentials(&self, name: &str, passphrase: &Passphrase, code: &str, at: i64) -> Result<OfficerRecord> {
         let Some(mut officer) = self.store.read(|tx| tx.officer(name))? else {
             // Spend the same time as a real check, so names cannot be told apart by timing.
             let _ = hash_passphrase(passphrase);
@@ -191,16 +216,7 @@ impl Officers<'_> {
         }
         officer.failed_attempts = 0;
         officer.locked_until = None;
-        officer.last_login_at = Some(at);
-        let mut raw = SecretBytes::zeroed(32);
-        self.hsm.random(raw.expose_secret_mut())?;
-        let token = SessionToken::new(raw.expose_secret().iter().map(|b| format!("{b:02x}")).collect());
-        let expires_at = at + self.session_seconds;
-        self.store.write(|tx| {
-            tx.update_officer(&officer)?;
-            tx.insert_session(&token.hash(), name, at, expires_at)
-        })?;
-        Ok(Session { token, expires_at, role: officer.role })
+        Ok(officer)
     }
 
     /// The officer a session token belongs to, if the session is live, the officer enabled, and

@@ -34,6 +34,13 @@ const TABLES: &[(&str, &str, &str)] = &[
     ("xks_credentials", "access_key_id, key_store, sealed_secret, created_at", "access_key_id"),
     ("cse_settings", "id, kacls_url, key_id, guests, privileged_users, migration_sources, updated_at", "id"),
     ("cse_issuers", "iss, token, audiences, jwks, jwks_url, updated_at", "iss"),
+    ("quorum_policies", "operation, key_id, required, updated_at", "operation, key_id"),
+    (
+        "approval_requests",
+        "id, operation, key_id, arguments, summary, requester, reason, required, state, created_at, expires_at, decided_at, result",
+        "id",
+    ),
+    ("approval_votes", "request_id, officer, approve, time", "request_id, officer"),
 ];
 
 /// The audit trail's columns, copied a page at a time (it is the one table that grows large).

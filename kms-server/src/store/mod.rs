@@ -219,6 +219,46 @@ pub struct CseIssuerRecord {
     pub updated_at: i64,
 }
 
+/// A quorum policy: `required` distinct officers must approve `operation` (on `key_id`, or on
+/// every key when `None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuorumPolicyRecord {
+    pub operation: String,
+    pub key_id: Option<KeyId>,
+    pub required: u32,
+    pub updated_at: i64,
+}
+
+/// A covered call waiting for its approvals: what it is (`arguments`, the JSON it runs with,
+/// fixed when it was made), who asked and why, how many must approve, and where it stands
+/// (`pending`, `rejected`, `expired`, `approved` (running), `executed`, `failed`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalRequestRecord {
+    pub id: String,
+    pub operation: String,
+    pub key_id: Option<KeyId>,
+    pub arguments: String,
+    pub summary: String,
+    pub requester: String,
+    pub reason: String,
+    pub required: u32,
+    pub state: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub decided_at: Option<i64>,
+    /// What running it gave, once it ran (or why it was rejected).
+    pub result: String,
+}
+
+/// One officer's approval or rejection of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VoteRecord {
+    pub request_id: String,
+    pub officer: String,
+    pub approve: bool,
+    pub time: i64,
+}
+
 /// An officer's row. The passphrase hash and sealed TOTP secret are not secrets in clear, but
 /// are still left out of `Debug`.
 #[derive(Clone, PartialEq, Eq)]
@@ -719,6 +759,127 @@ impl Tx<'_> {
         rows.iter()
             .map(|r| Ok(XksCredentialRecord { access_key_id: r.text(0)?, key_store: r.text(1)?, sealed_secret: r.blob(2)?, created_at: r.int(3)? }))
             .collect()
+    }
+
+    // ----- quorum approvals -----
+
+    /// Sets a policy (`required` 1 removes it: one officer is the default).
+    pub fn put_quorum_policy(&self, p: &QuorumPolicyRecord) -> Result<()> {
+        let key = p.key_id.map(|k| k.to_string()).unwrap_or_default();
+        if p.required <= 1 {
+            self.0
+                .execute("DELETE FROM quorum_policies WHERE operation = ?1 AND key_id = ?2", &[p.operation.as_str().into(), key.as_str().into()])?;
+        } else {
+            self.0.execute(
+                "INSERT INTO quorum_policies (operation, key_id, required, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (operation, key_id) DO UPDATE SET required = excluded.required, updated_at = excluded.updated_at",
+                &[p.operation.as_str().into(), key.as_str().into(), i64::from(p.required).into(), p.updated_at.into()],
+            )?;
+        }
+        Ok(())
+    }
+
+    pub fn quorum_policies(&self) -> Result<Vec<QuorumPolicyRecord>> {
+        let rows = self.0.query("SELECT operation, key_id, required, updated_at FROM quorum_policies ORDER BY operation, key_id", &[])?;
+        rows.iter()
+            .map(|r| {
+                let key = r.text(1)?;
+                Ok(QuorumPolicyRecord {
+                    operation: r.text(0)?,
+                    key_id: if key.is_empty() { None } else { Some(key.parse().map_err(|_| corrupt("quorum_policies", format!("key_id {key:?}")))?) },
+                    required: u32::try_from(r.int(2)?).map_err(|_| corrupt("quorum_policies", "required"))?,
+                    updated_at: r.int(3)?,
+                })
+            })
+            .collect()
+    }
+
+    pub fn insert_approval_request(&self, a: &ApprovalRequestRecord) -> Result<()> {
+        let key = a.key_id.map(|k| k.to_string()).unwrap_or_default();
+        self.0.execute(
+            "INSERT INTO approval_requests (id, operation, key_id, arguments, summary, requester, reason, required, state, created_at,
+                 expires_at, decided_at, result)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            &[
+                a.id.as_str().into(),
+                a.operation.as_str().into(),
+                key.as_str().into(),
+                a.arguments.as_str().into(),
+                a.summary.as_str().into(),
+                a.requester.as_str().into(),
+                a.reason.as_str().into(),
+                i64::from(a.required).into(),
+                a.state.as_str().into(),
+                a.created_at.into(),
+                a.expires_at.into(),
+                a.decided_at.into(),
+                a.result.as_str().into(),
+            ],
+        )?;
+        Ok(())
+    }
+
+    const REQUEST_COLUMNS: &'static str =
+        "id, operation, key_id, arguments, summary, requester, reason, required, state, created_at, expires_at, decided_at, result";
+
+    fn request_of(r: &Row) -> Result<ApprovalRequestRecord> {
+        let key = r.text(2)?;
+        Ok(ApprovalRequestRecord {
+            id: r.text(0)?,
+            operation: r.text(1)?,
+            key_id: if key.is_empty() { None } else { Some(key.parse().map_err(|_| corrupt("approval_requests", format!("key_id {key:?}")))?) },
+            arguments: r.text(3)?,
+            summary: r.text(4)?,
+            requester: r.text(5)?,
+            reason: r.text(6)?,
+            required: u32::try_from(r.int(7)?).map_err(|_| corrupt("approval_requests", "required"))?,
+            state: r.text(8)?,
+            created_at: r.int(9)?,
+            expires_at: r.int(10)?,
+            decided_at: r.opt_int(11)?,
+            result: r.text(12)?,
+        })
+    }
+
+    pub fn approval_request(&self, id: &str) -> Result<Option<ApprovalRequestRecord>> {
+        let sql = format!("SELECT {} FROM approval_requests WHERE id = ?1", Self::REQUEST_COLUMNS);
+        let rows = self.0.query_dynamic(&sql, &[id.into()])?;
+        rows.first().map(Self::request_of).transpose()
+    }
+
+    /// Requests in `state` (every state when `None`), newest first, at most `limit`.
+    pub fn approval_requests(&self, state: Option<&str>, limit: i64) -> Result<Vec<ApprovalRequestRecord>> {
+        let sql =
+            format!("SELECT {} FROM approval_requests WHERE (?1 = '' OR state = ?1) ORDER BY created_at DESC, id LIMIT ?2", Self::REQUEST_COLUMNS);
+        let rows = self.0.query_dynamic(&sql, &[state.unwrap_or_default().into(), limit.into()])?;
+        rows.iter().map(Self::request_of).collect()
+    }
+
+    /// Moves a request from state `from` to `to`; `Ok(false)` if it was not in `from` (another
+    /// node or call moved it first).
+    pub fn move_request(&self, id: &str, from: &str, to: &str, at: i64, result: &str) -> Result<bool> {
+        let n = self.0.execute(
+            "UPDATE approval_requests SET state = ?3, decided_at = ?4, result = ?5 WHERE id = ?1 AND state = ?2",
+            &[id.into(), from.into(), to.into(), at.into(), result.into()],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Records a vote; `Ok(false)` if the officer voted on the request already.
+    pub fn insert_vote(&self, v: &VoteRecord) -> Result<bool> {
+        let n = self.0.execute(
+            "INSERT INTO approval_votes (request_id, officer, approve, time) VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+            &[v.request_id.as_str().into(), v.officer.as_str().into(), i64::from(v.approve).into(), v.time.into()],
+        )?;
+        Ok(n == 1)
+    }
+
+    pub fn votes(&self, request_id: &str) -> Result<Vec<VoteRecord>> {
+        let rows = self.0.query(
+            "SELECT request_id, officer, approve, time FROM approval_votes WHERE request_id = ?1 ORDER BY time, officer",
+            &[request_id.into()],
+        )?;
+        rows.iter().map(|r| Ok(VoteRecord { request_id: r.text(0)?, officer: r.text(1)?, approve: r.int(2)? != 0, time: r.int(3)? })).collect()
     }
 
     // ----- Google Workspace client-side encryption (CSE) -----

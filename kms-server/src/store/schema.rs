@@ -151,6 +151,37 @@ const MIGRATIONS: &[&str] = &[
         jwks_url   TEXT,
         updated_at INTEGER NOT NULL
     );",
+    // 11: quorum (M-of-N) approvals: the policies, the requests they make of covered calls, and
+    // each officer's approval or rejection.
+    "CREATE TABLE quorum_policies (
+        operation  TEXT NOT NULL,
+        key_id     TEXT NOT NULL,
+        required   INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (operation, key_id)
+    );
+    CREATE TABLE approval_requests (
+        id         TEXT PRIMARY KEY,
+        operation  TEXT NOT NULL,
+        key_id     TEXT NOT NULL,
+        arguments  TEXT NOT NULL,
+        summary    TEXT NOT NULL,
+        requester  TEXT NOT NULL,
+        reason     TEXT NOT NULL,
+        required   INTEGER NOT NULL,
+        state      TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        decided_at INTEGER,
+        result     TEXT NOT NULL
+    );
+    CREATE TABLE approval_votes (
+        request_id TEXT NOT NULL REFERENCES approval_requests (id),
+        officer    TEXT NOT NULL,
+        approve    INTEGER NOT NULL,
+        time       INTEGER NOT NULL,
+        PRIMARY KEY (request_id, officer)
+    );",
 ];
 
 pub fn migrate_sqlite(conn: &mut Connection) -> Result<(), StoreError> {
@@ -300,6 +331,36 @@ const POSTGRES: &[&str] = &[
         jwks       TEXT NOT NULL,
         jwks_url   TEXT,
         updated_at BIGINT NOT NULL
+    );",
+    // 5: SQLite's 11.
+    "CREATE TABLE quorum_policies (
+        operation  TEXT NOT NULL,
+        key_id     TEXT NOT NULL,
+        required   BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        PRIMARY KEY (operation, key_id)
+    );
+    CREATE TABLE approval_requests (
+        id         TEXT PRIMARY KEY,
+        operation  TEXT NOT NULL,
+        key_id     TEXT NOT NULL,
+        arguments  TEXT NOT NULL,
+        summary    TEXT NOT NULL,
+        requester  TEXT NOT NULL,
+        reason     TEXT NOT NULL,
+        required   BIGINT NOT NULL,
+        state      TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        decided_at BIGINT,
+        result     TEXT NOT NULL
+    );
+    CREATE TABLE approval_votes (
+        request_id TEXT NOT NULL REFERENCES approval_requests (id),
+        officer    TEXT NOT NULL,
+        approve    BIGINT NOT NULL,
+        time       BIGINT NOT NULL,
+        PRIMARY KEY (request_id, officer)
     );",
 ];
 

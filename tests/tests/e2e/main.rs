@@ -35,6 +35,7 @@ mod officers;
 mod package;
 mod persistence;
 mod python;
+mod quorum;
 mod rate;
 mod report;
 mod review;

@@ -45,6 +45,9 @@ impl tonic::codegen::Service<HttpRequest> for Admin {
     }
 
     fn call(&mut self, mut request: HttpRequest) -> Self::Future {
+        if let Some(reason) = REASON.get() {
+            request.headers_mut().insert(kms_client::pb::REASON_HEADER, reason.clone());
+        }
         let slot = self.dry_run.0.clone();
         if slot.is_some() {
             request.headers_mut().insert(DRY_RUN, tonic::codegen::http::HeaderValue::from_static("1"));
@@ -63,6 +66,19 @@ impl tonic::codegen::Service<HttpRequest> for Admin {
             Ok(response)
         })
     }
+}
+
+/// `--reason`, sent with every admin call of this run.
+static REASON: std::sync::OnceLock<tonic::codegen::http::HeaderValue> = std::sync::OnceLock::new();
+
+/// Takes `--reason`: printable ASCII, at most 256 characters.
+pub(crate) fn set_reason(reason: &str) -> Result<(), Error> {
+    if reason.len() > 256 || !reason.chars().all(|c| (' '..='~').contains(&c)) {
+        return Err(Error::Config("--reason: at most 256 printable ASCII characters".into()));
+    }
+    let value = tonic::codegen::http::HeaderValue::from_str(reason).map_err(|_| Error::Config("--reason: not a header value".into()))?;
+    let _ = REASON.set(value);
+    Ok(())
 }
 
 /// An admin-plane channel carrying the session `kmsctl login` saved, if any.

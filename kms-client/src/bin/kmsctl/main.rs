@@ -10,6 +10,7 @@
 
 mod access;
 mod admin;
+mod approval;
 mod audit;
 mod backup;
 mod cse;
@@ -69,6 +70,10 @@ struct Cli {
     /// and say what it would change, changing nothing (audited as a dry run).
     #[arg(long, global = true)]
     dry_run: bool,
+    /// Why you make this change (printable ASCII, at most 256 characters): kept with the
+    /// approval request a quorum policy makes of it.
+    #[arg(long, global = true, env = "KMS_REASON")]
+    reason: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -116,6 +121,12 @@ enum Command {
     /// Google Workspace client-side encryption: the KACLS URL, the key, the trusted issuers.
     #[command(subcommand)]
     Cse(cse::CseCommand),
+    /// Quorum policies: how many officers must approve a covered operation.
+    #[command(subcommand)]
+    Quorum(approval::QuorumCommand),
+    /// Approval requests: list, show, approve or reject (with your passphrase and TOTP again).
+    #[command(subcommand)]
+    Approval(approval::ApprovalCommand),
     /// The Level 2 evidence report, signed in the HSM, and its verification.
     #[command(subcommand)]
     Report(report::ReportCommand),
@@ -150,6 +161,8 @@ impl Command {
             Command::Grant(c) => c.changes(),
             Command::Xks(c) => c.changes(),
             Command::Cse(c) => c.changes(),
+            Command::Quorum(c) => c.changes(),
+            Command::Approval(c) => c.changes(),
             Command::Login(_)
             | Command::Report(_)
             | Command::Logout
@@ -197,6 +210,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
     if cli.dry_run && !cli.command.changes() {
         return Err(Error::Config("--dry-run: this command changes nothing; a dry run is for commands that do".into()));
     }
+    if let Some(reason) = &cli.reason {
+        admin::set_reason(reason)?;
+    }
     let out = Out { json: cli.json, dry_run: DryRun::new(cli.dry_run) };
     let dry_run = out.dry_run.clone();
     execute(cli, out).await?;
@@ -227,6 +243,8 @@ async fn execute(cli: Cli, out: Out) -> Result<(), Error> {
         Command::Xks(cmd) => cmd.run(&ctx).await,
         Command::Cse(cmd) => cmd.run(&ctx).await,
         Command::Report(cmd) => cmd.run(&ctx).await,
+        Command::Quorum(cmd) => cmd.run(&ctx).await,
+        Command::Approval(cmd) => cmd.run(&ctx).await,
         Command::Audit(cmd) => cmd.run(&ctx).await,
         Command::DataKey(cmd) => cmd.run(&ctx).await,
         Command::Encrypt(args) => args.run(&ctx).await,

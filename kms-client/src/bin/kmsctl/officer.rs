@@ -161,7 +161,7 @@ impl OfficerCommand {
 }
 
 /// A secret from a file, or the next line of standard input.
-fn secret_input(file: &Option<PathBuf>) -> Result<zeroize::Zeroizing<String>, Error> {
+pub(crate) fn secret_input(file: &Option<PathBuf>) -> Result<zeroize::Zeroizing<String>, Error> {
     let text = match file {
         Some(path) => std::fs::read_to_string(path).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?,
         None => {
