@@ -7,9 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{
-    AuditConfig, Config, CseConfig, FacadeListenerConfig, HealthConfig, HsmConfig, KeysConfig, ListenConfig, OfficersConfig, TlsConfig,
-};
+use crate::config::{AuditConfig, Config, FacadeListenerConfig, HealthConfig, HsmConfig, KeysConfig, ListenConfig, OfficersConfig, TlsConfig};
 use crate::domain::officer::Passphrase;
 
 /// `--version`: a build with the test hooks says so.
@@ -198,6 +196,7 @@ pub fn main() -> anyhow::Result<()> {
             let pki = crate::tls::DevPki::ensure(&data_dir.join("pki")).map_err(|e| anyhow::anyhow!("{e}"))?;
             let config = Config {
                 data_dir: data_dir.clone(),
+                outgoing_ca_file: crate::config::system_ca_file(),
                 store: Default::default(),
                 hsm: HsmConfig {
                     module: token.module.clone(),
@@ -217,12 +216,7 @@ pub fn main() -> anyhow::Result<()> {
                 audit: AuditConfig::default(),
                 officers: OfficersConfig::default(),
                 xks: Some(FacadeListenerConfig { listen: xks_listen, cert_file: pki.server_cert.clone(), key_file: pki.server_key.clone() }),
-                cse: Some(CseConfig {
-                    listen: cse_listen,
-                    cert_file: pki.server_cert.clone(),
-                    key_file: pki.server_key.clone(),
-                    ca_file: crate::config::system_ca_file(),
-                }),
+                cse: Some(FacadeListenerConfig { listen: cse_listen, cert_file: pki.server_cert.clone(), key_file: pki.server_key.clone() }),
             };
             config.validate()?;
             println!("development mode: token, PIN, database and TLS certificates under {}", data_dir.display());

@@ -17,6 +17,11 @@ use crate::secret::Pin;
 pub struct Config {
     /// Holds the SQLite database (`kms.db`) when `store.backend` is `sqlite`.
     pub data_dir: PathBuf,
+    /// The CA certificates (PEM) the service's own HTTPS calls trust (notification webhooks,
+    /// Google CSE issuers' key sets, a CSE migration source); the system's bundle by default.
+    /// Read at each call, so that a renewed bundle needs no restart.
+    #[serde(default = "system_ca_file")]
+    pub outgoing_ca_file: PathBuf,
     #[serde(default)]
     pub store: StoreConfig,
     pub hsm: HsmConfig,
@@ -38,28 +43,7 @@ pub struct Config {
     /// Google Workspace client-side encryption's key service (KACLS) listener; absent, there is
     /// none.
     #[serde(default)]
-    pub cse: Option<CseConfig>,
-}
-
-/// The CSE listener (`[cse]`): a facade listener, and the certificates its own calls out trust
-/// (issuers' published key sets, the key service a migration rewraps from).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CseConfig {
-    pub listen: SocketAddr,
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
-    /// The CA certificates (PEM) that outgoing HTTPS calls trust; the system's bundle when not
-    /// set. Read at each call, so that a renewed bundle needs no restart.
-    #[serde(default = "system_ca_file")]
-    pub ca_file: PathBuf,
-}
-
-impl CseConfig {
-    /// Its listener's part.
-    pub fn listener(&self) -> FacadeListenerConfig {
-        FacadeListenerConfig { listen: self.listen, cert_file: self.cert_file.clone(), key_file: self.key_file.clone() }
-    }
+    pub cse: Option<FacadeListenerConfig>,
 }
 
 /// Debian's bundle of the system's trusted CAs (`ca-certificates`).
@@ -382,7 +366,7 @@ impl Config {
         }
         crate::tls::ServerTls::load(&self.tls.cert_file, &self.tls.key_file, &self.tls.client_ca_file).map_err(|e| refuse("tls", e))?;
         let mut taken = vec![Some(self.listen.data), Some(self.listen.admin), self.listen.metrics];
-        for (name, listen, facade) in [("xks", "xks.listen", &self.xks.clone()), ("cse", "cse.listen", &self.cse.as_ref().map(CseConfig::listener))] {
+        for (name, listen, facade) in [("xks", "xks.listen", &self.xks), ("cse", "cse.listen", &self.cse)] {
             let Some(facade) = facade else { continue };
             if facade.listen.port() != 0 && taken.contains(&Some(facade.listen)) {
                 return Err(refuse(listen, format!("{} is another listener's", facade.listen)));

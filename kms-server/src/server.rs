@@ -124,7 +124,7 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
         audit: audit_writer,
         workers,
         deadline: hsm_deadline,
-        outgoing_ca: config.cse.as_ref().map(|c| c.ca_file.clone()),
+        outgoing_ca: config.outgoing_ca_file.clone(),
     };
 
     let data = TcpListener::bind(config.listen.data).await?;
@@ -141,8 +141,7 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
         Ok(Some((TcpListener::from_std(listener)?, tls)))
     };
     let xks = facade(&config.xks, "xks (AWS external key store proxy, HTTPS)")?;
-    let cse =
-        facade(&config.cse.as_ref().map(crate::config::CseConfig::listener), "cse (Google Workspace client-side encryption key service, HTTPS)")?;
+    let cse = facade(&config.cse, "cse (Google Workspace client-side encryption key service, HTTPS)")?;
     let metrics = match config.listen.metrics {
         Some(addr) => {
             let listener = TcpListener::bind(addr).await?;

@@ -495,7 +495,7 @@ impl Server {
         let pki = kms_server::tls::DevPki::ensure(&self.pki_dir()).map_err(|e| anyhow::anyhow!("{e}"))?;
         let o = &self.options;
         let config = format!(
-            "data_dir = {:?}\n\
+            "data_dir = {:?}\noutgoing_ca_file = {:?}\n\
              [hsm]\nmodule = {:?}\ntoken_label = {:?}\npin_file = {:?}\nsessions = 4\ndeadline_ms = {}\n\
              [listen]\ndata = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\n\
              [tls]\ncert_file = {:?}\nkey_file = {:?}\nclient_ca_file = {:?}\n\
@@ -504,8 +504,9 @@ impl Server {
              [audit]\ncheckpoint_every_records = {}\nretention_days = {}\n\
              [limits]\nprincipal_calls_per_second = {:?}\nprincipal_burst = {:?}\n\
              [xks]\nlisten = \"127.0.0.1:0\"\ncert_file = {:?}\nkey_file = {:?}\n\
-             [cse]\nlisten = \"127.0.0.1:0\"\ncert_file = {:?}\nkey_file = {:?}\nca_file = {:?}\n{}",
+             [cse]\nlisten = \"127.0.0.1:0\"\ncert_file = {:?}\nkey_file = {:?}\n{}",
             self.dir.path(),
+            pki.ca_cert,
             self.token.module,
             self.token.label,
             self.token.pin_file,
@@ -525,7 +526,6 @@ impl Server {
             pki.server_key,
             pki.server_cert,
             pki.server_key,
-            pki.ca_cert,
             self.database.as_ref().map_or_else(String::new, |db| format!(
                 "[store]\nbackend = \"postgres\"\nurl = {:?}\npassword_file = {:?}\n",
                 db.url, db.cluster.password_file

@@ -661,7 +661,7 @@ impl KeyManagement for AdminService {
                 // admin call runs on the blocking pool, where it may wait on the runtime).
                 let jwks = match (r.jwks.is_empty(), r.jwks_url.is_empty()) {
                     (true, false) => tokio::runtime::Handle::current()
-                        .block_on(crate::facade::cse::listener::fetch_jwks(ca.as_deref(), &r.jwks_url))
+                        .block_on(crate::facade::cse::listener::fetch_jwks(&ca, &r.jwks_url))
                         .map_err(|e| Error::invalid("jwks_url", e))?,
                     _ => r.jwks,
                 };

@@ -143,9 +143,8 @@ pub struct Shared {
     pub workers: crate::workers::Workers,
     /// How long a data-plane call may take before it answers DEADLINE_EXCEEDED (`hsm.deadline_ms`).
     pub deadline: std::time::Duration,
-    /// The CA certificates the facades' outgoing HTTPS calls trust (`[cse] ca_file`); `None`:
-    /// no outgoing calls.
-    pub outgoing_ca: Option<std::path::PathBuf>,
+    /// The CA certificates the service's outgoing HTTPS calls trust (`outgoing_ca_file`).
+    pub outgoing_ca: std::path::PathBuf,
 }
 
 /// What a call's audit record says about its key, filled in by the handler as it learns it

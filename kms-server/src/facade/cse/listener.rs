@@ -88,7 +88,7 @@ async fn refresh_loop(shared: Shared, mut shutdown: tokio::sync::watch::Receiver
 
 /// Fetches `iss`'s key set from `url` and takes it if it changed.
 async fn refresh(shared: &Shared, iss: &str, url: &str) -> Result<(), String> {
-    let jwks = fetch_jwks(shared.outgoing_ca.as_deref(), url).await?;
+    let jwks = fetch_jwks(&shared.outgoing_ca, url).await?;
     let (kms, iss) = (shared.kms.clone(), iss.to_string());
     let changed = tokio::task::spawn_blocking(move || kms.refresh_cse_issuer(&iss, &jwks)).await.map_err(|e| e.to_string())?;
     if changed.map_err(|e| e.to_string())? {
@@ -98,8 +98,7 @@ async fn refresh(shared: &Shared, iss: &str, url: &str) -> Result<(), String> {
 }
 
 /// The JWKS document published at `url`, trusting the CAs of `ca` (`Shared::outgoing_ca`).
-pub async fn fetch_jwks(ca: Option<&std::path::Path>, url: &str) -> Result<String, String> {
-    let ca = ca.ok_or("this node makes no outgoing calls (no [cse] listener)")?;
+pub async fn fetch_jwks(ca: &std::path::Path, url: &str) -> Result<String, String> {
     let (status, body) = https::call(ca, url, None).await?;
     if !status.is_success() {
         return Err(format!("{url} answered {status}"));
@@ -439,7 +438,7 @@ async fn open_elsewhere(
         .map_err(|_| Error::precondition("signing the migration token failed"))??;
     let body = serde_json::json!({"authentication": token, "resource_name": authz.resource_name, "wrapped_key": request.wrapped_key,
                                   "reason": request.reason});
-    let ca = state.shared.outgoing_ca.as_deref().ok_or_else(|| Error::precondition("this node makes no outgoing calls"))?;
+    let ca = &state.shared.outgoing_ca;
     let unreachable = |why: String| Error::precondition(format!("the key service at {original} did not open the key: {why}"));
     let (status, answer) =
         https::call(ca, &format!("{original}/privilegedunwrap"), Some(body.to_string().into_bytes())).await.map_err(unreachable)?;
