@@ -19,6 +19,7 @@ const REDACTED: &[&str] = &[
     "kms.v1.ReenrollTotpResponse",
     "kms.v1.XksCredentialResponse",
     "kms.v1.VoteRequest",
+    "kms.v1.CreateSubscriptionResponse",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

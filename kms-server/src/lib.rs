@@ -28,6 +28,7 @@ pub mod hooks;
 pub mod hsm;
 pub mod metrics;
 pub mod migrate;
+pub mod notify;
 pub mod secret;
 pub mod server;
 pub mod service;

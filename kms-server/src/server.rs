@@ -174,6 +174,7 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
 
     let xks = xks
         .map(|(listener, tls)| tokio::spawn(crate::facade::xks::listener::serve(listener, tls, shared.clone(), shutdown_rx.clone(), SHUTDOWN_GRACE)));
+    let notifier = tokio::spawn(crate::notify::deliver_loop(shared.clone(), shutdown_rx.clone()));
     let cse = cse
         .map(|(listener, tls)| tokio::spawn(crate::facade::cse::listener::serve(listener, tls, shared.clone(), shutdown_rx.clone(), SHUTDOWN_GRACE)));
     let crypto = CryptoServer::new(CryptoService(shared.clone())).max_decoding_message_size(MAX_DATA_MESSAGE_BYTES);
@@ -218,6 +219,7 @@ pub async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
         // Each returns within its own grace once told to stop.
         let _ = facade.await;
     }
+    notifier.abort();
     sweeper.abort();
     auditor.abort();
     follower.abort();
@@ -265,6 +267,8 @@ impl Health {
 async fn probe_loop(kms: Arc<Kms>, health: Health, every: Duration, deadline: Duration, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(every);
     let mut stuck: Option<tokio::task::JoinHandle<crate::error::Result<()>>> = None;
+    // The HSM's last known availability: each change is an audit record (and so an event).
+    let mut available = true;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -291,6 +295,14 @@ async fn probe_loop(kms: Arc<Kms>, health: Health, every: Duration, deadline: Du
                 Err(why)
             }
         };
+        if result.is_ok() != available {
+            available = result.is_ok();
+            let (kms, detail) = (kms.clone(), result.as_ref().err().cloned().unwrap_or_else(|| "the HSM answers again".to_string()));
+            let recorded = tokio::task::spawn_blocking(move || kms.record_hsm_health(available, &detail)).await;
+            if !matches!(recorded, Ok(Ok(()))) {
+                tracing::warn!("the HSM's change of health could not be recorded in the audit trail");
+            }
+        }
         health.set(result).await;
     }
 }

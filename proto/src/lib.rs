@@ -94,6 +94,15 @@ pub mod v1 {
         }
     }
 
+    impl fmt::Debug for CreateSubscriptionResponse {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("CreateSubscriptionResponse")
+                .field("subscription", &self.subscription)
+                .field("secret", &Redacted(self.secret.len()))
+                .finish()
+        }
+    }
+
     impl fmt::Debug for LoginResponse {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.debug_struct("LoginResponse")
@@ -166,6 +175,7 @@ pub mod v1 {
         GenerateRandomResponse => plaintext;
         LoginRequest => passphrase, totp_code;
         VoteRequest => passphrase, totp_code;
+        CreateSubscriptionResponse => secret;
         LoginResponse => session_token;
         CreateOfficerRequest => passphrase;
         CreateOfficerResponse => otpauth_uri;

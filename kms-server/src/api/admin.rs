@@ -10,6 +10,7 @@ use crate::domain::lifecycle::{DEFAULT_PENDING_DAYS, KeyState, KeyTransition, MA
 use crate::domain::officer::{Passphrase, Role};
 use crate::domain::policy::{Grant, Operation, PrincipalState, valid_principal};
 use crate::error::Error;
+use crate::service::events::Severity;
 use crate::service::quorum::Covered;
 use crate::service::{KeyView, Kms, VersionView};
 use crate::store::PrincipalRecord;
@@ -298,8 +299,143 @@ impl AdminService {
     }
 }
 
+fn event_message(e: crate::service::events::Event) -> pb::Event {
+    pb::Event {
+        seq: e.seq,
+        time: e.time,
+        kind: e.kind,
+        severity: e.severity.as_str().into(),
+        principal: e.principal,
+        key_id: e.key_id.unwrap_or_default(),
+        key_version: e.key_version.unwrap_or(0),
+        outcome: e.outcome,
+        detail: e.detail,
+    }
+}
+
+fn subscription_message(s: crate::store::SubscriptionRecord) -> pb::Subscription {
+    pb::Subscription {
+        id: s.id,
+        url: s.url,
+        min_severity: s.min_severity,
+        cursor: s.cursor,
+        delivered: s.delivered,
+        failures: s.failures,
+        next_attempt_time: s.next_attempt_at,
+        last_error: s.last_error,
+        creation_time: s.created_at,
+    }
+}
+
+fn severity(field: &'static str, text: &str, default: Severity) -> Result<Severity, Error> {
+    match text {
+        "" => Ok(default),
+        s => Severity::parse(s).ok_or_else(|| Error::invalid(field, "must be info, warning or critical")),
+    }
+}
+
+/// How often a watch looks for new records.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
 #[tonic::async_trait]
 impl KeyManagement for AdminService {
+    type WatchStream = tokio_stream::wrappers::ReceiverStream<Result<pb::Event, Status>>;
+
+    async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let who = officer(&request, Role::Auditor);
+        let r = request.into_inner();
+        let shared_kms = self.0.kms.clone();
+        let stream = self
+            .0
+            .call("Watch", who, Audit::EveryOutcome, move |kms, _, _| {
+                let min = severity("min_severity", &r.min_severity, Severity::Info)?;
+                let mut cursor = if r.after_seq > 0 { r.after_seq } else { kms.audit_end()? };
+                let kinds: std::collections::HashSet<String> = r.kinds.into_iter().collect();
+                let (tx, rx) = tokio::sync::mpsc::channel(64);
+                let kms = shared_kms;
+                // Polls the trail (every node's records) until the caller goes away.
+                tokio::runtime::Handle::current().spawn(async move {
+                    loop {
+                        let (k, after) = (kms.clone(), cursor);
+                        let read = tokio::task::spawn_blocking(move || k.events_after(after, 500)).await;
+                        let Ok(Ok((events, last))) = read else {
+                            let _ = tx.send(Err(Status::unavailable("the audit trail could not be read; watch again"))).await;
+                            return;
+                        };
+                        cursor = last;
+                        for e in events.into_iter().filter(|e| e.severity >= min && (kinds.is_empty() || kinds.contains(&e.kind))) {
+                            if tx.send(Ok(event_message(e))).await.is_err() {
+                                return;
+                            }
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(WATCH_EVERY) => {}
+                            _ = tx.closed() => return,
+                        }
+                    }
+                });
+                Ok(Some(tokio_stream::wrappers::ReceiverStream::new(rx)))
+            })
+            .await?;
+        let (metadata, stream, extensions) = stream.into_parts();
+        let stream = stream.ok_or_else(|| Status::internal("no stream"))?;
+        Ok(Response::from_parts(metadata, stream, extensions))
+    }
+
+    async fn create_subscription(&self, request: Request<pb::CreateSubscriptionRequest>) -> Result<Response<pb::CreateSubscriptionResponse>, Status> {
+        let who = officer(&request, Role::Officer);
+        let r = request.into_inner();
+        self.0
+            .call("CreateSubscription", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                let min = severity("min_severity", &r.min_severity, Severity::Warning)?;
+                let (s, secret) = kms.create_subscription(caller, &r.url, min)?;
+                Ok(pb::CreateSubscriptionResponse { subscription: Some(subscription_message(s)), secret })
+            })
+            .await
+    }
+
+    async fn list_subscriptions(&self, request: Request<pb::ListSubscriptionsRequest>) -> Result<Response<pb::ListSubscriptionsResponse>, Status> {
+        let who = officer(&request, Role::Auditor);
+        self.0
+            .call("ListSubscriptions", who, Audit::EveryOutcome, move |kms, _, _| {
+                let severities = kms.event_severities()?;
+                Ok(pb::ListSubscriptionsResponse {
+                    subscriptions: kms.subscriptions()?.into_iter().map(subscription_message).collect(),
+                    severities: crate::service::events::DEFAULTS
+                        .iter()
+                        .map(|(kind, default)| pb::EventSeverity {
+                            kind: kind.to_string(),
+                            severity: severities.of(kind).unwrap_or(*default).as_str().into(),
+                        })
+                        .collect(),
+                })
+            })
+            .await
+    }
+
+    async fn delete_subscription(&self, request: Request<pb::DeleteSubscriptionRequest>) -> Result<Response<pb::DeleteSubscriptionResponse>, Status> {
+        let who = officer(&request, Role::Officer);
+        let r = request.into_inner();
+        self.0
+            .call("DeleteSubscription", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                kms.delete_subscription(caller, &r.id)?;
+                Ok(pb::DeleteSubscriptionResponse {})
+            })
+            .await
+    }
+
+    async fn set_event_severity(&self, request: Request<pb::SetEventSeverityRequest>) -> Result<Response<pb::SetEventSeverityResponse>, Status> {
+        let who = officer(&request, Role::Officer);
+        let r = request.into_inner();
+        self.0
+            .call("SetEventSeverity", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                let to = (!r.severity.is_empty()).then(|| severity("severity", &r.severity, Severity::Info)).transpose()?;
+                kms.set_event_severity(caller, &r.kind, to)?;
+                Ok(pb::SetEventSeverityResponse {})
+            })
+            .await
+    }
+
     async fn create_key(&self, request: Request<pb::CreateKeyRequest>) -> Result<Response<pb::CreateKeyResponse>, Status> {
         let who = officer(&request, Role::Officer);
         let r = request.into_inner();

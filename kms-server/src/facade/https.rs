@@ -191,10 +191,10 @@ const OUTGOING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10)
 /// The largest answer an outgoing call reads.
 const MAX_OUTGOING_ANSWER: usize = 256 * 1024;
 
-/// An outgoing HTTPS call: `GET url`, or `POST url` with a JSON `body`, trusting the CA
-/// certificates of `ca_file` only; the answer's status and body. Errors say what failed, never
-/// with the body sent.
-pub async fn call(ca_file: &std::path::Path, url: &str, body: Option<Vec<u8>>) -> Result<(StatusCode, Bytes), String> {
+/// An outgoing HTTPS call: `GET url`, or `POST url` with a JSON `body` and `headers`, trusting
+/// the CA certificates of `ca_file` only; the answer's status and body. Errors say what failed,
+/// never with the body sent.
+pub async fn call(ca_file: &std::path::Path, url: &str, body: Option<Vec<u8>>, headers: &[(&str, String)]) -> Result<(StatusCode, Bytes), String> {
     let rest = url.strip_prefix("https://").ok_or_else(|| format!("{url}: only https:// URLs are called"))?;
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let path = if path.is_empty() { "/" } else { path };
@@ -210,13 +210,15 @@ pub async fn call(ca_file: &std::path::Path, url: &str, body: Option<Vec<u8>>) -
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.map_err(|e| format!("HTTP with {authority}: {e}"))?;
         tokio::spawn(connection);
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(if body.is_some() { hyper::Method::POST } else { hyper::Method::GET })
             .uri(path)
             .header(hyper::header::HOST, authority)
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| format!("{url}: {e}"))?;
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        for (name, value) in headers {
+            request = request.header(*name, value.as_str());
+        }
+        let request = request.body(Full::new(Bytes::from(body.unwrap_or_default()))).map_err(|e| format!("{url}: {e}"))?;
         let answer = sender.send_request(request).await.map_err(|e| format!("calling {url}: {e}"))?;
         let status = answer.status();
         let body = Limited::new(answer.into_body(), MAX_OUTGOING_ANSWER).collect().await.map_err(|e| format!("reading {url}'s answer: {e}"))?;

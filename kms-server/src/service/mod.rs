@@ -8,6 +8,7 @@ mod admin;
 mod audit;
 mod backup;
 pub mod cse;
+pub mod events;
 pub mod explain;
 pub mod officers;
 pub mod quorum;
@@ -413,6 +414,26 @@ impl Kms {
     /// Counts a call a cloud facade answered, refused with `refusal` if it was.
     pub fn facade_answered(&self, facade: &'static str, refusal: Option<&str>) {
         self.facade_activity.record(facade, now(), refusal);
+    }
+
+    /// Seals a secret the service keeps in its store (an XKS credential's, a webhook's) under
+    /// the HSM's officer-secrets key, bound to `aad` (what it is the secret of): IV ‖ AES-GCM.
+    pub(crate) fn seal(&self, aad: &[u8], secret: &[u8]) -> Result<Vec<u8>> {
+        let mut iv = Iv([0u8; IV_LEN]);
+        self.hsm.random(&mut iv.0)?;
+        let mut sealed = iv.0.to_vec();
+        sealed.extend(self.hsm.encrypt(self.officer_secrets, &iv, aad, secret)?);
+        Ok(sealed)
+    }
+
+    /// The secret `seal` sealed with `aad`.
+    pub(crate) fn unseal(&self, aad: &[u8], sealed: &[u8]) -> Result<SecretBytes> {
+        if sealed.len() < IV_LEN {
+            return Err(Error::precondition("a sealed secret is truncated"));
+        }
+        let mut iv = Iv([0u8; IV_LEN]);
+        iv.0.copy_from_slice(&sealed[..IV_LEN]);
+        Ok(self.hsm.decrypt(self.officer_secrets, &iv, aad, &sealed[IV_LEN..])?)
     }
 
     /// Records that a probe did not come back within the deadline (it is still stuck in the HSM).

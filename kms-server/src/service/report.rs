@@ -116,7 +116,7 @@ impl Kms {
             self.review_item()?,
             self.password_item()?,
             self.audit_item()?,
-            notification_item(),
+            self.notification_item()?,
             self.backup_item()?,
             self.reversibility_item()?,
         ];
@@ -324,6 +324,31 @@ impl Kms {
         Ok(item("audit-trail", "Logs are kept at least three months, their integrity protected", verdict, why, evidence))
     }
 
+    /// The webhooks events go to, their severities, and whether they are delivered.
+    fn notification_item(&self) -> Result<Item> {
+        let subscriptions = self.subscriptions()?;
+        let mut evidence: Vec<String> = subscriptions
+            .iter()
+            .map(|s| {
+                let state = if s.failures > 0 { format!("FAILING: {}", s.last_error) } else { "delivering".to_string() };
+                format!("{} {}: {} and above, {} events delivered, {state}", s.id, s.url, s.min_severity, s.delivered)
+            })
+            .collect();
+        evidence.push(
+            "events are signed (HMAC-SHA-256 with the subscription's secret, sealed in the HSM) and delivered at least once, \
+                       across restarts; severities are the officers' to change (kmsctl notify severity); Prometheus alert rules in \
+                       docs/alerts.yml besides"
+                .to_string(),
+        );
+        let failing = subscriptions.iter().filter(|s| s.failures > 0).count();
+        let (verdict, why) = match (subscriptions.len(), failing) {
+            (0, _) => (Verdict::Warn, "no notification subscription: incidents reach nobody unless Prometheus alerting is set up".to_string()),
+            (_, 0) => (Verdict::Pass, format!("{} subscriptions receive the incidents at the severities chosen", subscriptions.len())),
+            (_, n) => (Verdict::Fail, format!("{n} subscriptions are failing: incidents are not reaching them")),
+        };
+        Ok(item("incident-notification", "Incidents reach the customer at the severities the customer chose", verdict, why, evidence))
+    }
+
     /// The last backup, its verification, and the backup key.
     fn backup_item(&self) -> Result<Item> {
         let (made, verified) = self.store.read(|tx| Ok((tx.last_allowed(&["CreateBackup"])?, tx.last_allowed(&["VerifyBackup"])?)))?;
@@ -427,23 +452,6 @@ impl Kms {
         let mac = unhex(&mac_hex).ok_or_else(not_one)?;
         Ok((self.hsm.verify_mac(self.audit_mac, &[MAC_LABEL, &sha[..]].concat(), &mac)?, hex(&sha)))
     }
-}
-
-/// Level 2's incident notification: what the service offers today.
-fn notification_item() -> Item {
-    item(
-        "incident-notification",
-        "Incidents reach the customer at the severities the customer chose",
-        Verdict::Warn,
-        "the service exposes its incidents as Prometheus metrics and alert rules, routed by the customer's Alertmanager; it holds no \
-         notification subscriptions of its own yet",
-        vec![
-            "alert rules shipped in docs/alerts.yml: HSM unavailable or degraded, audit verification failed, audit commits slow, calls \
-             failing, the cloud facades failing"
-                .to_string(),
-            "each severity (page, ticket) is the customer's to set in those rules".to_string(),
-        ],
-    )
 }
 
 /// Whether a PHC string is argon2id at or above `ARGON2_MIN`.

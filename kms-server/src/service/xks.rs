@@ -172,21 +172,12 @@ impl Kms {
             sealed_secret: Vec::new(),
             created_at: now(),
         };
-        let mut iv = [0u8; IV_LEN];
-        self.hsm.random(&mut iv)?;
-        record.sealed_secret = iv.to_vec();
-        record.sealed_secret.extend(self.hsm.encrypt(self.officer_secrets, &Iv(iv), &seal_aad(&record), secret.expose_secret().as_bytes())?);
+        record.sealed_secret = self.seal(&seal_aad(&record), secret.expose_secret().as_bytes())?;
         Ok((record, NewCredential { access_key_id, secret }))
     }
 
     fn unseal_credential(&self, record: &XksCredentialRecord) -> Result<SecretText> {
-        let sealed = &record.sealed_secret;
-        if sealed.len() < IV_LEN {
-            return Err(Error::precondition(format!("the sealed secret of XKS credential {} is truncated", record.access_key_id)));
-        }
-        let mut iv = [0u8; IV_LEN];
-        iv.copy_from_slice(&sealed[..IV_LEN]);
-        let secret = self.hsm.decrypt(self.officer_secrets, &Iv(iv), &seal_aad(record), &sealed[IV_LEN..])?;
+        let secret = self.unseal(&seal_aad(record), &record.sealed_secret)?;
         let text = std::str::from_utf8(secret.expose_secret())
             .map_err(|_| Error::precondition(format!("the secret of XKS credential {} is not text", record.access_key_id)))?;
         Ok(SecretText::new(text.to_string()))

@@ -41,6 +41,12 @@ const TABLES: &[(&str, &str, &str)] = &[
         "id",
     ),
     ("approval_votes", "request_id, officer, approve, time", "request_id, officer"),
+    (
+        "notification_subscriptions",
+        "id, url, min_severity, sealed_secret, cursor, delivered, failures, next_attempt_at, last_error, created_at",
+        "id",
+    ),
+    ("event_severities", "kind, severity", "kind"),
 ];
 
 /// The audit trail's columns, copied a page at a time (it is the one table that grows large).

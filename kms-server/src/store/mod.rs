@@ -259,6 +259,29 @@ pub struct VoteRecord {
     pub time: i64,
 }
 
+/// A webhook subscription: where events at or above `min_severity` are POSTed, signed with a
+/// secret sealed in the HSM, and how far into the audit trail it has delivered (`cursor`, the
+/// last record's sequence number).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SubscriptionRecord {
+    pub id: String,
+    pub url: String,
+    pub min_severity: String,
+    pub sealed_secret: Vec<u8>,
+    pub cursor: i64,
+    pub delivered: i64,
+    pub failures: i64,
+    pub next_attempt_at: i64,
+    pub last_error: String,
+    pub created_at: i64,
+}
+
+impl fmt::Debug for SubscriptionRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SubscriptionRecord").field("id", &self.id).field("url", &self.url).field("cursor", &self.cursor).finish_non_exhaustive()
+    }
+}
+
 /// An officer's row. The passphrase hash and sealed TOTP secret are not secrets in clear, but
 /// are still left out of `Debug`.
 #[derive(Clone, PartialEq, Eq)]
@@ -759,6 +782,83 @@ impl Tx<'_> {
         rows.iter()
             .map(|r| Ok(XksCredentialRecord { access_key_id: r.text(0)?, key_store: r.text(1)?, sealed_secret: r.blob(2)?, created_at: r.int(3)? }))
             .collect()
+    }
+
+    // ----- notifications -----
+
+    const SUBSCRIPTION_COLUMNS: &'static str =
+        "id, url, min_severity, sealed_secret, cursor, delivered, failures, next_attempt_at, last_error, created_at";
+
+    pub fn insert_subscription(&self, s: &SubscriptionRecord) -> Result<()> {
+        let sql = format!("INSERT INTO notification_subscriptions ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)", Self::SUBSCRIPTION_COLUMNS);
+        self.0.execute_dynamic(
+            &sql,
+            &[
+                s.id.as_str().into(),
+                s.url.as_str().into(),
+                s.min_severity.as_str().into(),
+                s.sealed_secret.as_slice().into(),
+                s.cursor.into(),
+                s.delivered.into(),
+                s.failures.into(),
+                s.next_attempt_at.into(),
+                s.last_error.as_str().into(),
+                s.created_at.into(),
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn subscriptions(&self) -> Result<Vec<SubscriptionRecord>> {
+        let sql = format!("SELECT {} FROM notification_subscriptions ORDER BY created_at, id", Self::SUBSCRIPTION_COLUMNS);
+        let rows = self.0.query_dynamic(&sql, &[])?;
+        rows.iter()
+            .map(|r| {
+                Ok(SubscriptionRecord {
+                    id: r.text(0)?,
+                    url: r.text(1)?,
+                    min_severity: r.text(2)?,
+                    sealed_secret: r.blob(3)?,
+                    cursor: r.int(4)?,
+                    delivered: r.int(5)?,
+                    failures: r.int(6)?,
+                    next_attempt_at: r.int(7)?,
+                    last_error: r.text(8)?,
+                    created_at: r.int(9)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes a subscription; `Ok(false)` if there was none by that id.
+    pub fn delete_subscription(&self, id: &str) -> Result<bool> {
+        Ok(self.0.execute("DELETE FROM notification_subscriptions WHERE id = ?1", &[id.into()])? == 1)
+    }
+
+    /// A delivery's outcome: the cursor moved on (and events counted), or a failure noted.
+    pub fn note_delivery(&self, s: &SubscriptionRecord) -> Result<()> {
+        self.0.execute(
+            "UPDATE notification_subscriptions SET cursor = ?2, delivered = ?3, failures = ?4, next_attempt_at = ?5, last_error = ?6 WHERE id = ?1",
+            &[s.id.as_str().into(), s.cursor.into(), s.delivered.into(), s.failures.into(), s.next_attempt_at.into(), s.last_error.as_str().into()],
+        )?;
+        Ok(())
+    }
+
+    /// Sets the severity of an event kind (`None`: back to its default).
+    pub fn put_event_severity(&self, kind: &str, severity: Option<&str>) -> Result<()> {
+        match severity {
+            None => self.0.execute("DELETE FROM event_severities WHERE kind = ?1", &[kind.into()])?,
+            Some(severity) => self.0.execute(
+                "INSERT INTO event_severities (kind, severity) VALUES (?1, ?2) ON CONFLICT (kind) DO UPDATE SET severity = excluded.severity",
+                &[kind.into(), severity.into()],
+            )?,
+        };
+        Ok(())
+    }
+
+    pub fn event_severities(&self) -> Result<Vec<(String, String)>> {
+        let rows = self.0.query("SELECT kind, severity FROM event_severities ORDER BY kind", &[])?;
+        rows.iter().map(|r| Ok((r.text(0)?, r.text(1)?))).collect()
     }
 
     // ----- quorum approvals -----

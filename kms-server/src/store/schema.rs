@@ -182,6 +182,24 @@ const MIGRATIONS: &[&str] = &[
         time       INTEGER NOT NULL,
         PRIMARY KEY (request_id, officer)
     );",
+    // 12: notifications: webhook subscriptions with their delivery state (how far into the
+    // audit trail each has delivered), and the officers' severities of event kinds.
+    "CREATE TABLE notification_subscriptions (
+        id              TEXT PRIMARY KEY,
+        url             TEXT NOT NULL,
+        min_severity    TEXT NOT NULL,
+        sealed_secret   BLOB NOT NULL,
+        cursor          INTEGER NOT NULL,
+        delivered       INTEGER NOT NULL,
+        failures        INTEGER NOT NULL,
+        next_attempt_at INTEGER NOT NULL,
+        last_error      TEXT NOT NULL,
+        created_at      INTEGER NOT NULL
+    );
+    CREATE TABLE event_severities (
+        kind     TEXT PRIMARY KEY,
+        severity TEXT NOT NULL
+    );",
 ];
 
 pub fn migrate_sqlite(conn: &mut Connection) -> Result<(), StoreError> {
@@ -361,6 +379,23 @@ const POSTGRES: &[&str] = &[
         approve    BIGINT NOT NULL,
         time       BIGINT NOT NULL,
         PRIMARY KEY (request_id, officer)
+    );",
+    // 6: SQLite's 12.
+    "CREATE TABLE notification_subscriptions (
+        id              TEXT PRIMARY KEY,
+        url             TEXT NOT NULL,
+        min_severity    TEXT NOT NULL,
+        sealed_secret   BYTEA NOT NULL,
+        cursor          BIGINT NOT NULL,
+        delivered       BIGINT NOT NULL,
+        failures        BIGINT NOT NULL,
+        next_attempt_at BIGINT NOT NULL,
+        last_error      TEXT NOT NULL,
+        created_at      BIGINT NOT NULL
+    );
+    CREATE TABLE event_severities (
+        kind     TEXT PRIMARY KEY,
+        severity TEXT NOT NULL
     );",
 ];
 

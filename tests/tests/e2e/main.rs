@@ -31,6 +31,7 @@ mod load;
 mod matrix;
 mod metrics;
 mod migrate;
+mod notify;
 mod officers;
 mod package;
 mod persistence;

@@ -15,6 +15,7 @@ mod audit;
 mod backup;
 mod cse;
 mod data;
+mod events;
 mod key;
 mod officer;
 mod output;
@@ -127,6 +128,12 @@ enum Command {
     /// Approval requests: list, show, approve or reject (with your passphrase and TOTP again).
     #[command(subcommand)]
     Approval(approval::ApprovalCommand),
+    /// Events as they happen (officers and auditors).
+    #[command(subcommand)]
+    Events(events::EventsCommand),
+    /// Notifications: HTTPS webhooks for events at the severities you choose.
+    #[command(subcommand)]
+    Notify(events::NotifyCommand),
     /// The Level 2 evidence report, signed in the HSM, and its verification.
     #[command(subcommand)]
     Report(report::ReportCommand),
@@ -162,9 +169,11 @@ impl Command {
             Command::Xks(c) => c.changes(),
             Command::Cse(c) => c.changes(),
             Command::Quorum(c) => c.changes(),
+            Command::Notify(c) => c.changes(),
             Command::Approval(c) => c.changes(),
             Command::Login(_)
             | Command::Report(_)
+            | Command::Events(_)
             | Command::Logout
             | Command::Status
             | Command::Encrypt(_)
@@ -244,6 +253,8 @@ async fn execute(cli: Cli, out: Out) -> Result<(), Error> {
         Command::Cse(cmd) => cmd.run(&ctx).await,
         Command::Report(cmd) => cmd.run(&ctx).await,
         Command::Quorum(cmd) => cmd.run(&ctx).await,
+        Command::Events(cmd) => cmd.run(&ctx).await,
+        Command::Notify(cmd) => cmd.run(&ctx).await,
         Command::Approval(cmd) => cmd.run(&ctx).await,
         Command::Audit(cmd) => cmd.run(&ctx).await,
         Command::DataKey(cmd) => cmd.run(&ctx).await,

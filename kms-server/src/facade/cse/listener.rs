@@ -99,7 +99,7 @@ async fn refresh(shared: &Shared, iss: &str, url: &str) -> Result<(), String> {
 
 /// The JWKS document published at `url`, trusting the CAs of `ca` (`Shared::outgoing_ca`).
 pub async fn fetch_jwks(ca: &std::path::Path, url: &str) -> Result<String, String> {
-    let (status, body) = https::call(ca, url, None).await?;
+    let (status, body) = https::call(ca, url, None, &[]).await?;
     if !status.is_success() {
         return Err(format!("{url} answered {status}"));
     }
@@ -441,7 +441,7 @@ async fn open_elsewhere(
     let ca = &state.shared.outgoing_ca;
     let unreachable = |why: String| Error::precondition(format!("the key service at {original} did not open the key: {why}"));
     let (status, answer) =
-        https::call(ca, &format!("{original}/privilegedunwrap"), Some(body.to_string().into_bytes())).await.map_err(unreachable)?;
+        https::call(ca, &format!("{original}/privilegedunwrap"), Some(body.to_string().into_bytes()), &[]).await.map_err(unreachable)?;
     let answer: serde_json::Value = serde_json::from_slice(&answer).map_err(|_| unreachable(format!("it answered {status} and no JSON")))?;
     if !status.is_success() {
         let message: String = answer["message"].as_str().unwrap_or_default().chars().take(200).collect();
