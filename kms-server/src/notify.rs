@@ -19,6 +19,9 @@ use crate::store::SubscriptionRecord;
 const EVERY: Duration = Duration::from_secs(1);
 /// The most records read for one delivery.
 const PAGE: i64 = 500;
+/// The most deliveries to one subscription in one pass: a busy trail (thousands of data-plane
+/// calls a second) is caught up with, a page at a time.
+const PAGES_PER_PASS: usize = 50;
 /// The longest wait before retrying a failing receiver, in seconds.
 const MAX_BACKOFF: i64 = 300;
 /// The signature header.
@@ -43,16 +46,24 @@ pub async fn deliver_loop(shared: Shared, mut shutdown: tokio::sync::watch::Rece
             }
             Err(_) => continue,
         };
-        for s in due {
-            if let Err(e) = deliver(&shared, s).await {
-                tracing::warn!(error = %e, "a notification delivery could not be recorded");
+        for mut s in due {
+            for _ in 0..PAGES_PER_PASS {
+                match deliver(&shared, s).await {
+                    Ok(Some(next)) => s = next,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "a notification delivery could not be recorded");
+                        break;
+                    }
+                }
             }
         }
     }
 }
 
-/// One delivery to `s`, and its outcome recorded.
-async fn deliver(shared: &Shared, mut s: SubscriptionRecord) -> Result<(), String> {
+/// One delivery to `s`, and its outcome recorded; the subscription as it stands after it, if
+/// a full page was delivered (more may be waiting).
+async fn deliver(shared: &Shared, mut s: SubscriptionRecord) -> Result<Option<SubscriptionRecord>, String> {
     let min = Severity::parse(&s.min_severity).unwrap_or(Severity::Info);
     let (kms, cursor) = (shared.kms.clone(), s.cursor);
     let (events, last) =
@@ -77,17 +88,20 @@ async fn deliver(shared: &Shared, mut s: SubscriptionRecord) -> Result<(), Strin
             s.next_attempt_at = now() + (1i64 << s.failures.clamp(0, 9)).min(MAX_BACKOFF);
             s.last_error = why;
             tracing::warn!(subscription = %s.id, error = %s.last_error, failures = s.failures, "a notification webhook failed; it is retried");
-            return note(shared, s).await;
+            note(shared, &s).await?;
+            return Ok(None);
         }
         s.delivered += events.len() as i64;
     } else if last == s.cursor {
-        return Ok(());
+        return Ok(None);
     }
+    let full = last - s.cursor >= PAGE;
     (s.cursor, s.failures, s.next_attempt_at, s.last_error) = (last, 0, now(), String::new());
-    note(shared, s).await
+    note(shared, &s).await?;
+    Ok(full.then_some(s))
 }
 
-async fn note(shared: &Shared, s: SubscriptionRecord) -> Result<(), String> {
-    let kms = shared.kms.clone();
+async fn note(shared: &Shared, s: &SubscriptionRecord) -> Result<(), String> {
+    let (kms, s) = (shared.kms.clone(), s.clone());
     tokio::task::spawn_blocking(move || kms.note_delivery(&s)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
 }

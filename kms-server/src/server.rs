@@ -285,18 +285,19 @@ async fn probe_loop(kms: Arc<Kms>, health: Health, every: Duration, deadline: Du
                 tokio::task::spawn_blocking(move || kms.probe_hsm())
             }
         };
-        let result = match tokio::time::timeout(deadline, &mut task).await {
-            Ok(Ok(result)) => result.map_err(|e| e.to_string()),
-            Ok(Err(e)) => Err(e.to_string()),
+        // Whether the HSM itself failed (not the store, which the probe also reads).
+        let (result, hsm_failed) = match tokio::time::timeout(deadline, &mut task).await {
+            Ok(Ok(result)) => (result.as_ref().map_err(|e| e.to_string()).copied(), matches!(result, Err(crate::error::Error::Hsm(_)))),
+            Ok(Err(e)) => (Err(e.to_string()), false),
             Err(_) => {
                 stuck = Some(task);
                 let why = format!("the HSM did not answer the probe within {} ms", deadline.as_millis());
                 kms.probe_stalled(&why);
-                Err(why)
+                (Err(why), !kms.probing_store())
             }
         };
-        if result.is_ok() != available {
-            available = result.is_ok();
+        if hsm_failed == available {
+            available = !hsm_failed;
             let (kms, detail) = (kms.clone(), result.as_ref().err().cloned().unwrap_or_else(|| "the HSM answers again".to_string()));
             let recorded = tokio::task::spawn_blocking(move || kms.record_hsm_health(available, &detail)).await;
             if !matches!(recorded, Ok(Ok(()))) {

@@ -362,11 +362,16 @@ impl KeyManagement for AdminService {
                             let _ = tx.send(Err(Status::unavailable("the audit trail could not be read; watch again"))).await;
                             return;
                         };
+                        let full = last - cursor >= 500;
                         cursor = last;
                         for e in events.into_iter().filter(|e| e.severity >= min && (kinds.is_empty() || kinds.contains(&e.kind))) {
                             if tx.send(Ok(event_message(e))).await.is_err() {
                                 return;
                             }
+                        }
+                        if full {
+                            // More records are waiting: read on before sleeping.
+                            continue;
                         }
                         tokio::select! {
                             _ = tokio::time::sleep(WATCH_EVERY) => {}

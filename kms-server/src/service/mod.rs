@@ -194,6 +194,9 @@ pub struct Kms {
     started_at: i64,
     /// What the last health probe found.
     last_probe: status::LastProbe,
+    /// Whether the probe running now is past the HSM, reading the store (a probe that does not
+    /// come back is the HSM's fault only if it is not).
+    probing_store: std::sync::atomic::AtomicBool,
     /// What the cloud facades answered in the last hour.
     facade_activity: status::FacadeActivity,
     /// Per-principal rate limits; `None` when they are off, so that no call takes a lock for them.
@@ -249,6 +252,7 @@ impl Kms {
             uses: review::Uses::default(),
             started_at: now(),
             last_probe: status::LastProbe::default(),
+            probing_store: std::sync::atomic::AtomicBool::new(false),
             facade_activity: status::FacadeActivity::default(),
             limiter: (settings.rate_limit.per_second > 0.0).then(|| Mutex::new(crate::domain::rate::RateLimiter::new(settings.rate_limit))),
             store,
@@ -292,6 +296,7 @@ impl Kms {
     /// HSM that restarted or reloaded its objects hands out new ones): they are looked up again
     /// and the probe tried once more.
     pub fn probe_hsm(&self) -> Result<()> {
+        self.probing_store.store(false, std::sync::atomic::Ordering::Release);
         let result = self
             .probe_once()
             .or_else(|first| {
@@ -299,7 +304,10 @@ impl Kms {
                 self.repair_handles()
             })
             // And the store: without it no call can be audited, so none is answered.
-            .and_then(|()| self.store.read(|tx| tx.marks()).map(drop).map_err(Error::from));
+            .and_then(|()| {
+                self.probing_store.store(true, std::sync::atomic::Ordering::Release);
+                self.store.read(|tx| tx.marks()).map(drop).map_err(Error::from)
+            });
         self.last_probe.set(result.as_ref().err().map(ToString::to_string));
         result
     }
@@ -434,6 +442,11 @@ impl Kms {
         let mut iv = Iv([0u8; IV_LEN]);
         iv.0.copy_from_slice(&sealed[..IV_LEN]);
         Ok(self.hsm.decrypt(self.officer_secrets, &iv, aad, &sealed[IV_LEN..])?)
+    }
+
+    /// Whether the probe running now has got past the HSM (to the store).
+    pub fn probing_store(&self) -> bool {
+        self.probing_store.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Records that a probe did not come back within the deadline (it is still stuck in the HSM).

@@ -167,7 +167,15 @@ async fn a_call_whose_audit_record_cannot_be_written_fails_closed() {
     drop(blocker);
     // The service stayed up and recovers as soon as the audit can be written again.
     data.generate_random(pb::GenerateRandomRequest { number_of_bytes: 8, caller_context: None }).await.unwrap();
-    assert_eq!(count(&server, "SELECT COUNT(*) FROM audit"), before + 1, "the failed call left no record, the next one did");
+    let ops: Vec<String> = server
+        .db()
+        .prepare("SELECT operation || ' ' || outcome || ' ' || principal FROM audit ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(count(&server, "SELECT COUNT(*) FROM audit"), before + 1, "the failed call left no record, the next one did: {ops:?}");
 }
 
 /// Recomputes every hash from `from_seq` on, as an attacker who knows the (public) chain

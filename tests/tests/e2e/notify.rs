@@ -165,3 +165,17 @@ async fn an_auditor_watches_critical_events_as_they_happen() {
     let _ = watch.kill();
     let _ = watch.wait();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_hsm_failing_and_coming_back_are_events_and_a_store_hiccup_is_not() {
+    let server = Server::start();
+    let count = |kind: &str| -> i64 { server.db().query_row("SELECT COUNT(*) FROM audit WHERE operation = ?1", [kind], |r| r.get(0)).unwrap() };
+    // The probe's canary encryption fails (the probe runs every second in tests).
+    server.hsm_fault(Some("C_Encrypt CKR_DEVICE_ERROR"));
+    eventually("HsmUnavailable recorded", Duration::from_secs(20), || count("HsmUnavailable") == 1);
+    server.hsm_fault(None);
+    eventually("HsmAvailable recorded", Duration::from_secs(20), || count("HsmAvailable") == 1);
+    assert_eq!(count("HsmUnavailable"), 1, "one event per change, not one per probe");
+    let severities = ok(&server.kmsctl(&["--json", "notify", "list"]))["severities"].clone();
+    assert_eq!((severities["HsmUnavailable"].as_str(), severities["HsmAvailable"].as_str()), (Some("critical"), Some("info")));
+}
