@@ -958,7 +958,7 @@ impl KeyManagement for AdminService {
                 if r.grant_id.is_empty() {
                     return Err(Error::invalid("grant_id", "is required"));
                 }
-                if let Some(g) = kms.list_grants(None, None)?.into_iter().find(|g| g.grant_id == r.grant_id) {
+                if let Some(g) = kms.grant(&r.grant_id) {
                     kms.gate(caller, Covered::RevokeGrant { grant_id: g.grant_id, key_id: g.key_id.to_string() }, &why)?;
                 }
                 kms.revoke_grant(caller, &r.grant_id)?;

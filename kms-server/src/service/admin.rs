@@ -555,6 +555,11 @@ impl Kms {
         Ok(grant)
     }
 
+    /// The live grant `grant_id`, if there is one.
+    pub fn grant(&self, grant_id: &str) -> Option<Grant> {
+        self.registry.read().grant(grant_id).cloned()
+    }
+
     /// Revokes a grant: it allows nothing from the next call on.
     pub fn revoke_grant(&self, caller: &Caller, grant_id: &str) -> Result<()> {
         let _admin = self.admin_lock()?;
