@@ -80,6 +80,21 @@ enum Command {
         #[arg(long)]
         so_pin_file: PathBuf,
     },
+    /// The security officer's ceremony before a reversibility export (`kmsctl export`): makes
+    /// the customer's RSA public key a trusted object on the token and generates a transport
+    /// key beside it, which the export uses once. Runs with the service running or not
+    /// (docs/export-format.md).
+    ExportKey {
+        #[arg(long)]
+        config: PathBuf,
+        /// A file holding the security officer's PIN (mode 0600); it is read once and not kept.
+        #[arg(long)]
+        so_pin_file: PathBuf,
+        /// The customer's RSA public key, PEM (`openssl pkey -pubout`): what the export is
+        /// wrapped under.
+        #[arg(long)]
+        public_key: PathBuf,
+    },
     /// Restores a backup file into an empty token holding the same backup key and an empty
     /// data directory, offline (the service must not be running). Keys destroyed after the
     /// backup was taken must be named, or their absence stated: see docs/operations.md.
@@ -151,6 +166,22 @@ pub fn main() -> anyhow::Result<()> {
             let so_pin = crate::config::read_pin_file(&so_pin_file)?;
             let outcome = crate::hsm::pkcs11::create_backup_key(&config.hsm.module, &config.hsm.token_label, &config.pin()?, &so_pin)?;
             println!("backup key pair on token {:?}: {outcome:?}", config.hsm.token_label);
+            return Ok(());
+        }
+        Command::ExportKey { config, so_pin_file, public_key } => {
+            let config = Config::load(&config)?;
+            let so_pin = crate::config::read_pin_file(&so_pin_file)?;
+            let pem = std::fs::read_to_string(&public_key).map_err(|e| anyhow::anyhow!("{}: {e}", public_key.display()))?;
+            let customer = crate::hsm::RsaPublicKey::from_pem(&pem).map_err(|e| anyhow::anyhow!("{}: {e}", public_key.display()))?;
+            let o = crate::hsm::pkcs11::create_export_keys(&config.hsm.module, &config.hsm.token_label, &so_pin, &customer)?;
+            let key = if o.key_was_trusted { "already trusted" } else { "made trusted" };
+            let transport = if o.transport_was_there { "an unused transport key was already there" } else { "transport key generated" };
+            println!(
+                "customer key {} ({} bits) {key} on token {:?}; {transport}: one export can run",
+                o.fingerprint,
+                customer.bits(),
+                config.hsm.token_label
+            );
             return Ok(());
         }
         Command::Restore { config, file, destroyed_since, none_destroyed_since: _ } => {

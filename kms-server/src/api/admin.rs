@@ -1169,6 +1169,71 @@ impl KeyManagement for AdminService {
             })
             .await
     }
+
+    async fn export_keys(&self, request: Request<pb::ExportKeysRequest>) -> Result<Response<pb::ExportKeysResponse>, Status> {
+        let who = officer(&request, Role::Officer);
+        let r = request.into_inner();
+        self.0
+            .call("ExportKeys", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                let export = kms.export_keys(caller, &r.public_key_pem)?;
+                Ok(pb::ExportKeysResponse {
+                    manifest: export.manifest,
+                    wrapped_transport: export.transport,
+                    versions: export
+                        .versions
+                        .into_iter()
+                        .map(|v| pb::WrappedKeyVersion { key_id: v.key_id.to_string(), version: v.version, wrapped: v.wrapped })
+                        .collect(),
+                })
+            })
+            .await
+    }
+
+    async fn get_import_parameters(&self, request: Request<pb::GetImportParametersRequest>) -> Result<Response<pb::ImportParameters>, Status> {
+        let who = officer(&request, Role::Officer);
+        self.0
+            .call("GetImportParameters", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                let p = kms.import_parameters(caller)?;
+                Ok(pb::ImportParameters { import_token: p.token, public_key_pem: p.public_key_pem, expires_at: p.expires_at })
+            })
+            .await
+    }
+
+    async fn import_key_material(&self, request: Request<pb::ImportKeyMaterialRequest>) -> Result<Response<pb::CreateKeyResponse>, Status> {
+        let who = officer(&request, Role::Officer);
+        let r = request.into_inner();
+        self.0
+            .call("ImportKeyMaterial", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                if r.description.chars().count() > MAX_DESCRIPTION {
+                    return Err(Error::invalid("description", format!("is longer than {MAX_DESCRIPTION} characters")));
+                }
+                let alias = if r.alias.is_empty() { None } else { Some(AliasName::parse(&r.alias).map_err(|e| Error::invalid("alias", e))?) };
+                let key_id =
+                    kms.import_key_material(caller, &r.import_token, &r.wrapping_algorithm, &r.wrapped_key_material, r.description, alias)?;
+                Ok(pb::CreateKeyResponse { key: Some(metadata(&kms.describe_key(&KeyRef::Id(key_id))?)) })
+            })
+            .await
+    }
+
+    async fn import_keys(&self, request: Request<pb::ImportKeysRequest>) -> Result<Response<pb::ImportKeysResponse>, Status> {
+        let who = officer(&request, Role::Officer);
+        let r = request.into_inner();
+        self.0
+            .call("ImportKeys", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, facts| {
+                let versions = r
+                    .versions
+                    .into_iter()
+                    .map(|v| {
+                        let key_id = v.key_id.parse().map_err(|e| Error::invalid("versions", format!("key id {:?}: {e}", v.key_id)))?;
+                        Ok(crate::service::export::WrappedVersion { key_id, version: v.version, wrapped: v.wrapped })
+                    })
+                    .collect::<Result<Vec<_>, Error>>()?;
+                let imported = kms.import_bundle(caller, &r.import_token, &r.manifest, &r.wrapped_transport, versions)?;
+                facts.detail = format!("{} keys, {} versions", imported.keys.len(), imported.versions);
+                Ok(pb::ImportKeysResponse { key_ids: imported.keys.iter().map(ToString::to_string).collect(), versions: imported.versions as u32 })
+            })
+            .await
+    }
 }
 
 /// The most bytes of a backup in one message.

@@ -205,6 +205,30 @@ pub trait Hsm: Send + Sync {
     /// Signs `data` with RSASSA-PKCS1-v1_5 over SHA-256 (JWT's RS256), inside the HSM, with the
     /// private half of the signing key pair whose public half is `key`.
     fn sign(&self, key: &RsaPublicKey, data: &[u8]) -> Result<Vec<u8>, HsmError>;
+
+    /// Wraps `versions` for the customer whose public key is `customer`, all inside the HSM:
+    /// the transport key the security officer made beside that key (`kms-server export-key`:
+    /// `templates::export_transport_key`) under it with RSA-OAEP, each version under the
+    /// transport key with AES key wrap (RFC 5649); then destroys the transport key. `None` when
+    /// the token holds no trusted key and unused transport key for this customer.
+    fn export(&self, customer: &RsaPublicKey, versions: &[KeyHandle]) -> Result<Option<ExportedKeys>, HsmError>;
+
+    /// Makes an import key pair labelled `label` (`templates::import_key_pair`) and returns its
+    /// public half.
+    fn new_import_key(&self, label: &str) -> Result<RsaPublicKey, HsmError>;
+
+    /// The labels of the import key pairs on the token.
+    fn import_keys(&self) -> Result<Vec<String>, HsmError>;
+
+    /// Destroys both halves of the import key pair labelled `label`.
+    fn destroy_import_key(&self, label: &str) -> Result<(), HsmError>;
+
+    /// Unwraps key versions into token objects (`templates::key_version`) with the import key
+    /// pair labelled `label`: with `transport`, it is unwrapped first (RSA-OAEP) into a session
+    /// object that unwraps each version (AES key wrap, RFC 5649) and is destroyed after;
+    /// without, each version is RSA-OAEP under the import key. Nothing is left made when one
+    /// fails. `None` when the token has no such import key.
+    fn import(&self, label: &str, transport: Option<&[u8]>, versions: &[(ObjectName, Vec<u8>)]) -> Result<Option<Vec<KeyHandle>>, HsmError>;
 }
 
 /// What the token says of a key object's protection (PKCS#11's attributes), for the evidence
@@ -220,9 +244,93 @@ pub struct KeyProtection {
     pub local: bool,
 }
 
-/// An RSA public key, as the token holds it.
+/// An RSA public key, as the token holds it (big-endian integers without leading zeros).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RsaPublicKey {
     pub modulus: Vec<u8>,
     pub exponent: Vec<u8>,
+}
+
+/// rsaEncryption (RFC 8017).
+const RSA_ENCRYPTION_OID: &[u64] = &[1, 2, 840, 113549, 1, 1, 1];
+
+impl RsaPublicKey {
+    /// Reads a PEM `PUBLIC KEY` (SubjectPublicKeyInfo, what `openssl pkey -pubout` writes)
+    /// holding an RSA key of 2,048 to 8,192 bits.
+    pub fn from_pem(pem: &str) -> Result<RsaPublicKey, String> {
+        use x509_parser::prelude::FromDer;
+        let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|_| "is not PEM".to_string())?;
+        if pem.label != "PUBLIC KEY" {
+            return Err(format!("holds a {:?}, not a PUBLIC KEY (SubjectPublicKeyInfo: openssl pkey -pubout)", pem.label));
+        }
+        let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(&pem.contents).map_err(|_| "is not a SubjectPublicKeyInfo".to_string())?;
+        let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) = spki.parsed() else {
+            return Err("is not an RSA public key".into());
+        };
+        let trim = |b: &[u8]| b.iter().position(|&x| x != 0).map_or_else(Vec::new, |i| b[i..].to_vec());
+        let key = RsaPublicKey { modulus: trim(rsa.modulus), exponent: trim(rsa.exponent) };
+        match key.bits() {
+            2048..=8192 => Ok(key),
+            bits => Err(format!("is a {bits}-bit RSA key; 2048 to 8192 bits are accepted")),
+        }
+    }
+
+    /// The modulus's length in bits.
+    pub fn bits(&self) -> usize {
+        self.modulus.first().map_or(0, |b| self.modulus.len() * 8 - b.leading_zeros() as usize)
+    }
+
+    /// The DER SubjectPublicKeyInfo.
+    pub fn spki_der(&self) -> Vec<u8> {
+        let rsa = yasna::construct_der(|w| {
+            w.write_sequence(|w| {
+                w.next().write_bigint_bytes(&self.modulus, true);
+                w.next().write_bigint_bytes(&self.exponent, true);
+            })
+        });
+        yasna::construct_der(|w| {
+            w.write_sequence(|w| {
+                w.next().write_sequence(|w| {
+                    w.next().write_oid(&yasna::models::ObjectIdentifier::from_slice(RSA_ENCRYPTION_OID));
+                    w.next().write_null();
+                });
+                w.next().write_bitvec_bytes(&rsa, rsa.len() * 8);
+            })
+        })
+    }
+
+    /// The PEM `PUBLIC KEY`.
+    pub fn to_pem(&self) -> String {
+        use base64::Engine;
+        let body = base64::engine::general_purpose::STANDARD.encode(self.spki_der());
+        let mut pem = String::from("-----BEGIN PUBLIC KEY-----\n");
+        for line in body.as_bytes().chunks(64) {
+            pem.push_str(&String::from_utf8_lossy(line));
+            pem.push('\n');
+        }
+        pem.push_str("-----END PUBLIC KEY-----\n");
+        pem
+    }
+
+    /// SHA-256 of the DER SubjectPublicKeyInfo, in hex: what
+    /// `openssl pkey -pubin -in key.pem -outform DER | sha256sum` prints.
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest;
+        crate::domain::hex::hex(&sha2::Sha256::digest(self.spki_der()))
+    }
+}
+
+/// What `Hsm::export` returns: the transport key wrapped under the customer's public key
+/// (RSA-OAEP), and each key version wrapped under the transport key (AES key wrap with
+/// padding), in the order asked.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ExportedKeys {
+    pub transport: Vec<u8>,
+    pub versions: Vec<Vec<u8>>,
+}
+
+impl fmt::Debug for ExportedKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExportedKeys").field("versions", &self.versions.len()).finish_non_exhaustive()
+    }
 }

@@ -40,8 +40,8 @@ use cryptoki::types::AuthPin;
 
 use super::copies::Copies;
 use super::{
-    BackupKey, FailedCall, Hsm, HsmError, KeyHandle, KeyProtection, ObjectName, RECENT_FAILURES, RsaPublicKey, ServiceKey, SessionUse, TokenInfo,
-    Wrapped, templates,
+    BackupKey, ExportedKeys, FailedCall, Hsm, HsmError, KeyHandle, KeyProtection, ObjectName, RECENT_FAILURES, RsaPublicKey, ServiceKey, SessionUse,
+    TokenInfo, Wrapped, templates,
 };
 use crate::domain::blob::{Iv, TAG_LEN};
 use crate::secret::{Pin, SecretBytes};
@@ -578,6 +578,52 @@ pub fn create_backup_key(module: &Path, token_label: &str, user_pin: &Pin, so_pi
     Ok(BackupKeyOutcome::Created)
 }
 
+/// What `create_export_keys` found or made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportKeysOutcome {
+    /// The customer key's fingerprint (`RsaPublicKey::fingerprint`).
+    pub fingerprint: String,
+    /// Whether the trusted public key was already on the token.
+    pub key_was_trusted: bool,
+    /// Whether an unused transport key was already there.
+    pub transport_was_there: bool,
+}
+
+/// The security officer's ceremony before a reversibility export: makes the customer's RSA
+/// public key a trusted token object (`templates::export_public_key`), if it is not already,
+/// and generates a transport key beside it (`templates::export_transport_key`), if there is
+/// none unused. Both are public objects: the security officer alone, in a process of its own,
+/// with the service running or not.
+pub fn create_export_keys(module: &Path, token_label: &str, so_pin: &Pin, customer: &RsaPublicKey) -> Result<ExportKeysOutcome, HsmError> {
+    let ctx = Pkcs11::new(module).map_err(|e| setup(&format!("loading PKCS#11 module {}", module.display()), e))?;
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).map_err(|e| setup("C_Initialize", e))?;
+    let slot = find_slot(&ctx, token_label)?;
+    let session = ctx.open_rw_session(slot).map_err(|e| setup("C_OpenSession", e))?;
+    let fingerprint = customer.fingerprint();
+    let (key_label, transport_label) = export_labels(&fingerprint);
+    login(&session, UserType::So, so_pin, "security officer")?;
+    let find = |label: &str, class| session.find_objects(&templates::backup_half(label, class)).map_err(|e| setup("C_FindObjects", e));
+    let key_was_trusted = !find(&key_label, ObjectClass::PUBLIC_KEY)?.is_empty();
+    if !key_was_trusted {
+        session
+            .create_object(&templates::export_public_key(customer.modulus.clone(), customer.exponent.clone(), &key_label))
+            .map_err(|e| setup("C_CreateObject (trusted customer key)", e))?;
+    }
+    let transport_was_there = !find(&transport_label, ObjectClass::SECRET_KEY)?.is_empty();
+    if !transport_was_there {
+        session
+            .generate_key(&Mechanism::AesKeyGen, &templates::export_transport_key(&transport_label))
+            .map_err(|e| setup("C_GenerateKey (export transport key)", e))?;
+    }
+    session.logout().map_err(|e| setup("C_Logout", e))?;
+    Ok(ExportKeysOutcome { fingerprint, key_was_trusted, transport_was_there })
+}
+
+/// The labels of the trusted customer key and its transport key.
+fn export_labels(fingerprint: &str) -> (String, String) {
+    (format!("{}{fingerprint}", templates::EXPORT_LABEL), format!("{}{fingerprint}", templates::EXPORT_TRANSPORT_LABEL))
+}
+
 /// The modulus and public exponent of an RSA key object (public, or private: neither is
 /// sensitive).
 fn rsa_public(s: &Session, object: ObjectHandle) -> Result<RsaPublicKey, CkError> {
@@ -816,6 +862,110 @@ impl Hsm for Pkcs11Hsm {
             };
             s.sign(&Mechanism::Sha256RsaPkcs, private, data)
         })
+    }
+
+    fn export(&self, customer: &RsaPublicKey, versions: &[KeyHandle]) -> Result<Option<ExportedKeys>, HsmError> {
+        let (key_label, transport_label) = export_labels(&customer.fingerprint());
+        let Some((key, transport)) = self.with_session("C_FindObjects", |s| {
+            let find = |label: &str, class| s.find_objects(&templates::backup_half(label, class)).map(|o| o.first().copied());
+            Ok(find(&key_label, ObjectClass::PUBLIC_KEY)?.zip(find(&transport_label, ObjectClass::SECRET_KEY)?))
+        })?
+        else {
+            return Ok(None);
+        };
+        let exported = self.with_session("C_WrapKey", |s| {
+            let transport_wrapped = s.wrap_key(&backup_mechanism(), key, transport)?;
+            let mut wrapped = Vec::with_capacity(versions.len());
+            for version in versions {
+                wrapped.push(s.wrap_key(&Mechanism::AesKeyWrapPad, transport, self.resolve(s, *version)?)?);
+            }
+            Ok(ExportedKeys { transport: transport_wrapped, versions: wrapped })
+        })?;
+        // Used once: whoever unwraps this export knows its value.
+        self.with_session("C_DestroyObject", |s| s.destroy_object(transport))?;
+        Ok(Some(exported))
+    }
+
+    fn new_import_key(&self, label: &str) -> Result<RsaPublicKey, HsmError> {
+        let (public, private) = templates::import_key_pair(label);
+        self.with_session("C_GenerateKeyPair", |s| {
+            let public =
+                super::raw::generate_rsa_pair_with_unwrap_template(&self.module, s, &public, &private, &templates::import_unwrap_template())?;
+            rsa_public(s, public)
+        })
+    }
+
+    fn import_keys(&self) -> Result<Vec<String>, HsmError> {
+        self.with_session("C_FindObjects", |s| {
+            let mut labels = Vec::new();
+            for object in s.find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY), Attribute::Token(true)])? {
+                for a in s.get_attributes(object, &[AttributeType::Label])? {
+                    if let Attribute::Label(bytes) = a
+                        && let Ok(label) = String::from_utf8(bytes)
+                        && label.starts_with(templates::IMPORT_LABEL)
+                    {
+                        labels.push(label);
+                    }
+                }
+            }
+            Ok(labels)
+        })
+    }
+
+    fn destroy_import_key(&self, label: &str) -> Result<(), HsmError> {
+        self.with_session("C_DestroyObject", |s| {
+            for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+                for object in s.find_objects(&templates::backup_half(label, class))? {
+                    s.destroy_object(object)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn import(&self, label: &str, transport: Option<&[u8]>, versions: &[(ObjectName, Vec<u8>)]) -> Result<Option<Vec<KeyHandle>>, HsmError> {
+        let generation = self.generation();
+        let result = self.with_session("C_UnwrapKey", |s| {
+            let Some(private) = s.find_objects(&templates::backup_half(label, ObjectClass::PRIVATE_KEY))?.first().copied() else {
+                return Ok(None);
+            };
+            let transport = match transport {
+                Some(wrapped) => Some(s.unwrap_key(&backup_mechanism(), private, wrapped, &templates::import_transport_key())?),
+                None => None,
+            };
+            let mut made = Vec::with_capacity(versions.len());
+            let mut outcome = Ok(());
+            for (name, wrapped) in versions {
+                let template = Wrapped::Version(*name).unwrap_template(true);
+                let unwrapped = match transport {
+                    Some(transport) => s.unwrap_key(&Mechanism::AesKeyWrapPad, transport, wrapped, &template),
+                    None => s.unwrap_key(&backup_mechanism(), private, wrapped, &template),
+                };
+                match unwrapped {
+                    Ok(object) => made.push(object),
+                    Err(e) => {
+                        outcome = Err(e);
+                        break;
+                    }
+                }
+            }
+            if let Some(transport) = transport {
+                s.destroy_object(transport)?;
+            }
+            if let Err(e) = outcome {
+                for object in made {
+                    s.destroy_object(object)?;
+                }
+                return Err(e);
+            }
+            Ok(Some(made.into_iter().map(|o| Self::tag(o, generation)).collect()))
+        });
+        match result {
+            // Material wrapped under another key or changed: SoftHSM2 says CKR_GENERAL_ERROR
+            // (as for a forged AES-GCM tag), the standard CKR_WRAPPED_KEY_INVALID.
+            Err(HsmError::Unavailable { function, code: code @ RvError::GeneralError }) => Err(HsmError::Refused { function, code }),
+            other => other,
+        }
     }
 
     fn generation(&self) -> u64 {

@@ -10,6 +10,7 @@ mod backup;
 pub mod cse;
 pub mod events;
 pub mod explain;
+pub mod export;
 pub mod officers;
 pub mod quorum;
 mod recovery;

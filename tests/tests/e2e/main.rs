@@ -39,6 +39,7 @@ mod python;
 mod quorum;
 mod rate;
 mod report;
+mod reversibility;
 mod review;
 mod shutdown;
 mod status;

@@ -9,7 +9,7 @@ use kms_client::{Error, pb};
 use serde_json::{Value, json};
 
 use crate::Context;
-use crate::admin::admin_channel;
+use crate::admin::{Admin, admin_channel};
 use crate::output::{create_private, parse_time};
 
 #[derive(Subcommand)]
@@ -92,28 +92,7 @@ impl AuditCommand {
                     Some(path) => Box::new(BufWriter::new(create_private(path).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?)),
                     None => Box::new(std::io::stdout().lock()),
                 };
-                let io = |e: std::io::Error| Error::Config(e.to_string());
-                let (mut after, mut written) = (0, 0u64);
-                loop {
-                    let r = c
-                        .list_audit_records(pb::ListAuditRecordsRequest {
-                            after_seq: after,
-                            page_size: 1000,
-                            since: since.unwrap_or(0),
-                            until: until.unwrap_or(0),
-                        })
-                        .await?
-                        .into_inner();
-                    for a in &r.records {
-                        writeln!(sink, "{}", record_json(a)).map_err(io)?;
-                        written += 1;
-                    }
-                    if r.next_after_seq == 0 {
-                        break;
-                    }
-                    after = r.next_after_seq;
-                }
-                sink.flush().map_err(io)?;
+                let written = write_records(&mut c, since.unwrap_or(0), until.unwrap_or(0), &mut sink).await?;
                 if output.is_some() {
                     out.print(json!({"records": written}), || format!("exported {written} records"));
                 }
@@ -158,6 +137,26 @@ impl AuditCommand {
             }
         }
     }
+}
+
+/// Writes the records within `since..until` (0: no bound) to `sink` as JSON lines, and flushes
+/// it; returns how many were written.
+pub(crate) async fn write_records(c: &mut AuditLogClient<Admin>, since: i64, until: i64, sink: &mut dyn Write) -> Result<u64, Error> {
+    let io = |e: std::io::Error| Error::Config(e.to_string());
+    let (mut after, mut written) = (0, 0u64);
+    loop {
+        let r = c.list_audit_records(pb::ListAuditRecordsRequest { after_seq: after, page_size: 1000, since, until }).await?.into_inner();
+        for a in &r.records {
+            writeln!(sink, "{}", record_json(a)).map_err(io)?;
+            written += 1;
+        }
+        if r.next_after_seq == 0 {
+            break;
+        }
+        after = r.next_after_seq;
+    }
+    sink.flush().map_err(io)?;
+    Ok(written)
 }
 
 fn record_json(a: &pb::AuditRecord) -> Value {

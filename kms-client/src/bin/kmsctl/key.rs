@@ -1,5 +1,7 @@
 //! Keys, their versions and their aliases: `kmsctl key` and `kmsctl alias`.
 
+use std::path::PathBuf;
+
 use clap::Subcommand;
 use kms_client::pb::key_management_client::KeyManagementClient;
 use kms_client::{Error, pb};
@@ -61,6 +63,30 @@ pub(crate) enum KeyCommand {
     /// One version of a key.
     #[command(subcommand)]
     Version(VersionCommand),
+    /// BYOK: a fresh RSA-3072 key pair in the HSM to wrap key material under, for one import
+    /// within 24 hours; prints the import token.
+    ImportParameters {
+        /// Where to write the public key (PEM).
+        #[arg(long)]
+        public_key_out: PathBuf,
+    },
+    /// BYOK: imports 32 bytes of AES key material, wrapped offline under the import parameters'
+    /// public key, as a new key whose origin is external.
+    Import {
+        #[arg(long)]
+        token: String,
+        /// The wrapped material.
+        #[arg(long)]
+        material: PathBuf,
+        /// RSA_AES_KEY_WRAP_SHA_1 (RSA-OAEP of an AES key, then the material under it with AES
+        /// key wrap, RFC 5649) or RSAES_OAEP_SHA_1 (the material under RSA-OAEP directly).
+        #[arg(long, default_value = "RSA_AES_KEY_WRAP_SHA_1")]
+        wrapping_algorithm: String,
+        #[arg(long)]
+        alias: Option<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -150,6 +176,10 @@ impl KeyCommand {
                     std::iter::once(r.key_id.clone()).chain(r.versions.iter().map(version_text)).collect::<Vec<_>>().join("\n")
                 });
                 Ok(())
+            }
+            KeyCommand::ImportParameters { public_key_out } => crate::transfer::import_parameters(ctx, &public_key_out).await,
+            KeyCommand::Import { token, material, wrapping_algorithm, alias, description } => {
+                out.key(crate::transfer::import_material(ctx, token, &material, wrapping_algorithm, description, alias).await?)
             }
             KeyCommand::Rotate { key } => {
                 let r = c.rotate_key(pb::RotateKeyRequest { key_id: key }).await?.into_inner();

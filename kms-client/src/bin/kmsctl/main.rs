@@ -21,6 +21,7 @@ mod officer;
 mod output;
 mod report;
 mod status;
+mod transfer;
 mod xks;
 
 use std::io::Write;
@@ -110,6 +111,14 @@ enum Command {
     /// the audit trail, in one integrity-protected file (restored offline with `kms-server restore`).
     #[command(subcommand)]
     Backup(backup::BackupCommand),
+    /// Reversibility: every live key version wrapped inside the HSM under the customer's RSA
+    /// public key (made trusted first by the HSM's security officer: `kms-server export-key`),
+    /// with the metadata and the audit trail, in a bundle OpenSSL alone unwraps
+    /// (docs/export-format.md).
+    Export(transfer::ExportArgs),
+    /// Imports a bundle another instance exported under this one's import parameters
+    /// (`kmsctl key import-parameters`): every key, with its id, comes back.
+    Import(transfer::ImportArgs),
     /// Workload principals (certificate identities) that may hold grants.
     #[command(subcommand)]
     Principal(access::PrincipalCommand),
@@ -171,6 +180,7 @@ impl Command {
             Command::Quorum(c) => c.changes(),
             Command::Notify(c) => c.changes(),
             Command::Approval(c) => c.changes(),
+            Command::Export(_) | Command::Import(_) => true,
             Command::Login(_)
             | Command::Report(_)
             | Command::Events(_)
@@ -242,6 +252,8 @@ async fn execute(cli: Cli, out: Out) -> Result<(), Error> {
         Command::Alias(cmd) => cmd.run(&ctx).await,
         Command::Login(args) => args.run(&ctx).await,
         Command::Backup(cmd) => cmd.run(&ctx).await,
+        Command::Export(args) => args.run(&ctx).await,
+        Command::Import(args) => args.run(&ctx).await,
         Command::Logout => officer::logout(&ctx).await,
         Command::Officer(cmd) => cmd.run(&ctx).await,
         Command::Explain(args) => args.run(&ctx).await,
