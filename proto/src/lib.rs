@@ -23,6 +23,9 @@ pub mod v1 {
     pub const REASON_HEADER: &str = "kms-reason";
     /// The error metadata of a call a quorum policy covers: the approval request it made.
     pub const APPROVAL_REQUEST_HEADER: &str = "kms-approval-request";
+    /// The request metadata that runs an approved request whose result goes to its requester
+    /// (a backup, an export, an import): the request's id.
+    pub const APPROVAL_HEADER: &str = "kms-approval";
 
     use std::fmt;
 

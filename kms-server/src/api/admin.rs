@@ -4,7 +4,7 @@ use kms_proto::v1 as pb;
 use kms_proto::v1::key_management_server::KeyManagement;
 use tonic::{Request, Response, Status};
 
-use super::{Audit, Shared, Who, context, key_ref, officer, optional_key_ref, reason};
+use super::{Audit, Shared, Who, approval, context, key_ref, officer, optional_key_ref, reason};
 use crate::domain::ids::{AliasName, KeyId, KeyRef};
 use crate::domain::lifecycle::{DEFAULT_PENDING_DAYS, KeyState, KeyTransition, MAX_PENDING_DAYS, MIN_PENDING_DAYS, VersionState, VersionTransition};
 use crate::domain::officer::{Passphrase, Role};
@@ -1141,8 +1141,14 @@ impl KeyManagement for AdminService {
 
     async fn create_backup(&self, request: Request<pb::CreateBackupRequest>) -> Result<Response<Self::CreateBackupStream>, Status> {
         let who = officer(&request, Role::Officer);
-        let made =
-            self.0.call("CreateBackup", who, Audit::FailuresInTransactionSuccesses, |kms, caller, _| kms.create_backup(caller).map(Some)).await?;
+        let (why, approved) = (reason(&request), approval(&request));
+        let made = self
+            .0
+            .call("CreateBackup", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                kms.gate_deferred(caller, Covered::CreateBackup {}, &why, approved.as_deref())?;
+                kms.create_backup(caller).map(Some)
+            })
+            .await?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         // A dry run made nothing: its answer is the header alone, over an empty stream.
         let (metadata, backup, _) = made.into_parts();
@@ -1172,9 +1178,12 @@ impl KeyManagement for AdminService {
 
     async fn export_keys(&self, request: Request<pb::ExportKeysRequest>) -> Result<Response<pb::ExportKeysResponse>, Status> {
         let who = officer(&request, Role::Officer);
+        let (why, approved) = (reason(&request), approval(&request));
         let r = request.into_inner();
         self.0
             .call("ExportKeys", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                let customer = crate::hsm::RsaPublicKey::from_pem(&r.public_key_pem).map_err(|e| Error::invalid("public_key_pem", e))?;
+                kms.gate_deferred(caller, Covered::ExportKeys { public_key_sha256: customer.fingerprint() }, &why, approved.as_deref())?;
                 let export = kms.export_keys(caller, &r.public_key_pem)?;
                 Ok(pb::ExportKeysResponse {
                     manifest: export.manifest,
@@ -1201,9 +1210,13 @@ impl KeyManagement for AdminService {
 
     async fn import_key_material(&self, request: Request<pb::ImportKeyMaterialRequest>) -> Result<Response<pb::CreateKeyResponse>, Status> {
         let who = officer(&request, Role::Officer);
+        let (why, approved) = (reason(&request), approval(&request));
         let r = request.into_inner();
         self.0
             .call("ImportKeyMaterial", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
+                let covered =
+                    Covered::ImportKeys { import_token: r.import_token.clone(), sha256: crate::domain::hex::sha256_hex(&r.wrapped_key_material) };
+                kms.gate_deferred(caller, covered, &why, approved.as_deref())?;
                 if r.description.chars().count() > MAX_DESCRIPTION {
                     return Err(Error::invalid("description", format!("is longer than {MAX_DESCRIPTION} characters")));
                 }
@@ -1217,9 +1230,12 @@ impl KeyManagement for AdminService {
 
     async fn import_keys(&self, request: Request<pb::ImportKeysRequest>) -> Result<Response<pb::ImportKeysResponse>, Status> {
         let who = officer(&request, Role::Officer);
+        let (why, approved) = (reason(&request), approval(&request));
         let r = request.into_inner();
         self.0
             .call("ImportKeys", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, facts| {
+                let covered = Covered::ImportKeys { import_token: r.import_token.clone(), sha256: crate::domain::hex::sha256_hex(&r.manifest) };
+                kms.gate_deferred(caller, covered, &why, approved.as_deref())?;
                 let versions = r
                     .versions
                     .into_iter()

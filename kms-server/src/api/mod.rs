@@ -516,6 +516,12 @@ pub fn reason<T>(request: &tonic::Request<T>) -> String {
     text.chars().take(256).filter(|c| (' '..='~').contains(c)).collect()
 }
 
+/// The approved request a call runs (`kms-approval` metadata), if it names one.
+pub fn approval<T>(request: &tonic::Request<T>) -> Option<String> {
+    let text = request.metadata().get(kms_proto::v1::APPROVAL_HEADER)?.to_str().ok()?.trim();
+    (!text.is_empty()).then(|| text.chars().take(64).collect())
+}
+
 pub fn officer<T>(request: &tonic::Request<T>, needs: Role) -> Who {
     let token = request
         .metadata()

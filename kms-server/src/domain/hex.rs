@@ -10,6 +10,12 @@ pub fn hex(bytes: &[u8]) -> String {
     out
 }
 
+/// SHA-256 of `bytes`, in hexadecimal.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex(&sha2::Sha256::digest(bytes))
+}
+
 /// The bytes `s` spells in hexadecimal (either case), if it does.
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {

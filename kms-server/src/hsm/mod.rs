@@ -315,8 +315,7 @@ impl RsaPublicKey {
     /// SHA-256 of the DER SubjectPublicKeyInfo, in hex: what
     /// `openssl pkey -pubin -in key.pem -outform DER | sha256sum` prints.
     pub fn fingerprint(&self) -> String {
-        use sha2::Digest;
-        crate::domain::hex::hex(&sha2::Sha256::digest(self.spki_der()))
+        crate::domain::hex::sha256_hex(&self.spki_der())
     }
 }
 

@@ -19,11 +19,10 @@
 use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::admin::changed;
 use super::{Caller, Kms, now};
-use crate::domain::hex::hex;
+use crate::domain::hex::{hex, sha256_hex};
 use crate::domain::ids::{AliasName, KeyId};
 use crate::domain::lifecycle::{KeyState, VersionState};
 use crate::error::{Error, Result};
@@ -154,10 +153,6 @@ fn parse_token(token: &str) -> Result<i64> {
 
 fn no_such_parameters() -> Error {
     Error::invalid("import_token", "names no import parameters on this HSM (never issued, already used, or expired and removed)")
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
 }
 
 /// A key and its versions to import, with their wrapped material.

@@ -29,7 +29,10 @@ const MAX_REQUIRED: u32 = 16;
 const ORPHAN_SECONDS: i64 = 60;
 
 /// The operations a quorum policy can cover.
-pub const COVERABLE: [&str; 7] = [
+pub const COVERABLE: [&str; 10] = [
+    "CreateBackup",
+    "ExportKeys",
+    "ImportKeys",
     "ScheduleKeyDestruction",
     "ScheduleKeyVersionDestruction",
     "MarkKeyCompromised",
@@ -75,6 +78,17 @@ pub enum Covered {
         policy_key_id: Option<String>,
         required: u32,
     },
+    /// The operations whose result goes to their requester (a file, keys brought in) run when
+    /// the requester calls again with the approved request's id ([`Covered::deferred`]).
+    CreateBackup {},
+    ExportKeys {
+        public_key_sha256: String,
+    },
+    /// A bundle (`ImportKeys`) or one key's material (`ImportKeyMaterial`).
+    ImportKeys {
+        import_token: String,
+        sha256: String,
+    },
 }
 
 impl Covered {
@@ -87,7 +101,17 @@ impl Covered {
             Covered::CreateGrant { .. } => "CreateGrant",
             Covered::RevokeGrant { .. } => "RevokeGrant",
             Covered::SetQuorumPolicy { .. } => "SetQuorumPolicy",
+            Covered::CreateBackup {} => "CreateBackup",
+            Covered::ExportKeys { .. } => "ExportKeys",
+            Covered::ImportKeys { .. } => "ImportKeys",
         }
+    }
+
+    /// Whether the approved operation runs when its requester calls again with the request's
+    /// id (`kms-approval`), rather than at the last approval: its result (a backup, an export,
+    /// the keys imported) is the requester's to receive.
+    pub fn deferred(&self) -> bool {
+        matches!(self, Covered::CreateBackup {} | Covered::ExportKeys { .. } | Covered::ImportKeys { .. })
     }
 
     /// The key the call is about, for per-key policies.
@@ -99,7 +123,7 @@ impl Covered {
             | Covered::CreateGrant { key_id, .. }
             | Covered::RevokeGrant { key_id, .. } => key_id.parse().ok(),
             Covered::SetQuorumPolicy { policy_key_id, .. } => policy_key_id.as_deref().and_then(|k| k.parse().ok()),
-            Covered::DisableOfficer { .. } => None,
+            Covered::DisableOfficer { .. } | Covered::CreateBackup {} | Covered::ExportKeys { .. } | Covered::ImportKeys { .. } => None,
         }
     }
 
@@ -118,6 +142,9 @@ impl Covered {
                 "require {required} approvals for {policy_operation} on {}",
                 policy_key_id.as_deref().map_or_else(|| "every key".to_string(), |k| format!("key {k}"))
             ),
+            Covered::CreateBackup {} => "make a backup of every key".into(),
+            Covered::ExportKeys { public_key_sha256 } => format!("export every key for the customer key {public_key_sha256}"),
+            Covered::ImportKeys { import_token, sha256 } => format!("import keys (material sha256 {sha256}) under import parameters {import_token}"),
         }
     }
 }
@@ -183,6 +210,42 @@ impl Kms {
             tx.append_audit(&caller.audit("RequestApproval", request.key_id, None, detail), at)
         })?;
         Err(Error::ApprovalRequired { request_id: request.id, required })
+    }
+
+    /// `gate` for an operation whose result goes to its requester ([`Covered::deferred`]):
+    /// with `approval` (the `kms-approval` id of a request approved for these very arguments,
+    /// by this requester), the request is used up and the call runs; without, as `gate`.
+    pub fn gate_deferred(&self, caller: &Caller, covered: Covered, reason: &str, approval: Option<&str>) -> Result<()> {
+        let Some(id) = approval else {
+            return self.gate(caller, covered, reason);
+        };
+        let request = self.store.read(|tx| tx.approval_request(id))?.ok_or_else(|| Error::NotFound { what: format!("approval request {id}") })?;
+        if request.requester != caller.principal {
+            return Err(Error::precondition(format!("request {id} is {}'s: only its requester runs it", request.requester)));
+        }
+        let arguments = serde_json::to_string(&covered).map_err(|e| Error::invalid("arguments", e))?;
+        if request.arguments != arguments {
+            return Err(Error::invalid("kms-approval", format!("request {id} approved another call: {}", request.summary)));
+        }
+        if request.state != "ready" {
+            return Err(Error::precondition(format!("request {id} is {}, not approved and unused", request.state)));
+        }
+        caller.commit_point(|| format!("use approved request {id}: {}", request.summary))?;
+        let at = now();
+        let used = self.store.write(|tx| {
+            let used = tx.move_request(id, "ready", "executed", at, "run by its requester")?;
+            if used {
+                tx.append_audit(
+                    &caller.audit("ExecuteApprovedRequest", request.key_id, None, format!("{id}: {} — run by its requester", request.summary)),
+                    at,
+                )?;
+            }
+            Ok(used)
+        })?;
+        if !used {
+            return Err(Error::precondition(format!("request {id} was used already")));
+        }
+        Ok(())
     }
 
     /// Sets how many officers must approve `operation` (on `key`, or on every key), through the
@@ -304,11 +367,13 @@ impl Kms {
     /// Runs an approved request's operation, once, and records its result.
     fn execute(&self, request: &ApprovalRequestRecord) {
         let caller = Caller::internal(&format!("{} (approved request {})", request.requester, request.id));
-        let outcome =
-            serde_json::from_str::<Covered>(&request.arguments).map_err(|e| Error::invalid("arguments", e)).and_then(|c| self.run(&caller, &c));
-        let (state, result) = match &outcome {
-            Ok(done) => ("executed", done.clone()),
-            Err(e) => ("failed", e.to_string()),
+        let covered = serde_json::from_str::<Covered>(&request.arguments).map_err(|e| Error::invalid("arguments", e));
+        let (state, result) = match covered {
+            Ok(c) if c.deferred() => ("ready", format!("approved: runs once when {} calls again with --approval {}", request.requester, request.id)),
+            c => match c.and_then(|c| self.run(&caller, &c)) {
+                Ok(done) => ("executed", done),
+                Err(e) => ("failed", e.to_string()),
+            },
         };
         let at = now();
         let recorded = self.store.write(|tx| {
@@ -369,17 +434,22 @@ impl Kms {
                 let p = self.apply_policy(caller, covered)?;
                 Ok(format!("{} now needs {} approvals", p.operation, p.required))
             }
+            Covered::CreateBackup {} | Covered::ExportKeys { .. } | Covered::ImportKeys { .. } => {
+                Err(Error::precondition("runs when its requester calls again with the request's id"))
+            }
         }
     }
 
     /// Pending requests past their expiry become `expired` (audited).
     pub fn expire_requests(&self) -> Result<usize> {
         let at = now() + crate::hooks::sweep_clock_offset();
-        let pending = self.store.read(|tx| tx.approval_requests(Some("pending"), 500))?;
+        let mut waiting = self.store.read(|tx| tx.approval_requests(Some("pending"), 500))?;
+        waiting.extend(self.store.read(|tx| tx.approval_requests(Some("ready"), 500))?);
         let mut expired = 0;
-        for r in pending.iter().filter(|r| r.expires_at <= at) {
+        for r in waiting.iter().filter(|r| r.expires_at <= at) {
+            let why = if r.state == "ready" { "approved but not run in time" } else { "not approved in time" };
             self.store.write(|tx| {
-                if tx.move_request(&r.id, "pending", "expired", at, "not approved in time")? {
+                if tx.move_request(&r.id, &r.state, "expired", at, why)? {
                     let detail = format!("{}: {} (not approved within {} hours)", r.id, r.summary, EXPIRY_SECONDS / 3600);
                     tx.append_audit(&crate::audit::AuditEvent::system("ExpireRequest", r.key_id, None, detail), at)?;
                 }

@@ -224,3 +224,27 @@ async fn a_request_expires_unapproved_and_a_crash_before_the_run_is_recovered_by
         .unwrap();
     assert_eq!(runs, 1);
 }
+
+/// An operation whose result goes to its requester (here a backup file) runs when the requester
+/// repeats the call with the approved request's id: once, by them alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_under_quorum_runs_once_for_its_requester_after_approval() {
+    let server = Server::start_with(kms_tests::Options { backup_key: true, ..kms_tests::Options::default() });
+    let (bob, carol) = (officer(&server, "bob").await, officer(&server, "carol").await);
+    ok(&server.kmsctl(&["quorum", "set", "CreateBackup", "--required", "2"]));
+    let file = server.dir.path().join("approved.kmsbak");
+    let arg = file.display().to_string();
+    let id = request_id(&server.kmsctl(&["backup", "create", "--out", &arg]));
+    assert!(!file.exists());
+    refused(&server.kmsctl(&["--approval", &id, "backup", "create", "--out", &arg]), "is pending");
+    ok(&bob.vote(&server, "approve", &id, 0));
+    let ready = ok(&carol.vote(&server, "approve", &id, 0));
+    assert_eq!(ready["state"], "ready", "{ready}");
+    assert!(!file.exists(), "approval alone sends nothing anywhere");
+    refused(&bob.kmsctl(&server, &["--approval", &id, "backup", "create", "--out", &arg]), "only its requester runs it");
+    ok(&server.kmsctl(&["--json", "--approval", &id, "backup", "create", "--out", &arg]));
+    assert!(file.exists());
+    let again = server.dir.path().join("again.kmsbak").display().to_string();
+    refused(&server.kmsctl(&["--approval", &id, "backup", "create", "--out", &again]), "is executed");
+    assert_eq!(ok(&server.kmsctl(&["--json", "approval", "show", &id]))["state"], "executed");
+}

@@ -45,8 +45,10 @@ impl tonic::codegen::Service<HttpRequest> for Admin {
     }
 
     fn call(&mut self, mut request: HttpRequest) -> Self::Future {
-        if let Some(reason) = REASON.get() {
-            request.headers_mut().insert(kms_client::pb::REASON_HEADER, reason.clone());
+        for (name, slot) in [(kms_client::pb::REASON_HEADER, &REASON), (kms_client::pb::APPROVAL_HEADER, &APPROVAL)] {
+            if let Some(value) = slot.get() {
+                request.headers_mut().insert(name, value.clone());
+            }
         }
         let slot = self.dry_run.0.clone();
         if slot.is_some() {
@@ -68,16 +70,27 @@ impl tonic::codegen::Service<HttpRequest> for Admin {
     }
 }
 
-/// `--reason`, sent with every admin call of this run.
-static REASON: std::sync::OnceLock<tonic::codegen::http::HeaderValue> = std::sync::OnceLock::new();
+type Header = std::sync::OnceLock<tonic::codegen::http::HeaderValue>;
+/// `--reason` and `--approval`, sent with every admin call of this run.
+static REASON: Header = std::sync::OnceLock::new();
+static APPROVAL: Header = std::sync::OnceLock::new();
 
 /// Takes `--reason`: printable ASCII, at most 256 characters.
 pub(crate) fn set_reason(reason: &str) -> Result<(), Error> {
-    if reason.len() > 256 || !reason.chars().all(|c| (' '..='~').contains(&c)) {
-        return Err(Error::Config("--reason: at most 256 printable ASCII characters".into()));
+    set_header(&REASON, "--reason", reason)
+}
+
+/// Takes `--approval`: the id of an approved request this run's call runs.
+pub(crate) fn set_approval(id: &str) -> Result<(), Error> {
+    set_header(&APPROVAL, "--approval", id)
+}
+
+fn set_header(slot: &Header, flag: &str, text: &str) -> Result<(), Error> {
+    if text.len() > 256 || !text.chars().all(|c| (' '..='~').contains(&c)) {
+        return Err(Error::Config(format!("{flag}: at most 256 printable ASCII characters")));
     }
-    let value = tonic::codegen::http::HeaderValue::from_str(reason).map_err(|_| Error::Config("--reason: not a header value".into()))?;
-    let _ = REASON.set(value);
+    let value = tonic::codegen::http::HeaderValue::from_str(text).map_err(|_| Error::Config(format!("{flag}: not a header value")))?;
+    let _ = slot.set(value);
     Ok(())
 }
 

@@ -76,6 +76,10 @@ struct Cli {
     /// approval request a quorum policy makes of it.
     #[arg(long, global = true, env = "KMS_REASON")]
     reason: Option<String>,
+    /// Runs an approved request whose result comes back to you (a backup, an export, an
+    /// import): repeat the command that made the request, with the request's id.
+    #[arg(long, global = true)]
+    approval: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -231,6 +235,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
     }
     if let Some(reason) = &cli.reason {
         admin::set_reason(reason)?;
+    }
+    if let Some(id) = &cli.approval {
+        admin::set_approval(id)?;
     }
     let out = Out { json: cli.json, dry_run: DryRun::new(cli.dry_run) };
     let dry_run = out.dry_run.clone();
