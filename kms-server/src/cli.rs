@@ -81,9 +81,8 @@ enum Command {
         so_pin_file: PathBuf,
     },
     /// The security officer's ceremony before a reversibility export (`kmsctl export`): makes
-    /// the customer's RSA public key a trusted object on the token and generates a transport
-    /// key beside it, which the export uses once. Runs with the service running or not
-    /// (docs/export-format.md).
+    /// the customer's RSA public key a trusted object on the token, for one export (which
+    /// destroys it). Runs with the service running or not (docs/export-format.md).
     ExportKey {
         #[arg(long)]
         config: PathBuf,
@@ -173,12 +172,11 @@ pub fn main() -> anyhow::Result<()> {
             let so_pin = crate::config::read_pin_file(&so_pin_file)?;
             let pem = std::fs::read_to_string(&public_key).map_err(|e| anyhow::anyhow!("{}: {e}", public_key.display()))?;
             let customer = crate::hsm::RsaPublicKey::from_pem(&pem).map_err(|e| anyhow::anyhow!("{}: {e}", public_key.display()))?;
-            let o = crate::hsm::pkcs11::create_export_keys(&config.hsm.module, &config.hsm.token_label, &so_pin, &customer)?;
-            let key = if o.key_was_trusted { "already trusted" } else { "made trusted" };
-            let transport = if o.transport_was_there { "an unused transport key was already there" } else { "transport key generated" };
+            let there = crate::hsm::pkcs11::create_export_key(&config.hsm.module, &config.hsm.token_label, &so_pin, &customer)?;
+            let what = if there { "was already trusted" } else { "is now trusted" };
             println!(
-                "customer key {} ({} bits) {key} on token {:?}; {transport}: one export can run",
-                o.fingerprint,
+                "customer key {} ({} bits) {what} on token {:?}: one export can run",
+                customer.fingerprint(),
                 customer.bits(),
                 config.hsm.token_label
             );

@@ -1187,7 +1187,6 @@ impl KeyManagement for AdminService {
                 let export = kms.export_keys(caller, &r.public_key_pem)?;
                 Ok(pb::ExportKeysResponse {
                     manifest: export.manifest,
-                    wrapped_transport: export.transport,
                     versions: export
                         .versions
                         .into_iter()
@@ -1244,7 +1243,7 @@ impl KeyManagement for AdminService {
                         Ok(crate::service::export::WrappedVersion { key_id, version: v.version, wrapped: v.wrapped })
                     })
                     .collect::<Result<Vec<_>, Error>>()?;
-                let imported = kms.import_bundle(caller, &r.import_token, &r.manifest, &r.wrapped_transport, versions)?;
+                let imported = kms.import_bundle(caller, &r.import_token, &r.manifest, versions)?;
                 facts.detail = format!("{} keys, {} versions", imported.keys.len(), imported.versions);
                 Ok(pb::ImportKeysResponse { key_ids: imported.keys.iter().map(ToString::to_string).collect(), versions: imported.versions as u32 })
             })

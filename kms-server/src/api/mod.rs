@@ -106,7 +106,17 @@ pub enum DryRun {
 /// Calls whose length grows with the data, waits on another server (an issuer's key set
 /// fetched) or runs another call (the approval that runs an approved request), not with the
 /// HSM's answer time: they are not held to the HSM deadline.
-const LONG_RUNNING: &[&str] = &["CreateBackup", "VerifyAudit", "EvidenceReport", "PutCseIssuer", "ApproveRequest"];
+const LONG_RUNNING: &[&str] = &[
+    "CreateBackup",
+    "VerifyAudit",
+    "EvidenceReport",
+    "PutCseIssuer",
+    "ApproveRequest",
+    "ExportKeys",
+    "GetImportParameters",
+    "ImportKeyMaterial",
+    "ImportKeys",
+];
 
 /// How much longer than the HSM deadline an admin call may take: time for the service to roll
 /// back a change whose HSM step came back late and answer DEADLINE_EXCEEDED itself.

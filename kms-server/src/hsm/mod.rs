@@ -206,12 +206,10 @@ pub trait Hsm: Send + Sync {
     /// private half of the signing key pair whose public half is `key`.
     fn sign(&self, key: &RsaPublicKey, data: &[u8]) -> Result<Vec<u8>, HsmError>;
 
-    /// Wraps `versions` for the customer whose public key is `customer`, all inside the HSM:
-    /// the transport key the security officer made beside that key (`kms-server export-key`:
-    /// `templates::export_transport_key`) under it with RSA-OAEP, each version under the
-    /// transport key with AES key wrap (RFC 5649); then destroys the transport key. `None` when
-    /// the token holds no trusted key and unused transport key for this customer.
-    fn export(&self, customer: &RsaPublicKey, versions: &[KeyHandle]) -> Result<Option<ExportedKeys>, HsmError>;
+    /// Wraps `versions` with RSA-OAEP, inside the HSM, under the customer's public key that the
+    /// security officer made trusted (`kms-server export-key`), then destroys that trusted
+    /// object: one export per ceremony. `None` when the token holds no such trusted key.
+    fn export(&self, customer: &RsaPublicKey, versions: &[KeyHandle]) -> Result<Option<Vec<Vec<u8>>>, HsmError>;
 
     /// Makes an import key pair labelled `label` (`templates::import_key_pair`) and returns its
     /// public half.
@@ -223,12 +221,10 @@ pub trait Hsm: Send + Sync {
     /// Destroys both halves of the import key pair labelled `label`.
     fn destroy_import_key(&self, label: &str) -> Result<(), HsmError>;
 
-    /// Unwraps key versions into token objects (`templates::key_version`) with the import key
-    /// pair labelled `label`: with `transport`, it is unwrapped first (RSA-OAEP) into a session
-    /// object that unwraps each version (AES key wrap, RFC 5649) and is destroyed after;
-    /// without, each version is RSA-OAEP under the import key. Nothing is left made when one
-    /// fails. `None` when the token has no such import key.
-    fn import(&self, label: &str, transport: Option<&[u8]>, versions: &[(ObjectName, Vec<u8>)]) -> Result<Option<Vec<KeyHandle>>, HsmError>;
+    /// Unwraps key versions (each RSA-OAEP under the import key pair labelled `label`) into
+    /// token objects (`templates::key_version`). Nothing is left made when one fails. `None`
+    /// when the token has no such import key.
+    fn import(&self, label: &str, versions: &[(ObjectName, Vec<u8>)]) -> Result<Option<Vec<KeyHandle>>, HsmError>;
 }
 
 /// What the token says of a key object's protection (PKCS#11's attributes), for the evidence
@@ -316,20 +312,5 @@ impl RsaPublicKey {
     /// `openssl pkey -pubin -in key.pem -outform DER | sha256sum` prints.
     pub fn fingerprint(&self) -> String {
         crate::domain::hex::sha256_hex(&self.spki_der())
-    }
-}
-
-/// What `Hsm::export` returns: the transport key wrapped under the customer's public key
-/// (RSA-OAEP), and each key version wrapped under the transport key (AES key wrap with
-/// padding), in the order asked.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ExportedKeys {
-    pub transport: Vec<u8>,
-    pub versions: Vec<Vec<u8>>,
-}
-
-impl fmt::Debug for ExportedKeys {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ExportedKeys").field("versions", &self.versions.len()).finish_non_exhaustive()
     }
 }

@@ -40,8 +40,8 @@ use cryptoki::types::AuthPin;
 
 use super::copies::Copies;
 use super::{
-    BackupKey, ExportedKeys, FailedCall, Hsm, HsmError, KeyHandle, KeyProtection, ObjectName, RECENT_FAILURES, RsaPublicKey, ServiceKey, SessionUse,
-    TokenInfo, Wrapped, templates,
+    BackupKey, FailedCall, Hsm, HsmError, KeyHandle, KeyProtection, ObjectName, RECENT_FAILURES, RsaPublicKey, ServiceKey, SessionUse, TokenInfo,
+    Wrapped, templates,
 };
 use crate::domain::blob::{Iv, TAG_LEN};
 use crate::secret::{Pin, SecretBytes};
@@ -573,55 +573,38 @@ pub fn create_backup_key(module: &Path, token_label: &str, user_pin: &Pin, so_pi
     session.logout().map_err(|e| setup("C_Logout", e))?;
 
     login(&session, UserType::So, so_pin, "security officer")?;
-    session.create_object(&templates::backup_wrap_key(modulus, exponent)).map_err(|e| setup("C_CreateObject (trusted backup wrapping key)", e))?;
+    session
+        .create_object(&templates::trusted_wrap_key(modulus, exponent, templates::BACKUP_WRAP_LABEL))
+        .map_err(|e| setup("C_CreateObject (trusted backup wrapping key)", e))?;
     session.logout().map_err(|e| setup("C_Logout", e))?;
     Ok(BackupKeyOutcome::Created)
 }
 
-/// What `create_export_keys` found or made.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExportKeysOutcome {
-    /// The customer key's fingerprint (`RsaPublicKey::fingerprint`).
-    pub fingerprint: String,
-    /// Whether the trusted public key was already on the token.
-    pub key_was_trusted: bool,
-    /// Whether an unused transport key was already there.
-    pub transport_was_there: bool,
-}
-
 /// The security officer's ceremony before a reversibility export: makes the customer's RSA
-/// public key a trusted token object (`templates::export_public_key`), if it is not already,
-/// and generates a transport key beside it (`templates::export_transport_key`), if there is
-/// none unused. Both are public objects: the security officer alone, in a process of its own,
-/// with the service running or not.
-pub fn create_export_keys(module: &Path, token_label: &str, so_pin: &Pin, customer: &RsaPublicKey) -> Result<ExportKeysOutcome, HsmError> {
+/// public key a trusted token object (`templates::trusted_wrap_key`), labelled with its
+/// fingerprint; the export that uses it destroys it. Returns whether it was there already. A
+/// public object: the security officer alone, in a process of its own, with the service
+/// running or not.
+pub fn create_export_key(module: &Path, token_label: &str, so_pin: &Pin, customer: &RsaPublicKey) -> Result<bool, HsmError> {
     let ctx = Pkcs11::new(module).map_err(|e| setup(&format!("loading PKCS#11 module {}", module.display()), e))?;
     ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).map_err(|e| setup("C_Initialize", e))?;
     let slot = find_slot(&ctx, token_label)?;
     let session = ctx.open_rw_session(slot).map_err(|e| setup("C_OpenSession", e))?;
-    let fingerprint = customer.fingerprint();
-    let (key_label, transport_label) = export_labels(&fingerprint);
+    let label = export_label(customer);
     login(&session, UserType::So, so_pin, "security officer")?;
-    let find = |label: &str, class| session.find_objects(&templates::backup_half(label, class)).map_err(|e| setup("C_FindObjects", e));
-    let key_was_trusted = !find(&key_label, ObjectClass::PUBLIC_KEY)?.is_empty();
-    if !key_was_trusted {
+    let there = !session.find_objects(&templates::trusted_public_key(&label, &customer.modulus)).map_err(|e| setup("C_FindObjects", e))?.is_empty();
+    if !there {
         session
-            .create_object(&templates::export_public_key(customer.modulus.clone(), customer.exponent.clone(), &key_label))
+            .create_object(&templates::trusted_wrap_key(customer.modulus.clone(), customer.exponent.clone(), &label))
             .map_err(|e| setup("C_CreateObject (trusted customer key)", e))?;
     }
-    let transport_was_there = !find(&transport_label, ObjectClass::SECRET_KEY)?.is_empty();
-    if !transport_was_there {
-        session
-            .generate_key(&Mechanism::AesKeyGen, &templates::export_transport_key(&transport_label))
-            .map_err(|e| setup("C_GenerateKey (export transport key)", e))?;
-    }
     session.logout().map_err(|e| setup("C_Logout", e))?;
-    Ok(ExportKeysOutcome { fingerprint, key_was_trusted, transport_was_there })
+    Ok(there)
 }
 
-/// The labels of the trusted customer key and its transport key.
-fn export_labels(fingerprint: &str) -> (String, String) {
-    (format!("{}{fingerprint}", templates::EXPORT_LABEL), format!("{}{fingerprint}", templates::EXPORT_TRANSPORT_LABEL))
+/// The label of a customer's trusted key.
+fn export_label(customer: &RsaPublicKey) -> String {
+    format!("{}{}", templates::EXPORT_LABEL, customer.fingerprint())
 }
 
 /// The modulus and public exponent of an RSA key object (public, or private: neither is
@@ -864,33 +847,24 @@ impl Hsm for Pkcs11Hsm {
         })
     }
 
-    fn export(&self, customer: &RsaPublicKey, versions: &[KeyHandle]) -> Result<Option<ExportedKeys>, HsmError> {
-        let (key_label, transport_label) = export_labels(&customer.fingerprint());
-        let Some((key, transport)) = self.with_session("C_FindObjects", |s| {
-            let find = |label: &str, class| s.find_objects(&templates::backup_half(label, class)).map(|o| o.first().copied());
-            Ok(find(&key_label, ObjectClass::PUBLIC_KEY)?.zip(find(&transport_label, ObjectClass::SECRET_KEY)?))
-        })?
-        else {
+    fn export(&self, customer: &RsaPublicKey, versions: &[KeyHandle]) -> Result<Option<Vec<Vec<u8>>>, HsmError> {
+        let template = templates::trusted_public_key(&export_label(customer), &customer.modulus);
+        let Some(key) = self.with_session("C_FindObjects", |s| Ok(s.find_objects(&template)?.first().copied()))? else {
             return Ok(None);
         };
-        let exported = self.with_session("C_WrapKey", |s| {
-            let transport_wrapped = s.wrap_key(&backup_mechanism(), key, transport)?;
-            let mut wrapped = Vec::with_capacity(versions.len());
-            for version in versions {
-                wrapped.push(s.wrap_key(&Mechanism::AesKeyWrapPad, transport, self.resolve(s, *version)?)?);
-            }
-            Ok(ExportedKeys { transport: transport_wrapped, versions: wrapped })
+        let wrapped = self.with_session("C_WrapKey", |s| {
+            versions.iter().map(|version| s.wrap_key(&backup_mechanism(), key, self.resolve(s, *version)?)).collect::<Result<Vec<_>, _>>()
         })?;
-        // Used once: whoever unwraps this export knows its value.
-        self.with_session("C_DestroyObject", |s| s.destroy_object(transport))?;
-        Ok(Some(exported))
+        // One export per ceremony: the officers cannot export again on their own word.
+        self.with_session("C_DestroyObject", |s| s.destroy_object(key))?;
+        Ok(Some(wrapped))
     }
 
     fn new_import_key(&self, label: &str) -> Result<RsaPublicKey, HsmError> {
         let (public, private) = templates::import_key_pair(label);
         self.with_session("C_GenerateKeyPair", |s| {
             let public =
-                super::raw::generate_rsa_pair_with_unwrap_template(&self.module, s, &public, &private, &templates::import_unwrap_template())?;
+                super::raw::generate_rsa_pair_with_unwrap_template(&self.module, s, &public, &private, &templates::backup_unwrap_template())?;
             rsa_public(s, public)
         })
     }
@@ -923,40 +897,25 @@ impl Hsm for Pkcs11Hsm {
         })
     }
 
-    fn import(&self, label: &str, transport: Option<&[u8]>, versions: &[(ObjectName, Vec<u8>)]) -> Result<Option<Vec<KeyHandle>>, HsmError> {
+    fn import(&self, label: &str, versions: &[(ObjectName, Vec<u8>)]) -> Result<Option<Vec<KeyHandle>>, HsmError> {
         let generation = self.generation();
         let result = self.with_session("C_UnwrapKey", |s| {
             let Some(private) = s.find_objects(&templates::backup_half(label, ObjectClass::PRIVATE_KEY))?.first().copied() else {
                 return Ok(None);
             };
-            let transport = match transport {
-                Some(wrapped) => Some(s.unwrap_key(&backup_mechanism(), private, wrapped, &templates::import_transport_key())?),
-                None => None,
-            };
             let mut made = Vec::with_capacity(versions.len());
-            let mut outcome = Ok(());
             for (name, wrapped) in versions {
-                let template = Wrapped::Version(*name).unwrap_template(true);
-                let unwrapped = match transport {
-                    Some(transport) => s.unwrap_key(&Mechanism::AesKeyWrapPad, transport, wrapped, &template),
-                    None => s.unwrap_key(&backup_mechanism(), private, wrapped, &template),
-                };
-                match unwrapped {
+                match s.unwrap_key(&backup_mechanism(), private, wrapped, &Wrapped::Version(*name).unwrap_template(true)) {
                     Ok(object) => made.push(object),
                     Err(e) => {
-                        outcome = Err(e);
-                        break;
+                        for object in made {
+                            if let Err(undo) = s.destroy_object(object) {
+                                tracing::error!(error = %undo, "could not destroy an imported object; recovery will on restart");
+                            }
+                        }
+                        return Err(e);
                     }
                 }
-            }
-            if let Some(transport) = transport {
-                s.destroy_object(transport)?;
-            }
-            if let Err(e) = outcome {
-                for object in made {
-                    s.destroy_object(object)?;
-                }
-                return Err(e);
             }
             Ok(Some(made.into_iter().map(|o| Self::tag(o, generation)).collect()))
         });

@@ -1,18 +1,18 @@
 //! Reversibility and BYOK: every live key version exported for the customer (wrapped in the HSM
 //! under the customer's own RSA key), and keys imported under import parameters the HSM makes.
 //!
-//! An export is the scheme of `CKM_RSA_AES_KEY_WRAP` in two steps, as SoftHSM2 2.6 has no such
-//! mechanism: a transport key, which the security officer generated trusted beside the
-//! customer's trusted public key (`kms-server export-key`), is wrapped under the customer's key
-//! with RSA-OAEP, and each version under the transport key with AES key wrap (RFC 5649). Every
-//! step is a `C_WrapKey` in the HSM: no key value is ever in this process's memory. The
-//! transport key is destroyed once used. docs/export-format.md describes the bundle and how to
-//! unwrap it with OpenSSL alone.
+//! An export wraps each version with RSA-OAEP (SHA-1, as SoftHSM2 2.6 implements it) under
+//! the customer's public key, which the HSM's security officer made trusted for this export
+//! (`kms-server export-key`): `C_WrapKey` calls only, so no key value is ever in this process's
+//! memory, and the trusted key is destroyed once used. docs/export-format.md describes the
+//! bundle and how to unwrap it with OpenSSL alone. (`CKM_RSA_AES_KEY_WRAP`, which SoftHSM2 2.6
+//! lacks, done in two steps would need an unwrapping key that can unwrap into anything on the
+//! import side; a 32-byte key fits in one RSA-OAEP block, so none is needed.)
 //!
 //! An import is the other way: `GetImportParameters` makes an RSA-3072 key pair in the HSM,
-//! valid 24 hours and for one import, whose public half the officer wraps the material under
-//! (RSAES-OAEP, or RSA-AES key wrap for a bundle); the versions are unwrapped into token
-//! objects with the key versions' template. A bundle exported under another instance's import
+//! valid 24 hours and for one import, whose public half the material is wrapped under
+//! (RSAES-OAEP); the versions are unwrapped into token objects with the key versions' template,
+//! the import key's `CKA_UNWRAP_TEMPLATE` forcing it. A bundle exported under another instance's import
 //! key brings every key back there with its id, versions, states and usage counts, so that the
 //! first instance's blobs decrypt on the second.
 
@@ -35,10 +35,10 @@ use crate::store::{AliasRecord, IntentKind, KeyRecord, VersionRecord};
 pub const IMPORT_VALIDITY_SECONDS: i64 = 24 * 3600;
 /// The bundle format this service writes and reads.
 const FORMAT: u32 = 1;
-/// The wrapping scheme of a bundle, as AWS KMS names it for ImportKeyMaterial.
-pub const BUNDLE_SCHEME: &str = "RSA_AES_KEY_WRAP_SHA_1";
-/// The wrapping scheme of one key's material under import parameters, without a transport key.
-pub const DIRECT_SCHEME: &str = "RSAES_OAEP_SHA_1";
+/// The wrapping scheme of every version, as AWS KMS names it for ImportKeyMaterial.
+pub const SCHEME: &str = "RSAES_OAEP_SHA_1";
+/// The largest RSA-OAEP block (an 8,192-bit key).
+const MAX_WRAPPED: usize = 1024;
 /// The most key versions one import takes.
 const MAX_IMPORT_VERSIONS: usize = 100_000;
 
@@ -53,11 +53,9 @@ pub struct BundleManifest {
     pub token_label: String,
     pub token_serial: String,
     pub scheme: String,
-    /// `RsaPublicKey::fingerprint` of the key the transport key is wrapped under.
+    /// `RsaPublicKey::fingerprint` of the key every version is wrapped under.
     pub public_key_sha256: String,
     pub public_key_bits: usize,
-    /// SHA-256 of the wrapped transport key (`transport.bin`).
-    pub transport_sha256: String,
     pub keys: Vec<BundleKey>,
     /// The audit trail as verified at the export.
     pub audit: BundleAudit,
@@ -116,11 +114,10 @@ impl std::fmt::Debug for WrappedVersion {
     }
 }
 
-/// An export: the manifest (JSON), the wrapped transport key and the wrapped versions.
+/// An export: the manifest (JSON) and the wrapped versions.
 #[derive(Debug, Clone)]
 pub struct Export {
     pub manifest: Vec<u8>,
-    pub transport: Vec<u8>,
     pub versions: Vec<WrappedVersion>,
     pub keys: usize,
     pub fingerprint: String,
@@ -227,20 +224,17 @@ impl Kms {
         let handles: Vec<KeyHandle> = order.iter().map(|(_, h)| *h).collect();
         let exported = self.hsm.export(&customer, &handles)?.ok_or_else(|| {
             Error::precondition(format!(
-                "the HSM holds no trusted key with an unused transport key for the customer key {fingerprint}: the HSM's security officer \
-                 runs `kms-server export-key --public-key FILE` first (docs/export-format.md)"
+                "the HSM does not trust the customer key {fingerprint} for an export: the HSM's security officer runs \
+                 `kms-server export-key --public-key FILE` first, once per export (docs/export-format.md)"
             ))
         })?;
         crash_point("ExportKeys", Step::AfterHsm);
-        if exported.versions.len() != order.len() {
+        if exported.len() != order.len() {
             return Err(crate::hsm::HsmError::wrong_output("C_WrapKey").into());
         }
         // `order` lists the versions key by key, as `keys` does.
-        let versions: Vec<WrappedVersion> = order
-            .iter()
-            .zip(exported.versions)
-            .map(|((name, _), wrapped)| WrappedVersion { key_id: name.key_id, version: name.version, wrapped })
-            .collect();
+        let versions: Vec<WrappedVersion> =
+            order.iter().zip(exported).map(|((name, _), wrapped)| WrappedVersion { key_id: name.key_id, version: name.version, wrapped }).collect();
         for (v, w) in keys.iter_mut().flat_map(|k| k.versions.iter_mut()).zip(&versions) {
             v.sha256 = sha256_hex(&w.wrapped);
         }
@@ -252,10 +246,9 @@ impl Kms {
             service_version: env!("CARGO_PKG_VERSION").into(),
             token_label: token.label,
             token_serial: token.serial_number,
-            scheme: BUNDLE_SCHEME.into(),
+            scheme: SCHEME.into(),
             public_key_sha256: fingerprint.clone(),
             public_key_bits: customer.bits(),
-            transport_sha256: sha256_hex(&exported.transport),
             keys,
             audit: BundleAudit {
                 verified: audit.problem.is_none(),
@@ -275,7 +268,7 @@ impl Kms {
         self.store.write(|tx| tx.append_audit(&caller.audit("ExportKeys", None, None, detail.clone()), at))?;
         crash_point("ExportKeys", Step::AfterCommit);
         tracing::info!(keys = manifest.keys.len(), versions = versions.len(), "keys exported");
-        Ok(Export { keys: manifest.keys.len(), manifest: json, transport: exported.transport, versions, fingerprint })
+        Ok(Export { keys: manifest.keys.len(), manifest: json, versions, fingerprint })
     }
 
     /// Makes import parameters: an RSA-3072 key pair in the HSM for one import within 24 hours.
@@ -325,19 +318,23 @@ impl Kms {
     /// Imports a bundle (`export_keys` on another instance, under this one's import parameters):
     /// every key comes back with its id, aliases, states, versions and usage counts. Refused
     /// whole if any key id or alias exists here already, or if the bundle was changed.
-    pub fn import_bundle(&self, caller: &Caller, token: &str, manifest: &[u8], transport: &[u8], wrapped: Vec<WrappedVersion>) -> Result<Imported> {
+    pub fn import_bundle(&self, caller: &Caller, token: &str, manifest: &[u8], wrapped: Vec<WrappedVersion>) -> Result<Imported> {
         let label = self.import_label(token)?;
         let manifest: BundleManifest =
             serde_json::from_slice(manifest).map_err(|e| Error::invalid("manifest", format!("is not a bundle manifest: {e}")))?;
-        if manifest.format != FORMAT || manifest.scheme != BUNDLE_SCHEME {
+        if manifest.format != FORMAT || manifest.scheme != SCHEME {
             return Err(Error::invalid(
                 "manifest",
-                format!("is format {} with scheme {}; this service reads format {FORMAT}, {BUNDLE_SCHEME}", manifest.format, manifest.scheme),
+                format!("is format {} with scheme {}; this service reads format {FORMAT}, {SCHEME}", manifest.format, manifest.scheme),
             ));
         }
-        if sha256_hex(transport) != manifest.transport_sha256 {
-            return Err(Error::invalid("wrapped_transport", "does not match the manifest's transport_sha256"));
+        if wrapped.len() > MAX_IMPORT_VERSIONS || wrapped.iter().any(|w| w.wrapped.is_empty() || w.wrapped.len() > MAX_WRAPPED || w.version == 0) {
+            return Err(Error::invalid(
+                "versions",
+                format!("must be 1 to {MAX_IMPORT_VERSIONS} versions numbered from 1, each at most {MAX_WRAPPED} bytes"),
+            ));
         }
+        let mut seen = BTreeSet::new();
         let mut blobs: std::collections::HashMap<(KeyId, u32), Vec<u8>> = std::collections::HashMap::new();
         for w in wrapped {
             if blobs.insert((w.key_id, w.version), w.wrapped).is_some() {
@@ -347,6 +344,12 @@ impl Kms {
         let mut keys = Vec::new();
         for k in &manifest.keys {
             let key_id: KeyId = k.key_id.parse().map_err(|e| Error::invalid("manifest", format!("key id {:?}: {e}", k.key_id)))?;
+            if !seen.insert(key_id) {
+                return Err(Error::invalid("manifest", format!("lists key {key_id} twice")));
+            }
+            if i64::try_from(k.rotation_period_secs).is_err() || k.versions.iter().any(|v| i64::try_from(v.encryptions).is_err()) {
+                return Err(Error::invalid("manifest", format!("key {key_id}: a rotation period or usage count out of range")));
+            }
             let state = KeyState::parse(&k.state)
                 .filter(|s| *s != KeyState::Destroyed)
                 .ok_or_else(|| Error::invalid("manifest", format!("key {key_id}: state {:?}", k.state)))?;
@@ -396,12 +399,11 @@ impl Kms {
             return Err(Error::invalid("versions", format!("hold version {version} of key {key_id}, which the manifest does not list")));
         }
         let detail = format!("from the export of token {} made at {}", manifest.token_serial, manifest.created_at);
-        self.import_keys(caller, &label, Some(transport), keys, &detail)
+        self.import_keys(caller, &label, keys, &detail)
     }
 
-    /// Imports one key's material (wrapped with RSAES-OAEP SHA-1 under the import parameters'
-    /// public key, or RSA-AES key wrap: the OAEP part then the AES key wrap part) as version 1
-    /// of a new key.
+    /// Imports one key's material (32 bytes, RSAES-OAEP SHA-1 under the import parameters'
+    /// public key) as version 1 of a new key.
     pub fn import_key_material(
         &self,
         caller: &Caller,
@@ -411,20 +413,20 @@ impl Kms {
         description: String,
         alias: Option<AliasName>,
     ) -> Result<KeyId> {
-        let label = self.import_label(token)?;
+        if scheme != SCHEME {
+            return Err(Error::invalid(
+                "wrapping_algorithm",
+                format!(
+                    "is {scheme:?}; this service takes {SCHEME} (RSA_AES_KEY_WRAP needs CKM_RSA_AES_KEY_WRAP, which this HSM lacks: \
+                     done in two steps, its AES key could unwrap anything into a readable object)"
+                ),
+            ));
+        }
         // RSA-3072's OAEP block.
-        const OAEP_LEN: usize = 384;
-        let (transport, wrapped) = match scheme {
-            DIRECT_SCHEME if material.len() == OAEP_LEN => (None, material),
-            BUNDLE_SCHEME if material.len() > OAEP_LEN => (Some(&material[..OAEP_LEN]), &material[OAEP_LEN..]),
-            DIRECT_SCHEME | BUNDLE_SCHEME => {
-                return Err(Error::invalid(
-                    "wrapped_key_material",
-                    format!("is {} bytes, which is not {scheme} under an RSA-3072 key", material.len()),
-                ));
-            }
-            other => return Err(Error::invalid("wrapping_algorithm", format!("is {other:?}; use {BUNDLE_SCHEME} or {DIRECT_SCHEME}"))),
-        };
+        if material.len() != 384 {
+            return Err(Error::invalid("wrapped_key_material", format!("is {} bytes; {SCHEME} under RSA-3072 is 384", material.len())));
+        }
+        let label = self.import_label(token)?;
         let mut id = [0u8; 16];
         self.hsm.random(&mut id)?;
         let key_id = KeyId::from_random(id);
@@ -441,15 +443,15 @@ impl Kms {
             primary_version: 1,
         };
         let version = VersionRecord { key_id, version: 1, state: VersionState::Enabled, created_at, reserved: 0, destruction_at: None };
-        let key = ToImport { record, aliases: alias.into_iter().collect(), versions: vec![(version, wrapped.to_vec())] };
-        self.import_keys(caller, &label, transport, vec![key], &format!("{scheme} key material"))?;
+        let key = ToImport { record, aliases: alias.into_iter().collect(), versions: vec![(version, material.to_vec())] };
+        self.import_keys(caller, &label, vec![key], &format!("{scheme} key material"))?;
         Ok(key_id)
     }
 
     /// Unwraps `keys`' versions with the import key pair `label` and records them, each step
     /// under a create intent (a crash leaves no object without its row), then destroys the
     /// import key pair: parameters serve one import.
-    fn import_keys(&self, caller: &Caller, label: &str, transport: Option<&[u8]>, keys: Vec<ToImport>, detail: &str) -> Result<Imported> {
+    fn import_keys(&self, caller: &Caller, label: &str, keys: Vec<ToImport>, detail: &str) -> Result<Imported> {
         let _admin = self.admin_lock()?;
         {
             let state = self.registry.read();
@@ -487,7 +489,7 @@ impl Kms {
             .flat_map(|k| k.versions.iter())
             .map(|(v, blob)| (ObjectName { key_id: v.key_id, version: v.version }, blob.clone()))
             .collect();
-        let handles = match self.hsm.import(label, transport, &objects) {
+        let handles = match self.hsm.import(label, &objects) {
             Ok(Some(handles)) => handles,
             Ok(None) => {
                 drop_intents(&intents);
@@ -496,7 +498,13 @@ impl Kms {
             Err(e) => {
                 drop_intents(&intents);
                 return Err(match e {
-                    crate::hsm::HsmError::Refused { .. } => Error::invalid(
+                    crate::hsm::HsmError::Refused {
+                        code:
+                            cryptoki::error::RvError::GeneralError
+                            | cryptoki::error::RvError::WrappedKeyInvalid
+                            | cryptoki::error::RvError::WrappedKeyLenRange,
+                        ..
+                    } => Error::invalid(
                         "wrapped key material",
                         "does not unwrap under these import parameters (wrapped under another key, with another scheme, or changed)",
                     ),

@@ -377,25 +377,28 @@ impl Kms {
         Ok(item("backups", "Backups of keys have the same protection as the keys", verdict, why, evidence))
     }
 
-    /// The way out: restore drills, and (later) the reversibility export.
+    /// The way out: the last reversibility export, and the last restore or import drill.
     fn reversibility_item(&self) -> Result<Item> {
-        let restored = self.store.read(|tx| tx.last_allowed(&["Restore"]))?;
+        let (exported, restored, imported) =
+            self.store.read(|tx| Ok((tx.last_allowed(&["ExportKeys"])?, tx.last_allowed(&["Restore"])?, tx.last_allowed(&["ImportKey"])?)))?;
+        let last = |what: &str, record: &Option<(i64, String)>| match record {
+            Some((at, _)) => format!("last {what}: {}", date(*at)),
+            None => format!("no {what} recorded"),
+        };
         let evidence = vec![
-            match &restored {
-                Some((at, _)) => format!("last restore into an HSM: {}", date(*at)),
-                None => "no restore recorded".to_string(),
-            },
-            "no export of the keys under a customer's own public key is built yet: the customer leaves with a backup and an HSM \
-             holding the backup key's private half"
+            last("reversibility export (kmsctl export: every key wrapped in the HSM under the customer's RSA key)", &exported),
+            last("restore into an HSM", &restored),
+            last("key import (kmsctl import or kmsctl key import)", &imported),
+            "an export wraps with C_WrapKey only, under a customer key the HSM's security officer made trusted, with a transport \
+             key that serves one export; OpenSSL alone unwraps it (docs/export-format.md)"
                 .to_string(),
         ];
-        Ok(item(
-            "reversibility",
-            "The customer can take its keys back (reversibility)",
-            Verdict::Warn,
-            "no reversibility export to another provider's HSM is available yet",
-            evidence,
-        ))
+        let (verdict, why) = match (&exported, &restored) {
+            (Some(_), _) => (Verdict::Pass, "the keys can be exported under the customer's own key, and were"),
+            (None, Some(_)) => (Verdict::Warn, "a restore was drilled, but no reversibility export was ever made"),
+            (None, None) => (Verdict::Warn, "no reversibility export nor restore drill was ever made"),
+        };
+        Ok(item("reversibility", "The customer can take its keys back (reversibility)", verdict, why.to_string(), evidence))
     }
 
     /// The HSM's HMAC of a document's SHA-256.

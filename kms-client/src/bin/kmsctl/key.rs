@@ -78,9 +78,8 @@ pub(crate) enum KeyCommand {
         /// The wrapped material.
         #[arg(long)]
         material: PathBuf,
-        /// RSA_AES_KEY_WRAP_SHA_1 (RSA-OAEP of an AES key, then the material under it with AES
-        /// key wrap, RFC 5649) or RSAES_OAEP_SHA_1 (the material under RSA-OAEP directly).
-        #[arg(long, default_value = "RSA_AES_KEY_WRAP_SHA_1")]
+        /// RSAES_OAEP_SHA_1: the material under RSA-OAEP (SHA-1, MGF1-SHA-1).
+        #[arg(long, default_value = "RSAES_OAEP_SHA_1")]
         wrapping_algorithm: String,
         #[arg(long)]
         alias: Option<String>,

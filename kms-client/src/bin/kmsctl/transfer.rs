@@ -3,8 +3,7 @@
 //!
 //! ```text
 //! manifest.json               the keys, their versions and states, the wrapping, the audit summary
-//! transport.bin               the transport key under the customer's RSA key (RSA-OAEP, SHA-1)
-//! versions/KEY_ID.VERSION.bin each version under the transport key (AES key wrap, RFC 5649)
+//! versions/KEY_ID.VERSION.bin each version under the customer's RSA key (RSA-OAEP, SHA-1)
 //! audit.jsonl                 the whole audit trail, as `kmsctl audit export` writes it
 //! ```
 
@@ -77,7 +76,6 @@ impl ExportArgs {
         std::fs::create_dir_all(partial.join("versions")).map_err(io(&partial))?;
         let write = |path: PathBuf, bytes: &[u8]| write_private(&path, bytes);
         write(partial.join("manifest.json"), &r.manifest)?;
-        write(partial.join("transport.bin"), &r.wrapped_transport)?;
         for v in &r.versions {
             write(version_file(&partial, &v.key_id, v.version), &v.wrapped)?;
         }
@@ -104,12 +102,15 @@ impl ImportArgs {
         let dir = &self.bundle;
         let read = |path: PathBuf| std::fs::read(&path).map_err(|e| Error::Config(format!("{}: {e}", path.display())));
         let manifest = read(dir.join("manifest.json"))?;
-        let wrapped_transport = read(dir.join("transport.bin"))?;
         let listed: serde_json::Value =
             serde_json::from_slice(&manifest).map_err(|e| Error::Config(format!("{}: {e}", dir.join("manifest.json").display())))?;
         let mut versions = Vec::new();
         for key in listed["keys"].as_array().into_iter().flatten() {
             let key_id = key["key_id"].as_str().unwrap_or_default();
+            // A key id names a file here: nothing but the id's own characters.
+            if key_id.is_empty() || !key_id.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+                return Err(Error::Config(format!("{}: key id {key_id:?} is not one", dir.join("manifest.json").display())));
+            }
             for v in key["versions"].as_array().into_iter().flatten() {
                 let version = v["version"].as_u64().and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
                 let wrapped = read(version_file(dir, key_id, version))?;
@@ -117,7 +118,7 @@ impl ImportArgs {
             }
         }
         let mut c = KeyManagementClient::new(admin_channel(&ctx.endpoint, &ctx.tls, &ctx.session, &out.dry_run).await?);
-        let r = c.import_keys(pb::ImportKeysRequest { import_token: self.token, manifest, wrapped_transport, versions }).await?.into_inner();
+        let r = c.import_keys(pb::ImportKeysRequest { import_token: self.token, manifest, versions }).await?.into_inner();
         out.print(json!({"key_ids": r.key_ids, "versions": r.versions}), || {
             format!("imported {} keys and {} versions:\n{}", r.key_ids.len(), r.versions, r.key_ids.join("\n"))
         });
@@ -135,8 +136,7 @@ pub(crate) async fn import_parameters(ctx: &Context, public_key_out: &Path) -> R
     }
     out.print(json!({"import_token": r.import_token, "public_key": public_key_out, "expires_at": r.expires_at}), || {
         format!(
-            "import token {}\nwrap the key material under {} (RSA-3072; RSA_AES_KEY_WRAP_SHA_1 or RSAES_OAEP_SHA_1) before {}; \
-             the parameters serve one import",
+            "import token {}\nwrap the key material under {} (RSA-3072, RSAES_OAEP_SHA_1) before {}; the parameters serve one import",
             r.import_token,
             public_key_out.display(),
             local_time(r.expires_at)
