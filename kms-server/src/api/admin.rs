@@ -11,6 +11,7 @@ use crate::domain::officer::{Passphrase, Role};
 use crate::domain::policy::{Grant, Operation, PrincipalState, valid_principal};
 use crate::error::Error;
 use crate::service::events::Severity;
+use crate::service::export::WrappedVersion;
 use crate::service::quorum::Covered;
 use crate::service::{KeyView, Kms, VersionView};
 use crate::store::PrincipalRecord;
@@ -1227,28 +1228,54 @@ impl KeyManagement for AdminService {
             .await
     }
 
-    async fn import_keys(&self, request: Request<pb::ImportKeysRequest>) -> Result<Response<pb::ImportKeysResponse>, Status> {
+    async fn import_keys(&self, request: Request<tonic::Streaming<pb::ImportKeysChunk>>) -> Result<Response<pb::ImportKeysResponse>, Status> {
         let who = officer(&request, Role::Officer);
         let (why, approved) = (reason(&request), approval(&request));
-        let r = request.into_inner();
+        let mut chunks = request.into_inner();
+        // The chunks are read once the officer is authenticated, on the call's blocking thread.
+        let runtime = tokio::runtime::Handle::current();
         self.0
             .call("ImportKeys", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, facts| {
-                let covered = Covered::ImportKeys { import_token: r.import_token.clone(), sha256: crate::domain::hex::sha256_hex(&r.manifest) };
+                let (token, manifest, versions) = runtime.block_on(read_bundle(&mut chunks))?;
+                let covered = Covered::ImportKeys { import_token: token.clone(), sha256: crate::domain::hex::sha256_hex(&manifest) };
                 kms.gate_deferred(caller, covered, &why, approved.as_deref())?;
-                let versions = r
-                    .versions
-                    .into_iter()
-                    .map(|v| {
-                        let key_id = v.key_id.parse().map_err(|e| Error::invalid("versions", format!("key id {:?}: {e}", v.key_id)))?;
-                        Ok(crate::service::export::WrappedVersion { key_id, version: v.version, wrapped: v.wrapped })
-                    })
-                    .collect::<Result<Vec<_>, Error>>()?;
-                let imported = kms.import_bundle(caller, &r.import_token, &r.manifest, versions)?;
+                let imported = kms.import_bundle(caller, &token, &manifest, versions)?;
                 facts.detail = format!("{} keys, {} versions", imported.keys.len(), imported.versions);
                 Ok(pb::ImportKeysResponse { key_ids: imported.keys.iter().map(ToString::to_string).collect(), versions: imported.versions as u32 })
             })
             .await
     }
+}
+
+/// The most bytes of a bundle's manifest an import reads (about 20,000 keys).
+const MAX_BUNDLE_MANIFEST: usize = 16 * 1024 * 1024;
+
+/// Reads an import's chunks: the token, the manifest, the wrapped versions.
+async fn read_bundle(chunks: &mut tonic::Streaming<pb::ImportKeysChunk>) -> Result<(String, Vec<u8>, Vec<WrappedVersion>), Error> {
+    let (mut token, mut manifest, mut versions) = (None, Vec::new(), Vec::new());
+    let broken = |s: Status| Error::invalid("chunks", format!("could not be read: {}", s.message()));
+    while let Some(chunk) = chunks.message().await.map_err(broken)? {
+        match &token {
+            None => token = Some(chunk.import_token),
+            Some(_) if !chunk.import_token.is_empty() => return Err(Error::invalid("import_token", "comes in the first chunk only")),
+            Some(_) => {}
+        }
+        if !chunk.manifest.is_empty() && !versions.is_empty() {
+            return Err(Error::invalid("manifest", "must come whole before the first version"));
+        }
+        if manifest.len() + chunk.manifest.len() > MAX_BUNDLE_MANIFEST {
+            return Err(Error::invalid("manifest", format!("is longer than {MAX_BUNDLE_MANIFEST} bytes")));
+        }
+        manifest.extend_from_slice(&chunk.manifest);
+        for v in chunk.versions {
+            if versions.len() >= crate::service::export::MAX_IMPORT_VERSIONS {
+                return Err(Error::invalid("versions", format!("are more than {}", crate::service::export::MAX_IMPORT_VERSIONS)));
+            }
+            let key_id = v.key_id.parse().map_err(|e| Error::invalid("versions", format!("key id {:?}: {e}", v.key_id)))?;
+            versions.push(WrappedVersion { key_id, version: v.version, wrapped: v.wrapped });
+        }
+    }
+    Ok((token.unwrap_or_default(), manifest, versions))
 }
 
 /// The most bytes of a backup in one message.

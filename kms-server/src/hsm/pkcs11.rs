@@ -533,10 +533,7 @@ pub enum BackupKeyOutcome {
 /// `templates::backup_unwrap_template`); the security officer re-creates its public half as a
 /// trusted token object (`templates::backup_key_pair`). A no-op when the token holds both halves.
 pub fn create_backup_key(module: &Path, token_label: &str, user_pin: &Pin, so_pin: &Pin) -> Result<BackupKeyOutcome, HsmError> {
-    let ctx = Pkcs11::new(module).map_err(|e| setup(&format!("loading PKCS#11 module {}", module.display()), e))?;
-    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).map_err(|e| setup("C_Initialize", e))?;
-    let slot = find_slot(&ctx, token_label)?;
-    let session = ctx.open_rw_session(slot).map_err(|e| setup("C_OpenSession", e))?;
+    let session = ceremony_session(module, token_label)?;
     let find = |label, class| session.find_objects(&templates::backup_half(label, class)).map_err(|e| setup("C_FindObjects", e));
 
     login(&session, UserType::User, user_pin, "user")?;
@@ -586,10 +583,7 @@ pub fn create_backup_key(module: &Path, token_label: &str, user_pin: &Pin, so_pi
 /// public object: the security officer alone, in a process of its own, with the service
 /// running or not.
 pub fn create_export_key(module: &Path, token_label: &str, so_pin: &Pin, customer: &RsaPublicKey) -> Result<bool, HsmError> {
-    let ctx = Pkcs11::new(module).map_err(|e| setup(&format!("loading PKCS#11 module {}", module.display()), e))?;
-    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).map_err(|e| setup("C_Initialize", e))?;
-    let slot = find_slot(&ctx, token_label)?;
-    let session = ctx.open_rw_session(slot).map_err(|e| setup("C_OpenSession", e))?;
+    let session = ceremony_session(module, token_label)?;
     let label = export_label(customer);
     login(&session, UserType::So, so_pin, "security officer")?;
     let there = !session.find_objects(&templates::trusted_public_key(&label, &customer.modulus)).map_err(|e| setup("C_FindObjects", e))?.is_empty();
@@ -600,6 +594,14 @@ pub fn create_export_key(module: &Path, token_label: &str, so_pin: &Pin, custome
     }
     session.logout().map_err(|e| setup("C_Logout", e))?;
     Ok(there)
+}
+
+/// A read-write session on the token, in a process of its own (the key ceremonies).
+fn ceremony_session(module: &Path, token_label: &str) -> Result<Session, HsmError> {
+    let ctx = Pkcs11::new(module).map_err(|e| setup(&format!("loading PKCS#11 module {}", module.display()), e))?;
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).map_err(|e| setup("C_Initialize", e))?;
+    let slot = find_slot(&ctx, token_label)?;
+    ctx.open_rw_session(slot).map_err(|e| setup("C_OpenSession", e))
 }
 
 /// The label of a customer's trusted key.

@@ -40,7 +40,7 @@ pub const SCHEME: &str = "RSAES_OAEP_SHA_1";
 /// The largest RSA-OAEP block (an 8,192-bit key).
 const MAX_WRAPPED: usize = 1024;
 /// The most key versions one import takes.
-const MAX_IMPORT_VERSIONS: usize = 100_000;
+pub const MAX_IMPORT_VERSIONS: usize = 100_000;
 
 /// A bundle's manifest: what it holds, never a key value nor an encryption context.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -152,6 +152,99 @@ fn through_backup_key(s: &Session, h: ObjectHandle) -> Result<Option<bool>> {
     }))
 }
 
+/// `attack-import:LABEL`: {"readable": whether an unwrap into a readable object worked,
+/// "exportable": whether an unwrap into an object extractable under any key worked, "guarded": whether an unwrap as the service makes it (sensitive, extractable only under a
+/// trusted key, no wrap, unwrap or derive) worked}.
+fn attack_import(s: &Session, label: &str) -> Result<Value> {
+    let find = |class| -> Result<ObjectHandle> {
+        s.find_objects(&[Attribute::Class(class), Attribute::Label(label.as_bytes().to_vec())])?
+            .first()
+            .copied()
+            .context("no import key pair with that label")
+    };
+    let (public, private) = (find(ObjectClass::PUBLIC_KEY)?, find(ObjectClass::PRIVATE_KEY)?);
+    // The attacker's copy of the public half, able to wrap, and a key of theirs to wrap.
+    let mut key = Vec::new();
+    for a in s.get_attributes(public, &[AttributeType::Modulus, AttributeType::PublicExponent])? {
+        match a {
+            Attribute::Modulus(m) => key.push(Attribute::Modulus(m)),
+            Attribute::PublicExponent(e) => key.push(Attribute::PublicExponent(e)),
+            _ => {}
+        }
+    }
+    key.extend([Attribute::Class(ObjectClass::PUBLIC_KEY), Attribute::KeyType(KeyType::RSA), Attribute::Token(false), Attribute::Wrap(true)]);
+    let wrapper = s.create_object(&key)?;
+    let mine = s.generate_key(
+        &Mechanism::AesKeyGen,
+        &[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(32.into()),
+            Attribute::Token(false),
+            Attribute::Extractable(true),
+            Attribute::Sensitive(false),
+        ],
+    )?;
+    let oaep = Mechanism::RsaPkcsOaep(PkcsOaepParams::new(MechanismType::SHA1, PkcsMgfType::MGF1_SHA1, PkcsOaepSource::empty()));
+    let wrapped = s.wrap_key(&oaep, wrapper, mine)?;
+    let aes = |more: &[Attribute]| {
+        let mut t = vec![Attribute::Class(ObjectClass::SECRET_KEY), Attribute::KeyType(KeyType::AES), Attribute::Token(false)];
+        t.extend_from_slice(more);
+        t
+    };
+    let readable = match s.unwrap_key(&oaep, private, &wrapped, &aes(&[Attribute::Sensitive(false), Attribute::Extractable(true)])) {
+        Ok(copy) => {
+            let value = s.get_attributes(copy, &[AttributeType::Value]).map(|a| a.iter().any(|a| matches!(a, Attribute::Value(_)))).unwrap_or(false);
+            let _ = s.destroy_object(copy);
+            value
+        }
+        Err(_) => false,
+    };
+    // Sensitive, but extractable under any key: then wrapped under a key of the attacker's.
+    let exportable = match s.unwrap_key(
+        &oaep,
+        private,
+        &wrapped,
+        &aes(&[Attribute::Sensitive(true), Attribute::Extractable(true), Attribute::WrapWithTrusted(false)]),
+    ) {
+        Ok(copy) => {
+            let theirs = s.generate_key(
+                &Mechanism::AesKeyGen,
+                &[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::ValueLen(32.into()),
+                    Attribute::Token(false),
+                    Attribute::Wrap(true),
+                ],
+            )?;
+            let out = s.wrap_key(&Mechanism::AesKeyWrapPad, theirs, copy).is_ok();
+            let _ = s.destroy_object(theirs);
+            let _ = s.destroy_object(copy);
+            out
+        }
+        Err(_) => false,
+    };
+    let guarded_template = aes(&[
+        Attribute::Sensitive(true),
+        Attribute::Extractable(true),
+        Attribute::WrapWithTrusted(true),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+    ]);
+    let guarded = match s.unwrap_key(&oaep, private, &wrapped, &guarded_template) {
+        Ok(copy) => {
+            let _ = s.destroy_object(copy);
+            true
+        }
+        Err(_) => false,
+    };
+    let _ = s.destroy_object(mine);
+    let _ = s.destroy_object(wrapper);
+    Ok(json!({"readable": readable, "exportable": exportable, "guarded": guarded}))
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let [_, action, module, label, pin_file] = args.as_slice() else {
@@ -232,6 +325,13 @@ fn main() -> Result<()> {
             ])?;
         }
         println!("imported");
+        return Ok(());
+    }
+    if let Some(label) = action.strip_prefix("attack-import:") {
+        // The attack on an import key pair: material wrapped (as anyone can, with its public
+        // half) and unwrapped with its private half into a readable object. Its
+        // CKA_UNWRAP_TEMPLATE must make the HSM refuse, and allow the unwrap the service makes.
+        println!("{}", attack_import(&session, label)?);
         return Ok(());
     }
     if let Some(label) = action.strip_prefix("destroy:") {

@@ -118,12 +118,38 @@ impl ImportArgs {
             }
         }
         let mut c = KeyManagementClient::new(admin_channel(&ctx.endpoint, &ctx.tls, &ctx.session, &out.dry_run).await?);
-        let r = c.import_keys(pb::ImportKeysRequest { import_token: self.token, manifest, versions }).await?.into_inner();
+        let r = c.import_keys(tokio_stream::iter(chunks(self.token, &manifest, versions))).await?.into_inner();
         out.print(json!({"key_ids": r.key_ids, "versions": r.versions}), || {
             format!("imported {} keys and {} versions:\n{}", r.key_ids.len(), r.versions, r.key_ids.join("\n"))
         });
         Ok(())
     }
+}
+
+/// The most bytes of one chunk of an import: well within the admin plane's 64 KiB per message.
+const CHUNK: usize = 48 * 1024;
+
+/// An import's chunks: the token first, then the manifest in pieces, then the versions in
+/// batches, each chunk at most about `CHUNK` bytes.
+fn chunks(token: String, manifest: &[u8], versions: Vec<pb::WrappedKeyVersion>) -> Vec<pb::ImportKeysChunk> {
+    let mut chunks: Vec<pb::ImportKeysChunk> =
+        manifest.chunks(CHUNK).map(|piece| pb::ImportKeysChunk { manifest: piece.to_vec(), ..Default::default() }).collect();
+    let mut batch = pb::ImportKeysChunk::default();
+    let mut size = 0;
+    for v in versions {
+        let this = v.wrapped.len() + v.key_id.len() + 16;
+        if size + this > CHUNK && !batch.versions.is_empty() {
+            chunks.push(std::mem::take(&mut batch));
+            size = 0;
+        }
+        size += this;
+        batch.versions.push(v);
+    }
+    if !batch.versions.is_empty() || chunks.is_empty() {
+        chunks.push(batch);
+    }
+    chunks[0].import_token = token;
+    chunks
 }
 
 /// `kmsctl key import-parameters`.
