@@ -1,6 +1,7 @@
-//! Webhook delivery: on the node that runs the background jobs, each subscription is sent the
-//! events after its cursor (the last audit record it has had), at and above its severity, as
-//! one signed HTTPS POST; the cursor moves only once the receiver answered 2xx, so that a
+//! Webhook and syslog delivery: on the node that runs the background jobs, each subscription is
+//! sent the events after its cursor (the last audit record it has had), at and above its
+//! severity, as one signed HTTPS POST (or one syslog message each, to the host's syslog socket:
+//! `Event::syslog_message`); the cursor moves only once the receiver answered 2xx, so that a
 //! receiver down or a node restarted loses no event (a receiver may get one twice, after a
 //! failover: events carry the record's sequence number to drop repeats by). A receiver that
 //! fails is retried after 1, 2, 4, ... up to 300 seconds.
@@ -70,24 +71,32 @@ async fn deliver(shared: &Shared, mut s: SubscriptionRecord) -> Result<Option<Su
         tokio::task::spawn_blocking(move || kms.events_after(cursor, PAGE)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
     let events: Vec<_> = events.into_iter().filter(|e| e.severity >= min).collect();
     if !events.is_empty() {
-        let body = serde_json::json!({"subscription": s.id, "events": events}).to_string().into_bytes();
-        let (kms, record) = (shared.kms.clone(), s.clone());
-        let secret =
-            tokio::task::spawn_blocking(move || kms.subscription_secret(&record)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
-        let header = signature(secret.expose_secret(), now(), &body).ok_or("the webhook's secret cannot key an HMAC")?;
-        let sent =
-            crate::facade::https::call(&shared.outgoing_ca, &s.url, Some(body), &[(SIGNATURE_HEADER, header), ("kms-subscription", s.id.clone())])
-                .await;
-        let failed = match sent {
-            Ok((status, _)) if status.is_success() => None,
-            Ok((status, _)) => Some(format!("the receiver answered {status}")),
-            Err(e) => Some(e),
+        let failed = match crate::service::events::syslog_socket(&s.url) {
+            Some(path) => {
+                let (path, messages) = (path.to_string(), events.iter().map(|e| e.syslog_message()).collect::<Vec<_>>());
+                tokio::task::spawn_blocking(move || to_syslog(&path, &messages)).await.map_err(|e| e.to_string())?.err()
+            }
+            None => {
+                let body = serde_json::json!({"subscription": s.id, "events": events}).to_string().into_bytes();
+                let (kms, record) = (shared.kms.clone(), s.clone());
+                let secret = tokio::task::spawn_blocking(move || kms.subscription_secret(&record))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                let header = signature(secret.expose_secret(), now(), &body).ok_or("the webhook's secret cannot key an HMAC")?;
+                let headers = [(SIGNATURE_HEADER, header), ("kms-subscription", s.id.clone())];
+                match crate::facade::https::call(&shared.outgoing_ca, &s.url, Some(body), &headers).await {
+                    Ok((status, _)) if status.is_success() => None,
+                    Ok((status, _)) => Some(format!("the receiver answered {status}")),
+                    Err(e) => Some(e),
+                }
+            }
         };
         if let Some(why) = failed {
             s.failures += 1;
             s.next_attempt_at = now() + (1i64 << s.failures.clamp(0, 9)).min(MAX_BACKOFF);
             s.last_error = why;
-            tracing::warn!(subscription = %s.id, error = %s.last_error, failures = s.failures, "a notification webhook failed; it is retried");
+            tracing::warn!(subscription = %s.id, error = %s.last_error, failures = s.failures, "a notification delivery failed; it is retried");
             note(shared, &s).await?;
             return Ok(None);
         }
@@ -104,4 +113,13 @@ async fn deliver(shared: &Shared, mut s: SubscriptionRecord) -> Result<Option<Su
 async fn note(shared: &Shared, s: &SubscriptionRecord) -> Result<(), String> {
     let (kms, s) = (shared.kms.clone(), s.clone());
     tokio::task::spawn_blocking(move || kms.note_delivery(&s)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+}
+
+/// Sends each message as one datagram to the syslog socket at `path`.
+fn to_syslog(path: &str, messages: &[Vec<u8>]) -> Result<(), String> {
+    let socket = std::os::unix::net::UnixDatagram::unbound().map_err(|e| format!("syslog socket: {e}"))?;
+    for m in messages {
+        socket.send_to(m, path).map_err(|e| format!("syslog {path}: {e}"))?;
+    }
+    Ok(())
 }

@@ -50,6 +50,8 @@ pub const DEFAULTS: &[(&str, Severity)] = &[
     ("DestroyKey", Severity::Critical),
     ("DestroyKeyVersion", Severity::Critical),
     ("Restore", Severity::Critical),
+    ("ExportKeys", Severity::Critical),
+    ("ImportKey", Severity::Warning),
     ("LoginFailed", Severity::Warning),
     ("DeniedCalls", Severity::Warning),
     ("DisableKey", Severity::Warning),
@@ -91,7 +93,29 @@ pub const DEFAULTS: &[(&str, Severity)] = &[
     ("CreateOfficer", Severity::Info),
     ("SignOffReview", Severity::Info),
     ("RefreshCseIssuer", Severity::Info),
+    ("GetImportParameters", Severity::Info),
 ];
+
+/// The path of the syslog socket a `syslog://` subscription names.
+pub fn syslog_socket(url: &str) -> Option<&str> {
+    url.strip_prefix("syslog://")
+}
+
+impl Event {
+    /// The event as one RFC 5424 syslog message: facility authpriv (10); crit, warning or info;
+    /// the event's own time; app name `kms-server`; message id the event's kind; the event as
+    /// JSON for its message.
+    pub fn syslog_message(&self) -> Vec<u8> {
+        let severity = match self.severity {
+            Severity::Critical => 2,
+            Severity::Warning => 4,
+            Severity::Info => 6,
+        };
+        let time = chrono::DateTime::from_timestamp(self.time, 0).map_or_else(|| "-".to_string(), |t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string());
+        let json = serde_json::to_string(self).unwrap_or_default();
+        format!("<{}>1 {time} - kms-server - {} - {json}", 10 * 8 + severity, self.kind).into_bytes()
+    }
+}
 
 /// Data-plane calls refused in one pass over the trail that make a `DeniedCalls` event.
 pub const DENIED_BURST: usize = 10;
@@ -245,11 +269,21 @@ impl Kms {
         Ok(self.store.read(|tx| tx.audit_head())?.last.0)
     }
 
-    /// Subscribes `url` (https) to the events at or above `min_severity`, from now on; the
-    /// secret its deliveries are signed with is returned once, and kept sealed in the HSM.
+    /// Subscribes `url` to the events at or above `min_severity`, from now on: an https://
+    /// webhook, whose deliveries are signed with a secret returned once (and kept sealed in the
+    /// HSM), or `syslog://` and the path of the host's syslog socket (`syslog:///dev/log`),
+    /// which gets one RFC 5424 message per event (and no secret).
     pub fn create_subscription(&self, caller: &super::Caller, url: &str, min_severity: Severity) -> Result<(SubscriptionRecord, String)> {
-        if !url.starts_with("https://") || url.len() > 1024 || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(Error::invalid("url", "must be an https:// URL of at most 1,024 characters"));
+        if url.len() > 1024 || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(Error::invalid("url", "must be at most 1,024 characters, without spaces or control characters"));
+        }
+        match syslog_socket(url) {
+            Some(path) if !path.starts_with('/') || path.len() > 100 => {
+                return Err(Error::invalid("url", "must name the syslog socket's absolute path, at most 100 bytes: syslog:///dev/log"));
+            }
+            Some(_) => {}
+            None if url.starts_with("https://") => {}
+            None => return Err(Error::invalid("url", "must be an https:// URL (a webhook) or syslog:// and a socket's path (syslog:///dev/log)")),
         }
         caller.commit_point(|| format!("send {} events and above to {url}", min_severity.as_str()))?;
         let mut random = crate::secret::SecretBytes::zeroed(8 + 32);
@@ -274,7 +308,8 @@ impl Kms {
             tx.insert_subscription(&record)?;
             tx.append_audit(&caller.audit("CreateSubscription", None, None, format!("{id}: {url}, {} and above", min_severity.as_str())), at)
         })?;
-        Ok((record, secret.to_string()))
+        let secret = if syslog_socket(url).is_some() { String::new() } else { secret.to_string() };
+        Ok((record, secret))
     }
 
     pub fn subscriptions(&self) -> Result<Vec<SubscriptionRecord>> {

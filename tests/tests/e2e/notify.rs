@@ -179,3 +179,35 @@ async fn the_hsm_failing_and_coming_back_are_events_and_a_store_hiccup_is_not() 
     let severities = ok(&server.kmsctl(&["--json", "notify", "list"]))["severities"].clone();
     assert_eq!((severities["HsmUnavailable"].as_str(), severities["HsmAvailable"].as_str()), (Some("critical"), Some("info")));
 }
+
+/// A syslog subscription: one RFC 5424 message per event at and above its severity, to the
+/// host's syslog socket (here one the test binds), with no secret to keep.
+#[tokio::test(flavor = "multi_thread")]
+async fn syslog_gets_one_rfc5424_message_per_event_at_its_severity() {
+    let server = Server::start();
+    let path = server.dir.path().join("log.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let url = format!("syslog://{}", path.display());
+    let added = ok(&server.kmsctl(&["--json", "notify", "add", &url, "--min-severity", "warning"]));
+    assert_eq!(added["secret"], "", "{added}");
+    for bad in ["syslog://relative/path", "syslog://", "ftp://example.com/"] {
+        assert!(!server.kmsctl(&["notify", "add", bad]).status.success(), "{bad}");
+    }
+    let mut admin = server.admin().await;
+    let a = kms_tests::create_key(&mut admin, "a").await;
+    admin.mark_key_compromised(pb::MarkKeyCompromisedRequest { key_id: a.clone() }).await.unwrap();
+    let mut messages = Vec::new();
+    let mut buffer = vec![0u8; 65_536];
+    while messages.len() < 2 {
+        let n = socket.recv(&mut buffer).expect("a syslog message within 20 s");
+        messages.push(String::from_utf8(buffer[..n].to_vec()).unwrap());
+    }
+    // authpriv (10): warning = 84, crit = 82; CreateKey (info) is below the subscription's.
+    assert!(messages[0].starts_with("<84>1 ") && messages[0].contains(" kms-server - CreateSubscription - {"), "{}", messages[0]);
+    assert!(messages[1].starts_with("<82>1 ") && messages[1].contains(" kms-server - MarkKeyCompromised - {"), "{}", messages[1]);
+    let json: Value = serde_json::from_str(&messages[1][messages[1].find('{').unwrap()..]).unwrap();
+    assert_eq!((json["key_id"].as_str(), json["severity"].as_str()), (Some(a.as_str()), Some("critical")));
+    let listed = ok(&server.kmsctl(&["--json", "notify", "list"]));
+    assert_eq!(listed["subscriptions"][0]["delivered"].as_i64(), Some(2), "{listed}");
+}

@@ -27,9 +27,10 @@ pub(crate) enum EventsCommand {
 
 #[derive(Subcommand)]
 pub(crate) enum NotifyCommand {
-    /// Sends events at and above a severity to an HTTPS webhook, signed; prints the signing
-    /// secret (the only time it is shown).
+    /// Sends events at and above a severity to an HTTPS webhook, signed (prints the signing
+    /// secret, the only time it is shown), or to the host's syslog (one RFC 5424 message each).
     Add {
+        /// An https:// webhook, or syslog:// and the host's syslog socket (syslog:///dev/log).
         url: String,
         /// info, warning (the default) or critical.
         #[arg(long, default_value = "warning")]
@@ -82,7 +83,8 @@ impl NotifyCommand {
                 let r = c.create_subscription(pb::CreateSubscriptionRequest { url, min_severity }).await?.into_inner();
                 let s = r.subscription.clone().unwrap_or_default();
                 out.print(json!({"subscription": subscription_json(&s), "secret": r.secret}), || {
-                    format!("{}: {} ({} and above)\nsigning secret (shown once): {}", s.id, s.url, s.min_severity, r.secret)
+                    let secret = if r.secret.is_empty() { String::new() } else { format!("\nsigning secret (shown once): {}", r.secret) };
+                    format!("{}: {} ({} and above){secret}", s.id, s.url, s.min_severity)
                 });
             }
             NotifyCommand::List => {

@@ -144,7 +144,7 @@ enum Command {
     /// Events as they happen (officers and auditors).
     #[command(subcommand)]
     Events(events::EventsCommand),
-    /// Notifications: HTTPS webhooks for events at the severities you choose.
+    /// Notifications: HTTPS webhooks or syslog, for events at the severities you choose.
     #[command(subcommand)]
     Notify(events::NotifyCommand),
     /// The Level 2 evidence report, signed in the HSM, and its verification.
