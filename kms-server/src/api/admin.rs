@@ -64,6 +64,7 @@ fn metadata(v: &KeyView) -> pb::KeyMetadata {
         destruction_time: r.destruction_at.unwrap_or(0),
         aliases: v.aliases.iter().map(ToString::to_string).collect(),
         material_missing: v.material_missing,
+        origin: r.origin.as_str().into(),
     }
 }
 

@@ -52,6 +52,28 @@ impl fmt::Display for KeyState {
     }
 }
 
+/// Where a key's material came from: made in this service's HSM, or brought in (BYOK, a
+/// reversibility bundle from another instance).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyOrigin {
+    Hsm,
+    External,
+}
+
+impl KeyOrigin {
+    /// The name stored in the database and shown to users.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyOrigin::Hsm => "hsm",
+            KeyOrigin::External => "external",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<KeyOrigin> {
+        [KeyOrigin::Hsm, KeyOrigin::External].into_iter().find(|o| o.as_str() == s)
+    }
+}
+
 /// The state of one key version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum VersionState {

@@ -15,7 +15,7 @@ use crate::audit::AuditEvent;
 use crate::clock::now;
 use crate::domain::budget::UsageLimits;
 use crate::domain::ids::{AliasName, KeyId, KeyRef};
-use crate::domain::lifecycle::{KeyState, KeyTransition, VersionState, VersionTransition, next_key_state, next_version_state};
+use crate::domain::lifecycle::{KeyOrigin, KeyState, KeyTransition, VersionState, VersionTransition, next_key_state, next_version_state};
 use crate::domain::policy::{Grant, PrincipalState};
 use crate::error::{Error, Result};
 use crate::hooks::{Step, crash_point};
@@ -197,6 +197,7 @@ impl Kms {
             next_rotation_at: (rotation_period_secs > 0).then(|| created_at + rotation_period_secs as i64),
             destruction_at: None,
             primary_version: 1,
+            origin: KeyOrigin::Hsm,
         };
         let version = VersionRecord { key_id, version: 1, state: VersionState::Enabled, created_at, reserved: 0, destruction_at: None };
         let alias_record = alias.map(|alias| AliasRecord { alias, key_id, created_at });

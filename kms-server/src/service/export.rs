@@ -24,7 +24,7 @@ use super::admin::changed;
 use super::{Caller, Kms, now};
 use crate::domain::hex::{hex, sha256_hex};
 use crate::domain::ids::{AliasName, KeyId};
-use crate::domain::lifecycle::{KeyState, VersionState};
+use crate::domain::lifecycle::{KeyOrigin, KeyState, VersionState};
 use crate::error::{Error, Result};
 use crate::hooks::{Step, crash_point};
 use crate::hsm::templates::IMPORT_LABEL;
@@ -392,6 +392,7 @@ impl Kms {
                 next_rotation_at: k.next_rotation_at,
                 destruction_at: k.destruction_at,
                 primary_version: k.primary_version,
+                origin: KeyOrigin::External,
             };
             keys.push(ToImport { record, aliases, versions });
         }
@@ -441,6 +442,7 @@ impl Kms {
             next_rotation_at: None,
             destruction_at: None,
             primary_version: 1,
+            origin: KeyOrigin::External,
         };
         let version = VersionRecord { key_id, version: 1, state: VersionState::Enabled, created_at, reserved: 0, destruction_at: None };
         let key = ToImport { record, aliases: alias.into_iter().collect(), versions: vec![(version, material.to_vec())] };

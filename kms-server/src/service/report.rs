@@ -136,7 +136,7 @@ impl Kms {
     /// Every key object's protection as the HSM states it, and the backup key's.
     fn keys_item(&self) -> Result<Item> {
         let entries: Vec<_> = self.registry.read().keys.values().cloned().collect();
-        let (mut checked, mut missing, mut problems) = (0, 0, Vec::new());
+        let (mut checked, mut missing, mut imported_versions, mut problems) = (0, 0, 0, Vec::new());
         for entry in &entries {
             for v in entry.versions.values().filter(|v| v.record.state.has_material()) {
                 let Some(handle) = v.handle else {
@@ -146,21 +146,29 @@ impl Kms {
                 let p = self.hsm.key_protection(handle)?;
                 checked += 1;
                 let name = format!("key {} version {}", entry.record.key_id, v.record.version);
-                if !p.sensitive || !p.always_sensitive {
+                // An imported version was unwrapped into the HSM: not local, and (as the
+                // standard says of unwrapped keys) not "always sensitive"; its origin says so.
+                let imported = entry.record.origin == crate::domain::lifecycle::KeyOrigin::External;
+                imported_versions += usize::from(imported);
+                if !p.sensitive || (!p.always_sensitive && !imported) {
                     problems.push(format!("{name}: its value has been readable (CKA_SENSITIVE or CKA_ALWAYS_SENSITIVE false)"));
                 }
                 if p.extractable && !p.wrap_with_trusted {
                     problems.push(format!("{name}: extractable under any key (CKA_WRAP_WITH_TRUSTED false)"));
                 }
-                if !p.local {
-                    problems.push(format!("{name}: not generated on the token (CKA_LOCAL false)"));
+                if !p.local && !imported {
+                    problems.push(format!("{name}: not generated on the token (CKA_LOCAL false) and not recorded as imported"));
                 }
             }
         }
         let backup = self.hsm.backup_key()?;
         let unguarded = self.hsm.backup_key_unguarded()?;
         let mut evidence = vec![
-            format!("{checked} key versions with material, of {} keys, read from the HSM now", entries.len()),
+            format!(
+                "{checked} key versions with material, of {} keys, read from the HSM now; {imported_versions} of them imported (origin external: \
+                 BYOK or a reversibility bundle, unwrapped into the HSM)",
+                entries.len()
+            ),
             "every key version: CKA_SENSITIVE and CKA_ALWAYS_SENSITIVE (its value never readable), CKA_LOCAL (generated on the token), \
              extractable only wrapped under a key the HSM's security officer marked trusted (CKA_WRAP_WITH_TRUSTED)"
                 .to_string(),

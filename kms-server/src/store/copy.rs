@@ -13,7 +13,7 @@ use super::{Result, StoreError, Tx};
 const TABLES: &[(&str, &str, &str)] = &[
     (
         "keys",
-        "key_id, description, state, compromised, created_at, rotation_period_secs, next_rotation_at, destruction_at, primary_version",
+        "key_id, description, state, compromised, created_at, rotation_period_secs, next_rotation_at, destruction_at, primary_version, origin",
         "key_id",
     ),
     ("key_versions", "key_id, version, state, created_at, reserved, destruction_at", "key_id, version"),

@@ -26,7 +26,7 @@ use sql::{Param, Row, Sql, first};
 
 use crate::audit::{AuditEvent, Checkpoint, GENESIS, StoredRecord};
 use crate::domain::ids::{AliasName, KeyId};
-use crate::domain::lifecycle::{KeyState, VersionState};
+use crate::domain::lifecycle::{KeyOrigin, KeyState, VersionState};
 use crate::domain::officer::Role;
 use crate::domain::policy::{Grant, Operation, PrincipalState};
 
@@ -140,6 +140,7 @@ pub struct KeyRecord {
     pub next_rotation_at: Option<i64>,
     pub destruction_at: Option<i64>,
     pub primary_version: u32,
+    pub origin: KeyOrigin,
 }
 
 /// A key version's row.
@@ -559,8 +560,8 @@ impl Tx<'_> {
     pub fn insert_key(&self, k: &KeyRecord) -> Result<()> {
         self.0.execute(
             "INSERT INTO keys (key_id, description, state, compromised, created_at,
-                rotation_period_secs, next_rotation_at, destruction_at, primary_version)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                rotation_period_secs, next_rotation_at, destruction_at, primary_version, origin)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             &[
                 (&k.key_id.to_string()).into(),
                 (&k.description).into(),
@@ -571,6 +572,7 @@ impl Tx<'_> {
                 k.next_rotation_at.into(),
                 k.destruction_at.into(),
                 k.primary_version.into(),
+                k.origin.as_str().into(),
             ],
         )?;
         Ok(())
@@ -599,13 +601,13 @@ impl Tx<'_> {
     pub fn keys(&self) -> Result<Vec<KeyRecord>> {
         let rows = self.0.query(
             "SELECT key_id, description, state, compromised, created_at, rotation_period_secs,
-                    next_rotation_at, destruction_at, primary_version
+                    next_rotation_at, destruction_at, primary_version, origin
              FROM keys ORDER BY created_at, key_id",
             &[],
         )?;
         rows.iter()
             .map(|row| {
-                let state = row.text(2)?;
+                let (state, origin) = (row.text(2)?, row.text(9)?);
                 Ok(KeyRecord {
                     key_id: key_id_col(row, 0, "keys")?,
                     description: row.text(1)?,
@@ -616,6 +618,7 @@ impl Tx<'_> {
                     next_rotation_at: row.opt_int(6)?,
                     destruction_at: row.opt_int(7)?,
                     primary_version: to_u32(row.int(8)?, "keys")?,
+                    origin: KeyOrigin::parse(&origin).ok_or_else(|| corrupt("keys", format!("origin {origin:?}")))?,
                 })
             })
             .collect()
@@ -1567,6 +1570,7 @@ mod tests {
             next_rotation_at: None,
             destruction_at: None,
             primary_version: 1,
+            origin: KeyOrigin::Hsm,
         }
     }
 

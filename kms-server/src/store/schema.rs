@@ -200,6 +200,8 @@ const MIGRATIONS: &[&str] = &[
         kind     TEXT PRIMARY KEY,
         severity TEXT NOT NULL
     );",
+    // 13: where each key's material came from (BYOK and bundle imports are 'external').
+    "ALTER TABLE keys ADD COLUMN origin TEXT NOT NULL DEFAULT 'hsm';",
 ];
 
 pub fn migrate_sqlite(conn: &mut Connection) -> Result<(), StoreError> {
@@ -397,6 +399,8 @@ const POSTGRES: &[&str] = &[
         kind     TEXT PRIMARY KEY,
         severity TEXT NOT NULL
     );",
+    // 7: SQLite's 13.
+    "ALTER TABLE keys ADD COLUMN origin TEXT NOT NULL DEFAULT 'hsm';",
 ];
 
 /// The advisory lock held while the schema migrates: nodes starting together migrate once.

@@ -142,8 +142,10 @@ async fn a_bundle_exported_by_a_into_a_fresh_b_decrypts_every_blob_a_made() {
     let mut b_admin = b.admin().await;
     let described = b_admin.describe_key(pb::DescribeKeyRequest { key_id: "alias/payroll".into() }).await.unwrap().into_inner();
     assert_eq!(described.key.unwrap().key_id, keys[0]);
-    let hr = b_admin.describe_key(pb::DescribeKeyRequest { key_id: keys[1].clone() }).await.unwrap().into_inner();
-    assert_eq!(hr.key.unwrap().state, pb::KeyState::Disabled as i32);
+    let hr = b_admin.describe_key(pb::DescribeKeyRequest { key_id: keys[1].clone() }).await.unwrap().into_inner().key.unwrap();
+    assert_eq!((hr.state, hr.origin.as_str()), (pb::KeyState::Disabled as i32, "external"));
+    let on_a = admin.describe_key(pb::DescribeKeyRequest { key_id: keys[1].clone() }).await.unwrap().into_inner().key.unwrap();
+    assert_eq!(on_a.origin, "hsm");
     let b_versions = b_admin.list_key_versions(pb::ListKeyVersionsRequest { key_id: keys[0].clone() }).await.unwrap().into_inner().versions;
     let states = |v: &[pb::KeyVersion]| v.iter().map(|v| (v.version, v.state, v.primary)).collect::<Vec<_>>();
     assert_eq!(states(&b_versions), states(&a_versions));
@@ -273,6 +275,16 @@ async fn key_material_wrapped_offline_is_imported_as_a_key_of_external_origin() 
         let r = data.generate_data_key(gdk(&key_id, &[("n", "0")])).await.unwrap().into_inner();
         assert_eq!(decrypt(&mut data, &r.ciphertext_blob, 0).await.unwrap(), r.plaintext);
     }
+    for key in [&one, &two] {
+        assert_eq!(key["origin"], "external", "{key}");
+    }
+    // The evidence report counts them as imported, not as a problem.
+    let report = b.dir.path().join("report.json");
+    ok(&b.kmsctl(&["report", "dgssi", "--format", "json", "--out", &path(&report)]));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let keys_item = report["report"]["items"].as_array().unwrap().iter().find(|i| i["id"] == "keys-in-the-hsm").unwrap().clone();
+    assert_eq!(keys_item["verdict"], "pass", "{keys_item}");
+    assert!(keys_item.to_string().contains("2 of them imported"), "{keys_item}");
     let trail = b.kmsctl(&["audit", "export"]);
     let trail = String::from_utf8_lossy(&trail.stdout);
     assert_eq!(trail.lines().filter(|l| l.contains("\"ImportKey\"") && l.contains("origin external")).count(), 2, "{trail}");

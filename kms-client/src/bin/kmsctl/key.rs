@@ -318,6 +318,7 @@ fn key_json(k: &pb::KeyMetadata) -> Value {
         "destruction_time": k.destruction_time,
         "aliases": k.aliases,
         "material_missing": k.material_missing,
+        "origin": k.origin,
     })
 }
 
@@ -342,6 +343,9 @@ fn key_text(k: &pb::KeyMetadata) -> String {
     }
     if k.destruction_time != 0 {
         s.push_str(&format!("  destruction at {}", k.destruction_time));
+    }
+    if k.origin == "external" {
+        s.push_str("  origin external");
     }
     if k.material_missing {
         s.push_str("  MATERIAL MISSING");
