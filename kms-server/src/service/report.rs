@@ -216,7 +216,7 @@ impl Kms {
             evidence.push(format!("{id}: {}, {} versions, {rotation}; {}", r.state.as_str(), e.versions.len(), events.join(", ")));
         }
         let (verdict, why) = match without_rotation {
-            0 => (Verdict::Pass, format!("{} keys, each through the service's lifecycle, every change audited", entries.len())),
+            0 => (Verdict::Pass, format!("{} key(s), each through the service's lifecycle, every change audited", entries.len())),
             n => (
                 Verdict::Warn,
                 format!("{n} enabled keys rotate only by hand (kmsctl key rotate) or at their usage limit: no rotation period was set"),
@@ -397,8 +397,8 @@ impl Kms {
             last("reversibility export (kmsctl export: every key wrapped in the HSM under the customer's RSA key)", &exported),
             last("restore into an HSM", &restored),
             last("key import (kmsctl import or kmsctl key import)", &imported),
-            "an export wraps with C_WrapKey only, under a customer key the HSM's security officer made trusted, with a transport \
-             key that serves one export; OpenSSL alone unwraps it (docs/export-format.md)"
+            "an export wraps with C_WrapKey only (RSA-OAEP), under a customer key the HSM's security officer made trusted for that \
+             one export; OpenSSL alone unwraps it (docs/export-format.md)"
                 .to_string(),
         ];
         let (verdict, why) = match (&exported, &restored) {
