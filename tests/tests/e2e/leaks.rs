@@ -1,7 +1,9 @@
 //! TESTPLAN R9: the secret-leak scan. A run at trace logging that handles data keys, plaintexts,
 //! random bytes, an officer's passphrase, TOTP secret and session token, and the HSM PIN; then
-//! every log line, the database and its WAL, the audit export, a backup file and kmsctl's other
-//! outputs are searched for each secret, raw, in hex and in base64.
+//! every log line, the database and its WAL, the audit export, a backup file, a reversibility
+//! export, the evidence report, the events sent to syslog and kmsctl's other outputs are
+//! searched for each secret, raw, in hex and in base64; the export's manifest, the report and
+//! the events for an encryption context's value too.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -20,6 +22,11 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn no_secret_reaches_logs_database_audit_or_cli_output() {
     let mut server = Server::start_with(Options { log: "trace", backup_key: true, ..Default::default() });
+    // Every event, to a syslog socket of the test's.
+    let syslog_path = server.dir.path().join("syslog.sock");
+    let syslog = std::os::unix::net::UnixDatagram::bind(&syslog_path).unwrap();
+    let url = format!("syslog://{}", syslog_path.display());
+    assert!(server.kmsctl(&["notify", "add", &url, "--min-severity", "info"]).status.success());
     let mut admin = server.admin().await;
     let key = create_key(&mut admin, "leaks").await;
     let mut data = server.data().await;
@@ -89,6 +96,18 @@ async fn no_secret_reaches_logs_database_audit_or_cli_output() {
     secrets.push(("bootstrap passphrase".into(), kms_tests::OFFICER_PASSPHRASE.as_bytes().to_vec()));
     secrets.push(("HSM PIN".into(), std::fs::read_to_string(&server.token.pin_file).unwrap().trim().as_bytes().to_vec()));
 
+    // An encryption context's value: in the audit trail by design, never in an event, the
+    // export's manifest or the report.
+    let context_value = "context-value-that-stays-in-the-trail";
+    data.encrypt(pb::EncryptRequest {
+        key_id: key.clone(),
+        plaintext: b"under a context".to_vec(),
+        encryption_context: kms_tests::ctx(&[("project", context_value)]),
+        caller_context: None,
+    })
+    .await
+    .unwrap();
+
     // Outputs that must hold no secret: kmsctl's listings and the audit export.
     let mut outputs: Vec<(String, Vec<u8>)> = Vec::new();
     for args in [
@@ -109,6 +128,44 @@ async fn no_secret_reaches_logs_database_audit_or_cli_output() {
     let out = server.kmsctl(&["backup", "create", "--out", &backup.display().to_string()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     outputs.push(("backup file".into(), std::fs::read(&backup).unwrap()));
+    // A reversibility export, under a customer key the security officer trusted, and the
+    // evidence report: neither holds a secret nor a context value.
+    let dir = server.dir.path().to_path_buf();
+    let (private, public) = (dir.join("customer-key.pem"), dir.join("customer.pem"));
+    let openssl = |args: &[&str]| assert!(std::process::Command::new("openssl").args(args).status().unwrap().success());
+    openssl(&["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:3072", "-out", private.to_str().unwrap()]);
+    openssl(&["pkey", "-in", private.to_str().unwrap(), "-pubout", "-out", public.to_str().unwrap()]);
+    let so_pin = server.token.so_pin_file.display().to_string();
+    assert!(server.server_command(&["export-key", "--so-pin-file", &so_pin, "--public-key", public.to_str().unwrap()]).unwrap().status.success());
+    let bundle = dir.join("bundle");
+    let out = server.kmsctl(&["export", "--to-public-key", public.to_str().unwrap(), "--out", bundle.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut no_context: Vec<(String, Vec<u8>)> = vec![("export manifest".into(), std::fs::read(bundle.join("manifest.json")).unwrap())];
+    for entry in std::fs::read_dir(bundle.join("versions")).unwrap() {
+        let path = entry.unwrap().path();
+        no_context.push((path.display().to_string(), std::fs::read(path).unwrap()));
+    }
+    outputs.push(("exported audit trail".into(), std::fs::read(bundle.join("audit.jsonl")).unwrap()));
+    for format in ["json", "html"] {
+        let report = dir.join(format!("report.{format}"));
+        assert!(server.kmsctl(&["report", "dgssi", "--format", format, "--out", report.to_str().unwrap()]).status.success());
+        no_context.push((format!("evidence report ({format})"), std::fs::read(report).unwrap()));
+    }
+    // The events delivered to syslog so far (the export, a critical one, among them).
+    syslog.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let mut events = Vec::new();
+    let mut buffer = vec![0u8; 65_536];
+    while !String::from_utf8_lossy(&events).contains("ExportKeys") {
+        let n = syslog.recv(&mut buffer).expect("the events reach syslog");
+        events.extend_from_slice(&buffer[..n]);
+    }
+    no_context.push(("syslog events".into(), events));
+    // The scan finds the value where it is on purpose: the audit trail.
+    assert!(outputs.iter().any(|(n, bytes)| n == "exported audit trail" && contains(bytes, context_value.as_bytes())));
+    for (where_, bytes) in &no_context {
+        assert!(!contains(bytes, context_value.as_bytes()), "the context value found in {where_}");
+    }
+    outputs.extend(no_context);
     server.stop();
     for file in ["server.log", "kms.db", "kms.db-wal"] {
         let path = server.dir.path().join(file);
