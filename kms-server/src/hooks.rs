@@ -37,7 +37,8 @@ pub fn retention_clock_offset() -> i64 {
 
 /// Seconds added to the clock that the destruction and rotation sweep reads, so that a test sees
 /// a version destroyed while the server runs, its session copy with it
-/// (`KMS_TEST_SWEEP_CLOCK_OFFSET`). Scheduling keeps the real clock.
+/// (`KMS_TEST_SWEEP_CLOCK_OFFSET`); expiries (approval requests, import parameters) read it too.
+/// Scheduling keeps the real clock.
 #[cfg(feature = "test-hooks")]
 pub fn sweep_clock_offset() -> i64 {
     clock_offset("KMS_TEST_SWEEP_CLOCK_OFFSET")

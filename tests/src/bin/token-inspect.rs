@@ -327,6 +327,19 @@ fn main() -> Result<()> {
         println!("imported");
         return Ok(());
     }
+    if action == "labels" {
+        // Every object's label, of every class (key pairs included).
+        let mut labels = Vec::new();
+        for h in session.find_objects(&[])? {
+            for a in session.get_attributes(h, &[AttributeType::Label])? {
+                if let Attribute::Label(bytes) = a {
+                    labels.push(String::from_utf8_lossy(&bytes).into_owned());
+                }
+            }
+        }
+        println!("{}", json!(labels));
+        return Ok(());
+    }
     if let Some(label) = action.strip_prefix("attack-import:") {
         // The attack on an import key pair: material wrapped (as anyone can, with its public
         // half) and unwrapped with its private half into a readable object. Its

@@ -218,11 +218,16 @@ async fn the_customer_unwraps_an_export_with_openssl_alone() {
     assert_ne!(values[0], values[1]);
 }
 
+/// `kmsctl key import` of wrapped material on `server`.
+fn import(server: &Server, token: &str, file: &Path, scheme: &str, alias: &str) -> std::process::Output {
+    server.kmsctl(&["--json", "key", "import", "--token", token, "--material", &path(file), "--wrapping-algorithm", scheme, "--alias", alias])
+}
+
 /// Key material wrapped offline with OpenSSL under import parameters (AWS's RSAES_OAEP_SHA_1)
 /// becomes a new key that encrypts and decrypts; anything else is refused and changes nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn key_material_wrapped_offline_is_imported_as_a_key_of_external_origin() {
-    let b = Server::start();
+    let mut b = Server::start();
     let dir = b.dir.path();
     let material = dir.join("material.bin");
     std::fs::write(&material, [7u8; 32]).unwrap();
@@ -243,9 +248,6 @@ async fn key_material_wrapped_offline_is_imported_as_a_key_of_external_origin() 
             &path(output),
         ]))
     };
-    let import = |token: &str, file: &Path, scheme: &str, alias: &str| {
-        b.kmsctl(&["--json", "key", "import", "--token", token, "--material", &path(file), "--wrapping-algorithm", scheme, "--alias", alias])
-    };
     let (token, pem) = import_parameters(&b, "p1.pem");
     // No one with the user PIN can use the import key to unwrap a readable key.
     let attacked: serde_json::Value = serde_json::from_slice(&b.inspect(&format!("attack-import:kms-import:{token}"))).unwrap();
@@ -256,16 +258,16 @@ async fn key_material_wrapped_offline_is_imported_as_a_key_of_external_origin() 
     );
     let wrapped = dir.join("wrapped.bin");
     oaep(&pem, &wrapped);
-    refused(&import(&token, &wrapped, "RSA_AES_KEY_WRAP_SHA_1", "byok-1"), "this service takes RSAES_OAEP_SHA_1");
-    refused(&import(&token, &material, "RSAES_OAEP_SHA_1", "byok-1"), "is 32 bytes");
+    refused(&import(&b, &token, &wrapped, "RSA_AES_KEY_WRAP_SHA_1", "byok-1"), "this service takes RSAES_OAEP_SHA_1");
+    refused(&import(&b, &token, &material, "RSAES_OAEP_SHA_1", "byok-1"), "is 32 bytes");
     // Material wrapped under other parameters does not unwrap, and uses nothing up.
     let (other_token, _) = import_parameters(&b, "p2.pem");
-    refused(&import(&other_token, &wrapped, "RSAES_OAEP_SHA_1", "byok-1"), "does not unwrap");
-    let one = ok(&import(&token, &wrapped, "RSAES_OAEP_SHA_1", "byok-1"));
-    refused(&import(&token, &wrapped, "RSAES_OAEP_SHA_1", "byok-1b"), "names no import parameters");
+    refused(&import(&b, &other_token, &wrapped, "RSAES_OAEP_SHA_1", "byok-1"), "does not unwrap");
+    let one = ok(&import(&b, &token, &wrapped, "RSAES_OAEP_SHA_1", "byok-1"));
+    refused(&import(&b, &token, &wrapped, "RSAES_OAEP_SHA_1", "byok-1b"), "names no import parameters");
     let (token, pem) = import_parameters(&b, "p3.pem");
     oaep(&pem, &wrapped);
-    let two = ok(&import(&token, &wrapped, "RSAES_OAEP_SHA_1", "byok-2"));
+    let two = ok(&import(&b, &token, &wrapped, "RSAES_OAEP_SHA_1", "byok-2"));
 
     let mut admin = b.admin().await;
     let mut data = b.data().await;
@@ -288,4 +290,17 @@ async fn key_material_wrapped_offline_is_imported_as_a_key_of_external_origin() 
     let trail = b.kmsctl(&["audit", "export"]);
     let trail = String::from_utf8_lossy(&trail.stdout);
     assert_eq!(trail.lines().filter(|l| l.contains("\"ImportKey\"") && l.contains("origin external")).count(), 2, "{trail}");
+
+    // Parameters a day old are refused, and removed from the HSM when new ones are made.
+    let (stale, pem) = import_parameters(&b, "p4.pem");
+    oaep(&pem, &wrapped);
+    drop((admin, data));
+    b.options.sweep_clock_offset = 24 * 3600 + 60;
+    b.restart();
+    b.relogin();
+    refused(&import(&b, &stale, &wrapped, "RSAES_OAEP_SHA_1", "byok-late"), "expired");
+    let labels = || serde_json::from_slice::<Vec<String>>(&b.inspect("labels")).unwrap();
+    assert_eq!(labels().iter().filter(|l| l.contains(&stale)).count(), 2, "both halves are there until new parameters are made");
+    import_parameters(&b, "p5.pem");
+    assert!(!labels().iter().any(|l| l.contains(&stale)), "the expired pair is gone: {:?}", labels());
 }
