@@ -167,6 +167,8 @@ impl Kms {
         let customer = RsaPublicKey::from_pem(pem).map_err(|e| Error::invalid("public_key_pem", e))?;
         let fingerprint = customer.fingerprint();
         let _admin = self.admin_lock()?;
+        // The rows from the store, for the usage counts every node has reserved there (a node's
+        // registry knows its own); the handles from the registry.
         let (stored_keys, stored_versions, stored_aliases) = self.store.read(|tx| Ok((tx.keys()?, tx.versions()?, tx.aliases()?)))?;
         let handles = {
             let state = self.registry.read();
