@@ -9,7 +9,10 @@
 //!   mutual TLS against the real `kms-server` binary, at several concurrencies, beside an empty
 //!   call (the health check) on the same connection: the gRPC ceiling of the same run.
 //!
-//! `src/bin/kms-load.rs` is the load generator for what criterion does poorly.
+//! `src/bin/kms-load.rs` is the load generator for what criterion does poorly; `xks-load` and
+//! `cse-load` load the cloud facades, over what `https_load` gives both.
+
+pub mod https_load;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -10,14 +10,13 @@
 //! ```
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use clap::Parser;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
+use kms_benches::https_load::{Call, Connection, Endpoint, phase, print_header, row};
 use serde_json::{Value, json};
 
 #[derive(Parser, Clone, Debug)]
@@ -50,105 +49,28 @@ struct Args {
     http2: bool,
 }
 
-/// What one connection sends: a signed request and its answer.
-struct Connection {
-    send: Sender,
-    authority: String,
-}
-
-enum Sender {
-    One(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
-    Two(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
-}
-
+/// The key store: its path prefix and credential.
 struct Target {
-    host: String,
-    port: u16,
     path: String,
     access_key_id: String,
     secret: String,
     region: String,
-    tls: tokio_rustls::TlsConnector,
-    http2: bool,
-}
-
-impl Target {
-    fn load(args: &Args) -> Result<Target> {
-        let file: Value = serde_json::from_slice(&std::fs::read(&args.proxy_file).context("--proxy-file")?).context("--proxy-file: JSON")?;
-        let endpoint = file["XksProxyUriEndpoint"].as_str().context("XksProxyUriEndpoint")?;
-        let uri: hyper::Uri = endpoint.parse().context("XksProxyUriEndpoint: a URL")?;
-        let credential = &file["XksProxyAuthenticationCredential"];
-        let mut roots = rustls::RootCertStore::empty();
-        use rustls::pki_types::pem::PemObject;
-        for cert in rustls::pki_types::CertificateDer::pem_file_iter(&args.ca).context("--ca")? {
-            roots.add(cert.context("--ca: a certificate")?)?;
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![if args.http2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
-        Ok(Target {
-            host: uri.host().context("XksProxyUriEndpoint: a host")?.to_string(),
-            port: uri.port_u16().unwrap_or(443),
-            path: file["XksProxyUriPath"].as_str().context("XksProxyUriPath")?.to_string(),
-            access_key_id: credential["AccessKeyId"].as_str().context("AccessKeyId")?.to_string(),
-            secret: credential["RawSecretAccessKey"].as_str().context("RawSecretAccessKey")?.to_string(),
-            region: args.region.clone(),
-            tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
-            http2: args.http2,
-        })
-    }
-
-    async fn connect(&self) -> Result<Connection> {
-        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await?;
-        tcp.set_nodelay(true)?;
-        let name = rustls::pki_types::ServerName::try_from(self.host.clone())?;
-        let io = hyper_util::rt::TokioIo::new(self.tls.connect(name, tcp).await?);
-        let send = if self.http2 {
-            let (send, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await?;
-            tokio::spawn(conn);
-            Sender::Two(send)
-        } else {
-            let (send, conn) = hyper::client::conn::http1::handshake(io).await?;
-            tokio::spawn(conn);
-            Sender::One(send)
-        };
-        Ok(Connection { send, authority: format!("{}:{}", self.host, self.port) })
-    }
 }
 
 /// One call; its status and JSON answer.
 async fn call(target: &Target, conn: &mut Connection, method: &str, path: &str, body: &Value) -> Result<(u16, Value)> {
     let body = if method == "GET" { Vec::new() } else { body.to_string().into_bytes() };
-    let (mut parts, ()) = hyper::Request::builder()
-        .method(method)
-        .uri(if target.http2 { format!("https://{}{path}", conn.authority) } else { path.to_string() })
-        .header("content-type", "application/json")
-        .body(())?
-        .into_parts();
-    if !target.http2 {
-        parts.headers.insert("host", conn.authority.parse()?);
-    }
+    let (mut parts, ()) =
+        hyper::Request::builder().method(method).uri(conn.target(path)).header("content-type", "application/json").body(())?.into_parts();
     if method == "POST" {
+        if !conn.http2() {
+            // Signed: the host the server will see.
+            parts.headers.insert("host", conn.authority.parse()?);
+        }
         kms_server::facade::xks::auth::sign(&mut parts, &body, &target.region, &target.access_key_id, &target.secret, chrono::Utc::now())
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    let request = hyper::Request::from_parts(parts, Full::new(Bytes::from(body)));
-    let response = match &mut conn.send {
-        Sender::One(s) => {
-            s.ready().await?;
-            s.send_request(request).await?
-        }
-        Sender::Two(s) => {
-            s.ready().await?;
-            s.send_request(request).await?
-        }
-    };
-    let status = response.status().as_u16();
-    let bytes = response.into_body().collect().await?.to_bytes();
-    Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+    conn.send(parts, body).await
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,112 +104,21 @@ fn request(target: &Target, key: &str, phase: Phase, sealed: &Value) -> (&'stati
     }
 }
 
-/// Latencies (µs) of the successes and the count of each failure.
-#[derive(Default)]
-struct Tally {
-    latencies: Vec<u32>,
-    errors: std::collections::BTreeMap<String, u64>,
-}
-
-impl Tally {
-    fn record(&mut self, answer: Result<(u16, Value)>, micros: u32) {
-        match answer {
-            Ok((200, _)) => self.latencies.push(micros),
-            Ok((status, body)) => *self.errors.entry(format!("{status} {}", body["errorName"].as_str().unwrap_or(""))).or_default() += 1,
-            Err(e) => *self.errors.entry(format!("transport: {e}")).or_default() += 1,
-        }
-    }
-}
-
-fn percentile(sorted: &[u32], p: f64) -> u32 {
-    if sorted.is_empty() { 0 } else { sorted[((sorted.len() - 1) as f64 * p).round() as usize] }
-}
-
-/// One phase: closed loop on every connection, or the offered rate spread over them.
-async fn phase(target: &Arc<Target>, connections: &mut Vec<Connection>, args: &Args, phase: Phase, sealed: &Value) -> Result<(Tally, f64)> {
-    let deadline = Instant::now() + Duration::from_secs(args.duration);
-    let started = Instant::now();
-    let (method, path, body) = request(target, &args.key, phase, sealed);
-    let (method, path, body) = (Arc::new(method), Arc::new(path), Arc::new(body));
-    // Open loop: a thread of its own releases each start at its time (tokio's timer ticks in
-    // whole milliseconds, which would add up to one to each latency), and the starts go to the
-    // connections in turn; latency counts from the scheduled start, waiting for a busy
-    // connection included.
-    let mut queues = Vec::new();
-    let timer = args.rate.map(|rate| {
-        let (release, starts) = tokio::sync::mpsc::unbounded_channel::<Instant>();
-        let thread = std::thread::spawn(move || {
-            let gap = Duration::from_secs_f64(1.0 / rate as f64);
-            let mut at = Instant::now();
-            while at < deadline {
-                let now = Instant::now();
-                if at > now {
-                    std::thread::sleep(at - now);
-                }
-                if release.send(at.max(Instant::now())).is_err() {
-                    break;
-                }
-                at += gap;
-            }
-        });
-        (thread, starts)
-    });
-    let mut tasks = Vec::new();
-    for mut conn in connections.drain(..) {
-        let (target, method, path, body) = (target.clone(), method.clone(), path.clone(), body.clone());
-        let mut queue = timer.as_ref().map(|_| {
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
-            queues.push(tx);
-            rx
-        });
-        tasks.push(tokio::spawn(async move {
-            let mut tally = Tally::default();
-            loop {
-                let from = match &mut queue {
-                    Some(queue) => match queue.recv().await {
-                        Some(at) => at,
-                        None => break,
-                    },
-                    None if Instant::now() < deadline => Instant::now(),
-                    None => break,
-                };
-                let answer = call(&target, &mut conn, &method, &path, &body).await;
-                tally.record(answer, from.elapsed().as_micros() as u32);
-            }
-            (tally, conn)
-        }));
-    }
-    if let Some((thread, mut starts)) = timer {
-        let mut i = 0;
-        while let Some(at) = starts.recv().await {
-            let _ = queues[i % queues.len()].send(at);
-            i += 1;
-        }
-        queues.clear();
-        if thread.join().is_err() {
-            bail!("the open-loop timer thread panicked");
-        }
-    }
-    let mut all = Tally::default();
-    for t in tasks {
-        let (tally, conn) = t.await?;
-        all.latencies.extend(tally.latencies);
-        for (e, n) in tally.errors {
-            *all.errors.entry(e).or_default() += n;
-        }
-        connections.push(conn);
-    }
-    all.latencies.sort_unstable();
-    Ok((all, started.elapsed().as_secs_f64()))
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let target = Arc::new(Target::load(&args)?);
+    let file: Value = serde_json::from_slice(&std::fs::read(&args.proxy_file).context("--proxy-file")?).context("--proxy-file: JSON")?;
+    let endpoint = Endpoint::new(file["XksProxyUriEndpoint"].as_str().context("XksProxyUriEndpoint")?, &args.ca, args.http2)?;
+    let credential = &file["XksProxyAuthenticationCredential"];
+    let target = Arc::new(Target {
+        path: file["XksProxyUriPath"].as_str().context("XksProxyUriPath")?.to_string(),
+        access_key_id: credential["AccessKeyId"].as_str().context("AccessKeyId")?.to_string(),
+        secret: credential["RawSecretAccessKey"].as_str().context("RawSecretAccessKey")?.to_string(),
+        region: args.region.clone(),
+    });
     let mut connections = Vec::new();
     for _ in 0..args.clients.max(1) {
-        connections.push(target.connect().await.context("connecting to the XKS listener")?);
+        connections.push(endpoint.connect().await.context("connecting to the XKS listener")?);
     }
     // One encryption to decrypt throughout (and a check that the key store works at all).
     let (method, path, body) = request(&target, &args.key, Phase::Encrypt, &Value::Null);
@@ -295,25 +126,17 @@ async fn main() -> Result<()> {
     if status != 200 {
         bail!("the first Encrypt answered {status}: {sealed}");
     }
-    println!("{:<10} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8}", "call", "ok", "per_s", "p50_us", "p90_us", "p99_us", "p999_us");
+    print_header();
     let mut results = Vec::new();
     for p in [Phase::Empty, Phase::Encrypt, Phase::Decrypt] {
-        let (tally, secs) = phase(&target, &mut connections, &args, p, &sealed).await?;
-        let l = &tally.latencies;
-        let row = json!({"call": format!("{p:?}"), "ok": l.len(), "per_second": l.len() as f64 / secs, "p50_us": percentile(l, 0.5),
-                         "p90_us": percentile(l, 0.9), "p99_us": percentile(l, 0.99), "p999_us": percentile(l, 0.999), "errors": tally.errors});
-        println!(
-            "{:<10} {:>9} {:>10.0} {:>8} {:>8} {:>8} {:>8}{}",
-            row["call"].as_str().unwrap_or_default(),
-            row["ok"],
-            row["per_second"].as_f64().unwrap_or_default(),
-            row["p50_us"],
-            row["p90_us"],
-            row["p99_us"],
-            row["p999_us"],
-            if tally.errors.is_empty() { String::new() } else { format!("  errors: {}", row["errors"]) }
-        );
-        results.push(row);
+        let (method, path, body) = request(&target, &args.key, p, &sealed);
+        let (target, path, body) = (target.clone(), Arc::new(path), Arc::new(body));
+        let one: Call = Arc::new(move |conn| {
+            let (target, path, body) = (target.clone(), path.clone(), body.clone());
+            Box::pin(async move { call(&target, conn, method, &path, &body).await })
+        });
+        let (tally, secs) = phase(&mut connections, Duration::from_secs(args.duration), args.rate, one, "errorName").await?;
+        results.push(row(&format!("{p:?}"), &tally, secs));
     }
     println!("{}", json!({"clients": args.clients, "rate": args.rate, "http2": args.http2, "results": results}));
     Ok(())
