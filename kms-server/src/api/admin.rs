@@ -1186,7 +1186,7 @@ impl KeyManagement for AdminService {
             .call("ExportKeys", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let customer = crate::hsm::RsaPublicKey::from_pem(&r.public_key_pem).map_err(|e| Error::invalid("public_key_pem", e))?;
                 kms.gate_deferred(caller, Covered::ExportKeys { public_key_sha256: customer.fingerprint() }, &why, approved.as_deref())?;
-                let export = kms.export_keys(caller, &r.public_key_pem)?;
+                let export = kms.export_keys(caller, &customer)?;
                 Ok(pb::ExportKeysResponse {
                     manifest: export.manifest,
                     versions: export
@@ -1215,13 +1215,15 @@ impl KeyManagement for AdminService {
         let r = request.into_inner();
         self.0
             .call("ImportKeyMaterial", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
-                let covered =
-                    Covered::ImportKeys { import_token: r.import_token.clone(), sha256: crate::domain::hex::sha256_hex(&r.wrapped_key_material) };
-                kms.gate_deferred(caller, covered, &why, approved.as_deref())?;
+                crate::service::export::check_material(&r.import_token, &r.wrapping_algorithm, &r.wrapped_key_material)?;
                 if r.description.chars().count() > MAX_DESCRIPTION {
                     return Err(Error::invalid("description", format!("is longer than {MAX_DESCRIPTION} characters")));
                 }
                 let alias = if r.alias.is_empty() { None } else { Some(AliasName::parse(&r.alias).map_err(|e| Error::invalid("alias", e))?) };
+                // The approval covers the material, the alias and the description asked.
+                let asked = [r.wrapped_key_material.as_slice(), r.alias.as_bytes(), r.description.as_bytes()].join(&0u8);
+                let covered = Covered::ImportKeys { import_token: r.import_token.clone(), sha256: crate::domain::hex::sha256_hex(&asked) };
+                kms.gate_deferred(caller, covered, &why, approved.as_deref())?;
                 let key_id =
                     kms.import_key_material(caller, &r.import_token, &r.wrapping_algorithm, &r.wrapped_key_material, r.description, alias)?;
                 Ok(pb::CreateKeyResponse { key: Some(metadata(&kms.describe_key(&KeyRef::Id(key_id))?)) })
@@ -1237,7 +1239,10 @@ impl KeyManagement for AdminService {
         let runtime = tokio::runtime::Handle::current();
         self.0
             .call("ImportKeys", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, facts| {
-                let (token, manifest, versions) = runtime.block_on(read_bundle(&mut chunks))?;
+                let (token, manifest, versions) = runtime
+                    .block_on(tokio::time::timeout(BUNDLE_READ_TIMEOUT, read_bundle(&mut chunks)))
+                    .map_err(|_| Error::invalid("chunks", format!("did not all arrive within {} s", BUNDLE_READ_TIMEOUT.as_secs())))??;
+                crate::service::export::check_bundle(&token, &manifest)?;
                 let covered = Covered::ImportKeys { import_token: token.clone(), sha256: crate::domain::hex::sha256_hex(&manifest) };
                 kms.gate_deferred(caller, covered, &why, approved.as_deref())?;
                 let imported = kms.import_bundle(caller, &token, &manifest, versions)?;
@@ -1248,14 +1253,19 @@ impl KeyManagement for AdminService {
     }
 }
 
-/// The most bytes of a bundle's manifest an import reads (about 20,000 keys).
-const MAX_BUNDLE_MANIFEST: usize = 16 * 1024 * 1024;
+/// The most bytes of a bundle's manifest an import reads (100,000 versions take about 20 MiB).
+const MAX_BUNDLE_MANIFEST: usize = 32 * 1024 * 1024;
+/// The longest an import's chunks may take to arrive.
+const BUNDLE_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Reads an import's chunks: the token, the manifest, the wrapped versions.
 async fn read_bundle(chunks: &mut tonic::Streaming<pb::ImportKeysChunk>) -> Result<(String, Vec<u8>, Vec<WrappedVersion>), Error> {
     let (mut token, mut manifest, mut versions) = (None, Vec::new(), Vec::new());
     let broken = |s: Status| Error::invalid("chunks", format!("could not be read: {}", s.message()));
     while let Some(chunk) = chunks.message().await.map_err(broken)? {
+        if token.is_some() && chunk.manifest.is_empty() && chunk.versions.is_empty() {
+            return Err(Error::invalid("chunks", "after the first, each carries part of the manifest or versions"));
+        }
         match &token {
             None => token = Some(chunk.import_token),
             Some(_) if !chunk.import_token.is_empty() => return Err(Error::invalid("import_token", "comes in the first chunk only")),
@@ -1273,6 +1283,9 @@ async fn read_bundle(chunks: &mut tonic::Streaming<pb::ImportKeysChunk>) -> Resu
                 return Err(Error::invalid("versions", format!("are more than {}", crate::service::export::MAX_IMPORT_VERSIONS)));
             }
             let key_id = v.key_id.parse().map_err(|e| Error::invalid("versions", format!("key id {:?}: {e}", v.key_id)))?;
+            if v.wrapped.is_empty() || v.wrapped.len() > crate::service::export::MAX_WRAPPED {
+                return Err(Error::invalid("versions", format!("hold a wrapped version of {} bytes", v.wrapped.len())));
+            }
             versions.push(WrappedVersion { key_id, version: v.version, wrapped: v.wrapped });
         }
     }

@@ -906,18 +906,23 @@ impl Hsm for Pkcs11Hsm {
                 return Ok(None);
             };
             let mut made = Vec::with_capacity(versions.len());
+            let mut failed = None;
             for (name, wrapped) in versions {
                 match s.unwrap_key(&backup_mechanism(), private, wrapped, &Wrapped::Version(*name).unwrap_template(true)) {
                     Ok(object) => made.push(object),
                     Err(e) => {
-                        for object in made {
-                            if let Err(undo) = s.destroy_object(object) {
-                                tracing::error!(error = %undo, "could not destroy an imported object; recovery will on restart");
-                            }
-                        }
-                        return Err(e);
+                        failed = Some(e);
+                        break;
                     }
                 }
+            }
+            if let Some(e) = failed {
+                // A failed undo is the error instead: the caller then keeps its create intents,
+                // and recovery destroys what is left.
+                for object in made {
+                    s.destroy_object(object)?;
+                }
+                return Err(e);
             }
             Ok(Some(made.into_iter().map(|o| Self::tag(o, generation)).collect()))
         });

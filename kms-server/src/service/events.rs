@@ -80,6 +80,7 @@ pub const DEFAULTS: &[(&str, Severity)] = &[
     ("CreateBackup", Severity::Info),
     ("ApproveRequest", Severity::Info),
     ("ExecuteApprovedRequest", Severity::Info),
+    ("ApprovedRequestReady", Severity::Info),
     ("CreateKey", Severity::Info),
     ("RotateKey", Severity::Info),
     ("EnableKey", Severity::Info),

@@ -30,6 +30,7 @@ use crate::hooks::{Step, crash_point};
 use crate::hsm::templates::IMPORT_LABEL;
 use crate::hsm::{KeyHandle, ObjectName, RsaPublicKey};
 use crate::store::{AliasRecord, IntentKind, KeyRecord, VersionRecord};
+use cryptoki::error::RvError;
 
 /// How long import parameters can be used.
 pub const IMPORT_VALIDITY_SECONDS: i64 = 24 * 3600;
@@ -38,7 +39,7 @@ const FORMAT: u32 = 1;
 /// The wrapping scheme of every version, as AWS KMS names it for ImportKeyMaterial.
 pub const SCHEME: &str = "RSAES_OAEP_SHA_1";
 /// The largest RSA-OAEP block (an 8,192-bit key).
-const MAX_WRAPPED: usize = 1024;
+pub const MAX_WRAPPED: usize = 1024;
 /// The most key versions one import takes.
 pub const MAX_IMPORT_VERSIONS: usize = 100_000;
 
@@ -148,6 +149,41 @@ fn parse_token(token: &str) -> Result<i64> {
     expires.parse::<i64>().map_err(|_| bad())
 }
 
+/// What an import of a bundle is checked for before anything else (an approval asked, the HSM):
+/// a well-formed token and a manifest this service reads.
+pub fn check_bundle(token: &str, manifest: &[u8]) -> Result<BundleManifest> {
+    parse_token(token)?;
+    let manifest: BundleManifest =
+        serde_json::from_slice(manifest).map_err(|e| Error::invalid("manifest", format!("is not a bundle manifest: {e}")))?;
+    if manifest.format != FORMAT || manifest.scheme != SCHEME {
+        return Err(Error::invalid(
+            "manifest",
+            format!("is format {} with scheme {}; this service reads format {FORMAT}, {SCHEME}", manifest.format, manifest.scheme),
+        ));
+    }
+    Ok(manifest)
+}
+
+/// What an import of one key's material is checked for before anything else: a well-formed
+/// token, the scheme this service takes, an RSA-3072 OAEP block.
+pub fn check_material(token: &str, scheme: &str, material: &[u8]) -> Result<()> {
+    parse_token(token)?;
+    if scheme != SCHEME {
+        return Err(Error::invalid(
+            "wrapping_algorithm",
+            format!(
+                "is {scheme:?}; this service takes {SCHEME} (RSA_AES_KEY_WRAP needs CKM_RSA_AES_KEY_WRAP, which this HSM lacks: \
+                 done in two steps, its AES key could unwrap anything into a readable object)"
+            ),
+        ));
+    }
+    // RSA-3072's OAEP block.
+    if material.len() != 384 {
+        return Err(Error::invalid("wrapped_key_material", format!("is {} bytes; {SCHEME} under RSA-3072 is 384", material.len())));
+    }
+    Ok(())
+}
+
 fn no_such_parameters() -> Error {
     Error::invalid("import_token", "names no import parameters on this HSM (never issued, already used, or expired and removed)")
 }
@@ -163,8 +199,7 @@ impl Kms {
     /// Exports every live key version for the customer whose public key `pem` holds (a
     /// reversibility bundle), under the admin lock so that no key changes meanwhile. The export
     /// is audited, with the manifest's SHA-256, before anything is returned.
-    pub fn export_keys(&self, caller: &Caller, pem: &str) -> Result<Export> {
-        let customer = RsaPublicKey::from_pem(pem).map_err(|e| Error::invalid("public_key_pem", e))?;
+    pub fn export_keys(&self, caller: &Caller, customer: &RsaPublicKey) -> Result<Export> {
         let fingerprint = customer.fingerprint();
         let _admin = self.admin_lock()?;
         // The rows from the store, for the usage counts every node has reserved there (a node's
@@ -219,12 +254,18 @@ impl Kms {
                 versions,
             });
         }
+        if order.len() > MAX_IMPORT_VERSIONS {
+            return Err(Error::precondition(format!(
+                "{} live key versions: a bundle holds at most {MAX_IMPORT_VERSIONS}, as many as an import takes",
+                order.len()
+            )));
+        }
         caller.commit_point(|| {
             format!("export {} keys and {} live key versions, wrapped in the HSM for the customer key {fingerprint}", keys.len(), order.len())
         })?;
         let audit = self.verify_audit()?;
         let handles: Vec<KeyHandle> = order.iter().map(|(_, h)| *h).collect();
-        let exported = self.hsm.export(&customer, &handles)?.ok_or_else(|| {
+        let exported = self.hsm.export(customer, &handles)?.ok_or_else(|| {
             Error::precondition(format!(
                 "the HSM does not trust the customer key {fingerprint} for an export: the HSM's security officer runs \
                  `kms-server export-key --public-key FILE` first, once per export (docs/export-format.md)"
@@ -260,7 +301,7 @@ impl Kms {
                 last_checkpoint_seq: audit.last_checkpoint,
             },
         };
-        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::precondition(format!("manifest: {e}")))?;
+        let json = serde_json::to_vec(&manifest).map_err(|e| Error::precondition(format!("manifest: {e}")))?;
         let detail = format!(
             "{} keys, {} versions for the customer key {fingerprint}; manifest sha256 {}",
             manifest.keys.len(),
@@ -321,15 +362,8 @@ impl Kms {
     /// every key comes back with its id, aliases, states, versions and usage counts. Refused
     /// whole if any key id or alias exists here already, or if the bundle was changed.
     pub fn import_bundle(&self, caller: &Caller, token: &str, manifest: &[u8], wrapped: Vec<WrappedVersion>) -> Result<Imported> {
+        let manifest = check_bundle(token, manifest)?;
         let label = self.import_label(token)?;
-        let manifest: BundleManifest =
-            serde_json::from_slice(manifest).map_err(|e| Error::invalid("manifest", format!("is not a bundle manifest: {e}")))?;
-        if manifest.format != FORMAT || manifest.scheme != SCHEME {
-            return Err(Error::invalid(
-                "manifest",
-                format!("is format {} with scheme {}; this service reads format {FORMAT}, {SCHEME}", manifest.format, manifest.scheme),
-            ));
-        }
         if wrapped.len() > MAX_IMPORT_VERSIONS || wrapped.iter().any(|w| w.wrapped.is_empty() || w.wrapped.len() > MAX_WRAPPED || w.version == 0) {
             return Err(Error::invalid(
                 "versions",
@@ -416,19 +450,7 @@ impl Kms {
         description: String,
         alias: Option<AliasName>,
     ) -> Result<KeyId> {
-        if scheme != SCHEME {
-            return Err(Error::invalid(
-                "wrapping_algorithm",
-                format!(
-                    "is {scheme:?}; this service takes {SCHEME} (RSA_AES_KEY_WRAP needs CKM_RSA_AES_KEY_WRAP, which this HSM lacks: \
-                     done in two steps, its AES key could unwrap anything into a readable object)"
-                ),
-            ));
-        }
-        // RSA-3072's OAEP block.
-        if material.len() != 384 {
-            return Err(Error::invalid("wrapped_key_material", format!("is {} bytes; {SCHEME} under RSA-3072 is 384", material.len())));
-        }
+        check_material(token, scheme, material)?;
         let label = self.import_label(token)?;
         let mut id = [0u8; 16];
         self.hsm.random(&mut id)?;
@@ -499,22 +521,16 @@ impl Kms {
                 drop_intents(&intents);
                 return Err(no_such_parameters());
             }
-            Err(e) => {
+            // The HSM refused the material and left nothing made.
+            Err(crate::hsm::HsmError::Refused { code: RvError::GeneralError | RvError::WrappedKeyInvalid | RvError::WrappedKeyLenRange, .. }) => {
                 drop_intents(&intents);
-                return Err(match e {
-                    crate::hsm::HsmError::Refused {
-                        code:
-                            cryptoki::error::RvError::GeneralError
-                            | cryptoki::error::RvError::WrappedKeyInvalid
-                            | cryptoki::error::RvError::WrappedKeyLenRange,
-                        ..
-                    } => Error::invalid(
-                        "wrapped key material",
-                        "does not unwrap under these import parameters (wrapped under another key, with another scheme, or changed)",
-                    ),
-                    e => e.into(),
-                });
+                return Err(Error::invalid(
+                    "wrapped key material",
+                    "does not unwrap under these import parameters (wrapped under another key, with another scheme, or changed)",
+                ));
             }
+            // Anything else may have left objects made: the intents stay for recovery to undo.
+            Err(e) => return Err(e.into()),
         };
         crash_point("ImportKeys", Step::AfterHsm);
         let mut handles = handles.into_iter();

@@ -28,6 +28,9 @@ const MAX_REQUIRED: u32 = 16;
 /// that runs the background jobs.
 const ORPHAN_SECONDS: i64 = 60;
 
+/// The covered operations that concern no one key: a policy for them is global.
+const KEYLESS: [&str; 4] = ["CreateBackup", "ExportKeys", "ImportKeys", "DisableOfficer"];
+
 /// The operations a quorum policy can cover.
 pub const COVERABLE: [&str; 10] = [
     "CreateBackup",
@@ -230,6 +233,9 @@ impl Kms {
         if request.state != "ready" {
             return Err(Error::precondition(format!("request {id} is {}, not approved and unused", request.state)));
         }
+        if request.expires_at <= now() + crate::hooks::sweep_clock_offset() {
+            return Err(Error::precondition(format!("request {id} expired at {}: ask again", request.expires_at)));
+        }
         caller.commit_point(|| format!("use approved request {id}: {}", request.summary))?;
         let at = now();
         let used = self.store.write(|tx| {
@@ -271,6 +277,9 @@ impl Kms {
         }
         if !(1..=MAX_REQUIRED).contains(&required) {
             return Err(Error::invalid("required", format!("must be 1 to {MAX_REQUIRED}")));
+        }
+        if key.is_some() && KEYLESS.contains(&operation) {
+            return Err(Error::invalid("key", format!("{operation} concerns no one key: its policy is global")));
         }
         let key_id = key.map(|k| self.registry.entry(k).map(|e| e.record.key_id)).transpose()?;
         let officers = self.officers().list()?.iter().filter(|o| o.enabled && o.role == Role::Officer).count();
@@ -379,7 +388,8 @@ impl Kms {
         let recorded = self.store.write(|tx| {
             if tx.move_request(&request.id, "approved", state, at, &result)? {
                 let detail = format!("{}: {} — {state}: {result}", request.id, request.summary);
-                tx.append_audit(&caller.audit("ExecuteApprovedRequest", request.key_id, None, detail), at)?;
+                let operation = if state == "ready" { "ApprovedRequestReady" } else { "ExecuteApprovedRequest" };
+                tx.append_audit(&caller.audit(operation, request.key_id, None, detail), at)?;
             }
             Ok(())
         });
@@ -447,10 +457,12 @@ impl Kms {
         waiting.extend(self.store.read(|tx| tx.approval_requests(Some("ready"), 500))?);
         let mut expired = 0;
         for r in waiting.iter().filter(|r| r.expires_at <= at) {
-            let why = if r.state == "ready" { "approved but not run in time" } else { "not approved in time" };
+            let hours = EXPIRY_SECONDS / 3600;
+            let why =
+                if r.state == "ready" { format!("approved but not run within {hours} hours") } else { format!("not approved within {hours} hours") };
             self.store.write(|tx| {
-                if tx.move_request(&r.id, &r.state, "expired", at, why)? {
-                    let detail = format!("{}: {} (not approved within {} hours)", r.id, r.summary, EXPIRY_SECONDS / 3600);
+                if tx.move_request(&r.id, &r.state, "expired", at, &why)? {
+                    let detail = format!("{}: {} ({why})", r.id, r.summary);
                     tx.append_audit(&crate::audit::AuditEvent::system("ExpireRequest", r.key_id, None, detail), at)?;
                 }
                 Ok(())

@@ -169,8 +169,9 @@ impl Kms {
                  BYOK or a reversibility bundle, unwrapped into the HSM)",
                 entries.len()
             ),
-            "every key version: CKA_SENSITIVE and CKA_ALWAYS_SENSITIVE (its value never readable), CKA_LOCAL (generated on the token), \
-             extractable only wrapped under a key the HSM's security officer marked trusted (CKA_WRAP_WITH_TRUSTED)"
+            "every key version: CKA_SENSITIVE (its value never readable), extractable only wrapped under a key the HSM's security officer \
+             marked trusted (CKA_WRAP_WITH_TRUSTED); every version made here also CKA_ALWAYS_SENSITIVE and CKA_LOCAL (generated on the \
+             token), an imported one unwrapped straight into a sensitive object"
                 .to_string(),
             match (backup.wrap.is_some(), backup.unwrap.is_some(), unguarded) {
                 (true, true, false) => "the trusted key is the backup key pair's public half; its private half stays in the HSM and unwraps \

@@ -231,6 +231,7 @@ async fn a_request_expires_unapproved_and_a_crash_before_the_run_is_recovered_by
 async fn a_backup_under_quorum_runs_once_for_its_requester_after_approval() {
     let server = Server::start_with(kms_tests::Options { backup_key: true, ..kms_tests::Options::default() });
     let (bob, carol) = (officer(&server, "bob").await, officer(&server, "carol").await);
+    refused(&server.kmsctl(&["quorum", "set", "CreateBackup", "--required", "2", "--key", "alias/none"]), "concerns no one key");
     ok(&server.kmsctl(&["quorum", "set", "CreateBackup", "--required", "2"]));
     let file = server.dir.path().join("approved.kmsbak");
     let arg = file.display().to_string();
