@@ -376,7 +376,7 @@ impl Pkcs11Hsm {
             .map_err(|e| {
                 self.record_failure("C_OpenSession", &e);
                 self.heal_after(&e);
-                classify(function, e)
+                retired_means_unavailable(&link, classify(function, e))
             })?;
         let result = link.inject(function).and_then(|()| op(&session));
         let broken = matches!(
@@ -399,7 +399,7 @@ impl Pkcs11Hsm {
             Checkin::Keep
         };
         link.pool.checkin(session, back);
-        self.settle(function, started, result)
+        self.settle(function, started, result).map_err(|e| retired_means_unavailable(&link, e))
     }
 
     fn record_failure(&self, function: &'static str, e: &CkError) {
@@ -629,6 +629,18 @@ fn find_slot(ctx: &Pkcs11, token_label: &str) -> Result<Slot, HsmError> {
         .into_iter()
         .find(|slot| ctx.get_token_info(*slot).is_ok_and(|t| t.label() == token_label))
         .ok_or_else(|| HsmError::Setup { reason: format!("no initialised token labelled {token_label:?}") })
+}
+
+/// A call that failed on a link a repair retired (its library finalised under it, whatever
+/// code that made the library answer) failed because of the repair: the caller retries.
+fn retired_means_unavailable(link: &Link, e: HsmError) -> HsmError {
+    match e {
+        HsmError::Refused { function, code } if link.retired.load(Ordering::Acquire) => HsmError::Unavailable { function, code },
+        HsmError::Setup { .. } if link.retired.load(Ordering::Acquire) => {
+            HsmError::Unavailable { function: "C_Initialize", code: RvError::CryptokiNotInitialized }
+        }
+        e => e,
+    }
 }
 
 /// Maps a cryptoki error to what the service does about it.
