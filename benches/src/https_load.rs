@@ -10,6 +10,24 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use serde_json::{Value, json};
 
+/// The load both generators take.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Load {
+    /// Connections, each with one request in flight (closed loop); with `--rate`, the pool the
+    /// offered requests are spread over.
+    #[arg(long, default_value_t = 16)]
+    pub clients: usize,
+    /// Seconds for each phase (the empty calls, then each call measured).
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Open loop: offer this many requests per second (latency from the scheduled start).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub rate: Option<u64>,
+    /// HTTP/2 (one stream at a time per connection) instead of HTTP/1.1.
+    #[arg(long)]
+    pub http2: bool,
+}
+
 /// Where the connections go, and how.
 #[allow(missing_debug_implementations)] // a TLS connector
 pub struct Endpoint {

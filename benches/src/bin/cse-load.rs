@@ -21,7 +21,7 @@ use anyhow::{Context, Result, bail};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD as B64URL};
 use clap::Parser;
-use kms_benches::https_load::{Call, Connection, Endpoint, phase, print_header, row};
+use kms_benches::https_load::{Call, Connection, Endpoint, Load, phase, print_header, row};
 use kms_proto::v1 as pb;
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
@@ -45,19 +45,8 @@ struct Args {
     /// The key CSE wraps under.
     #[arg(long)]
     key: String,
-    /// Connections, each with one request in flight (closed loop); with `--rate`, the pool the
-    /// offered requests are spread over.
-    #[arg(long, default_value_t = 16)]
-    clients: usize,
-    /// Seconds for each phase (empty calls, wrap, unwrap).
-    #[arg(long, default_value_t = 10)]
-    duration: u64,
-    /// Open loop: offer this many requests per second (latency from the scheduled start).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    rate: Option<u64>,
-    /// HTTP/2 (one stream at a time per connection) instead of HTTP/1.1.
-    #[arg(long)]
-    http2: bool,
+    #[command(flatten)]
+    load: Load,
 }
 
 /// A token issuer of the tool's own: an ES256 key pair and its key set.
@@ -137,7 +126,7 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let (idp, google) = (Issuer::new("https://idp.cse-load.example")?, Issuer::new("https://google.cse-load.example")?);
     configure(&args, &idp, &google).await?;
-    let endpoint = Endpoint::new(&args.kacls_url, &args.pki.join("ca.pem"), args.http2)?;
+    let endpoint = Endpoint::new(&args.kacls_url, &args.pki.join("ca.pem"), args.load.http2)?;
     let base: hyper::Uri = args.kacls_url.parse()?;
     let base = base.path().trim_end_matches('/').to_string();
     let authentication = idp.sign(json!({"aud": IDP_AUDIENCE, "email": EMAIL}))?;
@@ -148,7 +137,7 @@ async fn main() -> Result<()> {
     let wrap = json!({"authentication": authentication, "authorization": authorization("writer")?, "key": B64.encode([7u8; 32]),
                       "reason": "cse-load"});
     let mut connections = Vec::new();
-    for _ in 0..args.clients.max(1) {
+    for _ in 0..args.load.clients.max(1) {
         connections.push(endpoint.connect().await.context("connecting to the CSE listener")?);
     }
     let (status, wrapped) = call(&mut connections[0], "POST", &format!("{base}/wrap"), &wrap).await?;
@@ -166,9 +155,9 @@ async fn main() -> Result<()> {
             let (path, body) = (path.clone(), body.clone());
             Box::pin(async move { call(conn, method, &path, &body).await })
         });
-        let (tally, secs) = phase(&mut connections, Duration::from_secs(args.duration), args.rate, one, "code").await?;
+        let (tally, secs) = phase(&mut connections, Duration::from_secs(args.load.duration), args.load.rate, one, "code").await?;
         results.push(row(name, &tally, secs));
     }
-    println!("{}", json!({"clients": args.clients, "rate": args.rate, "http2": args.http2, "results": results}));
+    println!("{}", json!({"clients": args.load.clients, "rate": args.load.rate, "http2": args.load.http2, "results": results}));
     Ok(())
 }

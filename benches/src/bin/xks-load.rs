@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use clap::Parser;
-use kms_benches::https_load::{Call, Connection, Endpoint, phase, print_header, row};
+use kms_benches::https_load::{Call, Connection, Endpoint, Load, phase, print_header, row};
 use serde_json::{Value, json};
 
 #[derive(Parser, Clone, Debug)]
@@ -34,19 +34,8 @@ struct Args {
     /// The external key id (the key's id) the key store may encrypt and decrypt with.
     #[arg(long)]
     key: String,
-    /// Connections, each with one request in flight (closed loop); with `--rate`, the pool the
-    /// offered requests are spread over.
-    #[arg(long, default_value_t = 16)]
-    clients: usize,
-    /// Seconds for each phase (empty calls, Encrypt, Decrypt).
-    #[arg(long, default_value_t = 10)]
-    duration: u64,
-    /// Open loop: offer this many requests per second (latency from the scheduled start).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    rate: Option<u64>,
-    /// HTTP/2 (one stream at a time per connection) instead of HTTP/1.1.
-    #[arg(long)]
-    http2: bool,
+    #[command(flatten)]
+    load: Load,
 }
 
 /// The key store: its path prefix and credential.
@@ -108,7 +97,7 @@ fn request(target: &Target, key: &str, phase: Phase, sealed: &Value) -> (&'stati
 async fn main() -> Result<()> {
     let args = Args::parse();
     let file: Value = serde_json::from_slice(&std::fs::read(&args.proxy_file).context("--proxy-file")?).context("--proxy-file: JSON")?;
-    let endpoint = Endpoint::new(file["XksProxyUriEndpoint"].as_str().context("XksProxyUriEndpoint")?, &args.ca, args.http2)?;
+    let endpoint = Endpoint::new(file["XksProxyUriEndpoint"].as_str().context("XksProxyUriEndpoint")?, &args.ca, args.load.http2)?;
     let credential = &file["XksProxyAuthenticationCredential"];
     let target = Arc::new(Target {
         path: file["XksProxyUriPath"].as_str().context("XksProxyUriPath")?.to_string(),
@@ -117,7 +106,7 @@ async fn main() -> Result<()> {
         region: args.region.clone(),
     });
     let mut connections = Vec::new();
-    for _ in 0..args.clients.max(1) {
+    for _ in 0..args.load.clients.max(1) {
         connections.push(endpoint.connect().await.context("connecting to the XKS listener")?);
     }
     // One encryption to decrypt throughout (and a check that the key store works at all).
@@ -135,9 +124,9 @@ async fn main() -> Result<()> {
             let (target, path, body) = (target.clone(), path.clone(), body.clone());
             Box::pin(async move { call(&target, conn, method, &path, &body).await })
         });
-        let (tally, secs) = phase(&mut connections, Duration::from_secs(args.duration), args.rate, one, "errorName").await?;
+        let (tally, secs) = phase(&mut connections, Duration::from_secs(args.load.duration), args.load.rate, one, "errorName").await?;
         results.push(row(&format!("{p:?}"), &tally, secs));
     }
-    println!("{}", json!({"clients": args.clients, "rate": args.rate, "http2": args.http2, "results": results}));
+    println!("{}", json!({"clients": args.load.clients, "rate": args.load.rate, "http2": args.load.http2, "results": results}));
     Ok(())
 }

@@ -187,19 +187,7 @@ impl Kms {
         let key_id = KeyId::from_random(id);
         let (intent, handle) = self.create_version_object("CreateKey", caller, key_id, 1)?;
         let created_at = now();
-        let record = KeyRecord {
-            key_id,
-            description,
-            state: KeyState::Enabled,
-            compromised: false,
-            created_at,
-            rotation_period_secs,
-            next_rotation_at: (rotation_period_secs > 0).then(|| created_at + rotation_period_secs as i64),
-            destruction_at: None,
-            primary_version: 1,
-            origin: KeyOrigin::Hsm,
-        };
-        let version = VersionRecord { key_id, version: 1, state: VersionState::Enabled, created_at, reserved: 0, destruction_at: None };
+        let (record, version) = KeyRecord::new(key_id, description, created_at, rotation_period_secs, KeyOrigin::Hsm);
         let alias_record = alias.map(|alias| AliasRecord { alias, key_id, created_at });
         let mut state = self.registry.write();
         let committed = self.store.write(|tx| {

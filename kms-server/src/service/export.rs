@@ -456,19 +456,7 @@ impl Kms {
         self.hsm.random(&mut id)?;
         let key_id = KeyId::from_random(id);
         let created_at = now();
-        let record = KeyRecord {
-            key_id,
-            description,
-            state: KeyState::Enabled,
-            compromised: false,
-            created_at,
-            rotation_period_secs: 0,
-            next_rotation_at: None,
-            destruction_at: None,
-            primary_version: 1,
-            origin: KeyOrigin::External,
-        };
-        let version = VersionRecord { key_id, version: 1, state: VersionState::Enabled, created_at, reserved: 0, destruction_at: None };
+        let (record, version) = KeyRecord::new(key_id, description, created_at, 0, KeyOrigin::External);
         let key = ToImport { record, aliases: alias.into_iter().collect(), versions: vec![(version, material.to_vec())] };
         self.import_keys(caller, &label, vec![key], &format!("{scheme} key material"))?;
         Ok(key_id)

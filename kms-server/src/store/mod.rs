@@ -143,6 +143,27 @@ pub struct KeyRecord {
     pub origin: KeyOrigin,
 }
 
+impl KeyRecord {
+    /// A new key's row and its version 1's: Enabled, version 1 primary, rotated every
+    /// `rotation_period_secs` (0: never).
+    pub fn new(key_id: KeyId, description: String, created_at: i64, rotation_period_secs: u64, origin: KeyOrigin) -> (KeyRecord, VersionRecord) {
+        let record = KeyRecord {
+            key_id,
+            description,
+            state: KeyState::Enabled,
+            compromised: false,
+            created_at,
+            rotation_period_secs,
+            next_rotation_at: (rotation_period_secs > 0).then(|| created_at + rotation_period_secs as i64),
+            destruction_at: None,
+            primary_version: 1,
+            origin,
+        };
+        let version = VersionRecord { key_id, version: 1, state: VersionState::Enabled, created_at, reserved: 0, destruction_at: None };
+        (record, version)
+    }
+}
+
 /// A key version's row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VersionRecord {
