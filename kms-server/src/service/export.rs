@@ -196,7 +196,7 @@ struct ToImport {
 }
 
 impl Kms {
-    /// Exports every live key version for the customer whose public key `pem` holds (a
+    /// Exports every live key version for the customer whose public key is `customer` (a
     /// reversibility bundle), under the admin lock so that no key changes meanwhile. The export
     /// is audited, with the manifest's SHA-256, before anything is returned.
     pub fn export_keys(&self, caller: &Caller, customer: &RsaPublicKey) -> Result<Export> {
@@ -219,11 +219,19 @@ impl Kms {
             }
             handles
         };
+        let mut versions_of: std::collections::HashMap<KeyId, Vec<&VersionRecord>> = std::collections::HashMap::new();
+        for v in stored_versions.iter().filter(|v| v.state.has_material()) {
+            versions_of.entry(v.key_id).or_default().push(v);
+        }
+        let mut aliases_of: std::collections::HashMap<KeyId, Vec<String>> = std::collections::HashMap::new();
+        for a in &stored_aliases {
+            aliases_of.entry(a.key_id).or_default().push(a.alias.to_string());
+        }
         let mut keys = Vec::new();
         let mut order: Vec<(ObjectName, KeyHandle)> = Vec::new();
         for k in stored_keys.iter().filter(|k| k.state != KeyState::Destroyed) {
             let mut versions = Vec::new();
-            for v in stored_versions.iter().filter(|v| v.key_id == k.key_id && v.state.has_material()) {
+            for v in versions_of.remove(&k.key_id).unwrap_or_default() {
                 let name = ObjectName { key_id: k.key_id, version: v.version };
                 let handle =
                     *handles.get(&name).ok_or_else(|| Error::precondition(format!("{} is not loaded on this node yet; try again", name.label())))?;
@@ -250,7 +258,7 @@ impl Kms {
                 next_rotation_at: k.next_rotation_at,
                 destruction_at: k.destruction_at,
                 primary_version: k.primary_version,
-                aliases: stored_aliases.iter().filter(|a| a.key_id == k.key_id).map(|a| a.alias.to_string()).collect(),
+                aliases: aliases_of.remove(&k.key_id).unwrap_or_default(),
                 versions,
             });
         }
