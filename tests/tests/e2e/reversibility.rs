@@ -98,6 +98,13 @@ async fn a_bundle_exported_by_a_into_a_fresh_b_decrypts_every_blob_a_made() {
     let manifest = std::fs::read_to_string(bundle.join("manifest.json")).unwrap();
     let m: serde_json::Value = serde_json::from_str(&manifest).unwrap();
     assert_eq!(m["scheme"], "RSAES_OAEP_SHA_1");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for dir in [bundle.clone(), bundle.join("versions")] {
+            assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700, "{}", dir.display());
+        }
+        assert_eq!(std::fs::metadata(bundle.join("manifest.json")).unwrap().permissions().mode() & 0o777, 0o600);
+    }
     assert_eq!(m["audit"]["verified"], true);
     let mut files = vec![bundle.join("manifest.json"), bundle.join("audit.jsonl")];
     for entry in std::fs::read_dir(bundle.join("versions")).unwrap() {

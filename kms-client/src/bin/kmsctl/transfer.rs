@@ -73,7 +73,11 @@ impl ExportArgs {
         partial.push(".partial");
         let partial = PathBuf::from(partial);
         let _ = std::fs::remove_dir_all(&partial);
-        std::fs::create_dir_all(partial.join("versions")).map_err(io(&partial))?;
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            // Private, whatever the umask, as every directory kmsctl makes.
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(partial.join("versions")).map_err(io(&partial))?;
+        }
         let write = |path: PathBuf, bytes: &[u8]| write_private(&path, bytes);
         write(partial.join("manifest.json"), &r.manifest)?;
         for v in &r.versions {
