@@ -1242,10 +1242,10 @@ impl KeyManagement for AdminService {
                 let (token, manifest, versions) = runtime
                     .block_on(tokio::time::timeout(BUNDLE_READ_TIMEOUT, read_bundle(&mut chunks)))
                     .map_err(|_| Error::invalid("chunks", format!("did not all arrive within {} s", BUNDLE_READ_TIMEOUT.as_secs())))??;
-                crate::service::export::check_bundle(&token, &manifest)?;
+                let checked = crate::service::export::check_bundle(&token, &manifest)?;
                 let covered = Covered::ImportKeys { import_token: token.clone(), sha256: crate::domain::hex::sha256_hex(&manifest) };
                 kms.gate_deferred(caller, covered, &why, approved.as_deref())?;
-                let imported = kms.import_bundle(caller, &token, &manifest, versions)?;
+                let imported = kms.import_bundle(caller, &token, checked, versions)?;
                 facts.detail = format!("{} keys, {} versions", imported.keys.len(), imported.versions);
                 Ok(pb::ImportKeysResponse { key_ids: imported.keys.iter().map(ToString::to_string).collect(), versions: imported.versions as u32 })
             })

@@ -86,6 +86,12 @@ impl HsmError {
     pub fn stale_handle(&self) -> bool {
         matches!(self, HsmError::Unavailable { code: RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid, .. })
     }
+
+    /// Whether the HSM refused wrapped material given to `Hsm::import`: wrapped under another
+    /// key or changed (SoftHSM2 says CKR_GENERAL_ERROR, the standard CKR_WRAPPED_KEY_INVALID).
+    pub fn refused_wrapped_material(&self) -> bool {
+        matches!(self, HsmError::Refused { code: RvError::GeneralError | RvError::WrappedKeyInvalid | RvError::WrappedKeyLenRange, .. })
+    }
 }
 
 /// How many failed calls `Hsm::recent_failures` keeps.
@@ -217,6 +223,9 @@ pub trait Hsm: Send + Sync {
 
     /// The labels of the import key pairs on the token.
     fn import_keys(&self) -> Result<Vec<String>, HsmError>;
+
+    /// Whether the token holds the private half of the import key pair labelled `label`.
+    fn has_import_key(&self, label: &str) -> Result<bool, HsmError>;
 
     /// Destroys both halves of the import key pair labelled `label`.
     fn destroy_import_key(&self, label: &str) -> Result<(), HsmError>;

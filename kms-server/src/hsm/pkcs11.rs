@@ -900,6 +900,10 @@ impl Hsm for Pkcs11Hsm {
         })
     }
 
+    fn has_import_key(&self, label: &str) -> Result<bool, HsmError> {
+        self.with_session("C_FindObjects", |s| Ok(!s.find_objects(&templates::backup_half(label, ObjectClass::PRIVATE_KEY))?.is_empty()))
+    }
+
     fn destroy_import_key(&self, label: &str) -> Result<(), HsmError> {
         self.with_session("C_DestroyObject", |s| {
             for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {

@@ -30,7 +30,6 @@ use crate::hooks::{Step, crash_point};
 use crate::hsm::templates::IMPORT_LABEL;
 use crate::hsm::{KeyHandle, ObjectName, RsaPublicKey};
 use crate::store::{AliasRecord, IntentKind, KeyRecord, VersionRecord};
-use cryptoki::error::RvError;
 
 /// How long import parameters can be used.
 pub const IMPORT_VALIDITY_SECONDS: i64 = 24 * 3600;
@@ -360,7 +359,7 @@ impl Kms {
             return Err(Error::precondition(format!("the import parameters {token} expired at {expires}: ask for new ones")));
         }
         let label = format!("{IMPORT_LABEL}{token}");
-        if !self.hsm.import_keys()?.contains(&label) {
+        if !self.hsm.has_import_key(&label)? {
             return Err(no_such_parameters());
         }
         Ok(label)
@@ -369,8 +368,8 @@ impl Kms {
     /// Imports a bundle (`export_keys` on another instance, under this one's import parameters):
     /// every key comes back with its id, aliases, states, versions and usage counts. Refused
     /// whole if any key id or alias exists here already, or if the bundle was changed.
-    pub fn import_bundle(&self, caller: &Caller, token: &str, manifest: &[u8], wrapped: Vec<WrappedVersion>) -> Result<Imported> {
-        let manifest = check_bundle(token, manifest)?;
+    /// `manifest` is the one `check_bundle` read.
+    pub fn import_bundle(&self, caller: &Caller, token: &str, manifest: BundleManifest, wrapped: Vec<WrappedVersion>) -> Result<Imported> {
         let label = self.import_label(token)?;
         if wrapped.len() > MAX_IMPORT_VERSIONS || wrapped.iter().any(|w| w.wrapped.is_empty() || w.wrapped.len() > MAX_WRAPPED || w.version == 0) {
             return Err(Error::invalid(
@@ -518,7 +517,7 @@ impl Kms {
                 return Err(no_such_parameters());
             }
             // The HSM refused the material and left nothing made.
-            Err(crate::hsm::HsmError::Refused { code: RvError::GeneralError | RvError::WrappedKeyInvalid | RvError::WrappedKeyLenRange, .. }) => {
+            Err(e) if e.refused_wrapped_material() => {
                 drop_intents(&intents);
                 return Err(Error::invalid(
                     "wrapped key material",
