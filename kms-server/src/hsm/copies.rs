@@ -14,8 +14,8 @@
 //! unused long enough to give their place (and memory) to others: a copy not used between two
 //! idle passes is evicted, and destroyed only at the pass after, when no call can still be using
 //! it. Everything is per link generation (see `KeyHandle`): a new login or initialisation drops
-//! every copy (SoftHSM2 drops private session objects at logout), so a new generation starts
-//! empty.
+//! every copy (a new login closes the anchor session they were made on, an initialisation every
+//! session), so a new generation starts empty.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -217,7 +217,7 @@ impl<H: Handle> Copies<H> {
     fn evicted(&self, generation: u64) -> std::sync::MutexGuard<'_, (u64, Vec<(u64, H)>)> {
         let mut evicted = self.evicted.lock().unwrap_or_else(|p| p.into_inner());
         if evicted.0 != generation {
-            // An older generation's copies went with its login.
+            // An older generation's copies went with its anchor or its library.
             *evicted = (generation, Vec::new());
         }
         evicted

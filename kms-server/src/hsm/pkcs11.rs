@@ -10,15 +10,17 @@
 //!   away and replaced on the next checkout.
 //! * **Healing.** The library, the anchor and the pool make one [`Link`]. When a call fails in a
 //!   way that may mean the login or the device was lost, the link is checked for real (the
-//!   token's info, the anchor's session state): a lost login is restored on the anchor; a
+//!   token's info, the anchor's session state): a lost login is restored on a new anchor; a
 //!   library or token that no longer answers is finalised and initialised again, with a new
 //!   link, while calls in flight finish on the old one. Failed repairs are spaced by a backoff
 //!   (2 s, doubling to 60 s while they fail), and a PIN the HSM refuses is never tried again:
 //!   repeated wrong PINs lock the token.
 //! * **Session copies** (`copies.rs`, once [`Pkcs11Hsm::start_session_copies`] is called): a
 //!   thread of their own makes, in the background, a session copy of each key version used, on
-//!   the anchor so that it lives as long as the login; AES-GCM uses the copy once it is ready and
-//!   the token object until then.
+//!   the anchor so that it lives as long as the anchor; AES-GCM uses the copy once it is ready and
+//!   the token object until then. Copies are not private objects, so a lost login does not stop
+//!   them: the same thread looks at the login at least once a second, and a repair closes the
+//!   anchor that holds them.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -53,6 +55,9 @@ const TAG_BITS: u64 = (TAG_LEN * 8) as u64;
 /// How often the session copies' idle pass runs: a copy unused for one to two periods is evicted,
 /// and destroyed one period later (`copies.rs`).
 const COPY_IDLE_PASS: Duration = Duration::from_secs(300);
+/// How often the session copies' thread looks at the login (two cheap calls): the longest a
+/// lost login goes unrepaired while every call runs on copies.
+const LOGIN_CHECK: Duration = Duration::from_secs(1);
 
 /// The first wait between two healing attempts, and the longest.
 const HEAL_BACKOFF: Duration = Duration::from_secs(1);
@@ -168,12 +173,15 @@ impl Link {
         }
     }
 
-    /// Logs the user in again on the anchor.
+    /// Logs the user in again on a new anchor session, then closes the old anchor, and with it
+    /// every session object made on it: the session copies, which are not private
+    /// (`templates::session_copy`) and so outlive a lost login.
     fn login_again(&self, pin: &Pin) -> Result<(), HsmError> {
-        match self.anchor.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            Some(anchor) => login(anchor, UserType::User, pin, "user"),
-            None => Err(HsmError::Setup { reason: "the anchor session is gone".into() }),
-        }
+        let fresh = self.ctx.open_rw_session(self.slot).map_err(|e| setup("opening a new anchor session", e))?;
+        login(&fresh, UserType::User, pin, "user")?;
+        let old = self.anchor.lock().unwrap_or_else(|p| p.into_inner()).replace(fresh);
+        drop(old);
+        Ok(())
     }
 }
 
@@ -216,17 +224,21 @@ impl Pkcs11Hsm {
             .name("hsm-session-copies".into())
             .spawn(move || {
                 let mut backup = backup;
-                let mut last_pass = Instant::now();
+                let (mut last_pass, mut last_login_check) = (Instant::now(), Instant::now());
                 // Ends once the HSM is dropped: the strong reference is held only while working.
                 while let Some(hsm) = hsm.upgrade() {
                     if let Some((object, generation)) = hsm.copies.next_wanted(idle_pass.min(Duration::from_secs(1))) {
                         hsm.make_copy(&mut backup, object, generation);
                     }
+                    if last_login_check.elapsed() >= LOGIN_CHECK {
+                        last_login_check = Instant::now();
+                        hsm.check_login();
+                    }
                     if last_pass.elapsed() >= idle_pass {
                         last_pass = Instant::now();
                         for copy in hsm.copies.evict_idle(hsm.generation()) {
                             if let Err(e) = hsm.with_session("C_DestroyObject", |s| s.destroy_object(copy)) {
-                                tracing::warn!(error = %e, "an evicted session copy could not be destroyed; it goes with the login");
+                                tracing::warn!(error = %e, "an evicted session copy could not be destroyed; it goes with the anchor session");
                             }
                         }
                     }
@@ -249,6 +261,14 @@ impl Pkcs11Hsm {
         let generate = |s: &Session| s.generate_key(&Mechanism::AesKeyGen, &template);
         let made = if on_token { self.with_session("C_GenerateKey", generate) } else { self.with_anchor("C_GenerateKey", generate) }?;
         Ok(Self::tag(made, generation))
+    }
+
+    /// Repairs a lost login now. The calls that would notice it (`heal_after`) may all run on
+    /// session copies, which keep working without the login: this bounds how long they can.
+    fn check_login(&self) {
+        if let Ok(false) = self.link().check() {
+            self.heal_after(&CkError::Pkcs11(RvError::UserNotLoggedIn, Function::GetSessionInfo));
+        }
     }
 
     /// Makes the session copy of one version's token object: wrapped under the trusted public

@@ -216,15 +216,24 @@ pub fn backup_unwrap_template() -> Vec<Attribute> {
 /// A key version's *session copy* (`copies.rs`), unwrapped with the private backup key: the
 /// version's capabilities (AES-GCM encryption and decryption only) in a session object of this
 /// process, with no label, that can never leave the HSM (`CKA_EXTRACTABLE=false`, so not even
-/// under a trusted key), cannot be copied, and disappears with the login. It satisfies
-/// [`backup_unwrap_template`], as every unwrap must. `CKA_MODIFIABLE=false` goes last (see
-/// `Wrapped::unwrap_template`).
+/// under a trusted key), cannot be copied, and disappears with the anchor session it is made
+/// on. It satisfies [`backup_unwrap_template`], as every unwrap must. `CKA_MODIFIABLE=false`
+/// goes last (see `Wrapped::unwrap_template`).
+///
+/// It is **not private** (`CKA_PRIVATE=false`). A session object is visible only to the
+/// sessions of the process that made it, so all `CKA_PRIVATE` would add is to hide it from
+/// them while the process is logged out; the service repairs a lost login within a second
+/// and closes the anchor, and the copies with it (`pkcs11.rs`). What it would cost: SoftHSM2
+/// keeps a private object's value encrypted under the token key and decrypts it, under a
+/// token-wide lock, at every `C_EncryptInit` and `C_DecryptInit`. Under load that was a fifth
+/// of an XKS Encrypt's CPU, and the service ran 25–40% faster without it (ARCHITECTURE.md).
+/// The token objects, the versions themselves, stay private.
 pub fn session_copy() -> Vec<Attribute> {
     vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),
         Attribute::Token(false),
-        Attribute::Private(true),
+        Attribute::Private(false),
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
         Attribute::WrapWithTrusted(true),
@@ -248,7 +257,7 @@ pub const THROWAWAY_LABEL: &str = "kms-load:throwaway";
 /// A throwaway AES-256 key to measure the HSM's raw rate with (`kms-load`), so that a
 /// measurement spends no key version's usage budget: a session copy's attributes, with a
 /// length and a label to generate it by, on the token or not. A session object (`on_token =
-/// false`: gone with the login) runs as fast as a session copy; a token object as a version's
+/// false`: gone with the anchor) runs as fast as a session copy; a token object as a version's
 /// own object.
 pub fn throwaway(on_token: bool) -> Vec<Attribute> {
     let mut template: Vec<Attribute> =

@@ -69,18 +69,14 @@ fn param(v: &Value) -> Param<'_> {
 fn insert(to: &Tx<'_>, table: &str, columns: &str, rows: &[Row]) -> Result<()> {
     let width = columns.split(',').count();
     for chunk in rows.chunks((4_000 / width).max(1)) {
-        let mut sql = format!("INSERT INTO {table} ({columns}) VALUES ");
         let mut params = Vec::with_capacity(chunk.len() * width);
-        for (i, row) in chunk.iter().enumerate() {
+        for row in chunk {
             if row.0.len() != width {
                 return Err(StoreError::Corrupt { table: "copy", detail: format!("{table}: a row of {} columns", row.0.len()) });
             }
-            sql.push_str(if i == 0 { "(" } else { ", (" });
-            sql.push_str(&(1..=width).map(|k| format!("?{}", i * width + k)).collect::<Vec<_>>().join(", "));
-            sql.push(')');
             params.extend(row.0.iter().map(param));
         }
-        to.0.execute_dynamic(&sql, &params)?;
+        to.0.insert_rows(&format!("INSERT INTO {table} ({columns}) VALUES "), width, &params)?;
     }
     Ok(())
 }

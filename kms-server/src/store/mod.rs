@@ -571,9 +571,10 @@ fn enabled(state: bool) -> &'static str {
     if state { "Enabled" } else { "Disabled" }
 }
 
-/// How many audit records one INSERT carries (13 parameters each: within both backends' limits,
-/// SQLite's 32,766 and PostgreSQL's 65,535 parameters a statement).
+/// How many audit records one INSERT carries (`AUDIT_COLUMNS` parameters each: within both
+/// backends' limits, SQLite's 32,766 and PostgreSQL's 65,535 parameters a statement).
 const AUDIT_ROWS_PER_INSERT: usize = 500;
+const AUDIT_COLUMNS: usize = 13;
 
 impl Tx<'_> {
     // ----- keys -----
@@ -1385,16 +1386,8 @@ impl Tx<'_> {
             rows.push((record, prev));
         }
         for chunk in rows.chunks(AUDIT_ROWS_PER_INSERT) {
-            let mut sql = String::from(
-                "INSERT INTO audit (seq, time, request_id, principal, operation, key_id, key_version,
-                    context, outcome, status, detail, hash, caller_context) VALUES ",
-            );
-            let mut params: Vec<Param<'_>> = Vec::with_capacity(chunk.len() * 13);
-            for (i, (r, hash)) in chunk.iter().enumerate() {
-                let n = i * 13;
-                sql.push_str(if i == 0 { "(" } else { ", (" });
-                sql.push_str(&(1..=13).map(|k| format!("?{}", n + k)).collect::<Vec<_>>().join(", "));
-                sql.push(')');
+            let mut params: Vec<Param<'_>> = Vec::with_capacity(chunk.len() * AUDIT_COLUMNS);
+            for (r, hash) in chunk {
                 params.extend([
                     r.seq.into(),
                     r.time.into(),
@@ -1411,7 +1404,12 @@ impl Tx<'_> {
                     r.caller_context.as_ref().into(),
                 ]);
             }
-            self.0.execute_last(&sql, &params)?;
+            self.0.insert_rows(
+                "INSERT INTO audit (seq, time, request_id, principal, operation, key_id, key_version,
+                    context, outcome, status, detail, hash, caller_context) VALUES ",
+                AUDIT_COLUMNS,
+                &params,
+            )?;
         }
         Ok((seq > before).then(|| (seq, prev.to_vec())))
     }

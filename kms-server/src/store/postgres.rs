@@ -365,7 +365,7 @@ impl Drop for PgStore {
 
 /// A PostgreSQL transaction, as the queries see one. Its statements are pipelined where the
 /// answer allows: `BEGIN` (and the audit head's lock) go in the round trip of the first
-/// statement, and a transaction's last insert (`Sql::execute_last`) in the round trip of the
+/// statement, and a transaction's last insert (`Sql::insert_rows`) in the round trip of the
 /// `COMMIT`. The audit writer's transaction is so two round trips: the lock with the head's read,
 /// then the records with the commit (one more per 500 records past the first 500). The lock is
 /// held from the head's read to the commit's flush.
@@ -483,7 +483,7 @@ impl PgTx<'_> {
         Ok(changed)
     }
 
-    /// Sends a statement put off by `execute_last` now (one waits at a time), with what is ahead
+    /// Sends a statement put off by `insert_rows` now (one waits at a time), with what is ahead
     /// of it.
     fn send_waiting(&self) -> Result<()> {
         if self.ahead.borrow().last.is_some() {
@@ -520,8 +520,8 @@ impl Sql for PgTx<'_> {
         self.rows(sql, params)
     }
 
-    fn execute_last(&self, sql: &str, params: &[Param<'_>]) -> Result<()> {
-        let statement = self.statement(sql)?;
+    fn insert_rows(&self, insert: &str, width: usize, params: &[Param<'_>]) -> Result<()> {
+        let statement = self.statement(&crate::store::sql::multi_row(insert, width, params.len()))?;
         self.send_waiting()?;
         self.ahead.borrow_mut().last = Some((statement, params.iter().map(Owned::of).collect()));
         self.begun.set(true);

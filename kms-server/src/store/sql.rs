@@ -139,10 +139,13 @@ pub trait Sql {
     /// Runs a query built at run time (a copy of a whole table).
     fn query_dynamic(&self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>, StoreError>;
 
-    /// Runs a statement whose answer nobody reads: a backend may send it with the transaction's
-    /// next statement or with its commit, in one round trip (its failure then fails that one).
-    fn execute_last(&self, sql: &str, params: &[Param<'_>]) -> Result<(), StoreError> {
-        self.execute_dynamic(sql, params).map(drop)
+    /// Inserts rows of `width` values each (`params`, row after row) with `insert`, a statement
+    /// up to its `VALUES`, answer unread. By default one statement for them all; a backend may
+    /// send it with the transaction's next statement or with its commit, in one round trip (its
+    /// failure then fails that one), or run one cached one-row statement per row (no statement
+    /// to parse for each number of rows).
+    fn insert_rows(&self, insert: &str, width: usize, params: &[Param<'_>]) -> Result<(), StoreError> {
+        self.execute_dynamic(&multi_row(insert, width, params.len()), params).map(drop)
     }
 
     /// After rows were copied in with their own ids: lets the next generated id follow them.
@@ -155,6 +158,27 @@ pub trait Sql {
     fn lock_audit_head(&self) -> Result<(), StoreError> {
         Ok(())
     }
+}
+
+/// `insert` (a statement up to its `VALUES`) for `values` values in rows of `width` (at least
+/// 1): `… VALUES (?1, ?2), (?3, ?4)`.
+pub fn multi_row(insert: &str, width: usize, values: usize) -> String {
+    let mut sql = String::with_capacity(insert.len() + values * 6);
+    sql.push_str(insert);
+    for n in 1..=values {
+        sql.push_str(if n == 1 {
+            "(?"
+        } else if (n - 1) % width == 0 {
+            "), (?"
+        } else {
+            ", ?"
+        });
+        sql.push_str(&n.to_string());
+    }
+    if values > 0 {
+        sql.push(')');
+    }
+    sql
 }
 
 /// The first row of a query, if any.
@@ -175,5 +199,12 @@ mod tests {
         assert_eq!(row.blob(3).unwrap(), vec![1]);
         assert!(row.flag(0).unwrap());
         assert!(row.text(0).is_err() && row.int(9).is_err());
+    }
+
+    #[test]
+    fn a_multi_row_insert_numbers_its_values_row_after_row() {
+        assert_eq!(multi_row("INSERT INTO t (a, b) VALUES ", 2, 4), "INSERT INTO t (a, b) VALUES (?1, ?2), (?3, ?4)");
+        assert_eq!(multi_row("V ", 1, 2), "V (?1), (?2)");
+        assert_eq!(multi_row("V ", 3, 3), "V (?1, ?2, ?3)");
     }
 }
