@@ -140,13 +140,11 @@ pub trait Sql {
     fn query_dynamic(&self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>, StoreError>;
 
     /// Inserts rows of `width` values each (`params`, row after row) with `insert`, a statement
-    /// up to its `VALUES`, answer unread. By default one statement for them all; a backend may
-    /// send it with the transaction's next statement or with its commit, in one round trip (its
-    /// failure then fails that one), or run one cached one-row statement per row (no statement
-    /// to parse for each number of rows).
-    fn insert_rows(&self, insert: &str, width: usize, params: &[Param<'_>]) -> Result<(), StoreError> {
-        self.execute_dynamic(&multi_row(insert, width, params.len()), params).map(drop)
-    }
+    /// up to its `VALUES`; nobody reads the answer. PostgreSQL sends one statement for them all
+    /// ([`multi_row`]) with the transaction's next statement or with its commit, in one round
+    /// trip (its failure then fails that one); SQLite, in-process, runs one cached one-row
+    /// statement per row (no statement to parse for each number of rows).
+    fn insert_rows(&self, insert: &str, width: usize, params: &[Param<'_>]) -> Result<(), StoreError>;
 
     /// After rows were copied in with their own ids: lets the next generated id follow them.
     fn after_copy(&self) -> Result<(), StoreError> {

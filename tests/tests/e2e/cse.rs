@@ -3,6 +3,8 @@
 //! ring, signed by jsonwebtoken), requests sent by curl.
 
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD as B64URL};
@@ -133,6 +135,34 @@ pub(crate) async fn tenant(server: &Server, admin: &mut Admin, key: &str) -> Ten
             .expect("issuer trusted");
     }
     tenant
+}
+
+/// An issuer's key set published over HTTPS (the server's development certificate) by the test:
+/// the URL, and how many times it was fetched.
+async fn publish(server: &Server, jwks: Arc<Mutex<String>>) -> (String, Arc<AtomicUsize>) {
+    let pki = kms_server::tls::DevPki::paths(&server.pki_dir());
+    let tls = kms_server::tls::https_server(&pki.server_cert, &pki.server_key).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}/jwks.json", listener.local_addr().unwrap());
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let counted = fetches.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let (acceptor, jwks, counted) = (acceptor.clone(), jwks.clone(), counted.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else { return };
+                let service = hyper::service::service_fn(move |_request: hyper::Request<hyper::body::Incoming>| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let body = jwks.lock().unwrap().clone();
+                    async move { Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(hyper::body::Bytes::from(body)))) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+            });
+        }
+    });
+    (url, fetches)
 }
 
 fn resource_key_hash(dek: &[u8], perimeter: &str) -> String {
@@ -573,4 +603,50 @@ async fn keys_migrate_from_one_key_service_to_another_with_a_token_signed_in_the
     let (status, e) = post(&new, "rewrap", &rewrap);
     assert_eq!(status, 403, "{e}");
     assert!(e["message"].as_str().unwrap().contains("401"), "{e}");
+}
+
+/// Google rotates the key that signs its authorization tokens: the first token signed with the
+/// new key makes the service fetch Google's key set again at once (audited), rather than refuse
+/// Workspace until the hourly refresh; tokens naming keys nobody published cost no more than
+/// one fetch a minute.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_signed_with_a_rotated_key_is_taken_after_one_fetch_of_its_issuers_key_set() {
+    let server = Server::start();
+    let mut admin = server.admin().await;
+    kms_tests::create_key(&mut admin, "drive").await;
+    let mut t = tenant(&server, &mut admin, "alias/drive").await;
+    let published = Arc::new(Mutex::new(t.google.jwks.clone()));
+    let (url, fetches) = publish(&server, published.clone()).await;
+    admin
+        .put_cse_issuer(pb::PutCseIssuerRequest {
+            iss: GOOGLE.into(),
+            token: "authorization".into(),
+            audiences: vec!["cse-authorization".into()],
+            jwks: String::new(),
+            jwks_url: url,
+        })
+        .await
+        .expect("Google's key set by URL");
+    assert_eq!(fetches.load(Ordering::SeqCst), 1, "fetched when the officer named it");
+    let dek = [7u8; 32];
+    let (status, answer) = post(&server, "wrap", &t.wrap(&dek));
+    assert_eq!(status, 200, "{answer}");
+
+    // Google rotates: a new key pair, published; its first token is taken.
+    t.google = Issuer::new(GOOGLE, "google-2");
+    *published.lock().unwrap() = t.google.jwks.clone();
+    let (status, answer) = post(&server, "wrap", &t.wrap(&dek));
+    assert_eq!(status, 200, "the rotated key's token: {answer}");
+    assert_eq!(fetches.load(Ordering::SeqCst), 2);
+    let refreshed: i64 = server.db().query_row("SELECT COUNT(*) FROM audit WHERE operation = 'RefreshCseIssuer'", [], |r| r.get(0)).unwrap();
+    assert_eq!(refreshed, 1, "the new key set is in the trail");
+    let (status, answer) = post(&server, "wrap", &t.wrap(&dek));
+    assert_eq!((status, fetches.load(Ordering::SeqCst)), (200, 2), "the next token is checked with the set held: {answer}");
+
+    // A token naming a key nobody published: refused, without another fetch within the minute.
+    t.google = Issuer::new(GOOGLE, "google-made-up");
+    let (status, answer) = post(&server, "wrap", &t.wrap(&dek));
+    assert_eq!(status, 401, "{answer}");
+    assert!(answer["message"].as_str().unwrap_or_default().contains("does not hold"), "{answer}");
+    assert_eq!(fetches.load(Ordering::SeqCst), 2);
 }

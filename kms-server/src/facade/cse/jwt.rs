@@ -133,6 +133,16 @@ pub fn sign_rs256<E>(claims: &serde_json::Value, kid: &str, sign: impl FnOnce(&[
 }
 
 /// The `iss` claim of a token, unverified.
+/// The trusted issuer `token` names, when the key it names (`kid`) is not in that issuer's set:
+/// the issuer may have rotated its keys since its set was fetched. Read unverified, to decide
+/// whether to fetch the set again; the token is then verified as any other.
+pub fn unknown_key_issuer(token: &str, issuers: &[Issuer]) -> Option<String> {
+    let kid = jsonwebtoken::decode_header(token).ok()?.kid?;
+    let iss = unverified_issuer(token)?;
+    let issuer = issuers.iter().find(|i| i.iss == iss)?;
+    issuer.keys.find(&kid).is_none().then_some(iss)
+}
+
 fn unverified_issuer(token: &str) -> Option<String> {
     use base64::Engine;
     let payload = token.split('.').nth(1)?;
@@ -223,6 +233,18 @@ pub(crate) mod tests {
         // A token without the claim the call needs.
         let bare = idp.sign("k1", &json!({"iss": idp.iss, "aud": "kacls", "exp": t + 300}));
         assert!(verify::<Claims>("authentication", &bare, &issuers, t).unwrap_err().0.contains("lacks a claim"));
+    }
+
+    #[test]
+    fn only_a_trusted_issuers_token_naming_a_key_it_does_not_hold_asks_for_its_set_again() {
+        let idp = TestIssuer::new("https://idp.example.com", "k1");
+        let issuers = [Issuer::new(&idp.iss, &["kacls"], &idp.jwks).unwrap()];
+        let claims = json!({"iss": idp.iss, "aud": "kacls", "exp": now() + 300});
+        assert_eq!(unknown_key_issuer(&idp.sign("k2", &claims), &issuers), Some(idp.iss.clone()));
+        assert_eq!(unknown_key_issuer(&idp.sign("k1", &claims), &issuers), None, "a key it holds");
+        let stranger = TestIssuer::new("https://evil.example.com", "k9");
+        assert_eq!(unknown_key_issuer(&stranger.sign("k9", &json!({"iss": stranger.iss})), &issuers), None, "an issuer not trusted");
+        assert_eq!(unknown_key_issuer("not.a.token", &issuers), None);
     }
 
     #[test]

@@ -39,6 +39,11 @@ const CERTS_FOR: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// How often the node that runs the background jobs fetches the issuers' key sets again.
 const REFRESH_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+/// The least time between two fetches of an issuer's key set for tokens naming a key it does
+/// not hold (a stream of tokens naming made-up keys costs one fetch a minute), and how long a
+/// request waits for one.
+const REFETCH_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+const REFETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// What the listener's connections share.
 struct State {
@@ -46,6 +51,8 @@ struct State {
     refusals: RefusalLog,
     /// `certs`'s last answer, and when it was read.
     certs: tokio::sync::Mutex<Option<(std::time::Instant, Vec<u8>)>>,
+    /// When each issuer's key set was last fetched for a token naming a key it did not hold.
+    refetched: tokio::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 /// Serves the CSE API on `listener` until `shutdown` (`https::serve`).
@@ -58,7 +65,7 @@ pub async fn serve(
 ) {
     let kms = shared.kms.clone();
     let refresher = tokio::spawn(refresh_loop(shared.clone(), shutdown.clone()));
-    let state = Arc::new(State { shared, refusals: RefusalLog::default(), certs: Default::default() });
+    let state = Arc::new(State { shared, refusals: RefusalLog::default(), certs: Default::default(), refetched: Default::default() });
     let handler = move |request| {
         let state = state.clone();
         async move { handle(&state, request).await }
@@ -68,8 +75,9 @@ pub async fn serve(
 }
 
 /// Fetches the key set of every issuer that has a URL again, every `REFRESH_EVERY`, on the node
-/// that runs the background jobs: issuers rotate their signing keys, and a token signed with a
-/// key the service does not know yet is refused.
+/// that runs the background jobs: issuers rotate their signing keys. A token signed with a key
+/// the service does not know yet makes the node it reaches fetch its issuer's set at once
+/// (`refetch`).
 async fn refresh_loop(shared: Shared, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     loop {
         tokio::select! {
@@ -216,7 +224,8 @@ fn unix_now() -> i64 {
 }
 
 /// Checks a token against the issuers of its kind; a refusal is audited (within the budget:
-/// anyone can send tokens) and answered 401.
+/// anyone can send tokens) and answered 401. A token naming a key its issuer's set does not
+/// hold is checked again after the set is fetched again (`refetch`).
 async fn token<C: serde::de::DeserializeOwned>(
     state: &State,
     operation: &'static str,
@@ -224,13 +233,39 @@ async fn token<C: serde::de::DeserializeOwned>(
     token: &str,
     issuers: &[jwt::Issuer],
 ) -> Result<C, CseError> {
-    match jwt::verify(which, token, issuers, unix_now()) {
+    let mut verified = jwt::verify(which, token, issuers, unix_now());
+    if verified.is_err()
+        && let Some(iss) = jwt::unknown_key_issuer(token, issuers)
+        && let Some(fresh) = refetch(state, &iss).await
+    {
+        let issuers: Vec<jwt::Issuer> = issuers.iter().map(|i| if i.iss == iss { fresh.clone() } else { i.clone() }).collect();
+        verified = jwt::verify(which, token, &issuers, unix_now());
+    }
+    match verified {
         Ok(claims) => Ok(claims),
         Err(refused) => {
             state.refusals.record(&state.shared, operation, &refused.0).await;
             Err(CseError::unauthenticated(refused.0))
         }
     }
+}
+
+/// Fetches `iss`'s key set again now, unless that was done less than `REFETCH_AFTER` ago (a
+/// request meanwhile waits for the fetch under way), and returns the issuer as the service now
+/// trusts it; `None` when its set is not fetched from a URL.
+async fn refetch(state: &State, iss: &str) -> Option<jwt::Issuer> {
+    let mut refetched = state.refetched.lock().await;
+    let url = state.shared.kms.cse_config().issuers.iter().find(|i| i.iss == iss)?.jwks_url.clone()?;
+    if refetched.get(iss).is_none_or(|at| at.elapsed() >= REFETCH_AFTER) {
+        refetched.insert(iss.to_string(), std::time::Instant::now());
+        match tokio::time::timeout(REFETCH_TIMEOUT, refresh(&state.shared, iss, &url)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(iss, error = %e, "fetching a CSE issuer's key set for a key it did not hold failed"),
+            Err(_) => tracing::warn!(iss, "fetching a CSE issuer's key set for a key it did not hold took too long"),
+        }
+    }
+    let config = state.shared.kms.cse_config();
+    config.authentication.iter().chain(&config.authorization).chain(&config.kacls).find(|i| i.iss == iss).cloned()
 }
 
 /// What a call records of its caller: the user, their role and delegation, the reason.
