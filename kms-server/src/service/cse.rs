@@ -6,11 +6,11 @@
 //! `cse_perimeter_id` or `cse_resource_name`), so that an officer allows, narrows and revokes
 //! Google's use exactly as a workload's. The settings (one row) say where Google reaches the
 //! service (the KACLS URL, checked against every authorization token), which key new wraps use,
-//! whether guests may unwrap, which users may call `privilegedunwrap`, and which other key
-//! services `rewrap` may migrate keys from; the issuers say whose tokens are trusted, with their
-//! key sets: the customer's identity provider (`authentication`), Google (`authorization`), and
-//! other key services migrating keys out of this one (`kacls`: their migration tokens stand in
-//! for the authentication token of `privilegedunwrap`).
+//! whether guests may unwrap, which users may call `privilegedwrap` and `privilegedunwrap`, and
+//! which other key services `rewrap` may migrate keys from; the issuers say whose tokens are
+//! trusted, with their key sets: the customer's identity provider (`authentication`), Google
+//! (`authorization`), and other key services migrating keys out of this one (`kacls`: their
+//! migration tokens stand in for the authentication token of `privilegedunwrap`).
 
 use std::sync::Arc;
 
@@ -84,7 +84,7 @@ impl Config {
         self.settings.as_ref().is_some_and(|s| s.migration_sources.iter().any(|u| u == url.trim_end_matches('/')))
     }
 
-    /// Whether `email` may call `privilegedunwrap`.
+    /// Whether `email` may call `privilegedwrap` and `privilegedunwrap`.
     pub fn privileged(&self, email: &str) -> bool {
         self.settings.as_ref().is_some_and(|s| s.privileged_users.iter().any(|u| u.eq_ignore_ascii_case(email)))
     }
@@ -118,7 +118,7 @@ impl Kms {
     }
 
     /// Sets where Google reaches the service, which key new wraps use, whether guests may
-    /// unwrap, and who may call `privilegedunwrap`. The first time, registers the principal
+    /// unwrap, and who may call `privilegedwrap` and `privilegedunwrap`. The first time, registers the principal
     /// `cse:workspace`; and when it holds no grant for both Encrypt and Decrypt on the key,
     /// grants them (without conditions: an officer narrows them like any grant).
     pub fn configure_cse(

@@ -180,7 +180,9 @@ async fn google_wraps_and_unwraps_under_our_key_with_both_tokens_checked() {
 
     let (status, answer, _) = cse_with(&server, "GET", "/v1/cse/status", None, &[]);
     assert_eq!((status, &answer["server_type"]), (200, &json!("KACLS")), "{answer}");
-    assert!(answer["operations_supported"].as_array().unwrap().contains(&json!("privilegedunwrap")), "{answer}");
+    for operation in ["privilegedwrap", "privilegedunwrap"] {
+        assert!(answer["operations_supported"].as_array().unwrap().contains(&json!(operation)), "{answer}");
+    }
 
     // Wrap as a writer, unwrap as a reader: the same data key; the wrapped key is our blob.
     let dek: Vec<u8> = (0..32).collect();
@@ -230,6 +232,25 @@ async fn google_wraps_and_unwraps_under_our_key_with_both_tokens_checked() {
     assert_eq!(status, 403, "{e}");
     assert_eq!(post(&server, "privilegedunwrap", &privileged("admin@example.com", "//googleapis.com/drive/files/other")).0, 400);
 
+    // privilegedwrap: an administrator's bulk import, the authentication token alone; the key is
+    // bound to the resource and perimeter the request names, and opens as any other.
+    let imported: Vec<u8> = (100..132).collect();
+    let import = |email: &str, resource: &str| {
+        json!({"authentication": t.authentication(email), "key": B64.encode(&imported), "resource_name": resource,
+               "perimeter_id": "eu", "reason": "bulk import"})
+    };
+    let (status, bulk) = post(&server, "privilegedwrap", &import("admin@example.com", RESOURCE));
+    assert_eq!(status, 200, "{bulk}");
+    let (status, opened) = post(&server, "unwrap", &t.unwrap(&bulk["wrapped_key"], "ana@example.com", "reader"));
+    assert_eq!((status, B64.decode(opened["key"].as_str().unwrap_or_default()).unwrap_or_default()), (200, imported.clone()), "{opened}");
+    let (status, e) = post(&server, "privilegedwrap", &import("ana@example.com", RESOURCE));
+    assert_eq!(status, 403, "only a privileged user: {e}");
+    let (status, e) = post(&server, "privilegedwrap", &import("admin@example.com", ""));
+    assert_eq!(status, 400, "{e}");
+    let elsewhere = json!({"authentication": t.authentication("admin@example.com"), "resource_name": "//googleapis.com/drive/files/other",
+                           "wrapped_key": bulk["wrapped_key"], "reason": "takeout"});
+    assert_eq!(post(&server, "privilegedunwrap", &elsewhere).0, 400, "bound to its resource");
+
     // Every call is in the audit trail as cse:workspace, with the user, role, reason and resource.
     type Record = (String, String, Option<String>, Option<String>, Option<String>);
     let recorded: Vec<Record> = server
@@ -241,7 +262,7 @@ async fn google_wraps_and_unwraps_under_our_key_with_both_tokens_checked() {
         .map(Result::unwrap)
         .collect();
     let ops: Vec<&str> = recorded.iter().map(|r| r.0.as_str()).collect();
-    for op in ["CseWrap", "CseUnwrap", "CseDigest", "CseRewrap", "CsePrivilegedUnwrap"] {
+    for op in ["CseWrap", "CseUnwrap", "CseDigest", "CseRewrap", "CsePrivilegedWrap", "CsePrivilegedUnwrap"] {
         assert!(ops.contains(&op), "{op} audited: {ops:?}");
     }
     let wrap = recorded.iter().find(|r| r.0 == "CseWrap").unwrap();

@@ -24,7 +24,7 @@ pub(crate) enum CseCommand {
         /// Lets guests (email_type google-visitor or customer-idp) use the keys.
         #[arg(long)]
         allow_guests: bool,
-        /// A user who may call privilegedunwrap (Google's takeout and migration); repeatable.
+        /// A user who may call privilegedwrap and privilegedunwrap (Google's bulk import, takeout and migration); repeatable.
         #[arg(long = "privileged-user")]
         privileged_users: Vec<String>,
         /// Another key service (its KACLS URL) whose wrapped keys rewrap may fetch and wrap

@@ -32,7 +32,7 @@ const GOOGLE_ORIGIN: &str = "https://client-side-encryption.google.com";
 const MAX_BODY: usize = 64 * 1024;
 
 /// The operations this key service serves (`status`'s `operations_supported`).
-const OPERATIONS: [&str; 6] = ["wrap", "unwrap", "rewrap", "digest", "privilegedunwrap", "certs"];
+const OPERATIONS: [&str; 7] = ["wrap", "unwrap", "rewrap", "digest", "privilegedwrap", "privilegedunwrap", "certs"];
 
 /// How long `certs` answers from what it last read of the HSM.
 const CERTS_FOR: std::time::Duration = std::time::Duration::from_secs(300);
@@ -145,7 +145,7 @@ async fn route(state: &State, request: Request<Incoming>) -> Answer {
     };
     let post = match operation {
         "status" | "certs" => false,
-        "wrap" | "unwrap" | "digest" | "rewrap" | "privilegedunwrap" => true,
+        "wrap" | "unwrap" | "digest" | "rewrap" | "privilegedwrap" | "privilegedunwrap" => true,
         _ => return error(&CseError::new(404, "no such operation")),
     };
     if parts.method == Method::OPTIONS {
@@ -164,6 +164,7 @@ async fn route(state: &State, request: Request<Incoming>) -> Answer {
         "unwrap" => unwrap(state, &config, &body).await,
         "digest" => digest(state, &config, &body).await,
         "rewrap" => rewrap(state, &config, &body).await,
+        "privilegedwrap" => privileged_wrap(state, &config, &body).await,
         _ => privileged_unwrap(state, &config, &body).await,
     };
     match result {
@@ -501,6 +502,49 @@ struct PrivilegedClaims {
     resource_name: Option<String>,
 }
 
+/// Who a privileged call's authentication token names: the identity provider's `google_email`
+/// when it has one, else its `email`.
+fn privileged_user(claims: &PrivilegedClaims) -> Result<String, CseError> {
+    claims
+        .google_email
+        .clone()
+        .or_else(|| claims.email.clone())
+        .ok_or_else(|| CseError::unauthenticated("the authentication token names no user (email)"))
+}
+
+fn check_resource_name(resource_name: &str) -> Result<(), CseError> {
+    if resource_name.is_empty() || resource_name.len() > wire::MAX_RESOURCE_NAME {
+        return Err(CseError::bad_request(format!("resource_name must be 1 to {} bytes", wire::MAX_RESOURCE_NAME)));
+    }
+    Ok(())
+}
+
+/// Wraps on the authentication token alone (no authorization token, no role): a domain
+/// administrator's bulk import of existing files into Drive, for a user the settings name
+/// (`--privileged-user`, as for `privilegedunwrap`). The key is bound to the resource name and
+/// the perimeter the request gives, as `wrap` binds them to the authorization token's.
+async fn privileged_wrap(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<u8>, CseError> {
+    let request: wire::PrivilegedWrapRequest = wire::parse(body)?;
+    wire::check_reason(&request.reason)?;
+    check_resource_name(&request.resource_name)?;
+    if request.perimeter_id.len() > wire::MAX_PERIMETER_ID {
+        return Err(CseError::bad_request(format!("perimeter_id is at most {} bytes", wire::MAX_PERIMETER_ID)));
+    }
+    let dek = zeroize::Zeroizing::new(wire::decode("key", &request.key, wire::MAX_KEY)?);
+    let claims: PrivilegedClaims = token(state, "CsePrivilegedWrap", "authentication", &request.authentication, &config.authentication).await?;
+    let who = privileged_user(&claims)?;
+    let context = caller_context("privilegedwrap", &who, None, &request.reason);
+    let config = config.clone();
+    run(&state.shared, "CsePrivilegedWrap", context, move |kms, caller, facts| {
+        if !config.privileged(&who) {
+            return Err(refused(CseError::forbidden("this user may not call privilegedwrap (kmsctl cse configure --privileged-user)")));
+        }
+        let wrapped = wrap_key(kms, caller, facts, &config, &dek, &request.resource_name, &request.perimeter_id)?;
+        Ok(json(serde_json::json!({ "wrapped_key": B64.encode(wrapped) })))
+    })
+    .await
+}
+
 /// Unwraps on the authentication token alone (no authorization token, no role, no perimeter):
 /// for a user the settings name (Google's takeout and migration tools), or for another key
 /// service migrating keys out of this one (its migration token, from a trusted `kacls` issuer,
@@ -509,17 +553,11 @@ struct PrivilegedClaims {
 async fn privileged_unwrap(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<u8>, CseError> {
     let request: wire::PrivilegedUnwrapRequest = wire::parse(body)?;
     wire::check_reason(&request.reason)?;
-    if request.resource_name.is_empty() || request.resource_name.len() > wire::MAX_RESOURCE_NAME {
-        return Err(CseError::bad_request(format!("resource_name must be 1 to {} bytes", wire::MAX_RESOURCE_NAME)));
-    }
+    check_resource_name(&request.resource_name)?;
     let issuers: Vec<jwt::Issuer> = config.authentication.iter().chain(&config.kacls).cloned().collect();
     let claims: PrivilegedClaims = token(state, "CsePrivilegedUnwrap", "authentication", &request.authentication, &issuers).await?;
     let migration = config.kacls.iter().any(|i| i.iss == claims.iss);
-    let who = match (migration, &claims.google_email, &claims.email) {
-        (true, _, _) => claims.iss.clone(),
-        (false, Some(email), _) | (false, None, Some(email)) => email.clone(),
-        (false, None, None) => return Err(CseError::unauthenticated("the authentication token names no user (email)")),
-    };
+    let who = if migration { claims.iss.clone() } else { privileged_user(&claims)? };
     let context = caller_context("privilegedunwrap", &who, None, &request.reason);
     let config = config.clone();
     run(&state.shared, "CsePrivilegedUnwrap", context, move |kms, caller, facts| {

@@ -139,6 +139,18 @@ pub struct RewrapRequest {
     pub reason: String,
 }
 
+/// `POST privilegedwrap`: a domain administrator's bulk import of existing files.
+#[derive(Debug, Deserialize)]
+pub struct PrivilegedWrapRequest {
+    pub authentication: String,
+    pub key: String,
+    pub resource_name: String,
+    #[serde(default)]
+    pub perimeter_id: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
 /// `POST privilegedunwrap`.
 #[derive(Debug, Deserialize)]
 pub struct PrivilegedUnwrapRequest {
