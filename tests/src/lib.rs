@@ -940,6 +940,36 @@ pub fn wait_for(child: &mut Child, timeout: Duration) -> Option<std::process::Ex
     }
 }
 
+/// An HTTPS server of the test's own on 127.0.0.1 (a webhook receiver, an issuer's key set),
+/// with `server`'s development certificate, so that the server trusts it: each request gets the
+/// answer `answer` makes of it. Its address.
+pub async fn https_endpoint<F, A>(server: &Server, answer: F) -> std::net::SocketAddr
+where
+    F: Fn(hyper::Request<hyper::body::Incoming>) -> A + Clone + Send + Sync + 'static,
+    A: std::future::Future<Output = hyper::Response<http_body_util::Full<hyper::body::Bytes>>> + Send + 'static,
+{
+    let pki = kms_server::tls::DevPki::paths(&server.pki_dir());
+    let tls = kms_server::tls::https_server(&pki.server_cert, &pki.server_key).expect("the development certificate");
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
+    let addr = listener.local_addr().expect("its address");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let (acceptor, answer) = (acceptor.clone(), answer.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else { return };
+                let service = hyper::service::service_fn(move |request| {
+                    let answer = answer(request);
+                    async move { Ok::<_, std::convert::Infallible>(answer.await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+            });
+        }
+    });
+    addr
+}
+
 /// Waits for `check` to hold, polling until a deadline (tests never sleep to synchronise).
 pub fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

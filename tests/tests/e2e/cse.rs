@@ -137,32 +137,18 @@ pub(crate) async fn tenant(server: &Server, admin: &mut Admin, key: &str) -> Ten
     tenant
 }
 
-/// An issuer's key set published over HTTPS (the server's development certificate) by the test:
-/// the URL, and how many times it was fetched.
+/// An issuer's key set published over HTTPS by the test: the URL, and how many times it was
+/// fetched.
 async fn publish(server: &Server, jwks: Arc<Mutex<String>>) -> (String, Arc<AtomicUsize>) {
-    let pki = kms_server::tls::DevPki::paths(&server.pki_dir());
-    let tls = kms_server::tls::https_server(&pki.server_cert, &pki.server_key).unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("https://{}/jwks.json", listener.local_addr().unwrap());
     let fetches = Arc::new(AtomicUsize::new(0));
     let counted = fetches.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
-            let (acceptor, jwks, counted) = (acceptor.clone(), jwks.clone(), counted.clone());
-            tokio::spawn(async move {
-                let Ok(stream) = acceptor.accept(stream).await else { return };
-                let service = hyper::service::service_fn(move |_request: hyper::Request<hyper::body::Incoming>| {
-                    counted.fetch_add(1, Ordering::SeqCst);
-                    let body = jwks.lock().unwrap().clone();
-                    async move { Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(hyper::body::Bytes::from(body)))) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
-            });
-        }
-    });
-    (url, fetches)
+    let addr = kms_tests::https_endpoint(server, move |_request| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        let body = jwks.lock().unwrap().clone();
+        async move { hyper::Response::new(http_body_util::Full::new(hyper::body::Bytes::from(body))) }
+    })
+    .await;
+    (format!("https://{addr}/jwks.json"), fetches)
 }
 
 fn resource_key_hash(dek: &[u8], perimeter: &str) -> String {

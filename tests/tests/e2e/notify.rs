@@ -32,38 +32,24 @@ impl Received {
 /// An HTTPS webhook receiver on 127.0.0.1 with the server's development certificate; answers
 /// 503 while `down` is set.
 async fn receiver(server: &Server, down: Arc<std::sync::atomic::AtomicBool>) -> (String, Received) {
-    let pki = kms_server::tls::DevPki::paths(&server.pki_dir());
-    let tls = kms_server::tls::https_server(&pki.server_cert, &pki.server_key).unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("https://{}/hook", listener.local_addr().unwrap());
     let received = Received::default();
     let got = received.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
-            let (acceptor, got, down) = (acceptor.clone(), got.clone(), down.clone());
-            tokio::spawn(async move {
-                let Ok(stream) = acceptor.accept(stream).await else { return };
-                let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                    let (got, down) = (got.clone(), down.clone());
-                    async move {
-                        let signature = request.headers().get("kms-signature").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
-                        let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                        let status = if down.load(std::sync::atomic::Ordering::SeqCst) {
-                            503
-                        } else {
-                            got.0.lock().unwrap().push((signature, String::from_utf8_lossy(&body).into_owned()));
-                            200
-                        };
-                        Ok::<_, std::convert::Infallible>(hyper::Response::builder().status(status).body(Full::new(Bytes::new())).unwrap())
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
-            });
+    let addr = kms_tests::https_endpoint(server, move |request: hyper::Request<hyper::body::Incoming>| {
+        let (got, down) = (got.clone(), down.clone());
+        async move {
+            let signature = request.headers().get("kms-signature").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+            let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let status = if down.load(std::sync::atomic::Ordering::SeqCst) {
+                503
+            } else {
+                got.0.lock().unwrap().push((signature, String::from_utf8_lossy(&body).into_owned()));
+                200
+            };
+            hyper::Response::builder().status(status).body(Full::new(Bytes::new())).unwrap()
         }
-    });
-    (url, received)
+    })
+    .await;
+    (format!("https://{addr}/hook"), received)
 }
 
 /// Checks `kms-signature: t=T,v1=HEX` against the body and the secret.
