@@ -175,11 +175,18 @@ impl Link {
 
     /// Logs the user in again on a new anchor session, then closes the old anchor, and with it
     /// every session object made on it: the session copies, which are not private
-    /// (`templates::session_copy`) and so outlive a lost login.
-    fn login_again(&self, pin: &Pin) -> Result<(), HsmError> {
+    /// (`templates::session_copy`) and so outlive a lost login. `swapped` runs with the anchor
+    /// locked, as the new one takes the old one's place (the generation moves on then: see
+    /// `make_copy`).
+    fn login_again(&self, pin: &Pin, swapped: impl FnOnce()) -> Result<(), HsmError> {
         let fresh = self.ctx.open_rw_session(self.slot).map_err(|e| setup("opening a new anchor session", e))?;
         login(&fresh, UserType::User, pin, "user")?;
-        let old = self.anchor.lock().unwrap_or_else(|p| p.into_inner()).replace(fresh);
+        let old = {
+            let mut anchor = self.anchor.lock().unwrap_or_else(|p| p.into_inner());
+            let old = anchor.replace(fresh);
+            swapped();
+            old
+        };
         drop(old);
         Ok(())
     }
@@ -286,10 +293,20 @@ impl Pkcs11Hsm {
             };
             let wrapped = self.wrap(wrap, Self::tag(object, generation))?;
             let template = templates::session_copy();
-            self.with_anchor("C_UnwrapKey", |s| s.unwrap_key(&backup_mechanism(), self.resolve(s, unwrap)?, &wrapped, &template))
+            self.with_anchor("C_UnwrapKey", |s| {
+                // Checked with the anchor locked: a repair moves the generation on as it
+                // replaces the anchor, so a copy of this generation is always made on this
+                // generation's anchor or link, and goes with it (never left behind, untracked).
+                if self.generation() != generation {
+                    return Ok(None);
+                }
+                s.unwrap_key(&backup_mechanism(), self.resolve(s, unwrap)?, &wrapped, &template).map(Some)
+            })
         })();
         match made {
-            Ok(copy) => {
+            // A repair came first: the version is asked for again in the new generation.
+            Ok(None) => {}
+            Ok(Some(copy)) => {
                 if !self.copies.finish(object, generation, copy) && self.generation() == generation {
                     // Its version was destroyed meanwhile: so is the copy.
                     let _ = self.with_session("C_DestroyObject", |s| s.destroy_object(copy));
@@ -475,11 +492,11 @@ impl Pkcs11Hsm {
             Ok(true) => Ok(()),
             Ok(false) => {
                 tracing::warn!("the HSM lost the login: logging in again");
-                link.login_again(&self.pin).inspect(|()| self.next_generation())
+                link.login_again(&self.pin, || self.next_generation())
             }
             Err(why) => {
                 tracing::warn!(error = %why, "the PKCS#11 library or token stopped answering: initialising it again");
-                self.reinitialise(&link).inspect(|()| self.next_generation())
+                self.reinitialise(&link)
             }
         };
         match outcome {
@@ -508,6 +525,8 @@ impl Pkcs11Hsm {
         old.retired.store(true, Ordering::Release);
         let _ = old.ctx.clone().finalize();
         let link = Link::open(old.ctx.clone(), &self.token_label, &self.pin, self.sessions)?;
+        // Before the new link is seen: nothing tagged with the old generation is made on it.
+        self.next_generation();
         *self.link.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(link);
         tracing::info!("PKCS#11 library initialised again and logged in");
         Ok(())
