@@ -523,10 +523,15 @@ impl Pkcs11Hsm {
     /// link's).
     fn reinitialise(&self, old: &Arc<Link>) -> Result<(), HsmError> {
         old.retired.store(true, Ordering::Release);
-        let _ = old.ctx.clone().finalize();
+        {
+            // With the old anchor locked, so that no copy's unwrap runs across the change (the
+            // old anchor's handle may name the new link's anchor): one that ran before went
+            // with the library, one after sees the new generation (`make_copy`).
+            let _anchor = old.anchor.lock().unwrap_or_else(|p| p.into_inner());
+            self.next_generation();
+            let _ = old.ctx.clone().finalize();
+        }
         let link = Link::open(old.ctx.clone(), &self.token_label, &self.pin, self.sessions)?;
-        // Before the new link is seen: nothing tagged with the old generation is made on it.
-        self.next_generation();
         *self.link.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(link);
         tracing::info!("PKCS#11 library initialised again and logged in");
         Ok(())
