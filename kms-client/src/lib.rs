@@ -195,8 +195,10 @@ pub async fn channel(endpoints: &str, tls: &Tls) -> Result<Channel, Error> {
 }
 
 /// How `DataClient` retries: calls that failed on the service's side for now (UNAVAILABLE, or
-/// RESOURCE_EXHAUSTED with its `retry-after-ms` hint) are tried again with exponential backoff;
-/// every attempt has a deadline. Nothing else is retried: a refusal is final.
+/// RESOURCE_EXHAUSTED with its `retry-after-ms` hint), or whose connection broke before an
+/// answer came (a node killed while the request was sent: the channel has moved on to the next
+/// endpoint), are tried again with exponential backoff; every attempt has a deadline. Nothing
+/// else is retried: a refusal is final.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// Attempts in all (1: no retry).
@@ -245,7 +247,7 @@ impl RetryPolicy {
         let mut attempt = 1;
         loop {
             match call(self.timeout).await {
-                Err(s) if attempt < self.attempts && matches!(s.code(), tonic::Code::Unavailable | tonic::Code::ResourceExhausted) => {
+                Err(s) if attempt < self.attempts && retryable(&s) => {
                     // The server's hint, when it gives one, is the least to wait.
                     let hint = s.metadata().get("retry-after-ms").and_then(|v| v.to_str().ok()?.parse().ok()).map(std::time::Duration::from_millis);
                     tokio::time::sleep(hint.map_or(wait, |h| h.max(wait))).await;
@@ -256,6 +258,13 @@ impl RetryPolicy {
             }
         }
     }
+}
+
+/// Whether another attempt may pass: the service said so, or the connection broke under the
+/// call (tonic answers `UNKNOWN` "transport error" with the transport's error as the source).
+fn retryable(s: &tonic::Status) -> bool {
+    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::ResourceExhausted)
+        || std::error::Error::source(s).is_some_and(|e| e.is::<tonic::transport::Error>())
 }
 
 /// A request with a deadline.
