@@ -132,7 +132,6 @@ pub fn sign_rs256<E>(claims: &serde_json::Value, kid: &str, sign: impl FnOnce(&[
     Ok(format!("{input}.{}", B64URL.encode(signature)))
 }
 
-/// The `iss` claim of a token, unverified.
 /// The trusted issuer `token` names, when the key it names (`kid`) is not in that issuer's set:
 /// the issuer may have rotated its keys since its set was fetched. Read unverified, to decide
 /// whether to fetch the set again; the token is then verified as any other.
@@ -143,6 +142,7 @@ pub fn unknown_key_issuer(token: &str, issuers: &[Issuer]) -> Option<String> {
     issuer.keys.find(&kid).is_none().then_some(iss)
 }
 
+/// The `iss` claim of a token, unverified.
 fn unverified_issuer(token: &str) -> Option<String> {
     use base64::Engine;
     let payload = token.split('.').nth(1)?;
