@@ -1,8 +1,10 @@
 //! The audit trail: every call on both planes, allowed or denied, durable before the answer;
 //! tampering found at its index; a failing audit write fails the call (fail closed).
 
+use std::time::Duration;
+
 use kms_proto::v1 as pb;
-use kms_tests::{Server, create_key, ctx};
+use kms_tests::{Options, Server, create_key, ctx, eventually};
 
 fn count(server: &Server, sql: &str) -> i64 {
     server.db().query_row(sql, [], |r| r.get(0)).unwrap()
@@ -176,6 +178,48 @@ async fn a_call_whose_audit_record_cannot_be_written_fails_closed() {
         .map(Result::unwrap)
         .collect();
     assert_eq!(count(&server, "SELECT COUNT(*) FROM audit"), before + 1, "the failed call left no record, the next one did: {ops:?}");
+}
+
+/// A call authorised before a disable and committed after it is refused at commit: it answers
+/// UNAVAILABLE (retryable), its record says so and comes after the DisableKey record, and the
+/// chain verifies. Over PostgreSQL this is the append that the database chains finding the
+/// revocation epoch moved, and the writer's second transaction.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_success_that_races_a_disable_is_refused_at_commit_and_audited_as_such() {
+    let server = Server::start_with(Options { pause_at: Some("Encrypt/after_hsm".into()), ..Options::default() });
+    let mut admin = server.admin().await;
+    let key = create_key(&mut admin, "raced").await;
+    let mut data = server.data().await;
+    let call = tokio::spawn(async move {
+        data.encrypt(pb::EncryptRequest {
+            key_id: "alias/raced".into(),
+            plaintext: b"p".to_vec(),
+            encryption_context: ctx(&[]),
+            caller_context: None,
+        })
+        .await
+    });
+    // The encryption is done and waits three seconds before its record goes to the writer.
+    eventually("the call to pause after the HSM", Duration::from_secs(10), || {
+        std::fs::read_to_string(server.log_path()).is_ok_and(|log| log.contains("pausing at Encrypt/after_hsm"))
+    });
+    admin.disable_key(pb::DisableKeyRequest { key_id: key.clone() }).await.unwrap();
+    let e = call.await.unwrap().unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    assert!(e.message().contains("access changed while the call ran"), "{}", e.message());
+
+    let rows: Vec<(String, String, String)> = server
+        .db()
+        .prepare("SELECT operation, outcome, detail FROM audit WHERE key_id = ?1 ORDER BY seq")
+        .unwrap()
+        .query_map([&key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let ops: Vec<(&str, &str)> = rows.iter().map(|(o, out, _)| (o.as_str(), out.as_str())).collect();
+    assert_eq!(ops[ops.len() - 2..], [("DisableKey", "allowed"), ("Encrypt", "failed")], "{ops:?}");
+    assert!(rows[rows.len() - 1].2.starts_with("refused at commit: access changed"), "{rows:?}");
+    assert_eq!(verify(&server)["ok"], true);
 }
 
 /// Recomputes every hash from `from_seq` on, as an attacker who knows the (public) chain
