@@ -101,18 +101,13 @@ pub struct StoredRecord {
 }
 
 impl StoredRecord {
-    /// SHA-256 over the previous record's hash and this record's fields:
-    /// `CHAIN_PREFIX ‖ prev ‖ seq (8 bytes, big-endian) ‖ chain_tail()`. The sequence number
-    /// comes before the rest so that an appender that learns it only with the head (PostgreSQL
-    /// chains a batch in the database, `store::postgres`) is given the tail ready-made.
+    /// SHA-256 over the previous record's hash and this record's fields.
     pub fn chain_hash(&self, prev: &[u8; 32]) -> [u8; 32] {
-        chain_link(prev, self.seq, &self.chain_tail())
-    }
-
-    /// What the hash covers after the sequence number: the time, then every field.
-    pub fn chain_tail(&self) -> Vec<u8> {
-        let mut t = Vec::with_capacity(64 + self.detail.len() + self.context.as_ref().map_or(0, String::len));
-        t.extend_from_slice(&self.time.to_be_bytes());
+        let mut h = Sha256::new();
+        h.update(b"kms-audit-v1");
+        h.update(prev);
+        h.update(self.seq.to_be_bytes());
+        h.update(self.time.to_be_bytes());
         for field in [
             Some(self.request_id.as_str()),
             Some(self.principal.as_str()),
@@ -125,36 +120,23 @@ impl StoredRecord {
         ] {
             match field {
                 Some(s) => {
-                    t.push(1);
-                    t.extend_from_slice(&(s.len() as u64).to_be_bytes());
-                    t.extend_from_slice(s.as_bytes());
+                    h.update([1]);
+                    h.update((s.len() as u64).to_be_bytes());
+                    h.update(s.as_bytes());
                 }
-                None => t.push(0),
+                None => h.update([0]),
             }
         }
-        t.extend_from_slice(&self.key_version.unwrap_or(-1).to_be_bytes());
+        h.update(self.key_version.unwrap_or(-1).to_be_bytes());
         // Hashed only when present, so that records written before the field existed verify
         // unchanged.
         if let Some(c) = &self.caller_context {
-            t.extend_from_slice(b"caller_context");
-            t.extend_from_slice(&(c.len() as u64).to_be_bytes());
-            t.extend_from_slice(c.as_bytes());
+            h.update(b"caller_context");
+            h.update((c.len() as u64).to_be_bytes());
+            h.update(c.as_bytes());
         }
-        t
+        h.finalize().into()
     }
-}
-
-/// What every record's hash starts with.
-pub const CHAIN_PREFIX: &[u8] = b"kms-audit-v1";
-
-/// The hash of record `seq` whose fields hash as `tail`, after the record whose hash is `prev`.
-pub fn chain_link(prev: &[u8; 32], seq: i64, tail: &[u8]) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(CHAIN_PREFIX);
-    h.update(prev);
-    h.update(seq.to_be_bytes());
-    h.update(tail);
-    h.finalize().into()
 }
 
 /// The hash that precedes the first record.

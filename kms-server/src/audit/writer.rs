@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{AuditEvent, Checkpoint, checkpoint_message};
 use crate::clock::now;
 use crate::hsm::{Hsm, KeyHandle};
-use crate::store::{Appended, Marks, Store, StoreError, Tx};
+use crate::store::Store;
 
 /// The most records in one transaction: bounds the latency a large batch adds to its first
 /// request. A call's records are never split, so one batch call may take a transaction past it.
@@ -91,25 +91,6 @@ fn stale(events: &mut [AuditEvent], epoch: u64, now: u64) {
         e.status = "UNAVAILABLE";
         e.detail = format!("refused at commit: access changed while the call ran (revocation epoch {epoch}, now {now}); retry");
     }
-}
-
-/// What a batch's commit gives: its last record's sequence number and hash, the store's marks,
-/// and how each call's records went in.
-type Written = (Option<(i64, Vec<u8>)>, Marks, Vec<Recorded>);
-
-/// Appends a batch after reading the head, its successes authorised under a revocation epoch
-/// older than the store's marked as failed (`stale`).
-fn append_marking_stale(tx: &Tx<'_>, batch: &mut [Pending]) -> Result<Written, StoreError> {
-    let head = tx.audit_head()?;
-    let marks = head.marks;
-    let mut outcomes = vec![Recorded::Durable; batch.len()];
-    for (p, outcome) in batch.iter_mut().zip(outcomes.iter_mut()) {
-        if let Some(epoch) = p.epoch.filter(|e| *e < marks.epoch) {
-            stale(&mut p.events, epoch, marks.epoch);
-            *outcome = Recorded::Stale { epoch, now: marks.epoch };
-        }
-    }
-    Ok((tx.append_audits(&head, batch.iter().flat_map(|p| &p.events), now())?, marks, outcomes))
 }
 
 impl std::fmt::Debug for Pending {
@@ -186,24 +167,29 @@ impl AuditWriter {
             while let Some(first) = rx.blocking_recv() {
                 let mut records = first.events.len();
                 let mut batch = vec![first];
-                while records < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(p) => {
-                            records += p.events.len();
-                            batch.push(p);
-                        }
-                        Err(_) => break,
-                    }
-                }
                 let started = std::time::Instant::now();
-                let floor = batch.iter().filter_map(|p| p.epoch).min();
-                let written = store.write(|tx| tx.append_audits_current(floor, batch.iter().flat_map(|p| &p.events), now())).and_then(|appended| {
-                    match appended {
-                        Appended::Written { marks, last } => Ok((last, marks, vec![Recorded::Durable; batch.len()])),
-                        // Access changed while one of them ran: seldom, so this takes a second
-                        // transaction.
-                        Appended::Stale(_) => store.write(|tx| append_marking_stale(tx, &mut batch)),
+                let written = store.write(|tx| {
+                    let head = tx.audit_head()?;
+                    // What arrived while the head's lock was awaited joins the batch: when other
+                    // nodes' writers hold it, the wait fills the batch instead of the next one.
+                    while records < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(p) => {
+                                records += p.events.len();
+                                batch.push(p);
+                            }
+                            Err(_) => break,
+                        }
                     }
+                    let marks = head.marks;
+                    let mut outcomes = vec![Recorded::Durable; batch.len()];
+                    for (p, outcome) in batch.iter_mut().zip(outcomes.iter_mut()) {
+                        if let Some(epoch) = p.epoch.filter(|e| *e < marks.epoch) {
+                            stale(&mut p.events, epoch, marks.epoch);
+                            *outcome = Recorded::Stale { epoch, now: marks.epoch };
+                        }
+                    }
+                    Ok((tx.append_audits(&head, batch.iter().flat_map(|p| &p.events), now())?, marks, outcomes))
                 });
                 crate::metrics::metrics().audit_commit(records, started.elapsed());
                 let head = match written {

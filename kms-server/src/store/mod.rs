@@ -378,16 +378,6 @@ pub struct AuditHead {
     pub last: (i64, [u8; 32]),
 }
 
-/// What `Tx::append_audits_current` did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Appended {
-    /// The records are in, the last one's sequence number and hash given (none: there were no
-    /// records), with the store's marks.
-    Written { marks: Marks, last: Option<(i64, Vec<u8>)> },
-    /// Nothing was written: access changed since the oldest success among them was authorised.
-    Stale(Marks),
-}
-
 /// A principal's name or a grant's id, and when it was last used (never: `None`).
 pub type LastUse = (String, Option<i64>);
 
@@ -563,28 +553,6 @@ fn corrupt(table: &'static str, detail: impl fmt::Display) -> StoreError {
 fn key_id_col(row: &Row, idx: usize, table: &'static str) -> Result<KeyId> {
     let text = row.text(idx)?;
     text.parse().map_err(|_| corrupt(table, format!("bad key id {text:?}")))
-}
-
-/// The row an audit event is stored as, timed `now` (numbered as it is appended); a change's
-/// record made in a dry run is refused.
-fn stored_record(event: &AuditEvent, now: i64) -> Result<StoredRecord> {
-    if event.in_dry_run {
-        return Err(StoreError::DryRunWrite { operation: event.operation });
-    }
-    Ok(StoredRecord {
-        seq: 0,
-        time: now,
-        request_id: event.request_id.clone(),
-        principal: event.principal.clone(),
-        operation: event.operation.to_string(),
-        key_id: event.key_id.map(|k| k.to_string()),
-        key_version: event.key_version.map(i64::from),
-        context: event.context_json(),
-        outcome: event.outcome.as_str().to_string(),
-        status: event.status.to_string(),
-        detail: event.detail.clone(),
-        caller_context: event.caller_context.clone(),
-    })
 }
 
 fn to_i64(n: u64) -> i64 {
@@ -1387,58 +1355,39 @@ impl Tx<'_> {
         self.append_audits(&head, std::iter::once(event), now).map(drop)
     }
 
-    /// Appends a batch of audit records after the chain's head and ends the transaction
-    /// (commits it on PostgreSQL; the caller's closure must return right after), unless the
-    /// store's revocation epoch has passed `floor`, the oldest epoch a success among them was
-    /// authorised under: then nothing is written, and the caller appends them again marked as
-    /// failed where they must be (`audit_head`, `append_audits`).
-    ///
-    /// PostgreSQL chains the records in the database, in one statement sent with the head's
-    /// lock before it and the commit after it, in one round trip: the lock is held for the
-    /// database's own work and the commit's flush, not for two round trips to this node and the
-    /// hashing between them, so that the nodes of a cluster take turns at the chain quickly.
-    /// SQLite, in-process, reads the head and appends.
-    pub fn append_audits_current<'e>(&self, floor: Option<u64>, events: impl IntoIterator<Item = &'e AuditEvent>, now: i64) -> Result<Appended> {
-        let floor = floor.map_or(i64::MAX, to_i64);
-        let records = events.into_iter().map(|e| stored_record(e, now)).collect::<Result<Vec<_>>>()?;
-        if let Some(row) = self.0.append_audits_chained(&records, floor)? {
-            let marks = Marks { epoch: to_u64(row.int(0)?), changes: to_u64(row.int(1)?) };
-            return Ok(match row.opt_int(2)? {
-                _ if to_i64(marks.epoch) > floor => Appended::Stale(marks),
-                Some(seq) => Appended::Written { marks, last: Some((seq, row.blob(3)?)) },
-                None => Appended::Written { marks, last: None },
-            });
-        }
-        let head = self.audit_head()?;
-        if to_i64(head.marks.epoch) > floor {
-            return Ok(Appended::Stale(head.marks));
-        }
-        let last = self.append_rows(head.last, records)?;
-        Ok(Appended::Written { marks: head.marks, last })
-    }
-
     /// Appends audit records in order after `head` (read in this transaction by `audit_head`),
     /// each chained to the one before (a group commit writes a whole batch in one transaction, a
     /// few hundred records to a statement); returns the last one's sequence number and hash
     /// (none when there were no records).
     pub fn append_audits<'e>(&self, head: &AuditHead, events: impl IntoIterator<Item = &'e AuditEvent>, now: i64) -> Result<Option<(i64, Vec<u8>)>> {
-        let records = events.into_iter().map(|e| stored_record(e, now)).collect::<Result<Vec<_>>>()?;
-        self.append_rows(head.last, records)
-    }
-
-    /// Numbers and chains `records` after `(seq, prev)` and inserts them.
-    fn append_rows(&self, (mut seq, mut prev): (i64, [u8; 32]), mut records: Vec<StoredRecord>) -> Result<Option<(i64, Vec<u8>)>> {
+        let (mut seq, mut prev) = head.last;
         let before = seq;
-        let mut hashes = Vec::with_capacity(records.len());
-        for record in &mut records {
+        let mut rows: Vec<(StoredRecord, [u8; 32])> = Vec::new();
+        for event in events {
+            if event.in_dry_run {
+                return Err(StoreError::DryRunWrite { operation: event.operation });
+            }
             seq += 1;
-            record.seq = seq;
+            let record = StoredRecord {
+                seq,
+                time: now,
+                request_id: event.request_id.clone(),
+                principal: event.principal.clone(),
+                operation: event.operation.to_string(),
+                key_id: event.key_id.map(|k| k.to_string()),
+                key_version: event.key_version.map(i64::from),
+                context: event.context_json(),
+                outcome: event.outcome.as_str().to_string(),
+                status: event.status.to_string(),
+                detail: event.detail.clone(),
+                caller_context: event.caller_context.clone(),
+            };
             prev = record.chain_hash(&prev);
-            hashes.push(prev);
+            rows.push((record, prev));
         }
-        for (chunk, hashes) in records.chunks(AUDIT_ROWS_PER_INSERT).zip(hashes.chunks(AUDIT_ROWS_PER_INSERT)) {
+        for chunk in rows.chunks(AUDIT_ROWS_PER_INSERT) {
             let mut params: Vec<Param<'_>> = Vec::with_capacity(chunk.len() * AUDIT_COLUMNS);
-            for (r, hash) in chunk.iter().zip(hashes) {
+            for (r, hash) in chunk {
                 params.extend([
                     r.seq.into(),
                     r.time.into(),

@@ -24,7 +24,6 @@ use tokio_postgres::{Client, Statement};
 
 use super::sql::{Param, Row, Sql, Value};
 use super::{Result, StoreError};
-use crate::audit::{CHAIN_PREFIX, GENESIS, StoredRecord};
 
 /// The `sslmode` the service requires outside development: TLS, the server's certificate checked
 /// against `sslrootcert`, and its name against the host connected to (libpq's `verify-full`).
@@ -319,7 +318,6 @@ impl PgStore {
             ahead: std::cell::RefCell::new(Ahead { simple: begin.to_string(), last: None }),
             begun: std::cell::Cell::new(false),
             head_locked: std::cell::Cell::new(false),
-            begin,
         };
         let out = f(&pg);
         let ended = match (&out, pg.begun.get()) {
@@ -378,9 +376,6 @@ struct PgTx<'a> {
     begun: std::cell::Cell<bool>,
     /// Whether this transaction holds (or has asked for) the audit head's lock.
     head_locked: std::cell::Cell<bool>,
-    /// How a transaction begins here (its isolation), again after a commit that
-    /// `append_audits_chained` made before the closure's end.
-    begin: &'static str,
 }
 
 /// What goes to the server before the next statement, in its round trip.
@@ -540,46 +535,6 @@ impl Sql for PgTx<'_> {
         Ok(())
     }
 
-    fn append_audits_chained(&self, records: &[StoredRecord], floor: i64) -> Result<Option<Row>> {
-        if records.len() > CHAINED_MAX {
-            return Ok(None);
-        }
-        self.lock_audit_head()?;
-        let statement = self.statement(APPEND_AUDITS)?;
-        let tails: Vec<Vec<u8>> = records.iter().map(StoredRecord::chain_tail).collect();
-        let column = |f: fn(&StoredRecord) -> &str| records.iter().map(f).collect::<Vec<_>>();
-        let optional = |f: fn(&StoredRecord) -> Option<&str>| records.iter().map(f).collect::<Vec<_>>();
-        let (times, versions): (Vec<i64>, Vec<Option<i64>>) = records.iter().map(|r| (r.time, r.key_version)).unzip();
-        let params: [&(dyn ToSql + Sync); 15] = [
-            &floor,
-            &GENESIS.as_slice(),
-            &CHAIN_PREFIX,
-            &tails,
-            &times,
-            &column(|r| &r.request_id),
-            &column(|r| &r.principal),
-            &column(|r| &r.operation),
-            &optional(|r| r.key_id.as_deref()),
-            &versions,
-            &optional(|r| r.context.as_deref()),
-            &column(|r| &r.outcome),
-            &column(|r| &r.status),
-            &column(|r| &r.detail),
-            &optional(|r| r.caller_context.as_deref()),
-        ];
-        let ahead = self.take_ahead();
-        let conn = self.conn.borrow();
-        let client = &conn.client;
-        let (_, rows, _) = conn.block_on(async {
-            tokio::try_join!(biased; send_ahead(client, ahead), client.query(&statement, &params), client.batch_execute("COMMIT"))
-        })?;
-        // Committed: whatever comes next runs in a transaction of its own.
-        self.begun.set(false);
-        self.head_locked.set(false);
-        self.ahead.borrow_mut().simple = self.begin.to_string();
-        rows.first().map(row).transpose()
-    }
-
     fn lock_audit_head(&self) -> Result<()> {
         // Held to the transaction's end: one appender at a time across every node, so that the
         // chain is one sequence. Taken once (a second request would cost a round trip), with
@@ -597,42 +552,6 @@ impl Sql for PgTx<'_> {
 
 /// The advisory lock that serialises appends to the audit chain.
 const AUDIT_HEAD_LOCK: i64 = 0x6b6d_7361_7564_6974; // "kmsaudit"
-
-/// The most records `append_audits_chained` chains in the database: it finds each record's tail
-/// by its index in an array of variable-length values, a walk from the array's start, so a
-/// batch's cost grows as its square (past this, the records are chained here).
-const CHAINED_MAX: usize = 500;
-
-/// Appends a batch to the audit chain in the database: reads the head (the lock was taken by the
-/// statement before, so this statement's snapshot sees the last append committed), numbers the
-/// records after it and hashes each after the one before (`audit::chain_link`: SHA-256 of the
-/// prefix, the previous hash, the big-endian sequence number and the record's tail, made by
-/// `StoredRecord::chain_tail`), unless the revocation epoch is past `$1`. Answers the marks and
-/// the last record written.
-const APPEND_AUDITS: &str = "
-WITH RECURSIVE
-marks AS (SELECT epoch, changes FROM revocation),
-head AS (
-    SELECT COALESCE((SELECT seq FROM audit ORDER BY seq DESC LIMIT 1), 0) AS seq,
-           COALESCE((SELECT hash FROM audit ORDER BY seq DESC LIMIT 1), $2::bytea) AS hash
-),
-chain (i, seq, hash) AS (
-    SELECT 0::bigint, h.seq, h.hash FROM head h, marks m WHERE m.epoch <= $1
-    UNION ALL
-    SELECT c.i + 1, c.seq + 1, sha256($3::bytea || c.hash || int8send(c.seq + 1) || ($4::bytea[])[c.i + 1])
-    FROM chain c WHERE c.i < cardinality($4::bytea[])
-),
-written AS (
-    INSERT INTO audit (seq, time, request_id, principal, operation, key_id, key_version, context, outcome, status, detail, hash, caller_context)
-    SELECT c.seq, r.time, r.request_id, r.principal, r.operation, r.key_id, r.key_version, r.context, r.outcome, r.status, r.detail, c.hash, r.caller_context
-    FROM chain c
-    JOIN unnest($5::bigint[], $6::text[], $7::text[], $8::text[], $9::text[], $10::bigint[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[])
-        WITH ORDINALITY AS r (time, request_id, principal, operation, key_id, key_version, context, outcome, status, detail, caller_context, i)
-        ON r.i = c.i
-    RETURNING seq, hash
-)
-SELECT m.epoch, m.changes, w.seq, w.hash
-FROM marks m LEFT JOIN (SELECT seq, hash FROM written ORDER BY seq DESC LIMIT 1) w ON true";
 
 fn row(r: &tokio_postgres::Row) -> Result<Row> {
     let mut values = Vec::with_capacity(r.len());

@@ -151,15 +151,6 @@ pub trait Sql {
         Ok(())
     }
 
-    /// Appends `records` (numbered and chained here) after the audit chain's head in the
-    /// database itself, unless the store's revocation epoch is past `floor`, and commits: the
-    /// transaction's last statement. Answers the store's epoch and count of changes, and the last
-    /// record's sequence number and hash (null when nothing was written); `None` from a backend
-    /// that cannot (the caller reads the head and appends).
-    fn append_audits_chained(&self, _records: &[crate::audit::StoredRecord], _floor: i64) -> Result<Option<Row>, StoreError> {
-        Ok(None)
-    }
-
     /// Makes this transaction the only one appending to the audit chain until it ends (a backend
     /// whose write transactions run one at a time has nothing to do).
     fn lock_audit_head(&self) -> Result<(), StoreError> {

@@ -182,8 +182,8 @@ async fn a_call_whose_audit_record_cannot_be_written_fails_closed() {
 
 /// A call authorised before a disable and committed after it is refused at commit: it answers
 /// UNAVAILABLE (retryable), its record says so and comes after the DisableKey record, and the
-/// chain verifies. Over PostgreSQL this is the append that the database chains finding the
-/// revocation epoch moved, and the writer's second transaction.
+/// chain verifies (the writer reads the store's revocation epoch with the audit head, in the
+/// batch's transaction: over PostgreSQL, with the head's lock that every node's writer takes).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_success_that_races_a_disable_is_refused_at_commit_and_audited_as_such() {
     let server = Server::start_with(Options { pause_at: Some("Encrypt/after_hsm".into()), ..Options::default() });
