@@ -3,7 +3,8 @@
 # every call audited durably), release builds: each PHASE runs one load tool against it, in
 # order, on the same instance, and prints the tool's table. A phase is `xks:ARGS` (xks-load:
 # AWS XKS Encrypt and Decrypt, after the empty calls), `cse:ARGS` (cse-load: Google CSE wrap and
-# unwrap) or `grpc:ARGS` (kms-load). With BIN=DIR the binaries of DIR are used as they are (to
+# unwrap), `grpc:ARGS` (kms-load) or `metrics:REGEX` (the server's Prometheus lines that match,
+# so far). With BIN=DIR the binaries of DIR are used as they are (to
 # compare two builds in alternating runs); otherwise the workspace is built first.
 #   scripts/bench-facades.sh "xks:--clients 16 --duration 5" "grpc:--clients 16 --duration 5"
 #   scripts/bench-facades.sh "xks:--clients 64 --rate 1800 --duration 10"
@@ -37,6 +38,7 @@ for phase in "$@"; do
         cse) "$BIN/cse-load" --admin "$KMS_ENDPOINT" --pki .kms-dev/pki --session "$KMS_SESSION_FILE" \
             --kacls-url https://127.0.0.1:17404/v1/cse --key alias/bench $args | grep -v '^{' ;;
         grpc) "$BIN/kms-load" --data-endpoint https://127.0.0.1:17400 --pki .kms-dev/pki --key alias/bench $args | grep -v '^raw HSM' ;;
-        *) echo "unknown phase $kind (xks, cse or grpc)" >&2; exit 2 ;;
+        metrics) curl -s http://127.0.0.1:17402/metrics | grep -E "$args" || true ;;
+        *) echo "unknown phase $kind (xks, cse, grpc or metrics)" >&2; exit 2 ;;
     esac
 done

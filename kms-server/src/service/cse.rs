@@ -35,6 +35,8 @@ pub const KACLS: &str = "kacls";
 
 /// The audience of migration tokens between key services.
 pub const MIGRATION_AUDIENCE: &str = "kacls-migration";
+/// The audience of the delegated authentication tokens this service signs for itself.
+pub const DELEGATE_AUDIENCE: &str = "kacls-delegate";
 
 /// The most issuers of each kind, audiences of an issuer, privileged users; the largest key set.
 const MAX_ISSUERS: usize = 16;
@@ -296,22 +298,38 @@ impl Kms {
         Ok(true)
     }
 
-    /// The public halves of the signing keys that verify the migration tokens this service
-    /// signs (`certs`).
+    /// The public halves of the signing keys that verify the tokens this service signs
+    /// (`certs`): migration tokens and delegated authentication tokens.
     pub fn cse_signing_keys(&self) -> Result<Vec<crate::hsm::RsaPublicKey>> {
         Ok(self.hsm.signing_keys()?)
     }
 
     /// A migration token (Google's KACLS-to-KACLS authentication token) for the key service at
-    /// `original` to open a key of `resource_name` for this one: issued by this service's KACLS
-    /// URL, for `kacls-migration`, naming `original`, valid 15 minutes, signed in the HSM.
+    /// `original` to open a key of `resource_name` for this one: for `kacls-migration`, naming
+    /// `original`.
     pub fn cse_migration_token(&self, original: &str, resource_name: &str) -> Result<String> {
+        self.cse_token(MIGRATION_AUDIENCE, serde_json::json!({"kacls_url": original.trim_end_matches('/'), "resource_name": resource_name}))
+    }
+
+    /// A delegated authentication token (`delegate`): `user` lets `delegated_to` wrap and
+    /// unwrap the keys of `resource_name` on their behalf; for `kacls-delegate`. This service
+    /// takes it as an authentication token beside the identity providers' (`wrap`, `unwrap`).
+    pub fn cse_delegated_token(&self, user: &str, delegated_to: &str, resource_name: &str) -> Result<String> {
+        self.cse_token(DELEGATE_AUDIENCE, serde_json::json!({"email": user, "delegated_to": delegated_to, "resource_name": resource_name}))
+    }
+
+    /// A token of this service's: `claims` with its KACLS URL as the issuer, for `audience`,
+    /// valid 15 minutes, signed in the HSM.
+    fn cse_token(&self, audience: &str, mut claims: serde_json::Value) -> Result<String> {
         let config = self.cse_config();
         let settings = config.settings.as_ref().ok_or_else(|| Error::precondition("Google Workspace CSE is not configured"))?;
         let key = self.hsm.signing_keys()?.into_iter().next().ok_or_else(|| Error::precondition("the HSM made no signing key"))?;
         let at = now();
-        let claims = serde_json::json!({"iss": settings.kacls_url, "aud": MIGRATION_AUDIENCE, "kacls_url": original.trim_end_matches('/'),
-                                        "resource_name": resource_name, "iat": at, "exp": at + 900});
+        for (name, value) in
+            [("iss", serde_json::json!(settings.kacls_url)), ("aud", audience.into()), ("iat", at.into()), ("exp", (at + 900).into())]
+        {
+            claims[name] = value;
+        }
         crate::facade::cse::jwt::sign_rs256(&claims, &crate::facade::cse::jwt::kid(&key), |input| self.hsm.sign(&key, input)).map_err(Error::from)
     }
 

@@ -657,3 +657,79 @@ async fn a_token_signed_with_a_rotated_key_is_taken_after_one_fetch_of_its_issue
     assert!(answer["message"].as_str().unwrap_or_default().contains("does not hold"), "{answer}");
     assert_eq!(fetches.load(Ordering::SeqCst), 2);
 }
+
+/// A delegation (`delegate`): Google asks, for a user and a resource, that another of its
+/// services acting for the user may wrap and unwrap that resource's keys. The key service signs
+/// a delegated authentication token, checked with the keys `certs` publishes, that opens keys
+/// of that resource for that delegate only.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delegated_token_opens_one_resource_for_one_delegate() {
+    let server = Server::start();
+    let mut admin = server.admin().await;
+    kms_tests::create_key(&mut admin, "drive").await;
+    let t = tenant(&server, &mut admin, "alias/drive").await;
+    let delegate = "meet@system.example.com";
+    let dek: Vec<u8> = (0..32).collect();
+    let (_, wrapped) = post(&server, "wrap", &t.wrap(&dek));
+    let wrapped = wrapped["wrapped_key"].clone();
+
+    let mut claims = t.authorization_claims("ana@example.com", "reader");
+    claims["delegated_to"] = json!(delegate);
+    let delegation =
+        |authn: String, claims: &Value| json!({"authentication": authn, "authorization": t.google.sign(claims.clone()), "reason": "meeting"});
+    let (status, answer) = post(&server, "delegate", &delegation(t.authentication("ana@example.com"), &claims));
+    assert_eq!(status, 200, "{answer}");
+    let delegated = answer["delegated_authentication"].as_str().unwrap().to_string();
+
+    // A JWT of the key service's, checked here with what `certs` publishes.
+    let (_, certs, _) = cse_with(&server, "GET", "/v1/cse/certs", None, &[]);
+    let jwk = &certs["keys"][0];
+    assert_eq!(jsonwebtoken::decode_header(&delegated).unwrap().kid.as_deref(), jwk["kid"].as_str());
+    let public = jsonwebtoken::DecodingKey::from_rsa_components(jwk["n"].as_str().unwrap(), jwk["e"].as_str().unwrap()).unwrap();
+    let mut validation = jsonwebtoken::Validation::new(Algorithm::RS256);
+    validation.set_audience(&["kacls-delegate"]);
+    validation.set_issuer(&[&t.kacls_url]);
+    let payload = jsonwebtoken::decode::<Value>(&delegated, &public, &validation).expect("signed by the published key").claims;
+    assert_eq!(
+        (&payload["email"], &payload["delegated_to"], &payload["resource_name"]),
+        (&json!("ana@example.com"), &json!(delegate), &json!(RESOURCE)),
+        "{payload}"
+    );
+
+    // The delegate unwraps with it and its own authorization token (naming itself).
+    let unwrap = |authn: &str, claims: &Value| json!({"authentication": authn, "authorization": t.google.sign(claims.clone()), "wrapped_key": wrapped, "reason": "for ana"});
+    let (status, opened) = post(&server, "unwrap", &unwrap(&delegated, &claims));
+    assert_eq!((status, B64.decode(opened["key"].as_str().unwrap_or_default()).unwrap_or_default()), (200, dek), "{opened}");
+    // Not for another delegate, another resource, or an authorization token without delegation.
+    let mut other_delegate = claims.clone();
+    other_delegate["delegated_to"] = json!("calendar@system.example.com");
+    let mut other_resource = claims.clone();
+    other_resource["resource_name"] = json!("//googleapis.com/drive/files/other");
+    let mut undelegated = claims.clone();
+    undelegated.as_object_mut().unwrap().remove("delegated_to");
+    for (what, claims) in [("another delegate", &other_delegate), ("another resource", &other_resource), ("no delegation", &undelegated)] {
+        let (status, answer) = post(&server, "unwrap", &unwrap(&delegated, claims));
+        assert_eq!(status, 403, "{what}: {answer}");
+    }
+    // A token that only claims to be ours (signed by the identity provider's key) is refused.
+    let forged = t.idp.sign(json!({"iss": t.kacls_url, "aud": "kacls-delegate", "email": "ana@example.com", "delegated_to": delegate,
+                                   "resource_name": RESOURCE, "iat": now(), "exp": now() + 300}));
+    let (status, answer) = post(&server, "unwrap", &unwrap(&forged, &claims));
+    assert_eq!(status, 401, "{answer}");
+
+    // A delegation names its delegate, and one user in both tokens.
+    let (status, answer) = post(&server, "delegate", &delegation(t.authentication("ana@example.com"), &undelegated));
+    assert_eq!(status, 403, "{answer}");
+    let (status, answer) = post(&server, "delegate", &delegation(t.authentication("bob@example.com"), &claims));
+    assert_eq!(status, 403, "{answer}");
+
+    // Audited with the user, the delegate and the resource.
+    let (caller, context): (String, String) = server
+        .db()
+        .query_row("SELECT caller_context, context FROM audit WHERE operation = 'CseDelegate' AND outcome = 'allowed'", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert!(caller.contains(delegate) && caller.contains("ana@example.com"), "{caller}");
+    assert!(context.contains(RESOURCE), "{context}");
+}

@@ -22,7 +22,7 @@ use crate::domain::policy::Operation;
 use crate::error::Error;
 use crate::facade::https::{self, Answer, BodyError, RefusalLog};
 use crate::secret::SecretBytes;
-use crate::service::cse::{Config, PRINCIPAL};
+use crate::service::cse::{Config, DELEGATE_AUDIENCE, PRINCIPAL};
 use crate::service::{Caller, Kms};
 
 /// The Workspace web clients' origin: the one origin CORS lets call.
@@ -32,7 +32,7 @@ const GOOGLE_ORIGIN: &str = "https://client-side-encryption.google.com";
 const MAX_BODY: usize = 64 * 1024;
 
 /// The operations this key service serves (`status`'s `operations_supported`).
-const OPERATIONS: [&str; 7] = ["wrap", "unwrap", "rewrap", "digest", "privilegedwrap", "privilegedunwrap", "certs"];
+const OPERATIONS: [&str; 8] = ["wrap", "unwrap", "rewrap", "digest", "privilegedwrap", "privilegedunwrap", "delegate", "certs"];
 
 /// How long `certs` answers from what it last read of the HSM.
 const CERTS_FOR: std::time::Duration = std::time::Duration::from_secs(300);
@@ -145,7 +145,7 @@ async fn route(state: &State, request: Request<Incoming>) -> Answer {
     };
     let post = match operation {
         "status" | "certs" => false,
-        "wrap" | "unwrap" | "digest" | "rewrap" | "privilegedwrap" | "privilegedunwrap" => true,
+        "wrap" | "unwrap" | "digest" | "rewrap" | "privilegedwrap" | "privilegedunwrap" | "delegate" => true,
         _ => return error(&CseError::new(404, "no such operation")),
     };
     if parts.method == Method::OPTIONS {
@@ -165,6 +165,7 @@ async fn route(state: &State, request: Request<Incoming>) -> Answer {
         "digest" => digest(state, &config, &body).await,
         "rewrap" => rewrap(state, &config, &body).await,
         "privilegedwrap" => privileged_wrap(state, &config, &body).await,
+        "delegate" => delegate(state, &config, &body).await,
         _ => privileged_unwrap(state, &config, &body).await,
     };
     match result {
@@ -197,26 +198,54 @@ fn status() -> Vec<u8> {
     status.to_string().into_bytes()
 }
 
-/// The public keys that verify the migration tokens this service signs, as a JWKS.
+/// The public keys that verify the tokens this service signs, as a JWKS.
 async fn certs(state: &State) -> Answer {
+    match signing_jwks(state).await {
+        Ok(body) => https::json(StatusCode::OK, body),
+        Err(e) => error(&e),
+    }
+}
+
+/// The JWKS of this service's signing keys, read from the HSM at most every `CERTS_FOR`.
+async fn signing_jwks(state: &State) -> Result<Vec<u8>, CseError> {
     let mut cached = state.certs.lock().await;
     if let Some((at, body)) = cached.as_ref()
         && at.elapsed() < CERTS_FOR
     {
-        return https::json(StatusCode::OK, body.clone());
+        return Ok(body.clone());
     }
     let kms = state.shared.kms.clone();
     match tokio::task::spawn_blocking(move || kms.cse_signing_keys()).await {
         Ok(Ok(keys)) => {
             let body = json(serde_json::json!({ "keys": keys.iter().map(jwt::jwk).collect::<Vec<_>>() }));
             *cached = Some((std::time::Instant::now(), body.clone()));
-            https::json(StatusCode::OK, body)
+            Ok(body)
         }
         Ok(Err(e)) => {
             tracing::error!(error = %e, "reading the signing keys for certs failed");
-            error(&CseError::new(503, "the HSM did not give the signing keys; retry later"))
+            Err(CseError::new(503, "the HSM did not give the signing keys; retry later"))
         }
-        Err(_) => error(&CseError::new(500, "internal error")),
+        Err(_) => Err(CseError::new(500, "internal error")),
+    }
+}
+
+/// Checks the authentication token of a `wrap` or `unwrap`: an identity provider's, or a
+/// delegated one this service signed (`delegate`: issued by its own KACLS URL, for
+/// `kacls-delegate`, checked with the keys `certs` publishes).
+async fn authentication(state: &State, config: &Config, operation: &'static str, jwt: &str) -> Result<Authentication, CseError> {
+    let own = config.settings.as_ref().map(|s| s.kacls_url.as_str()).filter(|url| jwt::unverified_issuer(jwt).as_deref() == Some(*url));
+    match own {
+        None => token(state, operation, "authentication", jwt, &config.authentication).await,
+        Some(url) => {
+            let jwks = signing_jwks(state).await?;
+            let issuer =
+                jwt::Issuer::new(url, &[DELEGATE_AUDIENCE], &String::from_utf8_lossy(&jwks)).map_err(|_| CseError::new(500, "internal error"))?;
+            let claims: Authentication = token(state, operation, "authentication", jwt, &[issuer]).await?;
+            if claims.delegated_to.is_none() || claims.resource_name.is_none() {
+                return Err(CseError::unauthenticated("the authentication token names no delegate or resource"));
+            }
+            Ok(claims)
+        }
     }
 }
 
@@ -374,7 +403,7 @@ async fn wrap(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<u8
     let request: wire::WrapRequest = wire::parse(body)?;
     wire::check_reason(&request.reason)?;
     let dek = zeroize::Zeroizing::new(wire::decode("key", &request.key, wire::MAX_KEY)?);
-    let authn: Authentication = token(state, "CseWrap", "authentication", &request.authentication, &config.authentication).await?;
+    let authn = authentication(state, config, "CseWrap", &request.authentication).await?;
     let authz: Authorization = token(state, "CseWrap", "authorization", &request.authorization, &config.authorization).await?;
     let context = caller_context("wrap", &authz.email, Some(&authz), &request.reason);
     let config = config.clone();
@@ -396,7 +425,7 @@ fn check(config: &Config, authn: Option<&Authentication>, authz: &Authorization,
 async fn unwrap(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<u8>, CseError> {
     let request: wire::UnwrapRequest = wire::parse(body)?;
     wire::check_reason(&request.reason)?;
-    let authn: Authentication = token(state, "CseUnwrap", "authentication", &request.authentication, &config.authentication).await?;
+    let authn = authentication(state, config, "CseUnwrap", &request.authentication).await?;
     let authz: Authorization = token(state, "CseUnwrap", "authorization", &request.authorization, &config.authorization).await?;
     let context = caller_context("unwrap", &authz.email, Some(&authz), &request.reason);
     let config = config.clone();
@@ -485,6 +514,29 @@ async fn open_elsewhere(
     }
     let key = answer["key"].as_str().ok_or_else(|| unreachable("its answer has no key".into()))?;
     Ok(SecretBytes::new(wire::decode("key", key, wire::MAX_KEY).map_err(refused)?))
+}
+
+/// Issues a delegated authentication token: the user of the two tokens lets the authorization
+/// token's `delegated_to` wrap and unwrap the keys of its `resource_name` on their behalf (a
+/// Google service acting for the user). Signed in the HSM with the key `certs` publishes, valid
+/// 15 minutes; `wrap` and `unwrap` take it as an authentication token, for that delegate and
+/// that resource only (`wire::check_tokens`), with the delegate's own authorization token.
+async fn delegate(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<u8>, CseError> {
+    let request: wire::DelegateRequest = wire::parse(body)?;
+    wire::check_reason(&request.reason)?;
+    let authn: Authentication = token(state, "CseDelegate", "authentication", &request.authentication, &config.authentication).await?;
+    let authz: Authorization = token(state, "CseDelegate", "authorization", &request.authorization, &config.authorization).await?;
+    let context = caller_context("delegate", &authz.email, Some(&authz), &request.reason);
+    let config = config.clone();
+    run(&state.shared, "CseDelegate", context, move |kms, _, facts| {
+        check(&config, Some(&authn), &authz, Use::Delegate)?;
+        // The record names the resource as a wrap's does.
+        let pairs = wire::context_pairs(&authz.resource_name, authz.perimeter_id.as_deref().unwrap_or_default());
+        facts.context = Some(EncryptionContext::new(pairs).map_err(|e| Error::invalid("resource_name", e))?);
+        let token = kms.cse_delegated_token(&authz.email, authz.delegated_to.as_deref().unwrap_or_default(), &authz.resource_name)?;
+        Ok(json(serde_json::json!({ "delegated_authentication": token })))
+    })
+    .await
 }
 
 /// The claims `privilegedunwrap` reads of its authentication token: a user's (the identity

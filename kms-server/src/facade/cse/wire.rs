@@ -67,6 +67,8 @@ pub struct Authentication {
 #[derive(Debug, Clone, Deserialize)]
 pub struct Authorization {
     pub email: String,
+    /// Empty when absent (a delegation's token may name none; every other use needs one).
+    #[serde(default)]
     pub role: String,
     pub resource_name: String,
     pub kacls_url: String,
@@ -86,16 +88,20 @@ pub enum Use {
     Unwrap,
     Digest,
     Rewrap,
+    /// A delegation (`delegate`): the delegate's own calls are checked against their own
+    /// authorization tokens, so the reference names no role for it.
+    Delegate,
 }
 
 impl Use {
-    /// The roles Google's authorization token may name for this use.
-    fn roles(self) -> &'static [&'static str] {
+    /// The roles Google's authorization token may name for this use (`None`: any).
+    fn roles(self) -> Option<&'static [&'static str]> {
         match self {
-            Use::Wrap => &["writer", "upgrader"],
-            Use::Unwrap => &["writer", "reader"],
-            Use::Digest => &["verifier"],
-            Use::Rewrap => &["migrator"],
+            Use::Wrap => Some(&["writer", "upgrader"]),
+            Use::Unwrap => Some(&["writer", "reader"]),
+            Use::Digest => Some(&["verifier"]),
+            Use::Rewrap => Some(&["migrator"]),
+            Use::Delegate => None,
         }
     }
 }
@@ -135,6 +141,15 @@ pub struct RewrapRequest {
     pub authorization: String,
     pub original_kacls_url: String,
     pub wrapped_key: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// `POST delegate`.
+#[derive(Debug, Deserialize)]
+pub struct DelegateRequest {
+    pub authentication: String,
+    pub authorization: String,
     #[serde(default)]
     pub reason: String,
 }
@@ -195,7 +210,10 @@ pub fn check_tokens(authn: Option<&Authentication>, authz: &Authorization, what:
             }
         }
     }
-    if !what.roles().contains(&authz.role.as_str()) {
+    if what == Use::Delegate && (authz.delegated_to.as_deref().is_none_or(str::is_empty) || authz.resource_name.is_empty()) {
+        return Err(CseError::forbidden("the authorization token names no delegate (delegated_to) or no resource_name"));
+    }
+    if what.roles().is_some_and(|roles| !roles.contains(&authz.role.as_str())) {
         return Err(CseError::forbidden(format!("the role {:?} does not allow {what:?}", authz.role.chars().take(32).collect::<String>())));
     }
     if authz.kacls_url.trim_end_matches('/') != kacls_url.trim_end_matches('/') {
