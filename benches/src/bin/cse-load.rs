@@ -98,6 +98,7 @@ async fn configure(args: &Args, idp: &Issuer, google: &Issuer) -> Result<()> {
         allow_guests: false,
         privileged_users: vec![],
         migration_sources: vec![],
+        owner_domain: String::new(),
     };
     admin.configure_cse(cse).await.context("ConfigureCse")?;
     for (issuer, token, audience) in [(idp, "authentication", IDP_AUDIENCE), (google, "authorization", GOOGLE_AUDIENCE)] {

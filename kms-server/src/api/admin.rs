@@ -190,6 +190,7 @@ fn cse_configuration(config: &crate::service::cse::Config) -> pb::CseConfigurati
             allow_guests: s.guests,
             privileged_users: s.privileged_users.clone(),
             migration_sources: s.migration_sources.clone(),
+            owner_domain: s.owner_domain.clone().unwrap_or_default(),
             update_time: s.updated_at,
             issuers,
         },
@@ -783,7 +784,13 @@ impl KeyManagement for AdminService {
         self.0
             .call("ConfigureCse", who, Audit::FailuresInTransactionSuccesses, move |kms, caller, _| {
                 let key = key_ref("key", &r.key)?;
-                kms.configure_cse(caller, &r.kacls_url, &key, r.allow_guests, r.privileged_users, r.migration_sources)?;
+                let options = crate::service::cse::CseOptions {
+                    guests: r.allow_guests,
+                    privileged_users: r.privileged_users,
+                    migration_sources: r.migration_sources,
+                    owner_domain: Some(r.owner_domain).filter(|d| !d.is_empty()),
+                };
+                kms.configure_cse(caller, &r.kacls_url, &key, options)?;
                 Ok(cse_configuration(&kms.cse_config()))
             })
             .await

@@ -44,6 +44,19 @@ const MAX_AUDIENCES: usize = 8;
 const MAX_PRIVILEGED: usize = 32;
 const MAX_JWKS: usize = 64 * 1024;
 
+/// What an officer sets besides the URL and the key (`kmsctl cse configure`).
+#[derive(Debug, Default)]
+pub struct CseOptions {
+    /// Whether guests (`email_type` `google-visitor`, `customer-idp`) may use the keys.
+    pub guests: bool,
+    /// Who may call `privilegedwrap` and `privilegedunwrap`.
+    pub privileged_users: Vec<String>,
+    /// The key services whose wrapped keys `rewrap` may fetch.
+    pub migration_sources: Vec<String>,
+    /// The Google Workspace domain that owns this key service (`None`: not checked).
+    pub owner_domain: Option<String>,
+}
+
 /// What every CSE call reads: the settings, if any, and the trusted issuers (part of the
 /// registry, rebuilt with it).
 #[derive(Debug, Default)]
@@ -106,6 +119,13 @@ fn check_url(field: &'static str, url: &str) -> Result<()> {
     if ok { Ok(()) } else { Err(bad()) }
 }
 
+/// A Google Workspace domain: DNS labels of letters, digits and hyphens, at most 253 bytes.
+fn check_domain(domain: &str) -> Result<()> {
+    let label = |l: &str| !l.is_empty() && l.len() <= 63 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    let ok = domain.len() <= 253 && domain.contains('.') && domain.split('.').all(label);
+    if ok { Ok(()) } else { Err(Error::invalid("owner_domain", format!("{:?} is not a domain name", domain.chars().take(64).collect::<String>()))) }
+}
+
 /// An e-mail address as a token names it (for the privileged users).
 fn check_email(email: &str) -> Result<()> {
     let ok =
@@ -123,16 +143,12 @@ impl Kms {
     /// unwrap, and who may call `privilegedwrap` and `privilegedunwrap`. The first time, registers the principal
     /// `cse:workspace`; and when it holds no grant for both Encrypt and Decrypt on the key,
     /// grants them (without conditions: an officer narrows them like any grant).
-    pub fn configure_cse(
-        &self,
-        caller: &Caller,
-        kacls_url: &str,
-        key: &KeyRef,
-        guests: bool,
-        privileged_users: Vec<String>,
-        migration_sources: Vec<String>,
-    ) -> Result<CseSettingsRecord> {
+    pub fn configure_cse(&self, caller: &Caller, kacls_url: &str, key: &KeyRef, options: CseOptions) -> Result<CseSettingsRecord> {
+        let CseOptions { guests, privileged_users, migration_sources, owner_domain } = options;
         check_url("kacls_url", kacls_url)?;
+        if let Some(domain) = &owner_domain {
+            check_domain(domain)?;
+        }
         if migration_sources.len() > MAX_PRIVILEGED {
             return Err(Error::invalid("migration_sources", format!("at most {MAX_PRIVILEGED}")));
         }
@@ -155,6 +171,7 @@ impl Kms {
                 privileged_users,
                 migration_sources,
                 updated_at: now(),
+                owner_domain: owner_domain.map(|d| d.to_ascii_lowercase()),
             };
             let registered = self.registry.read().principals.contains_key(PRINCIPAL);
             caller.commit_point(|| {
@@ -173,9 +190,10 @@ impl Kms {
                 }
                 tx.put_cse_settings(&record)?;
                 let detail = format!(
-                    "KACLS URL {}, key {}, guests {}, privileged users {}, migration sources {}",
+                    "KACLS URL {}, key {}, owner domain {}, guests {}, privileged users {}, migration sources {}",
                     record.kacls_url,
                     record.key_id,
+                    record.owner_domain.as_deref().unwrap_or("not checked"),
                     if guests { "allowed" } else { "refused" },
                     record.privileged_users.join(","),
                     record.migration_sources.join(",")
@@ -376,6 +394,10 @@ mod tests {
         for bad in ["admin", "@example.com", "a@b", "a b@example.com"] {
             assert!(check_email(bad).is_err(), "{bad}");
         }
+        assert!(check_domain("example.com").is_ok() && check_domain("corp-1.example.co.uk").is_ok());
+        for bad in ["example", "exa mple.com", "a..b", ".example.com", "x@example.com", &format!("{}.com", "a".repeat(64))] {
+            assert!(check_domain(bad).is_err(), "{bad}");
+        }
         let settings = |url: &str| CseSettingsRecord {
             kacls_url: url.into(),
             key_id: crate::domain::ids::KeyId::from_bytes([1; 16]),
@@ -383,6 +405,7 @@ mod tests {
             privileged_users: vec!["Admin@Example.com".into()],
             migration_sources: vec!["https://old.example.com/kacls".into()],
             updated_at: 0,
+            owner_domain: None,
         };
         let config = Config::new(Some(settings("https://kacls.example.com/v1/cse")), vec![]);
         assert_eq!(config.path_prefix(), Some("/v1/cse"));

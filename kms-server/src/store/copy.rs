@@ -32,7 +32,7 @@ const TABLES: &[(&str, &str, &str)] = &[
     ("revocation", "epoch, changes", "epoch"),
     ("xks_key_stores", "name, uri_prefix, region, created_at", "name"),
     ("xks_credentials", "access_key_id, key_store, sealed_secret, created_at", "access_key_id"),
-    ("cse_settings", "id, kacls_url, key_id, guests, privileged_users, migration_sources, updated_at", "id"),
+    ("cse_settings", "id, kacls_url, key_id, guests, privileged_users, migration_sources, updated_at, owner_domain", "id"),
     ("cse_issuers", "iss, token, audiences, jwks, jwks_url, updated_at", "iss"),
     ("quorum_policies", "operation, key_id, required, updated_at", "operation, key_id"),
     (

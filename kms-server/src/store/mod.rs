@@ -226,6 +226,9 @@ pub struct CseSettingsRecord {
     pub privileged_users: Vec<String>,
     pub migration_sources: Vec<String>,
     pub updated_at: i64,
+    /// The Google Workspace domain that owns this key service: an authorization token naming
+    /// another (`kacls_owner_domain`) is refused. `None`: not checked.
+    pub owner_domain: Option<String>,
 }
 
 /// An issuer whose tokens the CSE facade trusts: for the `authentication` token (the customer's
@@ -1011,11 +1014,11 @@ impl Tx<'_> {
 
     pub fn put_cse_settings(&self, c: &CseSettingsRecord) -> Result<()> {
         self.0.execute(
-            "INSERT INTO cse_settings (id, kacls_url, key_id, guests, privileged_users, migration_sources, updated_at)
-             VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6)
+            "INSERT INTO cse_settings (id, kacls_url, key_id, guests, privileged_users, migration_sources, updated_at, owner_domain)
+             VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT (id) DO UPDATE SET kacls_url = excluded.kacls_url, key_id = excluded.key_id, guests = excluded.guests,
                  privileged_users = excluded.privileged_users, migration_sources = excluded.migration_sources,
-                 updated_at = excluded.updated_at",
+                 updated_at = excluded.updated_at, owner_domain = excluded.owner_domain",
             &[
                 c.kacls_url.as_str().into(),
                 (&c.key_id.to_string()).into(),
@@ -1023,13 +1026,15 @@ impl Tx<'_> {
                 serde_json::to_string(&c.privileged_users).unwrap_or_default().as_str().into(),
                 serde_json::to_string(&c.migration_sources).unwrap_or_default().as_str().into(),
                 c.updated_at.into(),
+                c.owner_domain.as_deref().into(),
             ],
         )?;
         Ok(())
     }
 
     pub fn cse_settings(&self) -> Result<Option<CseSettingsRecord>> {
-        let rows = self.0.query("SELECT kacls_url, key_id, guests, privileged_users, migration_sources, updated_at FROM cse_settings", &[])?;
+        let rows =
+            self.0.query("SELECT kacls_url, key_id, guests, privileged_users, migration_sources, updated_at, owner_domain FROM cse_settings", &[])?;
         rows.iter()
             .map(|r| {
                 let (key_id, privileged, sources) = (r.text(1)?, r.text(3)?, r.text(4)?);
@@ -1040,6 +1045,7 @@ impl Tx<'_> {
                     privileged_users: serde_json::from_str(&privileged).map_err(|_| corrupt("cse_settings", "privileged_users"))?,
                     migration_sources: serde_json::from_str(&sources).map_err(|_| corrupt("cse_settings", "migration_sources"))?,
                     updated_at: r.int(5)?,
+                    owner_domain: r.opt_text(6)?,
                 })
             })
             .next()

@@ -202,6 +202,8 @@ const MIGRATIONS: &[&str] = &[
     );",
     // 13: where each key's material came from (BYOK and bundle imports are 'external').
     "ALTER TABLE keys ADD COLUMN origin TEXT NOT NULL DEFAULT 'hsm';",
+    // 14: the Google Workspace domain that owns the CSE key service (none: not checked).
+    "ALTER TABLE cse_settings ADD COLUMN owner_domain TEXT;",
 ];
 
 pub fn migrate_sqlite(conn: &mut Connection) -> Result<(), StoreError> {
@@ -401,6 +403,8 @@ const POSTGRES: &[&str] = &[
     );",
     // 7: SQLite's 13.
     "ALTER TABLE keys ADD COLUMN origin TEXT NOT NULL DEFAULT 'hsm';",
+    // 8: SQLite's 14.
+    "ALTER TABLE cse_settings ADD COLUMN owner_domain TEXT;",
 ];
 
 /// The advisory lock held while the schema migrates: nodes starting together migrate once.

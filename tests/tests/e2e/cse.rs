@@ -119,6 +119,7 @@ pub(crate) async fn tenant(server: &Server, admin: &mut Admin, key: &str) -> Ten
             allow_guests: false,
             privileged_users: vec!["admin@example.com".into()],
             migration_sources: vec![],
+            owner_domain: String::new(),
         })
         .await
         .expect("CSE configured");
@@ -194,6 +195,7 @@ async fn google_wraps_and_unwraps_under_our_key_with_both_tokens_checked() {
             allow_guests: false,
             privileged_users: vec!["admin@example.com".into()],
             migration_sources: vec![],
+            owner_domain: String::new(),
         })
         .await
         .unwrap();
@@ -485,9 +487,31 @@ async fn an_officer_connects_google_workspace_with_kmsctl() {
     assert!(text.contains(&url) && text.contains(GOOGLE), "{text}");
 
     // Google can now wrap through the listener at the URL's path.
-    let t = Tenant { idp, google, kacls_url: url };
+    let t = Tenant { idp, google, kacls_url: url.clone() };
     let (status, _, _) = cse_with(&server, "POST", "/cse/wrap", Some(&t.wrap(b"k").to_string()), &[]);
     assert_eq!(status, 200);
+
+    // With the owner domain set, Google's tokens for a key service another Workspace owns (its
+    // admin pointed it at our URL) are refused; ours and those naming no owner are taken.
+    let shown: Value =
+        serde_json::from_str(&kmsctl(&["--json", "cse", "configure", "--kacls-url", &url, "--key", &key, "--owner-domain", "Example.COM"])).unwrap();
+    assert_eq!(shown["owner_domain"], "example.com", "{shown}");
+    assert!(kmsctl(&["cse", "show"]).contains("owner domain example.com"));
+    let wrap_owned_by = |owner: Option<&str>| {
+        let mut claims = t.authorization_claims("ana@example.com", "writer");
+        if let Some(owner) = owner {
+            claims["kacls_owner_domain"] = json!(owner);
+        }
+        let body = json!({"authentication": t.authentication("ana@example.com"), "authorization": t.google.sign(claims), "key": B64.encode(b"k")});
+        let (status, answer, _) = cse_with(&server, "POST", "/cse/wrap", Some(&body.to_string()), &[]);
+        (status, answer)
+    };
+    assert_eq!(wrap_owned_by(Some("example.com")).0, 200);
+    assert_eq!(wrap_owned_by(None).0, 200);
+    let (status, answer) = wrap_owned_by(Some("other.example"));
+    assert_eq!(status, 403, "{answer}");
+    assert!(answer["message"].as_str().unwrap_or_default().contains("kacls_owner_domain"), "{answer}");
+    let shown: Value = serde_json::from_str(&kmsctl(&["--json", "cse", "show"])).unwrap();
 
     // Bad input is refused with the field named, and changes nothing.
     let bad = |args: &[&str], why: &str| {
@@ -497,6 +521,7 @@ async fn an_officer_connects_google_workspace_with_kmsctl() {
     };
     bad(&["cse", "configure", "--kacls-url", "http://kacls.example.com", "--key", &key], "kacls_url");
     bad(&["cse", "configure", "--kacls-url", "https://kacls.example.com", "--key", &key, "--privileged-user", "nobody"], "privileged_users");
+    bad(&["cse", "configure", "--kacls-url", "https://kacls.example.com", "--key", &key, "--owner-domain", "not a domain"], "owner_domain");
     let junk = dir.path().join("junk.jwks");
     std::fs::write(&junk, "{\"keys\": []}").unwrap();
     bad(&["cse", "issuer", "add", "x", "--token", "authorization", "--audience", "a", "--jwks-file", junk.to_str().unwrap()], "jwks");
@@ -536,6 +561,7 @@ async fn keys_migrate_from_one_key_service_to_another_with_a_token_signed_in_the
             allow_guests: false,
             privileged_users: vec![],
             migration_sources: vec![t.kacls_url.clone()],
+            owner_domain: String::new(),
         })
         .await
         .unwrap();

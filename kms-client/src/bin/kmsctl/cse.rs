@@ -31,6 +31,10 @@ pub(crate) enum CseCommand {
         /// again here, for Google's migration between key services; repeatable.
         #[arg(long = "migration-source")]
         migration_sources: Vec<String>,
+        /// Your Google Workspace domain: Google's tokens naming another owner
+        /// (kacls_owner_domain) are refused, so that no other Workspace can use this service.
+        #[arg(long)]
+        owner_domain: Option<String>,
     },
     /// The settings and the trusted issuers.
     Show,
@@ -69,6 +73,7 @@ fn configuration_json(c: &pb::CseConfiguration) -> Value {
     json!({
         "configured": c.configured, "principal": "cse:workspace", "kacls_url": c.kacls_url, "key_id": c.key_id,
         "allow_guests": c.allow_guests, "privileged_users": c.privileged_users, "migration_sources": c.migration_sources,
+        "owner_domain": c.owner_domain,
         "update_time": c.update_time,
         "issuers": c.issuers.iter().map(|i| json!({
             "iss": i.iss, "token": i.token, "audiences": i.audiences, "key_ids": i.key_ids,
@@ -80,9 +85,10 @@ fn configuration_json(c: &pb::CseConfiguration) -> Value {
 fn configuration_text(c: &pb::CseConfiguration) -> String {
     let mut lines = vec![match c.configured {
         true => format!(
-            "KACLS {}  key {}  guests {}  privileged users: {}",
+            "KACLS {}  key {}  owner domain {}  guests {}  privileged users: {}",
             c.kacls_url,
             c.key_id,
+            if c.owner_domain.is_empty() { "not checked" } else { &c.owner_domain },
             if c.allow_guests { "allowed" } else { "refused" },
             if c.privileged_users.is_empty() { "none".to_string() } else { c.privileged_users.join(", ") }
         ),
@@ -108,8 +114,9 @@ impl CseCommand {
         let out = &ctx.out;
         let mut c = KeyManagementClient::new(admin_channel(&ctx.endpoint, &ctx.tls, &ctx.session, &out.dry_run).await?);
         let r = match self {
-            CseCommand::Configure { kacls_url, key, allow_guests, privileged_users, migration_sources } => {
-                c.configure_cse(pb::ConfigureCseRequest { kacls_url, key, allow_guests, privileged_users, migration_sources }).await?
+            CseCommand::Configure { kacls_url, key, allow_guests, privileged_users, migration_sources, owner_domain } => {
+                let owner_domain = owner_domain.unwrap_or_default();
+                c.configure_cse(pb::ConfigureCseRequest { kacls_url, key, allow_guests, privileged_users, migration_sources, owner_domain }).await?
             }
             CseCommand::Show => c.get_cse_configuration(pb::GetCseConfigurationRequest {}).await?,
             CseCommand::Issuer(IssuerCommand::Add { iss, token, audiences, jwks_file, jwks_url }) => {

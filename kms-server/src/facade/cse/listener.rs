@@ -419,7 +419,8 @@ async fn wrap(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<u8
 /// The checks between the tokens and this service's settings.
 fn check(config: &Config, authn: Option<&Authentication>, authz: &Authorization, what: Use) -> Result<(), Error> {
     let settings = config.settings.as_ref().ok_or_else(|| Error::precondition("Google Workspace CSE is not configured"))?;
-    wire::check_tokens(authn, authz, what, &settings.kacls_url, settings.guests).map_err(refused)
+    wire::check_tokens(authn, authz, what, &settings.kacls_url, settings.guests).map_err(refused)?;
+    wire::check_owner(authz, settings.owner_domain.as_deref()).map_err(refused)
 }
 
 async fn unwrap(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<u8>, CseError> {

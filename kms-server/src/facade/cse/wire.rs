@@ -79,6 +79,9 @@ pub struct Authorization {
     pub email_type: Option<String>,
     #[serde(default)]
     pub delegated_to: Option<String>,
+    /// The Google Workspace domain the token says owns the key service it was made for.
+    #[serde(default)]
+    pub kacls_owner_domain: Option<String>,
 }
 
 /// What a call does with a key, for the role check.
@@ -230,6 +233,18 @@ pub fn check_tokens(authn: Option<&Authentication>, authz: &Authorization, what:
     Ok(())
 }
 
+/// The owner check (the reference's `kacls_owner_domain`): a token naming an owner other than
+/// `owner` (this key service's Workspace domain, when the officer set one) was made for someone
+/// else's Workspace pointed at this service's URL.
+pub fn check_owner(authz: &Authorization, owner: Option<&str>) -> Result<(), CseError> {
+    match (authz.kacls_owner_domain.as_deref(), owner) {
+        (Some(named), Some(owner)) if !named.eq_ignore_ascii_case(owner) => {
+            Err(CseError::forbidden("the authorization token is for a key service another Google Workspace domain owns (kacls_owner_domain)"))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Decodes Base64 `field`, at most `max` bytes.
 pub fn decode(field: &str, text: &str, max: usize) -> Result<Vec<u8>, CseError> {
     let bytes = B64.decode(text).map_err(|_| CseError::bad_request(format!("{field} is not Base64")))?;
@@ -328,7 +343,30 @@ mod tests {
             perimeter_id: None,
             email_type: None,
             delegated_to: None,
+            kacls_owner_domain: None,
         }
+    }
+
+    #[test]
+    fn a_token_for_a_key_service_another_domain_owns_is_refused() {
+        let owned = |domain: &str| Authorization { kacls_owner_domain: Some(domain.into()), ..authz("reader") };
+        assert!(check_owner(&owned("Example.com"), Some("example.com")).is_ok());
+        assert!(check_owner(&authz("reader"), Some("example.com")).is_ok(), "a token naming no owner");
+        assert!(check_owner(&owned("other.example"), None).is_ok(), "no owner domain set");
+        let e = check_owner(&owned("other.example"), Some("example.com")).unwrap_err();
+        assert_eq!(e.code, 403);
+        assert!(e.message.contains("kacls_owner_domain"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_delegation_needs_a_delegate_and_a_resource_but_no_role() {
+        let authn = Authentication { email: "ana@example.com".into(), google_email: None, delegated_to: None, resource_name: None };
+        let url = "https://kacls.example.com/cse";
+        let delegating = Authorization { delegated_to: Some("meet@example.com".into()), ..authz("") };
+        assert!(check_tokens(Some(&authn), &delegating, Use::Delegate, url, false).is_ok());
+        let e = check_tokens(Some(&authn), &authz("writer"), Use::Delegate, url, false).unwrap_err();
+        assert!(e.message.contains("delegated_to"), "{}", e.message);
+        assert!(check_tokens(Some(&authn), &delegating, Use::Unwrap, url, false).is_err(), "no role: no unwrap");
     }
 
     #[test]
