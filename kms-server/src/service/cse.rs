@@ -139,8 +139,9 @@ impl Kms {
         self.registry.read().cse.clone()
     }
 
-    /// Sets where Google reaches the service, which key new wraps use, whether guests may
-    /// unwrap, and who may call `privilegedwrap` and `privilegedunwrap`. The first time, registers the principal
+    /// Sets where Google reaches the service, which key new wraps use, which Workspace domain
+    /// owns it, whether guests may unwrap, who may call `privilegedwrap` and
+    /// `privilegedunwrap`, and which key services `rewrap` may fetch from. The first time, registers the principal
     /// `cse:workspace`; and when it holds no grant for both Encrypt and Decrypt on the key,
     /// grants them (without conditions: an officer narrows them like any grant).
     pub fn configure_cse(&self, caller: &Caller, kacls_url: &str, key: &KeyRef, options: CseOptions) -> Result<CseSettingsRecord> {
