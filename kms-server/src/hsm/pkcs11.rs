@@ -273,9 +273,7 @@ impl Pkcs11Hsm {
     /// Repairs a lost login now. The calls that would notice it (`heal_after`) may all run on
     /// session copies, which keep working without the login: this bounds how long they can.
     fn check_login(&self) {
-        if let Ok(false) = self.link().check() {
-            self.heal_after(&CkError::Pkcs11(RvError::UserNotLoggedIn, Function::GetSessionInfo));
-        }
+        self.heal(&"the periodic login check");
     }
 
     /// Makes the session copy of one version's token object: wrapped under the trusted public
@@ -476,6 +474,12 @@ impl Pkcs11Hsm {
         // The service keys' objects are looked up again on their next use: the token may have
         // reloaded them under new handles.
         self.service_objects.lock().unwrap_or_else(|p| p.into_inner()).1.clear();
+        self.heal(e);
+    }
+
+    /// Checks the link and repairs it (`after`: what made us look), at most once per backoff
+    /// interval.
+    fn heal(&self, after: &dyn std::fmt::Display) {
         // One repair at a time; calls that fail meanwhile do not queue behind it.
         let mut healing = match self.healing.try_lock() {
             Ok(healing) => healing,
@@ -487,7 +491,7 @@ impl Pkcs11Hsm {
         }
         let link = self.link();
         let checked = link.check();
-        tracing::debug!(?checked, error = %e, "HSM link checked after a failure");
+        tracing::debug!(?checked, after = %after, "HSM link checked");
         let outcome = match checked {
             Ok(true) => Ok(()),
             Ok(false) => {
