@@ -133,7 +133,7 @@ pub trait Sql {
     /// Runs a statement and reads every row it returns.
     fn query(&self, sql: &'static str, params: &[Param<'_>]) -> Result<Vec<Row>, StoreError>;
 
-    /// Runs a statement built at run time (a multi-row insert, whose length varies).
+    /// Runs a statement built at run time (its column list from a constant, say).
     fn execute_dynamic(&self, sql: &str, params: &[Param<'_>]) -> Result<u64, StoreError>;
 
     /// Runs a query built at run time (a copy of a whole table).

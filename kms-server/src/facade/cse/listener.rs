@@ -49,10 +49,17 @@ const REFETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 struct State {
     shared: Shared,
     refusals: RefusalLog,
-    /// `certs`'s last answer, and when it was read.
-    certs: tokio::sync::Mutex<Option<(std::time::Instant, Vec<u8>)>>,
+    /// This service's signing keys as last read from the HSM, and when.
+    certs: tokio::sync::Mutex<Option<(std::time::Instant, Arc<Published>)>>,
     /// When each issuer's key set was last fetched for a token naming a key it did not hold.
     refetched: tokio::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+}
+
+/// This service's signing keys as `certs` publishes them: the JWKS document, and the set it
+/// checks our own delegated tokens with.
+struct Published {
+    body: Vec<u8>,
+    keys: jsonwebtoken::jwk::JwkSet,
 }
 
 /// Serves the CSE API on `listener` until `shutdown` (`https::serve`).
@@ -145,7 +152,7 @@ async fn route(state: &State, request: Request<Incoming>) -> Answer {
     };
     let post = match operation {
         "status" | "certs" => false,
-        "wrap" | "unwrap" | "digest" | "rewrap" | "privilegedwrap" | "privilegedunwrap" | "delegate" => true,
+        op if OPERATIONS.contains(&op) => true,
         _ => return error(&CseError::new(404, "no such operation")),
     };
     if parts.method == Method::OPTIONS {
@@ -200,26 +207,28 @@ fn status() -> Vec<u8> {
 
 /// The public keys that verify the tokens this service signs, as a JWKS.
 async fn certs(state: &State) -> Answer {
-    match signing_jwks(state).await {
-        Ok(body) => https::json(StatusCode::OK, body),
+    match published(state).await {
+        Ok(published) => https::json(StatusCode::OK, published.body.clone()),
         Err(e) => error(&e),
     }
 }
 
-/// The JWKS of this service's signing keys, read from the HSM at most every `CERTS_FOR`.
-async fn signing_jwks(state: &State) -> Result<Vec<u8>, CseError> {
+/// This service's signing keys, read from the HSM at most every `CERTS_FOR`.
+async fn published(state: &State) -> Result<Arc<Published>, CseError> {
     let mut cached = state.certs.lock().await;
-    if let Some((at, body)) = cached.as_ref()
+    if let Some((at, published)) = cached.as_ref()
         && at.elapsed() < CERTS_FOR
     {
-        return Ok(body.clone());
+        return Ok(published.clone());
     }
     let kms = state.shared.kms.clone();
     match tokio::task::spawn_blocking(move || kms.cse_signing_keys()).await {
         Ok(Ok(keys)) => {
-            let body = json(serde_json::json!({ "keys": keys.iter().map(jwt::jwk).collect::<Vec<_>>() }));
-            *cached = Some((std::time::Instant::now(), body.clone()));
-            Ok(body)
+            let jwks = serde_json::json!({ "keys": keys.iter().map(jwt::jwk).collect::<Vec<_>>() });
+            let keys = serde_json::from_value(jwks.clone()).map_err(|_| CseError::new(500, "internal error"))?;
+            let published = Arc::new(Published { body: json(jwks), keys });
+            *cached = Some((std::time::Instant::now(), published.clone()));
+            Ok(published)
         }
         Ok(Err(e)) => {
             tracing::error!(error = %e, "reading the signing keys for certs failed");
@@ -237,10 +246,9 @@ async fn authentication(state: &State, config: &Config, operation: &'static str,
     match own {
         None => token(state, operation, "authentication", jwt, &config.authentication).await,
         Some(url) => {
-            let jwks = signing_jwks(state).await?;
-            let issuer =
-                jwt::Issuer::new(url, &[DELEGATE_AUDIENCE], &String::from_utf8_lossy(&jwks)).map_err(|_| CseError::new(500, "internal error"))?;
-            let claims: Authentication = token(state, operation, "authentication", jwt, &[issuer]).await?;
+            let ours =
+                jwt::Issuer { iss: url.to_string(), audiences: vec![DELEGATE_AUDIENCE.to_string()], keys: published(state).await?.keys.clone() };
+            let claims: Authentication = token(state, operation, "authentication", jwt, &[ours]).await?;
             if claims.delegated_to.is_none() || claims.resource_name.is_none() {
                 return Err(CseError::unauthenticated("the authentication token names no delegate or resource"));
             }
