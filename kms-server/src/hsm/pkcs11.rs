@@ -19,8 +19,8 @@
 //!   thread of their own makes, in the background, a session copy of each key version used, on
 //!   the anchor so that it lives as long as the anchor; AES-GCM uses the copy once it is ready and
 //!   the token object until then. Copies are not private objects, so a lost login does not stop
-//!   them: the same thread looks at the login at least once a second, and a repair closes the
-//!   anchor that holds them.
+//!   them: the same thread looks at the login every second (the repair's own check, within
+//!   its backoff), and a repair closes the anchor that holds them.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
