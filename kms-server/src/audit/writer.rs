@@ -24,8 +24,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{AuditEvent, Checkpoint, checkpoint_message};
 use crate::clock::now;
-use crate::hsm::{Hsm, KeyHandle};
-use crate::store::Store;
+use crate::hsm::{Hsm, HsmError, KeyHandle};
+use crate::store::{Store, StoreError, Tx};
 
 /// The most records in one transaction: bounds the latency a large batch adds to its first
 /// request. A call's records are never split, so one batch call may take a transaction past it.
@@ -115,21 +115,28 @@ impl std::fmt::Debug for Checkpointer {
 }
 
 impl Checkpointer {
-    /// Signs record `seq` (the last one a batch wrote) if a checkpoint is due. A failure is
-    /// logged and retried after the next batch: the records themselves are already durable and
-    /// chained.
-    fn maybe_checkpoint(&self, store: &Store, (seq, hash): (i64, Vec<u8>), last: &mut (i64, i64)) {
-        let (last_seq, last_time) = *last;
-        let at = now();
-        if seq == last_seq || (seq - last_seq < self.every_records && at - last_time < self.every_seconds) {
-            return;
-        }
-        match self.sign(store, seq, hash, at) {
-            Ok(()) => {
-                *last = (seq, at);
+    /// Whether record `seq` (the last one a batch writes at `at`) is due a checkpoint: there are
+    /// new records since the last one, and `every_records` of them or `every_seconds` have passed.
+    fn due(&self, seq: i64, at: i64, (last_seq, last_time): (i64, i64)) -> bool {
+        seq != last_seq && (seq - last_seq >= self.every_records || at - last_time >= self.every_seconds)
+    }
+
+    /// Signs the batch's last record in the batch's own transaction `tx` if a checkpoint is due,
+    /// and returns what it covers: a checkpoint costs no commit (no fsync) of its own, and is
+    /// never durable without its records nor they without it. An HSM failure is logged and the
+    /// batch goes in unsigned (its records are chained all the same); the next batch tries again.
+    fn sign_with(&self, tx: &Tx<'_>, head: Option<&(i64, Vec<u8>)>, at: i64, last: (i64, i64)) -> Result<Option<(i64, i64)>, StoreError> {
+        let Some((seq, hash)) = head.filter(|(seq, _)| self.due(*seq, at, last)) else { return Ok(None) };
+        match self.signed(*seq, hash, at) {
+            Ok(checkpoint) => {
+                tx.insert_checkpoint(&checkpoint)?;
                 tracing::debug!(seq, "audit checkpoint signed");
+                Ok(Some((*seq, at)))
             }
-            Err(e) => tracing::error!(error = %e, "audit checkpoint failed; retrying after the next batch"),
+            Err(e) => {
+                tracing::error!(error = %e, "audit checkpoint failed; retrying with the next batch");
+                Ok(None)
+            }
         }
     }
 
@@ -138,16 +145,16 @@ impl Checkpointer {
     pub fn sign_now(&self, store: &Store, at: i64) -> crate::error::Result<i64> {
         let Some((seq, hash)) = store.read(|tx| tx.last_audit())? else { return Ok(0) };
         if store.read(|tx| tx.last_checkpoint())?.is_none_or(|(covered, _)| covered != seq) {
-            self.sign(store, seq, hash, at)?;
+            let checkpoint = self.signed(seq, &hash, at)?;
+            store.write(|tx| tx.insert_checkpoint(&checkpoint))?;
         }
         Ok(seq)
     }
 
-    /// The HSM's HMAC over record `seq`, stored as a checkpoint.
-    fn sign(&self, store: &Store, seq: i64, hash: Vec<u8>, at: i64) -> crate::error::Result<()> {
-        let mac = self.hsm.mac(self.key, &checkpoint_message(seq, at, &hash))?;
-        store.write(|tx| tx.insert_checkpoint(&Checkpoint { seq, time: at, hash, mac }))?;
-        Ok(())
+    /// The checkpoint over record `seq`: the HSM's HMAC over its number, time and hash.
+    fn signed(&self, seq: i64, hash: &[u8], at: i64) -> Result<Checkpoint, HsmError> {
+        let mac = self.hsm.mac(self.key, &checkpoint_message(seq, at, hash))?;
+        Ok(Checkpoint { seq, time: at, hash: hash.to_vec(), mac })
     }
 }
 
@@ -181,6 +188,7 @@ impl AuditWriter {
                             Err(_) => break,
                         }
                     }
+                    let at = now();
                     let marks = head.marks;
                     let mut outcomes = vec![Recorded::Durable; batch.len()];
                     for (p, outcome) in batch.iter_mut().zip(outcomes.iter_mut()) {
@@ -189,29 +197,28 @@ impl AuditWriter {
                             *outcome = Recorded::Stale { epoch, now: marks.epoch };
                         }
                     }
-                    Ok((tx.append_audits(&head, batch.iter().flat_map(|p| &p.events), now())?, marks, outcomes))
+                    let end = tx.append_audits(&head, batch.iter().flat_map(|p| &p.events), at)?;
+                    Ok((checkpointer.sign_with(tx, end.as_ref(), at, last)?, marks, outcomes))
                 });
                 crate::metrics::metrics().audit_commit(records, started.elapsed());
-                let head = match written {
-                    Ok((head, marks, outcomes)) => {
+                match written {
+                    Ok((signed, marks, outcomes)) => {
                         changes_seen.fetch_max(marks.changes, std::sync::atomic::Ordering::SeqCst);
                         for (p, outcome) in batch.into_iter().zip(outcomes) {
                             (p.done)(Ok(outcome));
                         }
-                        head
+                        if let Some(covered) = signed {
+                            last = covered;
+                        }
                     }
                     Err(e) => {
                         tracing::error!(error = %e, records, "audit write failed: failing the requests closed");
                         for p in batch {
                             (p.done)(Err(AuditUnavailable));
                         }
-                        None
                     }
-                };
-                tracing::trace!(records, "audit batch committed");
-                if let Some(head) = head {
-                    checkpointer.maybe_checkpoint(&store, head, &mut last);
                 }
+                tracing::trace!(records, "audit batch committed");
             }
             if let Err(e) = checkpointer.sign_now(&store, now()) {
                 tracing::error!(error = %e, "the last audit checkpoint failed");
