@@ -234,6 +234,116 @@ pub trait Hsm: Send + Sync {
     /// token objects (`templates::key_version`). Nothing is left made when one fails. `None`
     /// when the token has no such import key.
     fn import(&self, label: &str, versions: &[(ObjectName, Vec<u8>)]) -> Result<Option<Vec<KeyHandle>>, HsmError>;
+
+    /// Runs `op` with a user's RSA private key (a Gmail user's S/MIME key, handed over wrapped),
+    /// inside the HSM: the key goes in as a sensitive, non-extractable session object
+    /// (`templates::user_private_key`), serves this one operation and is destroyed.
+    fn rsa_private(&self, key: &RsaPrivateKey, op: RsaPrivateOp<'_>) -> Result<SecretBytes, HsmError>;
+}
+
+/// An operation with a user's RSA private key (`Hsm::rsa_private`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RsaPrivateOp<'a> {
+    /// RSAES-PKCS1-v1_5 decryption.
+    DecryptPkcs1 { ciphertext: &'a [u8] },
+    /// RSAES-OAEP decryption with `hash` for both the label's hash and MGF1, and `label`.
+    DecryptOaep { hash: OaepHash, label: &'a [u8], ciphertext: &'a [u8] },
+    /// RSASSA-PKCS1-v1_5 over a SHA-256 `digest` the caller made.
+    SignPkcs1Sha256 { digest: &'a [u8] },
+    /// RSASSA-PSS with SHA-256 and MGF1-SHA-256 over a SHA-256 `digest`, salt of `salt` bytes.
+    SignPssSha256 { digest: &'a [u8], salt: usize },
+}
+
+/// The hash of RSA-OAEP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OaepHash {
+    Sha1,
+    Sha256,
+}
+
+/// A user's RSA private key (PKCS#1 `RSAPrivateKey`), its secret parts wiped when dropped.
+pub struct RsaPrivateKey {
+    pub public: RsaPublicKey,
+    /// The private exponent, the two primes, the two CRT exponents and the coefficient.
+    pub(crate) secret: [zeroize::Zeroizing<Vec<u8>>; 6],
+}
+
+impl fmt::Debug for RsaPrivateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RsaPrivateKey").field("bits", &self.public.bits()).finish_non_exhaustive()
+    }
+}
+
+impl RsaPrivateKey {
+    /// Reads a two-prime PKCS#1 `RSAPrivateKey` (DER) of 2,048 to 4,096 bits.
+    pub fn from_pkcs1_der(der: &[u8]) -> Result<RsaPrivateKey, String> {
+        let not = || "is not a two-prime PKCS#1 RSAPrivateKey".to_string();
+        let parsed = yasna::parse_der(der, |r| {
+            r.read_sequence(|r| {
+                if r.next().read_u8()? != 0 {
+                    return Err(yasna::ASN1Error::new(yasna::ASN1ErrorKind::Invalid));
+                }
+                let mut int = || match r.next().read_bigint_bytes()? {
+                    (bytes, true) => Ok(zeroize::Zeroizing::new(bytes)),
+                    (_, false) => Err(yasna::ASN1Error::new(yasna::ASN1ErrorKind::Invalid)),
+                };
+                let (modulus, exponent) = (int()?, int()?);
+                let secret = [int()?, int()?, int()?, int()?, int()?, int()?];
+                Ok((modulus, exponent, secret))
+            })
+        });
+        let (modulus, exponent, secret) = parsed.map_err(|_| not())?;
+        let public = RsaPublicKey { modulus: trim(&modulus), exponent: trim(&exponent) };
+        let secret = secret.map(|part| zeroize::Zeroizing::new(trim(&part)));
+        if secret.iter().any(|part| part.is_empty()) || public.exponent.is_empty() {
+            return Err(not());
+        }
+        match public.bits() {
+            2048..=4096 => Ok(RsaPrivateKey { public, secret }),
+            bits => Err(format!("is a {bits}-bit RSA key; 2048 to 4096 bits are accepted")),
+        }
+    }
+
+    /// The PKCS#1 `RSAPrivateKey` (DER) in a PEM `RSA PRIVATE KEY`, a PEM `PRIVATE KEY`
+    /// (PKCS#8, unencrypted) or bare DER of either: what `openssl genpkey` and the tools Gmail
+    /// S/MIME keys come from write.
+    pub fn pkcs1_der_of(text: &[u8]) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+        let der = match x509_parser::pem::parse_x509_pem(text) {
+            Ok((_, pem)) if pem.label == "RSA PRIVATE KEY" => return Ok(zeroize::Zeroizing::new(pem.contents)),
+            Ok((_, pem)) if pem.label == "PRIVATE KEY" => zeroize::Zeroizing::new(pem.contents),
+            Ok((_, pem)) => return Err(format!("holds a {:?}, not an RSA PRIVATE KEY or an unencrypted PRIVATE KEY", pem.label)),
+            Err(_) => zeroize::Zeroizing::new(text.to_vec()),
+        };
+        if RsaPrivateKey::from_pkcs1_der(&der).is_ok() {
+            return Ok(der);
+        }
+        // PKCS#8 PrivateKeyInfo: version, rsaEncryption, the PKCS#1 key in an OCTET STRING,
+        // then optional attributes (and, in version 1, the public key).
+        yasna::parse_der(&der, |r| {
+            r.read_sequence(|r| {
+                if r.next().read_u8()? > 1 {
+                    return Err(yasna::ASN1Error::new(yasna::ASN1ErrorKind::Invalid));
+                }
+                let oid = r.next().read_sequence(|r| {
+                    let oid = r.next().read_oid()?;
+                    r.read_optional(|r| r.read_null())?;
+                    Ok(oid)
+                })?;
+                if oid != yasna::models::ObjectIdentifier::from_slice(RSA_ENCRYPTION_OID) {
+                    return Err(yasna::ASN1Error::new(yasna::ASN1ErrorKind::Invalid));
+                }
+                let key = zeroize::Zeroizing::new(r.next().read_bytes()?);
+                while r.read_optional(|r| r.read_der())?.is_some() {}
+                Ok(key)
+            })
+        })
+        .map_err(|_| "is not an RSA private key (PEM or DER, PKCS#1 or unencrypted PKCS#8)".to_string())
+    }
+}
+
+/// A big-endian integer without its leading zeros.
+fn trim(b: &[u8]) -> Vec<u8> {
+    b.iter().position(|&x| x != 0).map_or_else(Vec::new, |i| b[i..].to_vec())
 }
 
 /// What the token says of a key object's protection (PKCS#11's attributes), for the evidence
@@ -272,7 +382,6 @@ impl RsaPublicKey {
         let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) = spki.parsed() else {
             return Err("is not an RSA public key".into());
         };
-        let trim = |b: &[u8]| b.iter().position(|&x| x != 0).map_or_else(Vec::new, |i| b[i..].to_vec());
         let key = RsaPublicKey { modulus: trim(rsa.modulus), exponent: trim(rsa.exponent) };
         match key.bits() {
             2048..=8192 => Ok(key),

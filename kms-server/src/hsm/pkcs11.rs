@@ -556,6 +556,9 @@ fn release_freed_memory() {
     }
 }
 
+/// The DER DigestInfo prefix of a SHA-256 digest (RFC 8017, 9.2 note 1).
+const SHA256_DIGEST_INFO: &[u8] = &[0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05, 0x00, 0x04, 0x20];
+
 /// RSA-OAEP as SoftHSM2 2.6 implements it for wrapping (SHA-1 with MGF1-SHA-1 only; OAEP's
 /// security does not rest on SHA-1's collision resistance).
 fn backup_mechanism() -> Mechanism<'static> {
@@ -907,6 +910,52 @@ impl Hsm for Pkcs11Hsm {
             };
             s.sign(&Mechanism::Sha256RsaPkcs, private, data)
         })
+    }
+
+    fn rsa_private(&self, key: &super::RsaPrivateKey, op: super::RsaPrivateOp<'_>) -> Result<SecretBytes, HsmError> {
+        use super::{OaepHash, RsaPrivateOp};
+        use cryptoki::mechanism::rsa::PkcsPssParams;
+        let (mechanism, data, sign) = match op {
+            RsaPrivateOp::DecryptPkcs1 { ciphertext } => (Mechanism::RsaPkcs, ciphertext.to_vec(), false),
+            RsaPrivateOp::DecryptOaep { hash, label, ciphertext } => {
+                let (hash, mgf) = match hash {
+                    OaepHash::Sha1 => (MechanismType::SHA1, PkcsMgfType::MGF1_SHA1),
+                    OaepHash::Sha256 => (MechanismType::SHA256, PkcsMgfType::MGF1_SHA256),
+                };
+                let source = if label.is_empty() { PkcsOaepSource::empty() } else { PkcsOaepSource::data_specified(label) };
+                (Mechanism::RsaPkcsOaep(PkcsOaepParams::new(hash, mgf, source)), ciphertext.to_vec(), false)
+            }
+            // PKCS#1 v1.5 over a digest made elsewhere: the DigestInfo is prefixed here, and the
+            // token pads and signs it (CKM_RSA_PKCS).
+            RsaPrivateOp::SignPkcs1Sha256 { digest } => (Mechanism::RsaPkcs, [SHA256_DIGEST_INFO, digest].concat(), true),
+            RsaPrivateOp::SignPssSha256 { digest, salt } => {
+                let params = PkcsPssParams { hash_alg: MechanismType::SHA256, mgf: PkcsMgfType::MGF1_SHA256, s_len: (salt as u64).into() };
+                (Mechanism::RsaPkcsPss(params), digest.to_vec(), true)
+            }
+        };
+        let mut template = templates::user_private_key(key, sign);
+        let function = if sign { "C_Sign" } else { "C_Decrypt" };
+        let result = self.with_session(function, |s| {
+            let made = s.create_object(&template);
+            templates::wipe(&mut template);
+            let object = made?;
+            let out = if sign { s.sign(&mechanism, object, &data) } else { s.decrypt(&mechanism, object, &data) }.map(SecretBytes::new);
+            // The pooled session outlives the call, and its objects with it: destroyed whatever
+            // the outcome.
+            s.destroy_object(object)?;
+            out
+        });
+        templates::wipe(&mut template);
+        match result {
+            // Not the key's ciphertext, or bad padding: one uniform answer (as for AES-GCM).
+            Err(HsmError::Unavailable { code: RvError::GeneralError, .. })
+            | Err(HsmError::Refused { code: RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange, .. })
+                if !sign =>
+            {
+                Err(HsmError::DecryptFailed)
+            }
+            other => other,
+        }
     }
 
     fn export(&self, customer: &RsaPublicKey, versions: &[KeyHandle]) -> Result<Option<Vec<Vec<u8>>>, HsmError> {

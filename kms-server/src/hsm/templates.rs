@@ -337,6 +337,57 @@ pub fn signing_key_pair() -> (Vec<Attribute>, Vec<Attribute>) {
     (public, private)
 }
 
+/// The label of a user's RSA private key while it serves one operation.
+pub const USER_KEY_LABEL: &str = "kms-cse-user-key";
+
+/// A user's RSA private key as a session object for one operation (`Hsm::rsa_private`):
+/// private, sensitive, never extractable, for decryption or for signatures alone (`sign`),
+/// with the mechanisms of that use only. Its secret attributes are wiped by
+/// [`wipe`] once the object is made.
+pub fn user_private_key(key: &super::RsaPrivateKey, sign: bool) -> Vec<Attribute> {
+    let [d, p, q, dp, dq, qinv] = &key.secret;
+    let mechanisms =
+        if sign { [MechanismType::RSA_PKCS, MechanismType::RSA_PKCS_PSS] } else { [MechanismType::RSA_PKCS, MechanismType::RSA_PKCS_OAEP] };
+    vec![
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::KeyType(KeyType::RSA),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(sign),
+        Attribute::Decrypt(!sign),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+        Attribute::AllowedMechanisms(mechanisms.to_vec()),
+        Attribute::Label(USER_KEY_LABEL.as_bytes().to_vec()),
+        Attribute::Modulus(key.public.modulus.clone()),
+        Attribute::PublicExponent(key.public.exponent.clone()),
+        Attribute::PrivateExponent(d.to_vec()),
+        Attribute::Prime1(p.to_vec()),
+        Attribute::Prime2(q.to_vec()),
+        Attribute::Exponent1(dp.to_vec()),
+        Attribute::Exponent2(dq.to_vec()),
+        Attribute::Coefficient(qinv.to_vec()),
+    ]
+}
+
+/// Wipes the secret values of a template (a user's private key's parts) before it is dropped.
+pub fn wipe(template: &mut [Attribute]) {
+    use zeroize::Zeroize;
+    for a in template {
+        if let Attribute::PrivateExponent(v)
+        | Attribute::Prime1(v)
+        | Attribute::Prime2(v)
+        | Attribute::Exponent1(v)
+        | Attribute::Exponent2(v)
+        | Attribute::Coefficient(v) = a
+        {
+            v.zeroize();
+        }
+    }
+}
+
 /// A half of the backup or signing key pair, as found on a token.
 pub fn backup_half(label: &str, class: ObjectClass) -> Vec<Attribute> {
     vec![Attribute::Class(class), Attribute::Token(true), Attribute::Label(label.as_bytes().to_vec())]

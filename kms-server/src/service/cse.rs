@@ -21,6 +21,8 @@ use crate::domain::lifecycle::KeyState;
 use crate::domain::policy::{Grant, Operation, PrincipalState};
 use crate::error::{Error, Result};
 use crate::facade::cse::jwt::Issuer;
+use crate::hsm::{HsmError, RsaPrivateKey, RsaPrivateOp};
+use crate::secret::SecretBytes;
 use crate::store::{CseIssuerRecord, CseSettingsRecord, PrincipalRecord};
 
 /// The principal Google Workspace's calls run as; no workload or officer can take a name
@@ -335,6 +337,21 @@ impl Kms {
     /// takes it as an authentication token beside the identity providers' (`wrap`, `unwrap`).
     pub fn cse_delegated_token(&self, user: &str, delegated_to: &str, resource_name: &str) -> Result<String> {
         self.cse_token(DELEGATE_AUDIENCE, serde_json::json!({"email": user, "delegated_to": delegated_to, "resource_name": resource_name}))
+    }
+
+    /// Runs `op` in the HSM with a Gmail user's private key, `pkcs1` being what their wrapped
+    /// private key opened to (the call's authorization was checked against it by then); the
+    /// key, whose public half hashes to `spki_hash`, lives in the HSM for this one operation.
+    pub fn cse_private_key_op(&self, pkcs1: &[u8], spki_hash: &str, op: RsaPrivateOp<'_>) -> Result<SecretBytes> {
+        let key = RsaPrivateKey::from_pkcs1_der(pkcs1).map_err(|e| Error::invalid("wrapped_private_key", format!("holds a key that {e}")))?;
+        if crate::facade::cse::wire::spki_hash_of(&key.public) != spki_hash {
+            return Err(Error::invalid("wrapped_private_key", "holds the private key of another public key than spki_hash names"));
+        }
+        self.hsm.rsa_private(&key, op).map_err(|e| match e {
+            HsmError::DecryptFailed => Error::invalid("encrypted_data_encryption_key", "does not decrypt under this private key with this algorithm"),
+            HsmError::Refused { code, .. } => Error::invalid("algorithm", format!("is refused by the HSM for this key ({code:?})")),
+            other => other.into(),
+        })
     }
 
     /// A token of this service's: `claims` with its KACLS URL as the issuer, for `audience`,

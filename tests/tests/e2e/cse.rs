@@ -367,7 +367,7 @@ async fn each_refusal_is_the_specs_error() {
     let (status, e, _) = cse_with(&server, "POST", "/v1/cse/unwrap", Some("{not json"), &[]);
     assert_eq!((status, e["code"].as_u64()), (400, Some(400)), "{e}");
     assert_eq!(cse_with(&server, "GET", "/v1/cse/wrap", None, &[]).0, 405);
-    assert_eq!(cse_with(&server, "POST", "/v1/cse/privatekeysign", Some("{}"), &[]).0, 404);
+    assert_eq!(cse_with(&server, "POST", "/v1/cse/exportprivatekey", Some("{}"), &[]).0, 404);
     assert_eq!(cse_with(&server, "GET", "/status", None, &[]).0, 404);
 
     // CORS: Google's web clients may call; no other origin.
@@ -758,4 +758,166 @@ async fn a_delegated_token_opens_one_resource_for_one_delegate() {
         .unwrap();
     assert!(caller.contains(delegate) && caller.contains("ana@example.com"), "{caller}");
     assert!(context.contains(RESOURCE), "{context}");
+}
+
+/// Runs openssl with `args` in `dir`; its standard output.
+fn openssl_in(dir: &std::path::Path, args: &[&str]) -> Vec<u8> {
+    let out = Command::new("openssl").current_dir(dir).args(args).output().expect("openssl runs");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+/// Gmail's S/MIME keys: an administrator wraps a user's private key (PKCS#8 from openssl); the
+/// user's mail has a content key decrypted (PKCS#1 v1.5 and OAEP) and a digest signed
+/// (PKCS#1 v1.5 and PSS, checked by openssl) with it inside the HSM, only under a token naming
+/// its public key, with the right role; takeout decrypts on the privileged path; a disabled key
+/// cuts it all off; every call is audited.
+#[tokio::test(flavor = "multi_thread")]
+async fn gmail_decrypts_and_signs_with_a_wrapped_smime_key_inside_the_hsm() {
+    let server = Server::start();
+    let mut admin = server.admin().await;
+    let key = kms_tests::create_key(&mut admin, "gmail").await;
+    let t = tenant(&server, &mut admin, &key).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    openssl_in(dir.path(), &["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "user.pem"]);
+    openssl_in(dir.path(), &["pkey", "-in", "user.pem", "-pubout", "-out", "public.pem"]);
+    let spki = openssl_in(dir.path(), &["pkey", "-pubin", "-in", "public.pem", "-outform", "DER"]);
+    let spki_hash = B64.encode(ring::digest::digest(&ring::digest::SHA256, &spki));
+    let private_pem = std::fs::read_to_string(path("user.pem")).unwrap();
+    assert!(private_pem.starts_with("-----BEGIN PRIVATE KEY-----"), "PKCS#8");
+
+    // The administrator wraps it (only a privileged user may).
+    let wrap_request = |email: &str| json!({"authentication": t.authentication(email), "perimeter_id": "", "private_key": private_pem});
+    let (status, e) = post(&server, "wrapprivatekey", &wrap_request("ana@example.com"));
+    assert_eq!(status, 403, "{e}");
+    let (status, answer) = post(&server, "wrapprivatekey", &wrap_request("admin@example.com"));
+    assert_eq!(status, 200, "{answer}");
+    let wrapped = answer["wrapped_private_key"].as_str().unwrap().to_string();
+
+    let authorization = |role: &str, hash: &str| {
+        let mut claims = t.authorization_claims("ana@example.com", role);
+        claims["spki_hash"] = json!(hash);
+        claims["spki_hash_algorithm"] = json!("SHA-256");
+        claims["message_id"] = json!("<msg-1@example.com>");
+        t.google.sign(claims)
+    };
+    let decrypt = |algorithm: &str, ciphertext: &[u8], role: &str, hash: &str, wrapped: &str| {
+        json!({"authentication": t.authentication("ana@example.com"), "authorization": authorization(role, hash), "algorithm": algorithm,
+               "encrypted_data_encryption_key": B64.encode(ciphertext), "wrapped_private_key": wrapped, "reason": "read"})
+    };
+    // The sender encrypts a content key to the public key, as S/MIME does.
+    let dek: Vec<u8> = (100..132).collect();
+    std::fs::write(path("dek"), &dek).unwrap();
+    let encrypt_to = |options: &[&str]| {
+        let mut args = vec!["pkeyutl", "-encrypt", "-pubin", "-inkey", "public.pem", "-in", "dek"];
+        for option in options {
+            args.extend(["-pkeyopt", option]);
+        }
+        openssl_in(dir.path(), &args)
+    };
+    let pkcs1 = encrypt_to(&["rsa_padding_mode:pkcs1"]);
+    let oaep = encrypt_to(&["rsa_padding_mode:oaep", "rsa_oaep_md:sha1", "rsa_mgf1_md:sha1"]);
+    for (algorithm, ciphertext) in [("RSA/ECB/PKCS1Padding", &pkcs1), ("RSA/ECB/OAEPwithSHA-1andMGF1Padding", &oaep)] {
+        let (status, answer) = post(&server, "privatekeydecrypt", &decrypt(algorithm, ciphertext, "decrypter", &spki_hash, &wrapped));
+        assert_eq!(status, 200, "{algorithm}: {answer}");
+        assert_eq!(B64.decode(answer["data_encryption_key"].as_str().unwrap()).unwrap(), dek, "{algorithm}");
+    }
+
+    // Signatures over a digest the client made, checked by openssl against the public key.
+    let digest: Vec<u8> = ring::digest::digest(&ring::digest::SHA256, b"signed attributes").as_ref().to_vec();
+    std::fs::write(path("digest"), &digest).unwrap();
+    let sign = |algorithm: &str, role: &str| {
+        json!({"authentication": t.authentication("ana@example.com"), "authorization": authorization(role, &spki_hash), "algorithm": algorithm,
+               "digest": B64.encode(&digest), "wrapped_private_key": wrapped, "reason": "send"})
+    };
+    for (algorithm, options) in
+        [("SHA256withRSA", &["digest:sha256"][..]), ("SHA256withRSA/PSS", &["digest:sha256", "rsa_padding_mode:pss", "rsa_pss_saltlen:32"][..])]
+    {
+        let (status, answer) = post(&server, "privatekeysign", &sign(algorithm, "signer"));
+        assert_eq!(status, 200, "{algorithm}: {answer}");
+        std::fs::write(path("signature"), B64.decode(answer["signature"].as_str().unwrap()).unwrap()).unwrap();
+        let mut args = vec!["pkeyutl", "-verify", "-pubin", "-inkey", "public.pem", "-in", "digest", "-sigfile", "signature"];
+        for option in options {
+            args.extend(["-pkeyopt", option]);
+        }
+        assert!(String::from_utf8(openssl_in(dir.path(), &args)).unwrap().contains("Verified Successfully"), "{algorithm}");
+    }
+
+    // Refused: the wrong role each way, a token naming another public key, a tampered wrapped
+    // key, a ciphertext for another key, an unknown algorithm, a digest of the wrong length.
+    let other_hash = B64.encode([7u8; 32]);
+    let mut tampered = B64.decode(&wrapped).unwrap();
+    *tampered.last_mut().unwrap() ^= 1;
+    let tampered = B64.encode(tampered);
+    let mut short = sign("SHA256withRSA", "signer");
+    short["digest"] = json!(B64.encode([1u8; 20]));
+    let refusals = [
+        ("privatekeydecrypt", decrypt("RSA/ECB/PKCS1Padding", &pkcs1, "signer", &spki_hash, &wrapped), 403, "role"),
+        ("privatekeysign", sign("SHA256withRSA", "decrypter"), 403, "role"),
+        ("privatekeydecrypt", decrypt("RSA/ECB/PKCS1Padding", &pkcs1, "decrypter", &other_hash, &wrapped), 400, "wrapped_private_key does not open"),
+        ("privatekeydecrypt", decrypt("RSA/ECB/PKCS1Padding", &pkcs1, "decrypter", &spki_hash, &tampered), 400, "wrapped_private_key does not open"),
+        ("privatekeydecrypt", decrypt("RSA/ECB/PKCS1Padding", &[1u8; 256], "decrypter", &spki_hash, &wrapped), 400, "encrypted_data_encryption_key"),
+        ("privatekeydecrypt", decrypt("RSA/NONE/NoPadding", &pkcs1, "decrypter", &spki_hash, &wrapped), 400, "algorithm must be"),
+        ("privatekeysign", short, 400, "SHA-256 digest"),
+    ];
+    for (operation, body, code, says) in refusals {
+        let (status, e) = post(&server, operation, &body);
+        assert_eq!(status, code, "{operation} {says}: {e}");
+        assert!(e["message"].as_str().unwrap().contains(says), "{operation}: {e}");
+    }
+
+    // The key given as PKCS#1 PEM or as Base64 DER wraps as well; anything else is refused.
+    let traditional = String::from_utf8(openssl_in(dir.path(), &["pkey", "-in", "user.pem", "-traditional"])).unwrap();
+    let der = B64.encode(openssl_in(dir.path(), &["pkey", "-in", "user.pem", "-outform", "DER"]));
+    openssl_in(dir.path(), &["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024", "-out", "small.pem"]);
+    let small = std::fs::read_to_string(path("small.pem")).unwrap();
+    let given = |key: &str| json!({"authentication": t.authentication("admin@example.com"), "private_key": key});
+    for key in [&traditional, &der] {
+        let (status, answer) = post(&server, "wrapprivatekey", &given(key));
+        assert_eq!(status, 200, "{answer}");
+        let again = answer["wrapped_private_key"].as_str().unwrap();
+        let (status, answer) = post(&server, "privatekeydecrypt", &decrypt("RSA/ECB/PKCS1Padding", &pkcs1, "decrypter", &spki_hash, again));
+        assert_eq!((status, B64.decode(answer["data_encryption_key"].as_str().unwrap_or_default()).unwrap_or_default()), (200, dek.clone()));
+    }
+    for (key, says) in [
+        (small.as_str(), "1024-bit"),
+        ("AAAA", "is not an RSA private key"),
+        ("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----", "PUBLIC KEY"),
+    ] {
+        let (status, e) = post(&server, "wrapprivatekey", &given(key));
+        assert_eq!(status, 400, "{e}");
+        assert!(e["message"].as_str().unwrap().contains(says), "{says}: {e}");
+    }
+
+    // Takeout: a privileged user decrypts with the public key's hash in the request.
+    let privileged = |email: &str, hash: &str| {
+        json!({"authentication": t.authentication(email), "algorithm": "RSA/ECB/PKCS1Padding", "encrypted_data_encryption_key": B64.encode(&pkcs1),
+               "spki_hash": hash, "spki_hash_algorithm": "SHA-256", "wrapped_private_key": wrapped, "reason": "takeout"})
+    };
+    let (status, answer) = post(&server, "privilegedprivatekeydecrypt", &privileged("admin@example.com", &spki_hash));
+    assert_eq!((status, B64.decode(answer["data_encryption_key"].as_str().unwrap_or_default()).unwrap_or_default()), (200, dek.clone()), "{answer}");
+    assert_eq!(post(&server, "privilegedprivatekeydecrypt", &privileged("ana@example.com", &spki_hash)).0, 403);
+    assert_eq!(post(&server, "privilegedprivatekeydecrypt", &privileged("admin@example.com", &other_hash)).0, 400);
+
+    // A disabled key cuts Gmail off as it cuts off every other caller.
+    admin.disable_key(pb::DisableKeyRequest { key_id: key.clone() }).await.unwrap();
+    let (status, e) = post(&server, "privatekeydecrypt", &decrypt("RSA/ECB/PKCS1Padding", &pkcs1, "decrypter", &spki_hash, &wrapped));
+    assert_eq!(status, 403, "{e}");
+    assert_eq!(post(&server, "privatekeysign", &sign("SHA256withRSA", "signer")).0, 403);
+
+    // Audited, with the message the call was for, and every refusal.
+    let (caller, count): (String, i64) = server
+        .db()
+        .query_row("SELECT MAX(caller_context), COUNT(*) FROM audit WHERE operation = 'CsePrivateKeyDecrypt' AND outcome = 'allowed'", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(count, 4);
+    assert!(caller.contains("<msg-1@example.com>") && caller.contains("ana@example.com"), "{caller}");
+    let denied: i64 = server
+        .db()
+        .query_row("SELECT COUNT(*) FROM audit WHERE operation LIKE 'Cse%PrivateKey%' AND outcome <> 'allowed'", [], |r| r.get(0))
+        .unwrap();
+    assert!(denied >= 10, "every refusal is audited: {denied}");
 }

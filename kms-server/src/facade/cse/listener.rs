@@ -21,6 +21,7 @@ use crate::domain::ids::KeyRef;
 use crate::domain::policy::Operation;
 use crate::error::Error;
 use crate::facade::https::{self, Answer, BodyError, RefusalLog};
+use crate::hsm::RsaPrivateKey;
 use crate::secret::SecretBytes;
 use crate::service::cse::{Config, DELEGATE_AUDIENCE, PRINCIPAL};
 use crate::service::{Caller, Kms};
@@ -32,7 +33,20 @@ const GOOGLE_ORIGIN: &str = "https://client-side-encryption.google.com";
 const MAX_BODY: usize = 64 * 1024;
 
 /// The operations this key service serves (`status`'s `operations_supported`).
-const OPERATIONS: [&str; 8] = ["wrap", "unwrap", "rewrap", "digest", "privilegedwrap", "privilegedunwrap", "delegate", "certs"];
+const OPERATIONS: [&str; 12] = [
+    "wrap",
+    "unwrap",
+    "rewrap",
+    "digest",
+    "privilegedwrap",
+    "privilegedunwrap",
+    "delegate",
+    "wrapprivatekey",
+    "privatekeydecrypt",
+    "privatekeysign",
+    "privilegedprivatekeydecrypt",
+    "certs",
+];
 
 /// How long `certs` answers from what it last read of the HSM.
 const CERTS_FOR: std::time::Duration = std::time::Duration::from_secs(300);
@@ -173,6 +187,10 @@ async fn route(state: &State, request: Request<Incoming>) -> Answer {
         "rewrap" => rewrap(state, &config, &body).await,
         "privilegedwrap" => privileged_wrap(state, &config, &body).await,
         "delegate" => delegate(state, &config, &body).await,
+        "wrapprivatekey" => wrap_private_key(state, &config, &body).await,
+        "privatekeydecrypt" => private_key_decrypt(state, &config, &body).await,
+        "privatekeysign" => private_key_sign(state, &config, &body).await,
+        "privilegedprivatekeydecrypt" => privileged_private_key_decrypt(state, &config, &body).await,
         _ => privileged_unwrap(state, &config, &body).await,
     };
     match result {
@@ -314,6 +332,7 @@ fn caller_context(operation: &str, email: &str, authz: Option<&Authorization>, r
         "role": authz.map(|a| a.role.as_str()),
         "email_type": authz.and_then(|a| a.email_type.as_deref()),
         "delegated_to": authz.and_then(|a| a.delegated_to.as_deref()),
+        "message_id": authz.and_then(|a| a.message_id.as_deref()),
         "reason": reason,
     })
     .to_string()
@@ -378,12 +397,26 @@ fn wrap_key(
     resource_name: &str,
     perimeter: &str,
 ) -> Result<Vec<u8>, Error> {
+    wrap_under(kms, caller, facts, config, dek, wire::context_pairs(resource_name, perimeter), perimeter)
+}
+
+/// Wraps `secret` under the key CSE is set to use, bound to `pairs` (which name `perimeter`),
+/// in the envelope that carries the perimeter.
+fn wrap_under(
+    kms: &Kms,
+    caller: &Caller,
+    facts: &mut Facts,
+    config: &Config,
+    secret: &[u8],
+    pairs: std::collections::HashMap<String, String>,
+    perimeter: &str,
+) -> Result<Vec<u8>, Error> {
     let key_id = config.settings.as_ref().map(|s| s.key_id).ok_or_else(|| Error::precondition("Google Workspace CSE is not configured"))?;
-    let context = EncryptionContext::new(wire::context_pairs(resource_name, perimeter)).map_err(|e| Error::invalid("resource_name", e))?;
+    let context = EncryptionContext::new(pairs).map_err(|e| Error::invalid("resource_name", e))?;
     facts.key_id = Some(key_id);
     facts.context = Some(context.clone());
     let proof = kms.authorize(caller, &KeyRef::Id(key_id), Operation::Encrypt, &context)?;
-    let encrypted = kms.encrypt(&proof, dek, &context)?;
+    let encrypted = kms.encrypt(&proof, secret, &context)?;
     facts.key_version = Some(encrypted.key_version);
     Ok(wire::envelope(perimeter, &encrypted.blob))
 }
@@ -392,8 +425,22 @@ fn wrap_key(
 /// the perimeter it was wrapped in.
 fn unwrap_key(kms: &Kms, caller: &Caller, facts: &mut Facts, wrapped: &str, resource_name: &str) -> Result<(SecretBytes, String), Error> {
     let bytes = wire::decode("wrapped_key", wrapped, wire::MAX_WRAPPED_KEY).map_err(refused)?;
-    let (perimeter, blob) = wire::open_envelope(&bytes).map_err(refused)?;
-    let context = EncryptionContext::new(wire::context_pairs(resource_name, &perimeter)).map_err(|e| Error::invalid("resource_name", e))?;
+    open_under(kms, caller, facts, "wrapped_key", &bytes, |perimeter| wire::context_pairs(resource_name, perimeter))
+}
+
+/// What the envelope `bytes` holds, if it was wrapped under the context `pairs` makes of its
+/// perimeter, and that perimeter.
+fn open_under(
+    kms: &Kms,
+    caller: &Caller,
+    facts: &mut Facts,
+    field: &str,
+    bytes: &[u8],
+    pairs: impl FnOnce(&str) -> std::collections::HashMap<String, String>,
+) -> Result<(SecretBytes, String), Error> {
+    let (perimeter, blob) =
+        wire::open_envelope(bytes).map_err(|_| refused(CseError::bad_request(format!("{field} was not made by this key service"))))?;
+    let context = EncryptionContext::new(pairs(&perimeter)).map_err(|e| Error::invalid("resource_name", e))?;
     facts.context = Some(context.clone());
     if let Ok(parsed) = crate::domain::blob::Blob::parse(blob) {
         (facts.key_id, facts.key_version) = (Some(parsed.header.key_id), Some(parsed.header.version));
@@ -633,6 +680,133 @@ async fn privileged_unwrap(state: &State, config: &Arc<Config>, body: &[u8]) -> 
         }
         let (dek, _) = unwrap_key(kms, caller, facts, &request.wrapped_key, &request.resource_name)?;
         Ok(key_answer("key", dek.expose_secret()))
+    })
+    .await
+}
+
+/// Wraps a Gmail user's S/MIME private key for Gmail to keep (`wrapprivatekey`): a key service
+/// administrator's call (`--privileged-user`), on the authentication token alone. The key is
+/// wrapped under the key CSE uses, bound to its public key's hash and to the perimeter, so that
+/// only a call naming that public key (Gmail's `spki_hash`) opens it.
+async fn wrap_private_key(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<u8>, CseError> {
+    let request: wire::WrapPrivateKeyRequest = wire::parse(body)?;
+    if request.perimeter_id.len() > wire::MAX_PERIMETER_ID {
+        return Err(CseError::bad_request(format!("perimeter_id is at most {} bytes", wire::MAX_PERIMETER_ID)));
+    }
+    let text = request.private_key.trim();
+    let given = if text.starts_with("-----BEGIN") {
+        zeroize::Zeroizing::new(text.replace("\\n", "\n").into_bytes())
+    } else {
+        zeroize::Zeroizing::new(wire::decode("private_key", text, wire::MAX_WRAPPED_PRIVATE_KEY)?)
+    };
+    let pkcs1 = RsaPrivateKey::pkcs1_der_of(&given).map_err(|e| CseError::bad_request(format!("private_key {e}")))?;
+    let key = RsaPrivateKey::from_pkcs1_der(&pkcs1).map_err(|e| CseError::bad_request(format!("private_key {e}")))?;
+    let spki_hash = wire::spki_hash_of(&key.public);
+    let claims: PrivilegedClaims = token(state, "CseWrapPrivateKey", "authentication", &request.authentication, &config.authentication).await?;
+    let who = privileged_user(&claims)?;
+    let context = caller_context("wrapprivatekey", &who, None, &format!("spki_hash {spki_hash}"));
+    let config = config.clone();
+    run(&state.shared, "CseWrapPrivateKey", context, move |kms, caller, facts| {
+        if !config.privileged(&who) {
+            return Err(refused(CseError::forbidden("this user may not call wrapprivatekey (kmsctl cse configure --privileged-user)")));
+        }
+        let pairs = wire::private_key_context(&spki_hash, &request.perimeter_id);
+        let wrapped = wrap_under(kms, caller, facts, &config, &pkcs1, pairs, &request.perimeter_id)?;
+        Ok(json(serde_json::json!({ "wrapped_private_key": B64.encode(wrapped) })))
+    })
+    .await
+}
+
+/// Opens a wrapped private key for the public key `spki_hash` names and runs `op` with it in
+/// the HSM.
+fn with_private_key(
+    kms: &Kms,
+    caller: &Caller,
+    facts: &mut Facts,
+    wrapped: &str,
+    spki_hash: &str,
+    op: crate::hsm::RsaPrivateOp<'_>,
+) -> Result<SecretBytes, Error> {
+    let bytes = wire::decode("wrapped_private_key", wrapped, wire::MAX_WRAPPED_PRIVATE_KEY).map_err(refused)?;
+    let (pkcs1, _) = open_under(kms, caller, facts, "wrapped_private_key", &bytes, |perimeter| wire::private_key_context(spki_hash, perimeter))
+        .map_err(|e| match e {
+            Error::DecryptFailed => Error::invalid("wrapped_private_key", "does not open for this spki_hash and perimeter, or it was altered"),
+            e => e,
+        })?;
+    kms.cse_private_key_op(pkcs1.expose_secret(), spki_hash, op)
+}
+
+/// OAEP's label: empty when not given.
+fn oaep_label(label: &str) -> Result<Vec<u8>, CseError> {
+    if label.is_empty() { Ok(Vec::new()) } else { wire::decode("rsa_oaep_label", label, wire::MAX_RSA_CIPHERTEXT) }
+}
+
+/// Gmail's `privatekeydecrypt`: the user (a `decrypter`) has the content key of a message
+/// decrypted with their S/MIME private key, which the authorization token names by its public
+/// key's hash.
+async fn private_key_decrypt(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<u8>, CseError> {
+    let request: wire::PrivateKeyDecryptRequest = wire::parse(body)?;
+    wire::check_reason(&request.reason)?;
+    let ciphertext = wire::decode("encrypted_data_encryption_key", &request.encrypted_data_encryption_key, wire::MAX_RSA_CIPHERTEXT)?;
+    let label = oaep_label(&request.rsa_oaep_label)?;
+    wire::decryption(&request.algorithm, &label, &ciphertext)?;
+    let authn = authentication(state, config, "CsePrivateKeyDecrypt", &request.authentication).await?;
+    let authz: Authorization = token(state, "CsePrivateKeyDecrypt", "authorization", &request.authorization, &config.authorization).await?;
+    let context = caller_context("privatekeydecrypt", &authz.email, Some(&authz), &request.reason);
+    let config = config.clone();
+    run(&state.shared, "CsePrivateKeyDecrypt", context, move |kms, caller, facts| {
+        check(&config, Some(&authn), &authz, Use::PrivateKeyDecrypt)?;
+        let spki_hash = wire::spki_hash(authz.spki_hash.as_deref(), authz.spki_hash_algorithm.as_deref()).map_err(refused)?;
+        let op = wire::decryption(&request.algorithm, &label, &ciphertext).map_err(refused)?;
+        let dek = with_private_key(kms, caller, facts, &request.wrapped_private_key, &spki_hash, op)?;
+        Ok(key_answer("data_encryption_key", dek.expose_secret()))
+    })
+    .await
+}
+
+/// Gmail's `privatekeysign`: the user (a `signer`) has a digest signed with their S/MIME
+/// private key.
+async fn private_key_sign(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<u8>, CseError> {
+    let request: wire::PrivateKeySignRequest = wire::parse(body)?;
+    wire::check_reason(&request.reason)?;
+    let digest = wire::decode("digest", &request.digest, wire::MAX_DIGEST)?;
+    wire::signature(&request.algorithm, request.rsa_pss_salt_length, &digest)?;
+    let authn = authentication(state, config, "CsePrivateKeySign", &request.authentication).await?;
+    let authz: Authorization = token(state, "CsePrivateKeySign", "authorization", &request.authorization, &config.authorization).await?;
+    let context = caller_context("privatekeysign", &authz.email, Some(&authz), &request.reason);
+    let config = config.clone();
+    run(&state.shared, "CsePrivateKeySign", context, move |kms, caller, facts| {
+        check(&config, Some(&authn), &authz, Use::PrivateKeySign)?;
+        let spki_hash = wire::spki_hash(authz.spki_hash.as_deref(), authz.spki_hash_algorithm.as_deref()).map_err(refused)?;
+        let op = wire::signature(&request.algorithm, request.rsa_pss_salt_length, &digest).map_err(refused)?;
+        let signature = with_private_key(kms, caller, facts, &request.wrapped_private_key, &spki_hash, op)?;
+        Ok(json(serde_json::json!({ "signature": B64.encode(signature.expose_secret()) })))
+    })
+    .await
+}
+
+/// `privilegedprivatekeydecrypt`: decrypts on the authentication token alone (Google's takeout
+/// of encrypted mail), for a user the settings name (`--privileged-user`); the public key's
+/// hash comes in the request, and the wrapped key still opens only for it.
+async fn privileged_private_key_decrypt(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<u8>, CseError> {
+    let request: wire::PrivilegedPrivateKeyDecryptRequest = wire::parse(body)?;
+    wire::check_reason(&request.reason)?;
+    let ciphertext = wire::decode("encrypted_data_encryption_key", &request.encrypted_data_encryption_key, wire::MAX_RSA_CIPHERTEXT)?;
+    let label = oaep_label(&request.rsa_oaep_label)?;
+    wire::decryption(&request.algorithm, &label, &ciphertext)?;
+    let spki_hash = wire::spki_hash(Some(&request.spki_hash), request.spki_hash_algorithm.as_deref())?;
+    let claims: PrivilegedClaims =
+        token(state, "CsePrivilegedPrivateKeyDecrypt", "authentication", &request.authentication, &config.authentication).await?;
+    let who = privileged_user(&claims)?;
+    let context = caller_context("privilegedprivatekeydecrypt", &who, None, &request.reason);
+    let config = config.clone();
+    run(&state.shared, "CsePrivilegedPrivateKeyDecrypt", context, move |kms, caller, facts| {
+        if !config.privileged(&who) {
+            return Err(refused(CseError::forbidden("this user may not call privilegedprivatekeydecrypt (kmsctl cse configure --privileged-user)")));
+        }
+        let op = wire::decryption(&request.algorithm, &label, &ciphertext).map_err(refused)?;
+        let dek = with_private_key(kms, caller, facts, &request.wrapped_private_key, &spki_hash, op)?;
+        Ok(key_answer("data_encryption_key", dek.expose_secret()))
     })
     .await
 }

@@ -8,6 +8,8 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
+use crate::hsm::{OaepHash, RsaPrivateOp};
+
 /// The most bytes of a data encryption key Google wraps.
 pub const MAX_KEY: usize = 128;
 /// The most bytes of a wrapped key, a resource name, a perimeter id, a reason.
@@ -82,6 +84,14 @@ pub struct Authorization {
     /// The Google Workspace domain the token says owns the key service it was made for.
     #[serde(default)]
     pub kacls_owner_domain: Option<String>,
+    /// Gmail's: the SHA-256 (`spki_hash_algorithm`) of the public key whose private key the
+    /// call may use, standard Base64, and the message it is for.
+    #[serde(default)]
+    pub spki_hash: Option<String>,
+    #[serde(default)]
+    pub spki_hash_algorithm: Option<String>,
+    #[serde(default)]
+    pub message_id: Option<String>,
 }
 
 /// What a call does with a key, for the role check.
@@ -94,6 +104,9 @@ pub enum Use {
     /// A delegation (`delegate`): the delegate's own calls are checked against their own
     /// authorization tokens, so the reference names no role for it.
     Delegate,
+    /// Gmail's `privatekeydecrypt` and `privatekeysign`.
+    PrivateKeyDecrypt,
+    PrivateKeySign,
 }
 
 impl Use {
@@ -105,6 +118,8 @@ impl Use {
             Use::Digest => Some(&["verifier"]),
             Use::Rewrap => Some(&["migrator"]),
             Use::Delegate => None,
+            Use::PrivateKeyDecrypt => Some(&["decrypter"]),
+            Use::PrivateKeySign => Some(&["signer"]),
         }
     }
 }
@@ -180,6 +195,126 @@ pub struct PrivilegedUnwrapRequest {
 }
 
 /// Reads a request's JSON (unknown fields are ignored: Google adds fields over time).
+/// `POST wrapprivatekey`: a key service administrator's (the authentication token alone).
+#[derive(Debug, Deserialize)]
+pub struct WrapPrivateKeyRequest {
+    pub authentication: String,
+    #[serde(default)]
+    pub perimeter_id: String,
+    /// PEM (`RSA PRIVATE KEY` or unencrypted `PRIVATE KEY`), or Base64 of either's DER.
+    pub private_key: String,
+}
+
+/// `POST privatekeydecrypt`.
+#[derive(Debug, Deserialize)]
+pub struct PrivateKeyDecryptRequest {
+    pub authentication: String,
+    pub authorization: String,
+    pub algorithm: String,
+    pub encrypted_data_encryption_key: String,
+    #[serde(default)]
+    pub rsa_oaep_label: String,
+    pub wrapped_private_key: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// `POST privatekeysign`.
+#[derive(Debug, Deserialize)]
+pub struct PrivateKeySignRequest {
+    pub authentication: String,
+    pub authorization: String,
+    pub algorithm: String,
+    pub digest: String,
+    #[serde(default)]
+    pub rsa_pss_salt_length: Option<u32>,
+    pub wrapped_private_key: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// `POST privilegedprivatekeydecrypt`: the authentication token alone, the public key's hash
+/// in the request.
+#[derive(Debug, Deserialize)]
+pub struct PrivilegedPrivateKeyDecryptRequest {
+    pub authentication: String,
+    pub algorithm: String,
+    pub encrypted_data_encryption_key: String,
+    #[serde(default)]
+    pub rsa_oaep_label: String,
+    pub spki_hash: String,
+    #[serde(default)]
+    pub spki_hash_algorithm: Option<String>,
+    pub wrapped_private_key: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// The most bytes of a wrapped private key (8 KB of Base64), of an RSA ciphertext (1 KB) and
+/// of a digest to sign.
+pub const MAX_WRAPPED_PRIVATE_KEY: usize = 6 * 1024;
+pub const MAX_RSA_CIPHERTEXT: usize = 1024;
+pub const MAX_DIGEST: usize = 128;
+/// PSS's salt when the request names none: the digest's length (RFC 8017's recommendation).
+const PSS_SALT: u32 = 32;
+
+/// The decryption `algorithm` names, with `label` (OAEP's; ignored otherwise) and the
+/// ciphertext. OAEP's names follow RFC 8017: the named hash for the label and for MGF1 both.
+pub fn decryption<'a>(algorithm: &str, label: &'a [u8], ciphertext: &'a [u8]) -> Result<RsaPrivateOp<'a>, CseError> {
+    let oaep = |hash| RsaPrivateOp::DecryptOaep { hash, label, ciphertext };
+    match algorithm.to_ascii_uppercase().as_str() {
+        "RSA/ECB/PKCS1PADDING" => Ok(RsaPrivateOp::DecryptPkcs1 { ciphertext }),
+        "RSA/ECB/OAEPWITHSHA-1ANDMGF1PADDING" => Ok(oaep(OaepHash::Sha1)),
+        "RSA/ECB/OAEPWITHSHA-256ANDMGF1PADDING" => Ok(oaep(OaepHash::Sha256)),
+        _ => Err(CseError::bad_request(
+            "algorithm must be RSA/ECB/PKCS1Padding, RSA/ECB/OAEPwithSHA-1andMGF1Padding or RSA/ECB/OAEPwithSHA-256andMGF1Padding",
+        )),
+    }
+}
+
+/// The signature `algorithm` names over `digest` (a SHA-256 digest, 32 bytes), PSS's salt
+/// `salt` bytes (32 when not given; ignored otherwise).
+pub fn signature<'a>(algorithm: &str, salt: Option<u32>, digest: &'a [u8]) -> Result<RsaPrivateOp<'a>, CseError> {
+    if digest.len() != 32 {
+        return Err(CseError::bad_request("digest must be a SHA-256 digest (32 bytes)"));
+    }
+    match algorithm.to_ascii_uppercase().as_str() {
+        "SHA256WITHRSA" => Ok(RsaPrivateOp::SignPkcs1Sha256 { digest }),
+        "SHA256WITHRSA/PSS" | "SHA256WITHRSAANDMGF1" | "RSASSA-PSS" => {
+            Ok(RsaPrivateOp::SignPssSha256 { digest, salt: salt.unwrap_or(PSS_SALT) as usize })
+        }
+        _ => Err(CseError::bad_request("algorithm must be SHA256withRSA or SHA256withRSA/PSS (also SHA256withRSAandMGF1, RSASSA-PSS)")),
+    }
+}
+
+/// The public key hash a Gmail call names (standard Base64 of a SHA-256 digest), in the one
+/// spelling private keys are wrapped under.
+pub fn spki_hash(hash: Option<&str>, algorithm: Option<&str>) -> Result<String, CseError> {
+    if algorithm.is_some_and(|a| !a.eq_ignore_ascii_case("SHA-256")) {
+        return Err(CseError::bad_request("spki_hash_algorithm must be SHA-256"));
+    }
+    let hash = hash.ok_or_else(|| CseError::forbidden("the call names no public key (spki_hash)"))?;
+    match B64.decode(hash) {
+        Ok(digest) if digest.len() == 32 => Ok(B64.encode(digest)),
+        _ => Err(CseError::bad_request("spki_hash must be the standard Base64 of a SHA-256 digest")),
+    }
+}
+
+/// The SHA-256 of a public key's DER SubjectPublicKeyInfo, as `spki_hash` spells it.
+pub fn spki_hash_of(key: &crate::hsm::RsaPublicKey) -> String {
+    use sha2::Digest;
+    B64.encode(Sha256::digest(key.spki_der()))
+}
+
+/// The encryption context a user's private key is wrapped under: its public key's hash and the
+/// perimeter, under a name no wrapped data key's context has (so neither opens as the other).
+pub fn private_key_context(spki_hash: &str, perimeter_id: &str) -> std::collections::HashMap<String, String> {
+    [("cse_private_key_spki_sha256", spki_hash), ("cse_perimeter_id", perimeter_id)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, CseError> {
     serde_json::from_slice(body).map_err(|e| {
         let why = e.to_string();
@@ -344,6 +479,9 @@ mod tests {
             email_type: None,
             delegated_to: None,
             kacls_owner_domain: None,
+            spki_hash: None,
+            spki_hash_algorithm: None,
+            message_id: None,
         }
     }
 
@@ -410,5 +548,34 @@ mod tests {
             check_tokens(Some(&aliased), &Authorization { email_type: Some("customer-idp".into()), ..authz("reader") }, Use::Unwrap, url, true)
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn gmails_algorithm_names_map_to_the_hsms_mechanisms_and_nothing_else_does() {
+        let (label, data) = (&b"L"[..], &b"C"[..]);
+        assert_eq!(decryption("RSA/ECB/PKCS1Padding", label, data).unwrap(), RsaPrivateOp::DecryptPkcs1 { ciphertext: data });
+        assert_eq!(
+            decryption("rsa/ecb/oaepwithsha-256andmgf1padding", label, data).unwrap(),
+            RsaPrivateOp::DecryptOaep { hash: OaepHash::Sha256, label, ciphertext: data }
+        );
+        assert_eq!(decryption("RSA/ECB/NoPadding", label, data).unwrap_err().code, 400);
+        let digest = [9u8; 32];
+        assert_eq!(signature("SHA256withRSA", Some(5), &digest).unwrap(), RsaPrivateOp::SignPkcs1Sha256 { digest: &digest });
+        assert_eq!(signature("SHA256withRSA/PSS", None, &digest).unwrap(), RsaPrivateOp::SignPssSha256 { digest: &digest, salt: 32 });
+        assert_eq!(signature("RSASSA-PSS", Some(0), &digest).unwrap(), RsaPrivateOp::SignPssSha256 { digest: &digest, salt: 0 });
+        assert_eq!(signature("SHA1withRSA", None, &digest).unwrap_err().code, 400);
+        assert_eq!(signature("SHA256withRSA", None, &digest[..20]).unwrap_err().code, 400);
+    }
+
+    #[test]
+    fn a_public_key_hash_is_sha256_in_standard_base64() {
+        let hash = B64.encode([1u8; 32]);
+        assert_eq!(spki_hash(Some(&hash), Some("sha-256")).unwrap(), hash);
+        assert_eq!(spki_hash(Some(&hash), None).unwrap(), hash);
+        assert_eq!(spki_hash(None, None).unwrap_err().code, 403);
+        assert_eq!(spki_hash(Some(&hash), Some("SHA-1")).unwrap_err().code, 400);
+        assert_eq!(spki_hash(Some(&B64.encode([1u8; 20])), None).unwrap_err().code, 400);
+        assert_eq!(spki_hash(Some("not base64!"), None).unwrap_err().code, 400);
+        assert_ne!(private_key_context(&hash, ""), context_pairs(&hash, ""), "a wrapped data key never opens as a private key");
     }
 }
