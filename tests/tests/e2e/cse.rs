@@ -818,6 +818,15 @@ async fn gmail_decrypts_and_signs_with_a_wrapped_smime_key_inside_the_hsm() {
     };
     let pkcs1 = encrypt_to(&["rsa_padding_mode:pkcs1"]);
     let oaep = encrypt_to(&["rsa_padding_mode:oaep", "rsa_oaep_md:sha1", "rsa_mgf1_md:sha1"]);
+    let oaep256 = encrypt_to(&["rsa_padding_mode:oaep", "rsa_oaep_md:sha256", "rsa_mgf1_md:sha256"]);
+    // OAEP over SHA-256: SoftHSM2 2.6 does OAEP with SHA-1 alone, and says so precisely.
+    let (status, answer) =
+        post(&server, "privatekeydecrypt", &decrypt("RSA/ECB/OAEPwithSHA-256andMGF1Padding", &oaep256, "decrypter", &spki_hash, &wrapped));
+    let opened = B64.decode(answer["data_encryption_key"].as_str().unwrap_or_default()).unwrap_or_default();
+    assert!(
+        (status == 200 && opened == dek) || (status == 400 && answer["message"].as_str().unwrap().starts_with("algorithm is refused by the HSM")),
+        "{status} {answer}"
+    );
     for (algorithm, ciphertext) in [("RSA/ECB/PKCS1Padding", &pkcs1), ("RSA/ECB/OAEPwithSHA-1andMGF1Padding", &oaep)] {
         let (status, answer) = post(&server, "privatekeydecrypt", &decrypt(algorithm, ciphertext, "decrypter", &spki_hash, &wrapped));
         assert_eq!(status, 200, "{algorithm}: {answer}");
