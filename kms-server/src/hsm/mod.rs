@@ -246,7 +246,7 @@ pub trait Hsm: Send + Sync {
 pub enum RsaPrivateOp<'a> {
     /// RSAES-PKCS1-v1_5 decryption.
     DecryptPkcs1 { ciphertext: &'a [u8] },
-    /// RSAES-OAEP decryption with `hash` for both the label's hash and MGF1, and `label`.
+    /// RSAES-OAEP decryption with `hash`, and `label`.
     DecryptOaep { hash: OaepHash, label: &'a [u8], ciphertext: &'a [u8] },
     /// RSASSA-PKCS1-v1_5 over a SHA-256 `digest` the caller made.
     SignPkcs1Sha256 { digest: &'a [u8] },
@@ -254,11 +254,14 @@ pub enum RsaPrivateOp<'a> {
     SignPssSha256 { digest: &'a [u8], salt: usize },
 }
 
-/// The hash of RSA-OAEP.
+/// The hashes of RSA-OAEP: the label's, and MGF1's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OaepHash {
     Sha1,
     Sha256,
+    /// SHA-256 for the label, MGF1 over SHA-1: what Java's `OAEPWithSHA-256AndMGF1Padding`
+    /// means by default.
+    Sha256Mgf1Sha1,
 }
 
 /// A user's RSA private key (PKCS#1 `RSAPrivateKey`), its secret parts wiped when dropped.
@@ -304,22 +307,29 @@ impl RsaPrivateKey {
         }
     }
 
-    /// The PKCS#1 `RSAPrivateKey` (DER) in a PEM `RSA PRIVATE KEY`, a PEM `PRIVATE KEY`
-    /// (PKCS#8, unencrypted) or bare DER of either: what `openssl genpkey` and the tools Gmail
-    /// S/MIME keys come from write.
-    pub fn pkcs1_der_of(text: &[u8]) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+    /// The key, and its PKCS#1 `RSAPrivateKey` (DER), in a PEM `RSA PRIVATE KEY`, a PEM
+    /// `PRIVATE KEY` (PKCS#8, unencrypted) or bare DER of either: what `openssl genpkey` and
+    /// the tools Gmail S/MIME keys come from write.
+    pub fn from_text(text: &[u8]) -> Result<(zeroize::Zeroizing<Vec<u8>>, RsaPrivateKey), String> {
         let der = match x509_parser::pem::parse_x509_pem(text) {
-            Ok((_, pem)) if pem.label == "RSA PRIVATE KEY" => return Ok(zeroize::Zeroizing::new(pem.contents)),
-            Ok((_, pem)) if pem.label == "PRIVATE KEY" => zeroize::Zeroizing::new(pem.contents),
+            Ok((_, pem)) if pem.label == "RSA PRIVATE KEY" || pem.label == "PRIVATE KEY" => zeroize::Zeroizing::new(pem.contents),
             Ok((_, pem)) => return Err(format!("holds a {:?}, not an RSA PRIVATE KEY or an unencrypted PRIVATE KEY", pem.label)),
             Err(_) => zeroize::Zeroizing::new(text.to_vec()),
         };
-        if RsaPrivateKey::from_pkcs1_der(&der).is_ok() {
-            return Ok(der);
-        }
+        let pkcs1 = match RsaPrivateKey::from_pkcs1_der(&der) {
+            Ok(key) => return Ok((der, key)),
+            Err(e) if e.contains("bits") => return Err(e),
+            Err(_) => RsaPrivateKey::pkcs8_inner(&der)?,
+        };
+        let key = RsaPrivateKey::from_pkcs1_der(&pkcs1)?;
+        Ok((pkcs1, key))
+    }
+
+    /// The PKCS#1 key inside a PKCS#8 `PrivateKeyInfo` (DER) for rsaEncryption.
+    fn pkcs8_inner(der: &[u8]) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
         // PKCS#8 PrivateKeyInfo: version, rsaEncryption, the PKCS#1 key in an OCTET STRING,
         // then optional attributes (and, in version 1, the public key).
-        yasna::parse_der(&der, |r| {
+        yasna::parse_der(der, |r| {
             r.read_sequence(|r| {
                 if r.next().read_u8()? > 1 {
                     return Err(yasna::ASN1Error::new(yasna::ASN1ErrorKind::Invalid));
@@ -430,5 +440,85 @@ impl RsaPublicKey {
     /// `openssl pkey -pubin -in key.pem -outform DER | sha256sum` prints.
     pub fn fingerprint(&self) -> String {
         crate::domain::hex::sha256_hex(&self.spki_der())
+    }
+
+    /// SHA-256 of the DER SubjectPublicKeyInfo, in standard Base64: Gmail's `spki_hash`.
+    pub fn spki_sha256_base64(&self) -> String {
+        use base64::Engine;
+        use sha2::Digest;
+        base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(self.spki_der()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A PKCS#1 `RSAPrivateKey` of `version` whose integers are `ints` (not a real key: the
+    /// parser checks the form, `ring` the arithmetic), with `extra` elements after them.
+    fn pkcs1(version: u8, ints: &[(Vec<u8>, bool)], extra: usize) -> Vec<u8> {
+        yasna::construct_der(|w| {
+            w.write_sequence(|w| {
+                w.next().write_u8(version);
+                for (bytes, positive) in ints {
+                    w.next().write_bigint_bytes(bytes, *positive);
+                }
+                for _ in 0..extra {
+                    w.next().write_u8(0);
+                }
+            })
+        })
+    }
+
+    fn ints(bits: usize) -> Vec<(Vec<u8>, bool)> {
+        let mut modulus = vec![0xc5; bits / 8];
+        modulus[0] = 0xc5;
+        let mut all = vec![(modulus, true), (vec![1, 0, 1], true)];
+        all.extend((0..6).map(|i| (vec![0x40 + i; bits / 16], true)));
+        all
+    }
+
+    fn pkcs8(oid: &[u64], inner: &[u8]) -> Vec<u8> {
+        yasna::construct_der(|w| {
+            w.write_sequence(|w| {
+                w.next().write_u8(0);
+                w.next().write_sequence(|w| {
+                    w.next().write_oid(&yasna::models::ObjectIdentifier::from_slice(oid));
+                    w.next().write_null();
+                });
+                w.next().write_bytes(inner);
+            })
+        })
+    }
+
+    #[test]
+    fn a_pkcs1_or_pkcs8_rsa_key_is_read_and_anything_malformed_is_refused() {
+        let good = pkcs1(0, &ints(2048), 0);
+        let key = RsaPrivateKey::from_pkcs1_der(&good).unwrap();
+        assert_eq!((key.public.bits(), key.public.exponent.clone()), (2048, vec![1, 0, 1]));
+        assert!(!format!("{key:?}").contains("40"), "no secret part in Debug: {key:?}");
+        for text in [good.clone(), pkcs8(RSA_ENCRYPTION_OID, &good)] {
+            let (der, key) = RsaPrivateKey::from_text(&text).unwrap();
+            assert_eq!((&der[..], key.public.bits()), (&good[..], 2048));
+        }
+        let mut negative = ints(2048);
+        negative[2].1 = false;
+        let mut zero = ints(2048);
+        zero[3] = (vec![0], true);
+        for (der, why) in [
+            (pkcs1(1, &ints(2048), 0), "two-prime"),
+            (pkcs1(0, &negative, 0), "two-prime"),
+            (pkcs1(0, &zero, 0), "two-prime"),
+            (pkcs1(0, &ints(2048), 1), "two-prime"),
+            (pkcs1(0, &ints(2048)[..7], 0), "two-prime"),
+            (pkcs1(0, &ints(1024), 0), "1024-bit"),
+            (pkcs1(0, &ints(8192), 0), "8192-bit"),
+        ] {
+            assert!(RsaPrivateKey::from_pkcs1_der(&der).unwrap_err().contains(why), "{why}");
+        }
+        assert!(RsaPrivateKey::from_text(&pkcs8(&[1, 2, 840, 10045, 2, 1], &good)).unwrap_err().contains("is not an RSA private key"));
+        assert!(RsaPrivateKey::from_text(&pkcs8(RSA_ENCRYPTION_OID, &pkcs1(0, &ints(1024), 0))).unwrap_err().contains("1024-bit"));
+        assert!(RsaPrivateKey::from_text(b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n").unwrap_err().contains("PUBLIC KEY"));
+        assert!(RsaPrivateKey::from_text(b"garbage").unwrap_err().contains("is not an RSA private key"));
     }
 }

@@ -332,7 +332,7 @@ impl Pkcs11Hsm {
     /// lost login or device, healing; the error in the service's terms.
     fn settle<T>(&self, function: &'static str, started: Instant, result: Result<T, CkError>) -> Result<T, HsmError> {
         crate::metrics::metrics().hsm_call(function, if result.is_ok() { "ok" } else { "error" }, started.elapsed());
-        if let Err(e) = &result {
+        if let Some(e) = result.as_ref().err().filter(|e| !callers_fault(e)) {
             self.record_failure(function, e);
             self.heal_after(e);
         }
@@ -695,6 +695,36 @@ fn retired_means_unavailable(link: &Link, e: HsmError) -> HsmError {
 }
 
 /// Maps a cryptoki error to what the service does about it.
+/// A decryption's failure in the standard's words: SoftHSM2 reports a forged AES-GCM tag, and
+/// bad RSA padding, as CKR_GENERAL_ERROR (SOFTHSM-NOTES.md), where the standard says
+/// CKR_ENCRYPTED_DATA_INVALID. Called on the decryption's own result only, never on a session's
+/// or an object's failure.
+fn opened<T>(result: Result<T, CkError>) -> Result<T, CkError> {
+    match result {
+        Err(CkError::Pkcs11(RvError::GeneralError, function)) => Err(CkError::Pkcs11(RvError::EncryptedDataInvalid, function)),
+        other => other,
+    }
+}
+
+/// Whether a failure says the request was wrong rather than the HSM: a ciphertext that does not
+/// open, data or mechanism parameters the token refuses. Counted in the metrics as errors, but
+/// not kept among the recent failures that make the health DEGRADED, nor taken as a sign the
+/// link needs repair: a caller's tampered ciphertext says nothing of the HSM.
+fn callers_fault(e: &CkError) -> bool {
+    matches!(
+        e,
+        CkError::Pkcs11(
+            RvError::EncryptedDataInvalid
+                | RvError::EncryptedDataLenRange
+                | RvError::DataInvalid
+                | RvError::DataLenRange
+                | RvError::ArgumentsBad
+                | RvError::MechanismParamInvalid,
+            _
+        )
+    )
+}
+
 fn classify(function: &'static str, e: CkError) -> HsmError {
     match e {
         CkError::Pkcs11(code, _) => match code {
@@ -760,10 +790,12 @@ impl Hsm for Pkcs11Hsm {
         let mut iv = iv.0;
         let result = self.with_key("C_Decrypt", key, |s, object| {
             let params = GcmParams::new(&mut iv, aad, TAG_BITS.into())?;
-            s.decrypt(&Mechanism::AesGcm(params), object, ciphertext).map(SecretBytes::new)
+            opened(s.decrypt(&Mechanism::AesGcm(params), object, ciphertext)).map(SecretBytes::new)
         });
         match result {
-            // A forged tag: SoftHSM2 says CKR_GENERAL_ERROR, the standard CKR_ENCRYPTED_DATA_INVALID.
+            // A device that says CKR_GENERAL_ERROR on C_Decrypt (before the decryption, as the
+            // fault tests inject it) gets the uniform refusal too: it is what SoftHSM2 says of
+            // a forged tag.
             Err(HsmError::Unavailable { code: RvError::GeneralError, .. })
             | Err(HsmError::Refused { code: RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange, .. }) => Err(HsmError::DecryptFailed),
             other => other,
@@ -921,6 +953,7 @@ impl Hsm for Pkcs11Hsm {
                 let (hash, mgf) = match hash {
                     OaepHash::Sha1 => (MechanismType::SHA1, PkcsMgfType::MGF1_SHA1),
                     OaepHash::Sha256 => (MechanismType::SHA256, PkcsMgfType::MGF1_SHA256),
+                    OaepHash::Sha256Mgf1Sha1 => (MechanismType::SHA256, PkcsMgfType::MGF1_SHA1),
                 };
                 let source = if label.is_empty() { PkcsOaepSource::empty() } else { PkcsOaepSource::data_specified(label) };
                 (Mechanism::RsaPkcsOaep(PkcsOaepParams::new(hash, mgf, source)), ciphertext.to_vec(), false)
@@ -935,23 +968,26 @@ impl Hsm for Pkcs11Hsm {
         };
         let mut template = templates::user_private_key(key, sign);
         let function = if sign { "C_Sign" } else { "C_Decrypt" };
-        let result = self.with_session(function, |s| {
-            let made = s.create_object(&template);
+        let result = self.with_session(function, |_| {
+            // A session of its own, closed at the end: closing it destroys the key object even
+            // if C_DestroyObject failed, so none outlives the call in a pooled session.
+            let link = self.link();
+            let own = link.ctx.open_rw_session(link.slot)?;
+            let made = own.create_object(&template);
             templates::wipe(&mut template);
             let object = made?;
-            let out = if sign { s.sign(&mechanism, object, &data) } else { s.decrypt(&mechanism, object, &data) }.map(SecretBytes::new);
-            // The pooled session outlives the call, and its objects with it: destroyed whatever
-            // the outcome.
-            s.destroy_object(object)?;
-            out
+            let out = if sign { own.sign(&mechanism, object, &data) } else { opened(own.decrypt(&mechanism, object, &data)) };
+            let _ = own.destroy_object(object);
+            if link.retired.load(Ordering::Acquire) {
+                // The library was initialised again meanwhile: the handle may be another's now.
+                std::mem::forget(own);
+            }
+            out.map(SecretBytes::new)
         });
         templates::wipe(&mut template);
         match result {
             // Not the key's ciphertext, or bad padding: one uniform answer (as for AES-GCM).
-            Err(HsmError::Unavailable { code: RvError::GeneralError, .. })
-            | Err(HsmError::Refused { code: RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange, .. })
-                if !sign =>
-            {
+            Err(HsmError::Refused { code: RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange, .. }) if !sign => {
                 Err(HsmError::DecryptFailed)
             }
             other => other,

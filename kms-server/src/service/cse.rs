@@ -21,7 +21,7 @@ use crate::domain::lifecycle::KeyState;
 use crate::domain::policy::{Grant, Operation, PrincipalState};
 use crate::error::{Error, Result};
 use crate::facade::cse::jwt::Issuer;
-use crate::hsm::{HsmError, RsaPrivateKey, RsaPrivateOp};
+use crate::hsm::{HsmError, OaepHash, RsaPrivateKey, RsaPrivateOp};
 use crate::secret::SecretBytes;
 use crate::store::{CseIssuerRecord, CseSettingsRecord, PrincipalRecord};
 
@@ -339,15 +339,45 @@ impl Kms {
         self.cse_token(DELEGATE_AUDIENCE, serde_json::json!({"email": user, "delegated_to": delegated_to, "resource_name": resource_name}))
     }
 
+    /// A Gmail user's private key as `wrapprivatekey` is given it (PEM or DER, PKCS#1 or
+    /// PKCS#8), checked before it is wrapped: a consistent RSA key (its primes, exponents and
+    /// coefficient agree, as `ring` checks them) that the HSM takes and signs with. Its PKCS#1
+    /// DER, and its public key's hash.
+    pub fn cse_user_key(&self, text: &[u8]) -> Result<(zeroize::Zeroizing<Vec<u8>>, String)> {
+        let (pkcs1, key) = RsaPrivateKey::from_text(text).map_err(|e| Error::invalid("private_key", e))?;
+        ring::signature::RsaKeyPair::from_der(&pkcs1).map_err(|e| Error::invalid("private_key", format!("is not a consistent RSA key ({e})")))?;
+        let probe = [0u8; 32];
+        self.hsm.rsa_private(&key, RsaPrivateOp::SignPkcs1Sha256 { digest: &probe }).map_err(|e| match e {
+            HsmError::Refused { code, .. } => Error::invalid("private_key", format!("is refused by the HSM ({code:?})")),
+            other => other.into(),
+        })?;
+        Ok((pkcs1, key.public.spki_sha256_base64()))
+    }
+
     /// Runs `op` in the HSM with a Gmail user's private key, `pkcs1` being what their wrapped
     /// private key opened to (the call's authorization was checked against it by then); the
     /// key, whose public half hashes to `spki_hash`, lives in the HSM for this one operation.
+    /// OAEP over SHA-256 is tried with MGF1 over SHA-256, then over SHA-1 (Java's reading of
+    /// the name): the caller may decrypt either way, so the second try tells them nothing more.
     pub fn cse_private_key_op(&self, pkcs1: &[u8], spki_hash: &str, op: RsaPrivateOp<'_>) -> Result<SecretBytes> {
         let key = RsaPrivateKey::from_pkcs1_der(pkcs1).map_err(|e| Error::invalid("wrapped_private_key", format!("holds a key that {e}")))?;
-        if crate::facade::cse::wire::spki_hash_of(&key.public) != spki_hash {
+        if key.public.spki_sha256_base64() != spki_hash {
             return Err(Error::invalid("wrapped_private_key", "holds the private key of another public key than spki_hash names"));
         }
-        self.hsm.rsa_private(&key, op).map_err(|e| match e {
+        if let RsaPrivateOp::SignPssSha256 { salt, .. } = op {
+            // RFC 8017 9.1.1: the encoded message holds the digest, the salt and two bytes more.
+            let room = key.public.bits().div_ceil(8).saturating_sub(32 + 2);
+            if salt > room {
+                return Err(Error::invalid("rsa_pss_salt_length", format!("is at most {room} bytes with this key")));
+            }
+        }
+        let result = match (self.hsm.rsa_private(&key, op), op) {
+            (Err(HsmError::DecryptFailed | HsmError::Refused { .. }), RsaPrivateOp::DecryptOaep { hash: OaepHash::Sha256, label, ciphertext }) => {
+                self.hsm.rsa_private(&key, RsaPrivateOp::DecryptOaep { hash: OaepHash::Sha256Mgf1Sha1, label, ciphertext })
+            }
+            (result, _) => result,
+        };
+        result.map_err(|e| match e {
             HsmError::DecryptFailed => Error::invalid("encrypted_data_encryption_key", "does not decrypt under this private key with this algorithm"),
             HsmError::Refused { code, .. } => Error::invalid("algorithm", format!("is refused by the HSM for this key ({code:?})")),
             other => other.into(),

@@ -788,7 +788,7 @@ async fn gmail_decrypts_and_signs_with_a_wrapped_smime_key_inside_the_hsm() {
     assert!(private_pem.starts_with("-----BEGIN PRIVATE KEY-----"), "PKCS#8");
 
     // The administrator wraps it (only a privileged user may).
-    let wrap_request = |email: &str| json!({"authentication": t.authentication(email), "perimeter_id": "", "private_key": private_pem});
+    let wrap_request = |email: &str| json!({"authentication": t.authentication(email), "perimeter_id": "eu", "private_key": private_pem});
     let (status, e) = post(&server, "wrapprivatekey", &wrap_request("ana@example.com"));
     assert_eq!(status, 403, "{e}");
     let (status, answer) = post(&server, "wrapprivatekey", &wrap_request("admin@example.com"));
@@ -818,11 +818,22 @@ async fn gmail_decrypts_and_signs_with_a_wrapped_smime_key_inside_the_hsm() {
     };
     let pkcs1 = encrypt_to(&["rsa_padding_mode:pkcs1"]);
     let oaep = encrypt_to(&["rsa_padding_mode:oaep", "rsa_oaep_md:sha1", "rsa_mgf1_md:sha1"]);
+    // A label: passed to the HSM, which SoftHSM2 2.6 ignores (it decrypts with the empty label).
+    let labelled = encrypt_to(&["rsa_padding_mode:oaep", "rsa_oaep_md:sha1", "rsa_mgf1_md:sha1", "rsa_oaep_label:6d736731"]);
+    let mut with_label = decrypt("RSA/ECB/OAEPwithSHA-1andMGF1Padding", &labelled, "decrypter", &spki_hash, &wrapped);
+    with_label["rsa_oaep_label"] = json!(B64.encode(b"msg1"));
+    let (status, answer) = post(&server, "privatekeydecrypt", &with_label);
+    let opened = B64.decode(answer["data_encryption_key"].as_str().unwrap_or_default()).unwrap_or_default();
+    let label_honoured = status == 200;
+    assert!(label_honoured && opened == dek || status == 400 && answer["message"].as_str().unwrap().contains("does not decrypt"), "{answer}");
+    with_label["rsa_oaep_label"] = json!(B64.encode(b"msg2"));
+    assert_eq!(post(&server, "privatekeydecrypt", &with_label).0, 400, "another label");
     let oaep256 = encrypt_to(&["rsa_padding_mode:oaep", "rsa_oaep_md:sha256", "rsa_mgf1_md:sha256"]);
     // OAEP over SHA-256: SoftHSM2 2.6 does OAEP with SHA-1 alone, and says so precisely.
     let (status, answer) =
         post(&server, "privatekeydecrypt", &decrypt("RSA/ECB/OAEPwithSHA-256andMGF1Padding", &oaep256, "decrypter", &spki_hash, &wrapped));
     let opened = B64.decode(answer["data_encryption_key"].as_str().unwrap_or_default()).unwrap_or_default();
+    let mut decrypted = 2 + usize::from(status == 200) + usize::from(label_honoured);
     assert!(
         (status == 200 && opened == dek) || (status == 400 && answer["message"].as_str().unwrap().starts_with("algorithm is refused by the HSM")),
         "{status} {answer}"
@@ -861,6 +872,16 @@ async fn gmail_decrypts_and_signs_with_a_wrapped_smime_key_inside_the_hsm() {
     let tampered = B64.encode(tampered);
     let mut short = sign("SHA256withRSA", "signer");
     short["digest"] = json!(B64.encode([1u8; 20]));
+    let mut salty = sign("SHA256withRSA/PSS", "signer");
+    salty["rsa_pss_salt_length"] = json!(1000);
+    let mut unnamed = t.authorization_claims("ana@example.com", "decrypter");
+    unnamed["spki_hash"] = json!(null);
+    let mut no_hash = decrypt("RSA/ECB/PKCS1Padding", &pkcs1, "decrypter", &spki_hash, &wrapped);
+    no_hash["authorization"] = json!(t.google.sign(unnamed));
+    // A wrapped data key is not a wrapped private key, nor the other way round.
+    let (_, data_key) = post(&server, "wrap", &t.wrap(&dek));
+    let data_key = data_key["wrapped_key"].as_str().unwrap().to_string();
+    let as_data_key = t.unwrap(&json!(wrapped), "ana@example.com", "reader");
     let refusals = [
         ("privatekeydecrypt", decrypt("RSA/ECB/PKCS1Padding", &pkcs1, "signer", &spki_hash, &wrapped), 403, "role"),
         ("privatekeysign", sign("SHA256withRSA", "decrypter"), 403, "role"),
@@ -869,6 +890,10 @@ async fn gmail_decrypts_and_signs_with_a_wrapped_smime_key_inside_the_hsm() {
         ("privatekeydecrypt", decrypt("RSA/ECB/PKCS1Padding", &[1u8; 256], "decrypter", &spki_hash, &wrapped), 400, "encrypted_data_encryption_key"),
         ("privatekeydecrypt", decrypt("RSA/NONE/NoPadding", &pkcs1, "decrypter", &spki_hash, &wrapped), 400, "algorithm must be"),
         ("privatekeysign", short, 400, "SHA-256 digest"),
+        ("privatekeysign", salty, 400, "rsa_pss_salt_length is at most 222 bytes"),
+        ("privatekeydecrypt", no_hash, 403, "spki_hash"),
+        ("privatekeydecrypt", decrypt("RSA/ECB/PKCS1Padding", &pkcs1, "decrypter", &spki_hash, &data_key), 400, "wrapped_private_key does not open"),
+        ("unwrap", as_data_key, 400, "wrapped_key"),
     ];
     for (operation, body, code, says) in refusals {
         let (status, e) = post(&server, operation, &body);
@@ -882,12 +907,14 @@ async fn gmail_decrypts_and_signs_with_a_wrapped_smime_key_inside_the_hsm() {
     openssl_in(dir.path(), &["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024", "-out", "small.pem"]);
     let small = std::fs::read_to_string(path("small.pem")).unwrap();
     let given = |key: &str| json!({"authentication": t.authentication("admin@example.com"), "private_key": key});
-    for key in [&traditional, &der] {
+    let escaped = private_pem.replace('\n', "\\n");
+    for key in [&traditional, &der, &escaped] {
         let (status, answer) = post(&server, "wrapprivatekey", &given(key));
         assert_eq!(status, 200, "{answer}");
         let again = answer["wrapped_private_key"].as_str().unwrap();
         let (status, answer) = post(&server, "privatekeydecrypt", &decrypt("RSA/ECB/PKCS1Padding", &pkcs1, "decrypter", &spki_hash, again));
         assert_eq!((status, B64.decode(answer["data_encryption_key"].as_str().unwrap_or_default()).unwrap_or_default()), (200, dek.clone()));
+        decrypted += 1;
     }
     for (key, says) in [
         (small.as_str(), "1024-bit"),
@@ -922,7 +949,7 @@ async fn gmail_decrypts_and_signs_with_a_wrapped_smime_key_inside_the_hsm() {
             Ok((r.get(0)?, r.get(1)?))
         })
         .unwrap();
-    assert_eq!(count, 4);
+    assert_eq!(count, decrypted as i64);
     assert!(caller.contains("<msg-1@example.com>") && caller.contains("ana@example.com"), "{caller}");
     let denied: i64 = server
         .db()

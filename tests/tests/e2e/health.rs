@@ -114,3 +114,23 @@ async fn failed_hsm_calls_with_a_healthy_probe_report_degraded_with_the_last_err
     let r = health.check(HealthCheckRequest { service: "kms.v1.Crypto".into() }).await.unwrap().into_inner();
     assert_eq!(r.status, ServingStatus::Serving as i32, "degraded still serves");
 }
+
+/// A caller's tampered ciphertext is the caller's fault, not the HSM's: refused, counted in the
+/// metrics as a failed C_Decrypt, but the health stays ACTIVE with no HSM error listed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tampered_ciphertext_does_not_make_the_health_degraded() {
+    let server = kms_tests::Server::start();
+    let key = kms_tests::create_key(&mut server.admin().await, "").await;
+    let mut data = server.data().await;
+    let mut r = data.generate_data_key(kms_tests::gdk(&key, &[])).await.unwrap().into_inner();
+    let mut blob = std::mem::take(&mut r.ciphertext_blob);
+    *blob.last_mut().unwrap() ^= 1;
+    let request =
+        kms_proto::v1::DecryptRequest { ciphertext_blob: blob, encryption_context: Default::default(), key_id: String::new(), caller_context: None };
+    assert_eq!(data.decrypt(request).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    let out = server.kmsctl(&["--json", "status"]);
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((&s["health"], s["recent_hsm_errors"].as_array().map(Vec::len)), (&serde_json::json!("ACTIVE"), Some(0)), "{s}");
+    let (_, metrics) = server.http_get("/metrics");
+    assert!(metrics.contains("kms_hsm_calls_total{function=\"C_Decrypt\",result=\"error\"} 1"), "{metrics}");
+}

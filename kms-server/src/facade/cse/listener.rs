@@ -21,7 +21,6 @@ use crate::domain::ids::KeyRef;
 use crate::domain::policy::Operation;
 use crate::error::Error;
 use crate::facade::https::{self, Answer, BodyError, RefusalLog};
-use crate::hsm::RsaPrivateKey;
 use crate::secret::SecretBytes;
 use crate::service::cse::{Config, DELEGATE_AUDIENCE, PRINCIPAL};
 use crate::service::{Caller, Kms};
@@ -635,18 +634,14 @@ async fn privileged_wrap(state: &State, config: &Arc<Config>, body: &[u8]) -> Re
     let request: wire::PrivilegedWrapRequest = wire::parse(body)?;
     wire::check_reason(&request.reason)?;
     check_resource_name(&request.resource_name)?;
-    if request.perimeter_id.len() > wire::MAX_PERIMETER_ID {
-        return Err(CseError::bad_request(format!("perimeter_id is at most {} bytes", wire::MAX_PERIMETER_ID)));
-    }
+    check_perimeter_id(&request.perimeter_id)?;
     let dek = zeroize::Zeroizing::new(wire::decode("key", &request.key, wire::MAX_KEY)?);
     let claims: PrivilegedClaims = token(state, "CsePrivilegedWrap", "authentication", &request.authentication, &config.authentication).await?;
     let who = privileged_user(&claims)?;
     let context = caller_context("privilegedwrap", &who, None, &request.reason);
     let config = config.clone();
     run(&state.shared, "CsePrivilegedWrap", context, move |kms, caller, facts| {
-        if !config.privileged(&who) {
-            return Err(refused(CseError::forbidden("this user may not call privilegedwrap (kmsctl cse configure --privileged-user)")));
-        }
+        privileged(&config, &who, "privilegedwrap")?;
         let wrapped = wrap_key(kms, caller, facts, &config, &dek, &request.resource_name, &request.perimeter_id)?;
         Ok(json(serde_json::json!({ "wrapped_key": B64.encode(wrapped) })))
     })
@@ -675,8 +670,8 @@ async fn privileged_unwrap(state: &State, config: &Arc<Config>, body: &[u8]) -> 
             if !ours || claims.resource_name.as_deref() != Some(request.resource_name.as_str()) {
                 return Err(refused(CseError::forbidden("the migration token is for another key service or resource")));
             }
-        } else if !config.privileged(&who) {
-            return Err(refused(CseError::forbidden("this user may not call privilegedunwrap (kmsctl cse configure --privileged-user)")));
+        } else {
+            privileged(&config, &who, "privilegedunwrap")?;
         }
         let (dek, _) = unwrap_key(kms, caller, facts, &request.wrapped_key, &request.resource_name)?;
         Ok(key_answer("key", dek.expose_secret()))
@@ -684,32 +679,43 @@ async fn privileged_unwrap(state: &State, config: &Arc<Config>, body: &[u8]) -> 
     .await
 }
 
-/// Wraps a Gmail user's S/MIME private key for Gmail to keep (`wrapprivatekey`): a key service
-/// administrator's call (`--privileged-user`), on the authentication token alone. The key is
-/// wrapped under the key CSE uses, bound to its public key's hash and to the perimeter, so that
-/// only a call naming that public key (Gmail's `spki_hash`) opens it.
-async fn wrap_private_key(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<u8>, CseError> {
-    let request: wire::WrapPrivateKeyRequest = wire::parse(body)?;
-    if request.perimeter_id.len() > wire::MAX_PERIMETER_ID {
+/// Refuses a privileged call (the authentication token alone) unless the settings name its user.
+fn privileged(config: &Config, who: &str, operation: &str) -> Result<(), Error> {
+    if config.privileged(who) {
+        return Ok(());
+    }
+    Err(refused(CseError::forbidden(format!("this user may not call {operation} (kmsctl cse configure --privileged-user)"))))
+}
+
+fn check_perimeter_id(perimeter_id: &str) -> Result<(), CseError> {
+    if perimeter_id.len() > wire::MAX_PERIMETER_ID {
         return Err(CseError::bad_request(format!("perimeter_id is at most {} bytes", wire::MAX_PERIMETER_ID)));
     }
-    let text = request.private_key.trim();
-    let given = if text.starts_with("-----BEGIN") {
+    Ok(())
+}
+
+/// Wraps a Gmail user's S/MIME private key for Gmail to keep (`wrapprivatekey`): a key service
+/// administrator's call (`--privileged-user`), on the authentication token alone. The key is
+/// checked (`Kms::cse_user_key`), then wrapped under the key CSE uses, bound to its public
+/// key's hash and to the perimeter, so that only a call naming that public key (Gmail's
+/// `spki_hash`) opens it.
+async fn wrap_private_key(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<u8>, CseError> {
+    let mut request: wire::WrapPrivateKeyRequest = wire::parse(body)?;
+    let text = zeroize::Zeroizing::new(std::mem::take(&mut request.private_key));
+    check_perimeter_id(&request.perimeter_id)?;
+    let given = if text.trim_start().starts_with("-----BEGIN") {
+        // The reference's example escapes the PEM's line breaks once more than JSON needs.
         zeroize::Zeroizing::new(text.replace("\\n", "\n").into_bytes())
     } else {
-        zeroize::Zeroizing::new(wire::decode("private_key", text, wire::MAX_WRAPPED_PRIVATE_KEY)?)
+        zeroize::Zeroizing::new(wire::decode("private_key", text.trim(), wire::MAX_WRAPPED_PRIVATE_KEY)?)
     };
-    let pkcs1 = RsaPrivateKey::pkcs1_der_of(&given).map_err(|e| CseError::bad_request(format!("private_key {e}")))?;
-    let key = RsaPrivateKey::from_pkcs1_der(&pkcs1).map_err(|e| CseError::bad_request(format!("private_key {e}")))?;
-    let spki_hash = wire::spki_hash_of(&key.public);
     let claims: PrivilegedClaims = token(state, "CseWrapPrivateKey", "authentication", &request.authentication, &config.authentication).await?;
     let who = privileged_user(&claims)?;
-    let context = caller_context("wrapprivatekey", &who, None, &format!("spki_hash {spki_hash}"));
+    let context = caller_context("wrapprivatekey", &who, None, "");
     let config = config.clone();
     run(&state.shared, "CseWrapPrivateKey", context, move |kms, caller, facts| {
-        if !config.privileged(&who) {
-            return Err(refused(CseError::forbidden("this user may not call wrapprivatekey (kmsctl cse configure --privileged-user)")));
-        }
+        privileged(&config, &who, "wrapprivatekey")?;
+        let (pkcs1, spki_hash) = kms.cse_user_key(&given)?;
         let pairs = wire::private_key_context(&spki_hash, &request.perimeter_id);
         let wrapped = wrap_under(kms, caller, facts, &config, &pkcs1, pairs, &request.perimeter_id)?;
         Ok(json(serde_json::json!({ "wrapped_private_key": B64.encode(wrapped) })))
@@ -736,11 +742,6 @@ fn with_private_key(
     kms.cse_private_key_op(pkcs1.expose_secret(), spki_hash, op)
 }
 
-/// OAEP's label: empty when not given.
-fn oaep_label(label: &str) -> Result<Vec<u8>, CseError> {
-    if label.is_empty() { Ok(Vec::new()) } else { wire::decode("rsa_oaep_label", label, wire::MAX_RSA_CIPHERTEXT) }
-}
-
 /// Gmail's `privatekeydecrypt`: the user (a `decrypter`) has the content key of a message
 /// decrypted with their S/MIME private key, which the authorization token names by its public
 /// key's hash.
@@ -748,8 +749,7 @@ async fn private_key_decrypt(state: &State, config: &Arc<Config>, body: &[u8]) -
     let request: wire::PrivateKeyDecryptRequest = wire::parse(body)?;
     wire::check_reason(&request.reason)?;
     let ciphertext = wire::decode("encrypted_data_encryption_key", &request.encrypted_data_encryption_key, wire::MAX_RSA_CIPHERTEXT)?;
-    let label = oaep_label(&request.rsa_oaep_label)?;
-    wire::decryption(&request.algorithm, &label, &ciphertext)?;
+    let decryption = wire::decryption(&request.algorithm, &request.rsa_oaep_label)?;
     let authn = authentication(state, config, "CsePrivateKeyDecrypt", &request.authentication).await?;
     let authz: Authorization = token(state, "CsePrivateKeyDecrypt", "authorization", &request.authorization, &config.authorization).await?;
     let context = caller_context("privatekeydecrypt", &authz.email, Some(&authz), &request.reason);
@@ -757,8 +757,7 @@ async fn private_key_decrypt(state: &State, config: &Arc<Config>, body: &[u8]) -
     run(&state.shared, "CsePrivateKeyDecrypt", context, move |kms, caller, facts| {
         check(&config, Some(&authn), &authz, Use::PrivateKeyDecrypt)?;
         let spki_hash = wire::spki_hash(authz.spki_hash.as_deref(), authz.spki_hash_algorithm.as_deref()).map_err(refused)?;
-        let op = wire::decryption(&request.algorithm, &label, &ciphertext).map_err(refused)?;
-        let dek = with_private_key(kms, caller, facts, &request.wrapped_private_key, &spki_hash, op)?;
+        let dek = with_private_key(kms, caller, facts, &request.wrapped_private_key, &spki_hash, decryption.op(&ciphertext))?;
         Ok(key_answer("data_encryption_key", dek.expose_secret()))
     })
     .await
@@ -769,8 +768,8 @@ async fn private_key_decrypt(state: &State, config: &Arc<Config>, body: &[u8]) -
 async fn private_key_sign(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<u8>, CseError> {
     let request: wire::PrivateKeySignRequest = wire::parse(body)?;
     wire::check_reason(&request.reason)?;
-    let digest = wire::decode("digest", &request.digest, wire::MAX_DIGEST)?;
-    wire::signature(&request.algorithm, request.rsa_pss_salt_length, &digest)?;
+    let digest = wire::sha256_digest(&request.digest)?;
+    let signing = wire::signing(&request.algorithm, request.rsa_pss_salt_length)?;
     let authn = authentication(state, config, "CsePrivateKeySign", &request.authentication).await?;
     let authz: Authorization = token(state, "CsePrivateKeySign", "authorization", &request.authorization, &config.authorization).await?;
     let context = caller_context("privatekeysign", &authz.email, Some(&authz), &request.reason);
@@ -778,8 +777,7 @@ async fn private_key_sign(state: &State, config: &Arc<Config>, body: &[u8]) -> R
     run(&state.shared, "CsePrivateKeySign", context, move |kms, caller, facts| {
         check(&config, Some(&authn), &authz, Use::PrivateKeySign)?;
         let spki_hash = wire::spki_hash(authz.spki_hash.as_deref(), authz.spki_hash_algorithm.as_deref()).map_err(refused)?;
-        let op = wire::signature(&request.algorithm, request.rsa_pss_salt_length, &digest).map_err(refused)?;
-        let signature = with_private_key(kms, caller, facts, &request.wrapped_private_key, &spki_hash, op)?;
+        let signature = with_private_key(kms, caller, facts, &request.wrapped_private_key, &spki_hash, signing.op(&digest))?;
         Ok(json(serde_json::json!({ "signature": B64.encode(signature.expose_secret()) })))
     })
     .await
@@ -792,8 +790,7 @@ async fn privileged_private_key_decrypt(state: &State, config: &Arc<Config>, bod
     let request: wire::PrivilegedPrivateKeyDecryptRequest = wire::parse(body)?;
     wire::check_reason(&request.reason)?;
     let ciphertext = wire::decode("encrypted_data_encryption_key", &request.encrypted_data_encryption_key, wire::MAX_RSA_CIPHERTEXT)?;
-    let label = oaep_label(&request.rsa_oaep_label)?;
-    wire::decryption(&request.algorithm, &label, &ciphertext)?;
+    let decryption = wire::decryption(&request.algorithm, &request.rsa_oaep_label)?;
     let spki_hash = wire::spki_hash(Some(&request.spki_hash), request.spki_hash_algorithm.as_deref())?;
     let claims: PrivilegedClaims =
         token(state, "CsePrivilegedPrivateKeyDecrypt", "authentication", &request.authentication, &config.authentication).await?;
@@ -801,11 +798,8 @@ async fn privileged_private_key_decrypt(state: &State, config: &Arc<Config>, bod
     let context = caller_context("privilegedprivatekeydecrypt", &who, None, &request.reason);
     let config = config.clone();
     run(&state.shared, "CsePrivilegedPrivateKeyDecrypt", context, move |kms, caller, facts| {
-        if !config.privileged(&who) {
-            return Err(refused(CseError::forbidden("this user may not call privilegedprivatekeydecrypt (kmsctl cse configure --privileged-user)")));
-        }
-        let op = wire::decryption(&request.algorithm, &label, &ciphertext).map_err(refused)?;
-        let dek = with_private_key(kms, caller, facts, &request.wrapped_private_key, &spki_hash, op)?;
+        privileged(&config, &who, "privilegedprivatekeydecrypt")?;
+        let dek = with_private_key(kms, caller, facts, &request.wrapped_private_key, &spki_hash, decryption.op(&ciphertext))?;
         Ok(key_answer("data_encryption_key", dek.expose_secret()))
     })
     .await

@@ -194,15 +194,20 @@ pub struct PrivilegedUnwrapRequest {
     pub reason: String,
 }
 
-/// Reads a request's JSON (unknown fields are ignored: Google adds fields over time).
 /// `POST wrapprivatekey`: a key service administrator's (the authentication token alone).
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 pub struct WrapPrivateKeyRequest {
     pub authentication: String,
     #[serde(default)]
     pub perimeter_id: String,
     /// PEM (`RSA PRIVATE KEY` or unencrypted `PRIVATE KEY`), or Base64 of either's DER.
     pub private_key: String,
+}
+
+impl std::fmt::Debug for WrapPrivateKeyRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WrapPrivateKeyRequest").field("perimeter_id", &self.perimeter_id).finish_non_exhaustive()
+    }
 }
 
 /// `POST privatekeydecrypt`.
@@ -258,33 +263,73 @@ pub const MAX_DIGEST: usize = 128;
 /// PSS's salt when the request names none: the digest's length (RFC 8017's recommendation).
 const PSS_SALT: u32 = 32;
 
-/// The decryption `algorithm` names, with `label` (OAEP's; ignored otherwise) and the
-/// ciphertext. OAEP's names follow RFC 8017: the named hash for the label and for MGF1 both.
-pub fn decryption<'a>(algorithm: &str, label: &'a [u8], ciphertext: &'a [u8]) -> Result<RsaPrivateOp<'a>, CseError> {
-    let oaep = |hash| RsaPrivateOp::DecryptOaep { hash, label, ciphertext };
-    match algorithm.to_ascii_uppercase().as_str() {
-        "RSA/ECB/PKCS1PADDING" => Ok(RsaPrivateOp::DecryptPkcs1 { ciphertext }),
-        "RSA/ECB/OAEPWITHSHA-1ANDMGF1PADDING" => Ok(oaep(OaepHash::Sha1)),
-        "RSA/ECB/OAEPWITHSHA-256ANDMGF1PADDING" => Ok(oaep(OaepHash::Sha256)),
-        _ => Err(CseError::bad_request(
-            "algorithm must be RSA/ECB/PKCS1Padding, RSA/ECB/OAEPwithSHA-1andMGF1Padding or RSA/ECB/OAEPwithSHA-256andMGF1Padding",
-        )),
+/// A decryption `algorithm` names: RSAES-PKCS1-v1_5, or RSAES-OAEP with its label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decryption {
+    Pkcs1,
+    Oaep { hash: OaepHash, label: Vec<u8> },
+}
+
+impl Decryption {
+    pub fn op<'a>(&'a self, ciphertext: &'a [u8]) -> RsaPrivateOp<'a> {
+        match self {
+            Decryption::Pkcs1 => RsaPrivateOp::DecryptPkcs1 { ciphertext },
+            Decryption::Oaep { hash, label } => RsaPrivateOp::DecryptOaep { hash: *hash, label, ciphertext },
+        }
     }
 }
 
-/// The signature `algorithm` names over `digest` (a SHA-256 digest, 32 bytes), PSS's salt
-/// `salt` bytes (32 when not given; ignored otherwise).
-pub fn signature<'a>(algorithm: &str, salt: Option<u32>, digest: &'a [u8]) -> Result<RsaPrivateOp<'a>, CseError> {
+/// The decryption `algorithm` names (case-insensitively), with OAEP's `label` (Base64; ignored
+/// for PKCS#1 v1.5).
+pub fn decryption(algorithm: &str, label: &str) -> Result<Decryption, CseError> {
+    let hash = match algorithm.to_ascii_uppercase().as_str() {
+        "RSA/ECB/PKCS1PADDING" => return Ok(Decryption::Pkcs1),
+        "RSA/ECB/OAEPWITHSHA-1ANDMGF1PADDING" => OaepHash::Sha1,
+        "RSA/ECB/OAEPWITHSHA-256ANDMGF1PADDING" => OaepHash::Sha256,
+        _ => {
+            return Err(CseError::bad_request(
+                "algorithm must be RSA/ECB/PKCS1Padding, RSA/ECB/OAEPwithSHA-1andMGF1Padding or RSA/ECB/OAEPwithSHA-256andMGF1Padding",
+            ));
+        }
+    };
+    let label = if label.is_empty() { Vec::new() } else { decode("rsa_oaep_label", label, MAX_RSA_CIPHERTEXT)? };
+    Ok(Decryption::Oaep { hash, label })
+}
+
+/// A signature `algorithm` names, over a SHA-256 digest: RSASSA-PKCS1-v1_5, or RSASSA-PSS with
+/// its salt's length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signing {
+    Pkcs1,
+    Pss { salt: usize },
+}
+
+impl Signing {
+    pub fn op(self, digest: &[u8]) -> RsaPrivateOp<'_> {
+        match self {
+            Signing::Pkcs1 => RsaPrivateOp::SignPkcs1Sha256 { digest },
+            Signing::Pss { salt } => RsaPrivateOp::SignPssSha256 { digest, salt },
+        }
+    }
+}
+
+/// The signature `algorithm` names (case-insensitively), PSS's salt `salt` bytes (32 when not
+/// given; ignored otherwise).
+pub fn signing(algorithm: &str, salt: Option<u32>) -> Result<Signing, CseError> {
+    match algorithm.to_ascii_uppercase().as_str() {
+        "SHA256WITHRSA" => Ok(Signing::Pkcs1),
+        "SHA256WITHRSA/PSS" | "SHA256WITHRSAANDMGF1" | "RSASSA-PSS" => Ok(Signing::Pss { salt: salt.unwrap_or(PSS_SALT) as usize }),
+        _ => Err(CseError::bad_request("algorithm must be SHA256withRSA or SHA256withRSA/PSS (also SHA256withRSAandMGF1, RSASSA-PSS)")),
+    }
+}
+
+/// The SHA-256 digest (Base64) a signature is asked over.
+pub fn sha256_digest(digest: &str) -> Result<Vec<u8>, CseError> {
+    let digest = decode("digest", digest, MAX_DIGEST)?;
     if digest.len() != 32 {
         return Err(CseError::bad_request("digest must be a SHA-256 digest (32 bytes)"));
     }
-    match algorithm.to_ascii_uppercase().as_str() {
-        "SHA256WITHRSA" => Ok(RsaPrivateOp::SignPkcs1Sha256 { digest }),
-        "SHA256WITHRSA/PSS" | "SHA256WITHRSAANDMGF1" | "RSASSA-PSS" => {
-            Ok(RsaPrivateOp::SignPssSha256 { digest, salt: salt.unwrap_or(PSS_SALT) as usize })
-        }
-        _ => Err(CseError::bad_request("algorithm must be SHA256withRSA or SHA256withRSA/PSS (also SHA256withRSAandMGF1, RSASSA-PSS)")),
-    }
+    Ok(digest)
 }
 
 /// The public key hash a Gmail call names (standard Base64 of a SHA-256 digest), in the one
@@ -300,12 +345,6 @@ pub fn spki_hash(hash: Option<&str>, algorithm: Option<&str>) -> Result<String, 
     }
 }
 
-/// The SHA-256 of a public key's DER SubjectPublicKeyInfo, as `spki_hash` spells it.
-pub fn spki_hash_of(key: &crate::hsm::RsaPublicKey) -> String {
-    use sha2::Digest;
-    B64.encode(Sha256::digest(key.spki_der()))
-}
-
 /// The encryption context a user's private key is wrapped under: its public key's hash and the
 /// perimeter, under a name no wrapped data key's context has (so neither opens as the other).
 pub fn private_key_context(spki_hash: &str, perimeter_id: &str) -> std::collections::HashMap<String, String> {
@@ -315,6 +354,7 @@ pub fn private_key_context(spki_hash: &str, perimeter_id: &str) -> std::collecti
         .collect()
 }
 
+/// Reads a request's JSON (unknown fields are ignored: Google adds fields over time).
 pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, CseError> {
     serde_json::from_slice(body).map_err(|e| {
         let why = e.to_string();
@@ -341,6 +381,9 @@ pub fn check_tokens(authn: Option<&Authentication>, authz: &Authorization, what:
             return Err(CseError::forbidden("the authentication and authorization tokens are for different users"));
         }
         if let Some(delegate) = &authn.delegated_to {
+            if matches!(what, Use::PrivateKeyDecrypt | Use::PrivateKeySign) {
+                return Err(CseError::forbidden("a delegated authentication token does not open private keys"));
+            }
             let same = authz.delegated_to.as_deref().is_some_and(|d| d.eq_ignore_ascii_case(delegate))
                 && authn.resource_name.as_deref() == Some(authz.resource_name.as_str());
             if !same {
@@ -552,19 +595,21 @@ mod tests {
 
     #[test]
     fn gmails_algorithm_names_map_to_the_hsms_mechanisms_and_nothing_else_does() {
-        let (label, data) = (&b"L"[..], &b"C"[..]);
-        assert_eq!(decryption("RSA/ECB/PKCS1Padding", label, data).unwrap(), RsaPrivateOp::DecryptPkcs1 { ciphertext: data });
+        let label = B64.encode(b"L");
+        assert_eq!(decryption("RSA/ECB/PKCS1Padding", "not base64, and ignored").unwrap(), Decryption::Pkcs1);
         assert_eq!(
-            decryption("rsa/ecb/oaepwithsha-256andmgf1padding", label, data).unwrap(),
-            RsaPrivateOp::DecryptOaep { hash: OaepHash::Sha256, label, ciphertext: data }
+            decryption("rsa/ecb/oaepwithsha-256andmgf1padding", &label).unwrap(),
+            Decryption::Oaep { hash: OaepHash::Sha256, label: b"L".to_vec() }
         );
-        assert_eq!(decryption("RSA/ECB/NoPadding", label, data).unwrap_err().code, 400);
-        let digest = [9u8; 32];
-        assert_eq!(signature("SHA256withRSA", Some(5), &digest).unwrap(), RsaPrivateOp::SignPkcs1Sha256 { digest: &digest });
-        assert_eq!(signature("SHA256withRSA/PSS", None, &digest).unwrap(), RsaPrivateOp::SignPssSha256 { digest: &digest, salt: 32 });
-        assert_eq!(signature("RSASSA-PSS", Some(0), &digest).unwrap(), RsaPrivateOp::SignPssSha256 { digest: &digest, salt: 0 });
-        assert_eq!(signature("SHA1withRSA", None, &digest).unwrap_err().code, 400);
-        assert_eq!(signature("SHA256withRSA", None, &digest[..20]).unwrap_err().code, 400);
+        assert_eq!(decryption("RSA/ECB/OAEPwithSHA-1andMGF1Padding", "").unwrap(), Decryption::Oaep { hash: OaepHash::Sha1, label: vec![] });
+        assert_eq!(decryption("RSA/ECB/OAEPwithSHA-1andMGF1Padding", "!").unwrap_err().code, 400);
+        assert_eq!(decryption("RSA/ECB/NoPadding", "").unwrap_err().code, 400);
+        assert_eq!(signing("SHA256withRSA", Some(5)).unwrap(), Signing::Pkcs1);
+        assert_eq!(signing("SHA256withRSA/PSS", None).unwrap(), Signing::Pss { salt: 32 });
+        assert_eq!(signing("RSASSA-PSS", Some(0)).unwrap(), Signing::Pss { salt: 0 });
+        assert_eq!(signing("SHA1withRSA", None).unwrap_err().code, 400);
+        assert_eq!(sha256_digest(&B64.encode([1u8; 32])).unwrap(), vec![1u8; 32]);
+        assert_eq!(sha256_digest(&B64.encode([1u8; 20])).unwrap_err().code, 400);
     }
 
     #[test]
