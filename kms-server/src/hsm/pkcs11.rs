@@ -694,7 +694,6 @@ fn retired_means_unavailable(link: &Link, e: HsmError) -> HsmError {
     }
 }
 
-/// Maps a cryptoki error to what the service does about it.
 /// A decryption's failure in the standard's words: SoftHSM2 reports a forged AES-GCM tag, and
 /// bad RSA padding, as CKR_GENERAL_ERROR (SOFTHSM-NOTES.md), where the standard says
 /// CKR_ENCRYPTED_DATA_INVALID. Called on the decryption's own result only, never on a session's
@@ -725,6 +724,7 @@ fn callers_fault(e: &CkError) -> bool {
     )
 }
 
+/// Maps a cryptoki error to what the service does about it.
 fn classify(function: &'static str, e: CkError) -> HsmError {
     match e {
         CkError::Pkcs11(code, _) => match code {
