@@ -129,7 +129,7 @@ fn generate_one(
     let key = key_ref("key_id", &r.key_id)?;
     facts.key_id = kms.key_id_of(&key);
     let len = data_key_len(r.key_spec, r.number_of_bytes)?;
-    let ctx = context("encryption_context", r.encryption_context)?;
+    let ctx = data_context("encryption_context", r.encryption_context)?;
     facts.context = Some(ctx.clone());
     let proof = kms.authorize(caller, &key, Operation::GenerateDataKey, &ctx)?;
     let (enc, data_key) = kms.generate_data_key(&proof, len, &ctx, draw)?;
@@ -143,6 +143,18 @@ fn generate_one(
     })
 }
 
+/// A data-plane call's encryption context. Names beginning with `cse_` are Google Workspace
+/// CSE's (`facade::cse::wire::CONTEXT_PREFIX`): no gRPC caller may use them, so that no grant on
+/// the key CSE uses, whatever an officer gave, opens a data key or a Gmail user's private key
+/// that Google's calls wrapped.
+fn data_context(field: &'static str, pairs: std::collections::HashMap<String, String>) -> Result<crate::domain::context::EncryptionContext, Error> {
+    let prefix = crate::facade::cse::wire::CONTEXT_PREFIX;
+    if let Some(name) = pairs.keys().find(|name| name.starts_with(prefix)) {
+        return Err(Error::invalid(field, format!("names {name:?}: names beginning with {prefix} are reserved for Google Workspace CSE")));
+    }
+    context(field, pairs)
+}
+
 /// One Decrypt, alone or as an item of a batch.
 fn decrypt_one(
     kms: &crate::service::Kms,
@@ -153,7 +165,7 @@ fn decrypt_one(
     blob_field("ciphertext_blob", &r.ciphertext_blob)?;
     blob_facts(&r.ciphertext_blob, facts);
     let expected = optional_key_ref("key_id", &r.key_id)?;
-    let ctx = context("encryption_context", r.encryption_context)?;
+    let ctx = data_context("encryption_context", r.encryption_context)?;
     facts.context = Some(ctx.clone());
     let dec = kms.decrypt(caller, &r.ciphertext_blob, &ctx, expected.as_ref())?;
     Ok(pb::DecryptResponse {
@@ -244,7 +256,7 @@ impl Crypto for CryptoService {
                 let key = key_ref("key_id", &r.key_id)?;
                 facts.key_id = kms.key_id_of(&key);
                 let len = data_key_len(r.key_spec, r.number_of_bytes)?;
-                let ctx = context("encryption_context", r.encryption_context)?;
+                let ctx = data_context("encryption_context", r.encryption_context)?;
                 facts.context = Some(ctx.clone());
                 let proof = kms.authorize(caller, &key, Operation::GenerateDataKeyWithoutPlaintext, &ctx)?;
                 let (enc, _data_key) = kms.generate_data_key(&proof, len, &ctx, &mut RandomDraw::for_data_keys(1))?;
@@ -268,7 +280,7 @@ impl Crypto for CryptoService {
                 facts.caller_context = caller_context(r.caller_context.take())?;
                 let key = key_ref("key_id", &r.key_id)?;
                 facts.key_id = kms.key_id_of(&key);
-                let ctx = context("encryption_context", std::mem::take(&mut r.encryption_context))?;
+                let ctx = data_context("encryption_context", std::mem::take(&mut r.encryption_context))?;
                 facts.context = Some(ctx.clone());
                 let proof = kms.authorize(caller, &key, Operation::Encrypt, &ctx)?;
                 let enc = kms.encrypt(&proof, plaintext.expose_secret(), &ctx)?;
@@ -304,9 +316,9 @@ impl Crypto for CryptoService {
                 blob_facts(&r.ciphertext_blob, facts);
                 let source = optional_key_ref("source_key_id", &r.source_key_id)?;
                 let destination = key_ref("destination_key_id", &r.destination_key_id)?;
-                let source_ctx = context("source_encryption_context", r.source_encryption_context)?;
+                let source_ctx = data_context("source_encryption_context", r.source_encryption_context)?;
                 facts.context = Some(source_ctx.clone());
-                let dest_ctx = context("destination_encryption_context", r.destination_encryption_context)?;
+                let dest_ctx = data_context("destination_encryption_context", r.destination_encryption_context)?;
                 let (dec, enc) = kms.re_encrypt(caller, &r.ciphertext_blob, &source_ctx, source.as_ref(), &destination, &dest_ctx)?;
                 facts.detail = format!("to key {} version {}", enc.key_id, enc.key_version);
                 Ok(pb::ReEncryptResponse {

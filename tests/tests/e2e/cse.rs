@@ -936,6 +936,25 @@ async fn gmail_decrypts_and_signs_with_a_wrapped_smime_key_inside_the_hsm() {
     assert_eq!(post(&server, "privilegedprivatekeydecrypt", &privileged("ana@example.com", &spki_hash)).0, 403);
     assert_eq!(post(&server, "privilegedprivatekeydecrypt", &privileged("admin@example.com", &other_hash)).0, 400);
 
+    // No gRPC caller opens what Google's calls wrapped, whatever its grants (the workload here
+    // holds every operation on the key): the context names are CSE's alone.
+    let mut data = server.data().await;
+    let cases = [
+        (&wrapped, [("cse_private_key_spki_sha256", spki_hash.as_str()), ("cse_perimeter_id", "eu")]),
+        (&data_key, [("cse_resource_name", RESOURCE), ("cse_perimeter_id", "eu")]),
+    ];
+    for (wrapped, pairs) in cases {
+        let bytes = B64.decode(wrapped).unwrap();
+        let blob = bytes[2 + usize::from(bytes[1])..].to_vec();
+        let encryption_context = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let e = data
+            .decrypt(pb::DecryptRequest { ciphertext_blob: blob, encryption_context, key_id: String::new(), caller_context: None })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(e.message().contains("reserved for Google Workspace CSE"), "{e}");
+    }
+
     // A disabled key cuts Gmail off as it cuts off every other caller.
     admin.disable_key(pb::DisableKeyRequest { key_id: key.clone() }).await.unwrap();
     let (status, e) = post(&server, "privatekeydecrypt", &decrypt("RSA/ECB/PKCS1Padding", &pkcs1, "decrypter", &spki_hash, &wrapped));

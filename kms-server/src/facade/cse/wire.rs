@@ -10,6 +10,10 @@ use sha2::Sha256;
 
 use crate::hsm::{OaepHash, RsaPrivateOp};
 
+/// The prefix of the encryption context names the wrapped keys are bound to; reserved for this
+/// facade (no gRPC call may name one).
+pub const CONTEXT_PREFIX: &str = "cse_";
+
 /// The most bytes of a data encryption key Google wraps.
 pub const MAX_KEY: usize = 128;
 /// The most bytes of a wrapped key, a resource name, a perimeter id, a reason.
