@@ -79,6 +79,14 @@ impl SecretText {
     }
 }
 
+/// A secret field of a request's JSON (a bearer token, a data key in Base64, a private key): taken
+/// as it is, wiped when dropped, redacted in `Debug`.
+impl<'de> serde::Deserialize<'de> for SecretText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(|s| SecretText(Zeroizing::new(s)))
+    }
+}
+
 impl fmt::Debug for SecretText {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("SecretText(<redacted>)")

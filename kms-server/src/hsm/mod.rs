@@ -280,7 +280,15 @@ impl fmt::Debug for RsaPrivateKey {
 impl RsaPrivateKey {
     /// Reads a two-prime PKCS#1 `RSAPrivateKey` (DER) of 2,048 to 4,096 bits.
     pub fn from_pkcs1_der(der: &[u8]) -> Result<RsaPrivateKey, String> {
-        let not = || "is not a two-prime PKCS#1 RSAPrivateKey".to_string();
+        let key = RsaPrivateKey::parts(der).ok_or_else(|| "is not a two-prime PKCS#1 RSAPrivateKey".to_string())?;
+        match key.public.bits() {
+            2048..=4096 => Ok(key),
+            bits => Err(format!("is a {bits}-bit RSA key; 2048 to 4096 bits are accepted")),
+        }
+    }
+
+    /// The integers of a two-prime PKCS#1 `RSAPrivateKey`, all positive, whatever their size.
+    fn parts(der: &[u8]) -> Option<RsaPrivateKey> {
         let parsed = yasna::parse_der(der, |r| {
             r.read_sequence(|r| {
                 if r.next().read_u8()? != 0 {
@@ -295,16 +303,11 @@ impl RsaPrivateKey {
                 Ok((modulus, exponent, secret))
             })
         });
-        let (modulus, exponent, secret) = parsed.map_err(|_| not())?;
+        let (modulus, exponent, secret) = parsed.ok()?;
         let public = RsaPublicKey { modulus: trim(&modulus), exponent: trim(&exponent) };
         let secret = secret.map(|part| zeroize::Zeroizing::new(trim(&part)));
-        if secret.iter().any(|part| part.is_empty()) || public.exponent.is_empty() {
-            return Err(not());
-        }
-        match public.bits() {
-            2048..=4096 => Ok(RsaPrivateKey { public, secret }),
-            bits => Err(format!("is a {bits}-bit RSA key; 2048 to 4096 bits are accepted")),
-        }
+        let empty = secret.iter().any(|part| part.is_empty()) || public.exponent.is_empty() || public.modulus.is_empty();
+        (!empty).then_some(RsaPrivateKey { public, secret })
     }
 
     /// The key, and its PKCS#1 `RSAPrivateKey` (DER), in a PEM `RSA PRIVATE KEY`, a PEM
@@ -316,11 +319,7 @@ impl RsaPrivateKey {
             Ok((_, pem)) => return Err(format!("holds a {:?}, not an RSA PRIVATE KEY or an unencrypted PRIVATE KEY", pem.label)),
             Err(_) => zeroize::Zeroizing::new(text.to_vec()),
         };
-        let pkcs1 = match RsaPrivateKey::from_pkcs1_der(&der) {
-            Ok(key) => return Ok((der, key)),
-            Err(e) if e.contains("bits") => return Err(e),
-            Err(_) => RsaPrivateKey::pkcs8_inner(&der)?,
-        };
+        let pkcs1 = if RsaPrivateKey::parts(&der).is_some() { der } else { RsaPrivateKey::pkcs8_inner(&der)? };
         let key = RsaPrivateKey::from_pkcs1_der(&pkcs1)?;
         Ok((pkcs1, key))
     }

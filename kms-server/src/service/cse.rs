@@ -51,7 +51,8 @@ const MAX_JWKS: usize = 64 * 1024;
 pub struct CseOptions {
     /// Whether guests (`email_type` `google-visitor`, `customer-idp`) may use the keys.
     pub guests: bool,
-    /// Who may call `privilegedwrap` and `privilegedunwrap`.
+    /// Who may call the privileged calls (`privilegedwrap`, `privilegedunwrap`,
+    /// `wrapprivatekey`, `privilegedprivatekeydecrypt`).
     pub privileged_users: Vec<String>,
     /// The key services whose wrapped keys `rewrap` may fetch.
     pub migration_sources: Vec<String>,

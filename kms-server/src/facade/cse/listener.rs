@@ -456,9 +456,9 @@ fn key_answer(field: &str, key: &[u8]) -> Vec<u8> {
 async fn wrap(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<u8>, CseError> {
     let request: wire::WrapRequest = wire::parse(body)?;
     wire::check_reason(&request.reason)?;
-    let dek = zeroize::Zeroizing::new(wire::decode("key", &request.key, wire::MAX_KEY)?);
-    let authn = authentication(state, config, "CseWrap", &request.authentication).await?;
-    let authz: Authorization = token(state, "CseWrap", "authorization", &request.authorization, &config.authorization).await?;
+    let dek = zeroize::Zeroizing::new(wire::decode("key", request.key.expose_secret(), wire::MAX_KEY)?);
+    let authn = authentication(state, config, "CseWrap", request.authentication.expose_secret()).await?;
+    let authz: Authorization = token(state, "CseWrap", "authorization", request.authorization.expose_secret(), &config.authorization).await?;
     let context = caller_context("wrap", &authz.email, Some(&authz), &request.reason);
     let config = config.clone();
     run(&state.shared, "CseWrap", context, move |kms, caller, facts| {
@@ -480,8 +480,8 @@ fn check(config: &Config, authn: Option<&Authentication>, authz: &Authorization,
 async fn unwrap(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<u8>, CseError> {
     let request: wire::UnwrapRequest = wire::parse(body)?;
     wire::check_reason(&request.reason)?;
-    let authn = authentication(state, config, "CseUnwrap", &request.authentication).await?;
-    let authz: Authorization = token(state, "CseUnwrap", "authorization", &request.authorization, &config.authorization).await?;
+    let authn = authentication(state, config, "CseUnwrap", request.authentication.expose_secret()).await?;
+    let authz: Authorization = token(state, "CseUnwrap", "authorization", request.authorization.expose_secret(), &config.authorization).await?;
     let context = caller_context("unwrap", &authz.email, Some(&authz), &request.reason);
     let config = config.clone();
     run(&state.shared, "CseUnwrap", context, move |kms, caller, facts| {
@@ -495,7 +495,7 @@ async fn unwrap(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<
 async fn digest(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<u8>, CseError> {
     let request: wire::DigestRequest = wire::parse(body)?;
     wire::check_reason(&request.reason)?;
-    let authz: Authorization = token(state, "CseDigest", "authorization", &request.authorization, &config.authorization).await?;
+    let authz: Authorization = token(state, "CseDigest", "authorization", request.authorization.expose_secret(), &config.authorization).await?;
     let context = caller_context("digest", &authz.email, Some(&authz), &request.reason);
     let config = config.clone();
     run(&state.shared, "CseDigest", context, move |kms, caller, facts| {
@@ -514,7 +514,7 @@ async fn digest(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<
 async fn rewrap(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<u8>, CseError> {
     let request: wire::RewrapRequest = wire::parse(body)?;
     wire::check_reason(&request.reason)?;
-    let authz: Authorization = token(state, "CseRewrap", "authorization", &request.authorization, &config.authorization).await?;
+    let authz: Authorization = token(state, "CseRewrap", "authorization", request.authorization.expose_secret(), &config.authorization).await?;
     let context = caller_context("rewrap", &authz.email, Some(&authz), &request.reason);
     let original = request.original_kacls_url.trim_end_matches('/').to_string();
     let ours = config.settings.as_ref().is_some_and(|s| s.kacls_url == original);
@@ -579,8 +579,8 @@ async fn open_elsewhere(
 async fn delegate(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<u8>, CseError> {
     let request: wire::DelegateRequest = wire::parse(body)?;
     wire::check_reason(&request.reason)?;
-    let authn: Authentication = token(state, "CseDelegate", "authentication", &request.authentication, &config.authentication).await?;
-    let authz: Authorization = token(state, "CseDelegate", "authorization", &request.authorization, &config.authorization).await?;
+    let authn: Authentication = token(state, "CseDelegate", "authentication", request.authentication.expose_secret(), &config.authentication).await?;
+    let authz: Authorization = token(state, "CseDelegate", "authorization", request.authorization.expose_secret(), &config.authorization).await?;
     let context = caller_context("delegate", &authz.email, Some(&authz), &request.reason);
     let config = config.clone();
     run(&state.shared, "CseDelegate", context, move |kms, _, facts| {
@@ -635,8 +635,9 @@ async fn privileged_wrap(state: &State, config: &Arc<Config>, body: &[u8]) -> Re
     wire::check_reason(&request.reason)?;
     check_resource_name(&request.resource_name)?;
     check_perimeter_id(&request.perimeter_id)?;
-    let dek = zeroize::Zeroizing::new(wire::decode("key", &request.key, wire::MAX_KEY)?);
-    let claims: PrivilegedClaims = token(state, "CsePrivilegedWrap", "authentication", &request.authentication, &config.authentication).await?;
+    let dek = zeroize::Zeroizing::new(wire::decode("key", request.key.expose_secret(), wire::MAX_KEY)?);
+    let claims: PrivilegedClaims =
+        token(state, "CsePrivilegedWrap", "authentication", request.authentication.expose_secret(), &config.authentication).await?;
     let who = privileged_user(&claims)?;
     let context = caller_context("privilegedwrap", &who, None, &request.reason);
     let config = config.clone();
@@ -658,7 +659,7 @@ async fn privileged_unwrap(state: &State, config: &Arc<Config>, body: &[u8]) -> 
     wire::check_reason(&request.reason)?;
     check_resource_name(&request.resource_name)?;
     let issuers: Vec<jwt::Issuer> = config.authentication.iter().chain(&config.kacls).cloned().collect();
-    let claims: PrivilegedClaims = token(state, "CsePrivilegedUnwrap", "authentication", &request.authentication, &issuers).await?;
+    let claims: PrivilegedClaims = token(state, "CsePrivilegedUnwrap", "authentication", request.authentication.expose_secret(), &issuers).await?;
     let migration = config.kacls.iter().any(|i| i.iss == claims.iss);
     let who = if migration { claims.iss.clone() } else { privileged_user(&claims)? };
     let context = caller_context("privilegedunwrap", &who, None, &request.reason);
@@ -700,8 +701,8 @@ fn check_perimeter_id(perimeter_id: &str) -> Result<(), CseError> {
 /// key's hash and to the perimeter, so that only a call naming that public key (Gmail's
 /// `spki_hash`) opens it.
 async fn wrap_private_key(state: &State, config: &Arc<Config>, body: &[u8]) -> Result<Vec<u8>, CseError> {
-    let mut request: wire::WrapPrivateKeyRequest = wire::parse(body)?;
-    let text = zeroize::Zeroizing::new(std::mem::take(&mut request.private_key));
+    let request: wire::WrapPrivateKeyRequest = wire::parse(body)?;
+    let text = request.private_key.expose_secret();
     check_perimeter_id(&request.perimeter_id)?;
     let given = if text.trim_start().starts_with("-----BEGIN") {
         // The reference's example escapes the PEM's line breaks once more than JSON needs.
@@ -709,7 +710,8 @@ async fn wrap_private_key(state: &State, config: &Arc<Config>, body: &[u8]) -> R
     } else {
         zeroize::Zeroizing::new(wire::decode("private_key", text.trim(), wire::MAX_WRAPPED_PRIVATE_KEY)?)
     };
-    let claims: PrivilegedClaims = token(state, "CseWrapPrivateKey", "authentication", &request.authentication, &config.authentication).await?;
+    let claims: PrivilegedClaims =
+        token(state, "CseWrapPrivateKey", "authentication", request.authentication.expose_secret(), &config.authentication).await?;
     let who = privileged_user(&claims)?;
     let context = caller_context("wrapprivatekey", &who, None, "");
     let config = config.clone();
@@ -750,8 +752,9 @@ async fn private_key_decrypt(state: &State, config: &Arc<Config>, body: &[u8]) -
     wire::check_reason(&request.reason)?;
     let ciphertext = wire::decode("encrypted_data_encryption_key", &request.encrypted_data_encryption_key, wire::MAX_RSA_CIPHERTEXT)?;
     let decryption = wire::decryption(&request.algorithm, &request.rsa_oaep_label)?;
-    let authn = authentication(state, config, "CsePrivateKeyDecrypt", &request.authentication).await?;
-    let authz: Authorization = token(state, "CsePrivateKeyDecrypt", "authorization", &request.authorization, &config.authorization).await?;
+    let authn = authentication(state, config, "CsePrivateKeyDecrypt", request.authentication.expose_secret()).await?;
+    let authz: Authorization =
+        token(state, "CsePrivateKeyDecrypt", "authorization", request.authorization.expose_secret(), &config.authorization).await?;
     let context = caller_context("privatekeydecrypt", &authz.email, Some(&authz), &request.reason);
     let config = config.clone();
     run(&state.shared, "CsePrivateKeyDecrypt", context, move |kms, caller, facts| {
@@ -770,8 +773,9 @@ async fn private_key_sign(state: &State, config: &Arc<Config>, body: &[u8]) -> R
     wire::check_reason(&request.reason)?;
     let digest = wire::sha256_digest(&request.digest)?;
     let signing = wire::signing(&request.algorithm, request.rsa_pss_salt_length)?;
-    let authn = authentication(state, config, "CsePrivateKeySign", &request.authentication).await?;
-    let authz: Authorization = token(state, "CsePrivateKeySign", "authorization", &request.authorization, &config.authorization).await?;
+    let authn = authentication(state, config, "CsePrivateKeySign", request.authentication.expose_secret()).await?;
+    let authz: Authorization =
+        token(state, "CsePrivateKeySign", "authorization", request.authorization.expose_secret(), &config.authorization).await?;
     let context = caller_context("privatekeysign", &authz.email, Some(&authz), &request.reason);
     let config = config.clone();
     run(&state.shared, "CsePrivateKeySign", context, move |kms, caller, facts| {
@@ -793,7 +797,7 @@ async fn privileged_private_key_decrypt(state: &State, config: &Arc<Config>, bod
     let decryption = wire::decryption(&request.algorithm, &request.rsa_oaep_label)?;
     let spki_hash = wire::spki_hash(Some(&request.spki_hash), request.spki_hash_algorithm.as_deref())?;
     let claims: PrivilegedClaims =
-        token(state, "CsePrivilegedPrivateKeyDecrypt", "authentication", &request.authentication, &config.authentication).await?;
+        token(state, "CsePrivilegedPrivateKeyDecrypt", "authentication", request.authentication.expose_secret(), &config.authentication).await?;
     let who = privileged_user(&claims)?;
     let context = caller_context("privilegedprivatekeydecrypt", &who, None, &request.reason);
     let config = config.clone();

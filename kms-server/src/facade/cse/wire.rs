@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::hsm::{OaepHash, RsaPrivateOp};
+use crate::secret::SecretText;
 
 /// The prefix of the encryption context names the wrapped keys are bound to; reserved for this
 /// facade (no gRPC call may name one).
@@ -131,9 +132,9 @@ impl Use {
 /// `POST wrap`.
 #[derive(Debug, Deserialize)]
 pub struct WrapRequest {
-    pub authentication: String,
-    pub authorization: String,
-    pub key: String,
+    pub authentication: SecretText,
+    pub authorization: SecretText,
+    pub key: SecretText,
     #[serde(default)]
     pub reason: String,
 }
@@ -141,8 +142,8 @@ pub struct WrapRequest {
 /// `POST unwrap`.
 #[derive(Debug, Deserialize)]
 pub struct UnwrapRequest {
-    pub authentication: String,
-    pub authorization: String,
+    pub authentication: SecretText,
+    pub authorization: SecretText,
     pub wrapped_key: String,
     #[serde(default)]
     pub reason: String,
@@ -151,7 +152,7 @@ pub struct UnwrapRequest {
 /// `POST digest`.
 #[derive(Debug, Deserialize)]
 pub struct DigestRequest {
-    pub authorization: String,
+    pub authorization: SecretText,
     pub wrapped_key: String,
     #[serde(default)]
     pub reason: String,
@@ -160,7 +161,7 @@ pub struct DigestRequest {
 /// `POST rewrap`.
 #[derive(Debug, Deserialize)]
 pub struct RewrapRequest {
-    pub authorization: String,
+    pub authorization: SecretText,
     pub original_kacls_url: String,
     pub wrapped_key: String,
     #[serde(default)]
@@ -170,8 +171,8 @@ pub struct RewrapRequest {
 /// `POST delegate`.
 #[derive(Debug, Deserialize)]
 pub struct DelegateRequest {
-    pub authentication: String,
-    pub authorization: String,
+    pub authentication: SecretText,
+    pub authorization: SecretText,
     #[serde(default)]
     pub reason: String,
 }
@@ -179,8 +180,8 @@ pub struct DelegateRequest {
 /// `POST privilegedwrap`: a domain administrator's bulk import of existing files.
 #[derive(Debug, Deserialize)]
 pub struct PrivilegedWrapRequest {
-    pub authentication: String,
-    pub key: String,
+    pub authentication: SecretText,
+    pub key: SecretText,
     pub resource_name: String,
     #[serde(default)]
     pub perimeter_id: String,
@@ -191,7 +192,7 @@ pub struct PrivilegedWrapRequest {
 /// `POST privilegedunwrap`.
 #[derive(Debug, Deserialize)]
 pub struct PrivilegedUnwrapRequest {
-    pub authentication: String,
+    pub authentication: SecretText,
     pub resource_name: String,
     pub wrapped_key: String,
     #[serde(default)]
@@ -199,26 +200,20 @@ pub struct PrivilegedUnwrapRequest {
 }
 
 /// `POST wrapprivatekey`: a key service administrator's (the authentication token alone).
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 pub struct WrapPrivateKeyRequest {
-    pub authentication: String,
+    pub authentication: SecretText,
     #[serde(default)]
     pub perimeter_id: String,
     /// PEM (`RSA PRIVATE KEY` or unencrypted `PRIVATE KEY`), or Base64 of either's DER.
-    pub private_key: String,
-}
-
-impl std::fmt::Debug for WrapPrivateKeyRequest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WrapPrivateKeyRequest").field("perimeter_id", &self.perimeter_id).finish_non_exhaustive()
-    }
+    pub private_key: SecretText,
 }
 
 /// `POST privatekeydecrypt`.
 #[derive(Debug, Deserialize)]
 pub struct PrivateKeyDecryptRequest {
-    pub authentication: String,
-    pub authorization: String,
+    pub authentication: SecretText,
+    pub authorization: SecretText,
     pub algorithm: String,
     pub encrypted_data_encryption_key: String,
     #[serde(default)]
@@ -231,8 +226,8 @@ pub struct PrivateKeyDecryptRequest {
 /// `POST privatekeysign`.
 #[derive(Debug, Deserialize)]
 pub struct PrivateKeySignRequest {
-    pub authentication: String,
-    pub authorization: String,
+    pub authentication: SecretText,
+    pub authorization: SecretText,
     pub algorithm: String,
     pub digest: String,
     #[serde(default)]
@@ -246,7 +241,7 @@ pub struct PrivateKeySignRequest {
 /// in the request.
 #[derive(Debug, Deserialize)]
 pub struct PrivilegedPrivateKeyDecryptRequest {
-    pub authentication: String,
+    pub authentication: SecretText,
     pub algorithm: String,
     pub encrypted_data_encryption_key: String,
     #[serde(default)]

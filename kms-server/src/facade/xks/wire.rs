@@ -6,7 +6,6 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
-use zeroize::Zeroizing;
 
 use super::framing::{MAX_METADATA, integrity_value};
 
@@ -174,15 +173,6 @@ impl RequestMetadata {
     }
 }
 
-/// A Base64 string holding secret bytes: wiped when dropped.
-struct SecretBase64(Zeroizing<String>);
-
-impl<'de> Deserialize<'de> for SecretBase64 {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d).map(|s| SecretBase64(Zeroizing::new(s)))
-    }
-}
-
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct MetadataOnly {
@@ -193,7 +183,7 @@ struct MetadataOnly {
 #[serde(rename_all = "camelCase")]
 struct EncryptJson {
     request_metadata: Option<RequestMetadata>,
-    plaintext: Option<SecretBase64>,
+    plaintext: Option<crate::secret::SecretText>,
     encryption_algorithm: Option<String>,
     additional_authenticated_data: Option<String>,
     ciphertext_data_integrity_value_algorithm: Option<String>,
@@ -283,7 +273,7 @@ pub fn parse_encrypt(body: &[u8]) -> Result<EncryptRequest, XksError> {
     let metadata = checked(r.request_metadata, Call::Encrypt)?;
     algorithm(r.encryption_algorithm)?;
     let plaintext = required("plaintext", r.plaintext)?;
-    let plaintext = crate::secret::SecretBytes::new(decode("plaintext", &plaintext.0, MAX_PLAINTEXT, ErrorName::UnsupportedOperation)?);
+    let plaintext = crate::secret::SecretBytes::new(decode("plaintext", plaintext.expose_secret(), MAX_PLAINTEXT, ErrorName::UnsupportedOperation)?);
     let aad =
         r.additional_authenticated_data.map(|a| decode("additionalAuthenticatedData", &a, MAX_AAD, ErrorName::UnsupportedOperation)).transpose()?;
     let integrity_value = match r.ciphertext_data_integrity_value_algorithm.as_deref() {
